@@ -1,0 +1,138 @@
+"""Logging with a rank filter, and metric files (CSV, JSON lines, TensorBoard) for every run."""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+import sys
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+
+class RankFilter(logging.Filter):
+    """Let every record through on rank 0; only warnings and errors on the other ranks."""
+
+    def __init__(self, rank: int):
+        super().__init__()
+        self.rank = rank
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if self.rank != 0:
+            record.msg = f"[rank {self.rank}] {record.msg}"
+        return self.rank == 0 or record.levelno >= logging.WARNING
+
+
+def setup_logging(rank: int = 0, log_file: str | Path | None = None, level: int = logging.INFO) -> None:
+    """Console (stderr) logging for the ``mae_transfer`` logger tree, plus a file on rank 0."""
+    root = logging.getLogger("mae_transfer")
+    root.setLevel(level)
+    for h in list(root.handlers):
+        if getattr(h, "_mae_transfer", False):
+            root.removeHandler(h)
+            h.close()
+    fmt = logging.Formatter("%(asctime)s %(levelname).1s %(name)s: %(message)s", "%H:%M:%S")
+    console = logging.StreamHandler(sys.stderr)
+    console.setFormatter(fmt)
+    console.addFilter(RankFilter(rank))
+    console._mae_transfer = True  # type: ignore[attr-defined]
+    root.addHandler(console)
+    if log_file is not None and rank == 0:
+        Path(log_file).parent.mkdir(parents=True, exist_ok=True)
+        fh = logging.FileHandler(log_file)
+        fh.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        fh._mae_transfer = True  # type: ignore[attr-defined]
+        root.addHandler(fh)
+    root.propagate = False
+
+
+def _clean(v: Any) -> Any:
+    if hasattr(v, "item"):
+        v = v.item()
+    if isinstance(v, float) and not math.isfinite(v):
+        return str(v)
+    return v
+
+
+class MetricWriter:
+    """Append metric rows to ``<name>.csv`` and ``<name>.jsonl``, and scalars to TensorBoard.
+
+    Only the main process writes. On resume, rows past the checkpoint's step are dropped first
+    (``truncate_after``) so that a killed-and-resumed run leaves one clean curve.
+    """
+
+    def __init__(self, out_dir: str | Path, enabled: bool = True, tensorboard: bool = True):
+        self.out_dir = Path(out_dir)
+        self.enabled = enabled
+        self._tb = None
+        if enabled:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            if tensorboard:
+                try:
+                    from torch.utils.tensorboard import SummaryWriter
+
+                    self._tb = SummaryWriter(str(self.out_dir / "tensorboard"))
+                except Exception as e:  # tensorboard is optional
+                    log.info("TensorBoard logging off (%s)", e)
+
+    def truncate_after(self, step: int, names: tuple[str, ...] = ("train", "epochs")) -> None:
+        """Drop rows whose ``step`` is greater than ``step`` from the named streams."""
+        if not self.enabled:
+            return
+        for name in names:
+            jl = self.out_dir / f"{name}.jsonl"
+            if not jl.exists():
+                continue
+            rows = [json.loads(line) for line in jl.read_text().splitlines() if line.strip()]
+            keep = [r for r in rows if r.get("step", 0) <= step]
+            if len(keep) == len(rows):
+                continue
+            jl.write_text("".join(json.dumps(r) + "\n" for r in keep))
+            self._rewrite_csv(name, keep)
+
+    def _rewrite_csv(self, name: str, rows: list[dict]) -> None:
+        path = self.out_dir / f"{name}.csv"
+        if not rows:
+            path.unlink(missing_ok=True)
+            return
+        fields = list(dict.fromkeys(k for r in rows for k in r))
+        with open(path, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=fields)
+            w.writeheader()
+            w.writerows(rows)
+
+    def write(self, name: str, row: dict[str, Any]) -> None:
+        """Append one row (a dict with at least ``step``) to the stream ``name``."""
+        if not self.enabled:
+            return
+        row = {k: _clean(v) for k, v in row.items()}
+        with open(self.out_dir / f"{name}.jsonl", "a") as f:
+            f.write(json.dumps(row) + "\n")
+        path = self.out_dir / f"{name}.csv"
+        if path.exists():
+            with open(path, newline="") as f:
+                header = next(csv.reader(f), [])
+            if set(row) - set(header):
+                # A new column appeared: rewrite the CSV from the JSON-lines record.
+                rows = [json.loads(line) for line in (self.out_dir / f"{name}.jsonl").read_text().splitlines() if line.strip()]
+                self._rewrite_csv(name, rows)
+                return
+        else:
+            header = list(row)
+            with open(path, "w", newline="") as f:
+                csv.DictWriter(f, fieldnames=header).writeheader()
+        with open(path, "a", newline="") as f:
+            csv.DictWriter(f, fieldnames=header).writerow(row)
+        if self._tb is not None:
+            step = int(row.get("step", 0))
+            for k, v in row.items():
+                if k not in ("step", "epoch") and isinstance(v, (int, float)) and not isinstance(v, bool):
+                    self._tb.add_scalar(f"{name}/{k}", v, step)
+
+    def close(self) -> None:
+        if self._tb is not None:
+            self._tb.close()
+            self._tb = None

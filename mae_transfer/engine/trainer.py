@@ -1,0 +1,543 @@
+"""The one training loop every task uses.
+
+A task supplies its model, its training data and the loss of a batch (:class:`TrainTask`); the
+engine does everything else: devices and DDP under torchrun, mixed precision, gradient
+accumulation to a target effective batch, clipping, the per-step lr schedule, AdamW with
+layer-wise lr decay groups, atomic checkpoints and automatic resume (also after SIGKILL), graceful
+stop on SIGTERM/SIGINT, a progress bar with throughput and ETA, and metric files.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+import signal
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+import torch.nn as nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, Dataset
+
+from mae_transfer.checkpoint import CheckpointError, atomic_save, load_file
+from mae_transfer.config import ConfigError, save_config, to_dict
+from mae_transfer.engine.distributed import DistInfo, all_reduce_mean, any_process
+from mae_transfer.engine.logger import MetricWriter
+from mae_transfer.engine.optim import Schedule, build_adamw, param_groups
+from mae_transfer.engine.sampler import EpochBatchSampler
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_NAME = "checkpoint-last.pth"
+
+
+@dataclass
+class OptimConfig:
+    """Optimizer and lr schedule. The peak lr is ``lr`` if given, else ``blr * batch / 256``."""
+
+    blr: float = 1.5e-4
+    lr: float | None = None
+    min_lr: float = 0.0
+    weight_decay: float = 0.05
+    betas: tuple[float, float] = (0.9, 0.95)
+    layer_decay: float = 1.0
+    clip_grad: float | None = None
+    schedule: Literal["cosine", "step", "poly", "constant"] = "cosine"
+    warmup_epochs: float = 40.0
+    warmup_steps: int | None = None  # overrides warmup_epochs when set
+    milestones: tuple[float, ...] = ()  # fractions of training for the "step" schedule
+    poly_power: float = 1.0
+
+    def validate(self) -> None:
+        if self.blr <= 0 and self.lr is None:
+            raise ConfigError("optim.blr must be positive")
+        if self.lr is not None and self.lr <= 0:
+            raise ConfigError("optim.lr must be positive")
+        if not 0 < self.layer_decay <= 1:
+            raise ConfigError(f"optim.layer_decay must be in (0, 1], got {self.layer_decay}")
+        if self.clip_grad is not None and self.clip_grad <= 0:
+            raise ConfigError("optim.clip_grad must be positive (or null for no clipping)")
+
+
+@dataclass
+class TrainConfig:
+    """What the engine needs to run a task; per-process ``batch_size``, global ``effective_batch_size``."""
+
+    epochs: int = 800
+    batch_size: int = 64
+    effective_batch_size: int | None = None  # None = batch_size x processes (no accumulation)
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
+    device: str = "auto"
+    num_workers: int | None = None
+    seed: int = 0
+    log_every: int = 20
+    ckpt_every_minutes: float = 10.0
+    save_every_epochs: int = 0  # also keep checkpoint-epochN.pth every N epochs (0 = never)
+    max_steps: int | None = None  # stop early (demos, tests); the schedule still spans all epochs
+    compile: bool = False
+    progress: bool = True
+
+    def validate(self) -> None:
+        if self.epochs <= 0:
+            raise ConfigError("train.epochs must be positive")
+        if self.batch_size <= 0:
+            raise ConfigError("train.batch_size must be positive")
+        if self.effective_batch_size is not None and self.effective_batch_size <= 0:
+            raise ConfigError("train.effective_batch_size must be positive")
+
+
+class TrainTask:
+    """The interface between a task package and the engine. Subclass and fill in the first four."""
+
+    name = "task"
+
+    def build_model(self) -> nn.Module:
+        raise NotImplementedError
+
+    def build_train_dataset(self) -> Dataset:
+        raise NotImplementedError
+
+    def training_step(self, model: nn.Module, batch: Any, device: torch.device) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Loss of one micro-batch (scalar) and extra scalar metrics to log."""
+        raise NotImplementedError
+
+    def signature(self) -> dict[str, Any]:
+        """What identifies the model architecture; resuming from a checkpoint with another fails."""
+        raise NotImplementedError
+
+    def param_groups(self, model: nn.Module, optim: OptimConfig) -> list[dict]:
+        return param_groups(model, optim.weight_decay, optim.layer_decay)
+
+    def on_epoch_end(self, trainer: "Trainer", epoch: int) -> None:
+        """Called on every process after each full epoch (pictures, evaluation)."""
+
+    def on_train_end(self, trainer: "Trainer") -> None:
+        """Called on every process after the last step (exports)."""
+
+
+class TrainingInterrupted(Exception):
+    """Raised after a SIGTERM/SIGINT once the state has been saved; the run can be resumed."""
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    if precision == "auto":
+        return "bf16" if device.type == "cuda" else "fp32"
+    if precision == "fp16" and device.type != "cuda":
+        raise ConfigError("train.precision=fp16 needs a GPU; use bf16 or fp32 on CPU")
+    return precision
+
+
+class _StopSignals:
+    """Turns SIGTERM/SIGINT into a flag checked between optimizer steps (a second one kills)."""
+
+    def __init__(self):
+        self.requested: str | None = None
+        self._old: dict[int, Any] = {}
+
+    def __enter__(self):
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.requested is not None:  # second signal: give up on the graceful path
+            signal.signal(signum, self._old.get(signum, signal.SIG_DFL))
+            os.kill(os.getpid(), signum)
+            return
+        self.requested = signal.Signals(signum).name
+
+    def __exit__(self, *exc):
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+        return False
+
+
+def _format_duration(seconds: float) -> str:
+    seconds = int(max(0, seconds))
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
+
+
+class Trainer:
+    """Runs ``task`` with ``train``/``optim`` settings in ``output_dir`` (resuming if it holds a run).
+
+    ``config`` is the task's full resolved config; it is saved as ``config.yaml`` and inside every
+    checkpoint. ``resume``: "auto" (continue the run in ``output_dir`` if any), "never" (refuse to
+    start over a finished or partial run) or a checkpoint path.
+    """
+
+    def __init__(
+        self,
+        task: TrainTask,
+        train: TrainConfig,
+        optim: OptimConfig,
+        output_dir: str | Path,
+        dist_info: DistInfo,
+        config: Any = None,
+        resume: str = "auto",
+    ):
+        self.task = task
+        self.train_cfg = train
+        self.optim_cfg = optim
+        self.output_dir = Path(output_dir)
+        self.dist = dist_info
+        self.config = config
+        self.resume = resume
+        self.device = dist_info.device
+        self.precision = resolve_precision(train.precision, self.device)
+        self.step = 0
+        self.model: nn.Module | None = None
+        self.metrics = MetricWriter(self.output_dir, enabled=dist_info.is_main)
+        self._last_ckpt_time = time.monotonic()
+
+    # ------------------------------------------------------------------ helpers
+    @property
+    def unwrapped(self) -> nn.Module:
+        m = self.model
+        m = getattr(m, "_orig_mod", m)  # torch.compile
+        return m.module if isinstance(m, DistributedDataParallel) else m
+
+    @property
+    def checkpoint_path(self) -> Path:
+        return self.output_dir / CHECKPOINT_NAME
+
+    def autocast(self):
+        if self.precision in ("bf16", "fp16"):
+            dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16
+            return torch.autocast(self.device.type, dtype=dtype)
+        return contextlib.nullcontext()
+
+    def _num_workers(self) -> int:
+        if self.train_cfg.num_workers is not None:
+            return self.train_cfg.num_workers
+        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        if self.device.type == "cuda":
+            per_gpu = max(1, cpus // max(1, torch.cuda.device_count()))
+            return min(10, per_gpu - 1 if per_gpu > 1 else 1)
+        return min(2, max(0, cpus - 1))
+
+    def _state(self, epoch: int) -> dict[str, Any]:
+        return {
+            "format": "mae_transfer.train_checkpoint",
+            "version": 1,
+            "task": self.task.name,
+            "signature": self.task.signature(),
+            "model": self.unwrapped.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+            "step": self.step,
+            "epoch": epoch,
+            "effective_batch_size": self.effective_batch_size,
+            "steps_per_epoch": self.steps_per_epoch,
+            "config": to_dict(self.config) if self.config is not None else None,
+            "torch_rng": torch.get_rng_state(),
+        }
+
+    def save_checkpoint(self, epoch: int, extra_name: str | None = None) -> None:
+        """Write ``checkpoint-last.pth`` atomically (main process only)."""
+        if self.dist.is_main:
+            state = self._state(epoch)
+            atomic_save(state, self.checkpoint_path)
+            if extra_name:
+                atomic_save(state, self.output_dir / extra_name)
+            log.info("saved checkpoint at step %d (epoch %d) to %s", self.step, epoch, self.checkpoint_path)
+        self._last_ckpt_time = time.monotonic()
+
+    def _load_resume(self) -> dict[str, Any] | None:
+        if self.resume not in ("auto", "never"):
+            path = Path(self.resume)
+        else:
+            path = self.checkpoint_path
+            if not path.exists():
+                return None
+            if self.resume == "never":
+                raise CheckpointError(
+                    f"{self.output_dir} already holds a run ({path.name}); choose another --output, "
+                    "or leave out --no-resume to continue it"
+                )
+        state = load_file(path, map_location="cpu")
+        if not isinstance(state, dict) or state.get("format") != "mae_transfer.train_checkpoint":
+            raise CheckpointError(
+                f"{path} is not a training checkpoint of this toolkit (to start from pretrained weights "
+                "use the task's --backbone/--init option instead)"
+            )
+        want = self.task.signature()
+        have = state.get("signature")
+        if state.get("task") != self.task.name or have != want:
+            diff = [k for k in sorted(set(want) | set(have or {})) if (have or {}).get(k) != want.get(k)]
+            details = ", ".join(f"{k}: checkpoint {(have or {}).get(k)!r} vs. this run {want.get(k)!r}" for k in diff[:4])
+            raise CheckpointError(
+                f"{path} was written by a different model ({state.get('task')}; {details}); "
+                "use another --output for this run, or the same model settings to resume that one"
+            )
+        return state
+
+    # ------------------------------------------------------------------ the loop
+    def fit(self) -> dict[str, Any]:
+        """Train to the end (or to ``max_steps``); returns a summary dict."""
+        cfg, ocfg, dist = self.train_cfg, self.optim_cfg, self.dist
+        torch.manual_seed(cfg.seed + dist.rank)
+        if self.device.type == "cuda":
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+
+        resume_state = self._load_resume()
+        model = self.task.build_model().to(self.device)
+        dataset = self.task.build_train_dataset()
+
+        world = dist.world_size
+        per_step = cfg.batch_size * world
+        target = cfg.effective_batch_size or per_step
+        self.accum_steps = max(1, round(target / per_step))
+        self.effective_batch_size = per_step * self.accum_steps
+        if self.effective_batch_size != target:
+            log.warning(
+                "effective batch %d is not a multiple of batch_size %d x %d processes; using %d "
+                "(gradient accumulation %d)", target, cfg.batch_size, world, self.effective_batch_size, self.accum_steps,
+            )
+        sampler = EpochBatchSampler(len(dataset), cfg.batch_size, world, dist.rank, self.accum_steps, cfg.seed)
+        self.steps_per_epoch = sampler.steps_per_epoch
+        if self.steps_per_epoch == 0:
+            raise ConfigError(
+                f"the training set has {len(dataset)} samples, fewer than one effective batch of "
+                f"{self.effective_batch_size}: lower train.batch_size / train.effective_batch_size"
+            )
+        total_steps = cfg.epochs * self.steps_per_epoch
+        last_step = min(total_steps, cfg.max_steps) if cfg.max_steps else total_steps
+        self.peak_lr = ocfg.lr if ocfg.lr is not None else ocfg.blr * self.effective_batch_size / 256
+        warmup = ocfg.warmup_steps if ocfg.warmup_steps is not None else round(ocfg.warmup_epochs * self.steps_per_epoch)
+        schedule = Schedule(
+            total_steps=total_steps,
+            warmup_steps=min(warmup, total_steps),
+            kind=ocfg.schedule,
+            peak_lr=self.peak_lr,
+            min_lr=ocfg.min_lr,
+            milestones=tuple(int(m * total_steps) for m in ocfg.milestones),
+            power=ocfg.poly_power,
+        )
+        self.optimizer = build_adamw(self.task.param_groups(model, ocfg), self.peak_lr, tuple(ocfg.betas), self.device)
+        self.scaler = torch.amp.GradScaler("cuda") if self.precision == "fp16" else None
+
+        if resume_state is not None:
+            try:
+                model.load_state_dict(resume_state["model"])
+                self.optimizer.load_state_dict(resume_state["optimizer"])
+            except (RuntimeError, ValueError) as e:
+                raise CheckpointError(f"cannot resume from {self.checkpoint_path}: {e}") from None
+            if self.scaler is not None and resume_state.get("scaler"):
+                self.scaler.load_state_dict(resume_state["scaler"])
+            self.step = int(resume_state["step"])
+            if resume_state.get("effective_batch_size") != self.effective_batch_size:
+                log.warning(
+                    "resuming with effective batch %d; the checkpoint was trained with %s",
+                    self.effective_batch_size, resume_state.get("effective_batch_size"),
+                )
+            log.info("resuming from %s at step %d of %d", self.checkpoint_path, self.step, total_steps)
+            self.metrics.truncate_after(self.step)
+        del resume_state
+
+        self.model = model
+        if world > 1:
+            self.model = DistributedDataParallel(model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        if cfg.compile:
+            self.model = torch.compile(self.model)
+        self.dataset = dataset
+
+        derived = {
+            "peak_lr": self.peak_lr,
+            "effective_batch_size": self.effective_batch_size,
+            "accum_steps": self.accum_steps,
+            "world_size": world,
+            "steps_per_epoch": self.steps_per_epoch,
+            "total_steps": total_steps,
+            "warmup_steps": schedule.warmup_steps,
+            "precision": self.precision,
+            "device": str(self.device),
+            "train_samples": len(dataset),
+        }
+        if dist.is_main:
+            save_config(self.config if self.config is not None else {}, self.output_dir / "config.yaml", derived)
+        log.info(
+            "%s: %d samples, %d steps/epoch x %d epochs, effective batch %d (%d x %d processes x %d accumulation), "
+            "peak lr %.3g, %s on %s",
+            self.task.name, len(dataset), self.steps_per_epoch, cfg.epochs, self.effective_batch_size,
+            cfg.batch_size, world, self.accum_steps, self.peak_lr, self.precision, self.device,
+        )
+        if self.step >= last_step:
+            log.info("nothing to do: the run in %s is at step %d of %d", self.output_dir, self.step, last_step)
+            self.task.on_train_end(self)
+            return {"step": self.step, "total_steps": total_steps, "finished": True}
+
+        summary = self._loop(sampler, schedule, total_steps, last_step)
+        self.metrics.close()
+        return summary
+
+    def _loop(self, sampler: EpochBatchSampler, schedule: Schedule, total_steps: int, last_step: int) -> dict[str, Any]:
+        cfg, dist = self.train_cfg, self.dist
+        model = self.model
+        ddp = isinstance(getattr(model, "_orig_mod", model), DistributedDataParallel)
+        progress = None
+        if dist.is_main and cfg.progress:
+            from tqdm.auto import tqdm
+
+            progress = tqdm(
+                total=last_step, initial=self.step, unit="step", dynamic_ncols=True, file=sys.stderr,
+                mininterval=1.0 if sys.stderr.isatty() else 30.0, leave=True,
+            )
+        t_start = time.monotonic()
+        start_step = self.step
+        window_t, window_steps = time.monotonic(), 0
+        sums: dict[str, torch.Tensor] = {}
+        count = 0
+        lr = schedule.lr(self.step)
+        epoch = self.step // self.steps_per_epoch
+
+        with _StopSignals() as stop:
+            while self.step < last_step:
+                epoch = self.step // self.steps_per_epoch
+                start_batch = (self.step % self.steps_per_epoch) * self.accum_steps
+                sampler.set_epoch(epoch, start_batch)
+                if hasattr(self.dataset, "set_epoch"):
+                    self.dataset.set_epoch(epoch)
+                loader = DataLoader(
+                    self.dataset,
+                    batch_size=cfg.batch_size,
+                    sampler=sampler,
+                    num_workers=self._num_workers(),
+                    pin_memory=self.device.type == "cuda",
+                    drop_last=True,
+                    persistent_workers=False,
+                )
+                if progress is not None:
+                    progress.set_description(f"epoch {epoch + 1}/{cfg.epochs}")
+                model.train()
+                micro = 0
+                interrupted = False
+                for batch in loader:
+                    micro += 1
+                    sync = micro % self.accum_steps == 0
+                    ctx = model.no_sync() if (ddp and not sync) else contextlib.nullcontext()
+                    with ctx:
+                        with self.autocast():
+                            loss, extra = self.task.training_step(model, batch, self.device)
+                        scaled = loss / self.accum_steps
+                        if self.scaler is not None:
+                            self.scaler.scale(scaled).backward()
+                        else:
+                            scaled.backward()
+                    for k, v in {"loss": loss, **extra}.items():
+                        v = v.detach().float() if torch.is_tensor(v) else torch.tensor(float(v))
+                        sums[k] = sums.get(k, 0) + v
+                    count += 1
+                    if not sync:
+                        continue
+
+                    lr = schedule.apply(self.optimizer, self.step)
+                    if self.scaler is not None:
+                        self.scaler.unscale_(self.optimizer)
+                    grad_norm = None
+                    if self.optim_cfg.clip_grad is not None:
+                        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), self.optim_cfg.clip_grad)
+                    if self.scaler is not None:
+                        self.scaler.step(self.optimizer)
+                        self.scaler.update()
+                    else:
+                        self.optimizer.step()
+                    self.optimizer.zero_grad(set_to_none=True)
+                    self.step += 1
+                    window_steps += 1
+                    if progress is not None:
+                        progress.update(1)
+
+                    at_log = self.step % cfg.log_every == 0 or self.step == last_step
+                    if at_log:
+                        self._log_window(sums, count, lr, grad_norm, epoch, window_t, window_steps, progress, t_start, start_step, last_step)
+                        sums, count = {}, 0
+                        window_t, window_steps = time.monotonic(), 0
+                    # A local flag needs no communication; with several processes agree every few steps.
+                    check = dist.world_size == 1 or at_log or self.step % 10 == 0
+                    if check and any_process(stop.requested is not None, self.device):
+                        interrupted = True
+                        break
+                    if dist.is_main and time.monotonic() - self._last_ckpt_time > cfg.ckpt_every_minutes * 60:
+                        self.save_checkpoint(epoch)
+                    if self.step >= last_step:
+                        break
+                del loader
+                if interrupted:
+                    self.save_checkpoint(epoch)
+                    if progress is not None:
+                        progress.close()
+                    raise TrainingInterrupted(
+                        f"stopped by {stop.requested or 'a signal on another process'} at step {self.step}; "
+                        f"the state is saved in {self.checkpoint_path}: run the same command again to resume"
+                    )
+                epoch_done = self.step % self.steps_per_epoch == 0
+                if epoch_done:
+                    self._end_epoch(epoch)
+                elif self.step >= last_step:
+                    self.save_checkpoint(epoch)
+
+        if progress is not None:
+            progress.close()
+        self.task.on_train_end(self)
+        elapsed = time.monotonic() - t_start
+        return {
+            "step": self.step,
+            "total_steps": total_steps,
+            "finished": self.step >= total_steps,
+            "seconds": elapsed,
+            "images_per_second": (self.step - start_step) * self.effective_batch_size / max(elapsed, 1e-9),
+        }
+
+    def _end_epoch(self, epoch: int) -> None:
+        corrupt = getattr(self.dataset, "num_corrupt", 0)
+        if corrupt:
+            log.warning("epoch %d: %d corrupt or unreadable images were skipped (see warnings above)", epoch + 1, corrupt)
+        self.task.on_epoch_end(self, epoch)
+        keep = self.train_cfg.save_every_epochs
+        extra = f"checkpoint-epoch{epoch + 1}.pth" if keep and (epoch + 1) % keep == 0 else None
+        self.save_checkpoint(epoch + 1, extra)
+        self.metrics.write("epochs", {"step": self.step, "epoch": epoch + 1, "corrupt_images": int(corrupt)})
+
+    def _log_window(self, sums, count, lr, grad_norm, epoch, window_t, window_steps, progress, t_start, start_step, last_step) -> None:
+        means = {k: all_reduce_mean(v / max(count, 1)).item() for k, v in sums.items()}
+        loss = means.get("loss", float("nan"))
+        if not math.isfinite(loss):
+            self.metrics.write("train", {"step": self.step, "loss": loss})
+            raise FloatingPointError(
+                f"the loss became {loss} at step {self.step}; the last good checkpoint is kept in "
+                f"{self.checkpoint_path} (not overwritten): lower the learning rate or use precision fp32"
+            )
+        now = time.monotonic()
+        ips = window_steps * self.effective_batch_size / max(now - window_t, 1e-9)
+        done = self.step - start_step
+        eta = (last_step - self.step) * (now - t_start) / max(done, 1)
+        row = {
+            "step": self.step,
+            "epoch": round(self.step / self.steps_per_epoch, 4),
+            "lr": lr,
+            **means,
+            "images_per_second": round(ips, 2),
+        }
+        if grad_norm is not None:
+            row["grad_norm"] = float(grad_norm)
+        if self.device.type == "cuda":
+            row["max_memory_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
+        self.metrics.write("train", row)
+        if progress is not None:
+            progress.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", img_s=f"{ips:.1f}")
+        log.info(
+            "step %d/%d  epoch %d  loss %.4f  lr %.3e  %.1f img/s  eta %s",
+            self.step, last_step, epoch + 1, loss, lr, ips, _format_duration(eta),
+        )

@@ -1,0 +1,95 @@
+"""The pretraining config; its defaults are the MAE paper's recipe.
+
+Sources (see ``reference/paper_numbers.md`` section 2.1): MAE paper Table 8 / appendix A.1 and the
+official ``main_pretrain.py`` + PRETRAIN.md.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from mae_transfer.config import ConfigError, load_yaml, merge
+from mae_transfer.engine.trainer import OptimConfig, TrainConfig
+
+PRESET_DIR = Path(__file__).parent / "presets"
+
+# ImageNet statistics used by the official data pipeline.
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass
+class ModelConfig:
+    name: str = "mae_vit_base_patch16"
+    img_size: int | None = None  # None = the preset model's size (224 for the paper's models)
+    mask_ratio: float = 0.75  # MAE paper Table 1f / Figure 5: 75 % random masking
+    norm_pix_loss: bool = True  # per-patch normalised pixel targets, Table 1d; the released models
+    decoder_embed_dim: int | None = None  # None = preset (512, Table 1b)
+    decoder_depth: int | None = None  # None = preset (8, Table 1a)
+    grad_checkpointing: bool = False
+
+    def validate(self) -> None:
+        if not 0.0 <= self.mask_ratio < 1.0:
+            raise ConfigError(f"model.mask_ratio must be in [0, 1), got {self.mask_ratio}")
+
+
+@dataclass
+class DataConfig:
+    path: str | None = None  # ImageFolder / ImageNet root; None = the built-in toy data
+    split: str = "train"
+    min_scale: float = 0.2  # RandomResizedCrop(scale=(0.2, 1.0)), official main_pretrain.py
+    max_scale: float = 1.0
+    hflip: bool = True
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+    max_corrupt_fraction: float = 0.1
+    toy_images_per_class: int = 100  # size of the built-in toy set (10 classes)
+
+    def validate(self) -> None:
+        if not 0 < self.min_scale <= self.max_scale <= 1:
+            raise ConfigError("data.min_scale and data.max_scale must satisfy 0 < min <= max <= 1")
+
+
+@dataclass
+class VisConfig:
+    every_epochs: int = 1  # save a reconstruction PNG every N epochs (0 = never)
+    num_images: int = 8
+
+
+@dataclass
+class PretrainConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    # Paper: batch 4096, 800 epochs (ablations) / 1600 (released models), 40 warmup epochs.
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=800, batch_size=64, effective_batch_size=4096))
+    # Paper Table 8: AdamW (0.9, 0.95), base lr 1.5e-4 (lr = blr x batch / 256), wd 0.05, cosine.
+    optim: OptimConfig = field(
+        default_factory=lambda: OptimConfig(blr=1.5e-4, weight_decay=0.05, betas=(0.9, 0.95), warmup_epochs=40, schedule="cosine")
+    )
+    vis: VisConfig = field(default_factory=VisConfig)
+    init: str | None = None  # start from these weights (any format mae_transfer.checkpoint reads)
+
+
+def available_presets() -> list[str]:
+    return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+
+
+def load_preset(name_or_path: str) -> dict:
+    """A preset by name (``mae_transfer/pretrain/presets/<name>.yaml``) or by file path."""
+    path = Path(name_or_path)
+    if not path.suffix:
+        path = PRESET_DIR / f"{name_or_path}.yaml"
+        if not path.is_file():
+            raise ConfigError(f"unknown preset {name_or_path!r}; available: {', '.join(available_presets())}")
+    return load_yaml(path)
+
+
+def build_config(preset: str | None = None, overrides: dict | None = None) -> PretrainConfig:
+    """Defaults (the paper's recipe) <- preset <- overrides, each checked."""
+    cfg = PretrainConfig()
+    if preset:
+        cfg = merge(cfg, load_preset(preset))
+    if overrides:
+        cfg = merge(cfg, overrides)
+    return cfg

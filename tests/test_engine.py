@@ -1,0 +1,206 @@
+"""The shared training engine: parameter groups, schedule, sampler, exact resume."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+from torch.utils.data import Dataset
+
+from mae_transfer.checkpoint import CheckpointError
+from mae_transfer.config import ConfigError, parse_overrides
+from mae_transfer.engine import DistInfo, OptimConfig, Schedule, TrainConfig, Trainer, TrainTask, param_groups
+from mae_transfer.engine.sampler import EpochBatchSampler
+from mae_transfer.models.vit import VisionTransformer
+
+
+def official_lrd_scales(depth: int, decay: float) -> dict[str, float]:
+    """The official rule (MAE-repo util/lr_decay.py): scale = decay ** (num_layers - layer_id),
+    num_layers = depth + 1; embeddings are layer 0, block i is layer i + 1, the rest num_layers."""
+    num_layers = depth + 1
+    scales = {"patch_embed": decay ** num_layers, "cls_token": decay ** num_layers, "pos_embed": decay ** num_layers}
+    for i in range(depth):
+        scales[f"blocks.{i}"] = decay ** (num_layers - (i + 1))
+    scales["head"] = scales["fc_norm"] = 1.0
+    return scales
+
+
+def test_layer_decay_groups_match_the_official_rule():
+    vit = VisionTransformer(img_size=32, patch_size=8, embed_dim=32, depth=4, num_heads=2, num_classes=3)
+    groups = param_groups(vit, weight_decay=0.05, layer_decay=0.75, no_weight_decay=vit.no_weight_decay())
+    expected = official_lrd_scales(4, 0.75)
+    seen = set()
+    for g in groups:
+        for name, p in zip(g["param_names"], g["params"]):
+            key = next(k for k in expected if name == k or name.startswith(k + "."))
+            assert g["lr_scale"] == pytest.approx(expected[key]), name
+            no_decay = p.ndim == 1 or name in ("pos_embed", "cls_token")
+            assert g["weight_decay"] == (0.0 if no_decay else 0.05), name
+            seen.add(name)
+    assert seen == {n for n, p in vit.named_parameters() if p.requires_grad}
+    assert expected["patch_embed"] == pytest.approx(0.75 ** 5)  # decay^(L+1) for L = 4 blocks
+
+
+def test_cosine_schedule_matches_the_official_formula():
+    # Official per-iteration rule (MAE-repo util/lr_sched.py), in fractional epochs.
+    lr, min_lr, warmup_ep, epochs, spe = 1e-3, 1e-6, 5, 20, 7
+
+    def official(epoch: float) -> float:
+        if epoch < warmup_ep:
+            return lr * epoch / warmup_ep
+        return min_lr + (lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * (epoch - warmup_ep) / (epochs - warmup_ep)))
+
+    s = Schedule(total_steps=epochs * spe, warmup_steps=warmup_ep * spe, peak_lr=lr, min_lr=min_lr)
+    for step in range(epochs * spe):
+        assert s.lr(step) == pytest.approx(official(step / spe), rel=1e-9, abs=1e-15)
+
+
+def test_step_and_poly_schedules():
+    s = Schedule(total_steps=100, warmup_steps=10, kind="step", peak_lr=1.0, milestones=(50, 80), warmup_start_factor=0.001)
+    assert s.lr(0) == pytest.approx(0.001)
+    assert s.lr(20) == 1.0 and s.lr(60) == pytest.approx(0.1) and s.lr(90) == pytest.approx(0.01)
+    p = Schedule(total_steps=110, warmup_steps=10, kind="poly", peak_lr=1.0, power=1.0)
+    assert p.lr(60) == pytest.approx(0.5) and p.lr(110) == pytest.approx(0.0)
+
+
+@pytest.mark.parametrize("world,accum", [(1, 4), (2, 2), (4, 1)])
+def test_sampler_gives_the_same_effective_batches_for_any_layout(world, accum):
+    n, b = 103, 4
+    reference = EpochBatchSampler(n, b * 4, 1, 0, 1, seed=3)  # one process, one big batch
+    reference.set_epoch(2)
+    ref_idx = list(reference)
+    samplers = [EpochBatchSampler(n, b, world, r, accum, seed=3) for r in range(world)]
+    for s in samplers:
+        s.set_epoch(2)
+    per_rank = [list(s) for s in samplers]
+    assert samplers[0].steps_per_epoch == reference.steps_per_epoch == 6
+    for step in range(6):
+        got = set()
+        for r in range(world):
+            got |= set(per_rank[r][step * accum * b : (step + 1) * accum * b])
+        assert got == set(ref_idx[step * 16 : (step + 1) * 16])
+    # Resuming mid-epoch continues with exactly the remaining micro-batches.
+    s = EpochBatchSampler(n, b, world, 0, accum, seed=3)
+    s.set_epoch(2, start_batch=3)
+    assert list(s) == per_rank[0][3 * b :]
+
+
+class Noisy(Dataset):
+    def __init__(self, n=96):
+        g = torch.Generator().manual_seed(0)
+        self.x = torch.randn(n, 8, generator=g)
+        self.y = self.x @ torch.randn(8, 1, generator=g) + 0.1 * torch.randn(n, 1, generator=g)
+
+    def __len__(self):
+        return len(self.x)
+
+    def __getitem__(self, i):
+        return {"x": self.x[i], "y": self.y[i]}
+
+
+class Regression(TrainTask):
+    name = "regression"
+
+    def __init__(self, width=16):
+        self.width = width
+
+    def signature(self):
+        return {"width": self.width}
+
+    def build_model(self):
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(8, self.width), nn.GELU(), nn.Linear(self.width, 1))
+
+    def build_train_dataset(self):
+        return Noisy()
+
+    def training_step(self, model, batch, device):
+        loss = nn.functional.mse_loss(model(batch["x"].to(device)), batch["y"].to(device))
+        return loss, {}
+
+
+def run(tmp_path, task=None, **train):
+    cfg = TrainConfig(**{"epochs": 4, "batch_size": 8, "effective_batch_size": 16, "log_every": 1, "num_workers": 0, "progress": False, **train})
+    optim = OptimConfig(lr=0.05, warmup_epochs=1, weight_decay=0.01, betas=(0.9, 0.99))
+    tr = Trainer(task or Regression(), cfg, optim, tmp_path, DistInfo(), config={"test": True})
+    return tr, tr.fit()
+
+
+def read_losses(path):
+    import json
+
+    return [json.loads(line)["loss"] for line in (path / "train.jsonl").read_text().splitlines()]
+
+
+def test_training_reduces_the_loss_and_writes_its_files(tmp_path):
+    tr, summary = run(tmp_path)
+    losses = read_losses(tmp_path)
+    assert summary["finished"] and summary["step"] == 4 * 6
+    assert len(losses) == 24
+    assert sum(losses[-4:]) < 0.3 * sum(losses[:4]), losses
+    for name in ("config.yaml", "train.csv", "train.jsonl", "epochs.csv", "checkpoint-last.pth"):
+        assert (tmp_path / name).is_file(), name
+    state = torch.load(tmp_path / "checkpoint-last.pth", weights_only=False)
+    assert state["step"] == 24 and state["signature"] == {"width": 16}
+    assert "derived" in (tmp_path / "config.yaml").read_text()
+
+
+def test_resume_after_a_stop_is_exact(tmp_path):
+    full, _ = run(tmp_path / "full")
+    part, summary = run(tmp_path / "part", max_steps=9)  # stops mid-epoch 2
+    assert summary["step"] == 9 and not summary["finished"]
+    resumed, summary = run(tmp_path / "part")
+    assert summary["step"] == 24
+    for (n, a), (_, b) in zip(full.unwrapped.named_parameters(), resumed.unwrapped.named_parameters()):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=0, msg=n)
+    # The resumed run's curve is one clean curve, equal to the uninterrupted one.
+    assert read_losses(tmp_path / "part") == pytest.approx(read_losses(tmp_path / "full"), abs=1e-6)
+
+
+def test_resuming_with_another_model_is_refused(tmp_path):
+    run(tmp_path, max_steps=2)
+    with pytest.raises(CheckpointError, match="different model.*width"):
+        run(tmp_path, task=Regression(width=32))
+    before = (tmp_path / "checkpoint-last.pth").read_bytes()
+    with pytest.raises(CheckpointError):
+        Trainer(Regression(), TrainConfig(epochs=1, batch_size=8, num_workers=0), OptimConfig(lr=0.01), tmp_path, DistInfo(), resume="never").fit()
+    assert (tmp_path / "checkpoint-last.pth").read_bytes() == before  # nothing overwritten
+
+
+def test_too_small_a_dataset_is_a_clear_error(tmp_path):
+    with pytest.raises(ConfigError, match="fewer than one effective batch"):
+        run(tmp_path, batch_size=64, effective_batch_size=512)
+
+
+def test_nan_loss_stops_without_overwriting_the_checkpoint(tmp_path):
+    class Exploding(Regression):
+        def training_step(self, model, batch, device):
+            loss, extra = super().training_step(model, batch, device)
+            return loss * float("nan") if self.step_count() > 30 else loss, extra
+
+        calls = 0
+
+        def step_count(self):
+            Exploding.calls += 1
+            return Exploding.calls
+
+    with pytest.raises(FloatingPointError, match="checkpoint"):
+        run(tmp_path, task=Exploding())
+    state = torch.load(tmp_path / "checkpoint-last.pth", weights_only=False)
+    assert all(torch.isfinite(v).all() for v in state["model"].values())
+
+
+def test_overrides_parse_and_type_check():
+    from mae_transfer.pretrain.config import build_config
+
+    cfg = build_config(None, parse_overrides(["optim.blr=1e-3", "train.epochs=5", "model.norm_pix_loss=false", "optim.betas=[0.9, 0.999]"]))
+    assert cfg.optim.blr == 1e-3 and cfg.train.epochs == 5 and cfg.model.norm_pix_loss is False
+    assert cfg.optim.betas == (0.9, 0.999)
+    with pytest.raises(ConfigError, match="unknown option optim.bl"):
+        build_config(None, parse_overrides(["optim.bl=1"]))
+    with pytest.raises(ConfigError, match="train.epochs must be an integer"):
+        build_config(None, parse_overrides(["train.epochs=many"]))
+    with pytest.raises(ConfigError, match="mask_ratio"):
+        build_config(None, parse_overrides(["model.mask_ratio=1.5"]))
