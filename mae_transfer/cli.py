@@ -216,9 +216,9 @@ def _add_export(sub) -> None:
 
 
 def _run_export(args) -> int:
-    from mae_transfer.checkpoint import export_mae_encoder, load_file, to_vit_state_dict
+    from mae_transfer.checkpoint import export_mae_encoder, read_checkpoint, to_vit_state_dict
 
-    state = to_vit_state_dict(load_file(args.checkpoint))
+    state = to_vit_state_dict(read_checkpoint(args.checkpoint))
     path = export_mae_encoder(state, args.output)
     print(path)
     return 0

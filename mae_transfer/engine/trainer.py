@@ -291,6 +291,10 @@ class Trainer:
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
 
+        if dist.is_main:
+            # Temporary files of a write that was killed (SIGKILL) are never a checkpoint.
+            for stale in self.output_dir.glob(".checkpoint-*.tmp"):
+                stale.unlink(missing_ok=True)
         resume_state = self._load_resume()
         model = self.task.build_model().to(self.device)
         dataset = self.task.build_train_dataset()
