@@ -239,9 +239,11 @@ class MaskedAutoencoderViT(VisionTransformer):
         d = self.embed_dim
         dd = self.decoder_embed.out_features
         p2c = self.patch_size**2 * self.in_chans
-        enc = vit_flops_per_image(d, len(self.blocks), 1 + keep) + 2 * keep * p2c * d
+        # Patch embedding runs on all L patches (masking comes after it); the prediction layer also
+        # runs on the class token, which is dropped afterwards.
+        enc = vit_flops_per_image(d, len(self.blocks), 1 + keep) + 2 * length * p2c * d
         dec = vit_flops_per_image(dd, len(self.decoder_blocks), 1 + length)
-        dec += 2 * (1 + keep) * d * dd + 2 * length * dd * p2c
+        dec += 2 * (1 + keep) * d * dd + 2 * (1 + length) * dd * p2c
         return {"encoder": enc, "decoder": dec, "forward": enc + dec, "train_step": 3 * (enc + dec)}
 
 
