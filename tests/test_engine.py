@@ -144,6 +144,8 @@ def test_training_reduces_the_loss_and_writes_its_files(tmp_path):
         assert (tmp_path / name).is_file(), name
     state = torch.load(tmp_path / "checkpoint-last.pth", weights_only=False)
     assert state["step"] == 24 and state["signature"] == {"width": 16}
+    assert state["schedule"]["total_steps"] == 24 and state["schedule"]["warmup_steps"] == 6
+    assert set(state) >= {"model", "optimizer", "scaler", "epoch", "config"}
     assert "derived" in (tmp_path / "config.yaml").read_text()
 
 

@@ -10,6 +10,7 @@ stop on SIGTERM/SIGINT, a progress bar with throughput and ETA, and metric files
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import math
 import os
@@ -235,6 +236,8 @@ class Trainer:
             "model": self.unwrapped.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+            # The schedule is a pure function of the step; its parameters are kept for the record.
+            "schedule": dataclasses.asdict(self.schedule),
             "step": self.step,
             "epoch": epoch,
             "effective_batch_size": self.effective_batch_size,
@@ -329,6 +332,7 @@ class Trainer:
             milestones=tuple(int(m * total_steps) for m in ocfg.milestones),
             power=ocfg.poly_power,
         )
+        self.schedule = schedule
         self.optimizer = build_adamw(self.task.param_groups(model, ocfg), self.peak_lr, tuple(ocfg.betas), self.device)
         self.scaler = torch.amp.GradScaler("cuda") if self.precision == "fp16" else None
 
