@@ -44,6 +44,16 @@ MASTER_PORT exported, or `srun torchrun --nnodes $SLURM_NNODES --nproc_per_node 
 """
 
 
+def _merge_flags(overrides: dict, flags: dict[tuple[str, ...], object]) -> None:
+    """Put the command-line flags that were given into the nested overrides dict."""
+    for keys, value in flags.items():
+        if value is not None:
+            node = overrides
+            for k in keys[:-1]:
+                node = node.setdefault(k, {})
+            node[keys[-1]] = value
+
+
 def _add_pretrain(sub) -> None:
     p = sub.add_parser(
         "pretrain", help="pretrain an MAE (paper recipe; toy data when no --data)",
@@ -88,12 +98,7 @@ def _run_pretrain(args) -> int:
         ("optim", "blr"): args.blr,
         ("init",): args.init,
     }
-    for keys, value in flags.items():
-        if value is not None:
-            node = overrides
-            for k in keys[:-1]:
-                node = node.setdefault(k, {})
-            node[keys[-1]] = value
+    _merge_flags(overrides, flags)
     preset = args.preset
     toy = not (args.data or (overrides.get("data") or {}).get("path"))
     if toy and preset is None:
@@ -130,6 +135,144 @@ def _run_pretrain(args) -> int:
             print(f"encoder (official MAE format): {output / 'encoder.pth'}")
         if (output / "reconstructions").is_dir():
             print(f"reconstruction pictures: {output / 'reconstructions'}")
+    return 0
+
+
+CLASSIFY_EPILOG = """\
+protocols (MAE paper section 4 and appendix A):
+  finetune   end-to-end, global average pool + fc_norm, layer-wise lr decay, RandAugment, mixup,
+             cutmix, label smoothing, random erasing, AdamW, cosine with warmup (official scripts)
+  linprobe   frozen encoder, class token, BatchNorm (no affine) + linear head, LARS
+  partial    fine-tune only the last k blocks (paper Figure 9): --protocol partial --trainable-blocks k
+
+examples:
+  mae-transfer finetune --data /datasets/imagenet --backbone mae_pretrain_vit_base.pth
+  mae-transfer linprobe --data /datasets/imagenet --backbone runs/pretrain-toy/encoder.pth
+  mae-transfer inat --year 2018 --data /datasets/inat2018 --backbone ckpt.pth --preset finetune_paper_table9
+  mae-transfer places --version 365 --data /datasets/places365 --backbone ckpt.pth
+  mae-transfer finetune --backbone runs/pretrain-toy/encoder.pth      # toy data, a few minutes on CPU
+With no --backbone the ViT starts from random weights (the from-scratch baseline), and says so.
+Results: <output>/results.jsonl (one row per metric), eval.csv per evaluated epoch, and a table.
+"""
+
+
+def _add_classification(sub, name: str, help_text: str, protocol: str | None, dataset: str | None) -> None:
+    p = sub.add_parser(name, help=help_text, description=help_text + ".", epilog=CLASSIFY_EPILOG,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    if name == "inat":
+        p.add_argument("--year", type=int, choices=[2017, 2018, 2019], default=2018)
+    if name == "places":
+        p.add_argument("--version", type=int, choices=[205, 365], default=365)
+    if dataset is None and name not in ("inat", "places"):
+        p.add_argument("--dataset", default="imagefolder",
+                       choices=["imagefolder", "inat2017", "inat2018", "inat2019", "places205", "places365"],
+                       help="dataset format of --data (default: imagefolder = ImageNet layout)")
+    p.add_argument("--data", metavar="DIR", help="dataset root in its official layout; default: built-in toy data in that layout")
+    p.add_argument("--backbone", metavar="CKPT", help="pretrained weights (official MAE, timm, Hugging Face, ours); none = random init")
+    if protocol is None:
+        p.add_argument("--protocol", choices=["finetune", "linprobe", "partial"], default="finetune")
+    p.add_argument("--trainable-blocks", type=int, help="partial fine-tuning: train the last k blocks")
+    p.add_argument("--preset", metavar="NAME", help="recipe preset (see `mae-transfer presets`) or YAML file")
+    p.add_argument("--model", metavar="NAME", help="ViT size, e.g. vit_base_patch16 (default: from the backbone checkpoint)")
+    p.add_argument("--output", metavar="DIR", help="run directory (default: runs/<command>-<dataset>-<protocol>)")
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--batch-size", type=int, help="images per process per step")
+    p.add_argument("--effective-batch-size", type=int)
+    p.add_argument("--blr", type=float, help="base lr; lr = blr x effective batch / 256")
+    p.add_argument("--missing", choices=["error", "skip"], help="images listed in the annotations but absent on disk")
+    p.add_argument("--device", choices=["auto", "cuda", "cpu"])
+    p.add_argument("--max-steps", type=int)
+    p.add_argument("--no-resume", action="store_true")
+    p.add_argument("--print-config", action="store_true")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
+    p.set_defaults(func=_run_classification, command_name=name, fixed_protocol=protocol, fixed_dataset=dataset)
+
+
+def _run_classification(args) -> int:
+    from mae_transfer.classification.config import build_config
+    from mae_transfer.classification.task import ClassificationTask, format_results
+    from mae_transfer.config import parse_overrides, to_dict
+    from mae_transfer.engine.distributed import cleanup, init_distributed
+    from mae_transfer.engine.logger import setup_logging
+    from mae_transfer.engine.trainer import Trainer
+
+    protocol = args.fixed_protocol or getattr(args, "protocol", "finetune")
+    if protocol == "finetune" and args.trainable_blocks:
+        protocol = "partial"  # fine-tuning only the last k blocks
+    if args.command_name == "inat":
+        dataset = f"inat{args.year}"
+    elif args.command_name == "places":
+        dataset = f"places{args.version}"
+    else:
+        dataset = args.fixed_dataset or args.dataset
+    toy = not args.data
+    preset = args.preset or ("toy_" if toy else "") + ("linprobe" if protocol == "linprobe" else ("finetune" if toy else "finetune_vit_base"))
+    overrides = parse_overrides(args.overrides)
+    flags = {
+        ("protocol",): protocol, ("data", "dataset"): dataset, ("data", "path"): args.data,
+        ("data", "missing"): args.missing, ("backbone",): args.backbone, ("model", "name"): args.model,
+        ("model", "trainable_blocks"): args.trainable_blocks, ("train", "epochs"): args.epochs,
+        ("train", "batch_size"): args.batch_size, ("train", "effective_batch_size"): args.effective_batch_size,
+        ("train", "device"): args.device, ("train", "max_steps"): args.max_steps, ("optim", "blr"): args.blr,
+    }
+    _merge_flags(overrides, flags)
+    if args.backbone and not args.model and "name" not in overrides.get("model", {}):
+        from mae_transfer.checkpoint import infer_vit_config, read_checkpoint, to_vit_state_dict
+
+        inferred = infer_vit_config(to_vit_state_dict(read_checkpoint(args.backbone)))
+        if inferred.get("name"):
+            overrides.setdefault("model", {})["name"] = inferred["name"]
+    cfg = build_config(preset, overrides)
+    if args.print_config:
+        import yaml
+
+        print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")
+        return 0
+    dist_info = init_distributed(None if cfg.train.device == "auto" else cfg.train.device)
+    output = Path(args.output or f"runs/{args.command_name}-{dataset}-{protocol}")
+    setup_logging(dist_info.rank, output / "log.txt")
+    if toy:
+        log.warning("no --data given: using the built-in toy data in the %s format and the %r preset", dataset, preset)
+    try:
+        task = ClassificationTask(cfg)
+        trainer = Trainer(task, cfg.train, cfg.optim, output, dist_info, config=cfg, resume="never" if args.no_resume else "auto")
+        trainer.fit()
+    finally:
+        cleanup()
+    if dist_info.is_main:
+        print(format_results(task.last_eval, task.best_top1, cfg))
+        print(f"results: {output / 'results.jsonl'}")
+    return 0
+
+
+def _add_knn(sub) -> None:
+    p = sub.add_parser("knn", help="k-NN and linear-probe-sweep evaluation of frozen features",
+                       description="Evaluate frozen features: weighted k-NN (cosine, T=0.07) and, with --sweep, a linear probe "
+                                   "that trains several learning rates at once on the extracted features.")
+    p.add_argument("--dataset", default="imagefolder",
+                   choices=["imagefolder", "inat2017", "inat2018", "inat2019", "places205", "places365"])
+    p.add_argument("--data", metavar="DIR")
+    p.add_argument("--backbone", metavar="CKPT")
+    p.add_argument("--model", metavar="NAME")
+    p.add_argument("--img-size", type=int)
+    p.add_argument("--k", default="10,20,100,200", help="comma-separated neighbour counts")
+    p.add_argument("--sweep", action="store_true", help="also run the linear-probe lr sweep")
+    p.add_argument("--output", metavar="DIR")
+    p.add_argument("--device", choices=["cuda", "cpu"])
+    p.set_defaults(func=_run_knn)
+
+
+def _run_knn(args) -> int:
+    from mae_transfer.classification.frozen import run_frozen_eval
+    from mae_transfer.engine.logger import setup_logging
+
+    setup_logging(0)
+    table = run_frozen_eval(
+        dataset=args.dataset, data=args.data, backbone=args.backbone, model=args.model, img_size=args.img_size,
+        ks=tuple(int(k) for k in args.k.split(",")), sweep=args.sweep,
+        output=Path(args.output or f"runs/knn-{args.dataset}"), device=args.device,
+    )
+    print(table)
     return 0
 
 
@@ -230,12 +373,14 @@ def _add_presets(sub) -> None:
 
 
 def _run_presets(args) -> int:
-    from mae_transfer.pretrain.config import PRESET_DIR, available_presets
+    from mae_transfer.classification import config as cls_config
+    from mae_transfer.pretrain import config as pre_config
 
-    print("pretrain presets (--preset NAME):")
-    for name in available_presets():
-        first = (PRESET_DIR / f"{name}.yaml").read_text().splitlines()[0].lstrip("# ")
-        print(f"  {name:24s} {first}")
+    for title, module in (("mae-transfer pretrain", pre_config), ("mae-transfer finetune / linprobe / inat / places", cls_config)):
+        print(f"{title} --preset NAME:")
+        for name in module.available_presets():
+            first = (module.PRESET_DIR / f"{name}.yaml").read_text().splitlines()[0].lstrip("# ")
+            print(f"  {name:24s} {first}")
     return 0
 
 
@@ -250,6 +395,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"mae-transfer {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     _add_pretrain(sub)
+    _add_classification(sub, "finetune", "fine-tune a ViT end to end on an image-classification dataset", "finetune", None)
+    _add_classification(sub, "linprobe", "linear probing of a frozen ViT (the official MAE protocol)", "linprobe", None)
+    _add_classification(sub, "inat", "iNaturalist 2017/2018/2019 transfer (MAE paper Table 6)", None, None)
+    _add_classification(sub, "places", "Places205/365 transfer (MAE paper Table 6)", None, None)
+    _add_knn(sub)
     _add_speed(sub)
     _add_toy_data(sub)
     _add_export(sub)

@@ -224,3 +224,23 @@ def config_hash(cfg: Any, exclude: tuple[str, ...] = ()) -> str:
         data = {k: v for k, v in data.items() if k not in exclude}
     blob = json.dumps(data, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:12]
+
+
+def preset_names(preset_dir: Path) -> list[str]:
+    """The presets (YAML files) in a task package's preset folder."""
+    return sorted(p.stem for p in Path(preset_dir).glob("*.yaml"))
+
+
+def build_with_preset(default: T, preset_dir: Path, preset: str | None, overrides: dict[str, Any] | None) -> T:
+    """``default`` <- preset (a name in ``preset_dir`` or a YAML path) <- overrides, each checked."""
+    cfg = default
+    if preset:
+        path = Path(preset)
+        if not path.suffix:
+            path = Path(preset_dir) / f"{preset}.yaml"
+            if not path.is_file():
+                raise ConfigError(f"unknown preset {preset!r}; available: {', '.join(preset_names(preset_dir))}")
+        cfg = merge(cfg, load_yaml(path))
+    if overrides:
+        cfg = merge(cfg, overrides)
+    return cfg

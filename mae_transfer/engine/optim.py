@@ -81,6 +81,38 @@ def build_adamw(groups: list[dict], lr: float, betas: tuple[float, float], devic
     return torch.optim.AdamW(clean, lr=lr, betas=betas, eps=eps, fused=fused)
 
 
+def build_lars(groups: list[dict], lr: float, momentum: float = 0.9, trust_coeff: float = 0.001) -> torch.optim.Optimizer:
+    """LARS as in the official linear probe (MoCo v3's): weights (> 1-D) get the trust-ratio
+    adaptation, biases and norm parameters (1-D) get plain momentum SGD and no weight decay.
+
+    Built on timm's ``Lars``: ``always_adapt`` adapts the > 1-D groups even with zero weight decay,
+    which is what the official optimizer does.
+    """
+    from timm.optim import Lars
+
+    out = []
+    for g in groups:
+        clean = {k: v for k, v in g.items() if k != "param_names"}
+        one_d = all(p.ndim <= 1 for p in clean["params"])
+        clean["always_adapt"] = not one_d
+        if one_d:
+            clean["weight_decay"] = 0.0
+        out.append(clean)
+    return Lars(out, lr=lr, momentum=momentum, trust_coeff=trust_coeff, always_adapt=True)
+
+
+def build_optimizer(name: str, groups: list[dict], lr: float, betas: tuple[float, float], device: torch.device, momentum: float = 0.9) -> torch.optim.Optimizer:
+    """``adamw`` (fused on GPU), ``lars`` (linear probing) or ``sgd`` (momentum)."""
+    if name == "adamw":
+        return build_adamw(groups, lr, betas, device)
+    if name == "lars":
+        return build_lars(groups, lr, momentum)
+    if name == "sgd":
+        clean = [{k: v for k, v in g.items() if k != "param_names"} for g in groups]
+        return torch.optim.SGD(clean, lr=lr, momentum=momentum)
+    raise ValueError(f"unknown optimizer {name!r}; use adamw, lars or sgd")
+
+
 @dataclass(frozen=True)
 class Schedule:
     """Per-step learning-rate factor in [0, 1] (times the peak lr) with linear warmup.

@@ -14,6 +14,7 @@ import dataclasses
 import logging
 import math
 import os
+import random
 import signal
 import sys
 import time
@@ -21,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
 import torch
 import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel
@@ -30,7 +32,7 @@ from mae_transfer.checkpoint import CheckpointError, atomic_save, load_file
 from mae_transfer.config import ConfigError, save_config, to_dict
 from mae_transfer.engine.distributed import DistInfo, all_reduce_mean, any_process
 from mae_transfer.engine.logger import MetricWriter
-from mae_transfer.engine.optim import Schedule, build_adamw, param_groups
+from mae_transfer.engine.optim import Schedule, build_optimizer, param_groups
 from mae_transfer.engine.sampler import EpochBatchSampler
 
 log = logging.getLogger(__name__)
@@ -42,11 +44,13 @@ CHECKPOINT_NAME = "checkpoint-last.pth"
 class OptimConfig:
     """Optimizer and lr schedule. The peak lr is ``lr`` if given, else ``blr * batch / 256``."""
 
+    optimizer: Literal["adamw", "lars", "sgd"] = "adamw"
     blr: float = 1.5e-4
     lr: float | None = None
     min_lr: float = 0.0
     weight_decay: float = 0.05
     betas: tuple[float, float] = (0.9, 0.95)
+    momentum: float = 0.9  # lars / sgd
     layer_decay: float = 1.0
     clip_grad: float | None = None
     schedule: Literal["cosine", "step", "poly", "constant"] = "cosine"
@@ -243,7 +247,12 @@ class Trainer:
             "effective_batch_size": self.effective_batch_size,
             "steps_per_epoch": self.steps_per_epoch,
             "config": to_dict(self.config) if self.config is not None else None,
-            "torch_rng": torch.get_rng_state(),
+            "rng": {
+                "torch": torch.get_rng_state(),
+                "cuda": torch.cuda.get_rng_state() if self.device.type == "cuda" else None,
+                "numpy": np.random.get_state(),
+                "python": random.getstate(),
+            },
         }
 
     def save_checkpoint(self, epoch: int, extra_name: str | None = None) -> None:
@@ -333,7 +342,9 @@ class Trainer:
             power=ocfg.poly_power,
         )
         self.schedule = schedule
-        self.optimizer = build_adamw(self.task.param_groups(model, ocfg), self.peak_lr, tuple(ocfg.betas), self.device)
+        self.optimizer = build_optimizer(
+            ocfg.optimizer, self.task.param_groups(model, ocfg), self.peak_lr, tuple(ocfg.betas), self.device, ocfg.momentum
+        )
         self.scaler = torch.amp.GradScaler("cuda") if self.precision == "fp16" else None
 
         if resume_state is not None:
@@ -345,6 +356,7 @@ class Trainer:
             if self.scaler is not None and resume_state.get("scaler"):
                 self.scaler.load_state_dict(resume_state["scaler"])
             self.step = int(resume_state["step"])
+            self._resume_rng = resume_state.get("rng")
             if resume_state.get("effective_batch_size") != self.effective_batch_size:
                 log.warning(
                     "resuming with effective batch %d; the checkpoint was trained with %s",
@@ -386,6 +398,7 @@ class Trainer:
             self.task.on_train_end(self)
             return {"step": self.step, "total_steps": total_steps, "finished": True}
 
+        self._restore_rng(getattr(self, "_resume_rng", None))
         summary = self._loop(sampler, schedule, total_steps, last_step)
         self.metrics.close()
         return summary
@@ -425,6 +438,9 @@ class Trainer:
                     pin_memory=self.device.type == "cuda",
                     drop_last=True,
                     persistent_workers=False,
+                    # Worker seeds come from this generator, not the global stream, so a run
+                    # resumed mid-epoch draws the same drop-path masks as an uninterrupted one.
+                    generator=torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch),
                 )
                 if progress is not None:
                     progress.set_description(f"epoch {epoch + 1}/{cfg.epochs}")
@@ -507,6 +523,22 @@ class Trainer:
             "seconds": elapsed,
             "images_per_second": (self.step - start_step) * self.effective_batch_size / max(elapsed, 1e-9),
         }
+
+    def _restore_rng(self, rng: dict | None) -> None:
+        """Continue the random streams (drop path, mixup) where the checkpoint left them.
+
+        Only the main process's state is saved; other ranks get a fresh stream of their own.
+        """
+        if rng is None:
+            return
+        if self.dist.is_main:
+            torch.set_rng_state(rng["torch"])
+            if rng.get("cuda") is not None and self.device.type == "cuda":
+                torch.cuda.set_rng_state(rng["cuda"])
+            np.random.set_state(rng["numpy"])
+            random.setstate(rng["python"])
+        else:
+            torch.manual_seed(self.train_cfg.seed + 7919 * self.dist.rank + 1_000_003 * self.step)
 
     def _end_epoch(self, epoch: int) -> None:
         corrupt = getattr(self.dataset, "num_corrupt", 0)

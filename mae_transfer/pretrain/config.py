@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from mae_transfer.config import ConfigError, load_yaml, merge
+from mae_transfer.config import ConfigError, build_with_preset, preset_names
 from mae_transfer.engine.trainer import OptimConfig, TrainConfig
 
 PRESET_DIR = Path(__file__).parent / "presets"
@@ -72,24 +72,9 @@ class PretrainConfig:
 
 
 def available_presets() -> list[str]:
-    return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
-
-
-def load_preset(name_or_path: str) -> dict:
-    """A preset by name (``mae_transfer/pretrain/presets/<name>.yaml``) or by file path."""
-    path = Path(name_or_path)
-    if not path.suffix:
-        path = PRESET_DIR / f"{name_or_path}.yaml"
-        if not path.is_file():
-            raise ConfigError(f"unknown preset {name_or_path!r}; available: {', '.join(available_presets())}")
-    return load_yaml(path)
+    return preset_names(PRESET_DIR)
 
 
 def build_config(preset: str | None = None, overrides: dict | None = None) -> PretrainConfig:
-    """Defaults (the paper's recipe) <- preset <- overrides, each checked."""
-    cfg = PretrainConfig()
-    if preset:
-        cfg = merge(cfg, load_preset(preset))
-    if overrides:
-        cfg = merge(cfg, overrides)
-    return cfg
+    """Defaults (the paper's recipe) <- preset (name or YAML path) <- overrides, each checked."""
+    return build_with_preset(PretrainConfig(), PRESET_DIR, preset, overrides)

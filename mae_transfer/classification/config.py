@@ -1,0 +1,75 @@
+"""Classification transfer configs: end-to-end fine-tuning, linear probing, partial fine-tuning.
+
+Defaults are the official MAE fine-tuning of the released ViT-B/16 (MAE-repo FINETUNE.md and
+main_finetune.py; reference/paper_numbers.md section 2.2); the presets hold the other recipes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from mae_transfer.config import ConfigError, build_with_preset, preset_names
+from mae_transfer.engine.trainer import OptimConfig, TrainConfig
+
+PRESET_DIR = Path(__file__).parent / "presets"
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass
+class ModelConfig:
+    name: str = "vit_base_patch16"
+    img_size: int = 224
+    drop_path: float = 0.1  # ViT-B 0.1, ViT-L 0.2, ViT-H 0.3 (official scripts)
+    global_pool: Literal["avg", "token"] = "avg"  # official fine-tuning: mean of patch tokens + fc_norm
+    trainable_blocks: int | None = None  # partial fine-tuning: train only the last k blocks (Figure 9)
+
+
+@dataclass
+class DataConfig:
+    dataset: str = "imagefolder"  # imagefolder, inat2017/2018/2019, places205/365
+    path: str | None = None  # None = the built-in toy data in that dataset's format
+    missing: Literal["error", "skip"] = "error"  # images listed in the annotations but not on disk
+    # Augmentation of the official fine-tuning (main_finetune.py defaults).
+    auto_augment: str | None = "rand-m9-mstd0.5-inc1"
+    reprob: float = 0.25
+    mixup: float = 0.8
+    cutmix: float = 1.0
+    smoothing: float = 0.1
+    crop_pct: float | None = None  # eval resize = size / crop_pct; None = 224/256 up to 224 px, else 1
+    min_scale: float = 0.08
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+
+
+@dataclass
+class ClassificationConfig:
+    protocol: Literal["finetune", "linprobe", "partial"] = "finetune"
+    backbone: str | None = None  # pretrained weights, any format mae_transfer.checkpoint reads
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    # Official ViT-B/16 script: batch 1024 (32 x 32 GPUs), 100 epochs, 5 warmup epochs.
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=100, batch_size=32, effective_batch_size=1024, log_every=50))
+    # AdamW (0.9, 0.999), blr 5e-4, layer decay 0.65, wd 0.05, min lr 1e-6, cosine (official ViT-B).
+    optim: OptimConfig = field(
+        default_factory=lambda: OptimConfig(
+            optimizer="adamw", blr=5e-4, weight_decay=0.05, betas=(0.9, 0.999), layer_decay=0.65, warmup_epochs=5, min_lr=1e-6
+        )
+    )
+    eval_every_epochs: int = 1
+    eval_batch_size: int = 128
+
+    def validate(self) -> None:
+        if self.protocol == "partial" and not self.model.trainable_blocks:
+            raise ConfigError("protocol partial needs model.trainable_blocks (the last k blocks to train)")
+
+
+def available_presets() -> list[str]:
+    return preset_names(PRESET_DIR)
+
+
+def build_config(preset: str | None = None, overrides: dict | None = None) -> ClassificationConfig:
+    """Defaults (official ViT-B fine-tuning) <- preset (name or YAML path) <- overrides."""
+    return build_with_preset(ClassificationConfig(), PRESET_DIR, preset, overrides)

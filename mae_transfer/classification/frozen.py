@@ -1,0 +1,84 @@
+"""Evaluations of frozen features: weighted k-NN and a linear-probe learning-rate sweep."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader
+
+from mae_transfer.classification.config import ClassificationConfig, ModelConfig
+from mae_transfer.classification.task import eval_transform, file_sha256
+from mae_transfer.models.vit import create_vit
+
+log = logging.getLogger(__name__)
+
+
+def _cls_features(model, x):
+    """Class token after the final norm: the feature of the official linear probe."""
+    return model.forward_features(x)[:, 0]
+
+
+def run_frozen_eval(
+    dataset: str = "imagefolder",
+    data: str | None = None,
+    backbone: str | None = None,
+    model: str | None = None,
+    img_size: int | None = None,
+    ks: tuple[int, ...] = (10, 20, 100, 200),
+    sweep: bool = False,
+    output: Path = Path("runs/knn"),
+    device: str | None = None,
+    batch_size: int = 128,
+) -> str:
+    """Extract class-token features of train and val (no augmentation), run k-NN (and the sweep),
+    write ``results.jsonl`` rows into ``output`` and return a small table."""
+    from mae_transfer.checkpoint import infer_vit_config, load_backbone, read_checkpoint, to_vit_state_dict
+    from mae_transfer.classification.datasets import build_dataset, num_classes_of
+    from mae_transfer.classification.knn import extract_features, knn_evaluate
+
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    inferred = {}
+    if backbone:
+        inferred = infer_vit_config(to_vit_state_dict(read_checkpoint(backbone)))
+    name = model or inferred.get("name") or "vit_base_patch16"
+    size = img_size or inferred.get("img_size") or 224
+    cfg = ClassificationConfig(model=ModelConfig(name=name, img_size=size, global_pool="token"))
+    cfg.data.dataset, cfg.data.path = dataset, data
+    tf = eval_transform(cfg)
+    train = build_dataset(dataset, data, "train", transform=tf)
+    val = build_dataset(dataset, data, "val", transform=tf)
+    num_classes = max(num_classes_of(train), num_classes_of(val))
+    vit = create_vit(name, img_size=size, num_classes=0, global_pool="token")
+    if backbone:
+        load_backbone(vit, backbone, expected_missing=(), expected_unexpected=["fc_norm.*", "head.*", "mask_token", "decoder_*"])
+    else:
+        log.warning("NO --backbone: features of a RANDOMLY initialised ViT (the from-scratch baseline)")
+    vit.to(dev).eval()
+    loader = lambda ds: DataLoader(ds, batch_size=batch_size, num_workers=0 if dev.type == "cpu" else 8)  # noqa: E731
+    tr_f, tr_y, _ = extract_features(vit, loader(train), dev, feature_fn=_cls_features)
+    va_f, va_y, _ = extract_features(vit, loader(val), dev, feature_fn=_cls_features)
+    results = knn_evaluate(tr_f, tr_y, va_f, va_y, num_classes, ks=ks)
+    rows, lines = [], [f"{'evaluation':22s} {'top-1':>7s} {'top-5':>7s} {'mean/cls':>9s}"]
+    common = {"task": "classification", "dataset": dataset if data else f"{dataset} (toy)", "split": "val",
+              "backbone": backbone or "random init", "backbone_sha256": file_sha256(backbone) if backbone else None}
+    for k, m in results.items():
+        lines.append(f"{'k-NN k=' + str(k):22s} {m['top1']:7.2f} {m['top5']:7.2f} {m['mean_per_class']:9.2f}")
+        rows += [{**common, "protocol": f"knn{k}", "metric": key, "value": float(m[key])} for key in ("top1", "top5", "mean_per_class")]
+    if sweep:
+        from mae_transfer.classification.linear_sweep import linear_probe_sweep
+
+        s = linear_probe_sweep(tr_f, tr_y, va_f, va_y, num_classes, device=dev)
+        best = s["best"]
+        if best is None:
+            raise FloatingPointError("every learning rate of the linear-probe sweep diverged; the features hold inf/NaN values")
+        lines.append(f"{'linear sweep lr=' + format(best['lr'], '.3g'):22s} {best['top1']:7.2f} {best['top5']:7.2f} {best['mean_per_class']:9.2f}")
+        rows += [{**common, "protocol": "linprobe_sweep", "metric": key, "value": float(best[key]), "lr": best["lr"]} for key in ("top1", "top5", "mean_per_class")]
+    output.mkdir(parents=True, exist_ok=True)
+    path = output / "results.jsonl"
+    tmp = path.with_suffix(".jsonl.tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    tmp.replace(path)
+    return "\n".join(lines + [f"results: {path}"])

@@ -1,0 +1,278 @@
+"""Classification transfer as an engine task: fine-tuning, linear probing, partial fine-tuning."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+from torch.utils.data import DataLoader, Sampler
+from torchvision import transforms
+
+from mae_transfer.classification.config import ClassificationConfig
+from mae_transfer.config import config_hash, to_dict
+from mae_transfer.engine.optim import param_groups
+from mae_transfer.engine.trainer import OptimConfig, Trainer, TrainTask
+from mae_transfer.models.vit import VisionTransformer, create_vit
+
+log = logging.getLogger(__name__)
+
+
+def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def eval_transform(cfg: ClassificationConfig) -> transforms.Compose:
+    """Resize to size / crop_pct (bicubic) + centre crop: 224/256 up to 224 px, 1.0 above (official)."""
+    size = cfg.model.img_size
+    crop_pct = cfg.data.crop_pct or (224 / 256 if size <= 224 else 1.0)
+    return transforms.Compose(
+        [
+            transforms.Resize(int(size / crop_pct), interpolation=transforms.InterpolationMode.BICUBIC),
+            transforms.CenterCrop(size),
+            transforms.ToTensor(),
+            transforms.Normalize(cfg.data.mean, cfg.data.std),
+        ]
+    )
+
+
+def _posterize_zero_bits_compatible() -> None:
+    """timm's RandAugment asks for ``posterize(bits=0)`` at full magnitude ('inc1' policies); Pillow
+    13 rejects 0 where older Pillow returned a black image. Keep the old meaning for those ops."""
+    from PIL import Image, ImageOps
+    from timm.data import auto_augment
+
+    def posterize(img, bits_to_keep, **_):
+        if bits_to_keep >= 8:
+            return img
+        if bits_to_keep <= 0:
+            return Image.new(img.mode, img.size)  # every bit dropped: black, as Pillow < 13 did
+        return ImageOps.posterize(img, bits_to_keep)
+
+    for name in ("Posterize", "PosterizeIncreasing", "PosterizeOriginal"):
+        if name in auto_augment.NAME_TO_OP:
+            auto_augment.NAME_TO_OP[name] = posterize
+
+
+def train_transform(cfg: ClassificationConfig):
+    """Fine-tuning: timm's RandAugment + random erasing pipeline; linear probe: crop + flip only."""
+    d, size = cfg.data, cfg.model.img_size
+    if cfg.protocol == "linprobe":
+        return transforms.Compose(
+            [
+                transforms.RandomResizedCrop(size, scale=(d.min_scale, 1.0), interpolation=transforms.InterpolationMode.BICUBIC),
+                transforms.RandomHorizontalFlip(),
+                transforms.ToTensor(),
+                transforms.Normalize(d.mean, d.std),
+            ]
+        )
+    from timm.data import create_transform
+
+    _posterize_zero_bits_compatible()
+    return create_transform(
+        input_size=size, is_training=True, scale=(d.min_scale, 1.0), color_jitter=None,
+        auto_augment=d.auto_augment, interpolation="bicubic", re_prob=d.reprob, re_mode="pixel",
+        re_count=1, mean=d.mean, std=d.std,
+    )
+
+
+class ShardSampler(Sampler[int]):
+    """Every index exactly once over all ranks (no padding), so sharded evaluation is exact."""
+
+    def __init__(self, n: int, rank: int, world: int):
+        self.n, self.rank, self.world = n, rank, world
+
+    def __iter__(self):
+        return iter(range(self.rank, self.n, self.world))
+
+    def __len__(self) -> int:
+        return len(range(self.rank, self.n, self.world))
+
+
+def build_classifier(cfg: ClassificationConfig, num_classes: int) -> VisionTransformer:
+    """The ViT with its head for the protocol (random weights; the backbone is loaded separately)."""
+    m = cfg.model
+    model = create_vit(
+        m.name, img_size=m.img_size, num_classes=num_classes, global_pool=m.global_pool,
+        drop_path_rate=m.drop_path if cfg.protocol != "linprobe" else 0.0,
+    )
+    if cfg.protocol == "linprobe":
+        # Official linear probe: BatchNorm without affine in front of the linear head, head init
+        # trunc_normal(std 0.01) (MAE-repo main_linprobe.py).
+        linear = nn.Linear(model.embed_dim, num_classes)
+        nn.init.trunc_normal_(linear.weight, std=0.01)
+        nn.init.zeros_(linear.bias)
+        model.head = nn.Sequential(nn.BatchNorm1d(model.embed_dim, affine=False, eps=1e-6), linear)
+    return model
+
+
+def freeze_for_protocol(model: VisionTransformer, cfg: ClassificationConfig) -> list[str]:
+    """Switch off gradients where the protocol freezes the backbone; returns the trainable names."""
+    if cfg.protocol == "finetune":
+        return [n for n, _ in model.named_parameters()]
+    k = cfg.model.trainable_blocks if cfg.protocol == "partial" else 0
+    depth = len(model.blocks)
+    if k is not None and not 0 <= k <= depth:
+        raise ValueError(f"model.trainable_blocks must be in 0..{depth}, got {k}")
+    trainable_blocks = {str(i) for i in range(depth - (k or 0), depth)}
+    names = []
+    for name, p in model.named_parameters():
+        parts = name.split(".")
+        train = name.startswith(("head.", "fc_norm.")) or (cfg.protocol == "partial" and (name.startswith("norm.") or (parts[0] == "blocks" and parts[1] in trainable_blocks)))
+        p.requires_grad_(train)
+        if train:
+            names.append(name)
+    return names
+
+
+class ClassificationTask(TrainTask):
+    """A ViT classifier trained with one of the MAE paper's protocols and evaluated on val."""
+
+    name = "classification"
+
+    def __init__(self, cfg: ClassificationConfig, device: torch.device | None = None):
+        from mae_transfer.classification.datasets import build_dataset, num_classes_of
+
+        self.cfg = cfg
+        d = cfg.data
+        self.train_set = build_dataset(d.dataset, d.path, "train", transform=train_transform(cfg), seed=cfg.train.seed, missing=d.missing)
+        self.val_set = build_dataset(d.dataset, d.path, "val", transform=eval_transform(cfg), seed=None, missing=d.missing)
+        self.num_classes = max(num_classes_of(self.train_set), num_classes_of(self.val_set))
+        self.mixup = None
+        if cfg.protocol != "linprobe" and (d.mixup > 0 or d.cutmix > 0):
+            from timm.data import Mixup
+
+            self.mixup = Mixup(
+                mixup_alpha=d.mixup, cutmix_alpha=d.cutmix, prob=1.0, switch_prob=0.5, mode="batch",
+                label_smoothing=d.smoothing, num_classes=self.num_classes,
+            )
+        self.backbone_sha256 = file_sha256(cfg.backbone) if cfg.backbone else None
+        self.last_eval: dict[str, float] = {}
+        self.best_top1 = float("-inf")
+
+    def signature(self) -> dict[str, Any]:
+        return {"model": self.cfg.model.name, "img_size": self.cfg.model.img_size, "protocol": self.cfg.protocol,
+                "num_classes": self.num_classes, "global_pool": self.cfg.model.global_pool}
+
+    def build_model(self) -> nn.Module:
+        torch.manual_seed(self.cfg.train.seed)
+        model = build_classifier(self.cfg, self.num_classes)
+        if self.cfg.backbone:
+            from mae_transfer.checkpoint import load_backbone
+
+            # Official main_finetune.py: only the head (and fc_norm when it replaces norm) may be missing.
+            missing = ["head.*"] + (["fc_norm.*"] if self.cfg.model.global_pool == "avg" else [])
+            unexpected = ["norm.*", "mask_token", "decoder_*", "fc_norm.*", "head.*"]
+            load_backbone(model, self.cfg.backbone, expected_missing=missing, expected_unexpected=unexpected)
+        else:
+            log.warning(
+                "NO --backbone: the ViT starts from RANDOM weights (the from-scratch baseline); pass "
+                "--backbone ckpt.pth to evaluate pretrained weights"
+            )
+        trainable = freeze_for_protocol(model, self.cfg)
+        if self.cfg.protocol != "finetune":
+            log.info("%s: training %d of %d parameter tensors (%s)", self.cfg.protocol, len(trainable),
+                     len(list(model.parameters())), ", ".join(sorted({n.split(".")[0] + (("." + n.split(".")[1]) if n.startswith("blocks") else "") for n in trainable})))
+        return model
+
+    def build_train_dataset(self):
+        return self.train_set
+
+    def param_groups(self, model: nn.Module, optim: OptimConfig) -> list[dict]:
+        no_wd = model.no_weight_decay() if hasattr(model, "no_weight_decay") else ()
+        return param_groups(model, optim.weight_decay, optim.layer_decay, no_weight_decay=no_wd)
+
+    def training_step(self, model: nn.Module, batch: dict, device: torch.device):
+        if self.cfg.protocol == "linprobe":
+            # The frozen encoder stays in eval mode (no drop path, as in the official probe); only
+            # the head's BatchNorm runs in training mode.
+            core = getattr(model, "module", model)
+            core.eval()
+            core.head.train()
+        x = batch["image"].to(device, non_blocking=True)
+        y = batch["label"].to(device, non_blocking=True)
+        if self.mixup is not None:
+            if x.shape[0] % 2:
+                raise ValueError("mixup/cutmix needs an even batch size per process")
+            # Mixup draws from numpy's global RNG: seed it from the batch so that a resumed run
+            # mixes the same pairs with the same weights.
+            import numpy as np
+
+            np.random.seed((int(batch["index"].sum()) * 7919 + self.cfg.train.seed) % (2**32))
+            x, soft = self.mixup(x, y)
+            logits = model(x)
+            loss = torch.sum(-soft * torch.log_softmax(logits.float(), dim=-1), dim=-1).mean()
+        else:
+            logits = model(x)
+            loss = nn.functional.cross_entropy(logits.float(), y, label_smoothing=self.cfg.data.smoothing)
+        return loss, {}
+
+    # ------------------------------------------------------------------ evaluation
+    def evaluate(self, trainer: Trainer) -> dict[str, float]:
+        from mae_transfer.classification.metrics import evaluate_classifier
+
+        dist = trainer.dist
+        loader = DataLoader(
+            self.val_set, batch_size=self.cfg.eval_batch_size, sampler=ShardSampler(len(self.val_set), dist.rank, dist.world_size),
+            num_workers=trainer._num_workers(), pin_memory=trainer.device.type == "cuda",
+        )
+        return evaluate_classifier(trainer.unwrapped, loader, trainer.device, self.num_classes, autocast=trainer.autocast)
+
+    def on_epoch_end(self, trainer: Trainer, epoch: int) -> None:
+        every = self.cfg.eval_every_epochs
+        last = epoch + 1 == self.cfg.train.epochs
+        if not last and (every <= 0 or (epoch + 1) % every):
+            return
+        metrics = self.evaluate(trainer)
+        self.last_eval = metrics
+        self.best_top1 = max(self.best_top1, metrics["top1"])
+        trainer.metrics.write("eval", {"step": trainer.step, "epoch": epoch + 1, **metrics})
+        log.info("epoch %d val: top-1 %.2f  top-5 %.2f  mean per class %.2f", epoch + 1, metrics["top1"], metrics["top5"], metrics["mean_per_class"])
+
+    def on_train_end(self, trainer: Trainer) -> None:
+        if not self.last_eval:
+            self.last_eval = self.evaluate(trainer)
+            self.best_top1 = max(self.best_top1, self.last_eval["top1"])
+        if trainer.dist.is_main:
+            write_result_rows(trainer.output_dir, self.cfg, self.last_eval, self.best_top1, self.backbone_sha256, trainer.step)
+
+
+def write_result_rows(out_dir: Path, cfg: ClassificationConfig, metrics: dict, best_top1: float, backbone_sha: str | None, step: int) -> Path:
+    """One row per metric in ``results.jsonl`` (rewritten whole, atomically) for the runner."""
+    rows = []
+    common = {
+        "task": "classification",
+        "dataset": cfg.data.dataset if cfg.data.path else f"{cfg.data.dataset} (toy)",
+        "split": "val",
+        "protocol": cfg.protocol,
+        "backbone": cfg.backbone or "random init",
+        "backbone_sha256": backbone_sha,
+        "config_hash": config_hash(cfg, exclude=("data",)),
+        "step": step,
+    }
+    for metric in ("top1", "top5", "mean_per_class"):
+        rows.append({**common, "metric": metric, "value": float(metrics[metric])})
+    rows.append({**common, "metric": "top1_best_epoch", "value": float(best_top1)})
+    path = Path(out_dir) / "results.jsonl"
+    tmp = path.with_suffix(".jsonl.tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    tmp.replace(path)
+    (Path(out_dir) / "config_resolved.json").write_text(json.dumps(to_dict(cfg), indent=1))
+    return path
+
+
+def format_results(metrics: dict, best_top1: float, cfg: ClassificationConfig) -> str:
+    name = cfg.data.dataset + ("" if cfg.data.path else " (toy data)")
+    lines = [
+        f"{'dataset':28s} {'protocol':10s} {'top-1':>7s} {'top-5':>7s} {'mean/cls':>9s} {'best top-1':>11s}",
+        f"{name:28s} {cfg.protocol:10s} {metrics['top1']:7.2f} {metrics['top5']:7.2f} {metrics['mean_per_class']:9.2f} {best_top1:11.2f}",
+    ]
+    return "\n".join(lines)

@@ -1,0 +1,125 @@
+"""Classification transfer end to end on the toy data: protocols, frozen weights, resume, results."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from mae_transfer.cli import main
+
+# A nano ViT (2 blocks x 64, patch 8) on 32 px toy images: a few seconds per run.
+SMALL = [
+    "--model", "vit_nano_patch8", "model.img_size=32", "train.batch_size=16", "train.effective_batch_size=16",
+    "train.num_workers=0", "train.progress=false", "train.log_every=1", "eval_every_epochs=1",
+    "optim.warmup_epochs=1", "eval_batch_size=32",
+]
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("MAE_TRANSFER_CACHE", str(tmp_path / "cache"))
+    return tmp_path / "cache"
+
+
+@pytest.fixture
+def encoder(tmp_path, cache):
+    """A briefly pretrained nano MAE encoder in the official format."""
+    out = tmp_path / "pre"
+    rc = main(["pretrain", "--output", str(out), "--epochs", "1", "model.name=mae_vit_nano_patch8", "model.img_size=32",
+               "data.toy_images_per_class=8", "train.batch_size=16", "train.effective_batch_size=16",
+               "train.num_workers=0", "train.progress=false", "vis.every_epochs=0"])
+    assert rc == 0
+    return out / "encoder.pth"
+
+
+def rows(run_dir: Path) -> dict[str, float]:
+    return {r["metric"]: r["value"] for r in map(json.loads, (run_dir / "results.jsonl").read_text().splitlines())}
+
+
+def test_linear_probe_leaves_every_backbone_parameter_bit_identical(tmp_path, cache, encoder, capsys):
+    out = tmp_path / "lin"
+    assert main(["linprobe", "--backbone", str(encoder), "--output", str(out), "--epochs", "2", *SMALL]) == 0
+    assert "linprobe" in capsys.readouterr().out
+    trained = torch.load(out / "checkpoint-last.pth", weights_only=False)["model"]
+    pretrained = torch.load(encoder, weights_only=False)["model"]
+    compared = 0
+    for k, v in pretrained.items():
+        if k in trained:
+            assert torch.equal(trained[k], v), k
+            compared += 1
+    assert compared == len(pretrained)  # norm, blocks, embeddings: all frozen and all present
+    # The head did train, and its BatchNorm has no affine parameters (official probe).
+    assert "head.1.weight" in trained and "head.0.weight" not in trained and "head.0.running_mean" in trained
+    r = rows(out)
+    assert set(r) == {"top1", "top5", "mean_per_class", "top1_best_epoch"}
+    assert 0 <= r["top1"] <= 100
+
+
+def test_partial_finetuning_trains_only_the_last_blocks(tmp_path, cache, encoder):
+    out = tmp_path / "partial"
+    assert main(["finetune", "--backbone", str(encoder), "--trainable-blocks", "1", "--output", str(out), "--epochs", "1", *SMALL]) == 0
+    trained = torch.load(out / "checkpoint-last.pth", weights_only=False)["model"]
+    pretrained = torch.load(encoder, weights_only=False)["model"]
+    assert torch.equal(trained["blocks.0.attn.qkv.weight"], pretrained["blocks.0.attn.qkv.weight"])
+    assert torch.equal(trained["patch_embed.proj.weight"], pretrained["patch_embed.proj.weight"])
+    assert not torch.equal(trained["blocks.1.attn.qkv.weight"], pretrained["blocks.1.attn.qkv.weight"])
+
+
+def test_finetuning_from_scratch_says_so_and_writes_results(tmp_path, cache, caplog):
+    out = tmp_path / "ft"
+    assert main(["finetune", "--output", str(out), "--epochs", "2", *SMALL]) == 0
+    assert "RANDOM weights" in caplog.text
+    r = rows(out)
+    assert r["top1"] >= 0 and r["top5"] >= r["top1"]
+    evals = (out / "eval.jsonl").read_text().splitlines()
+    assert len(evals) == 2
+
+
+@pytest.mark.parametrize("command,extra", [("inat", ["--year", "2017"]), ("inat", ["--year", "2019"]), ("places", ["--version", "205"]), ("places", ["--version", "365"])])
+def test_inat_and_places_commands_run_on_their_official_formats(tmp_path, cache, command, extra):
+    out = tmp_path / command
+    assert main([command, *extra, "--output", str(out), "--epochs", "1", *SMALL]) == 0
+    r = rows(out)
+    assert 0 <= r["mean_per_class"] <= 100
+
+
+def test_knn_and_sweep_on_frozen_features(tmp_path, cache, encoder, capsys):
+    out = tmp_path / "knn"
+    assert main(["knn", "--backbone", str(encoder), "--output", str(out), "--k", "5,20", "--sweep", "--device", "cpu"]) == 0
+    printed = capsys.readouterr().out
+    assert "k-NN k=5" in printed and "linear sweep" in printed
+    protocols = {json.loads(line)["protocol"] for line in (out / "results.jsonl").read_text().splitlines()}
+    assert protocols == {"knn5", "knn20", "linprobe_sweep"}
+
+
+def test_finetuning_resumes_after_a_kill(tmp_path):
+    env = dict(os.environ, MAE_TRANSFER_CACHE=str(tmp_path / "cache"), PYTHONUNBUFFERED="1")
+    args = [sys.executable, "-m", "mae_transfer", "finetune", "--epochs", "3", *SMALL, "train.ckpt_every_minutes=0"]
+    full = tmp_path / "full"
+    subprocess.run([*args, "--output", str(full)], env=env, check=True, capture_output=True)
+    run = tmp_path / "killed"
+    proc = subprocess.Popen([*args, "--output", str(run)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    jl = run / "train.jsonl"
+    start = time.monotonic()
+    while time.monotonic() - start < 120 and proc.poll() is None:
+        if jl.exists() and len(jl.read_text().splitlines()) >= 4:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    steps_before = torch.load(run / "checkpoint-last.pth", weights_only=False)["step"]
+    subprocess.run([*args, "--output", str(run)], env=env, check=True, capture_output=True)
+    final = torch.load(run / "checkpoint-last.pth", weights_only=False)
+    ref = torch.load(full / "checkpoint-last.pth", weights_only=False)
+    assert 0 < steps_before < final["step"] == ref["step"]
+    for k, v in ref["model"].items():
+        torch.testing.assert_close(final["model"][k], v, atol=1e-5, rtol=1e-4, msg=k)
+    assert rows(run)["top1"] == pytest.approx(rows(full)["top1"])
