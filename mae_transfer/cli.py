@@ -206,7 +206,16 @@ def _run_classification(args) -> int:
     else:
         dataset = args.fixed_dataset or args.dataset
     toy = not args.data
-    preset = args.preset or ("toy_" if toy else "") + ("linprobe" if protocol == "linprobe" else ("finetune" if toy else "finetune_vit_base"))
+    if args.preset:
+        preset = args.preset
+    elif protocol == "linprobe":
+        preset = "toy_linprobe" if toy else "linprobe"
+    elif toy:
+        preset = "toy_finetune"
+    else:
+        # iNaturalist and Places follow the paper's Table 9 setting (appendix A.5); folders
+        # (ImageNet) the official script of the released ViT-B.
+        preset = "finetune_paper_table9" if args.command_name in ("inat", "places") else "finetune_vit_base"
     overrides = parse_overrides(args.overrides)
     flags = {
         ("protocol",): protocol, ("data", "dataset"): dataset, ("data", "path"): args.data,
