@@ -12,10 +12,9 @@ from typing import Literal
 
 from mae_transfer.config import ConfigError, build_with_preset, preset_names
 from mae_transfer.engine.trainer import OptimConfig, TrainConfig
+from mae_transfer.data.stats import IMAGENET_MEAN, IMAGENET_STD
 
 PRESET_DIR = Path(__file__).parent / "presets"
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 @dataclass

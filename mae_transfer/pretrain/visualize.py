@@ -27,12 +27,11 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
+from mae_transfer.data.stats import IMAGENET_MEAN, IMAGENET_STD
 from mae_transfer.pretrain.model import MaskedAutoencoderViT
 
 log = logging.getLogger(__name__)
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 COLUMNS = ("original", "masked", "reconstruction", "reconstruction + visible")
 MASK_GREY = 0.5  # fill of removed patches in the "masked" column, in [0, 1] pixel units
 MIN_CELL = 128  # smallest cell side in pixels after upscaling
