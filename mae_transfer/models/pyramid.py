@@ -1,0 +1,185 @@
+"""Adapters that turn a plain ViT into a multi-scale feature pyramid for dense tasks.
+
+- :class:`SimpleFeaturePyramid` (ViTDet, Li et al. ECCV 2022, section 3): every level comes from
+  the LAST block's stride-16 map: x4 (two 2x2 deconvolutions with LayerNorm + GELU between),
+  x2 (one deconvolution), x1 (identity), x0.5 (2x2 max-pool), each followed by a 1x1 and a 3x3
+  convolution with LayerNorm to ``out_channels``, plus a stride-64 level (max-pool of stride 32).
+- :class:`FourTapPyramid` (Benchmarking-ViT detection / BEiT and MAE segmentation): four blocks
+  at equal intervals are tapped and rescaled x4 (deconv, norm, GELU, deconv), x2 (deconv), x1,
+  x0.5 (max-pool); optionally followed by a standard FPN.
+
+Both return ``OrderedDict[str, Tensor]`` of (B, C, H / stride, W / stride) maps, finest first,
+and expose ``out_channels`` and ``strides``, which is what torchvision's detection models take.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+from typing import Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from mae_transfer.models.vit import VisionTransformer
+
+
+class LayerNorm2d(nn.Module):
+    """LayerNorm over the channels of a (B, C, H, W) map."""
+
+    def __init__(self, channels: int, eps: float = 1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(channels))
+        self.bias = nn.Parameter(torch.zeros(channels))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.layer_norm(x.permute(0, 2, 3, 1), x.shape[1:2], self.weight, self.bias, self.eps).permute(0, 3, 1, 2)
+
+
+def make_norm(kind: str, channels: int) -> nn.Module:
+    """``ln`` (ViTDet), ``bn`` (BEiT segmentation; SyncBatchNorm under DDP via convert_sync_batchnorm),
+    ``gn`` (32 groups, Benchmarking-ViT) or ``none``."""
+    if kind == "ln":
+        return LayerNorm2d(channels)
+    if kind == "bn":
+        return nn.BatchNorm2d(channels)
+    if kind == "gn":
+        return nn.GroupNorm(min(32, channels), channels)
+    if kind == "none":
+        return nn.Identity()
+    raise ValueError(f"unknown norm {kind!r}; use ln, bn, gn or none")
+
+
+def _rescale(dim: int, scale: float, norm: str, halve: bool) -> tuple[nn.Module, int]:
+    """A module that rescales a stride-16 map by ``scale`` and the channels it outputs.
+
+    ``halve``: each deconvolution halves the channels (ViTDet) instead of keeping them (BEiT).
+    """
+    if scale == 4.0:
+        mid = dim // 2 if halve else dim
+        out = dim // 4 if halve else dim
+        return nn.Sequential(
+            nn.ConvTranspose2d(dim, mid, 2, stride=2), make_norm(norm, mid), nn.GELU(), nn.ConvTranspose2d(mid, out, 2, stride=2)
+        ), out
+    if scale == 2.0:
+        out = dim // 2 if halve else dim
+        return nn.ConvTranspose2d(dim, out, 2, stride=2), out
+    if scale == 1.0:
+        return nn.Identity(), dim
+    if scale == 0.5:
+        return nn.MaxPool2d(2, stride=2), dim
+    raise ValueError(f"unsupported pyramid scale {scale}; use 4, 2, 1 or 0.5")
+
+
+class SimpleFeaturePyramid(nn.Module):
+    """ViTDet's simple feature pyramid on the last block of ``vit`` (window attention allowed).
+
+    Output: ``p2``..``p5`` (strides 4..32) and ``p6`` (stride 64, max-pool of p5), ``out_channels``
+    channels each (256 in ViTDet).
+    """
+
+    def __init__(
+        self,
+        vit: VisionTransformer,
+        out_channels: int = 256,
+        scales: Sequence[float] = (4.0, 2.0, 1.0, 0.5),
+        norm: str = "ln",
+        top_block: bool = True,
+    ):
+        super().__init__()
+        self.vit = vit
+        dim = vit.embed_dim
+        self.stages = nn.ModuleList()
+        self.strides: list[int] = []
+        for scale in scales:
+            rescale, ch = _rescale(dim, scale, norm, halve=True)
+            self.stages.append(
+                nn.Sequential(
+                    rescale,
+                    nn.Conv2d(ch, out_channels, 1, bias=norm == "none"),
+                    make_norm(norm, out_channels),
+                    nn.Conv2d(out_channels, out_channels, 3, padding=1, bias=norm == "none"),
+                    make_norm(norm, out_channels),
+                )
+            )
+            self.strides.append(int(vit.patch_size / scale))
+        self.top_block = top_block
+        if top_block:
+            self.strides.append(self.strides[-1] * 2)
+        self.names = [f"p{int(math.log2(s))}" for s in self.strides]
+        self.out_channels = out_channels
+
+    def forward(self, x: torch.Tensor) -> "OrderedDict[str, torch.Tensor]":
+        """(B, 3, H, W) -> OrderedDict of (B, out_channels, H / s, W / s) for each stride s."""
+        feat = self.vit.forward_intermediates(x, indices=[len(self.vit.blocks) - 1], output_fmt="NCHW")[0]
+        outs = [stage(feat) for stage in self.stages]
+        if self.top_block:
+            outs.append(F.max_pool2d(outs[-1], kernel_size=1, stride=2))
+        return OrderedDict(zip(self.names, outs))
+
+
+def equal_interval_blocks(depth: int, taps: int = 4) -> list[int]:
+    """0-based indices of the last block of each of ``taps`` equal subsets (ViT-B: 2, 5, 8, 11)."""
+    if depth % taps:
+        raise ValueError(f"depth {depth} does not split into {taps} equal subsets; pass the tap blocks")
+    step = depth // taps
+    return [step * (i + 1) - 1 for i in range(taps)]
+
+
+class FourTapPyramid(nn.Module):
+    """Four blocks of ``vit`` rescaled x4, x2, x1, x0.5 (strides 4, 8, 16, 32), ViT width each.
+
+    Args:
+        tap_blocks: 0-based block indices; default equal intervals (Benchmarking-ViT detection:
+            ViT-B 2, 5, 8, 11). BEiT/MAE segmentation uses 3, 5, 7, 11 for ViT-B.
+        norm: norm between the two x4 deconvolutions (``bn`` BEiT, ``gn`` Benchmarking-ViT).
+        fpn_channels: if set, a standard FPN (torchvision) maps the four levels to this many
+            channels and adds a stride-64 level, as Mask R-CNN expects.
+    """
+
+    def __init__(
+        self,
+        vit: VisionTransformer,
+        tap_blocks: Sequence[int] | None = None,
+        norm: str = "bn",
+        fpn_channels: int | None = None,
+    ):
+        super().__init__()
+        self.vit = vit
+        dim = vit.embed_dim
+        self.tap_blocks = list(tap_blocks) if tap_blocks is not None else equal_interval_blocks(len(vit.blocks))
+        if len(self.tap_blocks) != 4:
+            raise ValueError(f"FourTapPyramid needs 4 tap blocks, got {self.tap_blocks}")
+        self.rescales = nn.ModuleList([_rescale(dim, s, norm, halve=False)[0] for s in (4.0, 2.0, 1.0, 0.5)])
+        self.strides = [vit.patch_size // 4, vit.patch_size // 2, vit.patch_size, vit.patch_size * 2]
+        self.fpn = None
+        if fpn_channels:
+            from torchvision.ops import FeaturePyramidNetwork
+            from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
+
+            self.fpn = FeaturePyramidNetwork([dim] * 4, fpn_channels, extra_blocks=LastLevelMaxPool())
+            self.strides.append(self.strides[-1] * 2)
+            self.out_channels = fpn_channels
+        else:
+            self.out_channels = dim
+        self.names = [f"p{int(math.log2(s))}" for s in self.strides]
+
+    def forward(self, x: torch.Tensor) -> "OrderedDict[str, torch.Tensor]":
+        """(B, 3, H, W) -> OrderedDict of maps, finest first."""
+        taps = self.vit.forward_intermediates(x, indices=self.tap_blocks, output_fmt="NCHW")
+        levels = OrderedDict((n, r(t)) for n, r, t in zip(self.names, self.rescales, taps))
+        if self.fpn is not None:
+            out = self.fpn(levels)
+            return OrderedDict(zip(self.names, out.values()))
+        return levels
+
+
+# Global-attention blocks of the windowed ViTDet backbones (ViTDet section 3; detectron2 configs).
+VITDET_GLOBAL_BLOCKS = {
+    "vit_base_patch16": (2, 5, 8, 11),
+    "vit_large_patch16": (5, 11, 17, 23),
+    "vit_huge_patch14": (7, 15, 23, 31),
+    "vit_huge_patch16": (7, 15, 23, 31),
+}
