@@ -206,15 +206,12 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
 
 def save_config(cfg: Any, path: str | Path, extra: dict[str, Any] | None = None) -> Path:
     """Write the resolved config (plus derived values in ``extra``) as YAML."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    from mae_transfer.io import atomic_write_text
+
     data = to_dict(cfg)
     if extra:
         data = {**data, "derived": to_dict(extra)}
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(yaml.safe_dump(data, sort_keys=False))
-    tmp.replace(path)
-    return path
+    return atomic_write_text(path, yaml.safe_dump(data, sort_keys=False))
 
 
 def config_hash(cfg: Any, exclude: tuple[str, ...] = ()) -> str:

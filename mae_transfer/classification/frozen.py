@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
@@ -11,6 +10,7 @@ from torch.utils.data import DataLoader
 
 from mae_transfer.classification.config import ClassificationConfig, ModelConfig
 from mae_transfer.classification.task import eval_transform, file_sha256
+from mae_transfer.io import atomic_write_jsonl
 from mae_transfer.models.vit import create_vit
 
 log = logging.getLogger(__name__)
@@ -76,9 +76,5 @@ def run_frozen_eval(
             raise FloatingPointError("every learning rate of the linear-probe sweep diverged; the features hold inf/NaN values")
         lines.append(f"{'linear sweep lr=' + format(best['lr'], '.3g'):22s} {best['top1']:7.2f} {best['top5']:7.2f} {best['mean_per_class']:9.2f}")
         rows += [{**common, "protocol": "linprobe_sweep", "metric": key, "value": float(best[key]), "lr": best["lr"]} for key in ("top1", "top5", "mean_per_class")]
-    output.mkdir(parents=True, exist_ok=True)
-    path = output / "results.jsonl"
-    tmp = path.with_suffix(".jsonl.tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    tmp.replace(path)
+    path = atomic_write_jsonl(output / "results.jsonl", rows)
     return "\n".join(lines + [f"results: {path}"])

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -17,6 +16,7 @@ from mae_transfer.classification.config import ClassificationConfig
 from mae_transfer.config import config_hash, to_dict
 from mae_transfer.engine.optim import param_groups
 from mae_transfer.engine.trainer import OptimConfig, Trainer, TrainTask
+from mae_transfer.io import atomic_write_json, atomic_write_jsonl
 from mae_transfer.models.vit import VisionTransformer, create_vit
 
 log = logging.getLogger(__name__)
@@ -261,11 +261,8 @@ def write_result_rows(out_dir: Path, cfg: ClassificationConfig, metrics: dict, b
     for metric in ("top1", "top5", "mean_per_class"):
         rows.append({**common, "metric": metric, "value": float(metrics[metric])})
     rows.append({**common, "metric": "top1_best_epoch", "value": float(best_top1)})
-    path = Path(out_dir) / "results.jsonl"
-    tmp = path.with_suffix(".jsonl.tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    tmp.replace(path)
-    (Path(out_dir) / "config_resolved.json").write_text(json.dumps(to_dict(cfg), indent=1))
+    path = atomic_write_jsonl(Path(out_dir) / "results.jsonl", rows)
+    atomic_write_json(Path(out_dir) / "config_resolved.json", to_dict(cfg))
     return path
 
 

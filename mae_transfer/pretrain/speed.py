@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import contextlib
 import datetime as _dt
-import json
 import logging
 import math
 import os
@@ -29,13 +28,12 @@ import resource
 import statistics
 import sys
 import time
-import uuid
-from pathlib import Path
 from typing import Callable
 
 import torch
 
 from mae_transfer.engine.optim import param_groups
+from mae_transfer.io import atomic_write_json
 from mae_transfer.pretrain.model import MaskedAutoencoderViT, create_mae
 
 log = logging.getLogger(__name__)
@@ -157,25 +155,6 @@ def _default_peak_tflops(device_name: str, precision: str) -> tuple[float | None
     if precision == "bf16" and any(k in device_name for k in ("H100", "H200")):
         return MEASURED_HOPPER_BF16_TFLOPS, f"{MEASURED_HOPPER_BF16_TFLOPS:g} TFLOP/s measured bf16 peak"
     return None, ""
-
-
-def _write_json_atomic(path: str | os.PathLike, data: dict) -> Path:
-    # NaN / inf are not JSON: written as null so strict parsers (jq, JS) read the file too.
-    data = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in data.items()}
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # A plain open (not mkstemp) so the file gets the usual umask permissions, not 0600.
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        with open(tmp, "w") as f:
-            json.dump(data, f, indent=2, allow_nan=False)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    return path
 
 
 @contextlib.contextmanager
@@ -384,7 +363,7 @@ def run_pretrain_speed(
         model, batch_size, precision, device_name, images_per_s, result["step_ms_mean"], tflops,
     )
     if json_path is not None:
-        _write_json_atomic(json_path, result)
+        atomic_write_json(json_path, result)
         log.info("speed result written to %s", json_path)
     return result
 
