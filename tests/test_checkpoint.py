@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-from pathlib import Path
 
 import pytest
 import torch
@@ -26,8 +24,9 @@ from mae_transfer.checkpoint import (
 from mae_transfer.models.pos_embed import resize_pos_embed
 from mae_transfer.models.vit import VisionTransformer, create_vit
 from mae_transfer.pretrain.model import MaskedAutoencoderViT, create_mae
+from conftest import shared_root
 
-SHARED = Path(os.environ.get("MAE_TRANSFER_SHARED", Path(__file__).resolve().parents[1].parent / "shared"))
+SHARED = shared_root()
 OFFICIAL = SHARED / "reference" / "mae_official"
 
 SIZES = [

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
 from pathlib import Path
 
@@ -31,8 +30,8 @@ from mae_transfer.data.toy import (
     write_inat,
     write_places,
 )
+from conftest import shared_root
 
-REPO = Path(__file__).resolve().parents[1]
 NUM_CATS = 3  # iNat writes one more, val-only, category
 TRAIN_PER, VAL_PER = 2, 2
 SIZE = 24
@@ -41,7 +40,7 @@ TF = transforms.Compose([transforms.Resize((16, 16)), transforms.ToTensor()])
 
 def shared_data() -> Path:
     """``../shared/data`` beside the checkout, or ``$MAE_TRANSFER_SHARED/data``."""
-    return Path(os.environ.get("MAE_TRANSFER_SHARED", REPO.parent / "shared")) / "data"
+    return shared_root() / "data"
 
 
 def write_kind(kind: str, root: Path) -> Path:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
@@ -19,8 +18,9 @@ from mae_transfer.detection.coco import (
     predictions_to_coco_results,
     save_results_json,
 )
+from conftest import shared_root
 
-SHARED = Path(os.environ.get("MAE_TRANSFER_SHARED", Path(__file__).resolve().parents[1].parent / "shared"))
+SHARED = shared_root()
 COCO_TINY = SHARED / "data" / "coco_tiny"
 
 

@@ -6,7 +6,6 @@ import hashlib
 import json
 import logging
 import multiprocessing
-import os
 import random
 import time
 from collections import Counter
@@ -30,13 +29,13 @@ from mae_transfer.data.toy import (
     write_inat,
     write_places,
 )
+from conftest import shared_root
 
-REPO = Path(__file__).resolve().parents[1]
 
 
 def shared_data() -> Path:
     """``../shared/data`` beside the checkout, or ``$MAE_TRANSFER_SHARED/data``."""
-    return Path(os.environ.get("MAE_TRANSFER_SHARED", REPO.parent / "shared")) / "data"
+    return shared_root() / "data"
 
 
 def pixels(path: Path) -> np.ndarray:
