@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import math
 import os
@@ -51,3 +52,12 @@ def atomic_write_json(path: str | os.PathLike, data: Any, indent: int | None = 2
 def atomic_write_jsonl(path: str | os.PathLike, rows: list[dict]) -> Path:
     """One JSON object per line, atomically."""
     return atomic_write_text(path, "".join(json.dumps(_finite_or_none(r), allow_nan=False) + "\n" for r in rows))
+
+
+def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    """Hex SHA-256 of a file's bytes (the identity of a backbone checkpoint in result rows)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()

@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 from mae_transfer.classification.knn import extract_features, knn_classify, knn_evaluate
 from mae_transfer.classification.linear_sweep import linear_probe_sweep
 from mae_transfer.classification.metrics import ClassificationMeter, evaluate_classifier
-from mae_transfer.classification.task import ShardSampler
+from mae_transfer.engine.sampler import ShardSampler
 from mae_transfer.models.vit import VisionTransformer
 
 

@@ -2,32 +2,24 @@
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn as nn
-from torch.utils.data import DataLoader, Sampler
+from torch.utils.data import DataLoader
 from torchvision import transforms
 
 from mae_transfer.classification.config import ClassificationConfig
 from mae_transfer.config import config_hash, to_dict
 from mae_transfer.engine.optim import param_groups
+from mae_transfer.engine.sampler import ShardSampler
 from mae_transfer.engine.trainer import OptimConfig, Trainer, TrainTask
-from mae_transfer.io import atomic_write_json, atomic_write_jsonl
+from mae_transfer.io import atomic_write_json, atomic_write_jsonl, file_sha256
 from mae_transfer.models.vit import VisionTransformer, create_vit
 
 log = logging.getLogger(__name__)
-
-
-def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def eval_transform(cfg: ClassificationConfig) -> transforms.Compose:
@@ -82,19 +74,6 @@ def train_transform(cfg: ClassificationConfig):
         auto_augment=d.auto_augment, interpolation="bicubic", re_prob=d.reprob, re_mode="pixel",
         re_count=1, mean=d.mean, std=d.std,
     )
-
-
-class ShardSampler(Sampler[int]):
-    """Every index exactly once over all ranks (no padding), so sharded evaluation is exact."""
-
-    def __init__(self, n: int, rank: int, world: int):
-        self.n, self.rank, self.world = n, rank, world
-
-    def __iter__(self):
-        return iter(range(self.rank, self.n, self.world))
-
-    def __len__(self) -> int:
-        return len(range(self.rank, self.n, self.world))
 
 
 def build_classifier(cfg: ClassificationConfig, num_classes: int) -> VisionTransformer:
@@ -222,7 +201,7 @@ class ClassificationTask(TrainTask):
         dist = trainer.dist
         loader = DataLoader(
             self.val_set, batch_size=self.cfg.eval_batch_size, sampler=ShardSampler(len(self.val_set), dist.rank, dist.world_size),
-            num_workers=trainer._num_workers(), pin_memory=trainer.device.type == "cuda",
+            num_workers=trainer.num_workers(), pin_memory=trainer.device.type == "cuda",
         )
         return evaluate_classifier(trainer.unwrapped, loader, trainer.device, self.num_classes, autocast=trainer.autocast)
 

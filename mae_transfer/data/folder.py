@@ -106,8 +106,20 @@ def _seed_all(seed: int) -> None:
     np.random.seed(seed & 0xFFFFFFFF)
 
 
+def sample_seeds(seed: int, epoch: int, index: int) -> tuple[int, int]:
+    """Two independent 63-bit seeds for sample ``index`` of ``epoch`` in a run seeded ``seed``.
+
+    Both come from a BLAKE2b hash of ``(seed, epoch, index)``: well mixed, so neighbouring samples
+    and epochs get unrelated streams, and cheap enough to compute per sample. Seeding each sample's
+    augmentation this way makes it independent of workers, processes and where a run resumed.
+    """
+    key = struct.pack("<3Q", int(seed) & _U64, int(epoch) & _U64, int(index) & _U64)
+    a, b = struct.unpack("<2Q", hashlib.blake2b(key, digest_size=16).digest())
+    return a & _SEED_MASK, b & _SEED_MASK
+
+
 @contextlib.contextmanager
-def _seeded_rngs(seed: int, restore: bool = True) -> Iterator[None]:
+def seeded_rngs(seed: int, restore: bool = True) -> Iterator[None]:
     """Run the block with torch's CPU generator, ``random`` and numpy's global RNG seeded from ``seed``.
 
     With ``restore`` the three states are put back afterwards. A DataLoader worker passes False:
@@ -254,10 +266,7 @@ class ImageFolderDataset(Dataset):
         """
         if self.seed is None:
             raise ValueError("this dataset has no seed")
-        e = self.epoch if epoch is None else int(epoch)
-        key = struct.pack("<3Q", self.seed, e & _U64, int(index) & _U64)
-        tf_seed, noise_seed = struct.unpack("<2Q", hashlib.blake2b(key, digest_size=16).digest())
-        return tf_seed & _SEED_MASK, noise_seed & _SEED_MASK
+        return sample_seeds(self.seed, self.epoch if epoch is None else int(epoch), index)
 
     # ------------------------------------------------------------------ corrupt files
     @property
@@ -314,7 +323,7 @@ class ImageFolderDataset(Dataset):
             noise = torch.rand(self.extra_noise[1]) if self.extra_noise else None
         else:
             tf_seed, noise_seed = self.sample_seeds(index)
-            with _seeded_rngs(tf_seed, restore=get_worker_info() is None):
+            with seeded_rngs(tf_seed, restore=get_worker_info() is None):
                 out = self._apply(image)
             noise = None
             if self.extra_noise:

@@ -105,6 +105,15 @@ def any_process(flag: bool, device: torch.device) -> bool:
     return flag
 
 
+def gather_lists(items: list) -> list:
+    """Concatenate every process's ``items`` (picklable objects) on every process, rank order."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        parts: list = [None] * dist.get_world_size()
+        dist.all_gather_object(parts, items)
+        return [x for part in parts for x in part]
+    return list(items)
+
+
 def cleanup() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()

@@ -69,3 +69,16 @@ class EpochBatchSampler(Sampler[int]):
 
     def __len__(self) -> int:
         return max(0, self.batches_per_epoch - self.start_batch) * self.batch_size
+
+
+class ShardSampler(Sampler[int]):
+    """Every index exactly once over all ranks (no padding), so sharded evaluation is exact."""
+
+    def __init__(self, n: int, rank: int, world: int):
+        self.n, self.rank, self.world = n, rank, world
+
+    def __iter__(self):
+        return iter(range(self.rank, self.n, self.world))
+
+    def __len__(self) -> int:
+        return len(range(self.rank, self.n, self.world))

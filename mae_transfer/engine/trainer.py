@@ -56,6 +56,7 @@ class OptimConfig:
     schedule: Literal["cosine", "step", "poly", "constant"] = "cosine"
     warmup_epochs: float = 40.0
     warmup_steps: int | None = None  # overrides warmup_epochs when set
+    warmup_start_factor: float = 0.0  # warmup starts at this fraction of the lr (ViTDet: 0.001)
     milestones: tuple[float, ...] = ()  # fractions of training for the "step" schedule
     poly_power: float = 1.0
 
@@ -101,6 +102,8 @@ class TrainTask:
     """The interface between a task package and the engine. Subclass and fill in the first four."""
 
     name = "task"
+    # How the DataLoader batches samples (None: torch's default_collate); detection returns lists.
+    collate_fn = None
 
     def build_model(self) -> nn.Module:
         raise NotImplementedError
@@ -136,6 +139,24 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     if precision == "fp16" and device.type != "cuda":
         raise ConfigError("train.precision=fp16 needs a GPU; use bf16 or fp32 on CPU")
     return precision
+
+
+def autocast_context(precision: str, device: torch.device):
+    """The autocast context of a resolved precision (bf16/fp16) or a no-op (fp32)."""
+    if precision in ("bf16", "fp16"):
+        return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
+    return contextlib.nullcontext()
+
+
+def default_num_workers(requested: int | None, device: torch.device) -> int:
+    """DataLoader workers: ``requested`` if set, else a share of this machine's cores."""
+    if requested is not None:
+        return requested
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    if device.type == "cuda":
+        per_gpu = max(1, cpus // max(1, torch.cuda.device_count()))
+        return min(10, per_gpu - 1 if per_gpu > 1 else 1)
+    return min(2, max(0, cpus - 1))
 
 
 class _StopSignals:
@@ -217,19 +238,11 @@ class Trainer:
         return self.output_dir / CHECKPOINT_NAME
 
     def autocast(self):
-        if self.precision in ("bf16", "fp16"):
-            dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16
-            return torch.autocast(self.device.type, dtype=dtype)
-        return contextlib.nullcontext()
+        return autocast_context(self.precision, self.device)
 
-    def _num_workers(self) -> int:
-        if self.train_cfg.num_workers is not None:
-            return self.train_cfg.num_workers
-        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-        if self.device.type == "cuda":
-            per_gpu = max(1, cpus // max(1, torch.cuda.device_count()))
-            return min(10, per_gpu - 1 if per_gpu > 1 else 1)
-        return min(2, max(0, cpus - 1))
+    def num_workers(self) -> int:
+        """DataLoader workers: ``train.num_workers`` or a share of this machine's cores."""
+        return default_num_workers(self.train_cfg.num_workers, self.device)
 
     def _state(self, epoch: int) -> dict[str, Any]:
         return {
@@ -335,6 +348,7 @@ class Trainer:
         schedule = Schedule(
             total_steps=total_steps,
             warmup_steps=min(warmup, total_steps),
+            warmup_start_factor=ocfg.warmup_start_factor,
             kind=ocfg.schedule,
             peak_lr=self.peak_lr,
             min_lr=ocfg.min_lr,
@@ -434,7 +448,8 @@ class Trainer:
                     self.dataset,
                     batch_size=cfg.batch_size,
                     sampler=sampler,
-                    num_workers=self._num_workers(),
+                    num_workers=self.num_workers(),
+                    collate_fn=self.task.collate_fn,
                     pin_memory=self.device.type == "cuda",
                     drop_last=True,
                     persistent_workers=False,

@@ -24,14 +24,16 @@ import datetime as _dt
 import logging
 import math
 import os
-import resource
 import statistics
-import sys
 import time
 from typing import Callable
 
 import torch
 
+from mae_transfer.engine.bench import device_name as _device_name
+from mae_transfer.engine.bench import resolve_device as _resolve_device
+from mae_transfer.engine.bench import rss_peak_bytes as _rss_peak_bytes
+from mae_transfer.engine.bench import tf32_enabled as _tf32_enabled
 from mae_transfer.engine.optim import param_groups
 from mae_transfer.io import atomic_write_json
 from mae_transfer.pretrain.model import MaskedAutoencoderViT, create_mae
@@ -123,53 +125,11 @@ def count_train_step_flops(
 # ---------------------------------------------------------------------------------------------
 # helpers
 # ---------------------------------------------------------------------------------------------
-def _resolve_device(device: str | None) -> torch.device:
-    if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device 'cuda' was asked for but torch.cuda.is_available() is False")
-    if dev.type not in ("cuda", "cpu"):
-        raise ValueError(f"device must be cuda or cpu, got {device!r}")
-    if dev.type == "cuda" and dev.index is None:
-        dev = torch.device("cuda", torch.cuda.current_device())
-    return dev
-
-
-def _device_name(dev: torch.device) -> str:
-    if dev.type == "cuda":
-        return torch.cuda.get_device_name(dev)
-    import platform
-
-    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
-
-
-def _rss_peak_bytes() -> int:
-    """The process's high-water resident set size (ru_maxrss: KiB on Linux, bytes on macOS)."""
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak if sys.platform == "darwin" else peak * 1024
-
-
 def _default_peak_tflops(device_name: str, precision: str) -> tuple[float | None, str]:
     # The 790 figure is a bf16 matmul peak; an fp32 (TF32) run gets no default reference.
     if precision == "bf16" and any(k in device_name for k in ("H100", "H200")):
         return MEASURED_HOPPER_BF16_TFLOPS, f"{MEASURED_HOPPER_BF16_TFLOPS:g} TFLOP/s measured bf16 peak"
     return None, ""
-
-
-@contextlib.contextmanager
-def _tf32_enabled(on: bool):
-    """TF32 matmuls/convolutions for the fp32 parts (as the trainer does), restored afterwards."""
-    if not on:
-        yield
-        return
-    old = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
-    torch.backends.cuda.matmul.allow_tf32 = True
-    torch.backends.cudnn.allow_tf32 = True
-    try:
-        yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
 
 
 # ---------------------------------------------------------------------------------------------
