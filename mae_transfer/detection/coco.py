@@ -106,7 +106,8 @@ class CocoDetection(Dataset):
 
     Args:
         root: the COCO folder holding ``train2017/``, ``val2017/`` and ``annotations/``.
-        split: ``"train2017"`` or ``"val2017"``; ignored when both ``images_dir`` and
+        split: ``"train2017"``, ``"val2017"`` or any ``<split>`` with ``<root>/<split>/`` and
+            ``<root>/annotations/instances_<split>.json``; ignored when both ``images_dir`` and
             ``annotation_file`` are given.
         images_dir, annotation_file: explicit locations (override ``root``/``split``).
         transforms: ``callable(image, target) -> (image, target)``, applied to the float image
@@ -146,8 +147,8 @@ class CocoDetection(Dataset):
         if images_dir is None or annotation_file is None:
             if root is None:
                 raise ValueError("give root (with split) or both images_dir and annotation_file")
-            if split not in SPLITS:
-                raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+            if not split or "/" in split:
+                raise ValueError(f"split must be a folder name such as {' or '.join(SPLITS)}, got {split!r}")
             images_dir = images_dir if images_dir is not None else Path(root) / split
             if annotation_file is None:
                 annotation_file = Path(root) / "annotations" / f"instances_{split}.json"
@@ -430,12 +431,14 @@ def evaluate_coco(
     coco_gt: COCO,
     results: list[dict[str, Any]],
     iou_types: Sequence[str] = ("bbox", "segm"),
+    image_ids: Sequence[int] | None = None,
 ) -> dict[str, dict[str, float]]:
     """COCOeval AP numbers (percent) per IoU type: ``{"bbox": {"AP": .., "AP50": .., ...}, ...}``.
 
     Metrics are ``AP, AP50, AP75, APs, APm, APl`` from ``COCOeval.stats[:6]`` times 100; a metric
     COCOeval cannot define (no ground truth in that size range) is NaN. Empty ``results`` give 0.
-    COCOeval's printing is captured and logged at INFO.
+    ``image_ids`` restricts the evaluation to those images (default: every image of ``coco_gt``).
+    COCOeval's printing is captured and logged at DEBUG.
     """
     out: dict[str, dict[str, float]] = {}
     for iou_type in iou_types:
@@ -460,11 +463,13 @@ def evaluate_coco(
             except AssertionError as exc:
                 raise ValueError(f"results do not match the ground truth: {exc}") from exc
             evaluator = COCOeval(coco_gt, coco_dt, iouType=iou_type)
+            if image_ids is not None:
+                evaluator.params.imgIds = sorted(int(i) for i in image_ids)
             evaluator.evaluate()
             evaluator.accumulate()
             evaluator.summarize()
         summary = "\n".join(line for line in captured.getvalue().splitlines() if line.lstrip().startswith("Average"))
-        log.info("COCO %s evaluation:\n%s", iou_type, summary)
+        log.debug("COCO %s evaluation:\n%s", iou_type, summary)
         out[iou_type] = {
             name: (float(v) * 100.0 if v >= 0 else float("nan")) for name, v in zip(METRIC_NAMES, evaluator.stats[:6])
         }

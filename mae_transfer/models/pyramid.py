@@ -145,6 +145,7 @@ class FourTapPyramid(nn.Module):
         tap_blocks: Sequence[int] | None = None,
         norm: str = "bn",
         fpn_channels: int | None = None,
+        fpn_norm: str = "none",
     ):
         super().__init__()
         self.vit = vit
@@ -159,7 +160,8 @@ class FourTapPyramid(nn.Module):
             from torchvision.ops import FeaturePyramidNetwork
             from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
-            self.fpn = FeaturePyramidNetwork([dim] * 4, fpn_channels, extra_blocks=LastLevelMaxPool())
+            norm_layer = None if fpn_norm == "none" else (lambda c: make_norm(fpn_norm, c))
+            self.fpn = FeaturePyramidNetwork([dim] * 4, fpn_channels, extra_blocks=LastLevelMaxPool(), norm_layer=norm_layer)
             self.strides.append(self.strides[-1] * 2)
             self.out_channels = fpn_channels
         else:
