@@ -599,7 +599,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    # KEY=VALUE overrides may come anywhere (also after options): argparse's positional list ends
+    # at the first option, so later overrides arrive as "unknown" and are put back here.
+    args, unknown = parser.parse_known_args(argv)
+    stray = [u for u in unknown if u.startswith("-") or "=" not in u]
+    if stray or (unknown and not hasattr(args, "overrides")):
+        parser.error(f"unrecognized arguments: {' '.join(stray or unknown)}")
+    if unknown:
+        args.overrides = list(args.overrides or []) + unknown
     if not getattr(args, "func", None):
         parser.print_help()
         return EXIT_USER_ERROR

@@ -66,6 +66,9 @@ def build_vit_backbone(
         vit_name, img_size=img_size, num_classes=0, global_pool="", class_token=False, window_size=window_size,
         global_blocks=global_blocks, use_rel_pos=use_rel_pos, drop_path_rate=drop_path, grad_checkpointing=grad_checkpointing,
     )
+    # The pyramids read block outputs directly (ViTDet and Benchmarking-ViT have no final norm); an
+    # unused LayerNorm would also stop DDP, which requires every parameter to get a gradient.
+    vit.norm = nn.Identity()
     if pyramid == "simple":
         body = SimpleFeaturePyramid(vit, out_channels=channels, norm=norm or "ln")
     elif pyramid == "fpn4":
