@@ -969,3 +969,41 @@ def export_mae_encoder(model_or_state_dict: torch.nn.Module | Mapping[str, Any],
     if dropped:
         log.info("export to %s leaves out %d non-encoder tensors: %s", path, len(dropped), ", ".join(_compact(dropped)))
     return atomic_save({"model": encoder}, path)
+
+
+# ------------------------------------------------------------------------ trained task models
+def save_trained_model(model: torch.nn.Module, config: Any, path: str | os.PathLike, fmt: str, **extra: Any) -> Path:
+    """A trained task model (detector, segmenter) with the config that builds it, written atomically."""
+    from mae_transfer.config import to_dict
+
+    return atomic_save({"format": fmt, "model": model.state_dict(), "config": to_dict(config), **extra}, path)
+
+
+def read_trained_model(path: str | os.PathLike, head_prefix: str, artifact: str, command: str) -> tuple[dict, dict | None]:
+    """State dict and saved config of ``artifact`` (or a training checkpoint) of a ``command`` run.
+
+    A file without ``head_prefix`` keys is a backbone, not a trained task model: the message says
+    to pass it as ``--backbone``.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"--weights {path}: file not found")
+    state = load_file(path, map_location="cpu")
+    if not isinstance(state, dict) or not isinstance(state.get("model"), dict):
+        raise CheckpointError(f"--weights {path}: not a trained model (expected {artifact} or checkpoint-last.pth of a {command} run)")
+    if not any(k.startswith(head_prefix) for k in state["model"]):
+        raise CheckpointError(
+            f"--weights {path} holds no {head_prefix}* weights: it looks like a backbone; pass it as --backbone to train a model"
+        )
+    return state["model"], state.get("config")
+
+
+def load_trained_model(model: torch.nn.Module, state: Mapping[str, Any], path: str | os.PathLike) -> None:
+    """``load_state_dict`` with one clear message when the file was trained with other settings."""
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        raise CheckpointError(
+            f"--weights {path} does not fit this model ({str(e).splitlines()[0]} ...); use the --preset / model.* settings "
+            "it was trained with"
+        ) from None

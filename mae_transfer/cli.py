@@ -291,128 +291,183 @@ Crowd regions are ignored in training and handled by COCOeval in evaluation.
 """
 
 
-def _add_coco(sub) -> None:
-    p = sub.add_parser("coco", help="COCO detection transfer: Mask R-CNN on a ViT (ViTDet / MAE Table 4)",
-                       description=COCO_HELP, epilog=COCO_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+def _add_dense_options(p, data_help: str, artifact: str, size_help: str) -> None:
+    """The options ``coco`` and ``ade20k`` share."""
     p.add_argument("--backbone", metavar="CKPT", help="pretrained ViT weights (official MAE, timm, Hugging Face, ours); none = random init")
-    p.add_argument("--data", metavar="DIR", help="COCO root with train2017/, val2017/, annotations/; default: built-in toy COCO")
+    p.add_argument("--data", metavar="DIR", help=data_help)
     p.add_argument("--preset", metavar="NAME", help="recipe preset (see `mae-transfer presets`) or YAML file")
     p.add_argument("--model", metavar="NAME", help="ViT size, e.g. vit_large_patch16 (default: from the backbone checkpoint)")
-    p.add_argument("--img-size", type=int, help="training and test size (model.img_size; 1024 in the recipes)")
-    p.add_argument("--train-split", metavar="NAME", help="folder and annotations/instances_NAME.json to train on (default train2017)")
-    p.add_argument("--eval-split", metavar="NAME", help="split to evaluate on (default val2017)")
-    p.add_argument("--output", metavar="DIR", help="run directory (default: runs/coco-<preset>)")
+    p.add_argument("--img-size", type=int, help=size_help)
+    p.add_argument("--output", metavar="DIR", help="run directory (default: runs/<command>-<preset>)")
     p.add_argument("--epochs", type=int)
     p.add_argument("--batch-size", type=int, help="images per process per step")
-    p.add_argument("--effective-batch-size", type=int, help="global batch (64 in the recipes); accumulation makes up the rest")
+    p.add_argument("--effective-batch-size", type=int, help="global batch; gradient accumulation makes up the rest")
     p.add_argument("--lr", type=float, help="peak learning rate (absolute, for the effective batch)")
-    p.add_argument("--skip-bad", action="store_true", help="skip unknown category ids and missing image files (counted) instead of stopping")
     p.add_argument("--device", choices=["auto", "cuda", "cpu"])
     p.add_argument("--max-steps", type=int)
     p.add_argument("--eval-only", action="store_true", help="only evaluate --weights (no training)")
-    p.add_argument("--weights", metavar="PATH", help="trained detector (detector.pth or checkpoint-last.pth) for --eval-only")
+    p.add_argument("--weights", metavar="PATH", help=f"trained model ({artifact} or checkpoint-last.pth) for --eval-only")
     p.add_argument("--visualize", type=int, metavar="N", help="save N evaluation images with predictions next to the ground truth")
     p.add_argument("--no-resume", action="store_true")
     p.add_argument("--print-config", action="store_true")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. model.drop_path=0.2 optim.layer_decay=0.8")
+
+
+def _add_coco(sub) -> None:
+    p = sub.add_parser("coco", help="COCO detection transfer: Mask R-CNN on a ViT (ViTDet / MAE Table 4)",
+                       description=COCO_HELP, epilog=COCO_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_dense_options(p, "COCO root with train2017/, val2017/, annotations/; default: built-in toy COCO", "detector.pth",
+                       "training and test size (model.img_size; 1024 in the recipes)")
+    p.add_argument("--train-split", metavar="NAME", help="folder and annotations/instances_NAME.json to train on (default train2017)")
+    p.add_argument("--eval-split", metavar="NAME", help="split to evaluate on (default val2017)")
+    p.add_argument("--skip-bad", action="store_true", help="skip unknown category ids and missing image files (counted) instead of stopping")
     p.set_defaults(func=_run_coco)
 
 
-def _run_coco(args) -> int:
-    from mae_transfer.config import ConfigError, parse_overrides, to_dict
-    from mae_transfer.detection.config import build_config
+ADE20K_HELP = """\
+ADE20K semantic segmentation with UperNet on a ViT (MAE paper Table 5), natively in PyTorch (no
+mmsegmentation / mmcv).
 
+The default recipe is the MAE paper's A.4 setup with mmsegmentation's MAE hyper-parameters: ViT-B
+with zero-initialised relative position bias, four taps (blocks 4, 6, 8, 12) rescaled x4 x2 x1
+x0.5, UperNet (768 channels) + auxiliary FCN head (weight 0.4), 512 crops of images resized by
+0.5-2.0 x (2048, 512) with at most 75 % of a crop one class, flip and photometric distortion,
+AdamW lr 1e-4, weight decay 0.05, layer decay 0.65, drop path 0.1, 1500 warmup iterations, poly
+decay, 100 epochs at batch 16. Evaluation resizes the short side to 512 (long side at most 2048),
+runs 512 px sliding windows with stride 341 and scores at the original size: mIoU, mean class
+accuracy, pixel accuracy and per-class IoU, accumulated over the whole split.
+"""
+
+ADE20K_EPILOG = """\
+examples:
+  mae-transfer ade20k                                        # toy data, tiny ViT, a few minutes on CPU
+  mae-transfer ade20k --backbone mae_pretrain_vit_base.pth --data /datasets/ADEChallengeData2016
+  torchrun --nproc_per_node 8 -m mae_transfer ade20k --backbone ckpt.pth --data DIR --batch-size 2
+  mae-transfer ade20k --backbone ckpt.pth --data DIR --preset upernet_vit_b_1gpu    # one 24 GB GPU
+  mae-transfer ade20k --eval-only --weights runs/ade20k-upernet_vit_b/segmenter.pth --data DIR --flip --multi-scale
+  mae-transfer ade20k --data MY_DATA --num-classes 19 data.reduce_zero_label=false  # your own data, same layout
+Layout: DIR/images/{training,validation}/*.jpg and DIR/annotations/{training,validation}/*.png
+(0 = unlabelled and ignored, 1..150 = classes), objectInfo150.txt for the class names.
+"""
+
+
+def _add_ade20k(sub) -> None:
+    p = sub.add_parser("ade20k", help="ADE20K segmentation transfer: UperNet on a ViT (MAE Table 5)",
+                       description=ADE20K_HELP, epilog=ADE20K_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_dense_options(p, "ADEChallengeData2016 folder (or the folder holding it); default: built-in toy ADE20K",
+                       "segmenter.pth", "training crop and sliding-window size (model.img_size; 512 in the recipes)")
+    p.add_argument("--num-classes", type=int, help="classes of your own data in the same layout (data.num_classes; 150)")
+    p.add_argument("--bad-labels", choices=["error", "ignore"], help="label values outside the classes: stop (default) or ignore those pixels")
+    p.add_argument("--missing", choices=["error", "skip"], help="images without a label map: stop (default) or skip them")
+    p.add_argument("--flip", action="store_true", help="test with horizontal flips too")
+    p.add_argument("--multi-scale", action="store_true", help="test at scales 0.5, 0.75, 1.0, 1.25, 1.5, 1.75 (with --flip: ms+flip)")
+    p.set_defaults(func=_run_ade20k)
+
+
+def _dense_spec(kind: str) -> dict:
+    """What differs between the dense tasks' commands: modules, names, extra flags."""
+    if kind == "coco":
+        from mae_transfer.detection import config, task
+
+        return {"config": config, "task": task.DetectionTask, "format": task.format_metrics, "read": task.read_detector_weights,
+                "load": task.load_detector_weights, "artifact": "detector.pth", "data": "COCO", "default_preset": "vitdet_mask_rcnn_b",
+                "pictures": "ground truth | prediction",
+                # ViTDet runs ViT-H with 16 px patches (the 14 px kernel is resized on load, ViTDet A.2).
+                "rename": {"vit_huge_patch14": "vit_huge_patch16"}}
+    from mae_transfer.segmentation import config, task
+
+    return {"config": config, "task": task.SegmentationTask, "format": task.format_metrics, "read": task.read_segmenter_weights,
+            "load": task.load_segmenter_weights, "artifact": "segmenter.pth", "data": "ADE20K", "default_preset": "upernet_vit_b",
+            "pictures": "image | ground truth | prediction", "rename": {}}
+
+
+def _run_dense(args, kind: str, flags: dict) -> int:
+    """Shared front of ``coco`` and ``ade20k``: config from preset, weights and flags; train or evaluate."""
+    from mae_transfer.config import ConfigError, parse_overrides, to_dict
+
+    spec = _dense_spec(kind)
     if args.eval_only and not args.weights:
-        raise ConfigError("--eval-only needs --weights PATH (a detector.pth or checkpoint-last.pth of a coco run)")
+        raise ConfigError(f"--eval-only needs --weights PATH (a {spec['artifact']} or checkpoint-last.pth of a {kind} run)")
     if args.weights and not args.eval_only:
         raise ConfigError("--weights is for --eval-only; to start training from a pretrained ViT use --backbone")
     toy = not args.data
     preset = args.preset or ("toy" if toy else None)
     overrides = parse_overrides(args.overrides)
-    saved = None
+    weights = None
     if args.weights:
-        from mae_transfer.detection.task import read_detector_weights
-
-        weights, saved = read_detector_weights(args.weights)
-        if saved and isinstance(saved.get("model"), dict):
-            # Build the detector the weights were trained as, unless the command line says otherwise.
-            overrides["model"] = {**saved["model"], **overrides.get("model", {})}
-    flags = {
-        ("data", "path"): args.data, ("data", "train_split"): args.train_split, ("data", "val_split"): args.eval_split,
-        ("data", "skip_bad"): True if args.skip_bad else None, ("backbone",): args.backbone, ("model", "name"): args.model,
+        weights, saved = spec["read"](args.weights)
+        # Build and test the model as it was trained (architecture, test settings, resize scale),
+        # unless the command line says otherwise; where the data is comes from the command line.
+        for section in ("model", "test", "data"):
+            if isinstance((saved or {}).get(section), dict):
+                kept = {k: v for k, v in saved[section].items() if k != "path"}
+                overrides[section] = {**kept, **overrides.get(section, {})}
+    common = {
+        ("data", "path"): args.data, ("backbone",): args.backbone, ("model", "name"): args.model,
         ("model", "img_size"): args.img_size, ("train", "epochs"): args.epochs, ("train", "batch_size"): args.batch_size,
         ("train", "effective_batch_size"): args.effective_batch_size, ("train", "device"): args.device,
         ("train", "max_steps"): args.max_steps, ("optim", "lr"): args.lr, ("visualize",): args.visualize,
     }
-    _merge_flags(overrides, flags)
-    # ViTDet runs ViT-H with 16 px patches (the 14 px kernel is resized on load, ViTDet A.2).
-    _model_from_backbone(args, overrides, rename={"vit_huge_patch14": "vit_huge_patch16"})
-    cfg = build_config(preset, overrides)
+    _merge_flags(overrides, {**common, **flags})
+    _model_from_backbone(args, overrides, rename=spec["rename"])
+    cfg = spec["config"].build_config(preset, overrides)
     if args.print_config:
         import yaml
 
         print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")
         return 0
-    name = Path(preset).stem if preset else "vitdet_mask_rcnn_b"
-    output = Path(args.output or (f"runs/coco-eval-{name}" if args.eval_only else f"runs/coco-{name}"))
-    if args.eval_only:
-        return _coco_eval_only(cfg, args.weights, weights, output)
-    return _coco_train(cfg, output, toy, preset, args.no_resume)
+    name = Path(preset).stem if preset else spec["default_preset"]
+    output = Path(args.output or (f"runs/{kind}-eval-{name}" if args.eval_only else f"runs/{kind}-{name}"))
 
-
-def _coco_train(cfg, output: Path, toy: bool, preset, no_resume: bool) -> int:
-    from mae_transfer.detection.task import DetectionTask, format_metrics
     from mae_transfer.engine.distributed import cleanup, init_distributed
     from mae_transfer.engine.logger import setup_logging
-    from mae_transfer.engine.trainer import Trainer
+    from mae_transfer.engine.trainer import Trainer, autocast_context, default_num_workers, resolve_precision
 
     dist_info = init_distributed(None if cfg.train.device == "auto" else cfg.train.device)
     setup_logging(dist_info.rank, output / "log.txt")
     if toy:
-        log.warning("no --data given: using the built-in toy COCO data and the %r preset (a demo, not a paper recipe)", preset)
+        log.warning("no --data given: using the built-in toy %s data and the %r preset (a demo, not a paper recipe)", spec["data"], preset)
     try:
-        task = DetectionTask(cfg)
-        trainer = Trainer(task, cfg.train, cfg.optim, output, dist_info, config=cfg, resume="never" if no_resume else "auto")
-        trainer.fit()
+        if args.eval_only:
+            task = spec["task"](cfg, train=False)
+            model = task.build_model(load_backbone=False)
+            spec["load"](model, weights, args.weights)
+            model.to(dist_info.device)
+            precision = resolve_precision(cfg.train.precision, dist_info.device)
+            autocast = lambda: autocast_context(precision, dist_info.device)  # noqa: E731
+            workers = default_num_workers(cfg.train.num_workers, dist_info.device)
+            metrics = task.run_eval(model, dist_info.device, autocast, dist_info, workers, output)
+            if dist_info.is_main:
+                task.write_results(output, metrics, step=-1)
+                if cfg.visualize:
+                    task.visualize(model, dist_info.device, autocast, output / "visualize")
+        else:
+            task = spec["task"](cfg)
+            trainer = Trainer(task, cfg.train, cfg.optim, output, dist_info, config=cfg, resume="never" if args.no_resume else "auto")
+            trainer.fit()
+            metrics = task.last_eval
     finally:
         cleanup()
     if dist_info.is_main:
-        print(format_metrics(task.last_eval, cfg))
-        print(f"results: {output / 'results.jsonl'}; detector: {output / 'detector.pth'}")
+        print(spec["format"](metrics, cfg))
+        print(f"results: {output / 'results.jsonl'}; metrics: {output / 'metrics.json'}"
+              + ("" if args.eval_only else f"; weights: {output / spec['artifact']}"))
         if cfg.visualize:
-            print(f"pictures (ground truth | prediction): {output / 'visualize'}")
+            print(f"pictures ({spec['pictures']}): {output / 'visualize'}")
     return 0
 
 
-def _coco_eval_only(cfg, weights_path: str, weights: dict, output: Path) -> int:
-    from mae_transfer.detection.task import DetectionTask, format_metrics, load_detector_weights
-    from mae_transfer.engine.distributed import cleanup, init_distributed
-    from mae_transfer.engine.logger import setup_logging
-    from mae_transfer.engine.trainer import autocast_context, default_num_workers, resolve_precision
+def _run_ade20k(args) -> int:
+    flags = {("data", "num_classes"): args.num_classes, ("data", "bad_labels"): args.bad_labels, ("data", "missing"): args.missing,
+             ("test", "flip"): True if args.flip else None,
+             ("test", "scales"): [0.5, 0.75, 1.0, 1.25, 1.5, 1.75] if args.multi_scale else None}
+    return _run_dense(args, "ade20k", flags)
 
-    dist_info = init_distributed(None if cfg.train.device == "auto" else cfg.train.device)
-    setup_logging(dist_info.rank, output / "log.txt")
-    try:
-        task = DetectionTask(cfg, train=False)
-        model = task.build_model(load_backbone=False)
-        load_detector_weights(model, weights, weights_path)
-        model.to(dist_info.device)
-        precision = resolve_precision(cfg.train.precision, dist_info.device)
-        autocast = lambda: autocast_context(precision, dist_info.device)  # noqa: E731
-        workers = default_num_workers(cfg.train.num_workers, dist_info.device)
-        metrics = task.run_eval(model, dist_info.device, autocast, dist_info, workers, output)
-        if dist_info.is_main:
-            task.write_results(output, metrics, step=-1)
-            if cfg.visualize:
-                task.visualize(model, dist_info.device, autocast, output / "visualize")
-    finally:
-        cleanup()
-    if dist_info.is_main:
-        print(format_metrics(metrics, cfg))
-        print(f"results: {output / 'results.jsonl'}; predictions: {output / f'predictions_{cfg.data.val_split}.json'}")
-        if cfg.visualize:
-            print(f"pictures (ground truth | prediction): {output / 'visualize'}")
-    return 0
+
+def _run_coco(args) -> int:
+    flags = {("data", "train_split"): args.train_split, ("data", "val_split"): args.eval_split,
+             ("data", "skip_bad"): True if args.skip_bad else None}
+    return _run_dense(args, "coco", flags)
 
 
 def _add_knn(sub) -> None:
@@ -563,9 +618,10 @@ def _run_presets(args) -> int:
     from mae_transfer.classification import config as cls_config
     from mae_transfer.detection import config as det_config
     from mae_transfer.pretrain import config as pre_config
+    from mae_transfer.segmentation import config as seg_config
 
     for title, module in (("mae-transfer pretrain", pre_config), ("mae-transfer finetune / linprobe / inat / places", cls_config),
-                          ("mae-transfer coco", det_config)):
+                          ("mae-transfer coco", det_config), ("mae-transfer ade20k", seg_config)):
         print(f"{title} --preset NAME:")
         for name in module.available_presets():
             first = (module.PRESET_DIR / f"{name}.yaml").read_text().splitlines()[0].lstrip("# ")
@@ -589,6 +645,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_classification(sub, "inat", "iNaturalist 2017/2018/2019 transfer (MAE paper Table 6)", None, None)
     _add_classification(sub, "places", "Places205/365 transfer (MAE paper Table 6)", None, None)
     _add_coco(sub)
+    _add_ade20k(sub)
     _add_knn(sub)
     _add_speed(sub)
     _add_toy_data(sub)

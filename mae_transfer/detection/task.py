@@ -23,7 +23,7 @@ import torch
 import torch.nn as nn
 from torch.utils.data import DataLoader
 
-from mae_transfer.checkpoint import CheckpointError, atomic_save, load_file
+from mae_transfer.checkpoint import load_trained_model, read_trained_model, save_trained_model
 from mae_transfer.config import ConfigError, config_hash, to_dict
 from mae_transfer.data.errors import DataError
 from mae_transfer.detection.coco import CocoDetection, drop_crowd, evaluate_coco, predictions_to_coco_results, save_results_json
@@ -265,35 +265,17 @@ def format_metrics(metrics: dict, cfg: DetectionConfig) -> str:
     return "\n".join(lines)
 
 
-def save_detector(model: nn.Module, cfg: DetectionConfig, class_names: list[str], path: Path) -> Path:
-    """The trained detector's weights with the config that builds it (atomic)."""
-    return atomic_save({"format": DETECTOR_FORMAT, "model": model.state_dict(), "config": to_dict(cfg), "class_names": class_names}, path)
+def save_detector(model: nn.Module, cfg, class_names: list[str], path: Path) -> Path:
+    """The trained model's weights with its config and class names (atomic)."""
+    return save_trained_model(model, cfg, path, DETECTOR_FORMAT, class_names=class_names)
 
 
 def read_detector_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], dict | None]:
-    """State dict (and saved config, if any) from ``detector.pth`` or a training checkpoint."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"--weights {path}: file not found")
-    state = load_file(path, map_location="cpu")
-    if not isinstance(state, dict) or not isinstance(state.get("model"), dict):
-        raise CheckpointError(f"--weights {path}: not a detector checkpoint (expected detector.pth or checkpoint-last.pth of a coco run)")
-    keys = state["model"].keys()
-    if not any(k.startswith("roi_heads.") for k in keys):
-        raise CheckpointError(
-            f"--weights {path} holds no detection heads (roi_heads.*): it looks like a backbone; pass it as --backbone to train a detector"
-        )
-    return state["model"], state.get("config")
+    """State dict and saved config from ``detector.pth`` or a training checkpoint of a coco run."""
+    return read_trained_model(path, "roi_heads.", "detector.pth", "coco")
 
 
-def load_detector_weights(model: nn.Module, state: dict[str, torch.Tensor], path: str | Path) -> None:
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as e:
-        first = str(e).splitlines()[0]
-        raise CheckpointError(
-            f"--weights {path} does not fit this detector ({first} ...); use the --preset / model.* settings it was trained with"
-        ) from None
+load_detector_weights = load_trained_model
 
 
 __all__ = ["DetectionTask", "build_detector", "format_metrics", "read_detector_weights", "load_detector_weights", "save_detector"]

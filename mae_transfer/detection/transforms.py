@@ -16,12 +16,11 @@ from __future__ import annotations
 from typing import Sequence
 
 import torch
-from torch.utils.data import Dataset, get_worker_info
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
-from mae_transfer.data.folder import sample_seeds, seeded_rngs
+from mae_transfer.data.seeded import SeededTransformDataset
 from mae_transfer.data.stats import IMAGENET_MEAN
 
 
@@ -89,42 +88,6 @@ class LargeScaleJitter:
         if "masks" in out:
             result["masks"] = out["masks"].as_subclass(torch.Tensor)
         return img.as_subclass(torch.Tensor), result
-
-
-class SeededTransformDataset(Dataset):
-    """Wraps a detection dataset and applies ``transform`` with per-sample seeded random draws.
-
-    ``prepare(target)`` runs first (e.g. dropping crowd regions). ``set_epoch`` selects the epoch's
-    draws (the engine calls it before each epoch; the value is shared with the workers, since they
-    are started per epoch).
-    """
-
-    def __init__(self, dataset: Dataset, transform, seed: int = 0, prepare=None):
-        self.dataset = dataset
-        self.transform = transform
-        self.seed = int(seed)
-        self.prepare = prepare
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = int(epoch)
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getitem__(self, index: int):
-        image, target = self.dataset[index]
-        if self.prepare is not None:
-            target = self.prepare(target)
-        seed, _ = sample_seeds(self.seed, self.epoch, index)
-        with seeded_rngs(seed, restore=get_worker_info() is None):
-            return self.transform(image, target)
-
-    def __getattr__(self, name: str):
-        # Dataset attributes (class_names, coco, ...) pass through to the wrapped dataset.
-        if name == "dataset":
-            raise AttributeError(name)
-        return getattr(self.dataset, name)
 
 
 def collate_detection(batch: list[tuple[torch.Tensor, dict]]) -> tuple[list[torch.Tensor], list[dict]]:

@@ -159,6 +159,17 @@ def default_num_workers(requested: int | None, device: torch.device) -> int:
     return min(2, max(0, cpus - 1))
 
 
+def _ignore_stop_signals(worker_id: int) -> None:
+    """DataLoader workers leave SIGTERM/SIGINT to the main process, which stops cleanly and saves.
+
+    Schedulers (SLURM, Kubernetes, ``kill -- -PGID``, Ctrl-C) signal every process of the job; a
+    worker that died of it would make the main process fail with "DataLoader worker killed" before
+    it could save. Workers still exit when the main process does (they watch their parent).
+    """
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 class _StopSignals:
     """Turns SIGTERM/SIGINT into a flag checked between optimizer steps (a second one kills)."""
 
@@ -450,6 +461,7 @@ class Trainer:
                     sampler=sampler,
                     num_workers=self.num_workers(),
                     collate_fn=self.task.collate_fn,
+                    worker_init_fn=_ignore_stop_signals,
                     pin_memory=self.device.type == "cuda",
                     drop_last=True,
                     persistent_workers=False,

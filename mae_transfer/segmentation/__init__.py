@@ -1,0 +1,1 @@
+"""Semantic segmentation transfer: UperNet on ViT pyramids, ADE20K data and metrics."""

@@ -1,0 +1,94 @@
+"""ADE20K segmentation configs: UperNet on a ViT, the MAE paper's A.4 setup.
+
+Defaults are MAE ViT-B + UperNet as in mmsegmentation's MAE config (``configs/mae``: AdamW lr 1e-4,
+wd 0.05, layer decay 0.65, drop path 0.1, 512 crops, batch 16, warmup 1500 iterations from 1e-6,
+poly decay to 0) with the MAE paper's 100 epochs (A.4); reference/paper_numbers.md section 2.6.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from mae_transfer.config import ConfigError, build_with_preset, preset_names
+from mae_transfer.data.stats import IMAGENET_MEAN, IMAGENET_STD
+from mae_transfer.engine.trainer import OptimConfig, TrainConfig
+
+PRESET_DIR = Path(__file__).parent / "presets"
+
+
+@dataclass
+class ModelConfig:
+    name: str = "vit_base_patch16"
+    img_size: int = 512  # the training crop; position embeddings are interpolated to it
+    tap_blocks: tuple[int, ...] | None = None  # None: ViT-B 3, 5, 7, 11 / ViT-L 7, 11, 15, 23 (0-based)
+    use_rel_pos: bool = True  # zero-initialised relative position bias (MAE A.4)
+    drop_path: float = 0.1
+    channels: int = 768  # UperNet channels (BEiT: 768 for ViT-B, 1024 for ViT-L)
+    aux_channels: int = 256  # auxiliary FCN head on the stride-16 level (0 = none)
+    aux_weight: float = 0.4
+    grad_checkpointing: bool = False
+
+
+@dataclass
+class DataConfig:
+    path: str | None = None  # ADEChallengeData2016 root (or the folder above it); None = toy data
+    num_classes: int = 150
+    reduce_zero_label: bool = True  # ADE20K: 0 = "other" is ignored, classes 1..150 -> 0..149
+    train_split: str = "training"
+    val_split: str = "validation"
+    scale: tuple[int, int] = (2048, 512)  # (long, short) resize target before the ratio jitter
+    ratio_range: tuple[float, float] = (0.5, 2.0)
+    cat_max_ratio: float = 0.75
+    flip_prob: float = 0.5
+    photometric: bool = True
+    bad_labels: Literal["error", "ignore"] = "error"  # label values outside the classes
+    missing: Literal["error", "skip"] = "error"  # images without a label map
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+
+
+@dataclass
+class TestConfig:
+    mode: Literal["slide", "whole"] = "slide"
+    stride: int = 341  # windows of model.img_size every 341 px (BEiT / mmsegmentation)
+    flip: bool = False  # also average the horizontally flipped image
+    scales: tuple[float, ...] = (1.0,)  # multi-scale test: e.g. [0.5, 0.75, 1.0, 1.25, 1.5, 1.75]
+
+
+@dataclass
+class SegmentationConfig:
+    backbone: str | None = None
+    recipe: str = "upernet"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    test: TestConfig = field(default_factory=TestConfig)
+    # 100 epochs at batch 16 (MAE A.4): 126,300 iterations of the 20,210 training images.
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=100, batch_size=2, effective_batch_size=16, log_every=50))
+    optim: OptimConfig = field(
+        default_factory=lambda: OptimConfig(
+            optimizer="adamw", lr=1e-4, weight_decay=0.05, betas=(0.9, 0.999), layer_decay=0.65, schedule="poly",
+            poly_power=1.0, min_lr=0.0, warmup_steps=1500, warmup_start_factor=1e-6,
+        )
+    )
+    eval_every_epochs: int = 0  # 0 = once, at the end
+    eval_batch_size: int = 1  # images differ in size: one at a time
+    visualize: int = 0
+
+    def validate(self) -> None:
+        if self.optim.lr is None:
+            raise ConfigError("segmentation recipes give an absolute learning rate: set optim.lr")
+        if self.test.stride <= 0 or self.test.stride > self.model.img_size:
+            raise ConfigError(f"test.stride must be in 1..model.img_size ({self.model.img_size}), got {self.test.stride}")
+        if self.data.num_classes < 1 or self.data.num_classes > 255:
+            raise ConfigError(f"data.num_classes must be in 1..255 (255 marks ignored pixels), got {self.data.num_classes}")
+
+
+def available_presets() -> list[str]:
+    return preset_names(PRESET_DIR)
+
+
+def build_config(preset: str | None = None, overrides: dict | None = None) -> SegmentationConfig:
+    """Defaults (MAE ViT-B UperNet) <- preset (name or YAML path) <- overrides."""
+    return build_with_preset(SegmentationConfig(), PRESET_DIR, preset, overrides)

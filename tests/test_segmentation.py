@@ -1,0 +1,155 @@
+"""Segmentation: metrics equal the ADE20K devkit's, sliding windows, UperNet, the ade20k command."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from mae_transfer.segmentation.metrics import SegmentationMeter
+from mae_transfer.segmentation.model import build_upernet, slide_inference
+
+
+def test_metrics_reproduce_the_ade20k_devkit_on_perturbed_predictions(shared):
+    root = shared / "data" / "ade20k_sample"
+    ref = json.loads((root / "reference_metrics.json").read_text())
+    meter = SegmentationMeter(150)
+    for path in sorted((root / "annotations" / "validation").glob("*.png")):
+        label = torch.from_numpy(np.asarray(Image.open(path)).astype(np.int64))
+        pred = torch.from_numpy(np.asarray(Image.open(root / "predictions_perturbed" / path.name)).astype(np.int64))
+        # Devkit indices 1..150 are our 0..149; label 0 is ignored; a predicted 0 ("unlabelled") is
+        # outside our classes (-1): wrong on a labelled pixel and in no class's prediction area.
+        meter.update(pred - 1, torch.where(label == 0, 255, label - 1))
+    r = meter.compute()
+    assert r["aAcc"] == pytest.approx(ref["pixel_accuracy"], abs=1e-6)
+    assert r["mIoU"] == pytest.approx(ref["mean_iou"], abs=1e-6)
+    assert r["num_classes_with_union"] == ref["num_classes_with_union"]
+    for key, value in ref["per_class_iou"].items():
+        assert r["per_class_iou"][int(key) - 1] == pytest.approx(value, abs=1e-6), key
+    defined = {i for i, v in enumerate(r["per_class_iou"]) if not np.isnan(v)}
+    assert defined == {int(k) - 1 for k in ref["per_class_iou"]}
+
+
+def test_metrics_accumulate_over_the_dataset_not_per_image():
+    m = SegmentationMeter(2)
+    m.update(torch.tensor([0, 0, 0, 0]), torch.tensor([0, 0, 0, 0]))  # image 1: 4/4 of class 0
+    m.update(torch.tensor([1, 1]), torch.tensor([0, 1]))  # image 2: 1 wrong pixel of class 0
+    r = m.compute(["a", "b"])
+    # class 0: I = 4, U = 5 + 4 - 4 = 5 -> 0.8; class 1: I = 1, U = 1 + 2 - 1 = 2 -> 0.5
+    assert r["per_class"]["a"]["IoU"] == pytest.approx(0.8) and r["per_class"]["b"]["IoU"] == pytest.approx(0.5)
+    assert r["mIoU"] == pytest.approx(0.65) and r["aAcc"] == pytest.approx(5 / 6)
+    assert r["mAcc"] == pytest.approx((4 / 5 + 1) / 2)
+    other = SegmentationMeter(2)
+    other.merge(m)
+    assert torch.equal(other.confusion, m.confusion)
+
+
+def test_sliding_window_equals_whole_image_when_one_window_covers_it_and_handles_small_and_large_images():
+    torch.manual_seed(0)
+    model = build_upernet("vit_micro_patch8", num_classes=5, img_size=64, tap_blocks=(0, 1, 2, 3), channels=16, aux_channels=8).eval()
+    with torch.no_grad():
+        for h, w in ((64, 64), (40, 57)):  # exactly one window, and an image smaller than the window
+            x = torch.randn(1, 3, h, w)
+            whole = model(x)
+            slid = slide_inference(model, x, 5, crop=64, stride=43)
+            assert slid.shape == (1, 5, h, w)
+            assert torch.equal(whole, slid)
+        x = torch.randn(2, 3, 100, 150)
+        slid = slide_inference(model, x, 5, crop=64, stride=43)
+        assert slid.shape == (2, 5, 100, 150) and torch.isfinite(slid).all()
+        # Each output pixel is the mean of the windows that cover it: the first window alone covers (0, 0).
+        torch.testing.assert_close(slid[:, :, :10, :10], model(x[:, :, :64, :64])[:, :, :10, :10])
+
+
+def test_upernet_levels_and_the_auxiliary_head():
+    with torch.device("meta"):
+        model = build_upernet("vit_base_patch16", num_classes=150, img_size=512)
+    assert model.backbone.tap_blocks == [3, 5, 7, 11]  # BEiT/MAE: blocks 4, 6, 8, 12
+    assert model.backbone.strides == [4, 8, 16, 32]
+    assert [len(model.decode_head.ppm), model.decode_head.pool_scales] == [4, (1, 2, 3, 6)]
+    assert model.decode_head.classifier.out_channels == 150 and model.aux_head.classifier.out_channels == 150
+    torch.manual_seed(0)
+    small = build_upernet("vit_micro_patch8", num_classes=4, img_size=32, tap_blocks=(0, 1, 2, 3), channels=16, aux_channels=8)
+    small.train()
+    logits, aux = small(torch.randn(2, 3, 32, 32))
+    assert logits.shape == aux.shape == (2, 4, 32, 32)
+    small.eval()
+    assert small(torch.randn(1, 3, 30, 45)).shape == (1, 4, 30, 45)  # padded to the stride, cut back
+
+
+# ------------------------------------------------------------------------------- the command
+
+SMALL = ["--model", "vit_micro_patch8", "--img-size", "32", "model.tap_blocks=[0,1,2,3]", "model.channels=16",
+         "model.aux_channels=8", "data.scale=[64,32]", "test.stride=21", "train.batch_size=8", "train.effective_batch_size=8",
+         "train.num_workers=0", "train.progress=false", "train.log_every=2", "optim.warmup_steps=2"]
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("MAE_TRANSFER_CACHE", str(tmp_path / "cache"))
+    return tmp_path / "cache"
+
+
+def rows(run_dir: Path) -> dict[str, float]:
+    return {r["metric"]: r["value"] for r in map(json.loads, (run_dir / "results.jsonl").read_text().splitlines())}
+
+
+def test_ade20k_command_trains_evaluates_and_reevaluates_the_same_numbers(tmp_path, cache, capsys):
+    from mae_transfer.cli import main
+
+    out = tmp_path / "seg"
+    assert main(["ade20k", "--output", str(out), "--epochs", "1", "--visualize", "2", *SMALL]) == 0
+    assert "mIoU" in capsys.readouterr().out
+    r = rows(out)
+    assert set(r) == {"mIoU", "mAcc", "aAcc"} and all(0 <= v <= 100 for v in r.values())
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert len(metrics["per_class"]) == 150 and "wall" in metrics["per_class"]
+    assert len(list((out / "visualize").glob("*.png"))) == 2
+    again = tmp_path / "again"
+    assert main(["ade20k", "--eval-only", "--weights", str(out / "segmenter.pth"), "--output", str(again), "train.num_workers=0"]) == 0
+    assert rows(again) == pytest.approx(r)
+
+
+def test_ade20k_errors_are_one_clear_line(tmp_path, cache, capsys):
+    from mae_transfer.cli import main
+
+    assert main(["ade20k", "--data", str(tmp_path / "nope"), "--output", str(tmp_path / "x")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert main(["ade20k", "--eval-only", "--output", str(tmp_path / "x")]) == 2
+    assert "--eval-only needs --weights" in capsys.readouterr().err
+    assert main(["ade20k", "--img-size", "32", "--output", str(tmp_path / "x")]) == 2
+    assert "test.stride must be in 1..model.img_size (32)" in capsys.readouterr().err
+    assert main(["ade20k", "--model", "vit_nano_patch8", "--img-size", "32", "test.stride=21", "--output", str(tmp_path / "x")]) == 2
+    assert "4 distinct tap blocks" in capsys.readouterr().err
+
+
+def test_tiny_upernet_overfits_a_handful_of_toy_images(tmp_path):
+    """Eight toy scenes: 80 steps make the loss fall and mIoU on those images rise far above the
+    untrained model's."""
+    import contextlib
+
+    from mae_transfer.data.toy import write_ade20k
+    from mae_transfer.engine.distributed import DistInfo
+    from mae_transfer.engine.trainer import Trainer
+    from mae_transfer.segmentation.config import build_config
+    from mae_transfer.segmentation.task import SegmentationTask
+
+    root = write_ade20k(tmp_path / "ade", train_images=8, val_images=3, image_size=64)
+    cfg = build_config("toy", {
+        "data": {"path": str(root), "val_split": "training", "ratio_range": [1.0, 1.0], "photometric": False},
+        "train": {"epochs": 80, "batch_size": 8, "effective_batch_size": 8, "num_workers": 0, "progress": False, "log_every": 10},
+        "optim": {"lr": 1e-3, "warmup_steps": 10}, "visualize": 0,
+    })
+    task = SegmentationTask(cfg)
+    dist = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+    untrained = task.run_eval(task.build_model(), dist.device, contextlib.nullcontext, dist, 0, None)
+    trainer = Trainer(task, cfg.train, cfg.optim, tmp_path / "run", dist, config=cfg)
+    trainer.fit()
+    losses = [float(r["loss"]) for r in map(json.loads, (tmp_path / "run" / "train.jsonl").read_text().splitlines())]
+    assert losses[-1] < 0.5 * losses[0]
+    trained = task.last_eval
+    assert trained["mIoU"] > untrained["mIoU"] + 0.3, (untrained["mIoU"], trained["mIoU"])
