@@ -112,6 +112,11 @@ def test_ade20k_command_trains_evaluates_and_reevaluates_the_same_numbers(tmp_pa
     again = tmp_path / "again"
     assert main(["ade20k", "--eval-only", "--weights", str(out / "segmenter.pth"), "--output", str(again), "train.num_workers=0"]) == 0
     assert rows(again) == pytest.approx(r)
+    tta = tmp_path / "tta"
+    assert main(["ade20k", "--eval-only", "--weights", str(out / "segmenter.pth"), "--output", str(tta), "--flip", "--multi-scale",
+                 "train.num_workers=0"]) == 0
+    protocols = {json.loads(line)["protocol"] for line in (tta / "results.jsonl").read_text().splitlines()}
+    assert protocols == {"toy_ms+flip"} and set(rows(tta)) == {"mIoU", "mAcc", "aAcc"}
 
 
 def test_ade20k_errors_are_one_clear_line(tmp_path, cache, capsys):
@@ -153,3 +158,28 @@ def test_tiny_upernet_overfits_a_handful_of_toy_images(tmp_path):
     assert losses[-1] < 0.5 * losses[0]
     trained = task.last_eval
     assert trained["mIoU"] > untrained["mIoU"] + 0.3, (untrained["mIoU"], trained["mIoU"])
+
+
+def test_official_mae_encoder_loads_into_upernet_with_only_the_relative_position_tables_missing(shared):
+    from mae_transfer.checkpoint import load_backbone
+    from mae_transfer.models.pyramid import FourTapPyramid
+    from mae_transfer.models.vit import VisionTransformer
+    from mae_transfer.segmentation.model import UperNetViT
+
+    ref = torch.load(shared / "reference" / "mae_official" / "mae_reference.pt", weights_only=False)["norm_pix_True"]
+    vit = VisionTransformer(img_size=128, patch_size=8, embed_dim=96, depth=3, num_heads=4, num_classes=0, global_pool="",
+                            use_rel_pos=True)
+    model = UperNetViT(FourTapPyramid(vit, tap_blocks=[0, 1, 2, 2], norm="bn"), num_classes=150, channels=32, aux_channels=16)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    report = load_backbone(model.backbone.vit, {"model": ref["state_dict"]}, expected_missing="dense", expected_unexpected="dense")
+    assert sorted({k.rsplit(".", 1)[-1] for k in report.missing}) == ["rel_pos_h", "rel_pos_w"]
+    assert {"mask_token", "decoder_pred.weight"} <= set(report.unexpected)
+    for k, v in model.state_dict().items():
+        bare = k.removeprefix("backbone.vit.")
+        if not k.startswith("backbone.vit."):
+            assert torch.equal(v, before[k]), k  # pyramid, UperNet and auxiliary head keep their init
+        elif "rel_pos" in bare:
+            assert v.abs().sum() == 0, k  # turned on for transfer, zero-initialised (MAE A.4)
+        elif bare not in ("pos_embed", "norm.weight", "norm.bias"):
+            torch.testing.assert_close(v, ref["state_dict"][bare], msg=k)
+    assert torch.equal(model.backbone.vit.cls_token, ref["state_dict"]["cls_token"])

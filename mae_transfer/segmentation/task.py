@@ -246,6 +246,8 @@ class SegmentationTask(TrainTask):
                 pred = self.predict_logits(model, image.to(device), label.shape[-2:], autocast).argmax(0).cpu()
                 original = np.asarray(load_rgb(self.val_set.samples[i][0]))
                 panels = [original, lut[label.numpy().clip(0, 255)], lut[pred.numpy()]]
+                k = max(1, math.ceil(256 / max(original.shape[:2])))  # enlarge small images to be seen
+                panels = [p.repeat(k, axis=0).repeat(k, axis=1) for p in panels]
                 sheet = np.concatenate([np.pad(p, ((0, 0), (0, 6), (0, 0)), constant_values=255) for p in panels], axis=1)
                 path = out_dir / f"{Path(self.val_set.samples[i][0]).stem}.png"
                 Image.fromarray(sheet).save(path)
