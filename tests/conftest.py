@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -21,3 +22,15 @@ def shared() -> Path:
     if not (root / "reference").is_dir():
         pytest.skip(f"shared reference material not found at {root} (set MAE_TRANSFER_SHARED)")
     return root
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    """A private toy-data cache for the test (``$MAE_TRANSFER_CACHE``)."""
+    monkeypatch.setenv("MAE_TRANSFER_CACHE", str(tmp_path / "cache"))
+    return tmp_path / "cache"
+
+
+def result_rows(run_dir: Path) -> dict[str, float]:
+    """``{metric: value}`` of a run directory's ``results.jsonl``."""
+    return {r["metric"]: r["value"] for r in map(json.loads, (run_dir / "results.jsonl").read_text().splitlines())}

@@ -8,11 +8,11 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
 
+from conftest import result_rows
 from mae_transfer.cli import main
 
 # A nano ViT (2 blocks x 64, patch 8) on 32 px toy images: a few seconds per run.
@@ -24,12 +24,6 @@ SMALL = [
 
 
 @pytest.fixture
-def cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("MAE_TRANSFER_CACHE", str(tmp_path / "cache"))
-    return tmp_path / "cache"
-
-
-@pytest.fixture
 def encoder(tmp_path, cache):
     """A briefly pretrained nano MAE encoder in the official format."""
     out = tmp_path / "pre"
@@ -38,10 +32,6 @@ def encoder(tmp_path, cache):
                "train.num_workers=0", "train.progress=false", "vis.every_epochs=0"])
     assert rc == 0
     return out / "encoder.pth"
-
-
-def rows(run_dir: Path) -> dict[str, float]:
-    return {r["metric"]: r["value"] for r in map(json.loads, (run_dir / "results.jsonl").read_text().splitlines())}
 
 
 def test_linear_probe_leaves_every_backbone_parameter_bit_identical(tmp_path, cache, encoder, capsys):
@@ -58,7 +48,7 @@ def test_linear_probe_leaves_every_backbone_parameter_bit_identical(tmp_path, ca
     assert compared == len(pretrained)  # norm, blocks, embeddings: all frozen and all present
     # The head did train, and its BatchNorm has no affine parameters (official probe).
     assert "head.1.weight" in trained and "head.0.weight" not in trained and "head.0.running_mean" in trained
-    r = rows(out)
+    r = result_rows(out)
     assert set(r) == {"top1", "top5", "mean_per_class", "top1_best_epoch"}
     assert 0 <= r["top1"] <= 100
 
@@ -77,7 +67,7 @@ def test_finetuning_from_scratch_says_so_and_writes_results(tmp_path, cache, cap
     out = tmp_path / "ft"
     assert main(["finetune", "--output", str(out), "--epochs", "2", *SMALL]) == 0
     assert "RANDOM weights" in caplog.text
-    r = rows(out)
+    r = result_rows(out)
     assert r["top1"] >= 0 and r["top5"] >= r["top1"]
     evals = (out / "eval.jsonl").read_text().splitlines()
     assert len(evals) == 2
@@ -87,7 +77,7 @@ def test_finetuning_from_scratch_says_so_and_writes_results(tmp_path, cache, cap
 def test_inat_and_places_commands_run_on_their_official_formats(tmp_path, cache, command, extra):
     out = tmp_path / command
     assert main([command, *extra, "--output", str(out), "--epochs", "1", *SMALL]) == 0
-    r = rows(out)
+    r = result_rows(out)
     assert 0 <= r["mean_per_class"] <= 100
 
 
@@ -122,4 +112,4 @@ def test_finetuning_resumes_after_a_kill(tmp_path):
     assert 0 < steps_before < final["step"] == ref["step"]
     for k, v in ref["model"].items():
         torch.testing.assert_close(final["model"][k], v, atol=1e-5, rtol=1e-4, msg=k)
-    assert rows(run)["top1"] == pytest.approx(rows(full)["top1"])
+    assert result_rows(run)["top1"] == pytest.approx(result_rows(full)["top1"])

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
 
+from conftest import result_rows
 from mae_transfer.cli import main
 from mae_transfer.data.stats import IMAGENET_MEAN
 from mae_transfer.detection.transforms import LargeScaleJitter, SeededTransformDataset, collate_detection
@@ -139,22 +139,12 @@ SMALL = ["--model", "vit_nano_patch8", "--img-size", "64", "model.window_size=4"
          "train.log_every=2", "optim.warmup_steps=2", "eval_batch_size=8"]
 
 
-@pytest.fixture
-def cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("MAE_TRANSFER_CACHE", str(tmp_path / "cache"))
-    return tmp_path / "cache"
-
-
-def rows(run_dir: Path) -> dict[str, float]:
-    return {r["metric"]: r["value"] for r in map(json.loads, (run_dir / "results.jsonl").read_text().splitlines())}
-
-
 def test_coco_command_trains_evaluates_saves_and_reevaluates_the_same_numbers(tmp_path, cache, capsys):
     out = tmp_path / "det"
     assert main(["coco", "--output", str(out), "--epochs", "2", "--visualize", "2", *SMALL]) == 0
     printed = capsys.readouterr().out
     assert "bbox" in printed and "segm" in printed
-    r = rows(out)
+    r = result_rows(out)
     assert {"bbox_AP", "bbox_AP50", "bbox_AP75", "segm_AP", "segm_APs"} <= set(r)
     preds = json.loads((out / "predictions_val2017.json").read_text())
     assert preds and {"image_id", "category_id", "bbox", "score", "segmentation"} <= set(preds[0])
@@ -166,12 +156,12 @@ def test_coco_command_trains_evaluates_saves_and_reevaluates_the_same_numbers(tm
     ckpt_before = (out / "checkpoint-last.pth").stat().st_mtime_ns
     assert main(["coco", "--output", str(out), "--epochs", "2", *SMALL]) == 0
     assert (out / "checkpoint-last.pth").stat().st_mtime_ns == ckpt_before
-    assert rows(out) == pytest.approx(r, nan_ok=True)
+    assert result_rows(out) == pytest.approx(r, nan_ok=True)
 
     again = tmp_path / "again"
     assert main(["coco", "--eval-only", "--weights", str(out / "detector.pth"), "--output", str(again),
                  "train.num_workers=0", "eval_batch_size=8"]) == 0
-    r2 = rows(again)
+    r2 = result_rows(again)
     for k, v in r.items():
         assert v == pytest.approx(r2[k], abs=1e-9, nan_ok=True), k
 
@@ -190,7 +180,7 @@ def test_coco_command_starts_from_a_pretrained_encoder(tmp_path, cache):
     # One small step moves the weights a little: the detector's ViT started from the encoder.
     w0, w1 = enc["blocks.0.attn.qkv.weight"], det["model"]["backbone.body.vit.blocks.0.attn.qkv.weight"]
     assert (w1 - w0).abs().max() < 0.01 < w0.abs().max()
-    assert rows(out)["bbox_AP"] >= 0
+    assert result_rows(out)["bbox_AP"] >= 0
 
 
 def test_coco_command_errors_are_one_clear_line(tmp_path, cache, capsys):

@@ -41,12 +41,6 @@ def env(tmp_path: Path) -> dict:
     return e
 
 
-@pytest.fixture
-def cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("MAE_TRANSFER_CACHE", str(tmp_path / "cache"))
-    return tmp_path / "cache"
-
-
 def test_toy_pretraining_learns_and_writes_everything(tmp_path, cache, capsys):
     out = tmp_path / "run"
     rc = main(["pretrain", "--output", str(out), "--epochs", "4", "optim.blr=5e-3", *TINY])

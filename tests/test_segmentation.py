@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
+from conftest import result_rows
 from mae_transfer.segmentation.metrics import SegmentationMeter
 from mae_transfer.segmentation.model import build_upernet, slide_inference
 
@@ -88,35 +88,25 @@ SMALL = ["--model", "vit_micro_patch8", "--img-size", "32", "model.tap_blocks=[0
          "train.num_workers=0", "train.progress=false", "train.log_every=2", "optim.warmup_steps=2"]
 
 
-@pytest.fixture
-def cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("MAE_TRANSFER_CACHE", str(tmp_path / "cache"))
-    return tmp_path / "cache"
-
-
-def rows(run_dir: Path) -> dict[str, float]:
-    return {r["metric"]: r["value"] for r in map(json.loads, (run_dir / "results.jsonl").read_text().splitlines())}
-
-
 def test_ade20k_command_trains_evaluates_and_reevaluates_the_same_numbers(tmp_path, cache, capsys):
     from mae_transfer.cli import main
 
     out = tmp_path / "seg"
     assert main(["ade20k", "--output", str(out), "--epochs", "1", "--visualize", "2", *SMALL]) == 0
     assert "mIoU" in capsys.readouterr().out
-    r = rows(out)
+    r = result_rows(out)
     assert set(r) == {"mIoU", "mAcc", "aAcc"} and all(0 <= v <= 100 for v in r.values())
     metrics = json.loads((out / "metrics.json").read_text())
     assert len(metrics["per_class"]) == 150 and "wall" in metrics["per_class"]
     assert len(list((out / "visualize").glob("*.png"))) == 2
     again = tmp_path / "again"
     assert main(["ade20k", "--eval-only", "--weights", str(out / "segmenter.pth"), "--output", str(again), "train.num_workers=0"]) == 0
-    assert rows(again) == pytest.approx(r)
+    assert result_rows(again) == pytest.approx(r)
     tta = tmp_path / "tta"
     assert main(["ade20k", "--eval-only", "--weights", str(out / "segmenter.pth"), "--output", str(tta), "--flip", "--multi-scale",
                  "train.num_workers=0"]) == 0
     protocols = {json.loads(line)["protocol"] for line in (tta / "results.jsonl").read_text().splitlines()}
-    assert protocols == {"toy_ms+flip"} and set(rows(tta)) == {"mIoU", "mAcc", "aAcc"}
+    assert protocols == {"toy_ms+flip"} and set(result_rows(tta)) == {"mIoU", "mAcc", "aAcc"}
 
 
 def test_ade20k_errors_are_one_clear_line(tmp_path, cache, capsys):
