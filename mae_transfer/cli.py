@@ -571,6 +571,227 @@ def _run_speed(args) -> int:
     return 0
 
 
+BENCH_HELP = """\
+Benchmark backbones on the MAE paper's transfer protocols and tabulate the results.
+
+Every (backbone, task) pair is one job: the ordinary `mae-transfer <task>` command with its own run
+directory under RESULTS/runs/. Jobs run one after another (under torchrun with --nproc-per-node),
+or are printed (--launcher print) or submitted to SLURM through submitit (--launcher slurm). Every
+metric lands in RESULTS/results.jsonl with its provenance (backbone sha256, config hash, git commit,
+package versions, hardware, wall time, date); pandas reads it with read_json(path, lines=True).
+
+Running the same command again does no work for jobs already recorded (same backbone weights and
+the same resolved config), records jobs that finished outside the runner, retries failed jobs,
+and resumes a job that was interrupted from its checkpoint. A failing job is recorded with its
+error and the benchmark goes on. At the end the tables (Markdown, LaTeX, CSV) and plots are
+written to RESULTS/ and the Markdown tables printed.
+
+Tasks: coco, ade20k, inat2017, inat2018, inat2019, places205, places365, finetune, linprobe, knn
+(finetune, linprobe and knn read --data imagenet=DIR). With no --data for a task it runs on the
+built-in toy data in that dataset's format with the task's toy preset.
+"""
+
+BENCH_EPILOG = """\
+examples:
+  mae-transfer bench --backbone mae=runs/pretrain-toy/encoder.pth --backbone scratch=random --tasks all
+  mae-transfer bench --backbone mae=mae_pretrain_vit_base.pth --tasks coco,ade20k \\
+      --data coco=/datasets/coco --data ade20k=/datasets/ADEChallengeData2016 \\
+      --preset coco=vitdet_mask_rcnn_b --preset ade20k=upernet_vit_b --nproc-per-node 8
+  mae-transfer bench ... --set coco:train.epochs=25 --set '*:train.device=cuda'
+  mae-transfer bench ... --launcher print        # the torchrun commands, to run elsewhere
+  mae-transfer bench ... --launcher slurm --slurm-partition learnfair --slurm-time 4320
+  mae-transfer table --results results/          # the tables again, in any format
+"""
+
+
+def _add_bench(sub) -> None:
+    p = sub.add_parser("bench", help="run backbones x transfer tasks and tabulate the results (resumable)",
+                       description=BENCH_HELP, epilog=BENCH_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--backbone", action="append", default=[], metavar="NAME=CKPT",
+                   help="a backbone to evaluate (repeatable); NAME=random for random weights of the same architecture")
+    p.add_argument("--tasks", default="all", help="comma-separated tasks or 'all' (default)")
+    p.add_argument("--results", default="results", metavar="DIR", help="results directory (default: results/)")
+    p.add_argument("--data", action="append", default=[], metavar="TASK=DIR", help="dataset root of a task (imagenet=DIR for finetune/linprobe/knn)")
+    p.add_argument("--preset", action="append", default=[], metavar="TASK=NAME", help="recipe preset of a task (see `mae-transfer presets`)")
+    p.add_argument("--set", action="append", default=[], metavar="TASK:KEY=VALUE", help="config override of a task ('*' for all tasks)")
+    p.add_argument("--random-model", metavar="NAME", help="architecture of random-init backbones (default: that of the first checkpoint)")
+    p.add_argument("--launcher", choices=["local", "print", "slurm"], default="local")
+    p.add_argument("--nproc-per-node", type=int, default=1, help="processes (GPUs) per job; > 1 runs jobs under torchrun")
+    p.add_argument("--in-process", action="store_true", help="run jobs inside this process (faster for tiny jobs; no torchrun)")
+    p.add_argument("--verbose", action="store_true", help="show the jobs' own output instead of writing it to their bench.log")
+    p.add_argument("--no-retry", action="store_true", help="do not run failed jobs again")
+    p.add_argument("--baseline", metavar="NAME", help="backbone the deltas refer to (default: one named random/scratch)")
+    p.add_argument("--slurm-partition", metavar="NAME")
+    p.add_argument("--slurm-time", type=int, default=4320, metavar="MIN", help="SLURM time limit in minutes")
+    p.set_defaults(func=_run_bench)
+
+
+def _report(rows: list, results: Path, baseline: str | None, pretrain_dir: Path | None = None) -> tuple[str, dict, list]:
+    """Write tables and plots of ``rows`` into ``results``; return the Markdown and the paths."""
+    from mae_transfer.report.plots import plot_all
+    from mae_transfer.report.tables import render, write_tables
+
+    kw = {"baseline": baseline or "auto"}
+    markdown = render(rows, "markdown", **kw)
+    tables = write_tables(rows, results, **kw) if rows else {}
+    plots = plot_all(rows, results / "plots", pretrain_dir=pretrain_dir) if rows else []
+    return markdown, tables, plots
+
+
+def _run_bench(args) -> int:
+    from mae_transfer import bench
+    from mae_transfer.config import ConfigError
+    from mae_transfer.engine.logger import setup_logging
+
+    setup_logging(0)
+    backbones = bench.parse_backbones(args.backbone)
+    tasks = bench.parse_tasks(args.tasks)
+    data = bench.parse_task_map(args.data, "--data", [*bench.TASKS, "imagenet"])
+    presets = bench.parse_task_map(args.preset, "--preset", bench.TASKS)
+    overrides = bench.parse_overrides(args.set)
+    if args.nproc_per_node < 1:
+        raise ConfigError("--nproc-per-node must be at least 1")
+    if args.in_process and args.nproc_per_node > 1:
+        raise ConfigError("--in-process runs jobs in this one process; it cannot use --nproc-per-node > 1")
+    if args.baseline and args.baseline not in [b.name for b in backbones]:
+        raise ConfigError(f"--baseline {args.baseline!r} is not one of the backbones: {', '.join(b.name for b in backbones)}")
+    results = Path(args.results)
+    jobs = bench.plan_jobs(backbones, tasks, results, data, presets, overrides, args.random_model)
+    print(f"{len(jobs)} jobs: {len(backbones)} backbone(s) x {len(tasks)} task(s); results: {results / 'results.jsonl'}")
+    if args.launcher == "print":
+        bench.print_commands(jobs, results, args.nproc_per_node)
+        return 0
+    if args.launcher == "slurm":
+        slurm = {"timeout_min": args.slurm_time}
+        if args.slurm_partition:
+            slurm["slurm_partition"] = args.slurm_partition
+        bench.submit_slurm(jobs, results, args.nproc_per_node, slurm)
+        return 0
+    try:
+        outcomes = bench.run_jobs(jobs, results, nproc=args.nproc_per_node, in_process=args.in_process,
+                                  verbose=args.verbose, retry_failed=not args.no_retry)
+    except bench.BenchInterrupted as e:
+        print(f"mae-transfer bench: {e}", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    markdown, tables, plots = _report(bench.latest_rows(results, jobs), results, args.baseline)
+    print()
+    print(markdown)
+    counts = {s: sum(o.status == s for o in outcomes) for s in ("done", "cached", "recorded", "failed")}
+    print(f"\njobs: {counts['done']} run, {counts['cached']} already done, {counts['recorded']} recorded, {counts['failed']} failed")
+    if tables:
+        print(f"tables: {', '.join(str(p) for p in tables.values())}")
+    if plots:
+        print(f"plots: {', '.join(str(p) for p in plots)}")
+    for o in outcomes:
+        if o.status == "failed":
+            print(f"FAILED {o.job.label}: {o.error} (log: {o.job.run_dir / 'bench.log'})")
+    return 1 if counts["failed"] else 0
+
+
+def _add_table(sub) -> None:
+    p = sub.add_parser(
+        "table", help="the paper's tables (Markdown, LaTeX, CSV) from a results directory",
+        description="Render the results store as the MAE paper's tables: Table 4 (COCO APbox/APmask), Table 5 (ADE20K "
+                    "mIoU), Table 6 (iNaturalist/Places top-1) and ImageNet-style fine-tune / linear probe / k-NN top-1, "
+                    "with the paper's numbers in their own rows, deltas to a baseline backbone, and the best value of "
+                    "each column in bold.",
+        epilog="examples:\n  mae-transfer table --results results/\n  mae-transfer table --results results/ --format latex > tables.tex\n"
+               "  mae-transfer table --results results/ --output paper/ --paper-sizes B,L",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--results", default="results", metavar="DIR", help="results directory (holds results.jsonl)")
+    p.add_argument("--format", choices=["markdown", "latex", "csv"], default="markdown", help="what to print (default markdown)")
+    p.add_argument("--output", metavar="DIR", help="also write tables.md, tables.tex (standalone document) and table_*.csv here")
+    p.add_argument("--baseline", metavar="NAME", help="backbone the deltas refer to (default: one named random/scratch; 'none' for no deltas)")
+    p.add_argument("--backbones", metavar="A,B", help="only these backbones, in this order")
+    p.add_argument("--no-paper", action="store_true", help="leave out the paper's rows")
+    p.add_argument("--paper-sizes", metavar="B,L", help="ViT sizes of the paper rows (default: the sizes of your backbones, else B)")
+    p.add_argument("--full", action="store_true", help="keep columns without results")
+    p.set_defaults(func=_run_table)
+
+
+def _table_rows(args) -> list:
+    from mae_transfer.config import ConfigError
+    from mae_transfer.results import ResultStore
+
+    store = ResultStore(args.results)
+    if not store.path.exists():
+        raise ConfigError(f"--results {args.results}: no {store.path.name} there; run `mae-transfer bench --results {args.results} ...` first")
+    rows = store.read()
+    if args.backbones:
+        order = [b.strip() for b in args.backbones.split(",") if b.strip()]
+        known = list(dict.fromkeys(r.get("backbone") for r in rows))
+        missing = [b for b in order if b not in known]
+        if missing:
+            raise ConfigError(f"--backbones: {', '.join(missing)} not in {store.path} (it has: {', '.join(map(str, known))})")
+        rows = sorted((r for r in rows if r.get("backbone") in order), key=lambda r: order.index(r["backbone"]))
+    return rows
+
+
+def _run_table(args) -> int:
+    from mae_transfer.report.tables import render, write_tables
+
+    rows = _table_rows(args)
+    kw = {"baseline": None if (args.baseline or "").lower() == "none" else (args.baseline or "auto"),
+          "paper": not args.no_paper, "full": args.full,
+          "paper_sizes": [s.strip().upper() for s in args.paper_sizes.split(",")] if args.paper_sizes else None}
+    try:
+        print(render(rows, args.format, **kw))
+    except ValueError as e:
+        from mae_transfer.config import ConfigError
+
+        raise ConfigError(str(e)) from None
+    if args.output:
+        paths = write_tables(rows, Path(args.output), **kw)
+        print(f"written: {', '.join(str(p) for p in paths.values())}", file=sys.stderr)
+    return 0
+
+
+def _add_plot(sub) -> None:
+    p = sub.add_parser("plot", help="training curves and per-task comparison bars (PNG) from a results directory",
+                       description="Draw the training-loss curves of every job (one panel per task, one line per backbone) "
+                                   "and a bar chart of the headline metric of every task per backbone.")
+    p.add_argument("--results", default="results", metavar="DIR")
+    p.add_argument("--output", metavar="DIR", help="where the PNGs go (default: RESULTS/plots)")
+    p.add_argument("--pretrain", metavar="RUN_DIR", help="also plot this MAE pretraining run's loss")
+    p.add_argument("--backbones", metavar="A,B", help="only these backbones")
+    p.set_defaults(func=_run_plot)
+
+
+def _run_plot(args) -> int:
+    from mae_transfer.report.plots import plot_all
+
+    rows = _table_rows(args)
+    out = Path(args.output or Path(args.results) / "plots")
+    paths = plot_all(rows, out, pretrain_dir=Path(args.pretrain) if args.pretrain else None)
+    if not paths:
+        print("nothing to plot yet")
+    for path in paths:
+        print(path)
+    return 0
+
+
+def _add_demo(sub) -> None:
+    p = sub.add_parser(
+        "demo", help="the whole toolkit on built-in toy data: pretrain, every transfer task, tables (no data needed)",
+        description="Pretrain a tiny MAE on the built-in toy data, then run every transfer task (COCO Mask R-CNN, "
+                    "ADE20K UperNet, iNaturalist, Places, fine-tuning, linear probing, k-NN) on toy data in each "
+                    "dataset's real format, once from the MAE encoder and once from random weights, and print the "
+                    "paper-style tables. About 10-15 minutes on 2 CPU cores (--quick: under 3, shorter schedules "
+                    "whose numbers mean little). Run it again to continue or to see the tables; nothing is redone.",
+    )
+    p.add_argument("--output", default="runs/demo", metavar="DIR", help="where everything goes (default: runs/demo)")
+    p.add_argument("--quick", action="store_true", help="a 2-3 minute smoke run")
+    p.add_argument("--verbose", action="store_true", help="show every job's own output")
+    p.set_defaults(func=_run_demo)
+
+
+def _run_demo(args) -> int:
+    from mae_transfer.demo import run_demo
+
+    return run_demo(Path(args.output), quick=args.quick, verbose=args.verbose)
+
+
 def _add_toy_data(sub) -> None:
     kinds = ["imagefolder", "coco", "ade20k", "inat2017", "inat2018", "inat2019", "places205", "places365"]
     p = sub.add_parser(
@@ -639,6 +860,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"mae-transfer {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    _add_demo(sub)
     _add_pretrain(sub)
     _add_classification(sub, "finetune", "fine-tune a ViT end to end on an image-classification dataset", "finetune", None)
     _add_classification(sub, "linprobe", "linear probing of a frozen ViT (the official MAE protocol)", "linprobe", None)
@@ -647,6 +869,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_coco(sub)
     _add_ade20k(sub)
     _add_knn(sub)
+    _add_bench(sub)
+    _add_table(sub)
+    _add_plot(sub)
     _add_speed(sub)
     _add_toy_data(sub)
     _add_export(sub)

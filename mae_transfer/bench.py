@@ -1,0 +1,517 @@
+"""The evaluation runner behind ``mae-transfer bench``: backbones x tasks -> the results store.
+
+A benchmark is a list of *jobs*, one per (backbone, task). Each job is one ordinary
+``mae-transfer`` command (``coco``, ``ade20k``, ``inat``, ``places``, ``finetune``, ``linprobe``,
+``knn``) with its own run directory, so everything the task commands do (resume after a kill,
+clear errors, pictures, per-run ``results.jsonl``) holds for every job. The runner adds:
+
+* **planning**: the job's identity (``job_key``) hashes the task, the fully resolved config (as
+  ``--print-config`` shows it, minus paths of the weights), the data path and the backbone's
+  sha256, so the same weights under another file name are the same job, and another preset,
+  override or checkpoint is a new one;
+* **skipping**: a job whose rows are already in ``<results>/results.jsonl`` is not run again; a job
+  whose run directory already holds its final ``results.jsonl`` (run by hand from the printed
+  commands, or killed between finishing and recording) is only recorded;
+* **surviving failures**: a job that fails is recorded as a ``job_failed`` row with the error and
+  its log, and the runner goes on; the next ``bench`` tries it again;
+* **resuming**: a benchmark killed in the middle of a job stops that job cleanly (the job saves its
+  checkpoint) and the next ``bench`` redoes only that job, from its checkpoint.
+
+Jobs run one after another on this machine, each in a child process (``--nproc-per-node N`` runs
+it under ``torchrun``), or inside the runner's process (``in_process=True``; faster for many tiny
+jobs, used by the demo). ``launcher="print"`` prints the commands instead, and ``"slurm"``
+submits one SLURM job per task through submitit; running ``bench`` again afterwards records what
+they produced.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import hashlib
+import io
+import json
+import logging
+import os
+import re
+import shlex
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+from mae_transfer.config import ConfigError
+from mae_transfer.results import ResultStore
+
+log = logging.getLogger(__name__)
+
+TASKS = ("coco", "ade20k", "inat2017", "inat2018", "inat2019", "places205", "places365", "finetune", "linprobe", "knn")
+FAILED = "job_failed"
+RANDOM = ("random", "none", "scratch", "")
+# Which --data key a task reads when none is given for the task itself.
+DATA_GROUP = {"finetune": "imagenet", "linprobe": "imagenet", "knn": "imagenet"}
+
+
+class BenchInterrupted(RuntimeError):
+    """The benchmark was stopped (SIGTERM/SIGINT); the running job saved its state."""
+
+
+@dataclass(frozen=True)
+class Backbone:
+    name: str
+    path: str | None  # None: random initialisation (the from-scratch baseline)
+    sha256: str | None = None
+
+    @property
+    def random(self) -> bool:
+        return self.path is None
+
+
+@dataclass
+class Job:
+    backbone: Backbone
+    task: str
+    argv: list[str]  # the mae-transfer command line, without --output
+    preset: str | None
+    data: str | None
+    model: str | None
+    key: str = ""
+    run_dir: Path = Path()
+    parallel: bool = True  # may run under torchrun
+
+    @property
+    def label(self) -> str:
+        return f"{self.task} · {self.backbone.name}"
+
+
+@dataclass
+class JobOutcome:
+    job: Job
+    status: str  # "done" (ran now), "cached" (results already in the store), "recorded", "failed", "planned"
+    wall_time_s: float | None = None
+    error: str | None = None
+    rows: list[dict] = field(default_factory=list)
+
+
+def parse_backbones(specs: Iterable[str]) -> list[Backbone]:
+    """``NAME=PATH`` (or a bare PATH, named after the file; ``NAME=random`` for random weights)."""
+    from mae_transfer.io import file_sha256
+
+    out: list[Backbone] = []
+    for spec in specs:
+        name, sep, path = spec.partition("=")
+        if not sep:
+            name, path = (spec, "") if spec.lower() in RANDOM else (Path(spec).stem, spec)
+        name = name.strip()
+        if not name:
+            raise ConfigError(f"--backbone {spec!r}: give NAME=PATH (e.g. mae=runs/pretrain/encoder.pth or scratch=random)")
+        if any(b.name == name for b in out):
+            raise ConfigError(f"--backbone: the name {name!r} is given twice; every backbone needs its own name")
+        if path.strip().lower() in RANDOM:
+            out.append(Backbone(name, None))
+            continue
+        p = Path(path).expanduser()
+        if not p.is_file():
+            raise ConfigError(f"--backbone {name}={path}: no such file (give a checkpoint, or {name}=random for random weights)")
+        out.append(Backbone(name, str(p.resolve()), file_sha256(p)))
+    if not out:
+        raise ConfigError("give at least one --backbone NAME=PATH")
+    return out
+
+
+def parse_tasks(text: str | Iterable[str]) -> list[str]:
+    items = [t.strip().lower() for t in (text.split(",") if isinstance(text, str) else text) if t.strip()]
+    if items == ["all"]:
+        return list(TASKS)
+    bad = [t for t in items if t not in TASKS]
+    if bad or not items:
+        raise ConfigError(f"--tasks: unknown task(s) {', '.join(bad) or '(none)'}; choose from {','.join(TASKS)} or all")
+    return list(dict.fromkeys(items))
+
+
+def parse_task_map(specs: Iterable[str], option: str, keys: Iterable[str]) -> dict[str, str]:
+    """``TASK=VALUE`` pairs (``--data coco=/datasets/coco``, ``--preset ade20k=upernet_vit_b``)."""
+    allowed = set(keys)
+    out = {}
+    for spec in specs:
+        key, sep, value = spec.partition("=")
+        key = key.strip().lower()
+        if not sep or key not in allowed:
+            raise ConfigError(f"{option} {spec!r}: expected TASK=VALUE with TASK one of {', '.join(sorted(allowed))}")
+        out[key] = value
+    return out
+
+
+def parse_overrides(specs: Iterable[str]) -> dict[str, list[str]]:
+    """``TASK:KEY=VALUE`` (``*:`` for every task) -> {task: ["KEY=VALUE", ...]}."""
+    out: dict[str, list[str]] = {}
+    for spec in specs:
+        task, sep, kv = spec.partition(":")
+        task = task.strip().lower()
+        if not sep or "=" not in kv or (task != "*" and task not in TASKS):
+            raise ConfigError(f"--set {spec!r}: expected TASK:KEY=VALUE (e.g. coco:train.epochs=10, *:train.device=cpu)")
+        out.setdefault(task, []).append(kv)
+    return out
+
+
+def _command(task: str) -> list[str]:
+    if task.startswith("inat"):
+        return ["inat", "--year", task[4:]]
+    if task.startswith("places"):
+        return ["places", "--version", task[6:]]
+    return [task]
+
+
+def _infer_model(path: str) -> tuple[str | None, int | None]:
+    from mae_transfer.checkpoint import infer_vit_config, read_checkpoint, to_vit_state_dict
+
+    info = infer_vit_config(to_vit_state_dict(read_checkpoint(path)))
+    return info.get("name"), info.get("img_size")
+
+
+def _resolved_config(argv: list[str]) -> Any:
+    """The config the command would run with (its ``--print-config``), parsed; None for knn."""
+    import yaml
+
+    from mae_transfer.cli import main
+
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        rc = main(argv + ["--print-config"])
+    if rc != 0:
+        raise ConfigError(f"`mae-transfer {shlex.join(argv)}` is not a valid command (see the message above)")
+    return yaml.safe_load(buf.getvalue())
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", text).strip("-") or "backbone"
+
+
+def plan_jobs(
+    backbones: list[Backbone],
+    tasks: list[str],
+    results_dir: str | os.PathLike,
+    data: dict[str, str] | None = None,
+    presets: dict[str, str] | None = None,
+    overrides: dict[str, list[str]] | None = None,
+    random_model: str | None = None,
+) -> list[Job]:
+    """One job per (backbone, task), in backbone-major order, each with its key and run directory.
+
+    Random-init backbones get the architecture of the first checkpoint backbone (or
+    ``random_model``), so that "MAE vs from scratch" compares the same network."""
+    data, presets, overrides = data or {}, presets or {}, overrides or {}
+    models: dict[str, tuple[str | None, int | None]] = {}
+    for b in backbones:
+        if b.path:
+            models[b.name] = _infer_model(b.path)
+    reference = random_model and (random_model, None)
+    if not reference:
+        reference = next(iter(models.values()), (None, None))
+    jobs = []
+    for b in backbones:
+        model, img = models.get(b.name, reference)
+        for task in tasks:
+            argv = _command(task)
+            dpath = data.get(task, data.get(DATA_GROUP.get(task, ""), None))
+            if dpath:
+                argv += ["--data", str(Path(dpath).expanduser().resolve())]
+            if b.path:
+                argv += ["--backbone", b.path]
+            elif model:
+                argv += ["--model", model]
+                if task == "knn" and img:
+                    argv += ["--img-size", str(img)]
+            if task != "knn":
+                if presets.get(task):
+                    argv += ["--preset", presets[task]]
+                argv += overrides.get("*", []) + overrides.get(task, [])
+            elif overrides.get(task):
+                raise ConfigError("--set knn:...: the knn job has no config to override")
+            if task == "knn":
+                argv += ["--sweep"]
+            job = Job(b, task, argv, presets.get(task), dpath, model, parallel=task != "knn")
+            if task == "knn":
+                identity: Any = [a for a in argv if a != b.path]
+            else:
+                cfg = _resolved_config(argv)
+                if isinstance(cfg, dict):
+                    cfg = {k: v for k, v in cfg.items() if k not in ("backbone", "init", "visualize")}
+                    model = ((cfg.get("model") or {}).get("name")) or model
+                    job.model = model
+                identity = cfg
+            blob = json.dumps({"task": task, "config": identity, "data": job.data, "backbone": b.sha256}, sort_keys=True, default=str)
+            job.key = hashlib.sha256(blob.encode()).hexdigest()[:16]
+            job.run_dir = Path(results_dir) / "runs" / _slug(b.name) / f"{task}-{job.key[:8]}"
+            jobs.append(job)
+    return jobs
+
+
+def _tag_rows(job: Job, rows: list[dict], wall: float | None) -> list[dict]:
+    """The job's own rows, named after the benchmark's backbone and job."""
+    model = job.model
+    cfg_path = job.run_dir / "config_resolved.json"
+    if cfg_path.exists():
+        with contextlib.suppress(ValueError, OSError, AttributeError):
+            model = (json.loads(cfg_path.read_text()).get("model") or {}).get("name") or model
+    if job.data and _is_toy(job.data):  # toy data passed as --data (e.g. larger toy splits)
+        rows = [{**r, "dataset": r["dataset"] + " (toy)"} if "(toy)" not in str(r.get("dataset", "(toy)")) else r for r in rows]
+    tag = {"job": job.task, "backbone": job.backbone.name, "backbone_path": job.backbone.path,
+           "backbone_sha256": job.backbone.sha256, "model": model, "preset": job.preset, "job_key": job.key,
+           "run_dir": str(job.run_dir), "wall_time_s": wall}
+    return [{**r, **tag} for r in rows]
+
+
+def _is_toy(path: str) -> bool:
+    from mae_transfer.data.toy import _MARKER
+
+    root = Path(path)
+    return (root / _MARKER).exists() or (root.parent / _MARKER).exists()
+
+
+def _read_run_rows(run_dir: Path) -> list[dict]:
+    path = run_dir / "results.jsonl"
+    if not path.exists():
+        return []
+    rows = []
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        with contextlib.suppress(ValueError):
+            rows.append(json.loads(line))
+    return rows
+
+
+def job_done(store_rows: list[dict], key: str) -> bool:
+    """Whether the store holds results (not only failures) of the job ``key``."""
+    return any(r.get("job_key") == key and r.get("metric") != FAILED for r in store_rows)
+
+
+def shell_command(job: Job, nproc: int = 1, python: str | None = None) -> list[str]:
+    """The command line that runs ``job`` (under torchrun when ``nproc`` > 1)."""
+    py = python or sys.executable
+    tail = ["-m", "mae_transfer", *job.argv, "--output", str(job.run_dir)]
+    if nproc > 1 and job.parallel:
+        return [py, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *tail]
+    return [py, *tail]
+
+
+def _die_with_parent() -> None:  # pragma: no cover - runs in the child before exec
+    # Linux: the job gets SIGTERM (and saves its checkpoint) if the runner is killed, even by SIGKILL,
+    # instead of living on and racing the next run on the same directory.
+    with contextlib.suppress(Exception):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+def _last_error(log_path: Path) -> str:
+    try:
+        lines = [ln for ln in log_path.read_text(errors="replace").splitlines() if ln.strip()]
+    except OSError:
+        return "no log"
+    for ln in reversed(lines):
+        if "error" in ln.lower() or "Error" in ln:
+            return ln.strip()[-500:]
+    return (lines[-1].strip() if lines else "no output")[-500:]
+
+
+class _StopRequest:
+    """SIGTERM/SIGINT while a child job runs: pass it on, let the job save, then stop the benchmark."""
+
+    def __init__(self):
+        self.signum: int | None = None
+        self.child: subprocess.Popen | None = None
+        self._old: dict[int, Any] = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            with contextlib.suppress(ValueError):  # not the main thread
+                self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        self.signum = signum
+        if self.child is not None and self.child.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                self.child.send_signal(signal.SIGTERM)
+
+    def __exit__(self, *exc):
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+        return False
+
+
+def _run_subprocess(job: Job, nproc: int, log_path: Path, verbose: bool, stop: _StopRequest) -> int:
+    cmd = shell_command(job, nproc)
+    with open(log_path, "ab") as logf:
+        logf.write(f"$ {shlex.join(cmd)}\n".encode())
+        logf.flush()
+        out = None if verbose else logf
+        child = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT if out else None,
+                                 preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None)
+        stop.child = child
+        try:
+            while True:
+                try:
+                    return child.wait()
+                except KeyboardInterrupt:  # pragma: no cover - handled by _StopRequest normally
+                    stop.signum = signal.SIGINT
+        finally:
+            stop.child = None
+
+
+def run_in_process(argv: list[str], log_path: Path, verbose: bool = False) -> int:
+    """Run ``mae-transfer ARGV`` inside this process, its output going to ``log_path``; the exit code."""
+    from mae_transfer.cli import main
+    from mae_transfer.engine.logger import setup_logging
+
+    try:
+        with open(log_path, "a", encoding="utf-8") as logf:
+            logf.write(f"$ mae-transfer {shlex.join(argv)}\n")
+            logf.flush()
+            redirect = contextlib.nullcontext() if verbose else contextlib.ExitStack()
+            if not verbose:
+                redirect.enter_context(contextlib.redirect_stdout(logf))
+                redirect.enter_context(contextlib.redirect_stderr(logf))
+            with redirect:
+                try:
+                    return main(argv)
+                except KeyboardInterrupt:
+                    return 130
+                except Exception:  # noqa: BLE001 - a failing job must not end the benchmark
+                    import traceback
+
+                    traceback.print_exc()
+                    print(f"mae-transfer: error: the job crashed: {sys.exc_info()[1]!r}", file=sys.stderr)
+                    return 1
+    finally:
+        setup_logging(0)  # the job pointed the console handler at its log file
+
+
+def run_jobs(
+    jobs: list[Job],
+    results_dir: str | os.PathLike,
+    nproc: int = 1,
+    in_process: bool = False,
+    verbose: bool = False,
+    retry_failed: bool = True,
+    echo: Callable[[str], None] = print,
+) -> list[JobOutcome]:
+    """Run the jobs that have no results yet, one after another, recording every outcome.
+
+    Raises :class:`BenchInterrupted` after a SIGTERM/SIGINT (the job in progress saved its state)."""
+    store = ResultStore(results_dir)
+    outcomes: list[JobOutcome] = []
+    with _StopRequest() as stop:
+        for i, job in enumerate(jobs, 1):
+            head = f"[{i}/{len(jobs)}] {job.label}"
+            stored = store.read()
+            if job_done(stored, job.key):
+                rows = [r for r in stored if r.get("job_key") == job.key and r.get("metric") != FAILED]
+                outcomes.append(JobOutcome(job, "cached", rows=rows))
+                echo(f"{head}: done before, skipped (results in {store.path})")
+                continue
+            if not retry_failed and any(r.get("job_key") == job.key for r in stored):
+                outcomes.append(JobOutcome(job, "failed", error="failed before (--no-retry)"))
+                echo(f"{head}: failed before, not retried")
+                continue
+            finished = _read_run_rows(job.run_dir)
+            if finished:  # ran to the end (by hand, or the runner stopped before recording it)
+                rows = _tag_rows(job, finished, None)
+                store.append(rows)
+                outcomes.append(JobOutcome(job, "recorded", rows=rows))
+                echo(f"{head}: finished in {job.run_dir}, recorded")
+                continue
+            job.run_dir.mkdir(parents=True, exist_ok=True)
+            log_path = job.run_dir / "bench.log"
+            resuming = (job.run_dir / "checkpoint-last.pth").exists()
+            echo(f"{head}: {'resuming' if resuming else 'running'} (log: {log_path})")
+            t0 = time.perf_counter()
+            rc = run_in_process([*job.argv, "--output", str(job.run_dir)], log_path, verbose) if in_process else _run_subprocess(job, nproc, log_path, verbose, stop)
+            wall = time.perf_counter() - t0
+            # In-process jobs catch the signal themselves (the trainer saves and returns 143/130).
+            if stop.signum is not None or (in_process and rc in (130, 143)):
+                raise BenchInterrupted(
+                    f"stopped during {job.label} after {wall:.0f} s; its run directory {job.run_dir} keeps its "
+                    "checkpoint: run the same command again to resume (finished jobs are not run again)"
+                )
+            rows = _read_run_rows(job.run_dir) if rc == 0 else []
+            if rc == 0 and rows:
+                rows = _tag_rows(job, rows, wall)
+                store.append(rows)
+                outcomes.append(JobOutcome(job, "done", wall, rows=rows))
+                echo(f"{head}: done in {wall:.0f} s: {headline(rows)}")
+                continue
+            error = _last_error(log_path) if rc != 0 else f"exited 0 but wrote no {job.run_dir / 'results.jsonl'}"
+            if rc in (130, 143):
+                error = f"interrupted by a signal from outside the runner (exit {rc}); {error}"
+            store.append([{"task": job.task, "metric": FAILED, "value": None, "error": error, "returncode": rc,
+                           "log": str(log_path)}], **_tag_rows(job, [{}], wall)[0])
+            outcomes.append(JobOutcome(job, "failed", wall, error=error))
+            echo(f"{head}: FAILED after {wall:.0f} s (exit {rc}): {error}\n    log: {log_path}")
+    return outcomes
+
+
+HEADLINE = {"coco": ("bbox_AP", "segm_AP"), "ade20k": ("mIoU",)}
+
+
+def headline(rows: list[dict]) -> str:
+    """The main numbers of a job's rows, e.g. ``bbox_AP 19.8, segm_AP 22.7``."""
+    wanted = HEADLINE.get(rows[0].get("job", ""), ("top1",)) if rows else ()
+    parts = []
+    for r in rows:
+        proto = str(r.get("protocol", ""))
+        if r.get("metric") in wanted and r.get("value") is not None and not proto.endswith(("_ms", "+flip")):
+            if r.get("job") == "knn" and proto not in ("knn20", "linprobe_sweep"):
+                continue
+            name = r["metric"] if r.get("job") != "knn" else f"{proto} top1"
+            parts.append(f"{name} {r['value']:.2f}")
+    return ", ".join(parts) or "no metric"
+
+
+def print_commands(jobs: list[Job], results_dir: str | os.PathLike, nproc: int, echo: Callable[[str], None] = print) -> int:
+    """``launcher="print"``: the commands of the jobs that have no results yet."""
+    stored = ResultStore(results_dir).read()
+    todo = [j for j in jobs if not job_done(stored, j.key) and not _read_run_rows(j.run_dir)]
+    echo(f"# {len(todo)} of {len(jobs)} jobs to run; afterwards run the same `mae-transfer bench` to record and tabulate them")
+    for j in todo:
+        echo(f"# {j.label}")
+        echo(shlex.join(shell_command(j, nproc, python="python")))
+    return len(todo)
+
+
+def submit_slurm(jobs: list[Job], results_dir: str | os.PathLike, nproc: int, slurm: dict[str, Any],
+                 echo: Callable[[str], None] = print) -> list[str]:
+    """``launcher="slurm"``: one SLURM job per task through submitit (``pip install submitit``)."""
+    try:
+        import submitit
+    except ImportError:
+        raise ConfigError("--launcher slurm needs submitit: pip install submitit") from None
+    stored = ResultStore(results_dir).read()
+    todo = [j for j in jobs if not job_done(stored, j.key) and not _read_run_rows(j.run_dir)]
+    executor = submitit.AutoExecutor(folder=str(Path(results_dir) / "slurm" / "%j"), cluster=slurm.pop("cluster", None))
+    executor.update_parameters(nodes=1, tasks_per_node=1, gpus_per_node=nproc, cpus_per_task=max(8, 8 * nproc), **slurm)
+    ids = []
+    for j in todo:
+        j.run_dir.mkdir(parents=True, exist_ok=True)
+        executor.update_parameters(name=f"mae-{j.task}-{_slug(j.backbone.name)}")
+        sub = executor.submit(submitit.helpers.CommandFunction(shell_command(j, nproc)))
+        ids.append(str(sub.job_id))
+        echo(f"submitted {j.label}: job {sub.job_id} (run directory {j.run_dir})")
+    echo(f"{len(ids)} job(s) submitted; run the same `mae-transfer bench` again when they are done to record them")
+    return ids
+
+
+def latest_rows(results_dir: str | os.PathLike, jobs: list[Job] | None = None) -> list[dict]:
+    """The store's rows, restricted to the keys of ``jobs`` when given (the current benchmark)."""
+    rows = ResultStore(results_dir).read()
+    if jobs is not None:
+        keys = {j.key for j in jobs}
+        rows = [r for r in rows if r.get("job_key") in keys]
+    return rows
+
+
+__all__ = [
+    "TASKS", "Backbone", "Job", "JobOutcome", "BenchInterrupted", "parse_backbones", "parse_tasks", "parse_task_map",
+    "parse_overrides", "plan_jobs", "run_jobs", "run_in_process", "print_commands", "submit_slurm", "shell_command", "latest_rows", "headline",
+]

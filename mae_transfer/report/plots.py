@@ -1,0 +1,300 @@
+"""PNG plots of benchmark runs: fine-tuning loss curves, MAE pretraining loss, headline-metric bars.
+
+Figures are ``matplotlib.figure.Figure`` objects (Agg canvas, no pyplot global state); PNGs are written atomically."""
+
+from __future__ import annotations
+
+import csv
+import logging
+import math
+import os
+import re
+import tempfile
+import textwrap
+from pathlib import Path
+from typing import Any, Iterable
+
+from matplotlib.figure import Figure
+from matplotlib.ticker import LogFormatter
+
+log = logging.getLogger(__name__)
+
+DPI = 120
+TOY_NOTE = "toy data: pipeline check, not comparable with the paper"
+# Job -> (display name, [(metric, label suffix), ...]) in the paper's table order.
+JOBS: dict[str, tuple[str, list[tuple[str, str]]]] = {
+    "coco": ("COCO", [("bbox_AP", "APbox"), ("segm_AP", "APmask")]),
+    "ade20k": ("ADE20K", [("mIoU", "mIoU")]),
+    **{f"inat{y}": (f"iNat {y}", [("top1", "top-1")]) for y in (2017, 2018, 2019)},
+    **{f"places{n}": (f"Places{n}", [("top1", "top-1")]) for n in (205, 365)},
+    "finetune": ("ImageNet fine-tune", [("top1", "top-1")]),
+    "linprobe": ("linear probe", [("top1", "top-1")]),
+    "knn": ("k-NN", [("top1", "top-1")]),
+}
+_KNN = re.compile(r"^knn(\d+)$")
+
+
+def backbone_colors(names: Iterable[str]) -> dict[str, str]:
+    """A colour per backbone name, in the given order, from the tab10 palette (cycled)."""
+    palette = [f"tab:{c}" for c in "blue orange green red purple brown pink gray olive cyan".split()]
+    return {n: palette[i % len(palette)] for i, n in enumerate(dict.fromkeys(names))}
+
+
+def read_curve(path: str | Path) -> dict[str, list[float]]:
+    """Read a CSV of numbers into ``{column: values}``.
+
+    Non-numeric or empty cells become NaN. Lines with the wrong number of fields, and a last line
+    without a line terminator (a write cut short by a crash), are skipped. An empty file gives ``{}``.
+    A missing file raises ``FileNotFoundError``.
+    """
+    text = Path(path).read_text(encoding="utf-8-sig", errors="replace")
+    lines = text.splitlines(keepends=True)
+    if len(lines) > 1 and not lines[-1].endswith(("\n", "\r")):
+        lines = lines[:-1]  # an unterminated last line: a write cut short
+    records = [r for r in csv.reader(lines) if r and any(c.strip() for c in r)]
+    if not records:
+        return {}
+    header = [h.strip() for h in records[0]]
+    cols: dict[str, list[float]] = {h: [] for h in header}
+    for rec in records[1:]:
+        if len(rec) != len(header):
+            log.debug("%s: skipping a line with %d fields (header has %d)", path, len(rec), len(header))
+            continue
+        for h, cell in zip(header, rec):
+            try:
+                cols[h].append(float(cell))
+            except ValueError:
+                cols[h].append(math.nan)
+    return cols
+
+
+def _ema(values: list[float], alpha: float = 0.3) -> list[float]:
+    out = values[:1]
+    for v in values[1:]:
+        out.append(alpha * v + (1 - alpha) * out[-1])
+    return out
+
+
+def _xy(cols: dict[str, list[float]], key: str) -> tuple[list[float], list[float]]:
+    """(step, key) pairs where both are finite; step defaults to the row index."""
+    ys = cols.get(key, [])
+    xs = cols.get("step") or [float(i) for i in range(len(ys))]
+    pts = [(x, y) for x, y in zip(xs, ys) if math.isfinite(x) and math.isfinite(y)]
+    return [p[0] for p in pts], [p[1] for p in pts]
+
+
+def _train_log(run_dir: Path) -> dict[str, list[float]] | None:
+    """``train.csv`` of a run directory if it has finite loss values, else None (with a warning)."""
+    cols, why = {}, "no finite loss values in train.csv"
+    try:
+        cols = read_curve(Path(run_dir) / "train.csv")
+    except (OSError, csv.Error) as e:
+        why = str(e)
+    if _xy(cols, "loss")[0]:
+        return cols
+    log.warning("no training curve for %s: %s", run_dir, why)
+    return None
+
+
+def _draw_loss(ax: Any, x: list[float], y: list[float], color: str, label: str | None) -> None:
+    ax.plot(x, y, color=color, alpha=0.25, linewidth=0.8)
+    ax.plot(x, _ema(y), color=color, linewidth=1.6, label=label)
+
+
+class _PlainLog(LogFormatter):
+    """Log-axis labels as plain numbers ("0.3", not "3e-01"), on the ticks matplotlib would label."""
+    def __call__(self, x: float, pos: int | None = None) -> str:
+        return f"{x:g}" if super().__call__(x, pos) else ""
+
+
+def _log_if_wide(ax: Any, values: list[float]) -> None:
+    if values and min(values) > 0 and max(values) > 10 * min(values):
+        ax.set_yscale("log")
+        ax.yaxis.set_major_formatter(_PlainLog())
+        ax.yaxis.set_minor_formatter(_PlainLog(labelOnlyBase=False, minor_thresholds=(2, 0.5)))
+
+
+def _save(fig: Figure, out: Path) -> Path:
+    """Save ``fig`` as a PNG at ``out`` atomically and release it."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            fig.savefig(f, format="png", dpi=DPI)
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600 files
+        os.replace(tmp, out)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    finally:
+        fig.clear()
+    return out
+
+
+def _job_order(jobs: Iterable[str]) -> list[str]:
+    return sorted(dict.fromkeys(jobs), key=lambda j: (list(JOBS).index(j) if j in JOBS else len(JOBS), j))
+
+
+def plot_training_curves(runs: dict[str, dict[str, Path]], out: Path, title: str | None = None,
+                         colors: dict[str, str] | None = None) -> Path | None:
+    """Training loss vs step: one subplot per job, one line (EMA, raw faint behind) per backbone.
+
+    ``runs`` maps a job to ``{backbone: run dir}``. Returns None and writes nothing if no curve
+    could be read. ``colors`` (from :func:`backbone_colors`) keeps colours in step with other plots.
+    """
+    curves = {job: {bb: _xy(c, "loss") for bb, d in runs[job].items() if (c := _train_log(d))} for job in _job_order(runs)}
+    curves = {job: c for job, c in curves.items() if c}
+    if not curves:
+        return None
+    names = [bb for c in curves.values() for bb in c]
+    colors = {**backbone_colors([*(colors or {}), *names]), **(colors or {})}  # new names after the given ones
+    nrows, ncols = math.ceil(len(curves) / 4), min(4, len(curves))
+    fig = Figure(figsize=(4.2 * ncols, 3.2 * nrows + 0.8), layout="constrained")
+    for i, (job, by_bb) in enumerate(curves.items()):
+        ax = fig.add_subplot(nrows, ncols, i + 1)
+        for bb, (x, y) in by_bb.items():
+            _draw_loss(ax, x, y, colors[bb], bb)
+        _log_if_wide(ax, [v for _, y in by_bb.values() for v in y])
+        ax.set(title=JOBS.get(job, (job,))[0], xlabel="step", ylabel="training loss")
+        ax.grid(alpha=0.3)
+    handles = {h.get_label(): h for ax in fig.axes for h in ax.get_lines() if not h.get_label().startswith("_")}
+    order = [bb for bb in colors if bb in handles]
+    fig.legend([handles[b] for b in order], order, loc="outside lower center", ncol=min(len(order), 6), frameon=False)
+    fig.suptitle(title or "Training loss (smoothed; raw faint)")
+    return _save(fig, out)
+
+
+def plot_pretraining(run_dir: Path, out: Path) -> Path | None:
+    """MAE pretraining loss vs step, with the learning rate on a twin axis when logged."""
+    cols = _train_log(run_dir)
+    if cols is None:
+        return None
+    curve = _xy(cols, "loss")
+    fig = Figure(figsize=(7, 4.2), layout="constrained")
+    ax = fig.add_subplot()
+    _draw_loss(ax, *curve, "tab:blue", "loss (EMA)")
+    _log_if_wide(ax, curve[1])
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss", color="tab:blue")
+    ax.grid(alpha=0.3)
+    lx, ly = _xy(cols, "lr")
+    if lx:
+        ax2 = ax.twinx()
+        ax2.plot(lx, ly, color="tab:orange", linewidth=1.2, linestyle="--", label="learning rate")
+        ax2.set_ylabel("learning rate", color="tab:orange")
+        ax2.ticklabel_format(axis="y", style="sci", scilimits=(-2, 3))
+    handles = [h for a in fig.axes for h in a.get_lines() if not h.get_label().startswith("_")]
+    fig.legend(handles, [h.get_label() for h in handles], loc="outside lower center", ncol=2, frameon=False)
+    fig.suptitle(f"MAE pretraining ({Path(run_dir).name})")
+    return _save(fig, out)
+
+
+def _pick(job: str, metric: str, recs: dict[tuple[str, str], float | None]) -> float | None:
+    """The headline value of ``metric`` among one backbone's ``{(protocol, metric): value}`` (latest last)."""
+    cands = [(p, v) for (p, m), v in recs.items() if m == metric]
+    if job == "knn":
+        ks = [(int(mt.group(1)), v) for p, v in cands if (mt := _KNN.match(p))]
+        cands = sorted(ks, key=lambda kv: (kv[0] != 20, kv[0]))[:1]  # k=20, else the smallest k
+    else:
+        cands = [(p, v) for p, v in cands if not _KNN.match(p)]
+        if job == "ade20k":
+            cands = [c for c in cands if c[0].endswith("_ss")] or [c for c in cands if "_ss" in c[0]] or cands
+    v = cands[-1][1] if cands else None
+    return float(v) if isinstance(v, (int, float)) and math.isfinite(v) else None
+
+
+def _comparison(rows: list[dict]) -> tuple[list[str], dict[str, list[float | None]], dict[str, list[bool]]]:
+    latest: dict[tuple[str, str], dict[tuple[str, str], Any]] = {}
+    failed: set[tuple[str, str]] = set()
+    backbones: dict[str, None] = {}  # ordered set
+    for r in rows:
+        job, bb = r.get("job"), str(r.get("backbone") or "unknown")
+        if job not in JOBS:
+            continue
+        backbones.setdefault(bb)
+        if r.get("metric") == "job_failed":
+            failed.add((job, bb))
+            continue
+        recs = latest.setdefault((job, bb), {})
+        key = (str(r.get("protocol") or ""), str(r.get("metric")))
+        recs.pop(key, None)  # re-insert so that the newest row is last
+        recs[key] = r.get("value")
+    labels, values, fails = [], {bb: [] for bb in backbones}, {bb: [] for bb in backbones}
+    for job in _job_order(j for j, _ in latest):
+        for metric, suffix in JOBS[job][1]:
+            col = {bb: _pick(job, metric, latest.get((job, bb), {})) for bb in backbones}
+            if all(v is None for v in col.values()):
+                continue
+            labels.append(f"{JOBS[job][0]} {suffix}")
+            for bb in backbones:
+                values[bb].append(col[bb])
+                fails[bb].append(col[bb] is None and (job, bb) in failed)
+    return labels, values, fails
+
+
+def comparison_data(rows: list[dict]) -> tuple[list[str], dict[str, list[float | None]]]:
+    """The bars of :func:`plot_comparison`: group labels, ``{backbone (first-seen order): value or None per group}``."""
+    labels, values, _ = _comparison(rows)
+    return labels, values
+
+
+def plot_comparison(rows: list[dict], out: Path, title: str | None = None,
+                    colors: dict[str, str] | None = None) -> Path | None:
+    """Grouped bars of each job's headline metric, one bar per backbone; None if nothing to draw."""
+    labels, values, fails = _comparison(rows)
+    if not labels:
+        return None
+    colors = {**backbone_colors([*(colors or {}), *values]), **(colors or {})}
+    n, width = len(values), 0.8 / len(values)
+    finite = [v for vs in values.values() for v in vs if v is not None]
+    top = max(finite + [1.0])
+    rotate = n * len(labels) > 16
+    fig = Figure(figsize=(min(18.0, max(6.0, 1.0 + len(labels) * (0.4 + 0.35 * n))), 4.8), layout="constrained")
+    ax = fig.add_subplot()
+    for i, (bb, vs) in enumerate(values.items()):
+        xs = [g + (i - (n - 1) / 2) * width for g in range(len(labels))]
+        bars = ax.bar([x for x, v in zip(xs, vs) if v is not None], [v for v in vs if v is not None],
+                      width * 0.92, color=colors[bb], label=bb)
+        ax.bar_label(bars, fmt="%.1f", padding=2, fontsize=8, rotation=90 if rotate else 0)
+        for x, f in zip(xs, fails[bb]):
+            if f:
+                ax.text(x, top * 0.02, "failed", rotation=90, ha="center", va="bottom", fontsize=8, color="firebrick")
+    ax.set_xticks(range(len(labels)), [textwrap.fill(lab, 16, break_on_hyphens=False) for lab in labels], fontsize=9)
+    ax.set(ylabel="score (%)", ylim=(min(0.0, min(finite, default=0.0)), top * (1.2 if rotate else 1.1)))
+    ax.grid(axis="y", alpha=0.3)
+    ax.set_axisbelow(True)
+    fig.legend(loc="outside lower center", ncol=min(n, 6), frameon=False)
+    fig.suptitle(title or "Transfer benchmark: headline metrics")
+    if any(str(r.get("dataset") or "").endswith(" (toy)") for r in rows):
+        ax.set_title(TOY_NOTE, fontsize=9, style="italic", color="dimgray")
+    return _save(fig, out)
+
+
+def plot_all(rows: list[dict], out_dir: Path, pretrain_dir: Path | None = None) -> list[Path]:
+    """Write ``training_curves.png``, ``comparison.png`` and (with ``pretrain_dir``) ``pretraining.png``.
+
+    Run directories come from the rows' ``run_dir`` field (the latest per job and backbone; relative
+    paths are taken from the working directory; missing ones are skipped). Returns the written paths.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    colors = backbone_colors(str(r.get("backbone") or "unknown") for r in rows if r.get("job") in JOBS)
+    found: dict[tuple[str, str], Path] = {}
+    for r in rows:
+        if r.get("job") and r.get("run_dir") and r.get("job") != "knn":  # k-NN trains nothing
+            found[(str(r["job"]), str(r.get("backbone") or "unknown"))] = Path(r["run_dir"])
+    runs: dict[str, dict[str, Path]] = {}
+    for (job, bb), d in found.items():
+        if d.is_dir():
+            runs.setdefault(job, {})[bb] = d
+        else:
+            log.warning("run directory of %s / %s not found: %s", job, bb, d)
+    written = [plot_training_curves(runs, out_dir / "training_curves.png", colors=colors),
+               plot_comparison(rows, out_dir / "comparison.png", colors=colors)]
+    if pretrain_dir is not None:
+        written.append(plot_pretraining(Path(pretrain_dir), out_dir / "pretraining.png"))
+    return [p for p in written if p is not None]
+
+
+__all__ = ["backbone_colors", "comparison_data", "plot_all", "plot_comparison", "plot_pretraining", "plot_training_curves", "read_curve"]

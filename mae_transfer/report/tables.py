@@ -1,0 +1,417 @@
+"""The MAE paper's transfer tables built from the results store, rendered as Markdown, LaTeX and CSV.
+
+``build_tables`` turns result rows (``results.jsonl``, oldest first) into ``Table`` objects: one block
+with our backbones (one row each, with optional deltas to a baseline backbone) and one block with
+the paper's reference numbers (``paper.yaml``). ``to_markdown`` / ``to_latex`` / ``to_csv`` render
+one table; ``render``, ``latex_document`` and ``write_tables`` produce whole reports.
+
+Row semantics: for each (backbone, job, protocol, metric) the last row wins; a ``job_failed`` row
+newer than every result of its (backbone, job) turns that job's cells into ``failed``; a job that
+never ran shows ``–``.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+import os
+import re
+import tempfile
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import yaml
+
+FAILED = "job_failed"
+MISSING = "–"
+NO_RESULTS = "no results yet: the results store holds no rows for the paper's tables"
+TOY_NOTE = ("Our rows ran on the built-in toy data: they check the pipeline and are not comparable "
+            "with the paper's rows.")
+FORMATS = ("markdown", "latex", "csv")
+
+
+@dataclass
+class Cell:
+    """One number: ``value`` (None: show ``status``), bold flag and delta to the baseline."""
+
+    value: float | None = None
+    status: str = MISSING
+    bold: bool = False
+    delta: float | None = None
+
+
+@dataclass
+class Row:
+    """A table row: label cells (method or backbone, ViT size, data) and one ``Cell`` per column."""
+
+    label: str
+    size: str | None
+    data: str
+    cells: list[Cell]
+
+
+@dataclass
+class Table:
+    """A built table: ``blocks`` maps the block name (``ours``, ``paper``) to its rows."""
+
+    key: str
+    title: str
+    caption: str
+    columns: list[str]
+    blocks: dict[str, list[Row]]
+    notes: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class _Col:
+    id: str  # the column id in paper.yaml
+    label: str
+    job: str
+    metric: str
+    protocol: Callable[[str], bool]
+    keep: str = "optional"  # always | optional (dropped when empty unless full) | present (only if a row exists)
+
+
+def load_paper() -> dict:
+    """The MAE paper's reference numbers (``paper.yaml`` shipped with the package)."""
+    text = resources.files(__package__).joinpath("paper.yaml").read_text(encoding="utf-8")
+    return yaml.safe_load(text)
+
+
+_SIZES = {"base": "B", "large": "L", "huge": "H", "b": "B", "l": "L", "h": "H"}
+
+
+def size_of(model: str | None) -> str | None:
+    """The ViT size letter of a model name: ``vit_base_patch16`` -> ``"B"``, ``vit_large_*`` -> ``"L"``,
+    ``vit_huge_*`` -> ``"H"`` (also ``mae_vit_*``); other ViTs give their size word (``"micro"``)."""
+    if not model:
+        return None
+    m = re.search(r"(?:^|_)vit_([a-z]+)", str(model).lower())
+    if not m:
+        return str(model)
+    return _SIZES.get(m.group(1), m.group(1))
+
+
+def _num(v: Any) -> float | None:
+    try:
+        f = float(v)
+    except (TypeError, ValueError):
+        return None
+    return f if math.isfinite(f) else None
+
+
+def _is_toy(dataset: Any) -> bool:
+    return isinstance(dataset, str) and dataset.strip().endswith("(toy)")
+
+
+class _Index:
+    """The rows indexed for lookup: the last row per (backbone, job, protocol, metric) and failures."""
+
+    def __init__(self, rows: Iterable[dict]):
+        self.latest: dict[tuple[str, str, str, str], tuple[int, dict]] = {}
+        self.ok: dict[tuple[str, str], int] = {}
+        self.fail: dict[tuple[str, str], int] = {}
+        self.models: dict[str, str] = {}
+        self.backbones: list[str] = []
+        for i, r in enumerate(rows):
+            if r.get("backbone") is None:
+                continue
+            bb, job = str(r["backbone"]), str(r.get("job") or r.get("task") or "")
+            if bb not in self.backbones:
+                self.backbones.append(bb)
+            if r.get("model") and bb not in self.models:
+                self.models[bb] = r["model"]
+            if r.get("metric") == FAILED:
+                self.fail[(bb, job)] = i
+            else:
+                self.ok[(bb, job)] = i
+                self.latest[(bb, job, str(r.get("protocol") or ""), str(r.get("metric")))] = (i, r)
+
+    def failed(self, bb: str, job: str) -> bool:
+        return self.fail.get((bb, job), -1) > self.ok.get((bb, job), -1)
+
+    def hit(self, bb: str, col: _Col) -> dict | None:
+        """The newest row of ``bb`` for the column (any matching protocol)."""
+        hits = [v for (b, j, p, m), v in self.latest.items()
+                if b == bb and j == col.job and m == col.metric and col.protocol(p)]
+        return max(hits, key=lambda h: h[0])[1] if hits else None
+
+    def knn_protocol(self) -> str:
+        ks = {int(p[3:]) for (_, j, p, m) in self.latest if j == "knn" and m == "top1" and re.fullmatch(r"knn\d+", p)}
+        return f"knn{20 if 20 in ks or not ks else min(ks)}"
+
+
+def _specs(knn: str) -> list[tuple[str, str, list[str], list[_Col]]]:
+    any_p = lambda p: True  # noqa: E731
+    ft = lambda p: p in ("finetune", "")  # noqa: E731
+    transfer = [("inat2017", "iNat 2017"), ("inat2018", "iNat 2018"), ("inat2019", "iNat 2019"),
+                ("places205", "Places205"), ("places365", "Places365")]
+    return [
+        ("coco", "Table 4: COCO object detection and instance segmentation (Mask R-CNN)", ["coco"],
+         [_Col("APbox", "APbox", "coco", "bbox_AP", any_p, "always"),
+          _Col("APmask", "APmask", "coco", "segm_AP", any_p, "always")]),
+        ("ade20k", "Table 5: ADE20K semantic segmentation (UperNet)", ["ade20k"],
+         [_Col("mIoU", "mIoU", "ade20k", "mIoU", lambda p: p.endswith("_ss"), "always"),
+          _Col("mIoU_msflip", "mIoU (ms+flip)", "ade20k", "mIoU", lambda p: p.endswith("_ms+flip"), "present")]),
+        ("transfer", "Table 6: transfer classification, top-1", ["transfer"],
+         [_Col(job, label, job, "top1", ft) for job, label in transfer]),
+        ("imagenet", "ImageNet-style classification, top-1", ["imagenet_finetune", "imagenet_linprobe"],
+         [_Col("finetune", "fine-tune", "finetune", "top1", ft),
+          _Col("linprobe", "linear probe", "linprobe", "top1", lambda p: p in ("linprobe", "")),
+          _Col("knn", "k-NN", "knn", "top1", lambda p: p == knn)]),
+    ]
+
+
+def _resolve_baseline(baseline: str | None, backbones: list[str]) -> str | None:
+    if baseline is None:
+        return None
+    if baseline == "auto":
+        return next((b for b in backbones if re.search("random|scratch", b, re.IGNORECASE)), None)
+    if baseline not in backbones:
+        raise ValueError(f"baseline {baseline!r} is not a backbone of the results; backbones: "
+                         f"{', '.join(map(repr, backbones)) or 'none'}")
+    return baseline
+
+
+def _mark_best(rows: list[Row]) -> None:
+    """Bold the highest value of each column (as displayed, one decimal); ties are all bold."""
+    for j in range(len(rows[0].cells) if rows else 0):
+        vals = [round(r.cells[j].value, 1) for r in rows if r.cells[j].value is not None]
+        for r in rows:
+            c = r.cells[j]
+            c.bold = bool(vals) and c.value is not None and round(c.value, 1) == max(vals)
+
+
+def _paper_block(paper: dict, keys: list[str], cols: list[_Col], sizes: list[str]) -> tuple[list[Row], list[str], list[str]]:
+    """The paper's rows for ``sizes`` (merged across the paper tables ``keys``), their sources and notes."""
+    merged: dict[tuple[str, str], tuple[str, dict]] = {}
+    sources, notes = [], []
+    ids = [c.id for c in cols]
+    for key in keys:
+        t = paper["tables"][key]
+        used = False
+        for r in t["rows"]:
+            vals = {s: v for s, v in r["values"].items() if s == "-" or s in sizes}
+            if not any(_num(v.get(i)) is not None for v in vals.values() for i in ids):
+                continue
+            used = True
+            for s, v in vals.items():
+                merged.setdefault((r["method"], s), (r["pretrain"], {}))[1].update(v)
+            if r.get("note"):
+                notes.append(r["note"] + ".")
+            if r.get("by"):
+                label = {c.id: c.label for c in cols}
+                by = [f"{label[i]} {r['by'][i]}" for i in ids if i in r["by"]]
+                notes.append(f"{r['method']} (paper): " + "; ".join(by) + ".")
+        if used:
+            sources.append(t["source"])
+    rows = [Row(f"{m} (paper)", None if s == "-" else s, pre, [Cell(_num(v.get(i))) for i in ids])
+            for (m, s), (pre, v) in merged.items() if any(_num(v.get(i)) is not None for i in ids)]
+    return rows, sources, notes
+
+
+def build_tables(rows: Iterable[dict], baseline: str | None = "auto", paper: bool = True,
+                 paper_sizes: list[str] | None = None, full: bool = False) -> list[Table]:
+    """The paper's tables (COCO, ADE20K, transfer, ImageNet) that our ``rows`` have results for.
+
+    ``baseline``: the backbone that deltas are taken to ("auto": the first backbone whose name holds
+    "random" or "scratch"; None: no deltas). ``paper``: add the paper's rows, for ``paper_sizes``
+    (default: our ViT sizes among B/L/H, else B). ``full``: keep the columns nobody has results for.
+    """
+    idx = _Index(rows)
+    bbs = idx.backbones
+    base = _resolve_baseline(baseline, bbs)
+    ref = load_paper() if paper else None
+    tables = []
+    for key, title, paper_keys, cols in _specs(idx.knn_protocol()):
+        hits = {(b, c.id): idx.hit(b, c) for b in bbs for c in cols}
+        has = {c.id: any(idx.failed(b, c.job) or (hits[b, c.id] and _num(hits[b, c.id].get("value")) is not None)
+                         for b in bbs) for c in cols}
+        if not any(has.values()):
+            continue
+        keep = {"always": lambda c: True, "optional": lambda c: full or has[c.id],
+                "present": lambda c: any(hits[b, c.id] for b in bbs)}
+        cols = [c for c in cols if keep[c.keep](c)]
+        ours, toy, protocols = [], False, []
+        for b in bbs:
+            found = [hits[b, c.id] for c in cols]
+            cells = [Cell(status="failed") if idx.failed(b, c.job) else Cell(_num(h.get("value")) if h else None)
+                     for c, h in zip(cols, found)]
+            model = next((h["model"] for h in found if h and h.get("model")), idx.models.get(b))
+            data = []
+            for h in found:
+                if h and h.get("dataset"):
+                    toy |= _is_toy(h["dataset"])
+                    data.append("toy" if _is_toy(h["dataset"]) else str(h["dataset"]))
+                if h and h.get("protocol") and h["protocol"] not in protocols:
+                    protocols.append(h["protocol"])
+            ours.append(Row(b, size_of(model), ", ".join(dict.fromkeys(data)) or MISSING, cells))
+        caption, notes = [], []
+        if base is not None:
+            ref_cells = ours[bbs.index(base)].cells
+            for r in ours:
+                if r.label != base:
+                    for c, bc in zip(r.cells, ref_cells):
+                        if c.value is not None and bc.value is not None:
+                            c.delta = c.value - bc.value
+        _mark_best(ours)
+        blocks = {"ours": ours}
+        if ref is not None:
+            sizes = paper_sizes or [s for s in ("B", "L", "H") if s in {r.size for r in ours}] or ["B"]
+            prow, sources, pnotes = _paper_block(ref, paper_keys, cols, sizes)
+            if prow:
+                _mark_best(prow)
+                blocks["paper"] = prow
+                caption.append("Paper rows: " + "; ".join(sources) + ".")
+                notes += pnotes
+        if base is not None:
+            caption.append(f"(±x.x): difference to {base}.")
+        if any(c.id == "knn" for c in cols):
+            notes.append(f"k-NN: top-1 of the weighted k-NN classifier, k={idx.knn_protocol()[3:]}.")
+        if protocols:
+            notes.append("Our protocols: " + ", ".join(map(str, protocols)) + ".")
+        if toy:
+            notes.append(TOY_NOTE)
+        tables.append(Table(key, title, " ".join(caption), [c.label for c in cols], blocks, notes))
+    return tables
+
+
+# ---------------------------------------------------------------- rendering
+
+def _fmt(v: float) -> str:
+    return f"{v:.1f}"
+
+
+def _fmt_delta(d: float) -> str:
+    s = f"{d:+.1f}"
+    return "+0.0" if s == "-0.0" else s
+
+
+def _md_escape(s: str) -> str:
+    return re.sub(r"([\\|*_`])", r"\\\1", s)
+
+
+def _md_cell(c: Cell) -> str:
+    if c.value is None:
+        return c.status
+    s = f"**{_fmt(c.value)}**" if c.bold else _fmt(c.value)
+    return s + (f" ({_fmt_delta(c.delta)})" if c.delta is not None else "")
+
+
+def to_markdown(table: Table) -> str:
+    """A GitHub-flavoured Markdown table: title line, our rows then the paper's, caption and notes below."""
+    line = lambda cells: "| " + " | ".join(cells) + " |"  # noqa: E731
+    out = [f"**{_md_escape(table.title)}**", "", line(["method", "ViT", "data", *map(_md_escape, table.columns)]),
+           "|" + "|".join([":---"] * 3 + ["---:"] * len(table.columns)) + "|"]
+    for rows in table.blocks.values():
+        out += [line([_md_escape(r.label), _md_escape(r.size or MISSING), _md_escape(r.data), *map(_md_cell, r.cells)])
+                for r in rows]
+    text = " ".join([table.caption, *table.notes]).strip()
+    return "\n".join(out + (["", _md_escape(text)] if text else []))
+
+
+_TEX = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_", "{": r"\{",
+        "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}", "<": r"\textless{}",
+        ">": r"\textgreater{}", "|": r"\textbar{}", "–": "--", "−": "$-$", "±": r"$\pm$"}
+
+
+def _tex(s: str) -> str:
+    return "".join(_TEX.get(ch, ch) for ch in str(s))
+
+
+def _tex_cell(c: Cell) -> str:
+    if c.value is None:
+        return _tex(c.status)
+    s = rf"\textbf{{{_fmt(c.value)}}}" if c.bold else _fmt(c.value)
+    if c.delta is not None:
+        s += r"\,{\scriptsize(" + _fmt_delta(c.delta).replace("-", "$-$") + ")}"
+    return s
+
+
+def to_latex(table: Table) -> str:
+    """A booktabs ``table`` environment (caption, our block, paper block, notes)."""
+    title = re.sub(r"^Table (\d+): (.*)$", r"\2, as in Table \1 of the MAE paper", table.title)
+    caption = _tex(f"{title}. {table.caption}".strip())
+    out = [r"\begin{table}[htbp]", r"\centering", r"\small", rf"\caption{{{caption}}}", rf"\label{{tab:{table.key}}}",
+           r"\begin{tabular}{lll" + "r" * len(table.columns) + "}", r"\toprule",
+           " & ".join(["method", "ViT", "data", *map(_tex, table.columns)]) + r" \\"]
+    for rows in table.blocks.values():
+        if rows:
+            out.append(r"\midrule")
+            out += [" & ".join([_tex(r.label), _tex(r.size or MISSING), _tex(r.data), *map(_tex_cell, r.cells)]) + r" \\"
+                    for r in rows]
+    out += [r"\bottomrule", r"\end{tabular}"]
+    if table.notes:
+        out.append(r"\par\footnotesize " + _tex(" ".join(table.notes)))
+    return "\n".join(out + [r"\end{table}"])
+
+
+def _plain(v: float | None) -> str:
+    return "" if v is None else str(round(v, 4))
+
+
+def to_csv(table: Table) -> str:
+    """CSV: ``block,method,size,data,<col>,<col>_delta,...``; plain numbers, ``failed`` as text, empty for none."""
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(["block", "method", "size", "data", *[x for c in table.columns for x in (c, f"{c}_delta")]])
+    for block, rows in table.blocks.items():
+        for r in rows:
+            vals = [x for c in r.cells for x in
+                    (_plain(c.value) if c.value is not None else ("" if c.status == MISSING else c.status), _plain(c.delta))]
+            w.writerow([block, r.label, r.size or "", "" if r.data == MISSING else r.data, *vals])
+    return buf.getvalue()
+
+
+def render(rows: Iterable[dict], fmt: str = "markdown", **build_kwargs: Any) -> str:
+    """All tables in one format (``markdown``, ``latex`` or ``csv``); a one-line message when there are none."""
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown table format {fmt!r}; choose one of {', '.join(FORMATS)}")
+    tables = build_tables(rows, **build_kwargs)
+    if not tables:
+        return NO_RESULTS
+    if fmt == "csv":
+        return "\n".join(f"# {t.title}\n{to_csv(t)}" for t in tables)
+    return "\n\n".join(map(to_markdown if fmt == "markdown" else to_latex, tables)) + "\n"
+
+
+def latex_document(tables: list[Table]) -> str:
+    """A standalone LaTeX document (article, booktabs) with ``tables``; compiles with pdflatex."""
+    body = "\n\n".join(map(to_latex, tables)) if tables else _tex(NO_RESULTS) + "."
+    return "\n".join([r"\documentclass{article}",
+                      r"\usepackage{booktabs}", r"\usepackage[margin=2cm]{geometry}", r"\begin{document}",
+                      body, r"\end{document}", ""])
+
+
+def _atomic_write(path: Path, text: str) -> Path:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def write_tables(rows: Iterable[dict], out_dir: str | os.PathLike, **build_kwargs: Any) -> dict[str, Path]:
+    """Write ``tables.md``, ``tables.tex`` (standalone document) and ``table_<key>.csv`` per table into
+    ``out_dir`` (each atomically: temp file + ``os.replace``). Returns file name -> path."""
+    tables = build_tables(rows, **build_kwargs)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    md = "\n\n".join(map(to_markdown, tables)) if tables else NO_RESULTS
+    files = {"tables.md": md + "\n", "tables.tex": latex_document(tables)}
+    files.update({f"table_{t.key}.csv": to_csv(t) for t in tables})
+    return {name: _atomic_write(out / name, text) for name, text in files.items()}
+
+
+__all__ = ["Cell", "Row", "Table", "load_paper", "size_of", "build_tables", "to_markdown", "to_latex", "to_csv",
+           "render", "latex_document", "write_tables", "NO_RESULTS", "TOY_NOTE"]
