@@ -29,17 +29,19 @@ TASKS = ("coco", "ade20k", "inat2017", "inat2018", "inat2019", "places205", "pla
 FULL = {
     "pretrain": ["--epochs", "30"],
     "*": [],
-    "coco": [],  # the toy preset: 20 epochs at 128 px
+    # 64 px, the pretraining size, with windows as large as the pretraining grid (ViTDet's rule:
+    # window = the global attention size of pretraining); 20 epochs of the toy preset.
+    "coco": ["model.img_size=64", "model.window_size=8"],
     "ade20k": ["train.epochs=12"],
     "finetune": ["train.epochs=15"],
     "linprobe": ["train.epochs=15"],
-    "inat2017": ["train.epochs=30"], "inat2018": ["train.epochs=30"], "inat2019": ["train.epochs=30"],
-    "places205": ["train.epochs=30"], "places365": ["train.epochs=30"],
+    "inat2017": ["train.epochs=25"], "inat2018": ["train.epochs=25"], "inat2019": ["train.epochs=25"],
+    "places205": ["train.epochs=25"], "places365": ["train.epochs=25"],
 }
 QUICK = {
     "pretrain": ["--epochs", "3"],
     "*": ["train.epochs=2"],
-    "coco": ["train.epochs=2", "model.img_size=64"],
+    "coco": ["train.epochs=2", "model.img_size=64", "model.window_size=8"],
     "ade20k": ["train.epochs=2"],
 }
 # iNaturalist / Places toy splits with 20 validation images per class instead of 5, so that the

@@ -97,6 +97,9 @@ def _train_log(run_dir: Path) -> dict[str, list[float]] | None:
 
 
 def _draw_loss(ax: Any, x: list[float], y: list[float], color: str, label: str | None) -> None:
+    if len(y) < 30:  # a short log: smoothing would only lag behind it
+        ax.plot(x, y, color=color, linewidth=1.6, label=label, marker="." if len(y) < 15 else None)
+        return
     ax.plot(x, y, color=color, alpha=0.25, linewidth=0.8)
     ax.plot(x, _ema(y), color=color, linewidth=1.6, label=label)
 
@@ -161,7 +164,7 @@ def plot_training_curves(runs: dict[str, dict[str, Path]], out: Path, title: str
     handles = {h.get_label(): h for ax in fig.axes for h in ax.get_lines() if not h.get_label().startswith("_")}
     order = [bb for bb in colors if bb in handles]
     fig.legend([handles[b] for b in order], order, loc="outside lower center", ncol=min(len(order), 6), frameon=False)
-    fig.suptitle(title or "Training loss (smoothed; raw faint)")
+    fig.suptitle(title or "Training loss (long logs smoothed, raw faint)")
     return _save(fig, out)
 
 
