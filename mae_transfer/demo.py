@@ -108,7 +108,9 @@ def run_demo(output: Path, quick: bool = False, verbose: bool = False, echo=prin
     from mae_transfer.data.toy import ensure_toy_dataset
 
     data = {t: str(ensure_toy_dataset(t, **TOY_DATA[t])) for t in tasks if t in TOY_DATA and not quick}
-    jobs = bench.plan_jobs(backbones, list(tasks), results, data=data, overrides=_overrides(settings, tasks))
+    # A --data folder means real data to the task commands, so name the toy preset explicitly.
+    presets = {t: "toy_finetune" for t in data}
+    jobs = bench.plan_jobs(backbones, list(tasks), results, data=data, presets=presets, overrides=_overrides(settings, tasks))
     echo(f"[transfer] {len(jobs)} jobs ({len(tasks)} tasks x 2 backbones); results: {results / 'results.jsonl'}")
     try:
         outcomes = bench.run_jobs(jobs, results, in_process=True, verbose=verbose)
