@@ -49,7 +49,6 @@ QUICK = {
 TOY_DATA = {"inat2017": {"val_per_category": 20}, "inat2018": {"val_per_category": 20}, "inat2019": {"val_per_category": 20},
             "places205": {"val_per_category": 20}, "places365": {"val_per_category": 20}}
 QUICK_TASKS = ("coco", "ade20k", "inat2018", "places365", "finetune", "linprobe", "knn")
-HEADLINE = {"coco": ("bbox_AP", None), "ade20k": ("mIoU", "_ss"), "knn": ("top1", "knn20")}
 
 
 def _overrides(settings: dict, tasks: tuple[str, ...]) -> dict[str, list[str]]:
@@ -60,24 +59,9 @@ def _overrides(settings: dict, tasks: tuple[str, ...]) -> dict[str, list[str]]:
     return out
 
 
-def headline_value(rows: list[dict], task: str, backbone: str) -> float | None:
-    """The task's main number for one backbone (last row wins)."""
-    metric, protocol = HEADLINE.get(task, ("top1", None))
-    value = None
-    for r in rows:
-        if r.get("job") != task or r.get("backbone") != backbone or r.get("metric") != metric:
-            continue
-        proto = str(r.get("protocol", ""))
-        if protocol and not (proto == protocol or proto.endswith(protocol)):
-            continue
-        if task != "knn" and proto == "linprobe_sweep":
-            continue
-        value = r.get("value")
-    return value
-
-
 def run_demo(output: Path, quick: bool = False, verbose: bool = False, echo=print) -> int:
     from mae_transfer.cli import _report
+    from mae_transfer.report.plots import comparison_data
 
     t0 = time.perf_counter()
     settings, tasks = (QUICK, QUICK_TASKS) if quick else (FULL, TASKS)
@@ -125,14 +109,16 @@ def run_demo(output: Path, quick: bool = False, verbose: bool = False, echo=prin
     echo(markdown)
     echo("")
     echo("Does the MAE encoder beat random weights on every task?")
+    # The same headline metrics as the comparison bars (plots.comparison_data).
+    labels, values = comparison_data(rows)
+    mae_values, rnd_values = values.get(MAE_NAME, [None] * len(labels)), values.get(RANDOM_NAME, [None] * len(labels))
     wins = 0
-    for task in tasks:
-        mae, rnd = headline_value(rows, task, MAE_NAME), headline_value(rows, task, RANDOM_NAME)
+    for label, mae, rnd in zip(labels, mae_values, rnd_values):
         ok = mae is not None and rnd is not None and mae > rnd
         wins += ok
         fmt = lambda v: "failed" if v is None else f"{v:6.2f}"  # noqa: E731
-        echo(f"  {task:10s} MAE {fmt(mae)}  random {fmt(rnd)}  {'yes' if ok else 'NO'}")
-    echo(f"  {wins} of {len(tasks)} tasks{' (--quick schedules are too short to mean much)' if quick else ''}")
+        echo(f"  {label:26s} MAE {fmt(mae)}  random {fmt(rnd)}  {'yes' if ok else 'NO'}")
+    echo(f"  {wins} of {len(labels)} metrics{' (--quick schedules are too short to mean much)' if quick else ''}")
     echo("")
     echo("Pictures:")
     echo(f"  MAE reconstructions (original | masked | prediction | prediction + visible): {pre_dir / 'reconstructions'}")

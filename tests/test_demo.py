@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from mae_transfer.cli import main
-from mae_transfer.demo import MAE_NAME, QUICK_TASKS, RANDOM_NAME, headline_value
+from mae_transfer.demo import MAE_NAME, QUICK_TASKS, RANDOM_NAME
+from mae_transfer.report.plots import comparison_data
 from mae_transfer.results import ResultStore
 
 
@@ -16,10 +17,12 @@ def test_quick_demo_runs_every_task_and_resumes_without_work(tmp_path, cache, ca
     assert "Does the MAE encoder beat random weights" in out
     rows = ResultStore(out_dir / "results").read()
     assert not [r for r in rows if r["metric"] == "job_failed"]
-    for task in QUICK_TASKS:  # every task measured for both backbones, and reported
-        for name in (MAE_NAME, RANDOM_NAME):
-            assert headline_value(rows, task, name) is not None, (task, name)
-        assert f"\n  {task:10s} MAE " in out
+    labels, values = comparison_data(rows)
+    assert {r["job"] for r in rows} == set(QUICK_TASKS)
+    assert len(labels) == len(QUICK_TASKS) + 1  # COCO reports APbox and APmask
+    for label, mae, rnd in zip(labels, values[MAE_NAME], values[RANDOM_NAME]):  # measured for both, and reported
+        assert mae is not None and rnd is not None, label
+        assert f"\n  {label:26s} MAE {mae:6.2f}  random {rnd:6.2f}  " in out
     # The pictures it announces exist.
     assert list((out_dir / "pretrain" / "reconstructions").glob("*.png"))
     assert len(list((out_dir / "results" / "runs").glob("*/coco-*/visualize/*.png"))) >= 2
