@@ -90,7 +90,7 @@ class Job:
 @dataclass
 class JobOutcome:
     job: Job
-    status: str  # "done" (ran now), "cached" (results already in the store), "recorded", "failed", "planned"
+    status: str  # "done" (ran now), "cached" (results already in the store), "recorded" (finished outside the runner), "failed"
     wall_time_s: float | None = None
     error: str | None = None
     rows: list[dict] = field(default_factory=list)
