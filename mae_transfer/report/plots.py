@@ -97,7 +97,7 @@ def _train_log(run_dir: Path) -> dict[str, list[float]] | None:
 
 
 def _draw_loss(ax: Any, x: list[float], y: list[float], color: str, label: str | None) -> None:
-    if len(y) < 30:  # a short log: smoothing would only lag behind it
+    if len(y) < 100:  # a short log: an average would only lag behind it
         ax.plot(x, y, color=color, linewidth=1.6, label=label, marker="." if len(y) < 15 else None)
         return
     ax.plot(x, y, color=color, alpha=0.25, linewidth=0.8)
@@ -176,7 +176,7 @@ def plot_pretraining(run_dir: Path, out: Path) -> Path | None:
     curve = _xy(cols, "loss")
     fig = Figure(figsize=(7, 4.2), layout="constrained")
     ax = fig.add_subplot()
-    _draw_loss(ax, *curve, "tab:blue", "loss (EMA)")
+    _draw_loss(ax, *curve, "tab:blue", "loss" if len(curve[1]) < 100 else "loss (EMA)")
     _log_if_wide(ax, curve[1])
     ax.set_xlabel("step")
     ax.set_ylabel("loss", color="tab:blue")
