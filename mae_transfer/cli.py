@@ -262,19 +262,25 @@ def _run_classification(args) -> int:
 
 COCO_HELP = """\
 COCO instance detection and segmentation with Mask R-CNN on a ViT backbone (MAE paper Table 4,
-ViTDet), built on torchvision's Mask R-CNN (no detectron2).
+ViTDet): the same function as detectron2's ViTDet Mask R-CNN (no detectron2 needed), checked
+against detectron2's own outputs, and it reads and writes detectron2 checkpoints.
 
 The default recipe is ViTDet's Mask R-CNN ViT-B from MAE weights: simple feature pyramid from the
 last block, 14x14 window attention with 4 global blocks, relative position bias, LayerNorm heads,
 1024 px large-scale jitter, AdamW lr 1e-4, weight decay 0.1, layer decay 0.7, drop path 0.1,
-100 epochs at batch 64 with step decay (COCO val2017: 51.6 box AP / 45.9 mask AP in ViTDet).
-`--preset benchmarking_mask_rcnn_b` is the Benchmarking-ViT protocol of the MAE paper's Table 4
-(four taps + FPN, BatchNorm, lr 8e-5, cosine). See `mae-transfer presets` for all recipes.
+fp16 with a loss scaler, 100 epochs at batch 64 with step decay (COCO val2017: 51.6 box AP /
+45.9 mask AP in ViTDet). `--preset benchmarking_mask_rcnn_b` is the Benchmarking-ViT protocol of
+the MAE paper's Table 4 (four taps + FPN, BatchNorm, lr 8e-5, cosine). See `mae-transfer presets`.
 
 Training ends with an evaluation on --eval-split (pycocotools: bbox and segm AP, AP50, AP75,
-APs/m/l). The run directory holds metrics.json, results.jsonl (one row per metric),
-predictions_<split>.json (COCO results format), detector.pth, checkpoint-last.pth and with
---visualize N, visualize/*.png (ground truth | prediction). Running the same command again resumes.
+APs/m/l), in fp32 unless eval_precision=bf16. The run directory holds metrics.json, results.jsonl
+(one row per metric), predictions_<split>.json (COCO results format), detector.pth (detectron2
+parameter names), checkpoint-last.pth and with --visualize N, visualize/*.png (ground truth |
+prediction). Running the same command again resumes.
+
+--eval-only --weights also takes a detectron2 ViTDet checkpoint (model_final.pth; a model-zoo
+.pkl with --trust-checkpoint): the architecture, input size and classes are read from the file.
+`mae-transfer export --to detectron2` writes a trained detector back in detectron2's layout.
 """
 
 COCO_EPILOG = """\
@@ -285,6 +291,8 @@ examples:
   mae-transfer coco --backbone ckpt.pth --data /datasets/coco --preset vitdet_mask_rcnn_b_1gpu   # one 24 GB GPU
   mae-transfer coco --backbone ckpt.pth --data /datasets/coco --preset benchmarking_mask_rcnn_l
   mae-transfer coco --eval-only --weights runs/coco/detector.pth --data /datasets/coco --visualize 8
+  mae-transfer coco --eval-only --weights model_final.pth --data /datasets/coco    # a detectron2 ViTDet model
+  mae-transfer export runs/coco/detector.pth --to detectron2 --output model_final.pth
   mae-transfer coco --data /datasets/coco --print-config     # the resolved recipe
 Category ids may be any (COCO's are non-contiguous); both splits need the same category list.
 Crowd regions are ignored in training and handled by COCOeval in evaluation.
@@ -307,6 +315,9 @@ def _add_dense_options(p, data_help: str, artifact: str, size_help: str) -> None
     p.add_argument("--max-steps", type=int)
     p.add_argument("--eval-only", action="store_true", help="only evaluate --weights (no training)")
     p.add_argument("--weights", metavar="PATH", help=f"trained model ({artifact} or checkpoint-last.pth) for --eval-only")
+    p.add_argument("--trust-checkpoint", action="store_true",
+                   help="allow checkpoints that need full unpickling (detectron2 model-zoo .pkl, old files); this can run code "
+                        "stored in the file, so only for files from a source you trust")
     p.add_argument("--visualize", type=int, metavar="N", help="save N evaluation images with predictions next to the ground truth")
     p.add_argument("--no-resume", action="store_true")
     p.add_argument("--print-config", action="store_true")
@@ -395,7 +406,7 @@ def _run_dense(args, kind: str, flags: dict) -> int:
     overrides = parse_overrides(args.overrides)
     weights = None
     if args.weights:
-        weights, saved = spec["read"](args.weights)
+        weights, saved = spec["read"](args.weights, trust=args.trust_checkpoint)
         # Build and test the model as it was trained (architecture, test settings, resize scale),
         # unless the command line says otherwise; where the data is comes from the command line.
         for section in ("model", "test", "data"):
@@ -433,7 +444,8 @@ def _run_dense(args, kind: str, flags: dict) -> int:
             model = task.build_model(load_backbone=False)
             spec["load"](model, weights, args.weights)
             model.to(dist_info.device)
-            precision = resolve_precision(cfg.train.precision, dist_info.device)
+            # Detection evaluates in fp32 unless asked otherwise (eval_precision), as detectron2 does.
+            precision = resolve_precision(getattr(cfg, "eval_precision", None) or cfg.train.precision, dist_info.device)
             autocast = lambda: autocast_context(precision, dist_info.device)  # noqa: E731
             workers = default_num_workers(cfg.train.num_workers, dist_info.device)
             metrics = task.run_eval(model, dist_info.device, autocast, dist_info, workers, output)
@@ -526,7 +538,8 @@ def _add_speed(sub) -> None:
     p.add_argument("--batch-size", type=int, help="default: 256 on GPU, 8 on CPU")
     p.add_argument("--steps", type=int, default=20, help="timed steps")
     p.add_argument("--warmup", type=int, default=5, help="untimed steps first")
-    p.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto")
+    p.add_argument("--precision", choices=["auto", "bf16", "fp16", "fp32"], default="auto",
+                   help="auto: bf16 on a GPU, fp32 on the CPU; fp16 (coco, GPU only) is ViTDet's AMP with loss scaling")
     p.add_argument("--device", choices=["cuda", "cpu"], help="default: cuda when available")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     p.add_argument("--grad-checkpointing", action="store_true")
@@ -811,17 +824,44 @@ def _run_toy_data(args) -> int:
     return 0
 
 
+EXPORT_HELP = """\
+Write weights in another project's format, atomically, and check the file by reading it back.
+
+  --to mae          the ViT encoder as the official MAE release ({'model': encoder}, official names),
+                    from a pretraining checkpoint (ours, official full MAE, Hugging Face ViTMAE).
+  --to detectron2   a trained detector (detector.pth or checkpoint-last.pth of a `coco` run, or a
+                    detectron2 model-zoo .pkl) as detectron2's DetectionCheckpointer writes it:
+                    {'model': state_dict, 'iteration': 0}, loadable by detectron2's ViTDet
+                    LazyConfig (train.init_checkpoint / MODEL.WEIGHTS) and by torch.load(weights_only=True).
+"""
+
+
 def _add_export(sub) -> None:
+    p = sub.add_parser("export", help="write weights in another format (official MAE encoder, detectron2 ViTDet)",
+                       description=EXPORT_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("checkpoint")
+    p.add_argument("--to", required=True, choices=["mae", "detectron2"], help="the format to write")
+    p.add_argument("--output", required=True, metavar="PATH")
+    p.add_argument("--trust-checkpoint", action="store_true", help="allow input files that need full unpickling (model-zoo .pkl)")
+    p.set_defaults(func=_run_export)
     p = sub.add_parser(
-        "export-encoder", help="write the encoder of a pretraining checkpoint in the official MAE format",
+        "export-encoder", help="write the encoder of a pretraining checkpoint in the official MAE format (= export --to mae)",
         description="Read a pretraining checkpoint (ours, official full MAE, Hugging Face ViTMAE) and write {'model': encoder} with the official parameter names.",
     )
     p.add_argument("checkpoint")
     p.add_argument("--output", required=True, metavar="PATH")
-    p.set_defaults(func=_run_export)
+    p.set_defaults(func=_run_export, to="mae", trust_checkpoint=False)
 
 
 def _run_export(args) -> int:
+    if args.to == "detectron2":
+        from mae_transfer.checkpoint.detectron2 import save_vitdet
+        from mae_transfer.detection.task import read_detector_weights
+
+        state, _ = read_detector_weights(args.checkpoint, trust=args.trust_checkpoint)
+        path = save_vitdet(state, args.output)
+        print(f"{path}: {len(state)} tensors in detectron2's ViTDet layout (read back and checked)")
+        return 0
     from mae_transfer.checkpoint import export_mae_encoder, read_checkpoint, to_vit_state_dict
 
     state = to_vit_state_dict(read_checkpoint(args.checkpoint))

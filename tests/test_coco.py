@@ -11,6 +11,7 @@ import torch
 
 from mae_transfer.data.errors import DataError
 from mae_transfer.data.toy import coco_category_ids, write_coco
+from mae_transfer.detection.masks import segments_to_masks
 from mae_transfer.detection.coco import (
     CocoDetection,
     drop_crowd,
@@ -40,16 +41,17 @@ def gt_predictions(tiny_val) -> list[dict]:
     """Every non-crowd ground-truth instance as a score-1.0 prediction (masks as (N,1,H,W) probabilities)."""
     preds = []
     for i in range(len(tiny_val)):
-        _, target = tiny_val[i]
+        image, target = tiny_val[i]
         target = drop_crowd(target)
         n = len(target["labels"])
+        masks = segments_to_masks(target["segments"], *image.shape[-2:])
         preds.append(
             {
                 "image_id": target["image_id"],
                 "boxes": target["boxes"],
                 "scores": torch.ones(n),
                 "labels": target["labels"],
-                "masks": target["masks"][:, None].float(),
+                "masks": masks[:, None].float(),
             }
         )
     return preds
@@ -75,7 +77,7 @@ def test_shuffled_labels_score_much_lower(tiny_val, gt_predictions):
     for p in gt_predictions:
         # A random wrong label for every instance: boxes and masks stay perfect, classes do not.
         offset = torch.randint(1, len(tiny_val.cat_ids), p["labels"].shape, generator=g)
-        labels = (p["labels"] - 1 + offset) % len(tiny_val.cat_ids) + 1
+        labels = (p["labels"] + offset) % len(tiny_val.cat_ids)
         shuffled.append({**p, "labels": labels})
     results = predictions_to_coco_results(shuffled, tiny_val.label_to_cat_id)
     metrics = evaluate_coco(tiny_val.coco, results)
@@ -100,14 +102,17 @@ def test_results_conversion_and_atomic_save(tmp_path):
         "masks": torch.tensor([[[0.9, 0.4], [0.6, 0.1]]]),  # (N, H, W)
     }
     (res,) = predictions_to_coco_results([pred], {1: 1, 2: 3})
+    # Pasted boolean masks (the detector's output) encode the same way.
+    (res_bool,) = predictions_to_coco_results([{**pred, "masks": pred["masks"] > 0.5}], {1: 1, 2: 3})
+    assert res_bool["segmentation"] == res["segmentation"]
     assert res["image_id"] == 7 and res["category_id"] == 3
     assert res["bbox"] == [1.0, 2.0, 4.0, 8.0]
     from pycocotools import mask as mask_utils
 
     decoded = mask_utils.decode({"size": res["segmentation"]["size"], "counts": res["segmentation"]["counts"].encode()})
     np.testing.assert_array_equal(decoded, [[1, 0], [1, 0]])
-    with pytest.raises(ValueError, match="label 0"):
-        predictions_to_coco_results([{**pred, "labels": torch.tensor([0])}], [0, 1, 3])
+    with pytest.raises(ValueError, match="label 5 has no COCO category"):
+        predictions_to_coco_results([{**pred, "labels": torch.tensor([5])}], [1, 2, 3])
     out = save_results_json([res], tmp_path / "sub" / "results.json")
     assert json.loads(out.read_text()) == [res]
     assert [p.name for p in out.parent.iterdir()] == ["results.json"]  # no temp file left
@@ -119,16 +124,22 @@ def test_results_conversion_and_atomic_save(tmp_path):
 def test_coco_tiny_train_targets():
     ds = CocoDetection(_require_coco_tiny(), "train2017")
     assert len(ds) == 80 and ds.num_skipped_annotations == 0 and ds.num_missing_images == 0
-    assert len(ds.cat_ids) == 80 and ds.class_names[0] == "__background__" and ds.class_names[1] == "person"
+    assert len(ds.cat_ids) == 80 and ds.class_names[0] == "person" and len(ds.class_names) == 80
     labels_seen, crowd_seen = set(), 0
     for i in range(0, len(ds), 4):
         image, t = ds[i]
         _, h, w = image.shape
-        assert image.dtype == torch.float32 and 0.0 <= image.min() and image.max() <= 1.0
+        assert image.dtype == torch.uint8 and image.shape[0] == 3
         assert t["orig_size"].tolist() == [h, w]
         n = len(t["labels"])
-        assert t["boxes"].shape == (n, 4) and t["masks"].shape == (n, h, w) and t["masks"].dtype == torch.uint8
-        assert t["labels"].dtype == torch.int64 and bool(((t["labels"] >= 1) & (t["labels"] <= 80)).all())
+        assert t["boxes"].shape == (n, 4) and len(t["segments"]) == n
+        for seg, crowd, box in zip(t["segments"], t["iscrowd"].tolist(), t["boxes"]):
+            if crowd:  # crowd regions are RLEs, decoded to bitmasks
+                assert torch.is_tensor(seg) and seg.shape == (h, w) and seg.dtype == torch.uint8
+            else:  # polygons, inside the annotated box
+                pts = np.concatenate(seg).reshape(-1, 2)
+                assert pts[:, 0].min() >= box[0] - 1 and pts[:, 0].max() <= box[2] + 1
+        assert t["labels"].dtype == torch.int64 and bool(((t["labels"] >= 0) & (t["labels"] < 80)).all())
         b = t["boxes"]
         assert bool((b[:, 0] >= 0).all() and (b[:, 1] >= 0).all() and (b[:, 2] <= w).all() and (b[:, 3] <= h).all())
         assert bool((b[:, 2] > b[:, 0]).all() and (b[:, 3] > b[:, 1]).all())
@@ -137,8 +148,8 @@ def test_coco_tiny_train_targets():
             crowd_seen += 1
             dropped = drop_crowd(t)
             assert int(dropped["iscrowd"].sum()) == 0
-            assert len(dropped["labels"]) == n - int(t["iscrowd"].sum()) == dropped["masks"].shape[0]
-    assert labels_seen <= set(range(1, 81)) and len(labels_seen) > 20
+            assert len(dropped["labels"]) == n - int(t["iscrowd"].sum()) == len(dropped["segments"])
+    assert labels_seen <= set(range(80)) and len(labels_seen) > 20
     # Crowd annotations exist in the file: find one served with iscrowd=1 even if the stride missed it.
     crowd_images = {a["image_id"] for a in ds.coco.dataset["annotations"] if a["iscrowd"]}
     assert crowd_images
@@ -151,7 +162,7 @@ def test_toy_category_mapping_and_keep_empty(tmp_path):
     root = write_coco(tmp_path / "coco", num_categories=6, train_images=5, val_images=4, image_size=48)
     ds = CocoDetection(root, "val2017")
     assert ds.cat_ids == coco_category_ids(6) and ds.cat_ids != list(range(1, 7))  # non-contiguous ids
-    assert ds.label_to_cat_id == {i + 1: c for i, c in enumerate(ds.cat_ids)}
+    assert ds.label_to_cat_id == {i: c for i, c in enumerate(ds.cat_ids)}
     anns = ds.coco.dataset["annotations"]
     for i in range(len(ds)):
         _, t = ds[i]
@@ -162,7 +173,7 @@ def test_toy_category_mapping_and_keep_empty(tmp_path):
     assert len(empty) == 1
     assert empty[0] in ds.image_ids and len(ds) == 4
     _, t = ds[ds.image_ids.index(empty[0])]
-    assert t["boxes"].shape == (0, 4) and t["masks"].shape[0] == 0
+    assert t["boxes"].shape == (0, 4) and t["segments"] == []
     train_like = CocoDetection(root, "val2017", keep_empty=False)
     assert empty[0] not in train_like.image_ids and len(train_like) == 3
 
@@ -204,7 +215,7 @@ def test_malformed_geometry_dropped_and_counted(tmp_path):
     assert info["outside"] not in served and info["zero_area"] not in served
     for i in range(len(ds)):
         _, t = ds[i]
-        assert t["masks"].shape[0] == len(t["boxes"])
+        assert len(t["segments"]) == len(t["boxes"])
 
 
 def test_unknown_category_raises_one_error(tmp_path):

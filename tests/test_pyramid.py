@@ -22,7 +22,7 @@ def test_simple_feature_pyramid_strides_and_channels_at_1024px():
     assert [tuple(v.shape) for v in out.values()] == [(1, 256, 256, 256), (1, 256, 128, 128), (1, 256, 64, 64), (1, 256, 32, 32), (1, 256, 16, 16)]
     assert sfp.strides == [4, 8, 16, 32, 64] and sfp.out_channels == 256
     # ViTDet's deconvolutions halve the channels: 768 -> 384 -> 192 at stride 4.
-    assert sfp.stages[0][0][3].out_channels == 192 and sfp.stages[1][0].out_channels == 384
+    assert sfp.simfp_2[3].out_channels == 192 and sfp.simfp_3[0].out_channels == 384
 
 
 def test_four_tap_pyramid_strides_and_channels_at_1024px():

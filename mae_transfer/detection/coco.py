@@ -1,9 +1,10 @@
-"""COCO 2017 instances for torchvision's Mask R-CNN: dataset, results conversion, COCOeval wrapper.
+"""COCO 2017 instances for the Mask R-CNN: dataset, results conversion, COCOeval wrapper.
 
 * ``CocoDetection`` reads ``instances_<split>.json`` with pycocotools, maps COCO's non-contiguous
-  category ids to contiguous labels ``1..K`` (0 is background in torchvision's detection models),
-  cleans malformed annotations once in ``__init__`` and returns ``(image, target)`` pairs.
-* ``predictions_to_coco_results`` turns torchvision-style predictions into COCO result dicts.
+  category ids to contiguous labels ``0..K-1`` in sorted id order (detectron2's mapping, so class
+  ``c`` of a detectron2 COCO model is label ``c``), cleans malformed annotations once in
+  ``__init__`` and returns ``(image, target)`` pairs.
+* ``predictions_to_coco_results`` turns per-image predictions into COCO result dicts.
 * ``evaluate_coco`` runs COCOeval for ``bbox`` and ``segm`` and returns AP numbers in percent.
 * ``save_results_json`` writes results atomically.
 """
@@ -86,23 +87,21 @@ def _clean_segmentation(seg: Any, height: int, width: int) -> tuple[Any, str | N
     return None, "segmentation is neither a polygon list nor an RLE"
 
 
-def _segmentation_to_mask(seg: Any, height: int, width: int) -> np.ndarray:
-    """Rasterise a (cleaned) polygon list or RLE to a ``(height, width)`` uint8 mask."""
+def _segment(seg: Any, height: int, width: int) -> list[np.ndarray] | torch.Tensor:
+    """A (cleaned) segmentation as the detector's segment: polygons as flat float64 arrays, an RLE
+    decoded to a uint8 ``(height, width)`` bitmask."""
     if isinstance(seg, list):
-        rle = mask_utils.merge(mask_utils.frPyObjects(seg, height, width))
-    elif isinstance(seg["counts"], list):
-        rle = mask_utils.frPyObjects(seg, height, width)
-    else:
-        rle = seg
+        return [np.asarray(p, dtype=np.float64) for p in seg]
+    rle = mask_utils.frPyObjects(seg, height, width) if isinstance(seg["counts"], list) else seg
     with warnings.catch_warnings():
         # pycocotools' decode trips numpy 2's __array__(copy=...) deprecation once per call; it is
         # harmless and would otherwise flood training logs.
         warnings.simplefilter("ignore", DeprecationWarning)
-        return mask_utils.decode(rle).astype(np.uint8)
+        return torch.from_numpy(mask_utils.decode(rle).astype(np.uint8))
 
 
 class CocoDetection(Dataset):
-    """COCO instances as ``(image, target)`` pairs for torchvision's Mask R-CNN.
+    """COCO instances as ``(image, target)`` pairs for the Mask R-CNN.
 
     Args:
         root: the COCO folder holding ``train2017/``, ``val2017/`` and ``annotations/``.
@@ -119,15 +118,17 @@ class CocoDetection(Dataset):
         skip_bad: count and skip annotations with unknown category ids and images whose file is
             missing (with a warning) instead of raising ``DataError``.
 
-    Item: ``image`` float32 ``(3, H, W)`` in ``[0, 1]`` and ``target`` with
-    ``boxes`` float32 ``(N, 4)`` xyxy in pixels, ``labels`` int64 ``(N,)`` in ``1..K``,
-    ``masks`` uint8 ``(N, H, W)``, ``image_id`` int64 scalar, ``iscrowd`` int64 ``(N,)``,
-    ``area`` float32 ``(N,)`` (COCO's annotated area) and ``orig_size`` int64 ``(2,)`` = ``(H, W)``.
-    Crowd annotations are kept with ``iscrowd = 1``; use ``drop_crowd`` for training.
+    Item: ``image`` uint8 RGB ``(3, H, W)`` and ``target`` with ``boxes`` float32 ``(N, 4)`` xyxy
+    in pixels, ``labels`` int64 ``(N,)`` in ``0..K-1``, ``segments`` (N polygons lists of flat
+    float64 arrays, or uint8 ``(H, W)`` bitmasks for RLE annotations; see
+    :func:`mae_transfer.detection.masks.segments_to_masks`), ``image_id`` int64 scalar,
+    ``iscrowd`` int64 ``(N,)``, ``area`` float32 ``(N,)`` (COCO's annotated area) and
+    ``orig_size`` int64 ``(2,)`` = ``(H, W)``. Crowd annotations are kept with ``iscrowd = 1``;
+    use ``drop_crowd`` for training.
 
-    Attributes: ``cat_ids`` (sorted COCO ids, label ``i + 1`` is ``cat_ids[i]``),
-    ``label_to_cat_id``, ``cat_id_to_label``, ``class_names`` (index = label, 0 is
-    ``"__background__"``), ``coco`` (the pycocotools COCO object, the ground truth for
+    Attributes: ``cat_ids`` (sorted COCO ids, label ``i`` is ``cat_ids[i]``),
+    ``label_to_cat_id``, ``cat_id_to_label``, ``class_names`` (index = label),
+    ``coco`` (the pycocotools COCO object, the ground truth for
     ``evaluate_coco``), ``image_ids``, ``num_skipped_annotations``, ``skipped_reasons`` (Counter),
     ``num_missing_images``.
     """
@@ -164,9 +165,9 @@ class CocoDetection(Dataset):
             raise DataError(f"{self.images_dir}: image folder not found (expected next to {self.annotation_file})")
 
         self.cat_ids: list[int] = sorted(int(c) for c in self.coco.cats)
-        self.cat_id_to_label: dict[int, int] = {c: i + 1 for i, c in enumerate(self.cat_ids)}
-        self.label_to_cat_id: dict[int, int] = {i + 1: c for i, c in enumerate(self.cat_ids)}
-        self.class_names: list[str] = ["__background__"] + [str(self.coco.cats[c].get("name", c)) for c in self.cat_ids]
+        self.cat_id_to_label: dict[int, int] = {c: i for i, c in enumerate(self.cat_ids)}
+        self.label_to_cat_id: dict[int, int] = {i: c for i, c in enumerate(self.cat_ids)}
+        self.class_names: list[str] = [str(self.coco.cats[c].get("name", c)) for c in self.cat_ids]
 
         self.skipped_reasons: Counter = Counter()
         self.num_skipped_annotations = 0
@@ -319,17 +320,14 @@ class CocoDetection(Dataset):
             raise DataError(
                 f"{path}: image is {pil.size[0]}x{pil.size[1]} but {self.annotation_file} says {width}x{height}"
             )
-        image = torch.from_numpy(np.asarray(pil, dtype=np.uint8).copy()).permute(2, 0, 1).float().div_(255.0)
+        image = torch.from_numpy(np.asarray(pil, dtype=np.uint8).copy()).permute(2, 0, 1).contiguous()
 
         anns = self._annotations[image_id]
         n = len(anns)
-        masks = np.zeros((n, height, width), dtype=np.uint8)
-        for k, ann in enumerate(anns):
-            masks[k] = _segmentation_to_mask(ann["segmentation"], height, width)
         target = {
             "boxes": torch.tensor([a["box"] for a in anns], dtype=torch.float32).reshape(n, 4),
             "labels": torch.tensor([a["label"] for a in anns], dtype=torch.int64),
-            "masks": torch.from_numpy(masks),
+            "segments": [_segment(a["segmentation"], height, width) for a in anns],
             "image_id": torch.tensor(image_id, dtype=torch.int64),
             "iscrowd": torch.tensor([a["iscrowd"] for a in anns], dtype=torch.int64),
             "area": torch.tensor([a["area"] for a in anns], dtype=torch.float32),
@@ -344,14 +342,17 @@ def drop_crowd(target: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """A copy of ``target`` without its ``iscrowd = 1`` instances.
 
     COCO practice: crowd regions are not trained on (they are ignored regions, handled by COCOeval
-    at evaluation). Per-instance tensors (first dim ``N``: boxes, labels, masks, iscrowd, area)
-    are filtered; other entries are passed through.
+    at evaluation). Per-instance entries (first dim ``N``: boxes, labels, segments, masks, iscrowd,
+    area) are filtered; other entries are passed through.
     """
     keep = target["iscrowd"] == 0
     n = int(keep.numel())
+    idx = torch.nonzero(keep, as_tuple=True)[0].tolist()
     out = {}
     for key, value in target.items():
-        if key in ("image_id", "orig_size") or not torch.is_tensor(value) or value.dim() == 0 or value.shape[0] != n:
+        if isinstance(value, list) and len(value) == n:
+            out[key] = [value[i] for i in idx]
+        elif key in ("image_id", "orig_size") or not torch.is_tensor(value) or value.dim() == 0 or value.shape[0] != n:
             out[key] = value
         else:
             out[key] = value[keep]
@@ -369,24 +370,24 @@ def _to_numpy(x: Any) -> np.ndarray:
 
 def _cat_id(label_to_cat_id: Mapping[int, int] | Sequence[int], label: int) -> int:
     try:
-        cat = label_to_cat_id[label]
+        if label < 0:
+            raise IndexError
+        return int(label_to_cat_id[label])
     except (KeyError, IndexError):
         raise ValueError(f"predicted label {label} has no COCO category id") from None
-    if isinstance(label_to_cat_id, Sequence) and label == 0:
-        raise ValueError("label 0 is background and has no COCO category id")
-    return int(cat)
 
 
 def predictions_to_coco_results(
     predictions: list[dict[str, Any]],
     label_to_cat_id: Mapping[int, int] | Sequence[int],
 ) -> list[dict[str, Any]]:
-    """Torchvision-style per-image predictions to COCO results (JSON-serialisable).
+    """Per-image predictions to COCO results (JSON-serialisable).
 
     Args:
         predictions: one dict per image with ``image_id`` (int or scalar tensor), ``boxes``
             ``(N, 4)`` xyxy pixels, ``scores`` ``(N,)``, ``labels`` ``(N,)`` contiguous labels and
-            optionally ``masks``: ``(N, 1, H, W)`` float probabilities or ``(N, H, W)`` binary.
+            optionally ``masks``: ``(N, H, W)`` bool (pasted at the image size), or float
+            probabilities ``(N, 1, H, W)`` / ``(N, H, W)`` (on at ``> 0.5``).
         label_to_cat_id: contiguous label -> COCO category id (a dict such as
             ``CocoDetection.label_to_cat_id``, or a sequence indexed by label).
 
@@ -409,8 +410,8 @@ def predictions_to_coco_results(
                 masks = masks[:, 0]
             if masks.shape[0] != len(boxes):
                 raise ValueError(f"image {image_id}: {masks.shape[0]} masks for {len(boxes)} boxes")
-            # Mask R-CNN's masks are probabilities; 0.5 is torchvision's/COCO's binarisation threshold.
-            binary = np.asfortranarray((masks > 0.5).astype(np.uint8).transpose(1, 2, 0))
+            binary = masks.astype(np.uint8) if masks.dtype == bool else (masks > 0.5).astype(np.uint8)
+            binary = np.asfortranarray(binary.transpose(1, 2, 0))
             rles = mask_utils.encode(binary) if len(boxes) else []
         for k in range(len(boxes)):
             x1, y1, x2, y2 = boxes[k]

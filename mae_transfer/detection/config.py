@@ -15,6 +15,7 @@ from typing import Literal
 from mae_transfer.config import ConfigError, build_with_preset, preset_names
 from mae_transfer.data.stats import IMAGENET_MEAN, IMAGENET_STD
 from mae_transfer.engine.trainer import OptimConfig, TrainConfig
+from mae_transfer.models.vit import VIT_SIZES
 
 PRESET_DIR = Path(__file__).parent / "presets"
 
@@ -25,20 +26,43 @@ VITDET_MILESTONES = (163889 / 184375, 177546 / 184375)
 
 @dataclass
 class ModelConfig:
-    name: str = "vit_base_patch16"
+    # The ViT: a size name (``vit_base_patch16`` ...), and/or explicit sizes that override it (a ViT
+    # of any other size, e.g. one read from a detectron2 checkpoint, has name None and all four).
+    name: str | None = "vit_base_patch16"
+    embed_dim: int | None = None
+    depth: int | None = None
+    num_heads: int | None = None
+    patch_size: int | None = None
+    mlp_ratio: float = 4.0
     pyramid: Literal["simple", "fpn4"] = "simple"  # ViTDet simple pyramid / Benchmarking-ViT taps + FPN
-    img_size: int = 1024
+    img_size: int = 1024  # LSJ crop, test resize (longer side) and the square every batch is padded to
+    pretrain_img_size: int = 224  # the pos_embed table's grid (ViTDet keeps it and resizes it at every forward)
     window_size: int = 14  # the pre-training token grid (224 / 16); global blocks see everything
-    global_blocks: tuple[int, ...] | None = None  # None = the last block of each quarter
+    global_blocks: tuple[int, ...] | None = None  # None = ViTDet's (the last block of each quarter)
     use_rel_pos: bool = True  # zero-initialised decomposed relative position bias
     drop_path: float = 0.1
     head_norm: Literal["ln", "bn"] = "ln"  # ViTDet LayerNorm, Benchmarking-ViT BatchNorm
     channels: int = 256  # pyramid / FPN and head convolution channels
     fc_dim: int = 1024  # the box head's fully connected layer
+    rpn_convs: int = 2  # ViTDet: 2 convolutions in the RPN head
+    box_head_convs: int = 4  # 4conv1fc box head
+    mask_head_convs: int = 4  # 4 convolutions before the mask head's deconvolution
     box_batch_size_per_image: int = 512  # sampled RoIs per image for the box and mask heads
+    rpn_pre_nms_topk: tuple[int, int] = (2000, 1000)  # per level (training, test)
+    rpn_post_nms_topk: tuple[int, int] = (1000, 1000)  # per image (training, test)
     grad_checkpointing: bool = False  # activation checkpointing of the ViT blocks (less memory)
     score_thresh: float = 0.05
+    nms_thresh: float = 0.5
     detections_per_img: int = 100
+
+    def vit_label(self) -> str:
+        """The size name, or ``vit_<width>x<depth>_patch<p>`` for a ViT of any other size."""
+        explicit = {k: getattr(self, k) for k in ("embed_dim", "depth", "num_heads", "patch_size") if getattr(self, k) is not None}
+        base = VIT_SIZES.get(self.name) if self.name else None
+        if base is not None and all(getattr(base, k) == v for k, v in explicit.items()):
+            return self.name
+        size = {**(base.__dict__ if base is not None else {}), **explicit}
+        return f"vit_{size.get('embed_dim')}x{size.get('depth')}_patch{size.get('patch_size')}"
 
 
 @dataclass
@@ -72,10 +96,15 @@ class DetectionConfig:
     )
     eval_every_epochs: int = 0  # 0 = evaluate once, at the end
     eval_batch_size: int = 2
+    # detectron2 evaluates in fp32; bf16 autocast changes most low-scoring detections.
+    eval_precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     visualize: int = 0  # after evaluation, save this many images with predictions next to the truth
     visualize_score: float = 0.5  # draw predictions above this score
 
     def validate(self) -> None:
+        m = self.model
+        if m.name is None and None in (m.embed_dim, m.depth, m.num_heads, m.patch_size):
+            raise ConfigError("model.name is null: give model.embed_dim, model.depth, model.num_heads and model.patch_size")
         if self.model.img_size % 32:
             raise ConfigError(f"model.img_size must be a multiple of 32 (the coarsest stride), got {self.model.img_size}")
         if self.optim.lr is None:

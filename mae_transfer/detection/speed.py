@@ -1,11 +1,12 @@
 """Speed of Mask R-CNN training and inference on a ViT backbone (images/s and peak memory).
 
 A training step is what ``mae-transfer coco`` runs: the detector's forward with targets (RPN,
-box and mask losses), backward, an AdamW step on the task's layer-decay groups and
-``zero_grad``. The batch is synthetic and made on the device once: ``img_size`` square images and,
-for each, ``instances`` random boxes with rectangular masks and random labels (COCO averages about
-7 instances an image). Inference is timed separately: ``model.eval()`` on the same images, one
-batch of ``eval_batch_size`` at a time, including post-processing (mask pasting at full size).
+box and mask losses, mask targets rasterised from polygons per RoI), backward, an AdamW step on
+the task's ViTDet parameter groups and ``zero_grad``. The batch is synthetic: ``img_size`` square
+uint8 images on the device and, for each, ``instances`` random boxes with rectangular polygons and
+random labels (COCO averages about 7 instances an image). Inference is timed separately:
+``model.eval()`` on the same images, one batch of ``eval_batch_size`` at a time, including
+post-processing (mask pasting at full size).
 
 Library code only logs; the CLI prints :func:`format_detection_speed`.
 """
@@ -21,30 +22,28 @@ import time
 import torch
 
 from mae_transfer.detection.config import build_config
-from mae_transfer.detection.task import VIT_PREFIX, build_detector
+from mae_transfer.detection.task import build_detector, detection_param_groups
 from mae_transfer.engine.bench import device_name, resolve_device, rss_peak_bytes, tf32_enabled
-from mae_transfer.engine.optim import param_groups
 from mae_transfer.io import atomic_write_json
 
 log = logging.getLogger(__name__)
 
 
 def synthetic_batch(batch_size: int, img_size: int, instances: int, num_classes: int, device: torch.device, seed: int = 0):
-    """Random images in [0, 1] and targets with ``instances`` boxes (8-50 % of the side) and masks."""
+    """Random uint8 images and targets with ``instances`` boxes (8-50 % of the side) and polygons."""
+    import numpy as np
+
     g = torch.Generator().manual_seed(seed)
     images, targets = [], []
     for _ in range(batch_size):
-        images.append(torch.rand(3, img_size, img_size, generator=g))
+        images.append(torch.randint(0, 256, (3, img_size, img_size), generator=g, dtype=torch.uint8))
         wh = (torch.rand(instances, 2, generator=g) * 0.42 + 0.08) * img_size
         xy = torch.rand(instances, 2, generator=g) * (img_size - wh)
         boxes = torch.cat([xy, xy + wh], 1).floor()
-        masks = torch.zeros(instances, img_size, img_size, dtype=torch.uint8)
-        for k, (x1, y1, x2, y2) in enumerate(boxes.long().tolist()):
-            masks[k, y1:y2, x1:x2] = 1
-        labels = torch.randint(1, num_classes, (instances,), generator=g)
-        targets.append({"boxes": boxes, "labels": labels, "masks": masks})
+        segments = [[np.array([x1, y1, x2, y1, x2, y2, x1, y2], dtype=np.float64)] for x1, y1, x2, y2 in boxes.tolist()]
+        labels = torch.randint(0, num_classes, (instances,), generator=g)
+        targets.append({"boxes": boxes.to(device), "labels": labels.to(device), "segments": segments})
     images = [im.to(device) for im in images]
-    targets = [{k: v.to(device) for k, v in t.items()} for t in targets]
     return images, targets
 
 
@@ -71,8 +70,8 @@ def run_detection_speed(
     on_cuda = dev.type == "cuda"
     if precision == "auto":
         precision = "bf16" if on_cuda else "fp32"
-    if precision not in ("bf16", "fp32"):
-        raise ValueError(f"precision must be auto, bf16 or fp32, got {precision!r}")
+    if precision not in ("bf16", "fp16", "fp32") or (precision == "fp16" and not on_cuda):
+        raise ValueError(f"precision must be auto, bf16, fp32 or (on a GPU) fp16, got {precision!r}")
     ov = dict(overrides or {})
     model_ov = dict(ov.get("model", {}))
     if grad_checkpointing is not None:
@@ -81,7 +80,7 @@ def run_detection_speed(
         model_ov["img_size"] = img_size
     ov["model"] = model_ov
     cfg = build_config(preset, ov)
-    num_classes = 81  # COCO's 80 categories + background
+    num_classes = 80  # COCO's categories (the background is implicit)
     torch.manual_seed(seed)
     rss_before = rss_peak_bytes()
     if on_cuda:
@@ -92,22 +91,30 @@ def run_detection_speed(
     images, targets = synthetic_batch(batch_size, size, instances, num_classes, dev, seed)
 
     def autocast():
-        return torch.autocast(dev.type, dtype=torch.bfloat16) if precision == "bf16" else contextlib.nullcontext()
+        if precision == "fp32":
+            return contextlib.nullcontext()
+        return torch.autocast(dev.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
 
     def sync():
         if on_cuda:
             torch.cuda.synchronize(dev)
 
-    groups = param_groups(net, cfg.optim.weight_decay, cfg.optim.layer_decay, no_weight_decay=("pos_embed",), vit_prefix=VIT_PREFIX)
+    groups = detection_param_groups(net, cfg.optim)
     groups = [{k: v for k, v in g.items() if k != "param_names"} for g in groups]
     opt = torch.optim.AdamW(groups, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), fused=True if on_cuda else None)
+    scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None  # ViTDet's AMP: fp16 + loss scaling
 
     def step() -> torch.Tensor:
         with autocast():
             losses = net(images, targets)
         loss = sum(v.float() for v in losses.values())
-        loss.backward()
-        opt.step()
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+        else:
+            loss.backward()
+            opt.step()
         opt.zero_grad(set_to_none=True)
         return loss.detach()
 
@@ -155,7 +162,7 @@ def run_detection_speed(
 
     result = {
         "preset": preset,
-        "model": cfg.model.name,
+        "model": cfg.model.vit_label(),
         "pyramid": cfg.model.pyramid,
         "img_size": size,
         "params_m": n_params / 1e6,

@@ -23,41 +23,67 @@ import torch
 import torch.nn as nn
 from torch.utils.data import DataLoader
 
-from mae_transfer.checkpoint import load_trained_model, read_trained_model, save_trained_model
+from mae_transfer.checkpoint import CheckpointError, save_trained_model
 from mae_transfer.config import ConfigError, config_hash, to_dict
 from mae_transfer.data.errors import DataError
+from mae_transfer.data.seeded import SeededTransformDataset
 from mae_transfer.detection.coco import CocoDetection, drop_crowd, evaluate_coco, predictions_to_coco_results, save_results_json
 from mae_transfer.detection.config import DetectionConfig
-from mae_transfer.detection.model import build_mask_rcnn, build_vit_backbone
-from mae_transfer.detection.transforms import LargeScaleJitter, SeededTransformDataset, collate_detection
+from mae_transfer.detection.model import MaskRCNN, build_mask_rcnn, build_pyramid, build_vit, pixel_stats
+from mae_transfer.detection.transforms import LargeScaleJitter, ResizeForTest, collate_detection
 from mae_transfer.engine.distributed import DistInfo, gather_lists
 from mae_transfer.engine.optim import param_groups
 from mae_transfer.engine.sampler import ShardSampler
-from mae_transfer.engine.trainer import OptimConfig, Trainer, TrainTask
+from mae_transfer.engine.trainer import OptimConfig, Trainer, TrainTask, autocast_context, resolve_precision
 from mae_transfer.io import atomic_write_json, atomic_write_jsonl, file_sha256
 
 log = logging.getLogger(__name__)
 
-VIT_PREFIX = "backbone.body.vit."  # where the ViT sits inside torchvision's MaskRCNN
 DETECTOR_FORMAT = "mae_transfer.detector"
+# Modules whose parameters get no weight decay: detectron2's norm types (ViTDet decays the heads'
+# and the pyramid's channel LayerNorms, which are not torch.nn.LayerNorm, and all biases).
+NO_DECAY_MODULES = (nn.LayerNorm, nn.BatchNorm1d, nn.BatchNorm2d, nn.SyncBatchNorm, nn.GroupNorm)
 
 
-def build_detector(cfg: DetectionConfig, num_classes: int) -> nn.Module:
-    """Mask R-CNN for ``num_classes`` (with background) as ``cfg.model`` describes (random weights)."""
+def build_detector(cfg: DetectionConfig, num_classes: int) -> MaskRCNN:
+    """Mask R-CNN for ``num_classes`` object classes as ``cfg.model`` describes (random weights)."""
     m = cfg.model
     try:
-        backbone = build_vit_backbone(
-            m.name, pyramid=m.pyramid, img_size=m.img_size, window_size=m.window_size, global_blocks=m.global_blocks,
-            use_rel_pos=m.use_rel_pos, drop_path=m.drop_path, grad_checkpointing=m.grad_checkpointing,
-            fpn_norm=m.head_norm if m.head_norm == "bn" else "none", channels=m.channels,
+        vit = build_vit(
+            m.name, m.img_size, window_size=m.window_size, global_blocks=m.global_blocks, use_rel_pos=m.use_rel_pos,
+            drop_path=m.drop_path, grad_checkpointing=m.grad_checkpointing, pretrain_img_size=m.pretrain_img_size,
+            embed_dim=m.embed_dim, depth=m.depth, num_heads=m.num_heads, patch_size=m.patch_size, mlp_ratio=m.mlp_ratio,
         )
+        backbone = build_pyramid(vit, m.pyramid, m.channels, fpn_norm=m.head_norm if m.head_norm == "bn" else "none")
     except ValueError as e:
-        raise ConfigError(f"cannot build the {m.pyramid} backbone of {m.name}: {e}") from None
+        raise ConfigError(f"cannot build the {m.pyramid} backbone of {m.vit_label()}: {e}") from None
+    mean, std = pixel_stats(cfg.data.mean, cfg.data.std)
     return build_mask_rcnn(
         backbone, num_classes, img_size=m.img_size, head_norm=m.head_norm, head_channels=m.channels, fc_dim=m.fc_dim,
-        box_batch_size_per_image=m.box_batch_size_per_image, score_thresh=m.score_thresh,
-        detections_per_img=m.detections_per_img, image_mean=tuple(cfg.data.mean), image_std=tuple(cfg.data.std),
+        rpn_convs=m.rpn_convs, box_head_convs=m.box_head_convs, mask_head_convs=m.mask_head_convs,
+        box_batch_size_per_image=m.box_batch_size_per_image, rpn_pre_nms_topk=tuple(m.rpn_pre_nms_topk),
+        rpn_post_nms_topk=tuple(m.rpn_post_nms_topk), score_thresh=m.score_thresh, nms_thresh=m.nms_thresh,
+        detections_per_img=m.detections_per_img, pixel_mean=mean, pixel_std=std,
     )
+
+
+def vit_prefix(model: nn.Module) -> str:
+    """Where the detector's ViT sits in its state dict (``backbone.net.`` in the simple pyramid)."""
+    vit = model.vit
+    for name, module in model.named_modules():
+        if module is vit:
+            return name + "."
+    raise ValueError("the model has no ViT")
+
+
+def detection_param_groups(model: nn.Module, optim: OptimConfig) -> list[dict]:
+    """ViTDet's optimizer groups (detectron2 ``get_default_optimizer_params(weight_decay_norm=0,
+    overrides={"pos_embed": {"weight_decay": 0}})`` with ``get_vit_lr_decay_rate``): weight decay
+    on everything but torch's norm layers and ``pos_embed``; lr x ``layer_decay ** (depth + 1 -
+    layer)`` with the embeddings at layer 0, block i at i + 1 and everything else (pyramid, heads)
+    at full lr."""
+    return param_groups(model, optim.weight_decay, optim.layer_decay, no_weight_decay=("pos_embed",),
+                        vit_prefix=vit_prefix(model), no_decay_modules=NO_DECAY_MODULES)
 
 
 def _resolve_root(cfg: DetectionConfig) -> Path:
@@ -86,7 +112,7 @@ class DetectionTask(TrainTask):
         self.root = _resolve_root(cfg)
         self.val_set = CocoDetection(self.root, d.val_split, keep_empty=True, skip_bad=d.skip_bad)
         self.class_names = self.val_set.class_names
-        self.num_classes = len(self.class_names)  # with the background
+        self.num_classes = len(self.class_names)
         self.train_set = None
         if train:
             base = CocoDetection(self.root, d.train_split, keep_empty=d.train_empty, skip_bad=d.skip_bad)
@@ -95,7 +121,7 @@ class DetectionTask(TrainTask):
                     f"{base.annotation_file} and {self.val_set.annotation_file} define different categories "
                     f"({len(base.cat_ids)} vs {len(self.val_set.cat_ids)} ids); both splits need the same category list"
                 )
-            lsj = LargeScaleJitter(cfg.model.img_size, tuple(d.scale_range), d.flip_prob, fill=d.mean)
+            lsj = LargeScaleJitter(cfg.model.img_size, tuple(d.scale_range), d.flip_prob)
             self.train_set = SeededTransformDataset(base, lsj, seed=cfg.train.seed, prepare=drop_crowd)
         self.backbone_sha256 = file_sha256(cfg.backbone) if cfg.backbone else None
         self.last_eval: dict[str, dict[str, float]] = {}
@@ -103,7 +129,7 @@ class DetectionTask(TrainTask):
     # ------------------------------------------------------------------ engine interface
     def signature(self) -> dict[str, Any]:
         m = self.cfg.model
-        return {"model": m.name, "pyramid": m.pyramid, "img_size": m.img_size, "window_size": m.window_size,
+        return {"model": m.vit_label(), "pyramid": m.pyramid, "img_size": m.img_size, "window_size": m.window_size,
                 "use_rel_pos": m.use_rel_pos, "head_norm": m.head_norm, "channels": m.channels, "fc_dim": m.fc_dim,
                 "num_classes": self.num_classes}
 
@@ -115,7 +141,7 @@ class DetectionTask(TrainTask):
 
             # New in a detection backbone: relative position tables (zero-init), pyramid and heads
             # (outside the ViT); unused: class token, final norm, any classifier or MAE decoder.
-            load(model.backbone.body.vit, self.cfg.backbone, expected_missing="dense", expected_unexpected="dense")
+            load(model.vit, self.cfg.backbone, expected_missing="dense", expected_unexpected="dense")
         elif load_backbone:
             log.warning(
                 "NO --backbone: the ViT starts from RANDOM weights (the from-scratch baseline); pass "
@@ -132,37 +158,68 @@ class DetectionTask(TrainTask):
         return self.train_set
 
     def param_groups(self, model: nn.Module, optim: OptimConfig) -> list[dict]:
-        # Layer decay over the ViT blocks; the pyramid and heads get the full lr. No weight decay
-        # for norms, biases and the position embedding (detectron2 ViTDet optimizer settings).
-        return param_groups(model, optim.weight_decay, optim.layer_decay, no_weight_decay=("pos_embed",), vit_prefix=VIT_PREFIX)
+        return detection_param_groups(model, optim)
 
     def training_step(self, model: nn.Module, batch, device: torch.device):
         images, targets = batch
         images = [im.to(device, non_blocking=True) for im in images]
-        targets = [{k: v.to(device, non_blocking=True) for k, v in t.items()} for t in targets]
-        losses = model(images, targets)
+        losses = model(images, targets)  # the model moves boxes and labels; polygons stay on the CPU
         loss = sum(v.float() for v in losses.values())
         return loss, {k: v.detach().float() for k, v in losses.items()}
+
+    def eval_autocast(self, device: torch.device) -> Callable:
+        """The autocast of ``eval_precision`` (fp32 by default, as detectron2 evaluates)."""
+        precision = resolve_precision(self.cfg.eval_precision, device)
+        return lambda: autocast_context(precision, device)
 
     def on_epoch_end(self, trainer: Trainer, epoch: int) -> None:
         every = self.cfg.eval_every_epochs
         if every <= 0 or (epoch + 1) % every or epoch + 1 == self.cfg.train.epochs:
             return  # the last epoch is evaluated by on_train_end
-        self.last_eval = self.run_eval(trainer.unwrapped, trainer.device, trainer.autocast, trainer.dist, trainer.num_workers(), trainer.output_dir)
+        autocast = self.eval_autocast(trainer.device)
+        self.last_eval = self.run_eval(trainer.unwrapped, trainer.device, autocast, trainer.dist, trainer.num_workers(), trainer.output_dir)
         trainer.metrics.write("eval", {"step": trainer.step, "epoch": epoch + 1, **flat_metrics(self.last_eval)})
 
     def on_train_end(self, trainer: Trainer) -> None:
         out = trainer.output_dir
         if trainer.dist.is_main:
-            save_detector(trainer.unwrapped, self.cfg, self.class_names, out / "detector.pth")
-        self.last_eval = self.run_eval(trainer.unwrapped, trainer.device, trainer.autocast, trainer.dist, trainer.num_workers(), out)
+            save_detector(trainer.unwrapped, self.cfg, self.class_names, out / "detector.pth", step=trainer.step)
+        autocast = self.eval_autocast(trainer.device)
+        self.last_eval = self.run_eval(trainer.unwrapped, trainer.device, autocast, trainer.dist, trainer.num_workers(), out)
         if trainer.dist.is_main:
             trainer.metrics.write("eval", {"step": trainer.step, "epoch": math.ceil(trainer.step / trainer.steps_per_epoch), **flat_metrics(self.last_eval)})
             self.write_results(out, self.last_eval, trainer.step)
             if self.cfg.visualize:
-                self.visualize(trainer.unwrapped, trainer.device, trainer.autocast, out / "visualize")
+                self.visualize(trainer.unwrapped, trainer.device, autocast, out / "visualize")
 
     # ------------------------------------------------------------------ evaluation
+    def predict_split(self, model: nn.Module, device: torch.device, autocast: Callable, dist: DistInfo, num_workers: int) -> list[dict]:
+        """COCO results of this process's share of the evaluation split (test resize in the workers)."""
+        from tqdm.auto import tqdm
+
+        ds = SeededTransformDataset(self.val_set, ResizeForTest(self.cfg.model.img_size))
+        loader = DataLoader(
+            ds, batch_size=self.cfg.eval_batch_size, sampler=ShardSampler(len(ds), dist.rank, dist.world_size),
+            num_workers=num_workers, collate_fn=collate_detection, pin_memory=device.type == "cuda",
+        )
+        was_training = model.training
+        model.eval()
+        results: list[dict] = []
+        with torch.no_grad():
+            for images, targets in tqdm(loader, desc=f"evaluating {self.cfg.data.val_split}", unit="batch",
+                                        disable=not dist.is_main, leave=False, mininterval=5.0):
+                sizes = [tuple(int(v) for v in t["orig_size"]) for t in targets]
+                with autocast():
+                    outputs = model.inference([im.to(device, non_blocking=True) for im in images], sizes)
+                preds = [
+                    {"image_id": t["image_id"], "boxes": o["boxes"].float().cpu(), "scores": o["scores"].float().cpu(),
+                     "labels": o["labels"].cpu(), "masks": o["masks"].cpu()}
+                    for o, t in zip(outputs, targets)
+                ]
+                results.extend(predictions_to_coco_results(preds, self.val_set.label_to_cat_id))
+        model.train(was_training)
+        return results
+
     def run_eval(
         self,
         model: nn.Module,
@@ -173,34 +230,21 @@ class DetectionTask(TrainTask):
         out_dir: Path | None,
     ) -> dict[str, dict[str, float]]:
         """Detect on the evaluation split (sharded over processes) and score with COCOeval."""
-        from tqdm.auto import tqdm
-
         ds = self.val_set
-        loader = DataLoader(
-            ds, batch_size=self.cfg.eval_batch_size, sampler=ShardSampler(len(ds), dist.rank, dist.world_size),
-            num_workers=num_workers, collate_fn=collate_detection, pin_memory=device.type == "cuda",
-        )
-        was_training = model.training
-        model.eval()
-        results: list[dict] = []
+        if dist.is_main:
+            log.info("evaluating %d images of %s in %s", len(ds), self.cfg.data.val_split, _precision_name(autocast))
         t0 = time.monotonic()
-        with torch.no_grad():
-            for images, targets in tqdm(loader, desc=f"evaluating {self.cfg.data.val_split}", unit="batch",
-                                        disable=not dist.is_main, leave=False, mininterval=5.0):
-                with autocast():
-                    outputs = model([im.to(device, non_blocking=True) for im in images])
-                preds = [
-                    {**{k: v.float().cpu() if v.is_floating_point() else v.cpu() for k, v in o.items()}, "image_id": t["image_id"]}
-                    for o, t in zip(outputs, targets)
-                ]
-                results.extend(predictions_to_coco_results(preds, ds.label_to_cat_id))
+        results = self.predict_split(model, device, autocast, dist, num_workers)
         seconds = time.monotonic() - t0
-        model.train(was_training)
         results = gather_lists(results)
         if not dist.is_main:
             return {}  # COCOeval runs once, on the main process
+        # One order whatever the number of processes: by image, then score (as one process gives).
+        order = {image_id: i for i, image_id in enumerate(ds.image_ids)}
+        results.sort(key=lambda r: (order.get(r["image_id"], -1), -r["score"]))
         metrics = evaluate_coco(ds.coco, results, image_ids=ds.image_ids)
         metrics["time"] = {"seconds": seconds, "images": len(ds), "images_per_second": len(ds) / max(seconds, 1e-9)}
+        metrics["precision"] = _precision_name(autocast)
         log.info("%s", format_metrics(metrics, self.cfg))
         if out_dir is not None:
             save_results_json(results, Path(out_dir) / f"predictions_{self.cfg.data.val_split}.json")
@@ -238,13 +282,20 @@ class DetectionTask(TrainTask):
             for i in range(n):
                 image, target = self.val_set[i]
                 with autocast():
-                    pred = model([image.to(device)])[0]
+                    pred = model.predict(image.to(device))
                 pred = {k: v.float().cpu() if v.is_floating_point() else v.cpu() for k, v in pred.items()}
                 name = f"{int(target['image_id']):012d}.png"
                 paths.append(save_comparison(image, target, pred, self.class_names, out_dir / name, self.cfg.visualize_score))
         model.train(was_training)
         log.info("saved %d pictures (ground truth | prediction) to %s", len(paths), out_dir)
         return paths
+
+
+def _precision_name(autocast: Callable) -> str:
+    ctx = autocast()
+    if isinstance(ctx, torch.autocast):
+        return {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(ctx.fast_dtype, str(ctx.fast_dtype))
+    return "fp32"
 
 
 def flat_metrics(metrics: dict) -> dict[str, float]:
@@ -261,21 +312,110 @@ def format_metrics(metrics: dict, cfg: DetectionConfig) -> str:
         lines.append(f"{kind:24s} " + " ".join(f"{vals.get(n, float('nan')):6.2f}" for n in names))
     t = metrics.get("time")
     if t:
-        lines.append(f"evaluated {t['images']} images in {t['seconds']:.1f} s ({t['images_per_second']:.2f} img/s)")
+        lines.append(f"evaluated {t['images']} images in {t['seconds']:.1f} s ({t['images_per_second']:.2f} img/s, "
+                     f"{metrics.get('precision', 'fp32')})")
     return "\n".join(lines)
 
 
-def save_detector(model: nn.Module, cfg, class_names: list[str], path: Path) -> Path:
-    """The trained model's weights with its config and class names (atomic)."""
-    return save_trained_model(model, cfg, path, DETECTOR_FORMAT, class_names=class_names)
+# ---------------------------------------------------------------------------- trained weights
+def save_detector(model: nn.Module, cfg, class_names: list[str], path: Path, step: int = 0) -> Path:
+    """The trained model's weights with its config and class names (atomic). The state dict has
+    detectron2's names; ``mae-transfer export --to detectron2`` writes detectron2's file layout."""
+    return save_trained_model(model, cfg, path, DETECTOR_FORMAT, class_names=class_names, step=int(step))
 
 
-def read_detector_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], dict | None]:
-    """State dict and saved config from ``detector.pth`` or a training checkpoint of a coco run."""
-    return read_trained_model(path, "roi_heads.", "detector.pth", "coco")
+def read_detector_weights(path: str | Path, trust: bool = False) -> tuple[dict[str, torch.Tensor], dict | None]:
+    """State dict and config overrides of a trained detector for ``--eval-only --weights``.
+
+    Reads this toolkit's ``detector.pth`` and training checkpoints (their saved config), and
+    detectron2 ViTDet checkpoints (``model_final.pth``; model-zoo ``.pkl`` with ``trust``), whose
+    architecture is inferred from the tensor shapes. Loading is ``weights_only`` unless ``trust``.
+    """
+    from mae_transfer.checkpoint import load_file, load_safely
+    from mae_transfer.checkpoint.detectron2 import describe_vitdet, is_vitdet_state_dict, read_vitdet, unmapped_keys
+
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"--weights {path}: file not found")
+    if path.suffix.lower() == ".pkl":
+        sd, meta = read_vitdet(path, trust=trust)
+        saved = None
+    else:
+        state = load_file(path) if trust else load_safely(path, "--weights")
+        if not isinstance(state, dict) or not isinstance(state.get("model"), dict):
+            raise CheckpointError(f"--weights {path}: not a trained model (expected detector.pth, checkpoint-last.pth of a coco run, "
+                                  "or a detectron2 ViTDet model_final.pth)")
+        sd = {k: v for k, v in state["model"].items()}
+        saved = state.get("config") if state.get("format") in (DETECTOR_FORMAT, "mae_transfer.train_checkpoint") else None
+        if not any(k.startswith("roi_heads.") for k in sd):
+            raise CheckpointError(
+                f"--weights {path} holds no roi_heads.* weights: it looks like a backbone; pass it as --backbone to train a model"
+            )
+        meta = {"format": "mae-transfer" if saved is not None else "detectron2 (DetectionCheckpointer)"}
+    if saved is None:
+        if not is_vitdet_state_dict(sd):
+            raise CheckpointError(f"--weights {path}: neither a detector of this toolkit nor a detectron2 ViTDet checkpoint")
+        bad = unmapped_keys(sd)
+        if bad:
+            raise CheckpointError(
+                f"--weights {path}: {len(bad)} tensors have no place in a ViTDet Mask R-CNN (e.g. {', '.join(bad[:5])}); "
+                "only the simple-feature-pyramid Mask R-CNN of ViTDet is supported"
+            )
+        try:
+            arch = describe_vitdet(sd)
+        except CheckpointError as e:
+            raise CheckpointError(f"--weights {path}: {e}") from None
+        for note in arch.pop("notes"):
+            log.warning("%s: %s", path, note)
+        if arch.pop("pyramid_norm") != "ln" or arch["num_anchors"] != 3:
+            raise CheckpointError(f"--weights {path}: only LayerNorm pyramids with 3 anchors per position are supported")
+        arch.pop("num_anchors")
+        arch.pop("pos_embed_class_row", None)
+        num_classes = arch.pop("num_classes")
+        from mae_transfer.models.vit import VIT_SIZES
+
+        named = [n for n, v in VIT_SIZES.items() if (v.embed_dim, v.depth, v.num_heads, v.patch_size)
+                 == (arch["embed_dim"], arch["depth"], arch["num_heads"], arch["patch_size"])]
+        model = {**arch, "name": named[0] if named else None, "pyramid": "simple"}
+        if named:
+            for k in ("embed_dim", "depth", "num_heads", "patch_size"):
+                model.pop(k)
+        model["global_blocks"] = list(model["global_blocks"]) if "global_blocks" in model else None
+        saved = {"model": model, "num_classes": num_classes}
+        log.info("%s: %s checkpoint, %s, %d classes, %d px input", path, meta["format"],
+                 ", ".join(f"{k}={v}" for k, v in model.items() if k in ("name", "embed_dim", "depth", "num_heads", "patch_size",
+                                                                            "window_size", "global_blocks")),
+                 num_classes, model.get("img_size", 0))
+    for key in [k for k in sd if k in ("pixel_mean", "pixel_std")]:
+        sd.pop(key)  # the input normalisation is the config's (data.mean / data.std)
+    return sd, saved
 
 
-load_detector_weights = load_trained_model
+def load_detector_weights(model: nn.Module, state: dict[str, torch.Tensor], path: str | Path) -> None:
+    """Load a detector state dict, naming every tensor that does not fit."""
+    target = model.state_dict()
+    unexpected = [k for k in state if k not in target]
+    missing = [k for k in target if k not in state]
+    shapes = [k for k in state if k in target and state[k].shape != target[k].shape]
+    if unexpected or missing or shapes:
+        parts = []
+        if shapes:
+            k = shapes[0]
+            parts.append(f"{len(shapes)} differ in shape (e.g. {k}: file {tuple(state[k].shape)} vs model {tuple(target[k].shape)})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} have no place in the model (e.g. {', '.join(unexpected[:3])})")
+        if missing:
+            parts.append(f"{len(missing)} model tensors are missing (e.g. {', '.join(missing[:3])})")
+        hint = ""
+        if any(k.startswith("roi_heads.box_predictor.cls_score") for k in shapes):
+            hint = (f" The file predicts {state['roi_heads.box_predictor.cls_score.weight'].shape[0] - 1} classes, the data has "
+                    f"{target['roi_heads.box_predictor.cls_score.weight'].shape[0] - 1}: evaluate on data with the same categories.")
+        raise CheckpointError(f"--weights {path} does not fit this model: {'; '.join(parts)}.{hint} Use the --preset / model.* "
+                              "settings it was trained with")
+    model.load_state_dict(state)
 
 
-__all__ = ["DetectionTask", "build_detector", "format_metrics", "read_detector_weights", "load_detector_weights", "save_detector"]
+__all__ = [
+    "DetectionTask", "build_detector", "detection_param_groups", "format_metrics", "load_detector_weights",
+    "read_detector_weights", "save_detector", "vit_prefix",
+]

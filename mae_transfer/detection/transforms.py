@@ -1,45 +1,80 @@
-"""Training augmentation for detection: large-scale jitter (LSJ) with ``torchvision.transforms.v2``.
+"""Detection input pipelines: large-scale jitter for training and the test resize, as ViTDet's.
 
-LSJ (Ghiasi et al. 2021; the training input of both ViT transfer recipes, Benchmarking-ViT
-section 3 and ViTDet A.2): resize the image so that it fits ``scale x size`` in both sides
-(``scale`` uniform in [0.1, 2.0], aspect ratio kept), crop a random ``size x size`` window where the
-image is larger, pad the bottom and right up to ``size x size``, flip horizontally with
-probability 0.5. Boxes and instance masks follow the image; instances that leave the crop (or
-shrink below a pixel) are removed together with their masks and labels.
+Training (detectron2 ``coco_loader_lsj.py``): horizontal flip with probability 0.5, then
+``ResizeScale``: a scale ``s`` uniform in [0.1, 2.0] and the image resized (aspect kept) to fit
+``s x size`` in both sides, the new size rounded half to even; then ``FixedSizeCrop`` without
+padding: a ``size x size`` window at offset ``round(u * (side - size))`` for one ``u`` uniform in
+[0, 1] shared by both axes (the whole image when smaller). The detector pads to ``size x size``.
+Polygons follow every step (clipped to the crop window), and each object's box is recomputed
+from its transformed polygons (``recompute_boxes``: the tight box of what is left after the crop);
+objects with no area left are dropped. Images are resized with PIL's bilinear filter on uint8, as
+detectron2's ``ResizeTransform`` does.
 
-Each sample's random draws come from a seed of ``(seed, epoch, index)``, so a resumed run, any
-number of workers and any number of processes see exactly the same augmented images.
+Test: ``ResizeShortestEdge(size, max_size=size)``: the longer side becomes ``size`` (sizes rounded
+half up), PIL bilinear on uint8.
+
+Each training sample's random draws come from a seed of ``(seed, epoch, index)``, so a resumed run,
+any number of workers and any number of processes see exactly the same augmented images.
 """
 
 from __future__ import annotations
 
-from typing import Sequence
-
+import numpy as np
 import torch
-from torchvision import tv_tensors
-from torchvision.transforms import v2
-from torchvision.transforms.v2 import functional as F
+from PIL import Image
 
 from mae_transfer.data.seeded import SeededTransformDataset
-from mae_transfer.data.stats import IMAGENET_MEAN
+from mae_transfer.detection.masks import crop_segment, flip_segment, resize_segment, segment_box
+
+
+def resize_uint8(image: torch.Tensor, size_hw: tuple[int, int]) -> torch.Tensor:
+    """uint8 (3, H, W) -> uint8 (3, h, w) with PIL's bilinear filter (which widens when shrinking)."""
+    h, w = int(size_hw[0]), int(size_hw[1])
+    if tuple(image.shape[-2:]) == (h, w):
+        return image
+    if image.dtype != torch.uint8:
+        raise TypeError(f"detection images are uint8 RGB tensors (3, H, W), got {image.dtype}")
+    pil = Image.fromarray(image.permute(1, 2, 0).contiguous().numpy())
+    out = np.asarray(pil.resize((w, h), Image.BILINEAR))
+    return torch.from_numpy(out.copy()).permute(2, 0, 1).contiguous()
+
+
+def shortest_edge_size(h: int, w: int, size: int) -> tuple[int, int]:
+    """``ResizeShortestEdge(size, max_size=size)``: (h', w') with the longer side ``size``, the
+    shorter scaled alike, each rounded half up (425 x 640 -> 213 x 320 at 320)."""
+    scale = size / min(h, w)
+    nh, nw = (float(size), scale * w) if h < w else (scale * h, float(size))
+    if max(nh, nw) > size:
+        f = size / max(nh, nw)
+        nh, nw = nh * f, nw * f
+    return int(nh + 0.5), int(nw + 0.5)
+
+
+def resize_for_test(image: torch.Tensor, size: int) -> torch.Tensor:
+    """The test input of a detector with input ``size``: uint8 (3, h', w'), longer side ``size``."""
+    return resize_uint8(image, shortest_edge_size(int(image.shape[-2]), int(image.shape[-1]), size))
+
+
+class ResizeForTest:
+    """``(image, target) -> (resized image, target)``; the target keeps ``orig_size`` for the output frame."""
+
+    def __init__(self, size: int):
+        self.size = int(size)
+
+    def __call__(self, image: torch.Tensor, target: dict) -> tuple[torch.Tensor, dict]:
+        return resize_for_test(image, self.size), target
 
 
 class LargeScaleJitter:
-    """``(image, target) -> (image, target)`` with LSJ; image float ``(3, H, W)`` in [0, 1].
+    """``(image, target) -> (image, target)`` with ViTDet's LSJ (see the module docstring).
 
-    ``target`` needs ``boxes`` (xyxy pixels), ``labels`` and optionally ``masks`` ``(N, H, W)``;
-    other per-instance entries (``iscrowd``, ``area``) are dropped, since the model does not use them
-    in training. The padding is the mean colour, which is zero after normalisation, like the
-    padding the detector adds when it batches images.
+    ``image`` uint8 (3, H, W); ``target`` needs ``labels`` and ``segments`` (one per object: a list
+    of flat polygons or a (H, W) bitmask; see :mod:`mae_transfer.detection.masks`). Returns the
+    jittered image, at most ``size x size``, and ``boxes`` (N, 4) recomputed from the segments,
+    ``labels`` and ``segments`` of the objects that are still there.
     """
 
-    def __init__(
-        self,
-        size: int,
-        scale_range: tuple[float, float] = (0.1, 2.0),
-        flip_prob: float = 0.5,
-        fill: Sequence[float] = IMAGENET_MEAN,
-    ):
+    def __init__(self, size: int, scale_range: tuple[float, float] = (0.1, 2.0), flip_prob: float = 0.5):
         if size <= 0:
             raise ValueError(f"LSJ size must be positive, got {size}")
         lo, hi = scale_range
@@ -48,46 +83,35 @@ class LargeScaleJitter:
         self.size = int(size)
         self.scale_range = (float(lo), float(hi))
         self.flip_prob = float(flip_prob)
-        self.fill = [float(v) for v in fill]
-        self._jitter = v2.ScaleJitter((self.size, self.size), scale_range=self.scale_range, antialias=True)
-        self._clamp = v2.ClampBoundingBoxes()
-        self._sanitize = v2.SanitizeBoundingBoxes(min_size=1.0, labels_getter=lambda inputs: inputs[1]["labels"])
 
-    def __call__(self, image: torch.Tensor, target: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        h, w = image.shape[-2:]
-        img = tv_tensors.Image(image)
-        out: dict[str, torch.Tensor] = {
-            "boxes": tv_tensors.BoundingBoxes(target["boxes"], format="XYXY", canvas_size=(h, w)),
-            "labels": target["labels"],
+    def __call__(self, image: torch.Tensor, target: dict) -> tuple[torch.Tensor, dict]:
+        segments = list(target["segments"])
+        labels = target["labels"]
+        h, w = int(image.shape[-2]), int(image.shape[-1])
+        if self.flip_prob > 0 and float(torch.rand(())) < self.flip_prob:
+            image = image.flip(-1)
+            segments = [flip_segment(s, w) for s in segments]
+        lo, hi = self.scale_range
+        scale = lo + (hi - lo) * float(torch.rand((), dtype=torch.float64))
+        factor = min(self.size * scale / h, self.size * scale / w)
+        nh, nw = round(h * factor), round(w * factor)  # round half to even, as numpy's
+        nh, nw = max(nh, 1), max(nw, 1)
+        image = resize_uint8(image, (nh, nw))
+        segments = [resize_segment(s, (nh, nw), (nw / w, nh / h)) for s in segments]
+        u = float(torch.rand((), dtype=torch.float64))
+        y0, x0 = round(max(nh - self.size, 0) * u), round(max(nw - self.size, 0) * u)
+        if nh > self.size or nw > self.size:
+            image = image[:, y0 : y0 + self.size, x0 : x0 + self.size]
+        # The window is size x size even where the image is smaller (nothing is cut there).
+        segments = [crop_segment(s, x0, y0, self.size, self.size) for s in segments]
+        boxes = torch.tensor([segment_box(s) for s in segments], dtype=torch.float32).reshape(-1, 4)
+        keep = ((boxes[:, 2] - boxes[:, 0]) > 1e-5) & ((boxes[:, 3] - boxes[:, 1]) > 1e-5)
+        idx = torch.nonzero(keep, as_tuple=True)[0].tolist()
+        return image.contiguous(), {
+            "boxes": boxes[keep],
+            "labels": labels[keep],
+            "segments": [segments[i] for i in idx],
         }
-        if "masks" in target:
-            out["masks"] = tv_tensors.Mask(target["masks"])
-        img, out = self._jitter(img, out)
-
-        # Random crop where the scaled image is larger than the output (detectron2's FixedSizeCrop).
-        h, w = img.shape[-2:]
-        top = int(torch.randint(0, h - self.size + 1, ()).item()) if h > self.size else 0
-        left = int(torch.randint(0, w - self.size + 1, ()).item()) if w > self.size else 0
-        ch, cw = min(h, self.size), min(w, self.size)
-        if (ch, cw) != (h, w):
-            img = F.crop(img, top, left, ch, cw)
-            out = {k: F.crop(v, top, left, ch, cw) if isinstance(v, (tv_tensors.BoundingBoxes, tv_tensors.Mask)) else v for k, v in out.items()}
-        # Pad right and bottom to the square output.
-        pad = [0, 0, self.size - cw, self.size - ch]  # left, top, right, bottom
-        if pad[2] or pad[3]:
-            img = F.pad(img, pad, fill=self.fill)
-            out["boxes"] = F.pad(out["boxes"], pad)
-            if "masks" in out:
-                out["masks"] = F.pad(out["masks"], pad, fill=0)
-        if self.flip_prob > 0 and torch.rand(()) < self.flip_prob:
-            img = F.horizontal_flip(img)
-            out = {k: F.horizontal_flip(v) if isinstance(v, (tv_tensors.BoundingBoxes, tv_tensors.Mask)) else v for k, v in out.items()}
-        out["boxes"] = self._clamp(out["boxes"])
-        img, out = self._sanitize(img, out)
-        result = {"boxes": out["boxes"].as_subclass(torch.Tensor), "labels": out["labels"]}
-        if "masks" in out:
-            result["masks"] = out["masks"].as_subclass(torch.Tensor)
-        return img.as_subclass(torch.Tensor), result
 
 
 def collate_detection(batch: list[tuple[torch.Tensor, dict]]) -> tuple[list[torch.Tensor], list[dict]]:
@@ -96,4 +120,4 @@ def collate_detection(batch: list[tuple[torch.Tensor, dict]]) -> tuple[list[torc
     return list(images), list(targets)
 
 
-__all__ = ["LargeScaleJitter", "SeededTransformDataset", "collate_detection"]
+__all__ = ["LargeScaleJitter", "SeededTransformDataset", "ResizeForTest", "collate_detection", "resize_for_test", "resize_uint8", "shortest_edge_size"]

@@ -27,11 +27,14 @@ def draw_instances(
     masks: torch.Tensor | None = None,
     scores: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """``image`` float (3, H, W) in [0, 1] -> uint8 (3, H, W) with masks (alpha 0.45) and boxes.
+    """``image`` uint8 (3, H, W) (or float in [0, 1]) -> uint8 (3, H, W) with masks (alpha 0.45) and boxes.
 
     ``masks``: (N, H, W) or (N, 1, H, W), binary or probabilities (thresholded at 0.5).
     """
-    canvas = (image.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).cpu()
+    if image.dtype == torch.uint8:
+        canvas = image.detach().cpu().clone()
+    else:
+        canvas = (image.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).cpu()
     n = int(labels.numel())
     if n == 0:
         return canvas
@@ -41,7 +44,7 @@ def draw_instances(
         m = masks.detach().cpu()
         if m.dim() == 4:
             m = m[:, 0]
-        canvas = draw_segmentation_masks(canvas, m > 0.5, alpha=0.45, colors=colors)
+        canvas = draw_segmentation_masks(canvas, m.bool() if m.dtype == torch.bool else m > 0.5, alpha=0.45, colors=colors)
     text = []
     for k in range(n):
         name = class_names[int(labels[k])] if 0 <= int(labels[k]) < len(class_names) else str(int(labels[k]))
@@ -85,6 +88,10 @@ def save_comparison(
     """Save ``ground truth | prediction`` for one image as a PNG; predictions below ``score_thresh``
     are not drawn. Crowd regions of the ground truth are drawn like other instances. Images smaller
     than ``MIN_SIDE`` pixels are enlarged (nearest neighbour) so that labels stay readable."""
+    if "masks" not in target and "segments" in target:
+        from mae_transfer.detection.masks import segments_to_masks
+
+        target = {**target, "masks": segments_to_masks(target["segments"], int(image.shape[-2]), int(image.shape[-1]))}
     factor = max(1, math.ceil(MIN_SIDE / max(image.shape[-2:])))
     if factor > 1:
         image, target, prediction = _enlarge(image, factor), _enlarge_instances(target, factor), _enlarge_instances(prediction, factor)

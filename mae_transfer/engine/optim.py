@@ -38,6 +38,7 @@ def param_groups(
     no_weight_decay: Iterable[str] = (),
     vit_prefix: str = "",
     depth: int | None = None,
+    no_decay_modules: tuple[type, ...] | None = None,
 ) -> list[dict]:
     """Optimizer groups: no weight decay for 1-D parameters (biases, norms) and ``no_weight_decay``
     names; lr scaled by ``layer_decay ** (depth + 1 - layer_id)`` (see :func:`vit_layer_id`).
@@ -45,8 +46,18 @@ def param_groups(
     ``vit_prefix`` locates the ViT inside a larger model (e.g. ``"backbone.vit."``); ``depth`` is
     its number of blocks (read from ``<prefix>blocks`` when None). Each group carries ``lr_scale``,
     which the schedule multiplies into the lr.
+
+    ``no_decay_modules`` replaces the 1-D rule: then exactly the parameters of modules of these
+    types (and the ``no_weight_decay`` names) are not decayed, biases and other norms are.
+    detectron2's ``get_default_optimizer_params(weight_decay_norm=0)`` is this rule with torch's
+    norm layers (ViTDet: the ViT's LayerNorms; the heads' channel LayerNorms are decayed).
     """
     skip = set(no_weight_decay)
+    exempt_ids: set[int] = set()
+    if no_decay_modules is not None:
+        for module in model.modules():
+            if isinstance(module, no_decay_modules):
+                exempt_ids.update(id(p) for p in module.parameters(recurse=False))
     if depth is None:
         vit = model
         for part in [p for p in vit_prefix.rstrip(".").split(".") if p]:
@@ -58,7 +69,10 @@ def param_groups(
         if not p.requires_grad:
             continue
         bare = name[len(vit_prefix):] if vit_prefix and name.startswith(vit_prefix) else name
-        no_decay = p.ndim == 1 or name.endswith(".bias") or bare in skip or name in skip
+        if no_decay_modules is None:
+            no_decay = p.ndim == 1 or name.endswith(".bias") or bare in skip or name in skip
+        else:
+            no_decay = id(p) in exempt_ids or bare in skip or name in skip
         layer_id = vit_layer_id(name, num_layers, vit_prefix)
         key = f"layer_{layer_id}_{'no_decay' if no_decay else 'decay'}"
         if key not in groups:

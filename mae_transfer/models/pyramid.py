@@ -73,11 +73,44 @@ def _rescale(dim: int, scale: float, norm: str, halve: bool) -> tuple[nn.Module,
     raise ValueError(f"unsupported pyramid scale {scale}; use 4, 2, 1 or 0.5")
 
 
+class ConvNormAct(nn.Conv2d):
+    """A convolution followed by an optional norm and activation, the norm kept as ``.norm``.
+
+    Parameter names are therefore ``weight`` (+ ``bias`` without a norm) and ``norm.weight`` /
+    ``norm.bias``, the names detectron2 checkpoints use for the pyramid and the detection heads.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int,
+        padding: int = 0,
+        norm: str = "none",
+        activation: nn.Module | None = None,
+        bias: bool | None = None,
+    ):
+        super().__init__(in_channels, out_channels, kernel_size, padding=padding, bias=(norm == "none") if bias is None else bias)
+        self.norm = None if norm == "none" else make_norm(norm, out_channels)
+        self.activation = activation
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = super().forward(x)
+        if self.norm is not None:
+            x = self.norm(x)
+        return x if self.activation is None else self.activation(x)
+
+
 class SimpleFeaturePyramid(nn.Module):
     """ViTDet's simple feature pyramid on the last block of ``vit`` (window attention allowed).
 
-    Output: ``p2``..``p5`` (strides 4..32) and ``p6`` (stride 64, max-pool of p5), ``out_channels``
-    channels each (256 in ViTDet).
+    Output: ``p2``..``p5`` (strides 4..32) and ``p6`` (stride 64, ``max_pool2d(p5, 1, stride 2)``),
+    ``out_channels`` channels each (256 in ViTDet). Each level is a rescale of the stride-16 map
+    (x4: deconv, norm, GELU, deconv halving the channels twice; x2: one deconv; x1: identity;
+    x0.5: 2x2 max-pool) followed by a 1x1 and a 3x3 convolution, each followed by ``norm`` (no
+    activation). Module names are detectron2's (``net`` for the ViT, ``simfp_<level>`` for the
+    levels, registered before ``net``), so a detectron2 ViTDet state dict has exactly this
+    module's names and order.
     """
 
     def __init__(
@@ -89,32 +122,36 @@ class SimpleFeaturePyramid(nn.Module):
         top_block: bool = True,
     ):
         super().__init__()
-        self.vit = vit
         dim = vit.embed_dim
-        self.stages = nn.ModuleList()
         self.strides: list[int] = []
+        self.level_names: list[str] = []
         for scale in scales:
             rescale, ch = _rescale(dim, scale, norm, halve=True)
-            self.stages.append(
-                nn.Sequential(
-                    rescale,
-                    nn.Conv2d(ch, out_channels, 1, bias=norm == "none"),
-                    make_norm(norm, out_channels),
-                    nn.Conv2d(out_channels, out_channels, 3, padding=1, bias=norm == "none"),
-                    make_norm(norm, out_channels),
-                )
-            )
-            self.strides.append(int(vit.patch_size / scale))
+            layers = list(rescale) if isinstance(rescale, nn.Sequential) else ([] if isinstance(rescale, nn.Identity) else [rescale])
+            layers += [
+                ConvNormAct(ch, out_channels, 1, norm=norm),
+                ConvNormAct(out_channels, out_channels, 3, padding=1, norm=norm),
+            ]
+            stride = int(vit.patch_size / scale)
+            name = f"simfp_{int(math.log2(stride))}"
+            self.add_module(name, nn.Sequential(*layers))
+            self.strides.append(stride)
+            self.level_names.append(name)
+        self.net = vit
         self.top_block = top_block
         if top_block:
             self.strides.append(self.strides[-1] * 2)
         self.names = [f"p{int(math.log2(s))}" for s in self.strides]
         self.out_channels = out_channels
 
+    @property
+    def vit(self) -> VisionTransformer:
+        return self.net
+
     def forward(self, x: torch.Tensor) -> "OrderedDict[str, torch.Tensor]":
         """(B, 3, H, W) -> OrderedDict of (B, out_channels, H / s, W / s) for each stride s."""
-        feat = self.vit.forward_intermediates(x, indices=[len(self.vit.blocks) - 1], output_fmt="NCHW")[0]
-        outs = [stage(feat) for stage in self.stages]
+        feat = self.net.forward_intermediates(x, indices=[len(self.net.blocks) - 1], output_fmt="NCHW")[0]
+        outs = [getattr(self, name)(feat) for name in self.level_names]
         if self.top_block:
             outs.append(F.max_pool2d(outs[-1], kernel_size=1, stride=2))
         return OrderedDict(zip(self.names, outs))

@@ -252,6 +252,13 @@ class VisionTransformer(nn.Module):
         use_rel_pos: decomposed relative position bias in every block (zero-initialised).
         fixed_pos_embed: 2-D sin-cos position embeddings that are not trained (MAE pretraining).
         grad_checkpointing: recompute block activations in backward to save memory.
+        pos_embed_img_size: the image size the absolute position table is made for (default
+            ``img_size``). Dense backbones keep the 224 px pretraining table and resize it to the
+            input's token grid at every forward (ViTDet's ``pretrain_img_size``), while the
+            relative position tables follow ``img_size``.
+        pos_embed_class_row: whether ``pos_embed`` stores a class-token row (default: when there
+            is a class token). ViTDet keeps the pretraining class row, unused, so pretrained and
+            detectron2 checkpoints load with their own shapes (``pretrain_use_cls_token``).
     """
 
     def __init__(
@@ -276,6 +283,8 @@ class VisionTransformer(nn.Module):
         fixed_pos_embed: bool = False,
         grad_checkpointing: bool = False,
         head_drop: float = 0.0,
+        pos_embed_img_size: int | tuple[int, int] | None = None,
+        pos_embed_class_row: bool | None = None,
     ):
         super().__init__()
         if global_pool not in ("avg", "token", ""):
@@ -297,9 +306,15 @@ class VisionTransformer(nn.Module):
             if not 0 <= i < depth:
                 raise ValueError(f"global block index {i} is outside 0..{depth - 1}")
 
+        pos_size = self.img_size if pos_embed_img_size is None else _pair(pos_embed_img_size)
+        self.pos_embed_grid = (pos_size[0] // patch_size, pos_size[1] // patch_size)
+        self.pos_embed_prefix = self.num_prefix_tokens if pos_embed_class_row is None else int(bool(pos_embed_class_row))
+        if self.pos_embed_prefix < self.num_prefix_tokens:
+            raise ValueError("a class token needs a class row in pos_embed (pos_embed_class_row=True)")
+
         self.patch_embed = PatchEmbed(patch_size, in_chans, embed_dim)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim)) if class_token else None
-        num_pos = self.num_prefix_tokens + self.grid_size[0] * self.grid_size[1]
+        num_pos = self.pos_embed_prefix + self.pos_embed_grid[0] * self.pos_embed_grid[1]
         self.pos_embed = nn.Parameter(torch.zeros(1, num_pos, embed_dim), requires_grad=not fixed_pos_embed)
         self.fixed_pos_embed = fixed_pos_embed
 
@@ -335,7 +350,7 @@ class VisionTransformer(nn.Module):
     def init_weights(self) -> None:
         """Random initialisation as in MAE pretraining (also the from-scratch baseline)."""
         if self.fixed_pos_embed:
-            table = sincos_2d(self.embed_dim, self.grid_size, self.num_prefix_tokens)
+            table = sincos_2d(self.embed_dim, self.pos_embed_grid, self.pos_embed_prefix)
             self.pos_embed.data.copy_(table.unsqueeze(0))
         else:
             nn.init.trunc_normal_(self.pos_embed, std=0.02)
@@ -370,10 +385,16 @@ class VisionTransformer(nn.Module):
 
     # ------------------------------------------------------------------ forward pieces
     def pos_embed_for(self, grid: tuple[int, int]) -> torch.Tensor:
-        """Position embeddings (1, prefix + h*w, D) for a token grid, interpolated when needed."""
-        if tuple(grid) == self.grid_size:
+        """Position embeddings (1, prefix + h*w, D) for a token grid, interpolated when needed.
+
+        The table is resized (bicubic, ``align_corners=False``) at every call whose grid differs
+        from the table's, which is how ViTDet uses its 14x14 pretraining table at any input size.
+        """
+        if tuple(grid) == self.pos_embed_grid and self.pos_embed_prefix == self.num_prefix_tokens:
             return self.pos_embed
-        return resize_pos_embed(self.pos_embed, grid, self.num_prefix_tokens, old_grid=self.grid_size)
+        return resize_pos_embed(
+            self.pos_embed, grid, self.pos_embed_prefix, old_grid=self.pos_embed_grid, new_prefix_tokens=self.num_prefix_tokens
+        )
 
     def embed(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
         """(B, C, H, W) -> tokens (B, prefix + h*w, D) with position embeddings, and the grid."""

@@ -278,9 +278,9 @@ def save_segmenter(model: nn.Module, cfg, class_names: list[str], path: Path) ->
     return save_trained_model(model, cfg, path, SEGMENTER_FORMAT, class_names=class_names)
 
 
-def read_segmenter_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], dict | None]:
+def read_segmenter_weights(path: str | Path, trust: bool = False) -> tuple[dict[str, torch.Tensor], dict | None]:
     """State dict and saved config from ``segmenter.pth`` or a training checkpoint of a ade20k run."""
-    return read_trained_model(path, "decode_head.", "segmenter.pth", "ade20k")
+    return read_trained_model(path, "decode_head.", "segmenter.pth", "ade20k", trust=trust)
 
 
 load_segmenter_weights = load_trained_model

@@ -77,6 +77,39 @@ def load_file(path: str | os.PathLike, map_location: str | torch.device = "cpu")
         ) from None
 
 
+def _numpy_globals() -> list:
+    """The numpy names a pickle of plain numpy arrays uses (array rebuild, dtypes): no code runs."""
+    core = getattr(np, "_core", None) or np.core
+    out = [core.multiarray._reconstruct, np.ndarray, np.dtype]
+    dtypes = getattr(np, "dtypes", None)
+    if dtypes is not None:
+        out += [getattr(dtypes, n) for n in dir(dtypes) if n.endswith("DType")]
+    return out
+
+
+def load_safely(path: str | os.PathLike, what: str = "checkpoint") -> Any:
+    """``torch.load(weights_only=True)``: tensors, numbers, strings, containers and plain numpy
+    arrays only, so loading a stranger's file cannot run code. A file that needs more (arbitrary
+    pickled objects) gives a :class:`CheckpointError` saying so; load it yourself only if you
+    trust where it came from (``--trust-checkpoint``)."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{what} {path} does not exist (check the path)")
+    try:
+        with torch.serialization.safe_globals(_numpy_globals()):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        first = str(e).strip().splitlines()[-1][:200] if str(e).strip() else type(e).__name__
+        raise CheckpointError(
+            f"{what} {path} holds Python objects beyond tensors and plain containers ({first}); loading it "
+            "could run code stored in it. If you trust its source, pass --trust-checkpoint"
+        ) from None
+    except Exception as e:  # torch raises many types for truncated / foreign files
+        raise CheckpointError(
+            f"{what} {path} could not be read ({type(e).__name__}: {e}); the file is truncated or not a PyTorch checkpoint"
+        ) from None
+
+
 # ====================================================================== formats
 #
 # Everything below converts foreign parameter names to ours (which are the official MAE / timm
@@ -631,12 +664,13 @@ def read_checkpoint(path: str | os.PathLike) -> Any:
 
 # ---------------------------------------------------------------------------- adaptation
 def _target_prefix_tokens(model: torch.nn.Module, target: Mapping[str, torch.Tensor]) -> int:
-    n = getattr(model, "num_prefix_tokens", None)
+    # Rows of prefix tokens in the model's pos_embed (a ViTDet backbone keeps an unused class row).
+    n = getattr(model, "pos_embed_prefix", getattr(model, "num_prefix_tokens", None))
     return int(n) if n is not None else (1 if "cls_token" in target else 0)
 
 
 def _target_grid(model: torch.nn.Module, rows: int, prefix: int) -> tuple[int, int]:
-    grid = getattr(model, "grid_size", None)
+    grid = getattr(model, "pos_embed_grid", getattr(model, "grid_size", None))
     if grid is not None and grid[0] * grid[1] == rows - prefix:
         return (int(grid[0]), int(grid[1]))
     side = math.isqrt(rows - prefix)
@@ -979,16 +1013,19 @@ def save_trained_model(model: torch.nn.Module, config: Any, path: str | os.PathL
     return atomic_save({"format": fmt, "model": model.state_dict(), "config": to_dict(config), **extra}, path)
 
 
-def read_trained_model(path: str | os.PathLike, head_prefix: str, artifact: str, command: str) -> tuple[dict, dict | None]:
+def read_trained_model(
+    path: str | os.PathLike, head_prefix: str, artifact: str, command: str, trust: bool = False
+) -> tuple[dict, dict | None]:
     """State dict and saved config of ``artifact`` (or a training checkpoint) of a ``command`` run.
 
-    A file without ``head_prefix`` keys is a backbone, not a trained task model: the message says
-    to pass it as ``--backbone``.
+    Read with ``weights_only`` (:func:`load_safely`) unless ``trust``. A file without
+    ``head_prefix`` keys is a backbone, not a trained task model: the message says to pass it as
+    ``--backbone``.
     """
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"--weights {path}: file not found")
-    state = load_file(path, map_location="cpu")
+    state = load_file(path, map_location="cpu") if trust else load_safely(path, "--weights")
     if not isinstance(state, dict) or not isinstance(state.get("model"), dict):
         raise CheckpointError(f"--weights {path}: not a trained model (expected {artifact} or checkpoint-last.pth of a {command} run)")
     if not any(k.startswith(head_prefix) for k in state["model"]):
