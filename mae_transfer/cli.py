@@ -54,15 +54,22 @@ def _merge_flags(overrides: dict, flags: dict[tuple[str, ...], object]) -> None:
             node[keys[-1]] = value
 
 
-def _model_from_backbone(args, overrides: dict, rename: dict[str, str] | None = None) -> None:
-    """Without --model, take the ViT size from the --backbone checkpoint (``rename`` maps sizes)."""
-    if not args.backbone or args.model or "name" in overrides.get("model", {}):
+def _model_from_backbone(args, overrides: dict, rename: dict[str, str] | None = None, pos_size_key: str | None = None) -> None:
+    """Without --model, take the ViT size from the --backbone checkpoint (``rename`` maps sizes);
+    with ``pos_size_key``, also the image size its position table was pretrained at (detection
+    keeps that table and resizes it at every forward, as ViTDet does)."""
+    model = overrides.get("model", {})
+    want_name = not (args.model or "name" in model)
+    want_pos = pos_size_key is not None and pos_size_key not in model
+    if not args.backbone or not (want_name or want_pos):
         return
     from mae_transfer.checkpoint import infer_vit_config, read_checkpoint, to_vit_state_dict
 
-    name = infer_vit_config(to_vit_state_dict(read_checkpoint(args.backbone))).get("name")
-    if name:
-        overrides.setdefault("model", {})["name"] = (rename or {}).get(name, name)
+    info = infer_vit_config(to_vit_state_dict(read_checkpoint(args.backbone)))
+    if want_name and info.get("name"):
+        overrides.setdefault("model", {})["name"] = (rename or {}).get(info["name"], info["name"])
+    if want_pos and info.get("img_size"):
+        overrides.setdefault("model", {})[pos_size_key] = int(info["img_size"])
 
 
 def _add_pretrain(sub) -> None:
@@ -384,7 +391,7 @@ def _dense_spec(kind: str) -> dict:
                 "load": task.load_detector_weights, "artifact": "detector.pth", "data": "COCO", "default_preset": "vitdet_mask_rcnn_b",
                 "pictures": "ground truth | prediction",
                 # ViTDet runs ViT-H with 16 px patches (the 14 px kernel is resized on load, ViTDet A.2).
-                "rename": {"vit_huge_patch14": "vit_huge_patch16"}}
+                "rename": {"vit_huge_patch14": "vit_huge_patch16"}, "pos_size_key": "pretrain_img_size"}
     from mae_transfer.segmentation import config, task
 
     return {"config": config, "task": task.SegmentationTask, "format": task.format_metrics, "read": task.read_segmenter_weights,
@@ -420,7 +427,7 @@ def _run_dense(args, kind: str, flags: dict) -> int:
         ("train", "max_steps"): args.max_steps, ("optim", "lr"): args.lr, ("visualize",): args.visualize,
     }
     _merge_flags(overrides, {**common, **flags})
-    _model_from_backbone(args, overrides, rename=spec["rename"])
+    _model_from_backbone(args, overrides, rename=spec["rename"], pos_size_key=spec.get("pos_size_key"))
     cfg = spec["config"].build_config(preset, overrides)
     if args.print_config:
         import yaml

@@ -122,3 +122,16 @@ def test_paste_is_bilinear_at_pixel_centres_and_the_same_in_both_paths():
     full = paste_masks(torch.ones(1, 28, 28), torch.tensor([[2.4, 1.6, 7.5, 5.5]]), (10, 10))[0]
     ys, xs = torch.nonzero(full, as_tuple=True)
     assert (xs.min().item(), xs.max().item(), ys.min().item(), ys.max().item()) == (2, 7, 2, 5)
+
+
+def test_new_layers_start_as_in_detectron2():
+    torch.manual_seed(0)
+    model = build_mask_rcnn(build_pyramid(build_vit("vit_nano_patch8", 64, window_size=4), channels=64), num_classes=80,
+                            img_size=64, head_channels=64, fc_dim=256)
+    rh, rpn = model.roi_heads, model.proposal_generator.rpn_head
+    std = lambda p: p.detach().std().item()  # noqa: E731
+    assert 0.009 < std(rh.box_predictor.cls_score.weight) < 0.011 and 0.0009 < std(rh.box_predictor.bbox_pred.weight) < 0.0011
+    assert 0.0009 < std(rh.mask_head.predictor.weight) < 0.0011 and 0.009 < std(rpn.objectness_logits.weight) < 0.011
+    # MSRA fill (fan out, ReLU) for the head convolutions: std sqrt(2 / (64 * 9)).
+    assert abs(std(rh.box_head.conv1.weight) / (2 / (64 * 9)) ** 0.5 - 1) < 0.05
+    assert all(p.abs().sum() == 0 for n, p in model.named_parameters() if "rel_pos" in n or n.endswith("predictor.bias"))

@@ -1,6 +1,7 @@
 """Checkpoints: our training checkpoints, and every foreign format the toolkit reads or writes.
 
-This module is the only place that knows foreign parameter names.
+This package is the only place that knows foreign parameter names: backbones of every format here,
+whole detectron2 ViTDet detectors in :mod:`mae_transfer.checkpoint.detectron2`.
 """
 
 from __future__ import annotations
@@ -1002,7 +1003,11 @@ def export_mae_encoder(model_or_state_dict: torch.nn.Module | Mapping[str, Any],
     dropped = [k for k in sd if k not in encoder]
     if dropped:
         log.info("export to %s leaves out %d non-encoder tensors: %s", path, len(dropped), ", ".join(_compact(dropped)))
-    return atomic_save({"model": encoder}, path)
+    path = atomic_save({"model": encoder}, path)
+    back = load_safely(path, "exported file")["model"]
+    if list(back) != list(encoder) or any(not torch.equal(back[k], encoder[k]) for k in encoder):
+        raise CheckpointError(f"{path}: the file read back differs from what was written")
+    return path
 
 
 # ------------------------------------------------------------------------ trained task models

@@ -1,5 +1,9 @@
-"""Object detection and instance segmentation transfer: COCO data, result conversion and evaluation.
+"""COCO instance detection and segmentation transfer: detectron2's ViTDet Mask R-CNN, natively.
 
-``mae_transfer.detection.coco`` reads COCO 2017 instance annotations into torchvision Mask R-CNN
-targets, turns model predictions into the COCO results format and scores them with COCOeval.
+* ``coco``: COCO 2017 instances (dataset, results format, COCOeval);
+* ``transforms``: ViTDet's large-scale jitter and test resize;
+* ``boxes``, ``masks``: box arithmetic (deltas, matching, sampling, anchors) and instance masks
+  (polygons through augmentation, per-RoI targets, pasting);
+* ``rpn``, ``roi_heads``, ``model``: the Mask R-CNN, with detectron2's parameter names;
+* ``task``: training and evaluation in the engine, detector weights in and out.
 """

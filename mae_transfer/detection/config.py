@@ -51,6 +51,9 @@ class ModelConfig:
     rpn_pre_nms_topk: tuple[int, int] = (2000, 1000)  # per level (training, test)
     rpn_post_nms_topk: tuple[int, int] = (1000, 1000)  # per image (training, test)
     grad_checkpointing: bool = False  # activation checkpointing of the ViT blocks (less memory)
+    # detectron2: class scores N(0, 0.01), box deltas and mask logits N(0, 0.001) (ViTDet). "default":
+    # PyTorch's layer defaults, which learn much faster in runs of a few hundred steps (toy preset).
+    predictor_init: Literal["detectron2", "default"] = "detectron2"
     score_thresh: float = 0.05
     nms_thresh: float = 0.5
     detections_per_img: int = 100

@@ -58,13 +58,17 @@ def build_detector(cfg: DetectionConfig, num_classes: int) -> MaskRCNN:
     except ValueError as e:
         raise ConfigError(f"cannot build the {m.pyramid} backbone of {m.vit_label()}: {e}") from None
     mean, std = pixel_stats(cfg.data.mean, cfg.data.std)
-    return build_mask_rcnn(
+    model = build_mask_rcnn(
         backbone, num_classes, img_size=m.img_size, head_norm=m.head_norm, head_channels=m.channels, fc_dim=m.fc_dim,
         rpn_convs=m.rpn_convs, box_head_convs=m.box_head_convs, mask_head_convs=m.mask_head_convs,
         box_batch_size_per_image=m.box_batch_size_per_image, rpn_pre_nms_topk=tuple(m.rpn_pre_nms_topk),
         rpn_post_nms_topk=tuple(m.rpn_post_nms_topk), score_thresh=m.score_thresh, nms_thresh=m.nms_thresh,
         detections_per_img=m.detections_per_img, pixel_mean=mean, pixel_std=std,
     )
+    if m.predictor_init == "default":
+        for layer in (model.roi_heads.box_predictor.cls_score, model.roi_heads.box_predictor.bbox_pred, model.roi_heads.mask_head.predictor):
+            layer.reset_parameters()
+    return model
 
 
 def vit_prefix(model: nn.Module) -> str:
@@ -309,7 +313,7 @@ def format_metrics(metrics: dict, cfg: DetectionConfig) -> str:
     lines = [f"{where:24s} " + " ".join(f"{n:>6s}" for n in names)]
     for kind in ("bbox", "segm"):
         vals = metrics.get(kind, {})
-        lines.append(f"{kind:24s} " + " ".join(f"{vals.get(n, float('nan')):6.2f}" for n in names))
+        lines.append(f"{kind:24s} " + " ".join(f"{vals.get(n, float('nan')):6.3f}" for n in names))
     t = metrics.get("time")
     if t:
         lines.append(f"evaluated {t['images']} images in {t['seconds']:.1f} s ({t['images_per_second']:.2f} img/s, "
