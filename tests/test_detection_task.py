@@ -240,7 +240,8 @@ def test_tiny_mask_rcnn_memorises_real_coco_images(shared, tmp_path):
         "data": {"path": str(root), "val_split": "train2017", "scale_range": [0.8, 1.2]},
         "model": {"img_size": 128},
         "train": {"epochs": 50, "batch_size": 4, "effective_batch_size": 4, "num_workers": 0, "progress": False},
-        "optim": {"lr": 5e-4, "warmup_steps": 20}, "eval_batch_size": 8, "visualize": 0,
+        # From random init: every layer at the full lr (no layer decay).
+        "optim": {"lr": 5e-4, "warmup_steps": 20, "layer_decay": 1.0}, "eval_batch_size": 8, "visualize": 0,
     })
     task = DetectionTask(cfg)
     dist = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
