@@ -343,17 +343,24 @@ def _add_coco(sub) -> None:
 
 
 ADE20K_HELP = """\
-ADE20K semantic segmentation with UperNet on a ViT (MAE paper Table 5), natively in PyTorch (no
-mmsegmentation / mmcv).
+ADE20K semantic segmentation with UperNet on a ViT (MAE paper Table 5): the same function as
+mmsegmentation's MAE + UperNet (configs/mae), checked against mmsegmentation's own outputs, natively
+in PyTorch (no mmsegmentation / mmcv); it reads and writes mmsegmentation checkpoints.
 
 The default recipe is the MAE paper's A.4 setup with mmsegmentation's MAE hyper-parameters: ViT-B
-with zero-initialised relative position bias, four taps (blocks 4, 6, 8, 12) rescaled x4 x2 x1
-x0.5, UperNet (768 channels) + auxiliary FCN head (weight 0.4), 512 crops of images resized by
-0.5-2.0 x (2048, 512) with at most 75 % of a crop one class, flip and photometric distortion,
-AdamW lr 1e-4, weight decay 0.05, layer decay 0.65, drop path 0.1, 1500 warmup iterations, poly
-decay, 100 epochs at batch 16. Evaluation resizes the short side to 512 (long side at most 2048),
-runs 512 px sliding windows with stride 341 and scores at the original size: mIoU, mean class
-accuracy, pixel accuracy and per-class IoU, accumulated over the whole split.
+with BEiT's relative position bias table (zero-initialised) and layer scale 1.0, four taps (blocks 4,
+6, 8, 12) rescaled x4 x2 x1 x0.5, UperNet (768 channels) + auxiliary FCN head (weight 0.4), 512
+crops of images resized by 0.5-2.0 x (2048, 512) with at most 75 % of a crop one class, flip and
+photometric distortion, AdamW lr 1e-4, weight decay 0.05, layer decay 0.65, drop path 0.1, 1500
+warmup iterations, poly decay, fp16 with a loss scaler, 100 epochs at batch 16. Evaluation (fp32)
+resizes the short side to 512 (long side at most 2048) with OpenCV as mmcv does, runs 512 px sliding
+windows with stride 341 and scores at the original size: mIoU, mean class accuracy, pixel accuracy
+and per-class IoU, accumulated over the whole split.
+
+--eval-only --weights also takes an mmsegmentation MAE/BEiT UperNet checkpoint ({"meta",
+"state_dict"}): the architecture and classes are read from the file, the crop from its position
+table (test resize and stride follow mmsegmentation's ADE20K rule for that crop; override with
+data.scale / test.stride). `mae-transfer export --to mmseg` writes a trained segmenter back.
 """
 
 ADE20K_EPILOG = """\
@@ -363,6 +370,8 @@ examples:
   torchrun --nproc_per_node 8 -m mae_transfer ade20k --backbone ckpt.pth --data DIR --batch-size 2
   mae-transfer ade20k --backbone ckpt.pth --data DIR --preset upernet_vit_b_1gpu    # one 24 GB GPU
   mae-transfer ade20k --eval-only --weights runs/ade20k-upernet_vit_b/segmenter.pth --data DIR --flip --multi-scale
+  mae-transfer ade20k --eval-only --weights mmseg_upernet_mae.pth --data DIR       # an mmsegmentation model
+  mae-transfer export runs/ade20k-upernet_vit_b/segmenter.pth --to mmseg --output mmseg.pth
   mae-transfer ade20k --data MY_DATA --num-classes 19 data.reduce_zero_label=false  # your own data, same layout
 Layout: DIR/images/{training,validation}/*.jpg and DIR/annotations/{training,validation}/*.png
 (0 = unlabelled and ignored, 1..150 = classes), objectInfo150.txt for the class names.
@@ -378,7 +387,8 @@ def _add_ade20k(sub) -> None:
     p.add_argument("--bad-labels", choices=["error", "ignore"], help="label values outside the classes: stop (default) or ignore those pixels")
     p.add_argument("--missing", choices=["error", "skip"], help="images without a label map: stop (default) or skip them")
     p.add_argument("--flip", action="store_true", help="test with horizontal flips too")
-    p.add_argument("--multi-scale", action="store_true", help="test at scales 0.5, 0.75, 1.0, 1.25, 1.5, 1.75 (with --flip: ms+flip)")
+    p.add_argument("--multi-scale", action="store_true",
+                   help="test at 0.5, 0.75, 1.0, 1.25, 1.5, 1.75 x the original image (mmsegmentation 1.x TTA; with --flip: ms+flip)")
     p.set_defaults(func=_run_ade20k)
 
 
@@ -840,14 +850,17 @@ Write weights in another project's format, atomically, and check the file by rea
                     detectron2 model-zoo .pkl) as detectron2's DetectionCheckpointer writes it:
                     {'model': state_dict, 'iteration': 0}, loadable by detectron2's ViTDet
                     LazyConfig (train.init_checkpoint / MODEL.WEIGHTS) and by torch.load(weights_only=True).
+  --to mmseg        a trained segmenter (segmenter.pth or checkpoint-last.pth of an `ade20k` run) as
+                    mmsegmentation writes it: {'meta': {'dataset_meta': classes}, 'state_dict': ...}
+                    with its MAE backbone names, for its configs/mae UperNet (load_checkpoint, init_model).
 """
 
 
 def _add_export(sub) -> None:
-    p = sub.add_parser("export", help="write weights in another format (official MAE encoder, detectron2 ViTDet)",
+    p = sub.add_parser("export", help="write weights in another format (official MAE encoder, detectron2 ViTDet, mmsegmentation)",
                        description=EXPORT_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("checkpoint")
-    p.add_argument("--to", required=True, choices=["mae", "detectron2"], help="the format to write")
+    p.add_argument("--to", required=True, choices=["mae", "detectron2", "mmseg"], help="the format to write")
     p.add_argument("--output", required=True, metavar="PATH")
     p.add_argument("--trust-checkpoint", action="store_true", help="allow input files that need full unpickling (model-zoo .pkl)")
     p.set_defaults(func=_run_export)
@@ -861,6 +874,15 @@ def _add_export(sub) -> None:
 
 
 def _run_export(args) -> int:
+    if args.to == "mmseg":
+        from mae_transfer.checkpoint.mmseg import save_mmseg
+        from mae_transfer.segmentation.task import read_segmenter_class_names, read_segmenter_weights
+
+        state, _ = read_segmenter_weights(args.checkpoint, trust=args.trust_checkpoint)
+        names, palette = read_segmenter_class_names(args.checkpoint, trust=args.trust_checkpoint)
+        path = save_mmseg(state, args.output, names, palette)
+        print(f"{path}: {len(state)} tensors in mmsegmentation's MAE-UperNet layout (read back and checked)")
+        return 0
     if args.to == "detectron2":
         from mae_transfer.checkpoint.detectron2 import save_vitdet
         from mae_transfer.detection.task import read_detector_weights

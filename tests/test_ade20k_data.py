@@ -435,3 +435,47 @@ def test_collate_eval_keeps_images_of_different_sizes_in_lists(toy):
     assert len(images) == len(targets) == 4
     assert [t["index"] for t in targets] == [0, 1, 2, 3]
     assert all(tuple(img.shape[1:]) == tuple(t["resized_size"].tolist()) for img, t in zip(images, targets))
+
+
+def test_class_names_come_from_a_classes_txt_or_an_object_info_table_beside_the_data(tmp_path):
+    from mae_transfer.segmentation.ade20k import class_names_for
+
+    (tmp_path / "classes.txt").write_text("road\n\nsky\ncar\n")
+    assert class_names_for(tmp_path, 3) == ["road", "sky", "car"]
+    assert class_names_for(tmp_path, 4) == ["class_0", "class_1", "class_2", "class_3"]  # a list of another length
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "objectInfo19.txt").write_text("Idx\tRatio\tTrain\tVal\tName\n1\t0.1\t1\t1\tperson, human\n2\t0.2\t1\t1\tbicycle\n")
+    assert class_names_for(other, 2) == ["person", "bicycle"]
+
+
+def test_photometric_distortion_is_mmsegs_arithmetic(monkeypatch):
+    """Every step on, with fixed draws: brightness, contrast (mode 1), saturation and hue each through
+    OpenCV's uint8 HSV, on the BGR image as mmcv's bgr2hsv does (ours converts the RGB image)."""
+    import cv2
+    import numpy as np
+
+    from mae_transfer.segmentation import ade20k
+
+    draws = iter([20.0, 1.3, 0.7])  # brightness delta, contrast factor, saturation factor
+    monkeypatch.setattr(ade20k, "_coin", lambda: True)
+    monkeypatch.setattr(ade20k, "_uniform", lambda lo, hi: next(draws))
+    ints = iter([torch.tensor(1), torch.tensor(-7)])  # mode 1 (contrast first), hue shift -7
+    monkeypatch.setattr(ade20k.torch, "randint", lambda *a, **k: next(ints))
+    rng = np.random.default_rng(0)
+    rgb = rng.integers(0, 256, (3, 17, 23), dtype=np.uint8)
+    out = photometric_distortion(torch.from_numpy(rgb)).numpy()
+
+    def convert(img, alpha=1.0, beta=0.0):
+        return np.clip(img.astype(np.float32) * alpha + beta, 0, 255).astype(np.uint8)
+
+    bgr = rgb.transpose(1, 2, 0)[:, :, ::-1].copy()
+    bgr = convert(bgr, beta=20.0)
+    bgr = convert(bgr, alpha=1.3)
+    hsv = cv2.cvtColor(bgr, cv2.COLOR_BGR2HSV)
+    hsv[:, :, 1] = convert(hsv[:, :, 1], alpha=0.7)
+    bgr = cv2.cvtColor(hsv, cv2.COLOR_HSV2BGR)
+    hsv = cv2.cvtColor(bgr, cv2.COLOR_BGR2HSV)
+    hsv[:, :, 0] = (hsv[:, :, 0].astype(int) - 7) % 180
+    bgr = cv2.cvtColor(hsv, cv2.COLOR_HSV2BGR)
+    assert np.array_equal(out, bgr[:, :, ::-1].transpose(2, 0, 1))

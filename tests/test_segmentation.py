@@ -11,7 +11,18 @@ from PIL import Image
 
 from conftest import result_rows
 from mae_transfer.segmentation.metrics import SegmentationMeter
+from mae_transfer.models.vit import create_vit
 from mae_transfer.segmentation.model import build_upernet, slide_inference
+
+
+def small_upernet(num_classes: int, img_size: int, **kw):
+    """UperNet on a micro ViT in mmsegmentation's MAE form (class token, bias table, layer scale)."""
+    vit = create_vit("vit_micro_patch8", img_size=img_size, num_classes=0, global_pool="", use_rel_pos=True,
+                     rel_pos_type="table", layer_scale=1.0)
+    with torch.no_grad():  # tables away from their zero init, so that they matter
+        for blk in vit.blocks:
+            blk.attn.relative_position_bias_table.normal_(std=0.3)
+    return build_upernet(vit, num_classes, tap_blocks=(0, 1, 2, 3), channels=16, aux_channels=8, **kw)
 
 
 def test_metrics_reproduce_the_ade20k_devkit_on_perturbed_predictions(shared):
@@ -50,7 +61,7 @@ def test_metrics_accumulate_over_the_dataset_not_per_image():
 
 def test_sliding_window_equals_whole_image_when_one_window_covers_it_and_handles_small_and_large_images():
     torch.manual_seed(0)
-    model = build_upernet("vit_micro_patch8", num_classes=5, img_size=64, tap_blocks=(0, 1, 2, 3), channels=16, aux_channels=8).eval()
+    model = small_upernet(5, 64).eval()
     with torch.no_grad():
         for h, w in ((64, 64), (40, 57)):  # exactly one window, and an image smaller than the window
             x = torch.randn(1, 3, h, w)
@@ -61,19 +72,29 @@ def test_sliding_window_equals_whole_image_when_one_window_covers_it_and_handles
         x = torch.randn(2, 3, 100, 150)
         slid = slide_inference(model, x, 5, crop=64, stride=43)
         assert slid.shape == (2, 5, 100, 150) and torch.isfinite(slid).all()
+        assert torch.isfinite(model(x)).all()  # a grid beyond the 8x8 table: the table is resized
         # Each output pixel is the mean of the windows that cover it: the first window alone covers (0, 0).
         torch.testing.assert_close(slid[:, :, :10, :10], model(x[:, :, :64, :64])[:, :, :10, :10])
 
 
-def test_upernet_levels_and_the_auxiliary_head():
+def test_upernet_levels_names_and_the_auxiliary_head():
+    from mae_transfer.segmentation.config import build_config
+    from mae_transfer.segmentation.task import build_segmenter
+
     with torch.device("meta"):
-        model = build_upernet("vit_base_patch16", num_classes=150, img_size=512)
-    assert model.backbone.tap_blocks == [3, 5, 7, 11]  # BEiT/MAE: blocks 4, 6, 8, 12
-    assert model.backbone.strides == [4, 8, 16, 32]
-    assert [len(model.decode_head.ppm), model.decode_head.pool_scales] == [4, (1, 2, 3, 6)]
-    assert model.decode_head.classifier.out_channels == 150 and model.aux_head.classifier.out_channels == 150
+        model = build_segmenter(build_config())
+    assert model.tap_blocks == (3, 5, 7, 11)  # BEiT/MAE: blocks 4, 6, 8, 12
+    assert [len(model.decode_head.psp_modules), model.decode_head.pool_scales] == [4, (1, 2, 3, 6)]
+    assert model.decode_head.conv_seg.out_channels == 150 and model.auxiliary_head.conv_seg.out_channels == 150
+    sd = model.state_dict()
+    # mmsegmentation's MAE backbone: a bias table of (2 x 32 - 1)^2 + 3 entries per head, layer scale.
+    assert sd["backbone.blocks.0.attn.relative_position_bias_table"].shape == (63 * 63 + 3, 12)
+    assert sd["backbone.blocks.11.gamma_2"].shape == (768,) and "backbone.pos_embed" in sd and "backbone.cls_token" in sd
+    assert {"neck.upsample_4x.1.running_var", "decode_head.psp_modules.3.1.bn.weight", "decode_head.fpn_bottleneck.conv.weight",
+            "auxiliary_head.convs.0.conv.weight"} <= set(sd)
+    assert not any(k.startswith(("backbone.norm", "backbone.fc_norm", "backbone.head")) for k in sd)
     torch.manual_seed(0)
-    small = build_upernet("vit_micro_patch8", num_classes=4, img_size=32, tap_blocks=(0, 1, 2, 3), channels=16, aux_channels=8)
+    small = small_upernet(4, 32)
     small.train()
     logits, aux = small(torch.randn(2, 3, 32, 32))
     assert logits.shape == aux.shape == (2, 4, 32, 32)
@@ -119,7 +140,7 @@ def test_ade20k_errors_are_one_clear_line(tmp_path, cache, capsys):
     assert main(["ade20k", "--img-size", "32", "--output", str(tmp_path / "x")]) == 2
     assert "test.stride must be in 1..model.img_size (32)" in capsys.readouterr().err
     assert main(["ade20k", "--model", "vit_nano_patch8", "--img-size", "32", "test.stride=21", "--output", str(tmp_path / "x")]) == 2
-    assert "4 distinct tap blocks" in capsys.readouterr().err
+    assert "4 tap blocks in 0..1" in capsys.readouterr().err
 
 
 def test_tiny_upernet_overfits_a_handful_of_toy_images(tmp_path):
@@ -150,26 +171,58 @@ def test_tiny_upernet_overfits_a_handful_of_toy_images(tmp_path):
     assert trained["mIoU"] > untrained["mIoU"] + 0.3, (untrained["mIoU"], trained["mIoU"])
 
 
-def test_official_mae_encoder_loads_into_upernet_with_only_the_relative_position_tables_missing(shared):
+def test_official_mae_encoder_loads_into_upernet_with_only_tables_and_gammas_missing(shared):
+    """As mmsegmentation initialises them: bias tables at zero (MAEAttention), gammas at 1.0
+    (init_values), the position grid resized once (bicubic) to the crop."""
     from mae_transfer.checkpoint import load_backbone
-    from mae_transfer.models.pyramid import FourTapPyramid
     from mae_transfer.models.vit import VisionTransformer
-    from mae_transfer.segmentation.model import UperNetViT
 
     ref = torch.load(shared / "reference" / "mae_official" / "mae_reference.pt", weights_only=False)["norm_pix_True"]
     vit = VisionTransformer(img_size=128, patch_size=8, embed_dim=96, depth=3, num_heads=4, num_classes=0, global_pool="",
-                            use_rel_pos=True)
-    model = UperNetViT(FourTapPyramid(vit, tap_blocks=[0, 1, 2, 2], norm="bn"), num_classes=150, channels=32, aux_channels=16)
+                            use_rel_pos=True, rel_pos_type="table", layer_scale=1.0)
+    model = build_upernet(vit, 150, tap_blocks=[0, 1, 2, 2], channels=32, aux_channels=16)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    report = load_backbone(model.backbone.vit, {"model": ref["state_dict"]}, expected_missing="dense", expected_unexpected="dense")
-    assert sorted({k.rsplit(".", 1)[-1] for k in report.missing}) == ["rel_pos_h", "rel_pos_w"]
+    report = load_backbone(model.backbone, {"model": ref["state_dict"]}, expected_missing="dense", expected_unexpected="dense")
+    assert sorted({k.rsplit(".", 1)[-1] for k in report.missing}) == ["gamma_1", "gamma_2", "relative_position_bias_table"]
     assert {"mask_token", "decoder_pred.weight"} <= set(report.unexpected)
+    assert any("pos_embed" in note and "bicubic" in note for note in report.adapted)
     for k, v in model.state_dict().items():
-        bare = k.removeprefix("backbone.vit.")
-        if not k.startswith("backbone.vit."):
-            assert torch.equal(v, before[k]), k  # pyramid, UperNet and auxiliary head keep their init
-        elif "rel_pos" in bare:
-            assert v.abs().sum() == 0, k  # turned on for transfer, zero-initialised (MAE A.4)
-        elif bare not in ("pos_embed", "norm.weight", "norm.bias"):
+        bare = k.removeprefix("backbone.")
+        if not k.startswith("backbone."):
+            assert torch.equal(v, before[k]), k  # neck, UperNet and auxiliary head keep their init
+        elif "relative_position_bias_table" in bare:
+            assert v.abs().sum() == 0, k  # turned on for transfer, zero-initialised (MAE A.4, mmseg MAEAttention)
+        elif "gamma" in bare:
+            assert torch.equal(v, torch.ones_like(v)), k
+        elif bare != "pos_embed":
             torch.testing.assert_close(v, ref["state_dict"][bare], msg=k)
-    assert torch.equal(model.backbone.vit.cls_token, ref["state_dict"]["cls_token"])
+    assert torch.equal(model.backbone.cls_token, ref["state_dict"]["cls_token"])
+
+
+def test_loss_is_averaged_over_all_pixels_and_optimizer_groups_follow_mmseg():
+    """mmsegmentation's CrossEntropyLoss (avg_non_ignore=False) divides by every pixel, ignored ones
+    too; its layer-decay constructor decays pos_embed and cls_token (its exemption never matches)."""
+    import torch.nn.functional as F
+
+    from mae_transfer.engine.trainer import OptimConfig
+    from mae_transfer.segmentation.config import build_config
+    from mae_transfer.segmentation.task import SegmentationTask, build_segmenter, segmentation_loss
+
+    logits = torch.randn(2, 5, 4, 4)
+    label = torch.randint(0, 5, (2, 4, 4))
+    label[0, :2] = 255
+    per_pixel = F.cross_entropy(logits, label, ignore_index=255, reduction="none")
+    torch.testing.assert_close(segmentation_loss(logits, label), per_pixel.sum() / 32)
+    assert segmentation_loss(logits, torch.full_like(label, 255)) == 0
+
+    cfg = build_config("toy")
+    model = build_segmenter(cfg)
+    groups = SegmentationTask.param_groups(None, model, OptimConfig(weight_decay=0.05, layer_decay=0.65))
+    by_name = {n: g for g in groups for n in g["param_names"]}
+    depth = 4
+    assert by_name["backbone.pos_embed"]["weight_decay"] == 0.05 and by_name["backbone.cls_token"]["weight_decay"] == 0.05
+    assert by_name["backbone.pos_embed"]["lr_scale"] == pytest.approx(0.65 ** (depth + 1))
+    assert by_name["backbone.blocks.0.attn.relative_position_bias_table"]["weight_decay"] == 0.05
+    assert by_name["backbone.blocks.0.gamma_1"]["weight_decay"] == 0.0 and by_name["backbone.blocks.0.norm1.bias"]["weight_decay"] == 0.0
+    assert by_name["backbone.blocks.3.attn.qkv.weight"]["lr_scale"] == pytest.approx(0.65)
+    assert by_name["decode_head.conv_seg.weight"]["lr_scale"] == 1.0 and by_name["neck.upsample_4x.0.weight"]["lr_scale"] == 1.0

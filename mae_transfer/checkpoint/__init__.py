@@ -153,8 +153,10 @@ EXPECTED_MISSING: dict[str, tuple[str, ...]] = {
     # Linear probing: a new head (fc_norm only when probing the mean of patch tokens).
     "linprobe": ("head.*", "fc_norm.*"),
     # Detection / segmentation backbones: zero-initialised relative position tables (MAE A.3/A.4,
-    # ViTDet), no classifier, and ViTDet-style backbones without a final norm.
-    "dense": ("blocks.*.attn.rel_pos_*", "head.*", "fc_norm.*", "norm.*"),
+    # ViTDet's rel_pos_h/w or BEiT's bias table), layer scale (1.0, mmseg's MAE segmentation), no
+    # classifier, and backbones without a final norm.
+    "dense": ("blocks.*.attn.rel_pos_*", "blocks.*.attn.relative_position_bias_table", "blocks.*.gamma_*", "head.*",
+              "fc_norm.*", "norm.*"),
     # Continuing pretraining from an encoder-only checkpoint: the decoder starts fresh.
     "pretrain": ("mask_token", "decoder_*"),
 }
@@ -164,7 +166,7 @@ EXPECTED_UNEXPECTED: dict[str, tuple[str, ...]] = {
     # A checkpoint that was fine-tuned with global pooling brings an fc_norm the probe may not use.
     "linprobe": ("fc_norm.*", "mask_token", "decoder_*"),
     # Dense backbones built without a class token (ViTDet) ignore it; no head or decoder either.
-    "dense": ("cls_token", "norm.*", "fc_norm.*", "head.*", "mask_token", "decoder_*"),
+    "dense": ("cls_token", "norm.*", "fc_norm.*", "head.*", "mask_token", "decoder_*", "blocks.*.attn.relative_position_index"),
     # A fine-tuned checkpoint used to initialise pretraining brings a classifier.
     "pretrain": ("head.*", "fc_norm.*"),
 }
@@ -366,6 +368,11 @@ _MM_PARAM = {
     # BEiT-style attention (mmseg MAE / BEiT backbones): separate q and v biases, merged below.
     "attn.q_bias": "attn.q_bias",
     "attn.v_bias": "attn.v_bias",
+    # BEiT's relative position bias table (its index buffer is derived and ignored) and layer scale.
+    "attn.relative_position_bias_table": "attn.relative_position_bias_table",
+    "attn.relative_position_index": "attn.relative_position_index",
+    "gamma_1": "gamma_1",
+    "gamma_2": "gamma_2",
 }
 
 

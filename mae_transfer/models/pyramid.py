@@ -52,24 +52,18 @@ def make_norm(kind: str, channels: int) -> nn.Module:
     raise ValueError(f"unknown norm {kind!r}; use ln, bn, gn or none")
 
 
-def _rescale(dim: int, scale: float, norm: str, halve: bool) -> tuple[nn.Module, int]:
-    """A module that rescales a stride-16 map by ``scale`` and the channels it outputs.
-
-    ``halve``: each deconvolution halves the channels (ViTDet) instead of keeping them (BEiT).
-    """
+def _rescale(dim: int, scale: float, norm: str) -> list[nn.Module]:
+    """ViTDet's layers that rescale a stride-16 map by ``scale``, each deconvolution halving the
+    channels (the output has ``dim / scale`` channels for scale >= 1, ``dim`` for 0.5)."""
     if scale == 4.0:
-        mid = dim // 2 if halve else dim
-        out = dim // 4 if halve else dim
-        return nn.Sequential(
-            nn.ConvTranspose2d(dim, mid, 2, stride=2), make_norm(norm, mid), nn.GELU(), nn.ConvTranspose2d(mid, out, 2, stride=2)
-        ), out
+        return [nn.ConvTranspose2d(dim, dim // 2, 2, stride=2), make_norm(norm, dim // 2), nn.GELU(),
+                nn.ConvTranspose2d(dim // 2, dim // 4, 2, stride=2)]
     if scale == 2.0:
-        out = dim // 2 if halve else dim
-        return nn.ConvTranspose2d(dim, out, 2, stride=2), out
+        return [nn.ConvTranspose2d(dim, dim // 2, 2, stride=2)]
     if scale == 1.0:
-        return nn.Identity(), dim
+        return []
     if scale == 0.5:
-        return nn.MaxPool2d(2, stride=2), dim
+        return [nn.MaxPool2d(2, stride=2)]
     raise ValueError(f"unsupported pyramid scale {scale}; use 4, 2, 1 or 0.5")
 
 
@@ -126,8 +120,8 @@ class SimpleFeaturePyramid(nn.Module):
         self.strides: list[int] = []
         self.level_names: list[str] = []
         for scale in scales:
-            rescale, ch = _rescale(dim, scale, norm, halve=True)
-            layers = list(rescale) if isinstance(rescale, nn.Sequential) else ([] if isinstance(rescale, nn.Identity) else [rescale])
+            layers = _rescale(dim, scale, norm)
+            ch = int(dim / scale) if scale >= 1 else dim
             layers += [
                 ConvNormAct(ch, out_channels, 1, norm=norm),
                 ConvNormAct(out_channels, out_channels, 3, padding=1, norm=norm),
@@ -165,6 +159,32 @@ def equal_interval_blocks(depth: int, taps: int = 4) -> list[int]:
     return [step * (i + 1) - 1 for i in range(taps)]
 
 
+class RescaleNeck(nn.Module):
+    """Four maps at the ViT's stride rescaled x4, x2, x1, x0.5 (BEiT / MAE segmentation neck).
+
+    x4: 2x2 deconvolution, ``norm``, GELU, 2x2 deconvolution; x2: one 2x2 deconvolution; x1:
+    identity; x0.5: 2x2 max-pool; every level keeps the ViT's width. Module names are
+    mmsegmentation's ``Feature2Pyramid`` ones (``upsample_4x``, ``upsample_2x``, ``identity``,
+    ``downsample_2x``), so its checkpoints need no renaming here.
+    """
+
+    def __init__(self, dim: int, norm: str = "bn"):
+        super().__init__()
+        self.upsample_4x = nn.Sequential(
+            nn.ConvTranspose2d(dim, dim, 2, stride=2), make_norm(norm, dim), nn.GELU(), nn.ConvTranspose2d(dim, dim, 2, stride=2)
+        )
+        self.upsample_2x = nn.Sequential(nn.ConvTranspose2d(dim, dim, 2, stride=2))
+        self.identity = nn.Identity()
+        self.downsample_2x = nn.MaxPool2d(2, stride=2)
+
+    def forward(self, feats: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """Four (B, D, h, w) maps -> (B, D, 4h, 4w), (B, D, 2h, 2w), (B, D, h, w), (B, D, h/2, w/2)."""
+        if len(feats) != 4:
+            raise ValueError(f"the rescale neck takes 4 maps, got {len(feats)}")
+        ops = (self.upsample_4x, self.upsample_2x, self.identity, self.downsample_2x)
+        return [op(f) for op, f in zip(ops, feats)]
+
+
 class FourTapPyramid(nn.Module):
     """Four blocks of ``vit`` rescaled x4, x2, x1, x0.5 (strides 4, 8, 16, 32), ViT width each.
 
@@ -190,7 +210,7 @@ class FourTapPyramid(nn.Module):
         self.tap_blocks = list(tap_blocks) if tap_blocks is not None else equal_interval_blocks(len(vit.blocks))
         if len(self.tap_blocks) != 4:
             raise ValueError(f"FourTapPyramid needs 4 tap blocks, got {self.tap_blocks}")
-        self.rescales = nn.ModuleList([_rescale(dim, s, norm, halve=False)[0] for s in (4.0, 2.0, 1.0, 0.5)])
+        self.neck = RescaleNeck(dim, norm)
         self.strides = [vit.patch_size // 4, vit.patch_size // 2, vit.patch_size, vit.patch_size * 2]
         self.fpn = None
         if fpn_channels:
@@ -208,7 +228,7 @@ class FourTapPyramid(nn.Module):
     def forward(self, x: torch.Tensor) -> "OrderedDict[str, torch.Tensor]":
         """(B, 3, H, W) -> OrderedDict of maps, finest first."""
         taps = self.vit.forward_intermediates(x, indices=self.tap_blocks, output_fmt="NCHW")
-        levels = OrderedDict((n, r(t)) for n, r, t in zip(self.names, self.rescales, taps))
+        levels = OrderedDict(zip(self.names, self.neck(taps)))
         if self.fpn is not None:
             out = self.fpn(levels)
             return OrderedDict(zip(self.names, out.values()))

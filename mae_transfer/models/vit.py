@@ -98,8 +98,58 @@ def decomposed_rel_pos_bias(
     return bias.reshape(b, nh, qh * qw, kh * kw)
 
 
+def relative_position_index(grid: tuple[int, int], table_grid: tuple[int, int], num_prefix_tokens: int = 0) -> torch.Tensor:
+    """BEiT's index (T, T) into a relative position bias table made for ``table_grid`` (Wh, Ww), for
+    the tokens of ``grid`` (h, w) <= (Wh, Ww) after ``num_prefix_tokens`` class tokens.
+
+    Patches at (y_i, x_i), (y_j, x_j) read entry ``(y_i - y_j + Wh - 1) * (2 Ww - 1) + x_i - x_j + Ww - 1``;
+    with L = (2 Wh - 1)(2 Ww - 1), a class token as query reads L, as key L + 1, both L + 2.
+    """
+    (h, w), (th, tw) = grid, table_grid
+    if h > th or w > tw:
+        raise ValueError(f"a {h}x{w} token grid needs offsets beyond the {th}x{tw} table; resize the table first")
+    ys, xs = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
+    ys, xs = ys.reshape(-1), xs.reshape(-1)
+    grid_index = (ys[:, None] - ys[None, :] + th - 1) * (2 * tw - 1) + (xs[:, None] - xs[None, :] + tw - 1)
+    p = num_prefix_tokens
+    if not p:
+        return grid_index
+    n = (2 * th - 1) * (2 * tw - 1)
+    index = torch.empty(p + h * w, p + h * w, dtype=torch.int64)
+    index[p:, p:] = grid_index
+    index[:p, :] = n
+    index[:, :p] = n + 1
+    index[:p, :p] = n + 2
+    return index
+
+
+def resize_relative_position_table(table: torch.Tensor, old_grid: tuple[int, int], new_grid: tuple[int, int], extra: int = 3) -> torch.Tensor:
+    """A BEiT table ((2Wh-1)(2Ww-1) + extra, heads) for another token grid: the offset plane of each
+    head resized bicubically (``align_corners=False``); the class-token entries are kept."""
+    (oh, ow), (nh, nw) = old_grid, new_grid
+    if (oh, ow) == (nh, nw):
+        return table
+    heads = table.shape[1]
+    plane, rest = table[: (2 * oh - 1) * (2 * ow - 1)], table[(2 * oh - 1) * (2 * ow - 1) :]
+    plane = plane.t().reshape(1, heads, 2 * oh - 1, 2 * ow - 1).float()
+    plane = F.interpolate(plane, size=(2 * nh - 1, 2 * nw - 1), mode="bicubic", align_corners=False)
+    plane = plane.reshape(heads, -1).t().to(table.dtype)
+    return torch.cat([plane, rest[:extra]], dim=0)
+
+
 class Attention(nn.Module):
-    """Multi-head self-attention on ``F.scaled_dot_product_attention`` (FlashAttention on GPU)."""
+    """Multi-head self-attention on ``F.scaled_dot_product_attention`` (FlashAttention on GPU).
+
+    Relative positions (``use_rel_pos``), in one of two forms:
+
+    * ``rel_pos_type="decomposed"`` (ViTDet): ``rel_pos_h`` / ``rel_pos_w`` tables of head-width
+      vectors; the bias of a query/key pair is the query's dot product with its row and column
+      offset embeddings (query-dependent). Class tokens get no bias.
+    * ``rel_pos_type="table"`` (BEiT, mmsegmentation's MAE): one scalar per head and offset in
+      ``relative_position_bias_table`` ((2 Wh - 1)(2 Ww - 1) + 3, heads), three extra entries for the
+      class token as query, as key, and both; looked up by :func:`relative_position_index`. A
+      smaller grid reads a subset of the offsets; a larger one resizes the table bicubically.
+    """
 
     def __init__(
         self,
@@ -109,23 +159,49 @@ class Attention(nn.Module):
         use_rel_pos: bool = False,
         rel_pos_size: tuple[int, int] | None = None,
         rel_pos_zero_init: bool = True,
+        rel_pos_type: str = "decomposed",
     ):
         super().__init__()
         if dim % num_heads:
             raise ValueError(f"embed_dim {dim} is not divisible by num_heads {num_heads}")
+        if rel_pos_type not in ("decomposed", "table"):
+            raise ValueError(f"rel_pos_type must be 'decomposed' or 'table', got {rel_pos_type!r}")
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
         self.use_rel_pos = use_rel_pos
+        self.rel_pos_type = rel_pos_type
         if use_rel_pos:
             if rel_pos_size is None:
                 raise ValueError("use_rel_pos needs rel_pos_size (the token grid the tables are made for)")
-            self.rel_pos_h = nn.Parameter(torch.zeros(2 * rel_pos_size[0] - 1, self.head_dim))
-            self.rel_pos_w = nn.Parameter(torch.zeros(2 * rel_pos_size[1] - 1, self.head_dim))
-            if not rel_pos_zero_init:
-                nn.init.trunc_normal_(self.rel_pos_h, std=0.02)
-                nn.init.trunc_normal_(self.rel_pos_w, std=0.02)
+            self.rel_pos_size = (int(rel_pos_size[0]), int(rel_pos_size[1]))
+            if rel_pos_type == "decomposed":
+                self.rel_pos_h = nn.Parameter(torch.zeros(2 * rel_pos_size[0] - 1, self.head_dim))
+                self.rel_pos_w = nn.Parameter(torch.zeros(2 * rel_pos_size[1] - 1, self.head_dim))
+                if not rel_pos_zero_init:
+                    nn.init.trunc_normal_(self.rel_pos_h, std=0.02)
+                    nn.init.trunc_normal_(self.rel_pos_w, std=0.02)
+            else:
+                n = (2 * rel_pos_size[0] - 1) * (2 * rel_pos_size[1] - 1) + 3
+                self.relative_position_bias_table = nn.Parameter(torch.zeros(n, num_heads))
+                if not rel_pos_zero_init:  # BEiT; MAE transfer starts from zeros
+                    nn.init.trunc_normal_(self.relative_position_bias_table, std=0.02)
+                self._index_cache: dict = {}
+
+    def table_bias(self, hw: tuple[int, int], num_prefix_tokens: int, device: torch.device) -> torch.Tensor:
+        """The table form's bias (heads, T, T) for a grid ``hw`` after ``num_prefix_tokens`` tokens."""
+        table, size = self.relative_position_bias_table, self.rel_pos_size
+        if hw[0] > size[0] or hw[1] > size[1]:
+            big = (max(hw[0], size[0]), max(hw[1], size[1]))
+            table, size = resize_relative_position_table(table, size, big), big
+        key = (tuple(hw), num_prefix_tokens, size, str(device))
+        index = self._index_cache.get(key)
+        if index is None:
+            index = relative_position_index(tuple(hw), size, num_prefix_tokens).to(device)
+            self._index_cache[key] = index
+        t = index.shape[0]
+        return table[index.reshape(-1)].view(t, t, -1).permute(2, 0, 1)
 
     def forward(
         self, x: torch.Tensor, hw: tuple[int, int] | None = None, num_prefix_tokens: int = 0
@@ -139,9 +215,12 @@ class Attention(nn.Module):
             if hw is None:
                 raise ValueError("relative position bias needs the token grid size")
             p = num_prefix_tokens
-            grid_bias = decomposed_rel_pos_bias(q[:, :, p:], self.rel_pos_h, self.rel_pos_w, hw, hw)
-            # Prefix (class) tokens get no relative bias: zero rows and columns around the grid block.
-            bias = F.pad(grid_bias, (p, 0, p, 0)) if p else grid_bias
+            if self.rel_pos_type == "table":
+                bias = self.table_bias(hw, p, x.device).unsqueeze(0).to(q.dtype)
+            else:
+                grid_bias = decomposed_rel_pos_bias(q[:, :, p:], self.rel_pos_h, self.rel_pos_w, hw, hw)
+                # Prefix (class) tokens get no relative bias: zero rows and columns around the grid block.
+                bias = F.pad(grid_bias, (p, 0, p, 0)) if p else grid_bias
         x = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
         x = x.transpose(1, 2).reshape(b, t, d)
         return self.proj(x)
@@ -194,8 +273,12 @@ class Block(nn.Module):
         use_rel_pos: bool = False,
         rel_pos_size: tuple[int, int] | None = None,
         rel_pos_zero_init: bool = True,
+        rel_pos_type: str = "decomposed",
+        layer_scale: float | None = None,
     ):
         super().__init__()
+        if window_size > 0 and use_rel_pos and rel_pos_type == "table":
+            raise ValueError("the table form of relative positions is for global attention (BEiT); use 'decomposed' with windows")
         self.window_size = window_size
         self.norm1 = nn.LayerNorm(dim, eps=norm_eps)
         self.attn = Attention(
@@ -205,10 +288,17 @@ class Block(nn.Module):
             use_rel_pos=use_rel_pos,
             rel_pos_size=(window_size, window_size) if window_size > 0 else rel_pos_size,
             rel_pos_zero_init=rel_pos_zero_init,
+            rel_pos_type=rel_pos_type,
         )
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
         self.norm2 = nn.LayerNorm(dim, eps=norm_eps)
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
+        # Layer scale (CaiT; BEiT / mmsegmentation's MAE: init_values 1.0 for segmentation).
+        if layer_scale is not None:
+            self.gamma_1 = nn.Parameter(torch.full((dim,), float(layer_scale)))
+            self.gamma_2 = nn.Parameter(torch.full((dim,), float(layer_scale)))
+        else:
+            self.gamma_1 = self.gamma_2 = None
 
     def _attend(self, x: torch.Tensor, hw: tuple[int, int] | None, num_prefix_tokens: int) -> torch.Tensor:
         if self.window_size <= 0:
@@ -222,8 +312,11 @@ class Block(nn.Module):
 
     def forward(self, x: torch.Tensor, hw: tuple[int, int] | None = None, num_prefix_tokens: int = 0) -> torch.Tensor:
         """x: (B, T, D) -> (B, T, D)."""
-        x = x + self.drop_path(self._attend(self.norm1(x), hw, num_prefix_tokens))
-        return x + self.drop_path(self.mlp(self.norm2(x)))
+        if self.gamma_1 is None:
+            x = x + self.drop_path(self._attend(self.norm1(x), hw, num_prefix_tokens))
+            return x + self.drop_path(self.mlp(self.norm2(x)))
+        x = x + self.drop_path(self.gamma_1 * self._attend(self.norm1(x), hw, num_prefix_tokens))
+        return x + self.drop_path(self.gamma_2 * self.mlp(self.norm2(x)))
 
 
 def init_transformer_weights(module: nn.Module) -> None:
@@ -259,6 +352,11 @@ class VisionTransformer(nn.Module):
         pos_embed_class_row: whether ``pos_embed`` stores a class-token row (default: when there
             is a class token). ViTDet keeps the pretraining class row, unused, so pretrained and
             detectron2 checkpoints load with their own shapes (``pretrain_use_cls_token``).
+        rel_pos_type: ``"decomposed"`` (ViTDet's ``rel_pos_h/w``) or ``"table"`` (BEiT's per-head
+            ``relative_position_bias_table``, mmsegmentation's MAE segmentation backbone); see
+            :class:`Attention`.
+        layer_scale: initial value of the per-block ``gamma_1`` / ``gamma_2`` scales of the two
+            branches (None: no layer scale).
     """
 
     def __init__(
@@ -285,6 +383,8 @@ class VisionTransformer(nn.Module):
         head_drop: float = 0.0,
         pos_embed_img_size: int | tuple[int, int] | None = None,
         pos_embed_class_row: bool | None = None,
+        rel_pos_type: str = "decomposed",
+        layer_scale: float | None = None,
     ):
         super().__init__()
         if global_pool not in ("avg", "token", ""):
@@ -333,6 +433,8 @@ class VisionTransformer(nn.Module):
                     use_rel_pos=use_rel_pos,
                     rel_pos_size=self.grid_size,
                     rel_pos_zero_init=rel_pos_zero_init,
+                    rel_pos_type=rel_pos_type,
+                    layer_scale=layer_scale,
                 )
                 for i in range(depth)
             ]
@@ -539,6 +641,8 @@ __all__ = [
     "VIT_SIZES",
     "create_vit",
     "decomposed_rel_pos_bias",
+    "relative_position_index",
+    "resize_relative_position_table",
     "init_transformer_weights",
     "vit_flops_per_image",
     "window_partition",

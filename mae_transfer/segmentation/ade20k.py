@@ -27,6 +27,9 @@ is mmsegmentation 0.x; mmsegmentation 1.x keeps the same ADE20K pipeline):
   delta 18 on OpenCV's 0-180 hue scale, each with probability 0.5, contrast first or last at random.
 * Palette: mmsegmentation ``mmseg/datasets/ade.py`` (``ADE20KDataset.METAINFO['palette']``; the same
   table is ``PALETTE`` in mmseg 0.x), from the ADE20K devkit's ``color150``.
+* Pixels are resized and colour-converted with OpenCV, as mmcv does (``cv2.resize`` with
+  ``INTER_LINEAR`` / ``INTER_NEAREST`` on uint8, ``cv2.cvtColor`` to and from HSV), so the inputs are
+  the same bytes mmsegmentation computes.
 
 Random draws come only from torch's global generator, so :class:`~mae_transfer.data.seeded.SeededTransformDataset`
 makes every sample's augmentation reproducible.
@@ -44,7 +47,6 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
 
 from mae_transfer.data.errors import DataError
@@ -178,20 +180,38 @@ def read_class_names(path: str | os.PathLike) -> list[str]:
     return [names[i] for i in range(1, len(names) + 1)]
 
 
+def class_tables(root: str | os.PathLike) -> list[Path]:
+    """Class tables beside the data, in the order they are tried: ``classes.txt`` (one name per line,
+    class 0 first), the devkit's ``objectInfo150.txt``, any other ``objectInfo*.txt``, then the csv."""
+    root = Path(root)
+    found = [root / "classes.txt"] + [root / n for n in CLASS_FILES if n.endswith(".txt")]
+    found += sorted(p for p in root.glob("objectInfo*.txt") if p not in found)
+    found += [root / n for n in CLASS_FILES if n.endswith(".csv")]
+    return [p for p in found if p.is_file()]
+
+
+def read_class_list(path: str | os.PathLike) -> list[str]:
+    """Names from a plain list, one per line in class order (blank lines skipped)."""
+    path = Path(path)
+    try:
+        names = [line.strip() for line in path.read_text(encoding="utf-8-sig").splitlines() if line.strip()]
+    except (OSError, UnicodeDecodeError) as e:
+        raise DataError(f"cannot read the class list {path} ({e}); fix it or remove it (class names then default to class_0, ...)") from None
+    if not names:
+        raise DataError(f"the class list {path} is empty; fix it or remove it (class names then default to class_0, ...)")
+    return names
+
+
 def class_names_for(root: str | os.PathLike, num_classes: int) -> list[str]:
-    """Names of classes ``0..num_classes-1``: from ``root/objectInfo150.txt`` (else ``.csv``) when that
-    table exists, parses and lists exactly ``num_classes`` classes; otherwise ``["class_0", "class_1", ...]``.
+    """Names of classes ``0..num_classes-1`` from the first table of :func:`class_tables` that parses and
+    lists exactly ``num_classes`` classes; otherwise ``["class_0", "class_1", ...]``.
 
     A table that is unusable (malformed, or of another length, e.g. an ADE20K table beside a 19-class
     dataset) only costs the names: it is logged as a warning, never an error.
     """
-    root = Path(root)
-    for file_name in CLASS_FILES:
-        path = root / file_name
-        if not path.is_file():
-            continue
+    for path in class_tables(root):
         try:
-            names = read_class_names(path)
+            names = read_class_list(path) if path.name == "classes.txt" else read_class_names(path)
         except DataError as e:
             log.warning("%s", e)
             continue
@@ -377,7 +397,7 @@ class SegmentationFolder(torch.utils.data.Dataset):
 
     def _class_names(self) -> list[str]:
         for folder in (self.root, self.root.parent):
-            if any((folder / name).is_file() for name in CLASS_FILES):
+            if class_tables(folder):
                 return class_names_for(folder, self.num_classes)
         return [f"class_{k}" for k in range(self.num_classes)]
 
@@ -478,27 +498,43 @@ def keep_ratio_size(height: int, width: int, scale: Sequence[int]) -> tuple[int,
     return max(1, int(height * factor + 0.5)), max(1, int(width * factor + 0.5))
 
 
-def resize_image(image: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """Bilinear resize of a uint8 ``(3, H, W)`` image to ``size`` (h, w), rounded back to uint8.
+def _cv2():
+    import cv2
 
-    Half-pixel centres without antialiasing, like OpenCV's ``INTER_LINEAR`` that mmcv uses.
-    """
+    if not getattr(_cv2, "configured", False):
+        cv2.setNumThreads(0)  # DataLoader workers do the parallel work (mmengine's opencv_num_threads=0)
+        _cv2.configured = True
+    return cv2
+
+
+def resize_image(image: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Bilinear resize of a uint8 ``(3, H, W)`` image to ``size`` (h, w): OpenCV's ``INTER_LINEAR`` on
+    uint8 (fixed-point weights, half-pixel centres, no antialiasing), exactly what mmcv's
+    ``imresize`` computes."""
     if tuple(image.shape[-2:]) == tuple(size):
         return image
-    out = F.interpolate(image[None].float(), size=tuple(size), mode="bilinear", align_corners=False, antialias=False)[0]
-    return out.round_().clamp_(0, 255).to(torch.uint8)
+    out = _cv2().resize(image.permute(1, 2, 0).contiguous().numpy(), (int(size[1]), int(size[0])), interpolation=_cv2().INTER_LINEAR)
+    return torch.from_numpy(out).permute(2, 0, 1).contiguous()
 
 
 def resize_label(label: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """Nearest-neighbour resize of an ``(H, W)`` label map: output pixel ``i`` takes source ``floor(i * H / h)``
-    (OpenCV ``INTER_NEAREST``, torch ``"nearest"``), so no label value is ever invented."""
+    """Nearest-neighbour resize of an ``(H, W)`` label map with OpenCV's ``INTER_NEAREST`` (output pixel
+    ``i`` takes source ``floor(i * H / h)``), as mmcv resizes label maps; no label value is invented."""
     height, width = label.shape[-2:]
     h, w = size
     if (height, width) == (h, w):
         return label
-    rows = (torch.arange(h, dtype=torch.float64) * (height / h)).floor().long().clamp_(max=height - 1)
-    cols = (torch.arange(w, dtype=torch.float64) * (width / w)).floor().long().clamp_(max=width - 1)
-    return label[..., rows[:, None], cols[None, :]]
+    if label.numel() and (int(label.min()) < 0 or int(label.max()) > 255):
+        raise ValueError("label maps hold values 0..255 (255 = ignored)")
+    out = _cv2().resize(label.numpy().astype(np.uint8), (int(w), int(h)), interpolation=_cv2().INTER_NEAREST)
+    return torch.from_numpy(out.astype(np.int64))
+
+
+def rescale_size(height: int, width: int, ratio: float) -> tuple[int, int]:
+    """Size of mmcv's ``Resize(scale_factor=ratio, keep_ratio=True)`` (mmseg 1.x test-time
+    augmentation): the target ``(int(w r + 0.5), int(h r + 0.5))``, then :func:`keep_ratio_size` to it."""
+    target = (int(width * float(ratio) + 0.5), int(height * float(ratio) + 0.5))
+    return keep_ratio_size(height, width, target)
 
 
 def _uniform(low: float, high: float) -> float:
@@ -509,30 +545,6 @@ def _coin() -> bool:
     return bool(torch.randint(2, ()).item())
 
 
-def _rgb_to_hsv(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Float RGB ``(3, H, W)`` in 0..255 -> hue in [0, 1), saturation in [0, 1], value in 0..255 (colorsys's
-    definitions; ties between channels resolve to red, then green)."""
-    val, arg = x.max(0)
-    delta = val - x.amin(0)
-    sat = delta / val.clamp(min=1e-6)  # black: delta = 0 -> saturation 0
-    r, g, b = x.unbind(0)
-    # Hue sector offsets 0 / 2 / 4 when red / green / blue is the largest channel.
-    num = torch.stack([g - b, b - r, r - g]).gather(0, arg[None])[0]
-    hue = ((num / delta.clamp(min=1e-6) + 2.0 * arg) / 6.0).remainder_(1.0)
-    return hue, sat, val
-
-
-_HSV_PHASES = torch.tensor([5.0, 3.0, 1.0]).view(3, 1, 1)
-
-
-def _hsv_to_rgb(hue: torch.Tensor, sat: torch.Tensor, val: torch.Tensor) -> torch.Tensor:
-    """Inverse of :func:`_rgb_to_hsv`: channel n of (5, 3, 1) is ``V - V S clamp(min(k, 4 - k), 0, 1)`` with
-    ``k = (n + 6 H) mod 6``."""
-    k = (_HSV_PHASES + hue[None] * 6.0).remainder_(6.0)
-    k = torch.minimum(k, 4.0 - k).clamp_(0, 1)
-    return val[None] - (val * sat)[None] * k
-
-
 def photometric_distortion(
     image: torch.Tensor,
     brightness_delta: float = 32,
@@ -540,40 +552,42 @@ def photometric_distortion(
     saturation_range: tuple[float, float] = (0.5, 1.5),
     hue_delta: int = 18,
 ) -> torch.Tensor:
-    """mmsegmentation's ``PhotoMetricDistortion`` on a uint8 RGB ``(3, H, W)`` image, with torch ops.
+    """mmsegmentation's ``PhotoMetricDistortion`` on a uint8 RGB ``(3, H, W)`` image.
 
     In order, each step with probability 0.5: brightness (add a delta uniform in +-``brightness_delta``),
-    contrast (multiply by a factor in ``contrast_range``) here in "mode 1", saturation (scale HSV saturation
-    by a factor in ``saturation_range``), hue (shift by an integer drawn like ``numpy.random.randint(-18, 18)``
-    on OpenCV's 0-180 hue scale, i.e. 2 degrees a step), contrast here in "mode 0"; the mode is drawn at
-    random. Brightness and contrast clip to 0..255 and truncate to uint8 as mmseg does; the HSV steps work in
-    floating point (OpenCV rounds its uint8 HSV planes; the difference is at most a few grey levels).
+    contrast (multiply by a factor in ``contrast_range``) here in "mode 1", saturation (scale the HSV
+    saturation plane by a factor in ``saturation_range``), hue (add an integer drawn like
+    ``numpy.random.randint(-18, 18)`` to OpenCV's 0-180 hue plane, modulo 180), contrast here in "mode 0";
+    the mode is drawn at random. Every step clips to 0..255 and truncates to uint8, and saturation and hue
+    each go through OpenCV's uint8 HSV and back, exactly as mmseg's arithmetic (``cv2.cvtColor`` of the RGB
+    image to HSV equals mmcv's ``bgr2hsv`` of the BGR one).
     """
+    cv2 = _cv2()
 
-    def affine(img: torch.Tensor, alpha: float = 1.0, beta: float = 0.0) -> torch.Tensor:
-        return (img.float() * alpha + beta).clamp_(0, 255).to(torch.uint8)
+    def affine(img: np.ndarray, alpha: float = 1.0, beta: float = 0.0) -> np.ndarray:
+        return np.clip(img.astype(np.float32) * alpha + beta, 0, 255).astype(np.uint8)
 
-    def contrast(img: torch.Tensor) -> torch.Tensor:
+    def contrast(img: np.ndarray) -> np.ndarray:
         return affine(img, alpha=_uniform(*contrast_range)) if _coin() else img
 
-    img = image
+    img = image.permute(1, 2, 0).contiguous().numpy()
     if _coin():
         img = affine(img, beta=_uniform(-brightness_delta, brightness_delta))
     mode = int(torch.randint(2, ()).item())
     if mode == 1:
         img = contrast(img)
-    sat_factor = _uniform(*saturation_range) if _coin() else None
-    hue_shift = int(torch.randint(-hue_delta, hue_delta, ()).item()) if _coin() else None
-    if sat_factor is not None or hue_shift is not None:
-        hue, sat, val = _rgb_to_hsv(img.float())
-        if sat_factor is not None:
-            sat = (sat * sat_factor).clamp_(0, 1)
-        if hue_shift is not None:
-            hue = (hue + hue_shift / 180.0) % 1.0
-        img = _hsv_to_rgb(hue, sat, val).round_().clamp_(0, 255).to(torch.uint8)
+    if _coin():
+        hsv = cv2.cvtColor(img, cv2.COLOR_RGB2HSV)
+        hsv[:, :, 1] = affine(hsv[:, :, 1], alpha=_uniform(*saturation_range))
+        img = cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB)
+    if _coin():
+        hsv = cv2.cvtColor(img, cv2.COLOR_RGB2HSV)
+        shift = int(torch.randint(-hue_delta, hue_delta, ()).item())
+        hsv[:, :, 0] = (hsv[:, :, 0].astype(int) + shift) % 180
+        img = cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB)
     if mode == 0:
         img = contrast(img)
-    return img
+    return torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1).contiguous()
 
 
 def _pair(size: int | Sequence[int]) -> tuple[int, int]:
@@ -587,12 +601,14 @@ class _Normalise:
     def __init__(self, mean: Sequence[float], std: Sequence[float]):
         if len(mean) != 3 or len(std) != 3 or min(float(s) for s in std) <= 0:
             raise ValueError(f"mean and std need 3 values each, std positive (got mean={mean}, std={std})")
-        self.mean = torch.tensor([float(m) for m in mean], dtype=torch.float32).view(3, 1, 1)
-        self.std = torch.tensor([float(s) for s in std], dtype=torch.float32).view(3, 1, 1)
+        # In 0-255 units (123.675, 116.28, 103.53 / 58.395, 57.12, 57.375 for ImageNet), as mmseg's
+        # SegDataPreProcessor subtracts and divides, so the floats are the same.
+        self.mean = torch.tensor([round(float(m) * 255, 6) for m in mean], dtype=torch.float32).view(3, 1, 1)
+        self.std = torch.tensor([round(float(s) * 255, 6) for s in std], dtype=torch.float32).view(3, 1, 1)
 
     def normalise(self, image: torch.Tensor) -> torch.Tensor:
-        """uint8 (3, H, W) -> float32, scaled to 0..1, minus mean, over std."""
-        return (image.float().div_(255.0) - self.mean) / self.std
+        """uint8 (3, H, W) -> float32: (pixel - mean) / std (mean and std of 0..1 images, scaled to 0..255)."""
+        return (image.float() - self.mean) / self.std
 
 
 class TrainTransform(_Normalise):
@@ -695,6 +711,9 @@ class EvalTransform(_Normalise):
     """ADE20K test-time resize: keep-ratio to ``scale`` (short side 512 unless the long side would pass
     2048), bilinear, then normalise.
 
+    With ``ratios`` (multi-scale test, mmsegmentation 1.x ``TestTimeAug``), the image is instead a
+    list: the ORIGINAL image rescaled by each ratio (:func:`rescale_size`), normalised.
+
     The target keeps the ORIGINAL full-size label (metrics are computed at the original resolution, so
     predictions are resized back to ``target["label"].shape``) and gains ``"resized_size"`` (int64 ``[h, w]``).
     """
@@ -704,19 +723,26 @@ class EvalTransform(_Normalise):
         scale: Sequence[int] = (2048, 512),
         mean: Sequence[float] = IMAGENET_MEAN,
         std: Sequence[float] = IMAGENET_STD,
+        ratios: Sequence[float] | None = None,
     ):
         super().__init__(mean, std)
         self.scale = (int(scale[0]), int(scale[1]))
         if min(self.scale) < 1:
             raise ValueError(f"scale must be positive (got {scale})")
+        self.ratios = tuple(float(r) for r in ratios) if ratios else None
+        if self.ratios and min(self.ratios) <= 0:
+            raise ValueError(f"test ratios must be positive (got {ratios})")
 
-    def __call__(self, image: torch.Tensor, target: dict) -> tuple[torch.Tensor, dict]:
+    def __call__(self, image: torch.Tensor, target: dict):
         _, height, width = image.shape
-        size = keep_ratio_size(height, width, self.scale)
-        out = self.normalise(resize_image(image, size))
         target = dict(target)
+        if self.ratios:
+            sizes = [rescale_size(height, width, r) for r in self.ratios]
+            target["resized_size"] = torch.tensor(sizes, dtype=torch.int64)
+            return [self.normalise(resize_image(image, size)) for size in sizes], target
+        size = keep_ratio_size(height, width, self.scale)
         target["resized_size"] = torch.tensor(size, dtype=torch.int64)
-        return out, target
+        return self.normalise(resize_image(image, size)), target
 
 
 def collate_eval(batch: Sequence[tuple[torch.Tensor, dict]]) -> tuple[list[torch.Tensor], list[dict]]:
@@ -733,12 +759,15 @@ __all__ = [
     "SegmentationFolder",
     "TrainTransform",
     "class_names_for",
+    "class_tables",
+    "read_class_list",
     "collate_eval",
     "find_root",
     "keep_ratio_size",
     "palette",
     "photometric_distortion",
     "read_class_names",
+    "rescale_size",
     "resize_image",
     "resize_label",
 ]

@@ -14,21 +14,45 @@ from typing import Literal
 from mae_transfer.config import ConfigError, build_with_preset, preset_names
 from mae_transfer.data.stats import IMAGENET_MEAN, IMAGENET_STD
 from mae_transfer.engine.trainer import OptimConfig, TrainConfig
+from mae_transfer.models.vit import VIT_SIZES
 
 PRESET_DIR = Path(__file__).parent / "presets"
 
 
 @dataclass
 class ModelConfig:
-    name: str = "vit_base_patch16"
-    img_size: int = 512  # the training crop; position embeddings are interpolated to it
+    # The ViT: a size name, and/or explicit sizes that override it (a ViT of any other size, e.g. one
+    # read from an mmsegmentation checkpoint, has name None and all four).
+    name: str | None = "vit_base_patch16"
+    embed_dim: int | None = None
+    depth: int | None = None
+    num_heads: int | None = None
+    patch_size: int | None = None
+    mlp_ratio: float = 4.0
+    img_size: int = 512  # the training crop and sliding window; the position table is made for it
     tap_blocks: tuple[int, ...] | None = None  # None: ViT-B 3, 5, 7, 11 / ViT-L 7, 11, 15, 23 (0-based)
-    use_rel_pos: bool = True  # zero-initialised relative position bias (MAE A.4)
+    use_rel_pos: bool = True  # relative position bias, zero-initialised from MAE weights (MAE A.4)
+    # "table": BEiT's per-head bias table (mmsegmentation's MAE backbone); "decomposed": ViTDet's form.
+    rel_pos_type: Literal["table", "decomposed"] = "table"
+    layer_scale: float | None = 1.0  # gamma_1 / gamma_2 of each block (mmsegmentation's MAE: init_values 1.0)
     drop_path: float = 0.1
     channels: int = 768  # UperNet channels (BEiT: 768 for ViT-B, 1024 for ViT-L)
     aux_channels: int = 256  # auxiliary FCN head on the stride-16 level (0 = none)
+    aux_convs: int = 1
     aux_weight: float = 0.4
     grad_checkpointing: bool = False
+    # mmseg: the classifiers (conv_seg) start from N(0, 0.01). "default": PyTorch's layer default, which
+    # learns much faster in runs of a few hundred steps (toy preset).
+    predictor_init: Literal["mmseg", "default"] = "mmseg"
+
+    def vit_label(self) -> str:
+        """The size name, or ``vit_<width>x<depth>_patch<p>`` for a ViT of any other size."""
+        explicit = {k: getattr(self, k) for k in ("embed_dim", "depth", "num_heads", "patch_size") if getattr(self, k) is not None}
+        base = VIT_SIZES.get(self.name) if self.name else None
+        if base is not None and all(getattr(base, k) == v for k, v in explicit.items()):
+            return self.name
+        size = {**(base.__dict__ if base is not None else {}), **explicit}
+        return f"vit_{size.get('embed_dim')}x{size.get('depth')}_patch{size.get('patch_size')}"
 
 
 @dataclass
@@ -54,7 +78,9 @@ class TestConfig:
     mode: Literal["slide", "whole"] = "slide"
     stride: int = 341  # windows of model.img_size every 341 px (BEiT / mmsegmentation)
     flip: bool = False  # also average the horizontally flipped image
-    scales: tuple[float, ...] = (1.0,)  # multi-scale test: e.g. [0.5, 0.75, 1.0, 1.25, 1.5, 1.75]
+    # (1.0,): the single-scale test (keep-ratio resize to data.scale). Several values: mmsegmentation
+    # 1.x test-time augmentation, each a ratio of the ORIGINAL image, e.g. [0.5, 0.75, 1.0, 1.25, 1.5, 1.75].
+    scales: tuple[float, ...] = (1.0,)
 
 
 @dataclass
@@ -74,9 +100,14 @@ class SegmentationConfig:
     )
     eval_every_epochs: int = 0  # 0 = once, at the end
     eval_batch_size: int = 1  # images differ in size: one at a time
+    # mmsegmentation's test loop runs in fp32 (its AMP wrapper is for training only).
+    eval_precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     visualize: int = 0
 
     def validate(self) -> None:
+        m = self.model
+        if m.name is None and None in (m.embed_dim, m.depth, m.num_heads, m.patch_size):
+            raise ConfigError("model.name is null: give model.embed_dim, model.depth, model.num_heads and model.patch_size")
         if self.optim.lr is None:
             raise ConfigError("segmentation recipes give an absolute learning rate: set optim.lr")
         if self.test.stride <= 0 or self.test.stride > self.model.img_size:

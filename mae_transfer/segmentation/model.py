@@ -1,16 +1,23 @@
-"""UperNet on a plain ViT (the BEiT / MAE ADE20K setup), and sliding-window inference.
+"""UperNet on a plain ViT (the BEiT / MAE ADE20K setup): the same function as mmsegmentation's
+``configs/mae`` model, and sliding-window inference.
 
-Backbone (MAE paper A.4, BEiT segmentation configs): the ViT with relative position bias switched
-on and zero-initialised (MAE pre-training has none), global attention in every block, four taps at
-equal intervals (ViT-B blocks 4, 6, 8, 12 = 0-based 3, 5, 7, 11; ViT-L 8, 12, 16, 24) rescaled
-x4 (deconv, BatchNorm, GELU, deconv), x2 (deconv), x1, x0.5 (max-pool) by
-:class:`~mae_transfer.models.pyramid.FourTapPyramid`.
+Backbone (MAE paper A.4 via BEiT's segmentation code; mmsegmentation's ``MAE`` backbone): the ViT
+with a class token, global attention, BEiT's per-block relative position bias table (zero-
+initialised from MAE weights) and layer scale (``gamma_1``, ``gamma_2`` at 1.0), no final norm;
+four taps at equal relative depths (ViT-B blocks 4, 6, 8, 12 = 0-based 3, 5, 7, 11) rescaled by
+:class:`~mae_transfer.models.pyramid.RescaleNeck` (x4, x2, x1, x0.5).
 
-Decode head (UperNet, Xiao et al. ECCV 2018, as configured by BEiT/mmsegmentation): a pyramid
-pooling module (bins 1, 2, 3, 6) on the coarsest level, 1x1 lateral convolutions, top-down FPN
-fusion, 3x3 FPN convolutions, all levels upsampled to stride 4 and fused by a 3x3 convolution,
-dropout 0.1 and a 1x1 classifier; every convolution with BatchNorm (SyncBN under DDP) and ReLU.
-Auxiliary FCN head on the stride-16 level (one 3x3 convolution, 256 channels), loss weight 0.4.
+Decode head (UperNet, Xiao et al. ECCV 2018, as mmsegmentation's ``UPerHead``): a pyramid pooling
+module (bins 1, 2, 3, 6) on the coarsest level, 1x1 lateral convolutions, top-down fusion, 3x3
+FPN convolutions, all levels resized to stride 4 and fused by a 3x3 convolution, dropout 0.1 and
+a 1x1 classifier; every convolution with BatchNorm (SyncBN under DDP) and ReLU. Auxiliary FCN
+head on the stride-16 level (one 3x3 convolution), loss weight 0.4. Every resize is bilinear with
+``align_corners=False``.
+
+Module names are mmsegmentation's (``neck.upsample_4x``, ``decode_head.psp_modules``,
+``lateral_convs``, ``fpn_bottleneck``, ``conv_seg``, ``auxiliary_head.convs``, ``conv`` / ``bn``
+inside each convolution block); the backbone keeps the official MAE / timm ViT names, and
+:mod:`mae_transfer.checkpoint.mmseg` maps its ``layers.N.ln1`` ... names.
 """
 
 from __future__ import annotations
@@ -21,77 +28,112 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from mae_transfer.models.pyramid import FourTapPyramid
-from mae_transfer.models.vit import create_vit
-
-
-def conv_bn_relu(cin: int, cout: int, k: int) -> nn.Sequential:
-    return nn.Sequential(nn.Conv2d(cin, cout, k, padding=k // 2, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
+from mae_transfer.models.pyramid import RescaleNeck
+from mae_transfer.models.vit import VisionTransformer
 
 
 def _resize(x: torch.Tensor, size) -> torch.Tensor:
-    return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+    return F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=False)
 
 
-class UperHead(nn.Module):
-    """UperNet decode head over ``len(in_channels)`` levels, finest first."""
+class ConvBNReLU(nn.Module):
+    """Convolution (no bias), BatchNorm, ReLU: mmsegmentation's ``ConvModule`` with its names
+    ``conv`` and ``bn`` and its initialisation (Kaiming normal, fan out, ReLU; BN 1 and 0)."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int):
+        super().__init__()
+        self.conv = nn.Conv2d(in_channels, out_channels, kernel_size, padding=kernel_size // 2, bias=False)
+        self.bn = nn.BatchNorm2d(out_channels)
+        self.activate = nn.ReLU(inplace=True)
+        nn.init.kaiming_normal_(self.conv.weight, mode="fan_out", nonlinearity="relu")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.activate(self.bn(self.conv(x)))
+
+
+class _ClassifierHead(nn.Module):
+    """What mmsegmentation's decode heads share: dropout, then a 1x1 ``conv_seg`` (N(0, 0.01))."""
+
+    def __init__(self, channels: int, num_classes: int, dropout: float):
+        super().__init__()
+        self.conv_seg = nn.Conv2d(channels, num_classes, 1)
+        self.dropout = nn.Dropout2d(dropout) if dropout > 0 else None
+        nn.init.normal_(self.conv_seg.weight, std=0.01)
+        nn.init.zeros_(self.conv_seg.bias)
+
+    def classify(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv_seg(self.dropout(x) if self.dropout is not None else x)
+
+
+class UPerHead(_ClassifierHead):
+    """UperNet decode head over ``len(in_channels)`` levels, finest first -> logits at the finest stride."""
 
     def __init__(self, in_channels: Sequence[int], channels: int, num_classes: int, pool_scales=(1, 2, 3, 6), dropout: float = 0.1):
-        super().__init__()
+        super().__init__(channels, num_classes, dropout)
         top = in_channels[-1]
         self.pool_scales = tuple(pool_scales)
-        self.ppm = nn.ModuleList([nn.Sequential(nn.AdaptiveAvgPool2d(s), conv_bn_relu(top, channels, 1)) for s in self.pool_scales])
-        self.ppm_bottleneck = conv_bn_relu(top + len(self.pool_scales) * channels, channels, 3)
-        self.laterals = nn.ModuleList([conv_bn_relu(c, channels, 1) for c in in_channels[:-1]])
-        self.fpn_convs = nn.ModuleList([conv_bn_relu(channels, channels, 3) for _ in in_channels[:-1]])
-        self.fpn_bottleneck = conv_bn_relu(len(in_channels) * channels, channels, 3)
-        self.dropout = nn.Dropout2d(dropout)
-        self.classifier = nn.Conv2d(channels, num_classes, 1)
+        self.psp_modules = nn.ModuleList([nn.Sequential(nn.AdaptiveAvgPool2d(s), ConvBNReLU(top, channels, 1)) for s in self.pool_scales])
+        self.bottleneck = ConvBNReLU(top + len(self.pool_scales) * channels, channels, 3)
+        self.lateral_convs = nn.ModuleList([ConvBNReLU(c, channels, 1) for c in in_channels[:-1]])
+        self.fpn_convs = nn.ModuleList([ConvBNReLU(channels, channels, 3) for _ in in_channels[:-1]])
+        self.fpn_bottleneck = ConvBNReLU(len(in_channels) * channels, channels, 3)
 
     def forward(self, feats: Sequence[torch.Tensor]) -> torch.Tensor:
         top = feats[-1]
-        pooled = [top] + [_resize(p(top), top.shape[-2:]) for p in self.ppm]
-        lat = [l(f) for l, f in zip(self.laterals, feats[:-1])] + [self.ppm_bottleneck(torch.cat(pooled, 1))]
+        pooled = [top] + [_resize(p(top), top.shape[-2:]) for p in self.psp_modules]
+        lat = [conv(f) for conv, f in zip(self.lateral_convs, feats[:-1])] + [self.bottleneck(torch.cat(pooled, 1))]
         for i in range(len(lat) - 1, 0, -1):  # top-down: add the upsampled coarser level
             lat[i - 1] = lat[i - 1] + _resize(lat[i], lat[i - 1].shape[-2:])
         outs = [conv(x) for conv, x in zip(self.fpn_convs, lat[:-1])] + [lat[-1]]
         size = outs[0].shape[-2:]
         fused = self.fpn_bottleneck(torch.cat([outs[0]] + [_resize(o, size) for o in outs[1:]], 1))
-        return self.classifier(self.dropout(fused))
+        return self.classify(fused)
 
 
-class FCNHead(nn.Module):
+class FCNHead(_ClassifierHead):
     """Auxiliary head: ``num_convs`` 3x3 convolutions, dropout, 1x1 classifier."""
 
     def __init__(self, in_channels: int, channels: int, num_classes: int, num_convs: int = 1, dropout: float = 0.1):
-        super().__init__()
-        layers = [conv_bn_relu(in_channels if i == 0 else channels, channels, 3) for i in range(num_convs)]
-        self.convs = nn.Sequential(*layers)
-        self.dropout = nn.Dropout2d(dropout)
-        self.classifier = nn.Conv2d(channels, num_classes, 1)
+        super().__init__(channels, num_classes, dropout)
+        self.convs = nn.Sequential(*[ConvBNReLU(in_channels if i == 0 else channels, channels, 3) for i in range(num_convs)])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.classifier(self.dropout(self.convs(x)))
+        return self.classify(self.convs(x))
 
 
 class UperNetViT(nn.Module):
-    """ViT + four-tap pyramid + UperNet (+ auxiliary FCN head in training).
+    """ViT (``backbone``) + four taps + :class:`RescaleNeck` (``neck``) + UperNet (``decode_head``)
+    (+ the auxiliary FCN head, ``auxiliary_head``, in training).
 
-    ``forward(images)`` returns logits at the input size (inputs are padded to a multiple of the
-    coarsest stride and the padding is cut from the logits). In training mode it returns
+    ``forward(images)`` returns logits at the input size (an input that is not a multiple of the
+    coarsest stride is padded and the padding cut from the logits). In training mode it returns
     ``(logits, aux_logits)``.
     """
 
-    def __init__(self, backbone: FourTapPyramid, num_classes: int, channels: int = 768, aux_channels: int = 256,
-                 aux_level: int = 2, dropout: float = 0.1):
+    def __init__(self, backbone: VisionTransformer, tap_blocks: Sequence[int], num_classes: int, channels: int = 768,
+                 aux_channels: int = 256, aux_level: int = 2, aux_convs: int = 1, dropout: float = 0.1, neck_norm: str = "bn"):
         super().__init__()
+        depth = len(backbone.blocks)
+        tap_blocks = tuple(int(b) for b in tap_blocks)
+        if len(tap_blocks) != 4 or not all(0 <= b < depth for b in tap_blocks):
+            raise ValueError(f"UperNet needs 4 tap blocks in 0..{depth - 1}, got {tap_blocks}: set model.tap_blocks")
+        dim = backbone.embed_dim
         self.backbone = backbone
-        dims = [backbone.out_channels] * 4
-        self.decode_head = UperHead(dims, channels, num_classes, dropout=dropout)
+        self.tap_blocks = tap_blocks
+        self.neck = RescaleNeck(dim, neck_norm)
+        self.decode_head = UPerHead([dim] * 4, channels, num_classes, dropout=dropout)
         self.aux_level = aux_level
-        self.aux_head = FCNHead(dims[aux_level], aux_channels, num_classes, dropout=dropout) if aux_channels else None
+        self.auxiliary_head = FCNHead(dim, aux_channels, num_classes, num_convs=aux_convs, dropout=dropout) if aux_channels else None
         self.num_classes = num_classes
-        self.size_divisor = max(backbone.strides)
+        self.size_divisor = backbone.patch_size * 2  # the coarsest level is half the token grid
+
+    @property
+    def vit(self) -> VisionTransformer:
+        return self.backbone
+
+    def features(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """The neck's four levels (strides patch/4 .. patch*2) of a (B, 3, H, W) batch."""
+        return self.neck(self.backbone.forward_intermediates(x, indices=list(self.tap_blocks), output_fmt="NCHW"))
 
     def forward(self, x: torch.Tensor):
         h, w = x.shape[-2:]
@@ -99,42 +141,34 @@ class UperNetViT(nn.Module):
         ph, pw = (d - h % d) % d, (d - w % d) % d
         if ph or pw:
             x = F.pad(x, (0, pw, 0, ph))
-        feats = list(self.backbone(x).values())
+        feats = self.features(x)
         logits = _resize(self.decode_head(feats), (h + ph, w + pw))[..., :h, :w]
-        if self.training and self.aux_head is not None:
-            aux = _resize(self.aux_head(feats[self.aux_level]), (h + ph, w + pw))[..., :h, :w]
+        if self.training and self.auxiliary_head is not None:
+            aux = _resize(self.auxiliary_head(feats[self.aux_level]), (h + ph, w + pw))[..., :h, :w]
             return logits, aux
         return logits
 
 
+def default_tap_blocks(depth: int) -> tuple[int, ...]:
+    """BEiT / mmsegmentation's MAE taps: ViT-B [3, 5, 7, 11], ViT-L [7, 11, 15, 23], and for other
+    depths the same relative positions (1/3, 1/2, 2/3 and all of the depth; 6 blocks: [1, 2, 3, 5])."""
+    known = {12: (3, 5, 7, 11), 24: (7, 11, 15, 23)}
+    return known.get(depth) or tuple(sorted({max(0, round(depth * f) - 1) for f in (1 / 3, 1 / 2, 2 / 3, 1)}))
+
+
 def build_upernet(
-    vit_name: str,
+    vit: VisionTransformer,
     num_classes: int,
-    img_size: int = 512,
     tap_blocks: Sequence[int] | None = None,
-    use_rel_pos: bool = True,
-    drop_path: float = 0.1,
     channels: int = 768,
     aux_channels: int = 256,
-    grad_checkpointing: bool = False,
+    aux_convs: int = 1,
 ) -> UperNetViT:
-    """UperNet on ``vit_name`` (random weights; load a backbone into ``model.backbone.vit``)."""
-    vit = create_vit(vit_name, img_size=img_size, num_classes=0, global_pool="", use_rel_pos=use_rel_pos,
-                     drop_path_rate=drop_path, grad_checkpointing=grad_checkpointing)
-    vit.norm = nn.Identity()  # the taps are block outputs; an unused final norm would stop DDP
-    depth = len(vit.blocks)
-    if tap_blocks is None:
-        # BEiT/MAE ADE20K taps (0-based): ViT-B [3, 5, 7, 11], ViT-L [7, 11, 15, 23].
-        tap_blocks = {12: (3, 5, 7, 11), 24: (7, 11, 15, 23)}.get(depth) or tuple(
-            sorted({max(0, round(depth * f) - 1) for f in (1 / 3, 1 / 2, 2 / 3, 1)})
-        )
-    if len(tap_blocks) != 4 or len(set(tap_blocks)) != 4 or not all(0 <= b < depth for b in tap_blocks):
-        raise ValueError(
-            f"UperNet needs 4 distinct tap blocks in 0..{depth - 1} for the {depth}-block {vit_name}, got {tuple(tap_blocks)}: "
-            "set model.tap_blocks (or use a deeper model)"
-        )
-    pyramid = FourTapPyramid(vit, tap_blocks=list(tap_blocks), norm="bn")
-    return UperNetViT(pyramid, num_classes, channels=channels, aux_channels=aux_channels)
+    """UperNet on ``vit`` (its final norm is dropped: the taps are block outputs, and an unused
+    norm would stop DDP, which needs a gradient for every parameter)."""
+    vit.norm = nn.Identity()
+    taps = tuple(tap_blocks) if tap_blocks is not None else default_tap_blocks(len(vit.blocks))
+    return UperNetViT(vit, taps, num_classes, channels=channels, aux_channels=aux_channels, aux_convs=aux_convs)
 
 
 @torch.no_grad()
@@ -157,4 +191,4 @@ def slide_inference(model: nn.Module, image: torch.Tensor, num_classes: int, cro
     return logits / count
 
 
-__all__ = ["UperHead", "FCNHead", "UperNetViT", "build_upernet", "slide_inference"]
+__all__ = ["ConvBNReLU", "FCNHead", "UPerHead", "UperNetViT", "build_upernet", "default_tap_blocks", "slide_inference"]

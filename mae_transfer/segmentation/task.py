@@ -20,35 +20,50 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
-from mae_transfer.checkpoint import load_trained_model, read_trained_model, save_trained_model
+from mae_transfer.checkpoint import CheckpointError, save_trained_model
 from mae_transfer.config import ConfigError, config_hash, to_dict
 from mae_transfer.data.errors import DataError
 from mae_transfer.data.seeded import SeededTransformDataset
 from mae_transfer.engine.distributed import DistInfo
 from mae_transfer.engine.optim import param_groups
 from mae_transfer.engine.sampler import ShardSampler
-from mae_transfer.engine.trainer import OptimConfig, Trainer, TrainTask
+from mae_transfer.engine.trainer import OptimConfig, Trainer, TrainTask, autocast_context, resolve_precision
 from mae_transfer.io import atomic_write_json, atomic_write_jsonl, file_sha256
 from mae_transfer.segmentation.ade20k import IGNORE_INDEX, EvalTransform, SegmentationFolder, TrainTransform, collate_eval, palette
 from mae_transfer.segmentation.config import SegmentationConfig
 from mae_transfer.segmentation.metrics import SegmentationMeter
 from mae_transfer.segmentation.model import build_upernet, slide_inference
+from mae_transfer.models.vit import VIT_SIZES, VisionTransformer
 
 log = logging.getLogger(__name__)
 
-VIT_PREFIX = "backbone.vit."
+VIT_PREFIX = "backbone."
 SEGMENTER_FORMAT = "mae_transfer.segmenter"
 
 
 def build_segmenter(cfg: SegmentationConfig) -> nn.Module:
+    """UperNet on the ViT ``cfg.model`` describes (random weights): mmsegmentation's MAE backbone
+    (class token, BEiT relative position table, layer scale, no final norm) by default."""
     m = cfg.model
+    if m.name is not None and m.name not in VIT_SIZES:
+        raise ConfigError(f"unknown ViT {m.name!r}; choose one of: {', '.join(VIT_SIZES)}")
+    size = dict(VIT_SIZES[m.name].__dict__) if m.name else {}
+    size.update({k: int(getattr(m, k)) for k in ("embed_dim", "depth", "num_heads", "patch_size") if getattr(m, k) is not None})
     try:
-        return build_upernet(
-            m.name, cfg.data.num_classes, img_size=m.img_size, tap_blocks=m.tap_blocks, use_rel_pos=m.use_rel_pos,
-            drop_path=m.drop_path, channels=m.channels, aux_channels=m.aux_channels, grad_checkpointing=m.grad_checkpointing,
+        vit = VisionTransformer(
+            img_size=m.img_size, num_classes=0, global_pool="", use_rel_pos=m.use_rel_pos, rel_pos_type=m.rel_pos_type,
+            layer_scale=m.layer_scale, drop_path_rate=m.drop_path, grad_checkpointing=m.grad_checkpointing, mlp_ratio=m.mlp_ratio,
+            **size,
         )
+        model = build_upernet(vit, cfg.data.num_classes, tap_blocks=m.tap_blocks, channels=m.channels,
+                              aux_channels=m.aux_channels, aux_convs=m.aux_convs)
     except ValueError as e:
-        raise ConfigError(str(e)) from None
+        raise ConfigError(f"cannot build UperNet on {m.vit_label()}: {e}") from None
+    if m.predictor_init == "default":
+        for head in (model.decode_head, model.auxiliary_head):
+            if head is not None:
+                head.conv_seg.reset_parameters()
+    return model
 
 
 def _resolve_root(cfg: SegmentationConfig) -> Path:
@@ -75,7 +90,9 @@ class SegmentationTask(TrainTask):
         d = cfg.data
         self.root = _resolve_root(cfg)
         common = dict(num_classes=d.num_classes, reduce_zero_label=d.reduce_zero_label, bad_labels=d.bad_labels, missing=d.missing)
-        self.val_set = SegmentationFolder(self.root, d.val_split, transform=EvalTransform(tuple(d.scale), d.mean, d.std), **common)
+        t = cfg.test
+        ratios = tuple(t.scales) if tuple(t.scales) != (1.0,) else None  # several scales: mmseg 1.x test-time augmentation
+        self.val_set = SegmentationFolder(self.root, d.val_split, transform=EvalTransform(tuple(d.scale), d.mean, d.std, ratios), **common)
         self.class_names = list(self.val_set.class_names)
         self.train_set = None
         if train:
@@ -91,8 +108,9 @@ class SegmentationTask(TrainTask):
     # ------------------------------------------------------------------ engine interface
     def signature(self) -> dict[str, Any]:
         m = self.cfg.model
-        return {"model": m.name, "img_size": m.img_size, "tap_blocks": m.tap_blocks, "use_rel_pos": m.use_rel_pos,
-                "channels": m.channels, "aux_channels": m.aux_channels, "num_classes": self.cfg.data.num_classes}
+        return {"model": m.vit_label(), "img_size": m.img_size, "tap_blocks": m.tap_blocks, "use_rel_pos": m.use_rel_pos,
+                "rel_pos_type": m.rel_pos_type, "layer_scale": m.layer_scale is not None, "channels": m.channels,
+                "aux_channels": m.aux_channels, "num_classes": self.cfg.data.num_classes}
 
     def build_model(self, load_backbone: bool = True) -> nn.Module:
         torch.manual_seed(self.cfg.train.seed)
@@ -100,8 +118,9 @@ class SegmentationTask(TrainTask):
         if load_backbone and self.cfg.backbone:
             from mae_transfer.checkpoint import load_backbone as load
 
-            # New: the zero-initialised relative position tables (MAE A.4), pyramid and heads.
-            load(model.backbone.vit, self.cfg.backbone, expected_missing="dense", expected_unexpected="dense")
+            # New: the zero-initialised relative position tables (MAE A.4), layer scales at 1.0, the
+            # neck and the heads; the 224 px position grid is resized to the crop once, as mmseg does.
+            load(model.backbone, self.cfg.backbone, expected_missing="dense", expected_unexpected="dense")
         elif load_backbone:
             log.warning(
                 "NO --backbone: the ViT starts from RANDOM weights (the from-scratch baseline); pass "
@@ -118,9 +137,11 @@ class SegmentationTask(TrainTask):
         return self.train_set
 
     def param_groups(self, model: nn.Module, optim: OptimConfig) -> list[dict]:
-        # Layer decay over the ViT (BEiT's LayerDecayOptimizerConstructor: 0.65); no weight decay
-        # for norms, biases, position embedding and class token.
-        return param_groups(model, optim.weight_decay, optim.layer_decay, no_weight_decay=("pos_embed", "cls_token"), vit_prefix=VIT_PREFIX)
+        # mmsegmentation's LearningRateDecayOptimizerConstructor for MAE / BEiT: lr x decay ** (depth
+        # + 1 - layer) with the embeddings at layer 0, block i at i + 1, neck and heads at full lr; no
+        # weight decay for 1-D parameters and biases. Its exemption of 'pos_embed' and 'cls_token'
+        # compares unprefixed names with 'backbone.pos_embed', so both ARE decayed there, and here.
+        return param_groups(model, optim.weight_decay, optim.layer_decay, vit_prefix=VIT_PREFIX)
 
     def training_step(self, model: nn.Module, batch, device: torch.device):
         images, targets = batch
@@ -128,22 +149,26 @@ class SegmentationTask(TrainTask):
         y = targets["label"].to(device, non_blocking=True)
         out = model(x)
         logits, aux = out if isinstance(out, tuple) else (out, None)
-        loss_main = F.cross_entropy(logits.float(), y, ignore_index=IGNORE_INDEX)
+        loss_main = segmentation_loss(logits, y)
         extra = {"loss_decode": loss_main.detach()}
         loss = loss_main
         if aux is not None:
-            loss_aux = F.cross_entropy(aux.float(), y, ignore_index=IGNORE_INDEX)
+            loss_aux = segmentation_loss(aux, y)
             loss = loss + self.cfg.model.aux_weight * loss_aux
             extra["loss_aux"] = loss_aux.detach()
-        if not torch.isfinite(loss) and bool((y == IGNORE_INDEX).all()):
-            loss = logits.sum() * 0.0  # a batch of crops without any labelled pixel teaches nothing
         return loss, extra
+
+    def eval_autocast(self, device: torch.device) -> Callable:
+        """The autocast of ``eval_precision`` (fp32 by default, as mmsegmentation's test loop)."""
+        precision = resolve_precision(self.cfg.eval_precision, device)
+        return lambda: autocast_context(precision, device)
 
     def on_epoch_end(self, trainer: Trainer, epoch: int) -> None:
         every = self.cfg.eval_every_epochs
         if every <= 0 or (epoch + 1) % every or epoch + 1 == self.cfg.train.epochs:
             return
-        self.last_eval = self.run_eval(trainer.unwrapped, trainer.device, trainer.autocast, trainer.dist, trainer.num_workers(), trainer.output_dir)
+        self.last_eval = self.run_eval(trainer.unwrapped, trainer.device, self.eval_autocast(trainer.device), trainer.dist,
+                                       trainer.num_workers(), trainer.output_dir)
         if trainer.dist.is_main:
             trainer.metrics.write("eval", {"step": trainer.step, "epoch": epoch + 1, **summary(self.last_eval)})
 
@@ -151,30 +176,37 @@ class SegmentationTask(TrainTask):
         out = trainer.output_dir
         if trainer.dist.is_main:
             save_segmenter(trainer.unwrapped, self.cfg, self.class_names, out / "segmenter.pth")
-        self.last_eval = self.run_eval(trainer.unwrapped, trainer.device, trainer.autocast, trainer.dist, trainer.num_workers(), out)
+        autocast = self.eval_autocast(trainer.device)
+        self.last_eval = self.run_eval(trainer.unwrapped, trainer.device, autocast, trainer.dist, trainer.num_workers(), out)
         if trainer.dist.is_main:
             epoch = math.ceil(trainer.step / trainer.steps_per_epoch)
             trainer.metrics.write("eval", {"step": trainer.step, "epoch": epoch, **summary(self.last_eval)})
             self.write_results(out, self.last_eval, trainer.step)
             if self.cfg.visualize:
-                self.visualize(trainer.unwrapped, trainer.device, trainer.autocast, out / "visualize")
+                self.visualize(trainer.unwrapped, trainer.device, autocast, out / "visualize")
 
     # ------------------------------------------------------------------ evaluation
-    def predict_logits(self, model: nn.Module, image: torch.Tensor, out_size, autocast: Callable) -> torch.Tensor:
-        """Class probabilities (C, H, W) at ``out_size`` for one resized, normalised image, averaged
-        over the test scales and flips; each pass is sliding-window (or whole-image) inference."""
+    def logits(self, model: nn.Module, image: torch.Tensor, out_size, autocast: Callable, flip: bool = False) -> torch.Tensor:
+        """Logits (1, C, H, W) at ``out_size`` of one normalised image (3, h, w): sliding-window (or
+        whole-image) inference, flipped back when ``flip``, resized bilinearly to ``out_size``."""
         t = self.cfg.test
-        crop, c = self.cfg.model.img_size, self.cfg.data.num_classes
         x = image.unsqueeze(0)
+        x = x.flip(-1) if flip else x
+        with autocast():
+            out = slide_inference(model, x, self.cfg.data.num_classes, self.cfg.model.img_size, t.stride) if t.mode == "slide" else model(x)
+        out = out.float().flip(-1) if flip else out.float()
+        return F.interpolate(out, size=tuple(out_size), mode="bilinear", align_corners=False)
+
+    def predict_logits(self, model: nn.Module, image, out_size, autocast: Callable) -> torch.Tensor:
+        """Class probabilities (C, H, W) at ``out_size`` for one normalised image, or for each image of
+        a list (the test-time scales of :class:`EvalTransform`), with and without flips when
+        ``test.flip``: the soft-maxed :meth:`logits` of every pass, summed (mmsegmentation's
+        ``SegTTAModel`` averages them; the argmax is the same)."""
+        images = image if isinstance(image, (list, tuple)) else [image]
         probs = None
-        for s in t.scales:
-            xs = x if s == 1.0 else F.interpolate(x, scale_factor=s, mode="bilinear", align_corners=False)
-            for flip in ([False, True] if t.flip else [False]):
-                xi = xs.flip(-1) if flip else xs
-                with autocast():
-                    logits = slide_inference(model, xi, c, crop, t.stride) if t.mode == "slide" else model(xi)
-                logits = logits.float().flip(-1) if flip else logits.float()
-                p = F.interpolate(logits, size=tuple(out_size), mode="bilinear", align_corners=False).softmax(1)
+        for x in images:
+            for flip in ([False, True] if self.cfg.test.flip else [False]):
+                p = self.logits(model, x, out_size, autocast, flip).softmax(1)
                 probs = p if probs is None else probs + p
         return probs[0]
 
@@ -194,7 +226,8 @@ class SegmentationTask(TrainTask):
             for images, targets in tqdm(loader, desc=f"evaluating {self.cfg.data.val_split}", unit="img",
                                         disable=not dist.is_main, leave=False, mininterval=5.0):
                 label = targets[0]["label"]
-                probs = self.predict_logits(model, images[0].to(device), label.shape[-2:], autocast)
+                image = [im.to(device) for im in images[0]] if isinstance(images[0], list) else images[0].to(device)
+                probs = self.predict_logits(model, image, label.shape[-2:], autocast)
                 meter.update(probs.argmax(0).cpu(), label)
         model.train(was_training)
         seconds = time.monotonic() - t0
@@ -243,7 +276,8 @@ class SegmentationTask(TrainTask):
             for i in range(min(self.cfg.visualize, len(self.val_set))):
                 image, target = self.val_set[i]
                 label = target["label"]
-                pred = self.predict_logits(model, image.to(device), label.shape[-2:], autocast).argmax(0).cpu()
+                image = [im.to(device) for im in image] if isinstance(image, list) else image.to(device)
+                pred = self.predict_logits(model, image, label.shape[-2:], autocast).argmax(0).cpu()
                 original = np.asarray(load_rgb(self.val_set.samples[i][0]))
                 panels = [original, lut[label.numpy().clip(0, 255)], lut[pred.numpy()]]
                 k = max(1, math.ceil(256 / max(original.shape[:2])))  # enlarge small images to be seen
@@ -273,17 +307,114 @@ def format_metrics(metrics: dict, cfg: SegmentationConfig) -> str:
     return "\n".join(lines)
 
 
+def segmentation_loss(logits: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
+    """Pixel-wise cross-entropy summed over labelled pixels and divided by ALL pixels, ignored ones
+    included: mmsegmentation's ``CrossEntropyLoss`` with ``avg_non_ignore=False`` (its default, and
+    the MAE config's). A crop without labelled pixels gives 0."""
+    return F.cross_entropy(logits.float(), label, ignore_index=IGNORE_INDEX, reduction="sum") / max(label.numel(), 1)
+
+
 def save_segmenter(model: nn.Module, cfg, class_names: list[str], path: Path) -> Path:
     """The trained model's weights with its config and class names (atomic)."""
     return save_trained_model(model, cfg, path, SEGMENTER_FORMAT, class_names=class_names)
 
 
 def read_segmenter_weights(path: str | Path, trust: bool = False) -> tuple[dict[str, torch.Tensor], dict | None]:
-    """State dict and saved config from ``segmenter.pth`` or a training checkpoint of a ade20k run."""
-    return read_trained_model(path, "decode_head.", "segmenter.pth", "ade20k", trust=trust)
+    """State dict and config overrides of a trained segmenter for ``--eval-only --weights``.
+
+    Reads this toolkit's ``segmenter.pth`` and training checkpoints (their saved config), and
+    mmsegmentation MAE / BEiT + UperNet checkpoints (``{"meta", "state_dict"}``), whose architecture
+    is inferred from the tensor shapes: sizes, heads, classes; the taps are mmseg's relative
+    positions and the test resize / window stride follow mmseg's ADE20K rule for the crop
+    (``(4 x crop, crop)``, ``2/3 x crop``). Loading is ``weights_only`` unless ``trust``.
+    """
+    from mae_transfer.checkpoint import load_file, load_safely
+    from mae_transfer.checkpoint.mmseg import describe_segmentor, is_mmseg_segmentor, to_segmenter_state_dict
+
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"--weights {path}: file not found")
+    state = load_file(path) if trust else load_safely(path, "--weights")
+    if not isinstance(state, dict):
+        raise CheckpointError(f"--weights {path}: not a trained model (expected segmenter.pth, checkpoint-last.pth of an ade20k run, "
+                              "or an mmsegmentation segmentor)")
+    ours = state.get("format") in (SEGMENTER_FORMAT, "mae_transfer.train_checkpoint") and isinstance(state.get("model"), dict)
+    if ours:
+        sd = state["model"]
+        if not any(k.startswith("decode_head.") for k in sd):
+            raise CheckpointError(f"--weights {path} holds no decode_head.* weights: it looks like a backbone; pass it as --backbone")
+        return sd, state.get("config")
+    raw = state.get("state_dict", state.get("model", state))
+    if not isinstance(raw, dict) or not is_mmseg_segmentor(raw):
+        if isinstance(raw, dict) and not any(k.startswith("decode_head.") for k in raw):
+            raise CheckpointError(f"--weights {path} holds no decode_head.* weights: it looks like a backbone; pass it as --backbone")
+        raise CheckpointError(f"--weights {path}: neither a segmenter of this toolkit nor an mmsegmentation MAE/BEiT UperNet checkpoint")
+    try:
+        sd = to_segmenter_state_dict({k: v for k, v in raw.items() if torch.is_tensor(v)})
+        arch = describe_segmentor(sd)
+    except CheckpointError as e:
+        raise CheckpointError(f"--weights {path}: {e}") from None
+    num_classes = arch.pop("num_classes")
+    named = [n for n, v in VIT_SIZES.items() if (v.embed_dim, v.depth, v.num_heads, v.patch_size)
+             == (arch["embed_dim"], arch["depth"], arch["num_heads"], arch["patch_size"])]
+    model = {**arch, "name": named[0] if named else None}
+    if named:
+        for k in ("embed_dim", "depth", "num_heads", "patch_size"):
+            model.pop(k)
+    crop = int(arch["img_size"])
+    saved = {"model": model, "data": {"num_classes": num_classes, "scale": [4 * crop, crop]}, "test": {"stride": int(crop * 2 / 3)}}
+    log.info("%s: mmsegmentation segmentor, %s, %d classes, %d px windows every %d px, test resize %s",
+             path, model.get("name") or f"ViT {arch['embed_dim']}x{arch['depth']}, {arch['num_heads']} heads",
+             num_classes, crop, saved["test"]["stride"], saved["data"]["scale"])
+    return sd, saved
 
 
-load_segmenter_weights = load_trained_model
+def read_segmenter_class_names(path: str | Path, trust: bool = False) -> tuple[list[str] | None, list | None]:
+    """Class names (and palette) stored with a segmenter: ours (``class_names``) or mmsegmentation's
+    ``meta["dataset_meta"]`` (a dict, or its printed form, read as a literal)."""
+    import ast
+
+    from mae_transfer.checkpoint import load_file, load_safely
+
+    state = load_file(path) if trust else load_safely(path, "--weights")
+    if not isinstance(state, dict):
+        return None, None
+    if isinstance(state.get("class_names"), (list, tuple)):
+        names = [str(n) for n in state["class_names"]]
+        return names, palette(len(names)).tolist()
+    meta = (state.get("meta") or {}).get("dataset_meta") if isinstance(state.get("meta"), dict) else None
+    if isinstance(meta, str):
+        try:
+            meta = ast.literal_eval(meta)
+        except (ValueError, SyntaxError):
+            meta = None
+    if isinstance(meta, dict) and meta.get("classes"):
+        return [str(n) for n in meta["classes"]], [list(c) for c in meta["palette"]] if meta.get("palette") else None
+    return None, None
 
 
-__all__ = ["SegmentationTask", "build_segmenter", "format_metrics", "read_segmenter_weights", "load_segmenter_weights", "summary"]
+def load_segmenter_weights(model: nn.Module, state: dict[str, torch.Tensor], path: str | Path) -> None:
+    """Load a segmenter state dict, naming the tensors that do not fit."""
+    target = model.state_dict()
+    unexpected = [k for k in state if k not in target]
+    missing = [k for k in target if k not in state]
+    shapes = [k for k in state if k in target and state[k].shape != target[k].shape]
+    if unexpected or missing or shapes:
+        parts = []
+        if shapes:
+            k = shapes[0]
+            parts.append(f"{len(shapes)} differ in shape (e.g. {k}: file {tuple(state[k].shape)} vs model {tuple(target[k].shape)})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} have no place in the model (e.g. {', '.join(unexpected[:3])})")
+        if missing:
+            parts.append(f"{len(missing)} model tensors are missing (e.g. {', '.join(missing[:3])})")
+        raise CheckpointError(f"--weights {path} does not fit this model: {'; '.join(parts)}. Use the --preset / model.* "
+                              "settings it was trained with")
+    model.load_state_dict(state)
+
+
+__all__ = [
+    "SegmentationTask", "build_segmenter", "format_metrics", "load_segmenter_weights", "read_segmenter_class_names",
+    "read_segmenter_weights",
+    "segmentation_loss", "summary",
+]

@@ -1,0 +1,237 @@
+"""mmsegmentation MAE / BEiT + UperNet segmentors: read, describe, write.
+
+The toolkit's segmenter (``mae_transfer.segmentation.model.UperNetViT``) uses mmsegmentation's names
+for the neck and both heads (``neck.upsample_4x``, ``decode_head.psp_modules``, ``auxiliary_head``),
+and the official MAE / timm names for the ViT. This module maps the ViT's names both ways
+(``layers.N.ln1`` <-> ``blocks.N.norm1``, ``ffn.layers.0.0`` <-> ``mlp.fc1``, ...), checks every
+tensor, infers the architecture from the shapes and writes our segmenters in the layout
+mmsegmentation's ``CheckpointHook`` writes (``{"meta", "state_dict"}``), so its ``load_checkpoint``
+and ``mmseg.apis.init_model`` take them.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import torch
+
+from mae_transfer.checkpoint import CheckpointError, atomic_save, load_safely
+
+# Per-block names: mmsegmentation's BEiT/MAE layer -> ours (timm / BEiT / official MAE).
+_LAYER = {
+    "ln1": "norm1",
+    "ln2": "norm2",
+    "attn.qkv": "attn.qkv",
+    "attn.proj": "attn.proj",
+    "ffn.layers.0.0": "mlp.fc1",
+    "ffn.layers.1": "mlp.fc2",
+}
+_LAYER_PARAMS = ("gamma_1", "gamma_2", "attn.relative_position_bias_table", "attn.q_bias", "attn.v_bias")
+_HEADS = (
+    re.compile(r"neck\.(upsample_4x\.[013]|upsample_2x\.0)\.(weight|bias)"),
+    re.compile(r"neck\.upsample_4x\.1\.(weight|bias|running_mean|running_var|num_batches_tracked)"),
+    re.compile(r"(decode_head|auxiliary_head)\.conv_seg\.(weight|bias)"),
+    re.compile(r"decode_head\.(psp_modules\.\d+\.1|bottleneck|lateral_convs\.\d+|fpn_convs\.\d+|fpn_bottleneck)"
+               r"\.(conv\.weight|bn\.(weight|bias|running_mean|running_var|num_batches_tracked))"),
+    re.compile(r"auxiliary_head\.convs\.\d+\.(conv\.weight|bn\.(weight|bias|running_mean|running_var|num_batches_tracked))"),
+)
+
+
+def is_mmseg_segmentor(sd: Mapping[str, Any]) -> bool:
+    """Whether the keys are those of a whole mmsegmentation ViT segmentor (backbone + decode head)."""
+    return any(k.startswith("backbone.layers.") for k in sd) and any(k.startswith("decode_head.") for k in sd)
+
+
+def _backbone_to_ours(name: str) -> str | None:
+    if name in ("cls_token", "pos_embed"):
+        return name
+    if name.startswith("patch_embed.projection."):
+        return "patch_embed.proj." + name[len("patch_embed.projection."):]
+    m = re.fullmatch(r"layers\.(\d+)\.(.+)", name)
+    if not m:
+        return None
+    block, rest = m.group(1), m.group(2)
+    if rest in _LAYER_PARAMS:
+        return f"blocks.{block}.{rest}"
+    mod, _, param = rest.rpartition(".")
+    if mod in _LAYER and param in ("weight", "bias"):
+        return f"blocks.{block}.{_LAYER[mod]}.{param}"
+    return None
+
+
+def _backbone_to_mmseg(name: str) -> str | None:
+    if name in ("cls_token", "pos_embed"):
+        return name
+    if name.startswith("patch_embed.proj."):
+        return "patch_embed.projection." + name[len("patch_embed.proj."):]
+    m = re.fullmatch(r"blocks\.(\d+)\.(.+)", name)
+    if not m:
+        return None
+    block, rest = m.group(1), m.group(2)
+    if rest in _LAYER_PARAMS:
+        return f"layers.{block}.{rest}"
+    mod, _, param = rest.rpartition(".")
+    inverse = {v: k for k, v in _LAYER.items()}
+    if mod in inverse and param in ("weight", "bias"):
+        return f"layers.{block}.{inverse[mod]}.{param}"
+    return None
+
+
+def _grid(pos_embed: torch.Tensor) -> tuple[int, int]:
+    rows = int(pos_embed.shape[1]) - 1
+    side = math.isqrt(rows)
+    if side * side != rows:
+        raise CheckpointError(f"backbone.pos_embed has {rows + 1} rows: not a class row plus a square grid")
+    return side, side
+
+
+def to_segmenter_state_dict(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """An mmsegmentation segmentor state dict in this toolkit's names.
+
+    ``relative_position_index`` buffers are checked against the index the table form computes (an
+    mmseg file with another index layout would be misread) and dropped; BEiT's separate ``q_bias`` /
+    ``v_bias`` become one ``qkv.bias`` (zero key bias). Raises :class:`CheckpointError` naming every
+    tensor that has no place in the segmenter.
+    """
+    from mae_transfer.models.vit import relative_position_index
+
+    out: dict[str, torch.Tensor] = {}
+    unmapped = []
+    grid = _grid(sd["backbone.pos_embed"]) if "backbone.pos_embed" in sd else None
+    for key, value in sd.items():
+        if key.startswith("backbone."):
+            name = key[len("backbone."):]
+            if re.fullmatch(r"layers\.\d+\.attn\.relative_position_index", name):
+                if grid is None or not torch.equal(value.long(), relative_position_index(grid, grid, 1)):
+                    raise CheckpointError(f"{key} is not BEiT's relative position index for a {grid} token grid")
+                continue
+            ours = _backbone_to_ours(name)
+            if ours is None:
+                unmapped.append(key)
+                continue
+            out["backbone." + ours] = value
+        elif any(p.fullmatch(key) for p in _HEADS):
+            out[key] = value
+        else:
+            unmapped.append(key)
+    if unmapped:
+        raise CheckpointError(
+            f"{len(unmapped)} tensors have no place in the MAE-UperNet segmenter: {', '.join(unmapped[:6])}"
+            + (f" and {len(unmapped) - 6} more" if len(unmapped) > 6 else "")
+        )
+    for qk in [k for k in out if k.endswith(".attn.q_bias")]:
+        base = qk[: -len("q_bias")]
+        q, v = out.pop(qk), out.pop(base + "v_bias")
+        out[base + "qkv.bias"] = torch.cat([q, torch.zeros_like(q), v])
+    return out
+
+
+def _count(sd: Mapping[str, Any], pattern: str) -> int:
+    rx = re.compile(pattern)
+    return len({m.group(1) for k in sd if (m := rx.match(k))})
+
+
+def describe_segmentor(sd: Mapping[str, torch.Tensor]) -> dict[str, Any]:
+    """The architecture of a segmenter state dict in this toolkit's names (see
+    :func:`to_segmenter_state_dict`): the ViT's ``embed_dim``, ``depth``, ``num_heads`` (from the
+    bias tables; without them ``embed_dim / 64``), ``patch_size``, ``mlp_ratio``, ``img_size`` (the
+    position grid x patch), ``use_rel_pos``, ``rel_pos_type``, ``layer_scale`` (1.0 when the blocks
+    have gammas, the values themselves are loaded); the heads' ``channels``, ``aux_channels``,
+    ``aux_convs`` and ``num_classes``."""
+    need = ("backbone.patch_embed.proj.weight", "backbone.pos_embed", "decode_head.conv_seg.weight")
+    missing = [k for k in need if k not in sd]
+    if missing:
+        raise CheckpointError(f"not a complete MAE-UperNet segmentor: missing {', '.join(missing)}")
+    pw = sd["backbone.patch_embed.proj.weight"]
+    embed, patch = int(pw.shape[0]), int(pw.shape[-1])
+    depth = _count(sd, r"backbone\.blocks\.(\d+)\.")
+    out: dict[str, Any] = {"embed_dim": embed, "patch_size": patch, "depth": depth}
+    out["mlp_ratio"] = sd["backbone.blocks.0.mlp.fc1.weight"].shape[0] / embed
+    table = sd.get("backbone.blocks.0.attn.relative_position_bias_table")
+    decomposed = sd.get("backbone.blocks.0.attn.rel_pos_h")
+    if table is not None:
+        out.update(use_rel_pos=True, rel_pos_type="table", num_heads=int(table.shape[1]))
+    elif decomposed is not None:
+        out.update(use_rel_pos=True, rel_pos_type="decomposed", num_heads=embed // int(decomposed.shape[1]))
+    else:
+        out.update(use_rel_pos=False, num_heads=max(1, embed // 64))
+    out["layer_scale"] = 1.0 if "backbone.blocks.0.gamma_1" in sd else None
+    out["img_size"] = _grid(sd["backbone.pos_embed"])[0] * patch
+    out["channels"] = int(sd["decode_head.conv_seg.weight"].shape[1])
+    out["num_classes"] = int(sd["decode_head.conv_seg.weight"].shape[0])
+    aux = sd.get("auxiliary_head.conv_seg.weight")
+    out["aux_channels"] = int(aux.shape[1]) if aux is not None else 0
+    out["aux_convs"] = _count(sd, r"auxiliary_head\.convs\.(\d+)\.") if aux is not None else 1
+    pools = _count(sd, r"decode_head\.psp_modules\.(\d+)\.")
+    if pools != 4:
+        raise CheckpointError(f"the UperNet head has {pools} pooling branches; the segmenter builds the usual 4 (1, 2, 3, 6)")
+    return out
+
+
+def read_mmseg(path: str | os.PathLike, trust: bool = False) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """State dict (in mmsegmentation's names) and ``meta`` of an mmsegmentation checkpoint
+    (``{"meta", "state_dict"}`` or a bare state dict); ``weights_only`` unless ``trust``."""
+    path = Path(path)
+    obj = torch.load(path, map_location="cpu", weights_only=False) if trust else load_safely(path, "--weights")
+    sd = obj.get("state_dict", obj) if isinstance(obj, Mapping) else None
+    if not isinstance(sd, Mapping) or not is_mmseg_segmentor(sd):
+        raise CheckpointError(f"{path} is not an mmsegmentation ViT segmentor (no backbone.layers.* and decode_head.* weights)")
+    meta = obj.get("meta") if isinstance(obj.get("meta"), Mapping) else {}
+    return {k: v for k, v in sd.items() if isinstance(v, torch.Tensor)}, dict(meta)
+
+
+def to_mmseg_state_dict(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Our segmenter's state dict in mmsegmentation's names and order (with the
+    ``relative_position_index`` buffers it stores). Raises :class:`CheckpointError` for tensors
+    mmsegmentation's MAE + UperNet has no place for."""
+    from mae_transfer.models.vit import relative_position_index
+
+    out: dict[str, torch.Tensor] = {}
+    grid = _grid(sd["backbone.pos_embed"])
+    blocks = sorted({int(m.group(1)) for k in sd if (m := re.match(r"backbone\.blocks\.(\d+)\.", k))})
+    # mmsegmentation's order: embeddings, then per layer gammas, ln1, attention (table, index,
+    # qkv, proj), ln2, ffn; then the neck and heads in the order both models register them.
+    order = ["cls_token", "pos_embed", "patch_embed.proj.weight", "patch_embed.proj.bias"]
+    per_block = ["gamma_1", "gamma_2", "norm1.weight", "norm1.bias", "attn.relative_position_bias_table", "attn.q_bias",
+                 "attn.v_bias", "attn.qkv.weight", "attn.qkv.bias", "attn.proj.weight", "attn.proj.bias", "norm2.weight",
+                 "norm2.bias", "mlp.fc1.weight", "mlp.fc1.bias", "mlp.fc2.weight", "mlp.fc2.bias"]
+    for name in order + [f"blocks.{b}.{p}" for b in blocks for p in per_block]:
+        key = "backbone." + name
+        if key not in sd:
+            continue
+        out["backbone." + _backbone_to_mmseg(name)] = sd[key]
+        if name.endswith("attn.relative_position_bias_table"):
+            block = name.split(".")[1]
+            out[f"backbone.layers.{block}.attn.relative_position_index"] = relative_position_index(grid, grid, 1)
+    rest = [k for k in sd if not k.startswith("backbone.")]
+    left = [k for k in sd if k.startswith("backbone.") and "backbone." + (_backbone_to_mmseg(k[9:]) or "?") not in out]
+    bad = left + [k for k in rest if not any(p.fullmatch(k) for p in _HEADS)]
+    if bad:
+        raise CheckpointError(
+            f"cannot write an mmsegmentation MAE-UperNet checkpoint: {len(bad)} tensors have no place in it, e.g. {', '.join(bad[:5])}"
+        )
+    out.update({k: sd[k] for k in rest})
+    return out
+
+
+def save_mmseg(sd: Mapping[str, torch.Tensor], path: str | os.PathLike, class_names: Sequence[str] | None = None,
+               palette: Sequence[Sequence[int]] | None = None) -> Path:
+    """Write our segmenter as mmsegmentation's ``{"meta", "state_dict"}`` (atomically), with the class
+    names and palette in ``meta["dataset_meta"]``; read it back with ``weights_only=True`` and check
+    every tensor."""
+    state = {k: v.detach().cpu().contiguous() for k, v in to_mmseg_state_dict(sd).items()}
+    meta: dict[str, Any] = {"exported_by": "mae-transfer"}
+    if class_names is not None:
+        meta["dataset_meta"] = {"classes": list(class_names), **({"palette": [list(map(int, c)) for c in palette]} if palette is not None else {})}
+    path = atomic_save({"meta": meta, "state_dict": state}, path)
+    back = load_safely(path, "exported file")["state_dict"]
+    if list(back) != list(state) or any(not torch.equal(back[k], state[k]) for k in state):
+        raise CheckpointError(f"{path}: the file read back differs from what was written")
+    return path
+
+
+__all__ = ["describe_segmentor", "is_mmseg_segmentor", "read_mmseg", "save_mmseg", "to_mmseg_state_dict", "to_segmenter_state_dict"]
