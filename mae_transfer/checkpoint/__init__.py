@@ -1047,12 +1047,29 @@ def read_trained_model(
     return state["model"], state.get("config")
 
 
-def load_trained_model(model: torch.nn.Module, state: Mapping[str, Any], path: str | os.PathLike) -> None:
-    """``load_state_dict`` with one clear message when the file was trained with other settings."""
-    try:
+def load_trained_model(
+    model: torch.nn.Module, state: Mapping[str, Any], path: str | os.PathLike, explain: Any = None
+) -> None:
+    """``load_state_dict`` of a whole trained model, with one message naming what does not fit: the
+    tensors of other shapes, those with no place in the model and the missing ones. ``explain(state,
+    target, shape_mismatches)`` may add a sentence (e.g. about the class count)."""
+    target = model.state_dict()
+    unexpected = [k for k in state if k not in target]
+    missing = [k for k in target if k not in state]
+    shapes = [k for k in state if k in target and tuple(state[k].shape) != tuple(target[k].shape)]
+    if not (unexpected or missing or shapes):
         model.load_state_dict(state)
-    except RuntimeError as e:
-        raise CheckpointError(
-            f"--weights {path} does not fit this model ({str(e).splitlines()[0]} ...); use the --preset / model.* settings "
-            "it was trained with"
-        ) from None
+        return
+    parts = []
+    if shapes:
+        k = shapes[0]
+        parts.append(f"{len(shapes)} differ in shape (e.g. {k}: file {tuple(state[k].shape)} vs model {tuple(target[k].shape)})")
+    if unexpected:
+        parts.append(f"{len(unexpected)} have no place in the model (e.g. {', '.join(unexpected[:3])})")
+    if missing:
+        parts.append(f"{len(missing)} model tensors are missing (e.g. {', '.join(missing[:3])})")
+    hint = explain(state, target, shapes) if explain is not None else ""
+    raise CheckpointError(
+        f"--weights {path} does not fit this model: {'; '.join(parts)}.{(' ' + hint) if hint else ''} "
+        "Use the --preset / model.* settings it was trained with"
+    )

@@ -15,7 +15,7 @@ from typing import Literal
 from mae_transfer.config import ConfigError, build_with_preset, preset_names
 from mae_transfer.data.stats import IMAGENET_MEAN, IMAGENET_STD
 from mae_transfer.engine.trainer import OptimConfig, TrainConfig
-from mae_transfer.models.vit import VIT_SIZES
+from mae_transfer.models.vit import SIZE_FIELDS, vit_size_label
 
 PRESET_DIR = Path(__file__).parent / "presets"
 
@@ -60,12 +60,7 @@ class ModelConfig:
 
     def vit_label(self) -> str:
         """The size name, or ``vit_<width>x<depth>_patch<p>`` for a ViT of any other size."""
-        explicit = {k: getattr(self, k) for k in ("embed_dim", "depth", "num_heads", "patch_size") if getattr(self, k) is not None}
-        base = VIT_SIZES.get(self.name) if self.name else None
-        if base is not None and all(getattr(base, k) == v for k, v in explicit.items()):
-            return self.name
-        size = {**(base.__dict__ if base is not None else {}), **explicit}
-        return f"vit_{size.get('embed_dim')}x{size.get('depth')}_patch{size.get('patch_size')}"
+        return vit_size_label(self.name, **{k: getattr(self, k) for k in SIZE_FIELDS})
 
 
 @dataclass

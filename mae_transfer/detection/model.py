@@ -30,7 +30,7 @@ from mae_transfer.detection.masks import paste_masks
 from mae_transfer.detection.roi_heads import BoxHead, BoxPredictor, MaskHead, ROIHeads, ROIPooler
 from mae_transfer.detection.rpn import RPN, AnchorGenerator, RPNHead
 from mae_transfer.models.pyramid import VITDET_GLOBAL_BLOCKS, FourTapPyramid, SimpleFeaturePyramid, equal_interval_blocks
-from mae_transfer.models.vit import VIT_SIZES, VisionTransformer
+from mae_transfer.models.vit import VIT_SIZES, VisionTransformer, vit_size
 
 # Anchor side per pyramid level, 8 x its stride: 32 px at stride 4 up to 512 px at stride 64 (FPN, ViTDet).
 ANCHOR_SIZE_PER_STRIDE = 8
@@ -66,15 +66,7 @@ def build_vit(
     ``img_size``, those of window blocks for the window. ``global_blocks`` default: ViTDet's for the
     standard sizes, else the last block of each quarter (or the last block).
     """
-    if name is not None and name not in VIT_SIZES:
-        raise ValueError(f"unknown ViT {name!r}; choose one of: {', '.join(VIT_SIZES)}")
-    size = dict(VIT_SIZES[name].__dict__) if name is not None else {}
-    for key, value in (("embed_dim", embed_dim), ("depth", depth), ("num_heads", num_heads), ("patch_size", patch_size)):
-        if value is not None:
-            size[key] = int(value)
-    missing = [k for k in ("embed_dim", "depth", "num_heads", "patch_size") if k not in size]
-    if missing:
-        raise ValueError(f"a ViT without a size name needs {', '.join(missing)}")
+    size = vit_size(name, embed_dim=embed_dim, depth=depth, num_heads=num_heads, patch_size=patch_size)
     if global_blocks is None:
         if name in VITDET_GLOBAL_BLOCKS and size["depth"] == VIT_SIZES[name].depth:
             global_blocks = VITDET_GLOBAL_BLOCKS[name]

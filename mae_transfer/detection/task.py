@@ -23,7 +23,7 @@ import torch
 import torch.nn as nn
 from torch.utils.data import DataLoader
 
-from mae_transfer.checkpoint import CheckpointError, save_trained_model
+from mae_transfer.checkpoint import CheckpointError, load_trained_model, save_trained_model
 from mae_transfer.config import ConfigError, config_hash, to_dict
 from mae_transfer.data.errors import DataError
 from mae_transfer.data.seeded import SeededTransformDataset
@@ -376,11 +376,10 @@ def read_detector_weights(path: str | Path, trust: bool = False) -> tuple[dict[s
         arch.pop("num_anchors")
         arch.pop("pos_embed_class_row", None)
         num_classes = arch.pop("num_classes")
-        from mae_transfer.models.vit import VIT_SIZES
+        from mae_transfer.models.vit import named_size
 
-        named = [n for n, v in VIT_SIZES.items() if (v.embed_dim, v.depth, v.num_heads, v.patch_size)
-                 == (arch["embed_dim"], arch["depth"], arch["num_heads"], arch["patch_size"])]
-        model = {**arch, "name": named[0] if named else None, "pyramid": "simple"}
+        named = named_size(arch["embed_dim"], arch["depth"], arch["num_heads"], arch["patch_size"])
+        model = {**arch, "name": named, "pyramid": "simple"}
         if named:
             for k in ("embed_dim", "depth", "num_heads", "patch_size"):
                 model.pop(k)
@@ -395,28 +394,16 @@ def read_detector_weights(path: str | Path, trust: bool = False) -> tuple[dict[s
     return sd, saved
 
 
+def _class_count_hint(state: dict, target: dict, shapes: list[str]) -> str:
+    key = "roi_heads.box_predictor.cls_score.weight"
+    if key in shapes:
+        return f"The file predicts {state[key].shape[0] - 1} classes, the data has {target[key].shape[0] - 1}: evaluate on data with the same categories."
+    return ""
+
+
 def load_detector_weights(model: nn.Module, state: dict[str, torch.Tensor], path: str | Path) -> None:
-    """Load a detector state dict, naming every tensor that does not fit."""
-    target = model.state_dict()
-    unexpected = [k for k in state if k not in target]
-    missing = [k for k in target if k not in state]
-    shapes = [k for k in state if k in target and state[k].shape != target[k].shape]
-    if unexpected or missing or shapes:
-        parts = []
-        if shapes:
-            k = shapes[0]
-            parts.append(f"{len(shapes)} differ in shape (e.g. {k}: file {tuple(state[k].shape)} vs model {tuple(target[k].shape)})")
-        if unexpected:
-            parts.append(f"{len(unexpected)} have no place in the model (e.g. {', '.join(unexpected[:3])})")
-        if missing:
-            parts.append(f"{len(missing)} model tensors are missing (e.g. {', '.join(missing[:3])})")
-        hint = ""
-        if any(k.startswith("roi_heads.box_predictor.cls_score") for k in shapes):
-            hint = (f" The file predicts {state['roi_heads.box_predictor.cls_score.weight'].shape[0] - 1} classes, the data has "
-                    f"{target['roi_heads.box_predictor.cls_score.weight'].shape[0] - 1}: evaluate on data with the same categories.")
-        raise CheckpointError(f"--weights {path} does not fit this model: {'; '.join(parts)}.{hint} Use the --preset / model.* "
-                              "settings it was trained with")
-    model.load_state_dict(state)
+    """Load a detector state dict, naming every tensor that does not fit (and a class-count mismatch)."""
+    load_trained_model(model, state, path, explain=_class_count_hint)
 
 
 __all__ = [

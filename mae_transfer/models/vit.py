@@ -612,6 +612,41 @@ VIT_SIZES: dict[str, ViTSize] = {
 }
 
 
+SIZE_FIELDS = ("embed_dim", "depth", "num_heads", "patch_size")
+
+
+def vit_size(name: str | None, **explicit: int | None) -> dict[str, int]:
+    """``embed_dim``, ``depth``, ``num_heads`` and ``patch_size`` of the size ``name``, each overridden
+    by an explicit value; with ``name=None`` all four must be given (a ViT of no standard size, e.g.
+    one read from a checkpoint). Raises ValueError for an unknown name or a missing value."""
+    if name is not None and name not in VIT_SIZES:
+        raise ValueError(f"unknown ViT {name!r}; choose one of: {', '.join(VIT_SIZES)}")
+    size = dict(VIT_SIZES[name].__dict__) if name is not None else {}
+    size.update({k: int(v) for k, v in explicit.items() if k in SIZE_FIELDS and v is not None})
+    missing = [k for k in SIZE_FIELDS if k not in size]
+    if missing:
+        raise ValueError(f"a ViT without a size name needs {', '.join(missing)}")
+    return size
+
+
+def named_size(embed_dim: int, depth: int, num_heads: int, patch_size: int) -> str | None:
+    """The ``VIT_SIZES`` name of exactly this size, or None."""
+    for name, s in VIT_SIZES.items():
+        if (s.embed_dim, s.depth, s.num_heads, s.patch_size) == (embed_dim, depth, num_heads, patch_size):
+            return name
+    return None
+
+
+def vit_size_label(name: str | None, **explicit: int | None) -> str:
+    """``name`` when the explicit sizes agree with it, else ``vit_<width>x<depth>_patch<p>``."""
+    given = {k: v for k, v in explicit.items() if k in SIZE_FIELDS and v is not None}
+    base = VIT_SIZES.get(name) if name else None
+    if base is not None and all(getattr(base, k) == v for k, v in given.items()):
+        return name
+    size = {**(base.__dict__ if base is not None else {}), **given}
+    return f"vit_{size.get('embed_dim')}x{size.get('depth')}_patch{size.get('patch_size')}"
+
+
 def create_vit(name: str, **kwargs) -> VisionTransformer:
     """Build a ViT by size name (see ``VIT_SIZES``); keyword arguments override the defaults."""
     if name not in VIT_SIZES:
@@ -640,6 +675,9 @@ __all__ = [
     "VisionTransformer",
     "VIT_SIZES",
     "create_vit",
+    "named_size",
+    "vit_size",
+    "vit_size_label",
     "decomposed_rel_pos_bias",
     "relative_position_index",
     "resize_relative_position_table",

@@ -20,7 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
-from mae_transfer.checkpoint import CheckpointError, save_trained_model
+from mae_transfer.checkpoint import CheckpointError, load_trained_model, save_trained_model
 from mae_transfer.config import ConfigError, config_hash, to_dict
 from mae_transfer.data.errors import DataError
 from mae_transfer.data.seeded import SeededTransformDataset
@@ -33,7 +33,7 @@ from mae_transfer.segmentation.ade20k import IGNORE_INDEX, EvalTransform, Segmen
 from mae_transfer.segmentation.config import SegmentationConfig
 from mae_transfer.segmentation.metrics import SegmentationMeter
 from mae_transfer.segmentation.model import build_upernet, slide_inference
-from mae_transfer.models.vit import VIT_SIZES, VisionTransformer
+from mae_transfer.models.vit import VisionTransformer, named_size, vit_size
 
 log = logging.getLogger(__name__)
 
@@ -45,11 +45,8 @@ def build_segmenter(cfg: SegmentationConfig) -> nn.Module:
     """UperNet on the ViT ``cfg.model`` describes (random weights): mmsegmentation's MAE backbone
     (class token, BEiT relative position table, layer scale, no final norm) by default."""
     m = cfg.model
-    if m.name is not None and m.name not in VIT_SIZES:
-        raise ConfigError(f"unknown ViT {m.name!r}; choose one of: {', '.join(VIT_SIZES)}")
-    size = dict(VIT_SIZES[m.name].__dict__) if m.name else {}
-    size.update({k: int(getattr(m, k)) for k in ("embed_dim", "depth", "num_heads", "patch_size") if getattr(m, k) is not None})
     try:
+        size = vit_size(m.name, embed_dim=m.embed_dim, depth=m.depth, num_heads=m.num_heads, patch_size=m.patch_size)
         vit = VisionTransformer(
             img_size=m.img_size, num_classes=0, global_pool="", use_rel_pos=m.use_rel_pos, rel_pos_type=m.rel_pos_type,
             layer_scale=m.layer_scale, drop_path_rate=m.drop_path, grad_checkpointing=m.grad_checkpointing, mlp_ratio=m.mlp_ratio,
@@ -355,9 +352,8 @@ def read_segmenter_weights(path: str | Path, trust: bool = False) -> tuple[dict[
     except CheckpointError as e:
         raise CheckpointError(f"--weights {path}: {e}") from None
     num_classes = arch.pop("num_classes")
-    named = [n for n, v in VIT_SIZES.items() if (v.embed_dim, v.depth, v.num_heads, v.patch_size)
-             == (arch["embed_dim"], arch["depth"], arch["num_heads"], arch["patch_size"])]
-    model = {**arch, "name": named[0] if named else None}
+    named = named_size(arch["embed_dim"], arch["depth"], arch["num_heads"], arch["patch_size"])
+    model = {**arch, "name": named}
     if named:
         for k in ("embed_dim", "depth", "num_heads", "patch_size"):
             model.pop(k)
@@ -393,24 +389,16 @@ def read_segmenter_class_names(path: str | Path, trust: bool = False) -> tuple[l
     return None, None
 
 
+def _class_count_hint(state: dict, target: dict, shapes: list[str]) -> str:
+    key = "decode_head.conv_seg.weight"
+    if key in shapes:
+        return f"The file predicts {state[key].shape[0]} classes, the data has {target[key].shape[0]} (set --num-classes)."
+    return ""
+
+
 def load_segmenter_weights(model: nn.Module, state: dict[str, torch.Tensor], path: str | Path) -> None:
-    """Load a segmenter state dict, naming the tensors that do not fit."""
-    target = model.state_dict()
-    unexpected = [k for k in state if k not in target]
-    missing = [k for k in target if k not in state]
-    shapes = [k for k in state if k in target and state[k].shape != target[k].shape]
-    if unexpected or missing or shapes:
-        parts = []
-        if shapes:
-            k = shapes[0]
-            parts.append(f"{len(shapes)} differ in shape (e.g. {k}: file {tuple(state[k].shape)} vs model {tuple(target[k].shape)})")
-        if unexpected:
-            parts.append(f"{len(unexpected)} have no place in the model (e.g. {', '.join(unexpected[:3])})")
-        if missing:
-            parts.append(f"{len(missing)} model tensors are missing (e.g. {', '.join(missing[:3])})")
-        raise CheckpointError(f"--weights {path} does not fit this model: {'; '.join(parts)}. Use the --preset / model.* "
-                              "settings it was trained with")
-    model.load_state_dict(state)
+    """Load a segmenter state dict, naming every tensor that does not fit (and a class-count mismatch)."""
+    load_trained_model(model, state, path, explain=_class_count_hint)
 
 
 __all__ = [
