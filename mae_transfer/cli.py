@@ -133,7 +133,7 @@ def _run_pretrain(args) -> int:
     name = Path(preset).stem if preset else cfg.model.name
     output = Path(args.output or f"runs/pretrain-{name}")
     setup_logging(dist_info.rank, output / "log.txt")
-    if toy:
+    if not cfg.data.path:
         log.warning(
             "no --data given: using the built-in toy data and the %r preset (a demo, not the paper's "
             "recipe); pass --data DIR to pretrain on your images", preset,
@@ -253,7 +253,7 @@ def _run_classification(args) -> int:
     dist_info = init_distributed(None if cfg.train.device == "auto" else cfg.train.device)
     output = Path(args.output or f"runs/{args.command_name}-{dataset}-{protocol}")
     setup_logging(dist_info.rank, output / "log.txt")
-    if toy:
+    if not cfg.data.path:
         log.warning("no --data given: using the built-in toy data in the %s format and the %r preset", dataset, preset)
     try:
         task = ClassificationTask(cfg)
@@ -453,7 +453,7 @@ def _run_dense(args, kind: str, flags: dict) -> int:
 
     dist_info = init_distributed(None if cfg.train.device == "auto" else cfg.train.device)
     setup_logging(dist_info.rank, output / "log.txt")
-    if toy:
+    if not cfg.data.path:
         log.warning("no --data given: using the built-in toy %s data and the %r preset (a demo, not a paper recipe)", spec["data"], preset)
     try:
         if args.eval_only:

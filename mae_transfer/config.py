@@ -237,7 +237,11 @@ def build_with_preset(default: T, preset_dir: Path, preset: str | None, override
             path = Path(preset_dir) / f"{preset}.yaml"
             if not path.is_file():
                 raise ConfigError(f"unknown preset {preset!r}; available: {', '.join(preset_names(preset_dir))}")
-        cfg = merge(cfg, load_yaml(path))
+        data = load_yaml(path)
+        # A run's config.yaml records values derived at run time under "derived" (the peak lr, the
+        # steps per epoch ...); the run recomputes them, so that file reproduces the run as a preset.
+        data.pop("derived", None)
+        cfg = merge(cfg, data)
     if overrides:
         cfg = merge(cfg, overrides)
     return cfg

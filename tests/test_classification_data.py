@@ -227,11 +227,23 @@ def test_places_image_folder_missing(tmp_path):
 
 def test_places365_large_folders_are_detected(tmp_path):
     root = write_kind("places365", tmp_path)
-    (root / "data_256_standard").rename(root / "data_large_standard")
+    (root / "data_256").rename(root / "data_large")
     (root / "val_256").rename(root / "val_large")
     train, val = places365(root, "train"), places365(root, "val")
-    assert train.root.name == "data_large_standard" and val.root.name == "val_large"
+    assert train.root.name == "data_large" and val.root.name == "val_large"
     assert len(train) == NUM_CATS * TRAIN_PER and len(val) == NUM_CATS * VAL_PER
+
+
+@pytest.mark.parametrize("folder", ["data_256", "data_256_standard", "data_large_standard"])
+def test_places365_train_folder_of_the_official_archive_and_of_torchvision(tmp_path, folder):
+    """train_256_places365standard.tar extracts to data_256/ (the toy data uses it too); only
+    torchvision's downloader renames it data_256_standard/."""
+    root = write_kind("places365", tmp_path)
+    assert (root / "data_256").is_dir()
+    if folder != "data_256":
+        (root / "data_256").rename(root / folder)
+    train = places365(root, "train")
+    assert train.root.name == folder and len(train) == NUM_CATS * TRAIN_PER
 
 
 # ------------------------------------------------------------------------------------ malformed input

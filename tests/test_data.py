@@ -239,7 +239,7 @@ def test_places_writer_lists_parse_and_files_exist(tmp_path, version):
         assert [int(i) for _, i in cats] == list(range(5)) and all(n.startswith("/") and n[2] == "/" for n, _ in cats)
         assert [n for n, _ in cats] == sorted(n for n, _ in cats)
         lists = {"train": root / "places365_train_standard.txt", "val": root / "places365_val.txt"}
-        bases = {"train": root / "data_256_standard", "val": root / "val_256"}
+        bases = {"train": root / "data_256", "val": root / "val_256"}
     for split, per_cat in (("train", 3), ("val", 2)):
         entries = [line.rsplit(" ", 1) for line in lists[split].read_text().splitlines()]
         assert Counter(int(label) for _, label in entries) == {c: per_cat for c in range(5)}

@@ -47,8 +47,11 @@ INAT_YEARS = (2017, 2018, 2019)
 
 # Where the official archives put the images, relative to the dataset root (tried in this order).
 PLACES205_IMAGE_DIRS = ("data/vision/torralba/deeplearning/images256", "images256")
+# Places365: train_256_places365standard.tar / train_large_places365standard.tar extract to data_256/
+# and data_large/ (only torchvision's downloader renames them *_standard); val_256.tar / val_large.tar
+# to val_256/ and val_large/.
 PLACES365_IMAGE_DIRS = {
-    "train": ("data_256_standard", "data_large_standard"),
+    "train": ("data_256", "data_large", "data_256_standard", "data_large_standard"),
     "val": ("val_256", "val_large"),
 }
 
@@ -479,8 +482,9 @@ def places365(root: str | os.PathLike, split: str, **kw: Any) -> LabeledImageLis
     """Places365-Standard from ``categories_places365.txt``, ``places365_train_standard.txt`` and
     ``places365_val.txt``.
 
-    Train paths are relative to ``data_256_standard/`` or ``data_large_standard/``, val file names
-    to ``val_256/`` or ``val_large/`` (the 256-pixel folder when both exist).
+    Train paths are relative to ``data_256/`` or ``data_large/`` (the official archives' folders;
+    torchvision's ``data_256_standard/`` / ``data_large_standard/`` too), val file names to
+    ``val_256/`` or ``val_large/`` (the 256-pixel folder when both exist).
     """
     _check_split(split)
     root = _require_root(root, "Places365")

@@ -37,7 +37,7 @@ from mae_transfer.data.errors import DataError
 log = logging.getLogger(__name__)
 
 # Bump whenever the generator's output changes, so that cached toy datasets are rewritten.
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2
 
 SHAPES = ("ellipse", "rectangle", "triangle", "star", "ring", "cross", "diamond", "hexagon", "arrow", "semicircle")
 """Shape family of category ``c`` is ``SHAPES[c % len(SHAPES)]``."""
@@ -834,7 +834,7 @@ def write_places(
     Places205: ``trainvalsplit_places205/{train,val}_places205.csv`` with ``a/airfield/gsun_<md5>.jpg
     <label>`` lines, relative to ``data/vision/torralba/deeplearning/images256/``.
     Places365: ``categories_places365.txt`` (``/a/airfield 0``), ``places365_train_standard.txt``
-    (``/a/airfield/00000001.jpg 0``, relative to ``data_256_standard/``) and ``places365_val.txt``
+    (``/a/airfield/00000001.jpg 0``, relative to ``data_256/``, the official archive's folder) and ``places365_val.txt``
     (``Places365_val_00000001.jpg 0``, images in ``val_256/``). The label of an image is the category
     of its dominant object.
     """
@@ -865,7 +865,7 @@ def write_places(
     for c, name in enumerate(names):
         for j in range(train_per_category):
             rel = f"{name}/{j + 1:08d}.jpg"
-            _save_jpeg(scene_for("train", c, j), root / "data_256_standard" / rel.lstrip("/"))
+            _save_jpeg(scene_for("train", c, j), root / "data_256" / rel.lstrip("/"))
             train_lines.append(f"{rel} {c}")
     _write_lines(train_lines, root / "places365_train_standard.txt")
     val_lines = []
