@@ -9,21 +9,25 @@ import math
 import os
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import IO, Any, Iterator
 
 
-def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
-    """Write ``text`` to a temporary sibling, fsync, then rename over ``path``.
-
-    Readers see the old file or the new one, never a half-written one. The temporary file is
-    opened normally, so the result gets the usual umask permissions.
-    """
+@contextlib.contextmanager
+def atomic_write(path: str | os.PathLike, mode: str = "w") -> Iterator[IO]:
+    """Open a temporary sibling of ``path`` for writing (``"w"`` text, ``"wb"`` bytes); when the block
+    ends, flush, fsync and rename it over ``path`` (and fsync the folder, so the rename survives a
+    crash). Readers see the old file or the new one, never a half-written one; if the block raises,
+    the temporary file is removed and ``path`` is untouched. The file gets the usual umask
+    permissions. Every writer of the project goes through here (configs, results, tables, pictures,
+    checkpoints)."""
+    if mode not in ("w", "wb"):
+        raise ValueError(f"atomic_write opens files for writing: 'w' or 'wb', got {mode!r}")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
     try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
+        with open(tmp, mode, **({"encoding": "utf-8", "newline": ""} if mode == "w" else {})) as f:
+            yield f
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -31,7 +35,19 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
-    return path
+    with contextlib.suppress(OSError):  # not every filesystem lets a folder be opened
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    """``text`` to ``path`` through :func:`atomic_write`."""
+    with atomic_write(path, "w") as f:
+        f.write(text)
+    return Path(path)
 
 
 def _finite_or_none(value: Any) -> Any:

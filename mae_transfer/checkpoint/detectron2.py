@@ -26,7 +26,7 @@ from typing import Any, Mapping
 
 import torch
 
-from mae_transfer.checkpoint import CheckpointError, atomic_save, load_safely
+from mae_transfer.checkpoint.io import CheckpointError, atomic_save, load_safely
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +55,13 @@ _REQUIRED = (
     "roi_heads.box_predictor.cls_score.weight",
     "roi_heads.mask_head.predictor.weight",
 )
+
+
+def vitdet_backbone_to_vit(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A ViTDet checkpoint's ViT (``backbone.net.*``) in our names, which it uses already (plus
+    ``rel_pos_h/w``); the pyramid, RPN and RoI heads keep their names (unexpected in a ViT)."""
+    p = "backbone.net."
+    return {(k[len(p):] if k.startswith(p) else k): v for k, v in sd.items()}
 
 
 def is_vitdet_state_dict(sd: Mapping[str, Any]) -> bool:
@@ -223,4 +230,4 @@ def save_vitdet(state_dict: Mapping[str, torch.Tensor], path: str | os.PathLike,
     return path
 
 
-__all__ = ["describe_vitdet", "is_vitdet_state_dict", "read_vitdet", "save_vitdet", "unmapped_keys"]
+__all__ = ["describe_vitdet", "is_vitdet_state_dict", "read_vitdet", "save_vitdet", "unmapped_keys", "vitdet_backbone_to_vit"]

@@ -19,18 +19,75 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
-from mae_transfer.checkpoint import CheckpointError, atomic_save, load_safely
+from mae_transfer.checkpoint.io import CheckpointError, atomic_save, load_safely
 
-# Per-block names: mmsegmentation's BEiT/MAE layer -> ours (timm / BEiT / official MAE).
-_LAYER = {
+_MM_LAYER = {
     "ln1": "norm1",
     "ln2": "norm2",
     "attn.qkv": "attn.qkv",
     "attn.proj": "attn.proj",
+    "attn.attn.out_proj": "attn.proj",  # mmcv MultiheadAttention wraps nn.MultiheadAttention
     "ffn.layers.0.0": "mlp.fc1",
     "ffn.layers.1": "mlp.fc2",
 }
-_LAYER_PARAMS = ("gamma_1", "gamma_2", "attn.relative_position_bias_table", "attn.q_bias", "attn.v_bias")
+_MM_PARAM = {
+    # nn.MultiheadAttention packs q, k, v in this order: the same layout as a fused qkv Linear.
+    "attn.attn.in_proj_weight": "attn.qkv.weight",
+    "attn.attn.in_proj_bias": "attn.qkv.bias",
+    # BEiT-style attention (mmseg MAE / BEiT backbones): separate q and v biases, merged below.
+    "attn.q_bias": "attn.q_bias",
+    "attn.v_bias": "attn.v_bias",
+    # BEiT's relative position bias table (its index buffer is derived and ignored) and layer scale.
+    "attn.relative_position_bias_table": "attn.relative_position_bias_table",
+    "attn.relative_position_index": "attn.relative_position_index",
+    "gamma_1": "gamma_1",
+    "gamma_2": "gamma_2",
+}
+
+
+def _convert_mm_layer(rest: str) -> str | None:
+    if rest in _MM_PARAM:
+        return _MM_PARAM[rest]
+    mod, _, param = rest.rpartition(".")
+    if mod in _MM_LAYER:
+        return f"{_MM_LAYER[mod]}.{param}"
+    return None
+
+
+def mmseg_backbone_to_vit(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The ViT of an mmsegmentation / mmpretrain checkpoint (``backbone.layers.N...``, mmpretrain's
+    ``neck.decoder_*`` MAE decoder) in our names; other keys keep theirs (unexpected in a ViT)."""
+    out: dict[str, torch.Tensor] = {}
+    for key, v in sd.items():
+        new = None
+        if key.startswith("backbone."):
+            name = key[len("backbone."):]
+            m = re.match(r"^layers\.(\d+)\.(.+)$", name)
+            if m:
+                rest = _convert_mm_layer(m.group(2))
+                new = f"blocks.{m.group(1)}.{rest}" if rest else None
+            elif name in ("cls_token", "pos_embed"):
+                new = name
+            elif name.startswith("patch_embed.projection."):
+                new = "patch_embed.proj." + name[len("patch_embed.projection."):]
+            elif name.startswith("ln1."):  # mm's final norm
+                new = "norm." + name[len("ln1."):]
+        elif key.startswith("neck."):  # mmpretrain MAEPretrainDecoder
+            name = key[len("neck."):]
+            m = re.match(r"^decoder_blocks\.(\d+)\.(.+)$", name)
+            if m:
+                rest = _convert_mm_layer(m.group(2))
+                new = f"decoder_blocks.{m.group(1)}.{rest}" if rest else None
+            elif name in ("mask_token", "decoder_pos_embed"):
+                new = name
+            elif name.startswith(("decoder_embed.", "decoder_pred.")):
+                new = name
+            elif name.startswith("ln1."):  # the decoder norm (build_norm_layer postfix 1)
+                new = "decoder_norm." + name[len("ln1."):]
+        out[new or key] = v
+    return out
+
+
 _HEADS = (
     re.compile(r"neck\.(upsample_4x\.[013]|upsample_2x\.0)\.(weight|bias)"),
     re.compile(r"neck\.upsample_4x\.1\.(weight|bias|running_mean|running_var|num_batches_tracked)"),
@@ -55,12 +112,10 @@ def _backbone_to_ours(name: str) -> str | None:
     if not m:
         return None
     block, rest = m.group(1), m.group(2)
-    if rest in _LAYER_PARAMS:
-        return f"blocks.{block}.{rest}"
-    mod, _, param = rest.rpartition(".")
-    if mod in _LAYER and param in ("weight", "bias"):
-        return f"blocks.{block}.{_LAYER[mod]}.{param}"
-    return None
+    if rest == "attn.relative_position_index":
+        return None  # a derived buffer, checked by the caller
+    ours = _convert_mm_layer(rest)
+    return f"blocks.{block}.{ours}" if ours else None
 
 
 def _backbone_to_mmseg(name: str) -> str | None:
@@ -72,10 +127,11 @@ def _backbone_to_mmseg(name: str) -> str | None:
     if not m:
         return None
     block, rest = m.group(1), m.group(2)
-    if rest in _LAYER_PARAMS:
-        return f"layers.{block}.{rest}"
+    inverse_param = {v: k for k, v in _MM_PARAM.items() if not k.startswith("attn.attn.")}
+    if rest in inverse_param:
+        return f"layers.{block}.{inverse_param[rest]}"
     mod, _, param = rest.rpartition(".")
-    inverse = {v: k for k, v in _LAYER.items()}
+    inverse = {v: k for k, v in _MM_LAYER.items() if not k.startswith("attn.attn.")}
     if mod in inverse and param in ("weight", "bias"):
         return f"layers.{block}.{inverse[mod]}.{param}"
     return None
@@ -234,4 +290,4 @@ def save_mmseg(sd: Mapping[str, torch.Tensor], path: str | os.PathLike, class_na
     return path
 
 
-__all__ = ["describe_segmentor", "is_mmseg_segmentor", "read_mmseg", "save_mmseg", "to_mmseg_state_dict", "to_segmenter_state_dict"]
+__all__ = ["describe_segmentor", "is_mmseg_segmentor", "mmseg_backbone_to_vit", "read_mmseg", "save_mmseg", "to_mmseg_state_dict", "to_segmenter_state_dict"]

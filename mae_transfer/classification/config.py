@@ -11,8 +11,8 @@ from pathlib import Path
 from typing import Literal
 
 from mae_transfer.config import ConfigError, build_with_preset, preset_names
-from mae_transfer.engine.trainer import OptimConfig, TrainConfig
 from mae_transfer.data.stats import IMAGENET_MEAN, IMAGENET_STD
+from mae_transfer.engine.trainer import OptimConfig, TrainConfig
 
 PRESET_DIR = Path(__file__).parent / "presets"
 

@@ -10,8 +10,7 @@ from torch.utils.data import DataLoader
 
 from mae_transfer.classification.config import ClassificationConfig, ModelConfig
 from mae_transfer.classification.task import eval_transform
-from mae_transfer.io import file_sha256
-from mae_transfer.io import atomic_write_jsonl
+from mae_transfer.io import atomic_write_jsonl, file_sha256
 from mae_transfer.models.vit import create_vit
 
 log = logging.getLogger(__name__)

@@ -11,6 +11,8 @@ import torch
 from PIL import Image, ImageDraw
 from torchvision.utils import draw_bounding_boxes, draw_segmentation_masks
 
+from mae_transfer.io import atomic_write
+
 
 def class_color(label: int) -> tuple[int, int, int]:
     """A stable, well-separated colour for a class (golden-ratio hues)."""
@@ -107,10 +109,8 @@ def save_comparison(
     sheet.paste(left, (0, 0))
     sheet.paste(right, (left.width + 8, 0))
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    sheet.save(tmp, format="PNG")
-    tmp.replace(path)
+    with atomic_write(path, "wb") as f:
+        sheet.save(f, format="PNG")
     return path
 
 

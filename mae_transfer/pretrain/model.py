@@ -47,6 +47,9 @@ class MaskedAutoencoderViT(VisionTransformer):
         norm_pix_loss: regress per-patch normalised pixels (Table 1d; used by released models).
     """
 
+    # Model names of MAEs are "mae_" + the encoder's size name (MAE_PRESETS): used in messages.
+    size_name_prefix = "mae_"
+
     def __init__(
         self,
         img_size: int = 224,

@@ -11,7 +11,7 @@ import torch.nn as nn
 from torchvision import transforms
 
 from mae_transfer.engine.optim import param_groups
-from mae_transfer.engine.trainer import OptimConfig, TrainTask, Trainer
+from mae_transfer.engine.trainer import OptimConfig, Trainer, TrainTask
 from mae_transfer.pretrain.config import PretrainConfig
 from mae_transfer.pretrain.model import MaskedAutoencoderViT, create_mae
 

@@ -18,7 +18,6 @@ import contextlib
 import logging
 import math
 import os
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -28,6 +27,7 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 
 from mae_transfer.data.stats import IMAGENET_MEAN, IMAGENET_STD
+from mae_transfer.io import atomic_write
 from mae_transfer.pretrain.model import MaskedAutoencoderViT
 
 log = logging.getLogger(__name__)
@@ -206,16 +206,8 @@ def save_reconstruction_grid(
         draw.text((left, y), label, fill=(0, 0, 0), font=font)
 
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # A plain file name (not mkstemp) so the PNG gets the usual umask permissions, not 0600.
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        picture.save(tmp, format="PNG")
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+    with atomic_write(path, "wb") as f:
+        picture.save(f, format="PNG")
     log.debug("reconstruction grid (%d images) written to %s", b, path)
     return path
 

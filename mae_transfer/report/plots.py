@@ -7,15 +7,15 @@ from __future__ import annotations
 import csv
 import logging
 import math
-import os
 import re
-import tempfile
 import textwrap
 from pathlib import Path
 from typing import Any, Iterable
 
 from matplotlib.figure import Figure
 from matplotlib.ticker import LogFormatter
+
+from mae_transfer.io import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -119,20 +119,12 @@ def _log_if_wide(ax: Any, values: list[float]) -> None:
 
 def _save(fig: Figure, out: Path) -> Path:
     """Save ``fig`` as a PNG at ``out`` atomically and release it."""
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
     try:
-        with os.fdopen(fd, "wb") as f:
+        with atomic_write(out, "wb") as f:
             fig.savefig(f, format="png", dpi=DPI)
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600 files
-        os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
     finally:
         fig.clear()
-    return out
+    return Path(out)
 
 
 def _job_order(jobs: Iterable[str]) -> list[str]:

@@ -17,13 +17,14 @@ import io
 import math
 import os
 import re
-import tempfile
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
 import yaml
+
+from mae_transfer.io import atomic_write_text
 
 FAILED = "job_failed"
 MISSING = "–"
@@ -386,21 +387,6 @@ def latex_document(tables: list[Table]) -> str:
                       body, r"\end{document}", ""])
 
 
-def _atomic_write(path: Path, text: str) -> Path:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
 def write_tables(rows: Iterable[dict], out_dir: str | os.PathLike, **build_kwargs: Any) -> dict[str, Path]:
     """Write ``tables.md``, ``tables.tex`` (standalone document) and ``table_<key>.csv`` per table into
     ``out_dir`` (each atomically: temp file + ``os.replace``). Returns file name -> path."""
@@ -410,7 +396,7 @@ def write_tables(rows: Iterable[dict], out_dir: str | os.PathLike, **build_kwarg
     md = "\n\n".join(map(to_markdown, tables)) if tables else NO_RESULTS
     files = {"tables.md": md + "\n", "tables.tex": latex_document(tables)}
     files.update({f"table_{t.key}.csv": to_csv(t) for t in tables})
-    return {name: _atomic_write(out / name, text) for name, text in files.items()}
+    return {name: atomic_write_text(out / name, text) for name, text in files.items()}
 
 
 __all__ = ["Cell", "Row", "Table", "load_paper", "size_of", "build_tables", "to_markdown", "to_latex", "to_csv",

@@ -28,12 +28,12 @@ from mae_transfer.engine.distributed import DistInfo
 from mae_transfer.engine.optim import param_groups
 from mae_transfer.engine.sampler import ShardSampler
 from mae_transfer.engine.trainer import OptimConfig, Trainer, TrainTask, autocast_context, resolve_precision
-from mae_transfer.io import atomic_write_json, atomic_write_jsonl, file_sha256
+from mae_transfer.io import atomic_write, atomic_write_json, atomic_write_jsonl, file_sha256
+from mae_transfer.models.vit import VisionTransformer, named_size, vit_size
 from mae_transfer.segmentation.ade20k import IGNORE_INDEX, EvalTransform, SegmentationFolder, TrainTransform, collate_eval, palette
 from mae_transfer.segmentation.config import SegmentationConfig
 from mae_transfer.segmentation.metrics import SegmentationMeter
 from mae_transfer.segmentation.model import build_upernet, slide_inference
-from mae_transfer.models.vit import VisionTransformer, named_size, vit_size
 
 log = logging.getLogger(__name__)
 
@@ -281,7 +281,8 @@ class SegmentationTask(TrainTask):
                 panels = [p.repeat(k, axis=0).repeat(k, axis=1) for p in panels]
                 sheet = np.concatenate([np.pad(p, ((0, 0), (0, 6), (0, 0)), constant_values=255) for p in panels], axis=1)
                 path = out_dir / f"{Path(self.val_set.samples[i][0]).stem}.png"
-                Image.fromarray(sheet).save(path)
+                with atomic_write(path, "wb") as f:
+                    Image.fromarray(sheet).save(f, format="PNG")
                 paths.append(path)
         model.train(was_training)
         log.info("saved %d pictures (image | ground truth | prediction) to %s", len(paths), out_dir)

@@ -1,0 +1,113 @@
+"""Reading and writing checkpoint files: atomic saves, safe loading, every file form we read."""
+
+from __future__ import annotations
+
+import os
+import pickle
+from pathlib import Path
+from typing import Any
+
+import torch
+
+try:  # detectron2 model-zoo pickles hold numpy arrays
+    import numpy as np
+except ImportError:  # pragma: no cover
+    np = None
+
+
+class CheckpointError(Exception):
+    """A checkpoint that cannot be used: names the file and says what to do."""
+
+
+def atomic_save(obj: Any, path: str | os.PathLike) -> Path:
+    """``torch.save`` through :func:`mae_transfer.io.atomic_write`: a reader sees either the previous
+    complete file or the new complete file, never a partial one, even after a SIGKILL mid-write."""
+    from mae_transfer.io import atomic_write
+
+    with atomic_write(path, "wb") as f:
+        torch.save(obj, f)
+    return Path(path)
+
+
+def load_file(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> Any:
+    """Read a checkpoint file with a clear error for missing or unreadable files."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist (check the path)")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=False)
+    except Exception as e:  # torch raises many types for truncated / foreign files
+        raise CheckpointError(
+            f"checkpoint {path} could not be read ({type(e).__name__}: {e}); "
+            "the file is truncated or not a PyTorch checkpoint"
+        ) from None
+
+
+def _numpy_globals() -> list:
+    """The numpy names a pickle of plain numpy arrays uses (array rebuild, dtypes): no code runs."""
+    core = getattr(np, "_core", None) or np.core
+    out = [core.multiarray._reconstruct, np.ndarray, np.dtype]
+    dtypes = getattr(np, "dtypes", None)
+    if dtypes is not None:
+        out += [getattr(dtypes, n) for n in dir(dtypes) if n.endswith("DType")]
+    return out
+
+
+def load_safely(path: str | os.PathLike, what: str = "checkpoint") -> Any:
+    """``torch.load(weights_only=True)``: tensors, numbers, strings, containers and plain numpy
+    arrays only, so loading a stranger's file cannot run code. A file that needs more (arbitrary
+    pickled objects) gives a :class:`CheckpointError` saying so; load it yourself only if you
+    trust where it came from (``--trust-checkpoint``)."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{what} {path} does not exist (check the path)")
+    try:
+        with torch.serialization.safe_globals(_numpy_globals()):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        first = str(e).strip().splitlines()[-1][:200] if str(e).strip() else type(e).__name__
+        raise CheckpointError(
+            f"{what} {path} holds Python objects beyond tensors and plain containers ({first}); loading it "
+            "could run code stored in it. If you trust its source, pass --trust-checkpoint"
+        ) from None
+    except Exception as e:  # torch raises many types for truncated / foreign files
+        raise CheckpointError(
+            f"{what} {path} could not be read ({type(e).__name__}: {e}); the file is truncated or not a PyTorch checkpoint"
+        ) from None
+
+
+def read_checkpoint(path: str | os.PathLike) -> Any:
+    """Read a checkpoint file: PyTorch (via :func:`load_file`), detectron2 ``.pkl`` or ``.safetensors``.
+
+    A directory is read as a Hugging Face model folder (``model.safetensors`` or
+    ``pytorch_model.bin``). Raises :class:`CheckpointError` naming the file when it is missing or
+    unreadable.
+    """
+    path = Path(path)
+    if path.is_dir():
+        for name in ("model.safetensors", "pytorch_model.bin"):
+            if (path / name).is_file():
+                path = path / name
+                break
+        else:
+            raise CheckpointError(f"checkpoint {path} is a folder without model.safetensors or pytorch_model.bin")
+    suffix = path.suffix.lower()
+    if suffix == ".safetensors" and path.is_file():
+        try:
+            from safetensors.torch import load_file as st_load
+        except ImportError:  # pragma: no cover - optional dependency
+            raise CheckpointError(f"checkpoint {path} is a .safetensors file: pip install safetensors to read it") from None
+        try:
+            return st_load(str(path), device="cpu")
+        except Exception as e:
+            raise CheckpointError(
+                f"checkpoint {path} could not be read ({type(e).__name__}: {e}); the file is truncated or not safetensors"
+            ) from None
+    if suffix == ".pkl" and path.is_file():
+        # detectron2 model-zoo files are plain pickles of numpy arrays, which torch.load rejects.
+        try:
+            with open(path, "rb") as f:
+                return pickle.load(f, encoding="latin1")
+        except Exception:
+            pass  # maybe a torch file with a .pkl name: load_file gives the error if it is not
+    return load_file(path)

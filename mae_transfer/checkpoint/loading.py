@@ -1,0 +1,357 @@
+"""Loading pretrained weights of any format into a ViT: shape adaptation and a report of every key."""
+
+from __future__ import annotations
+
+import fnmatch
+import logging
+import math
+import os
+import re
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from mae_transfer.checkpoint.formats import _describe, _grid_from_tokens, _suggest, detect_format, infer_vit_config, to_vit_state_dict
+from mae_transfer.checkpoint.io import CheckpointError, read_checkpoint
+from mae_transfer.models.pos_embed import resize_pos_embed
+
+log = logging.getLogger(__name__)
+
+# Presets of key patterns (fnmatch globs) that each transfer use tolerates. "Missing" = the model
+# has the parameter, the checkpoint does not (it keeps its initial value); "unexpected" = the
+# checkpoint has it, the model does not (it is ignored).
+EXPECTED_MISSING: dict[str, tuple[str, ...]] = {
+    # A new classifier; the official global-pool fine-tuning model adds fc_norm after pooling.
+    "finetune": ("head.*", "fc_norm.*"),
+    # Linear probing: a new head (fc_norm only when probing the mean of patch tokens).
+    "linprobe": ("head.*", "fc_norm.*"),
+    # Detection / segmentation backbones: zero-initialised relative position tables (MAE A.3/A.4,
+    # ViTDet's rel_pos_h/w or BEiT's bias table), layer scale (1.0, mmseg's MAE segmentation), no
+    # classifier, and backbones without a final norm.
+    "dense": ("blocks.*.attn.rel_pos_*", "blocks.*.attn.relative_position_bias_table", "blocks.*.gamma_*", "head.*",
+              "fc_norm.*", "norm.*"),
+    # Continuing pretraining from an encoder-only checkpoint: the decoder starts fresh.
+    "pretrain": ("mask_token", "decoder_*"),
+}
+EXPECTED_UNEXPECTED: dict[str, tuple[str, ...]] = {
+    # The official fine-tuning model has no final norm (fc_norm replaces it) and no decoder.
+    "finetune": ("norm.*", "mask_token", "decoder_*"),
+    # A checkpoint that was fine-tuned with global pooling brings an fc_norm the probe may not use.
+    "linprobe": ("fc_norm.*", "mask_token", "decoder_*"),
+    # Dense backbones built without a class token (ViTDet) ignore it; no head or decoder either.
+    "dense": ("cls_token", "norm.*", "fc_norm.*", "head.*", "mask_token", "decoder_*", "blocks.*.attn.relative_position_index"),
+    # A fine-tuned checkpoint used to initialise pretraining brings a classifier.
+    "pretrain": ("head.*", "fc_norm.*"),
+}
+
+
+# ---------------------------------------------------------------------------- adaptation
+def _target_prefix_tokens(model: torch.nn.Module, target: Mapping[str, torch.Tensor]) -> int:
+    # Rows of prefix tokens in the model's pos_embed (a ViTDet backbone keeps an unused class row).
+    n = getattr(model, "pos_embed_prefix", getattr(model, "num_prefix_tokens", None))
+    return int(n) if n is not None else (1 if "cls_token" in target else 0)
+
+
+def _target_grid(model: torch.nn.Module, rows: int, prefix: int) -> tuple[int, int]:
+    grid = getattr(model, "pos_embed_grid", getattr(model, "grid_size", None))
+    if grid is not None and grid[0] * grid[1] == rows - prefix:
+        return (int(grid[0]), int(grid[1]))
+    side = math.isqrt(rows - prefix)
+    return (side, side)
+
+
+def _adapt_pos_table(
+    name: str,
+    table: torch.Tensor,
+    want: torch.Size,
+    new_prefix: int,
+    new_grid: tuple[int, int],
+    has_cls: bool,
+    allow_resize: bool,
+    notes: list[str],
+) -> torch.Tensor | None:
+    """Fit a (1, prefix + H*W, D) table to ``want``; None when it cannot be done.
+
+    Adding or dropping the class row is always allowed (no information is invented for the grid);
+    resizing the grid only with ``allow_resize``.
+    """
+    if table.dim() == 2:
+        table = table.unsqueeze(0)
+    if table.dim() != 3 or table.shape[-1] != want[-1]:
+        return None
+    rows = int(table.shape[1])
+    # Prefer the reading in which the grid part already has the target's size.
+    order = (1, 0) if has_cls else (0, 1)
+    old = None
+    for p in order:
+        if rows - p == new_grid[0] * new_grid[1]:
+            old = (p, new_grid)
+            break
+    if old is None:
+        old = _grid_from_tokens(rows, order[0])
+    if old is None:
+        return None
+    old_prefix, old_grid = old
+    if tuple(old_grid) != tuple(new_grid) and not allow_resize:
+        return None
+    out = resize_pos_embed(table, new_grid, old_prefix, old_grid=old_grid, new_prefix_tokens=new_prefix)
+    if out.shape != want:
+        return None
+    how = " (bicubic)" if tuple(old_grid) != tuple(new_grid) else ""
+    notes.append(
+        f"{name}: {old_prefix} prefix + {old_grid[0]}x{old_grid[1]} grid -> {new_prefix} prefix + "
+        f"{new_grid[0]}x{new_grid[1]} grid{how}"
+    )
+    return out
+
+
+def _adapt(
+    sd: dict[str, torch.Tensor],
+    model: torch.nn.Module,
+    target: Mapping[str, torch.Tensor],
+    interpolate_pos_embed: bool,
+    notes: list[str],
+) -> dict[str, torch.Tensor]:
+    """Reshape checkpoint tensors whose shapes legitimately differ from the model's."""
+    sd = dict(sd)
+    has_cls = "cls_token" in sd
+    if "pos_embed" in sd and "pos_embed" in target and sd["pos_embed"].shape != target["pos_embed"].shape:
+        want = target["pos_embed"].shape
+        prefix = _target_prefix_tokens(model, target)
+        grid = _target_grid(model, want[-2], prefix)
+        new = _adapt_pos_table("pos_embed", sd["pos_embed"], want, prefix, grid, has_cls, interpolate_pos_embed, notes)
+        if new is not None:
+            sd["pos_embed"] = new
+    if "decoder_pos_embed" in sd and "decoder_pos_embed" in target:
+        want = target["decoder_pos_embed"].shape
+        if sd["decoder_pos_embed"].shape != want:
+            grid = _target_grid(model, want[-2], 1)
+            new = _adapt_pos_table(
+                "decoder_pos_embed", sd["decoder_pos_embed"], want, 1, grid, True, interpolate_pos_embed, notes
+            )
+            if new is not None:
+                sd["decoder_pos_embed"] = new
+    k = "patch_embed.proj.weight"
+    if k in sd and k in target:
+        src, want = sd[k], target[k]
+        if src.dim() == 4 and src.shape[:2] == want.shape[:2] and src.shape[2:] != want.shape[2:]:
+            # ViTDet's recipe for ViT-H/14 -> /16: resize the kernel like an image (bicubic).
+            new = F.interpolate(src.float(), size=tuple(want.shape[2:]), mode="bicubic", align_corners=False)
+            sd[k] = new.to(src.dtype)
+            notes.append(f"{k}: kernel {tuple(src.shape[2:])} -> {tuple(want.shape[2:])} (bicubic)")
+    for name in [n for n in sd if n.endswith((".attn.rel_pos_h", ".attn.rel_pos_w"))]:
+        if name not in target:
+            continue
+        src, want = sd[name], target[name]
+        if src.dim() == 2 and want.dim() == 2 and src.shape[1] == want.shape[1] and src.shape[0] != want.shape[0]:
+            new = F.interpolate(src.t().unsqueeze(0).float(), size=int(want.shape[0]), mode="linear", align_corners=False)
+            sd[name] = new[0].t().to(src.dtype)
+            notes.append(f"{name}: {src.shape[0]} -> {want.shape[0]} offsets (linear)")
+    return sd
+
+
+# ---------------------------------------------------------------------------- loading
+@dataclass
+class LoadReport:
+    """What :func:`load_backbone` did.
+
+    loaded: model keys that received checkpoint values; missing: model keys that kept their
+    initial values (expected or tolerated); unexpected: checkpoint keys (converted names) the model
+    has no place for; mismatched: (key, checkpoint shape, model shape) left out because the shapes
+    differ; adapted: shape adaptations that were made (interpolations).
+    """
+
+    loaded: list[str]
+    missing: list[str]
+    unexpected: list[str]
+    format: str
+    source: str
+    mismatched: list[tuple[str, tuple[int, ...], tuple[int, ...]]] = field(default_factory=list)
+    adapted: list[str] = field(default_factory=list)
+
+    def summary(self) -> str:
+        """A multi-line human-readable report (block indices are folded into ranges)."""
+        lines = [
+            f"loaded {self.source} (format {self.format}): {len(self.loaded)} tensors loaded, "
+            f"{len(self.missing)} missing, {len(self.unexpected)} unexpected"
+            + (f", {len(self.mismatched)} left out for their shape" if self.mismatched else "")
+        ]
+        for title, keys in (("loaded", self.loaded), ("missing", self.missing), ("unexpected", self.unexpected)):
+            if keys:
+                lines.append(f"  {title}: " + ", ".join(_compact(keys)))
+        for k, a, b in self.mismatched:
+            lines.append(f"  shape differs: {k} checkpoint {a} vs. model {b}")
+        for note in self.adapted:
+            lines.append(f"  adapted {note}")
+        return "\n".join(lines)
+
+
+def _compact(keys: Iterable[str]) -> list[str]:
+    """Fold ``blocks.0.x`` ... ``blocks.11.x`` into ``blocks.{0-11}.x`` to keep reports short."""
+    groups: dict[tuple[str, str], list[int]] = {}
+    order: list[tuple[str, str]] = []
+    for k in keys:
+        m = re.match(r"^(.*?\.)(\d+)(\..*)$", k)
+        key = (m.group(1), m.group(3)) if m else (k, "")
+        if key not in groups:
+            groups[key] = []
+            order.append(key)
+        if m:
+            groups[key].append(int(m.group(2)))
+    out = []
+    for head, tail in order:
+        idx = sorted(set(groups[(head, tail)]))
+        if not idx:
+            out.append(head)
+            continue
+        runs, start, prev = [], idx[0], idx[0]
+        for i in idx[1:] + [None]:
+            if i is not None and i == prev + 1:
+                prev = i
+                continue
+            runs.append(str(start) if start == prev else f"{start}-{prev}")
+            if i is not None:
+                start = prev = i
+        inner = runs[0] if len(runs) == 1 and "-" not in runs[0] else "{" + ",".join(runs) + "}"
+        out.append(f"{head}{inner}{tail}")
+    return out
+
+
+def _patterns(spec: str | Iterable[str], presets: Mapping[str, tuple[str, ...]]) -> tuple[str, ...]:
+    """Patterns from a preset name, a single pattern or an iterable of patterns/preset names."""
+    items = [spec] if isinstance(spec, str) else list(spec)
+    out: list[str] = []
+    for item in items:
+        out.extend(presets[item] if item in presets else (item,))
+    return tuple(out)
+
+
+def _matches(key: str, patterns: Sequence[str]) -> bool:
+    return any(fnmatch.fnmatchcase(key, p) for p in patterns)
+
+
+def _first(keys: Sequence[str], n: int = 6) -> str:
+    """The first ``n`` (folded) key names, for error messages."""
+    folded = _compact(keys)
+    more = len(folded) - n
+    return ", ".join(folded[:n]) + (f" and {more} more" if more > 0 else "")
+
+
+def load_backbone(
+    model: torch.nn.Module,
+    source: str | os.PathLike | Mapping[str, Any],
+    *,
+    expected_missing: str | Iterable[str] = (),
+    expected_unexpected: str | Iterable[str] = (),
+    interpolate_pos_embed: bool = True,
+    strict_shapes: bool = True,
+) -> LoadReport:
+    """Load pretrained weights of any supported format into ``model`` (a ViT or MAE of ours).
+
+    Steps: read ``source`` (a path, or an already loaded checkpoint / state dict), detect its
+    format, convert names (:func:`to_vit_state_dict`), adapt shapes to the model (bicubic
+    ``pos_embed`` / ``decoder_pos_embed`` grid resize and class-row add/drop, bicubic patch-kernel
+    resize when the patch size differs, linear ``rel_pos_h/w`` resize), then
+    ``model.load_state_dict(strict=False)``.
+
+    ``expected_missing`` / ``expected_unexpected`` are fnmatch patterns (``"head.*"``,
+    ``"decoder_*"``) or names of presets in :data:`EXPECTED_MISSING` / :data:`EXPECTED_UNEXPECTED`
+    (``"finetune"``, ``"linprobe"``, ``"dense"``, ``"pretrain"``). A checkpoint tensor whose shape
+    does not fit is left out without complaint when its key is expected missing (a classifier for
+    another number of classes).
+
+    Raises :class:`CheckpointError` naming the source when nothing in it fits the model, when a
+    shape cannot be adapted (with ``strict_shapes``; otherwise those tensors are skipped with a
+    warning), or when model parameters are missing that were not expected. Unexpected checkpoint
+    keys that were not expected only give a warning. The report is logged at INFO and returned.
+    """
+    exp_missing = _patterns(expected_missing, EXPECTED_MISSING)
+    exp_unexpected = _patterns(expected_unexpected, EXPECTED_UNEXPECTED)
+    if isinstance(model, (torch.nn.parallel.DistributedDataParallel, torch.nn.DataParallel)):
+        model = model.module
+    if isinstance(source, Mapping):
+        src_name = "<in-memory state dict>"
+        raw: Any = source
+    else:
+        src_name = str(source)
+        raw = read_checkpoint(source)
+    fmt = detect_format(raw)
+    sd = to_vit_state_dict(raw)
+    target = model.state_dict()
+    # Described before adaptation, so messages give the checkpoint's own grid and patch size.
+    ckpt_cfg = infer_vit_config(sd)
+    model_cfg = infer_vit_config(target)
+    notes: list[str] = []
+    sd = _adapt(sd, model, target, interpolate_pos_embed, notes)
+
+    common = [k for k in sd if k in target]
+    if not common:
+        raise CheckpointError(
+            f"no backbone weights found in {src_name} (format detected: {fmt}; "
+            f"{len(sd)} tensors, e.g. {_first(list(sd), 4) or 'none'}): pass a ViT / MAE checkpoint"
+        )
+    loadable: dict[str, torch.Tensor] = {}
+    mismatched: list[tuple[str, tuple[int, ...], tuple[int, ...]]] = []
+    for k in common:
+        if sd[k].shape == target[k].shape:
+            loadable[k] = sd[k]
+        else:
+            mismatched.append((k, tuple(sd[k].shape), tuple(target[k].shape)))
+    bad_shapes = [m for m in mismatched if not _matches(m[0], exp_missing)]
+    if bad_shapes and strict_shapes:
+        k, a, b = bad_shapes[0]
+        if ckpt_cfg["embed_dim"] != model_cfg["embed_dim"] or ckpt_cfg["depth"] != model_cfg["depth"]:
+            why = (
+                f"checkpoint {src_name} holds {_describe(ckpt_cfg)}; the model is "
+                f"{_describe(model_cfg)}: pass a checkpoint of the same size or choose --model "
+                f"{_suggest(ckpt_cfg, model)}"
+            )
+        else:
+            why = f"checkpoint {src_name} ({_describe(ckpt_cfg)}) does not fit the model ({_describe(model_cfg)})"
+        hint = ""
+        if k in ("pos_embed", "decoder_pos_embed") and not interpolate_pos_embed:
+            hint = "; allow interpolate_pos_embed to resize the position grid"
+        raise CheckpointError(
+            f"{why} ({len(bad_shapes)} tensors differ in shape, e.g. {k}: checkpoint {a} vs. model {b}; "
+            f"format detected: {fmt}){hint}"
+        )
+    for k, a, b in mismatched:
+        level = logging.INFO if _matches(k, exp_missing) else logging.WARNING
+        log.log(level, "%s: leaving out %s, checkpoint shape %s does not fit the model's %s", src_name, k, a, b)
+
+    missing = [k for k in target if k not in loadable]
+    skipped = {m[0] for m in mismatched}
+    bad_missing = [k for k in missing if not _matches(k, exp_missing) and k not in skipped]
+    if bad_missing:
+        same_size = (ckpt_cfg["embed_dim"], ckpt_cfg["depth"]) == (model_cfg["embed_dim"], model_cfg["depth"])
+        if same_size:
+            advice = (
+                "If they are meant to start from their initial values, name them in expected_missing "
+                f"(patterns, or a preset: {', '.join(EXPECTED_MISSING)})"
+            )
+        else:
+            advice = f"Pass a checkpoint for this model, or choose --model {_suggest(ckpt_cfg, model)} to fit the checkpoint"
+        raise CheckpointError(
+            f"checkpoint {src_name} lacks {len(bad_missing)} parameters of the model that were not expected "
+            f"to be missing: {_first(bad_missing)}. The checkpoint seems to hold {_describe(ckpt_cfg)} "
+            f"(format detected: {fmt}); the model is {_describe(model_cfg)}. {advice}"
+        )
+    unexpected = [k for k in sd if k not in target]
+    model.load_state_dict(loadable, strict=False)  # loadable holds model keys of matching shapes only
+    report = LoadReport(
+        loaded=list(loadable), missing=missing, unexpected=unexpected, format=fmt, source=src_name,
+        mismatched=mismatched, adapted=notes,
+    )
+    log.info("%s", report.summary())
+    surprising = [k for k in unexpected if not _matches(k, exp_unexpected)]
+    if surprising:
+        extra = ""
+        if ckpt_cfg["depth"] and model_cfg["depth"] and ckpt_cfg["depth"] > model_cfg["depth"]:
+            extra = f" (the checkpoint has {ckpt_cfg['depth']} blocks, the model {model_cfg['depth']})"
+        log.warning(
+            "%s: %d checkpoint tensors have no place in the model and are ignored%s: %s",
+            src_name, len(surprising), extra, ", ".join(_compact(surprising)),
+        )
+    return report

@@ -1,0 +1,67 @@
+"""Trained task models (detectors, segmenters) with the config that builds them."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+
+from mae_transfer.checkpoint.io import CheckpointError, atomic_save, load_file, load_safely
+
+def save_trained_model(model: torch.nn.Module, config: Any, path: str | os.PathLike, fmt: str, **extra: Any) -> Path:
+    """A trained task model (detector, segmenter) with the config that builds it, written atomically."""
+    from mae_transfer.config import to_dict
+
+    return atomic_save({"format": fmt, "model": model.state_dict(), "config": to_dict(config), **extra}, path)
+
+
+def read_trained_model(
+    path: str | os.PathLike, head_prefix: str, artifact: str, command: str, trust: bool = False
+) -> tuple[dict, dict | None]:
+    """State dict and saved config of ``artifact`` (or a training checkpoint) of a ``command`` run.
+
+    Read with ``weights_only`` (:func:`load_safely`) unless ``trust``. A file without
+    ``head_prefix`` keys is a backbone, not a trained task model: the message says to pass it as
+    ``--backbone``.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"--weights {path}: file not found")
+    state = load_file(path, map_location="cpu") if trust else load_safely(path, "--weights")
+    if not isinstance(state, dict) or not isinstance(state.get("model"), dict):
+        raise CheckpointError(f"--weights {path}: not a trained model (expected {artifact} or checkpoint-last.pth of a {command} run)")
+    if not any(k.startswith(head_prefix) for k in state["model"]):
+        raise CheckpointError(
+            f"--weights {path} holds no {head_prefix}* weights: it looks like a backbone; pass it as --backbone to train a model"
+        )
+    return state["model"], state.get("config")
+
+
+def load_trained_model(
+    model: torch.nn.Module, state: Mapping[str, Any], path: str | os.PathLike, explain: Any = None
+) -> None:
+    """``load_state_dict`` of a whole trained model, with one message naming what does not fit: the
+    tensors of other shapes, those with no place in the model and the missing ones. ``explain(state,
+    target, shape_mismatches)`` may add a sentence (e.g. about the class count)."""
+    target = model.state_dict()
+    unexpected = [k for k in state if k not in target]
+    missing = [k for k in target if k not in state]
+    shapes = [k for k in state if k in target and tuple(state[k].shape) != tuple(target[k].shape)]
+    if not (unexpected or missing or shapes):
+        model.load_state_dict(state)
+        return
+    parts = []
+    if shapes:
+        k = shapes[0]
+        parts.append(f"{len(shapes)} differ in shape (e.g. {k}: file {tuple(state[k].shape)} vs model {tuple(target[k].shape)})")
+    if unexpected:
+        parts.append(f"{len(unexpected)} have no place in the model (e.g. {', '.join(unexpected[:3])})")
+    if missing:
+        parts.append(f"{len(missing)} model tensors are missing (e.g. {', '.join(missing[:3])})")
+    hint = explain(state, target, shapes) if explain is not None else ""
+    raise CheckpointError(
+        f"--weights {path} does not fit this model: {'; '.join(parts)}.{(' ' + hint) if hint else ''} "
+        "Use the --preset / model.* settings it was trained with"
+    )
