@@ -113,3 +113,17 @@ def test_finetuning_resumes_after_a_kill(tmp_path):
     for k, v in ref["model"].items():
         torch.testing.assert_close(final["model"][k], v, atol=1e-5, rtol=1e-4, msg=k)
     assert result_rows(run)["top1"] == pytest.approx(result_rows(full)["top1"])
+
+
+def test_a_standalone_run_reaches_the_tables(tmp_path, cache, capsys):
+    """`inat --year 2018 --output R` then `table --results R`: Table 6 shows that run's number (its
+    result rows name the benchmark task, not just "classification")."""
+    out = tmp_path / "inat"
+    assert main(["inat", "--year", "2018", "--output", str(out), "--epochs", "1", *SMALL]) == 0
+    rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    assert {r["task"] for r in rows} == {"inat2018"}
+    top1 = next(r["value"] for r in rows if r["metric"] == "top1")
+    capsys.readouterr()
+    assert main(["table", "--results", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "Table 6" in printed and "iNat 2018" in printed and f"{top1:.1f}" in printed

@@ -224,11 +224,21 @@ class ClassificationTask(TrainTask):
             write_result_rows(trainer.output_dir, self.cfg, self.last_eval, self.best_top1, self.backbone_sha256, trainer.step)
 
 
+def benchmark_task(dataset: str, protocol: str) -> str:
+    """The benchmark task a classification run belongs to (the ``task`` of its result rows, the
+    runner's and the tables' name for it): the dataset for iNaturalist / Places (``inat2018``), the
+    protocol for ImageNet-style folders (``finetune``, ``linprobe``; partial fine-tuning counts as
+    fine-tuning)."""
+    if dataset != "imagefolder":
+        return dataset
+    return "linprobe" if protocol == "linprobe" else "finetune"
+
+
 def write_result_rows(out_dir: Path, cfg: ClassificationConfig, metrics: dict, best_top1: float, backbone_sha: str | None, step: int) -> Path:
-    """One row per metric in ``results.jsonl`` (rewritten whole, atomically) for the runner."""
+    """One row per metric in ``results.jsonl`` (rewritten whole, atomically) for the runner and the tables."""
     rows = []
     common = {
-        "task": "classification",
+        "task": benchmark_task(cfg.data.dataset, cfg.protocol),
         "dataset": cfg.data.dataset if cfg.data.path else f"{cfg.data.dataset} (toy)",
         "split": "val",
         "protocol": cfg.protocol,
