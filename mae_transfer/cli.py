@@ -876,10 +876,11 @@ def _add_export(sub) -> None:
 def _run_export(args) -> int:
     if args.to == "mmseg":
         from mae_transfer.checkpoint.mmseg import save_mmseg
-        from mae_transfer.segmentation.task import read_segmenter_class_names, read_segmenter_weights
+        from mae_transfer.segmentation.task import read_segmenter_file, segmenter_class_names, segmenter_weights
 
-        state, _ = read_segmenter_weights(args.checkpoint, trust=args.trust_checkpoint)
-        names, palette = read_segmenter_class_names(args.checkpoint, trust=args.trust_checkpoint)
+        contents = read_segmenter_file(args.checkpoint, trust=args.trust_checkpoint)
+        state, _ = segmenter_weights(contents, args.checkpoint)
+        names, palette = segmenter_class_names(contents)
         path = save_mmseg(state, args.output, names, palette)
         print(f"{path}: {len(state)} tensors in mmsegmentation's MAE-UperNet layout (read back and checked)")
         return 0

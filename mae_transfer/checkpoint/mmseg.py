@@ -54,6 +54,19 @@ def _convert_mm_layer(rest: str) -> str | None:
     return None
 
 
+def _backbone_to_ours(name: str) -> str | None:
+    """One name of an mmseg / mmpretrain ViT (without ``backbone.``) in ours, or None."""
+    if name in ("cls_token", "pos_embed"):
+        return name
+    if name.startswith("patch_embed.projection."):
+        return "patch_embed.proj." + name[len("patch_embed.projection."):]
+    if name.startswith("ln1."):  # mm's final norm
+        return "norm." + name[len("ln1."):]
+    m = re.fullmatch(r"layers\.(\d+)\.(.+)", name)
+    ours = _convert_mm_layer(m.group(2)) if m else None
+    return f"blocks.{m.group(1)}.{ours}" if ours else None
+
+
 def mmseg_backbone_to_vit(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The ViT of an mmsegmentation / mmpretrain checkpoint (``backbone.layers.N...``, mmpretrain's
     ``neck.decoder_*`` MAE decoder) in our names; other keys keep theirs (unexpected in a ViT)."""
@@ -61,17 +74,7 @@ def mmseg_backbone_to_vit(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor
     for key, v in sd.items():
         new = None
         if key.startswith("backbone."):
-            name = key[len("backbone."):]
-            m = re.match(r"^layers\.(\d+)\.(.+)$", name)
-            if m:
-                rest = _convert_mm_layer(m.group(2))
-                new = f"blocks.{m.group(1)}.{rest}" if rest else None
-            elif name in ("cls_token", "pos_embed"):
-                new = name
-            elif name.startswith("patch_embed.projection."):
-                new = "patch_embed.proj." + name[len("patch_embed.projection."):]
-            elif name.startswith("ln1."):  # mm's final norm
-                new = "norm." + name[len("ln1."):]
+            new = _backbone_to_ours(key[len("backbone."):])
         elif key.startswith("neck."):  # mmpretrain MAEPretrainDecoder
             name = key[len("neck."):]
             m = re.match(r"^decoder_blocks\.(\d+)\.(.+)$", name)
@@ -103,19 +106,9 @@ def is_mmseg_segmentor(sd: Mapping[str, Any]) -> bool:
     return any(k.startswith("backbone.layers.") for k in sd) and any(k.startswith("decode_head.") for k in sd)
 
 
-def _backbone_to_ours(name: str) -> str | None:
-    if name in ("cls_token", "pos_embed"):
-        return name
-    if name.startswith("patch_embed.projection."):
-        return "patch_embed.proj." + name[len("patch_embed.projection."):]
-    m = re.fullmatch(r"layers\.(\d+)\.(.+)", name)
-    if not m:
-        return None
-    block, rest = m.group(1), m.group(2)
-    if rest == "attn.relative_position_index":
-        return None  # a derived buffer, checked by the caller
-    ours = _convert_mm_layer(rest)
-    return f"blocks.{block}.{ours}" if ours else None
+# Our per-block names -> mmseg's (the inverse of the tables above, without mmcv's MultiheadAttention).
+_TO_MM_PARAM = {v: k for k, v in _MM_PARAM.items() if not k.startswith("attn.attn.")}
+_TO_MM_LAYER = {v: k for k, v in _MM_LAYER.items() if not k.startswith("attn.attn.")}
 
 
 def _backbone_to_mmseg(name: str) -> str | None:
@@ -127,13 +120,11 @@ def _backbone_to_mmseg(name: str) -> str | None:
     if not m:
         return None
     block, rest = m.group(1), m.group(2)
-    inverse_param = {v: k for k, v in _MM_PARAM.items() if not k.startswith("attn.attn.")}
-    if rest in inverse_param:
-        return f"layers.{block}.{inverse_param[rest]}"
+    if rest in _TO_MM_PARAM:
+        return f"layers.{block}.{_TO_MM_PARAM[rest]}"
     mod, _, param = rest.rpartition(".")
-    inverse = {v: k for k, v in _MM_LAYER.items() if not k.startswith("attn.attn.")}
-    if mod in inverse and param in ("weight", "bias"):
-        return f"layers.{block}.{inverse[mod]}.{param}"
+    if mod in _TO_MM_LAYER and param in ("weight", "bias"):
+        return f"layers.{block}.{_TO_MM_LAYER[mod]}.{param}"
     return None
 
 

@@ -18,7 +18,6 @@ import json
 import logging
 import math
 import os
-import warnings
 from collections import Counter
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
@@ -32,6 +31,7 @@ from torch.utils.data import Dataset
 
 from mae_transfer.data.errors import DataError
 from mae_transfer.data.folder import load_rgb
+from mae_transfer.detection.masks import decode_rle
 from mae_transfer.io import atomic_write_json
 
 log = logging.getLogger(__name__)
@@ -93,11 +93,7 @@ def _segment(seg: Any, height: int, width: int) -> list[np.ndarray] | torch.Tens
     if isinstance(seg, list):
         return [np.asarray(p, dtype=np.float64) for p in seg]
     rle = mask_utils.frPyObjects(seg, height, width) if isinstance(seg["counts"], list) else seg
-    with warnings.catch_warnings():
-        # pycocotools' decode trips numpy 2's __array__(copy=...) deprecation once per call; it is
-        # harmless and would otherwise flood training logs.
-        warnings.simplefilter("ignore", DeprecationWarning)
-        return torch.from_numpy(mask_utils.decode(rle).astype(np.uint8))
+    return torch.from_numpy(decode_rle(rle).astype(np.uint8))
 
 
 class CocoDetection(Dataset):

@@ -28,7 +28,8 @@ from torchvision.ops import roi_align
 Segment = Union[list, torch.Tensor]  # list of flat float64 polygons, or a (H, W) uint8 bitmask
 
 
-def _decode(rle) -> np.ndarray:
+def decode_rle(rle) -> np.ndarray:
+    """pycocotools' decode of a compressed RLE to a uint8 (H, W) mask, without its numpy 2 warning."""
     with warnings.catch_warnings():
         # pycocotools' decode trips numpy 2's __array__(copy=...) deprecation; harmless.
         warnings.simplefilter("ignore", DeprecationWarning)
@@ -40,7 +41,7 @@ def polygons_to_mask(polygons: Sequence[np.ndarray], height: int, width: int) ->
     if len(polygons) == 0:
         return np.zeros((height, width), dtype=bool)
     rles = mask_utils.frPyObjects([np.asarray(p, dtype=np.float64) for p in polygons], height, width)
-    return _decode(mask_utils.merge(rles)).astype(bool)
+    return decode_rle(mask_utils.merge(rles)).astype(bool)
 
 
 def segments_to_masks(segments: Sequence[Segment], height: int, width: int) -> torch.Tensor:
@@ -244,15 +245,7 @@ def paste_masks(probs: torch.Tensor, boxes: torch.Tensor, image_hw: tuple[int, i
     return out
 
 
-def encode_masks(masks: torch.Tensor) -> list[dict]:
-    """COCO compressed RLEs (``counts`` a str) of bool masks (N, H, W)."""
-    if masks.shape[0] == 0:
-        return []
-    arr = np.asfortranarray(masks.cpu().numpy().astype(np.uint8).transpose(1, 2, 0))
-    return [{"size": [int(v) for v in r["size"]], "counts": r["counts"].decode("ascii")} for r in mask_utils.encode(arr)]
-
-
 __all__ = [
-    "Segment", "clip_polygon", "crop_segment", "encode_masks", "flip_segment", "mask_targets", "paste_masks",
+    "Segment", "clip_polygon", "crop_segment", "decode_rle", "flip_segment", "mask_targets", "paste_masks",
     "polygons_in_box", "polygons_to_mask", "resize_segment", "segment_box", "segments_to_masks",
 ]

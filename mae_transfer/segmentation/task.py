@@ -326,8 +326,12 @@ def read_segmenter_weights(path: str | Path, trust: bool = False) -> tuple[dict[
     positions and the test resize / window stride follow mmseg's ADE20K rule for the crop
     (``(4 x crop, crop)``, ``2/3 x crop``). Loading is ``weights_only`` unless ``trust``.
     """
+    return segmenter_weights(read_segmenter_file(path, trust), path)
+
+
+def read_segmenter_file(path: str | Path, trust: bool = False) -> dict:
+    """The contents of a trained segmenter's file, ``weights_only`` unless ``trust``."""
     from mae_transfer.checkpoint import load_file, load_safely
-    from mae_transfer.checkpoint.mmseg import describe_segmentor, is_mmseg_segmentor, to_segmenter_state_dict
 
     path = Path(path)
     if not path.is_file():
@@ -336,6 +340,14 @@ def read_segmenter_weights(path: str | Path, trust: bool = False) -> tuple[dict[
     if not isinstance(state, dict):
         raise CheckpointError(f"--weights {path}: not a trained model (expected segmenter.pth, checkpoint-last.pth of an ade20k run, "
                               "or an mmsegmentation segmentor)")
+    return state
+
+
+def segmenter_weights(state: dict, path: str | Path) -> tuple[dict[str, torch.Tensor], dict | None]:
+    """State dict and config overrides from a file read by :func:`read_segmenter_file` (see
+    :func:`read_segmenter_weights`)."""
+    from mae_transfer.checkpoint.mmseg import describe_segmentor, is_mmseg_segmentor, to_segmenter_state_dict
+
     ours = state.get("format") in (SEGMENTER_FORMAT, "mae_transfer.train_checkpoint") and isinstance(state.get("model"), dict)
     if ours:
         sd = state["model"]
@@ -366,16 +378,12 @@ def read_segmenter_weights(path: str | Path, trust: bool = False) -> tuple[dict[
     return sd, saved
 
 
-def read_segmenter_class_names(path: str | Path, trust: bool = False) -> tuple[list[str] | None, list | None]:
-    """Class names (and palette) stored with a segmenter: ours (``class_names``) or mmsegmentation's
-    ``meta["dataset_meta"]`` (a dict, or its printed form, read as a literal)."""
+def segmenter_class_names(state: dict) -> tuple[list[str] | None, list | None]:
+    """Class names (and palette) stored with a segmenter (a file read by :func:`read_segmenter_file`):
+    ours (``class_names``) or mmsegmentation's ``meta["dataset_meta"]`` (a dict, or its printed form,
+    read as a literal)."""
     import ast
 
-    from mae_transfer.checkpoint import load_file, load_safely
-
-    state = load_file(path) if trust else load_safely(path, "--weights")
-    if not isinstance(state, dict):
-        return None, None
     if isinstance(state.get("class_names"), (list, tuple)):
         names = [str(n) for n in state["class_names"]]
         return names, palette(len(names)).tolist()
@@ -403,7 +411,7 @@ def load_segmenter_weights(model: nn.Module, state: dict[str, torch.Tensor], pat
 
 
 __all__ = [
-    "SegmentationTask", "build_segmenter", "format_metrics", "load_segmenter_weights", "read_segmenter_class_names",
-    "read_segmenter_weights",
+    "SegmentationTask", "build_segmenter", "format_metrics", "load_segmenter_weights", "read_segmenter_file",
+    "read_segmenter_weights", "segmenter_class_names", "segmenter_weights",
     "segmentation_loss", "summary",
 ]
