@@ -13,521 +13,55 @@ log = logging.getLogger("mae_transfer.cli")
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 143  # 128 + SIGTERM, what schedulers expect from a preempted job
 
-PRETRAIN_HELP = """\
-Pretrain a Masked Autoencoder (MAE) ViT.
+def _add_task_command(sub, command: str, specs: list) -> None:
+    """One task command from the registry: the shared options of its family (an argparse parent
+    parser, built once per family from the flag table) and the task's own options."""
+    from mae_transfer.evaluation.front import option_names
+    from mae_transfer.evaluation.options import FAMILY_OPTIONS
 
-The defaults are the MAE paper's recipe: ViT-B/16 encoder, 8 x 512 decoder, 75 % random masking,
-normalised-pixel loss, AdamW (0.9, 0.95), lr = 1.5e-4 x batch / 256, weight decay 0.05, cosine
-schedule with 40 warmup epochs out of 800, effective batch 4096, RandomResizedCrop(0.2-1) + flip.
-
-With no --data it runs the `toy` preset on the built-in toy data (a tiny ViT on 64 px images,
-a few minutes on a laptop CPU) and says so. Any config field can be overridden as KEY=VALUE.
-
-The run directory (--output) holds config.yaml, train.csv / train.jsonl, TensorBoard logs,
-reconstructions/epochNNNN.png (original | masked | prediction | prediction + visible, a fixed
-batch every epoch), checkpoint-last.pth (written atomically) and, at the end, encoder.pth in the
-official MAE format. Running the same command again resumes where it stopped (also after a kill).
-"""
-
-PRETRAIN_EPILOG = """\
-examples:
-  mae-transfer pretrain                                  # toy run on CPU, about 5 minutes
-  mae-transfer pretrain --data /datasets/imagenet        # the paper's ViT-B recipe
-  mae-transfer pretrain --data /datasets/imagenet --preset mae_vit_large_800ep
-  torchrun --nproc_per_node 8 -m mae_transfer pretrain --data /datasets/imagenet --batch-size 128
-  mae-transfer pretrain --data DIR optim.blr=1e-4 model.mask_ratio=0.9 train.epochs=400
-  mae-transfer pretrain --print-config                   # show the resolved config and exit
-
-multi-node (SLURM): one task per GPU, `srun mae-transfer pretrain ...` with MASTER_ADDR and
-MASTER_PORT exported, or `srun torchrun --nnodes $SLURM_NNODES --nproc_per_node 8
---rdzv_backend c10d --rdzv_endpoint $MASTER_ADDR:29500 -m mae_transfer pretrain ...`.
-"""
+    spec = specs[0]
+    names = tuple(dict.fromkeys(n for s in specs for n in option_names(s)))
+    own = tuple(n for n in names if n in spec.option_help or n not in FAMILY_OPTIONS[spec.family])
+    p = sub.add_parser(command, help=spec.help, description=spec.description or spec.help, epilog=spec.epilog or None,
+                       parents=[_family_parent(spec.family, frozenset(own))], formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_flags(p, own, spec.option_help)
+    if spec.trains:
+        p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. train.epochs=10 optim.layer_decay=0.8")
+    p.set_defaults(func=_run_task, command_name=command, option_names=names)
 
 
-def _merge_flags(overrides: dict, flags: dict[tuple[str, ...], object]) -> None:
-    """Put the command-line flags that were given into the nested overrides dict."""
-    for keys, value in flags.items():
-        if value is not None:
-            node = overrides
-            for k in keys[:-1]:
-                node = node.setdefault(k, {})
-            node[keys[-1]] = value
+def _add_flags(parser: argparse.ArgumentParser, names, help_texts: dict[str, str] | None = None) -> None:
+    """Add the options ``names`` from the one flag table (pairs in ``EXCLUSIVE`` as exclusive groups)."""
+    from mae_transfer.evaluation.options import EXCLUSIVE, FLAGS
+
+    groups: dict = {}
+    for name in names:
+        flag = FLAGS[name]
+        kwargs = {**flag.kwargs, **({"help": help_texts[name]} if help_texts and name in help_texts else {})}
+        pair = next((g for g in EXCLUSIVE if name in g), None)
+        if pair and pair not in groups:
+            groups[pair] = parser.add_mutually_exclusive_group()
+        target = groups[pair] if pair else parser
+        target.add_argument(*flag.flags, dest=name, **kwargs)
 
 
-def _model_from_backbone(args, overrides: dict, rename: dict[str, str] | None = None, pos_size_key: str | None = None) -> None:
-    """Without --model, take the ViT size from the --backbone checkpoint (``rename`` maps sizes);
-    with ``pos_size_key``, also the image size its position table was pretrained at (detection
-    keeps that table and resizes it at every forward, as ViTDet does)."""
-    model = overrides.get("model", {})
-    want_name = not (args.model or "name" in model)
-    want_pos = pos_size_key is not None and pos_size_key not in model
-    if not args.backbone or not (want_name or want_pos):
-        return
-    from mae_transfer.checkpoint import infer_vit_config, read_checkpoint, to_vit_state_dict
+def _family_parent(family: str, leave_out: frozenset) -> argparse.ArgumentParser:
+    """The parent parser holding a family's shared options (those a command words its own way are left out)."""
+    from mae_transfer.evaluation.options import FAMILY_OPTIONS
 
-    info = infer_vit_config(to_vit_state_dict(read_checkpoint(args.backbone)))
-    if want_name and info.get("name"):
-        overrides.setdefault("model", {})["name"] = (rename or {}).get(info["name"], info["name"])
-    if want_pos and info.get("img_size"):
-        overrides.setdefault("model", {})[pos_size_key] = int(info["img_size"])
+    parent = argparse.ArgumentParser(add_help=False)
+    _add_flags(parent, [n for n in FAMILY_OPTIONS[family] if n not in leave_out])
+    return parent
 
 
-def _add_pretrain(sub) -> None:
-    p = sub.add_parser(
-        "pretrain", help="pretrain an MAE (paper recipe; toy data when no --data)",
-        description=PRETRAIN_HELP, epilog=PRETRAIN_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    p.add_argument("--data", metavar="DIR", help="ImageFolder/ImageNet root (train/<class>/*.JPEG or <class>/*); default: built-in toy data")
-    p.add_argument("--output", metavar="DIR", help="run directory (default: runs/pretrain-<preset or model>)")
-    p.add_argument("--preset", metavar="NAME", help="a preset name (see `mae-transfer presets`) or a YAML file")
-    p.add_argument("--model", metavar="NAME", help="MAE model, e.g. mae_vit_base_patch16, mae_vit_large_patch16, mae_vit_huge_patch14")
-    p.add_argument("--epochs", type=int, help="train.epochs")
-    p.add_argument("--batch-size", type=int, help="images per process per step (train.batch_size)")
-    p.add_argument("--effective-batch-size", type=int, help="global batch; gradient accumulation makes up the rest")
-    p.add_argument("--blr", type=float, help="base lr; lr = blr x effective batch / 256")
-    p.add_argument("--device", choices=["auto", "cuda", "cpu"], help="default: cuda when available")
-    p.add_argument("--init", metavar="CKPT", help="start from these weights (official MAE, timm, Hugging Face, ours)")
-    p.add_argument("--max-steps", type=int, help="stop after this many optimizer steps (the schedule still spans all epochs)")
-    g = p.add_mutually_exclusive_group()
-    g.add_argument("--resume", metavar="CKPT", help="resume from this training checkpoint instead of the run directory's")
-    g.add_argument("--no-resume", action="store_true", help="refuse to continue a run already in --output")
-    p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
-    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. optim.blr=1e-4 train.epochs=400")
-    p.set_defaults(func=_run_pretrain)
+def _run_task(args) -> int:
+    """Every task command: the parsed options go to the task front (evaluation.front.run)."""
+    from mae_transfer.evaluation import front
+    from mae_transfer.evaluation.registry import spec_for
 
-
-def _run_pretrain(args) -> int:
-    from mae_transfer.config import parse_overrides, to_dict
-    from mae_transfer.engine.distributed import cleanup, init_distributed
-    from mae_transfer.engine.logger import setup_logging
-    from mae_transfer.engine.trainer import Trainer
-    from mae_transfer.pretrain.config import build_config
-    from mae_transfer.pretrain.task import PretrainTask
-
-    overrides = parse_overrides(args.overrides)
-    flags = {
-        ("data", "path"): args.data,
-        ("model", "name"): args.model,
-        ("train", "epochs"): args.epochs,
-        ("train", "batch_size"): args.batch_size,
-        ("train", "effective_batch_size"): args.effective_batch_size,
-        ("train", "device"): args.device,
-        ("train", "max_steps"): args.max_steps,
-        ("optim", "blr"): args.blr,
-        ("init",): args.init,
-    }
-    _merge_flags(overrides, flags)
-    preset = args.preset
-    toy = not (args.data or (overrides.get("data") or {}).get("path"))
-    if toy and preset is None:
-        preset = "toy"
-    cfg = build_config(preset, overrides)
-    if args.print_config:
-        import yaml
-
-        print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")
-        return 0
-
-    device = None if cfg.train.device == "auto" else cfg.train.device
-    dist_info = init_distributed(device)
-    name = Path(preset).stem if preset else cfg.model.name
-    output = Path(args.output or f"runs/pretrain-{name}")
-    setup_logging(dist_info.rank, output / "log.txt")
-    if not cfg.data.path:
-        log.warning(
-            "no --data given: using the built-in toy data and the %r preset (a demo, not the paper's "
-            "recipe); pass --data DIR to pretrain on your images", preset,
-        )
-    resume = args.resume or ("never" if args.no_resume else "auto")
-    try:
-        trainer = Trainer(PretrainTask(cfg), cfg.train, cfg.optim, output, dist_info, config=cfg, resume=resume)
-        summary = trainer.fit()
-    finally:
-        cleanup()
-    if dist_info.is_main:
-        print(
-            f"pretraining {'finished' if summary['finished'] else 'stopped'} at step {summary['step']} of "
-            f"{summary['total_steps']}; run directory: {output}"
-        )
-        if (output / "encoder.pth").exists():
-            print(f"encoder (official MAE format): {output / 'encoder.pth'}")
-        if (output / "reconstructions").is_dir():
-            print(f"reconstruction pictures: {output / 'reconstructions'}")
-    return 0
-
-
-CLASSIFY_EPILOG = """\
-protocols (MAE paper section 4 and appendix A):
-  finetune   end-to-end, global average pool + fc_norm, layer-wise lr decay, RandAugment, mixup,
-             cutmix, label smoothing, random erasing, AdamW, cosine with warmup (official scripts)
-  linprobe   frozen encoder, class token, BatchNorm (no affine) + linear head, LARS
-  partial    fine-tune only the last k blocks (paper Figure 9): --protocol partial --trainable-blocks k
-
-examples:
-  mae-transfer finetune --data /datasets/imagenet --backbone mae_pretrain_vit_base.pth
-  mae-transfer linprobe --data /datasets/imagenet --backbone runs/pretrain-toy/encoder.pth
-  mae-transfer inat --year 2018 --data /datasets/inat2018 --backbone ckpt.pth --preset finetune_paper_table9
-  mae-transfer places --version 365 --data /datasets/places365 --backbone ckpt.pth
-  mae-transfer finetune --backbone runs/pretrain-toy/encoder.pth      # toy data, a few minutes on CPU
-With no --backbone the ViT starts from random weights (the from-scratch baseline), and says so.
-Results: <output>/results.jsonl (one row per metric), eval.csv per evaluated epoch, and a table.
-"""
-
-
-def _add_classification(sub, name: str, help_text: str, protocol: str | None, dataset: str | None) -> None:
-    p = sub.add_parser(name, help=help_text, description=help_text + ".", epilog=CLASSIFY_EPILOG,
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
-    if name == "inat":
-        p.add_argument("--year", type=int, choices=[2017, 2018, 2019], default=2018)
-    if name == "places":
-        p.add_argument("--version", type=int, choices=[205, 365], default=365)
-    if dataset is None and name not in ("inat", "places"):
-        p.add_argument("--dataset", default="imagefolder",
-                       choices=["imagefolder", "inat2017", "inat2018", "inat2019", "places205", "places365"],
-                       help="dataset format of --data (default: imagefolder = ImageNet layout)")
-    p.add_argument("--data", metavar="DIR", help="dataset root in its official layout; default: built-in toy data in that layout")
-    p.add_argument("--backbone", metavar="CKPT", help="pretrained weights (official MAE, timm, Hugging Face, ours); none = random init")
-    if protocol is None:
-        p.add_argument("--protocol", choices=["finetune", "linprobe", "partial"], default="finetune")
-    p.add_argument("--trainable-blocks", type=int, help="partial fine-tuning: train the last k blocks")
-    p.add_argument("--preset", metavar="NAME", help="recipe preset (see `mae-transfer presets`) or YAML file")
-    p.add_argument("--model", metavar="NAME", help="ViT size, e.g. vit_base_patch16 (default: from the backbone checkpoint)")
-    p.add_argument("--output", metavar="DIR", help="run directory (default: runs/<command>-<dataset>-<protocol>)")
-    p.add_argument("--epochs", type=int)
-    p.add_argument("--batch-size", type=int, help="images per process per step")
-    p.add_argument("--effective-batch-size", type=int)
-    p.add_argument("--blr", type=float, help="base lr; lr = blr x effective batch / 256")
-    p.add_argument("--missing", choices=["error", "skip"], help="images listed in the annotations but absent on disk")
-    p.add_argument("--device", choices=["auto", "cuda", "cpu"])
-    p.add_argument("--max-steps", type=int)
-    p.add_argument("--no-resume", action="store_true")
-    p.add_argument("--print-config", action="store_true")
-    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
-    p.set_defaults(func=_run_classification, command_name=name, fixed_protocol=protocol, fixed_dataset=dataset)
-
-
-def _run_classification(args) -> int:
-    from mae_transfer.classification.config import build_config
-    from mae_transfer.classification.task import ClassificationTask, format_results
-    from mae_transfer.config import parse_overrides, to_dict
-    from mae_transfer.engine.distributed import cleanup, init_distributed
-    from mae_transfer.engine.logger import setup_logging
-    from mae_transfer.engine.trainer import Trainer
-
-    protocol = args.fixed_protocol or getattr(args, "protocol", "finetune")
-    if protocol == "finetune" and args.trainable_blocks:
-        protocol = "partial"  # fine-tuning only the last k blocks
-    if args.command_name == "inat":
-        dataset = f"inat{args.year}"
-    elif args.command_name == "places":
-        dataset = f"places{args.version}"
-    else:
-        dataset = args.fixed_dataset or args.dataset
-    toy = not args.data
-    if args.preset:
-        preset = args.preset
-    elif protocol == "linprobe":
-        preset = "toy_linprobe" if toy else "linprobe"
-    elif toy:
-        preset = "toy_finetune"
-    else:
-        # iNaturalist and Places follow the paper's Table 9 setting (appendix A.5); folders
-        # (ImageNet) the official script of the released ViT-B.
-        preset = "finetune_paper_table9" if args.command_name in ("inat", "places") else "finetune_vit_base"
-    overrides = parse_overrides(args.overrides)
-    flags = {
-        ("protocol",): protocol, ("data", "dataset"): dataset, ("data", "path"): args.data,
-        ("data", "missing"): args.missing, ("backbone",): args.backbone, ("model", "name"): args.model,
-        ("model", "trainable_blocks"): args.trainable_blocks, ("train", "epochs"): args.epochs,
-        ("train", "batch_size"): args.batch_size, ("train", "effective_batch_size"): args.effective_batch_size,
-        ("train", "device"): args.device, ("train", "max_steps"): args.max_steps, ("optim", "blr"): args.blr,
-    }
-    _merge_flags(overrides, flags)
-    _model_from_backbone(args, overrides)
-    cfg = build_config(preset, overrides)
-    if args.print_config:
-        import yaml
-
-        print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")
-        return 0
-    dist_info = init_distributed(None if cfg.train.device == "auto" else cfg.train.device)
-    output = Path(args.output or f"runs/{args.command_name}-{dataset}-{protocol}")
-    setup_logging(dist_info.rank, output / "log.txt")
-    if not cfg.data.path:
-        log.warning("no --data given: using the built-in toy data in the %s format and the %r preset", dataset, preset)
-    try:
-        task = ClassificationTask(cfg)
-        trainer = Trainer(task, cfg.train, cfg.optim, output, dist_info, config=cfg, resume="never" if args.no_resume else "auto")
-        trainer.fit()
-    finally:
-        cleanup()
-    if dist_info.is_main:
-        print(format_results(task.last_eval, task.best_top1, cfg))
-        print(f"results: {output / 'results.jsonl'}")
-    return 0
-
-
-COCO_HELP = """\
-COCO instance detection and segmentation with Mask R-CNN on a ViT backbone (MAE paper Table 4,
-ViTDet): the same function as detectron2's ViTDet Mask R-CNN (no detectron2 needed), checked
-against detectron2's own outputs, and it reads and writes detectron2 checkpoints.
-
-The default recipe is ViTDet's Mask R-CNN ViT-B from MAE weights: simple feature pyramid from the
-last block, 14x14 window attention with 4 global blocks, relative position bias, LayerNorm heads,
-1024 px large-scale jitter, AdamW lr 1e-4, weight decay 0.1, layer decay 0.7, drop path 0.1,
-fp16 with a loss scaler, 100 epochs at batch 64 with step decay (COCO val2017: 51.6 box AP /
-45.9 mask AP in ViTDet). `--preset benchmarking_mask_rcnn_b` is the Benchmarking-ViT protocol of
-the MAE paper's Table 4 (four taps + FPN, BatchNorm, lr 8e-5, cosine). See `mae-transfer presets`.
-
-Training ends with an evaluation on --eval-split (pycocotools: bbox and segm AP, AP50, AP75,
-APs/m/l), in fp32 unless eval_precision=bf16. The run directory holds metrics.json, results.jsonl
-(one row per metric), predictions_<split>.json (COCO results format), detector.pth (detectron2
-parameter names), checkpoint-last.pth and with --visualize N, visualize/*.png (ground truth |
-prediction). Running the same command again resumes.
-
---eval-only --weights also takes a detectron2 ViTDet checkpoint (model_final.pth; a model-zoo
-.pkl with --trust-checkpoint): the architecture, input size and classes are read from the file.
-`mae-transfer export --to detectron2` writes a trained detector back in detectron2's layout.
-"""
-
-COCO_EPILOG = """\
-examples:
-  mae-transfer coco                                          # toy data, tiny ViT, a few minutes on CPU
-  mae-transfer coco --backbone mae_pretrain_vit_base.pth --data /datasets/coco
-  torchrun --nproc_per_node 8 -m mae_transfer coco --backbone ckpt.pth --data /datasets/coco --batch-size 8
-  mae-transfer coco --backbone ckpt.pth --data /datasets/coco --preset vitdet_mask_rcnn_b_1gpu   # one 24 GB GPU
-  mae-transfer coco --backbone ckpt.pth --data /datasets/coco --preset benchmarking_mask_rcnn_l
-  mae-transfer coco --eval-only --weights runs/coco/detector.pth --data /datasets/coco --visualize 8
-  mae-transfer coco --eval-only --weights model_final.pth --data /datasets/coco    # a detectron2 ViTDet model
-  mae-transfer export runs/coco/detector.pth --to detectron2 --output model_final.pth
-  mae-transfer coco --data /datasets/coco --print-config     # the resolved recipe
-Category ids may be any (COCO's are non-contiguous); both splits need the same category list.
-Crowd regions are ignored in training and handled by COCOeval in evaluation.
-"""
-
-
-def _add_dense_options(p, data_help: str, artifact: str, size_help: str) -> None:
-    """The options ``coco`` and ``ade20k`` share."""
-    p.add_argument("--backbone", metavar="CKPT", help="pretrained ViT weights (official MAE, timm, Hugging Face, ours); none = random init")
-    p.add_argument("--data", metavar="DIR", help=data_help)
-    p.add_argument("--preset", metavar="NAME", help="recipe preset (see `mae-transfer presets`) or YAML file")
-    p.add_argument("--model", metavar="NAME", help="ViT size, e.g. vit_large_patch16 (default: from the backbone checkpoint)")
-    p.add_argument("--img-size", type=int, help=size_help)
-    p.add_argument("--output", metavar="DIR", help="run directory (default: runs/<command>-<preset>)")
-    p.add_argument("--epochs", type=int)
-    p.add_argument("--batch-size", type=int, help="images per process per step")
-    p.add_argument("--effective-batch-size", type=int, help="global batch; gradient accumulation makes up the rest")
-    p.add_argument("--lr", type=float, help="peak learning rate (absolute, for the effective batch)")
-    p.add_argument("--device", choices=["auto", "cuda", "cpu"])
-    p.add_argument("--max-steps", type=int)
-    p.add_argument("--eval-only", action="store_true", help="only evaluate --weights (no training)")
-    p.add_argument("--weights", metavar="PATH", help=f"trained model ({artifact} or checkpoint-last.pth) for --eval-only")
-    p.add_argument("--trust-checkpoint", action="store_true",
-                   help="allow checkpoints that need full unpickling (detectron2 model-zoo .pkl, old files); this can run code "
-                        "stored in the file, so only for files from a source you trust")
-    p.add_argument("--visualize", type=int, metavar="N", help="save N evaluation images with predictions next to the ground truth")
-    p.add_argument("--no-resume", action="store_true")
-    p.add_argument("--print-config", action="store_true")
-    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. model.drop_path=0.2 optim.layer_decay=0.8")
-
-
-def _add_coco(sub) -> None:
-    p = sub.add_parser("coco", help="COCO detection transfer: Mask R-CNN on a ViT (ViTDet / MAE Table 4)",
-                       description=COCO_HELP, epilog=COCO_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    _add_dense_options(p, "COCO root with train2017/, val2017/, annotations/; default: built-in toy COCO", "detector.pth",
-                       "training and test size (model.img_size; 1024 in the recipes)")
-    p.add_argument("--train-split", metavar="NAME", help="folder and annotations/instances_NAME.json to train on (default train2017)")
-    p.add_argument("--eval-split", metavar="NAME", help="split to evaluate on (default val2017)")
-    p.add_argument("--skip-bad", action="store_true", help="skip unknown category ids and missing image files (counted) instead of stopping")
-    p.set_defaults(func=_run_coco)
-
-
-ADE20K_HELP = """\
-ADE20K semantic segmentation with UperNet on a ViT (MAE paper Table 5): the same function as
-mmsegmentation's MAE + UperNet (configs/mae), checked against mmsegmentation's own outputs, natively
-in PyTorch (no mmsegmentation / mmcv); it reads and writes mmsegmentation checkpoints.
-
-The default recipe is the MAE paper's A.4 setup with mmsegmentation's MAE hyper-parameters: ViT-B
-with BEiT's relative position bias table (zero-initialised) and layer scale 1.0, four taps (blocks 4,
-6, 8, 12) rescaled x4 x2 x1 x0.5, UperNet (768 channels) + auxiliary FCN head (weight 0.4), 512
-crops of images resized by 0.5-2.0 x (2048, 512) with at most 75 % of a crop one class, flip and
-photometric distortion, AdamW lr 1e-4, weight decay 0.05, layer decay 0.65, drop path 0.1, 1500
-warmup iterations, poly decay, fp16 with a loss scaler, 100 epochs at batch 16. Evaluation (fp32)
-resizes the short side to 512 (long side at most 2048) with OpenCV as mmcv does, runs 512 px sliding
-windows with stride 341 and scores at the original size: mIoU, mean class accuracy, pixel accuracy
-and per-class IoU, accumulated over the whole split.
-
---eval-only --weights also takes an mmsegmentation MAE/BEiT UperNet checkpoint ({"meta",
-"state_dict"}): the architecture and classes are read from the file, the crop from its position
-table (test resize and stride follow mmsegmentation's ADE20K rule for that crop; override with
-data.scale / test.stride). `mae-transfer export --to mmseg` writes a trained segmenter back.
-"""
-
-ADE20K_EPILOG = """\
-examples:
-  mae-transfer ade20k                                        # toy data, tiny ViT, a few minutes on CPU
-  mae-transfer ade20k --backbone mae_pretrain_vit_base.pth --data /datasets/ADEChallengeData2016
-  torchrun --nproc_per_node 8 -m mae_transfer ade20k --backbone ckpt.pth --data DIR --batch-size 2
-  mae-transfer ade20k --backbone ckpt.pth --data DIR --preset upernet_vit_b_1gpu    # one 24 GB GPU
-  mae-transfer ade20k --eval-only --weights runs/ade20k-upernet_vit_b/segmenter.pth --data DIR --flip --multi-scale
-  mae-transfer ade20k --eval-only --weights mmseg_upernet_mae.pth --data DIR       # an mmsegmentation model
-  mae-transfer export runs/ade20k-upernet_vit_b/segmenter.pth --to mmseg --output mmseg.pth
-  mae-transfer ade20k --data MY_DATA --num-classes 19 data.reduce_zero_label=false  # your own data, same layout
-Layout: DIR/images/{training,validation}/*.jpg and DIR/annotations/{training,validation}/*.png
-(0 = unlabelled and ignored, 1..150 = classes), objectInfo150.txt for the class names.
-"""
-
-
-def _add_ade20k(sub) -> None:
-    p = sub.add_parser("ade20k", help="ADE20K segmentation transfer: UperNet on a ViT (MAE Table 5)",
-                       description=ADE20K_HELP, epilog=ADE20K_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    _add_dense_options(p, "ADEChallengeData2016 folder (or the folder holding it); default: built-in toy ADE20K",
-                       "segmenter.pth", "training crop and sliding-window size (model.img_size; 512 in the recipes)")
-    p.add_argument("--num-classes", type=int, help="classes of your own data in the same layout (data.num_classes; 150)")
-    p.add_argument("--bad-labels", choices=["error", "ignore"], help="label values outside the classes: stop (default) or ignore those pixels")
-    p.add_argument("--missing", choices=["error", "skip"], help="images without a label map: stop (default) or skip them")
-    p.add_argument("--flip", action="store_true", help="test with horizontal flips too")
-    p.add_argument("--multi-scale", action="store_true",
-                   help="test at 0.5, 0.75, 1.0, 1.25, 1.5, 1.75 x the original image (mmsegmentation 1.x TTA; with --flip: ms+flip)")
-    p.set_defaults(func=_run_ade20k)
-
-
-def _dense_spec(kind: str) -> dict:
-    """What differs between the dense tasks' commands: modules, names, extra flags."""
-    if kind == "coco":
-        from mae_transfer.detection import config, task
-
-        return {"config": config, "task": task.DetectionTask, "format": task.format_metrics, "read": task.read_detector_weights,
-                "load": task.load_detector_weights, "artifact": "detector.pth", "data": "COCO", "default_preset": "vitdet_mask_rcnn_b",
-                "pictures": "ground truth | prediction",
-                # ViTDet runs ViT-H with 16 px patches (the 14 px kernel is resized on load, ViTDet A.2).
-                "rename": {"vit_huge_patch14": "vit_huge_patch16"}, "pos_size_key": "pretrain_img_size"}
-    from mae_transfer.segmentation import config, task
-
-    return {"config": config, "task": task.SegmentationTask, "format": task.format_metrics, "read": task.read_segmenter_weights,
-            "load": task.load_segmenter_weights, "artifact": "segmenter.pth", "data": "ADE20K", "default_preset": "upernet_vit_b",
-            "pictures": "image | ground truth | prediction", "rename": {}}
-
-
-def _run_dense(args, kind: str, flags: dict) -> int:
-    """Shared front of ``coco`` and ``ade20k``: config from preset, weights and flags; train or evaluate."""
-    from mae_transfer.config import ConfigError, parse_overrides, to_dict
-
-    spec = _dense_spec(kind)
-    if args.eval_only and not args.weights:
-        raise ConfigError(f"--eval-only needs --weights PATH (a {spec['artifact']} or checkpoint-last.pth of a {kind} run)")
-    if args.weights and not args.eval_only:
-        raise ConfigError("--weights is for --eval-only; to start training from a pretrained ViT use --backbone")
-    toy = not args.data
-    preset = args.preset or ("toy" if toy else None)
-    overrides = parse_overrides(args.overrides)
-    weights = None
-    if args.weights:
-        weights, saved = spec["read"](args.weights, trust=args.trust_checkpoint)
-        # Build and test the model as it was trained (architecture, test settings, resize scale),
-        # unless the command line says otherwise; where the data is comes from the command line.
-        for section in ("model", "test", "data"):
-            if isinstance((saved or {}).get(section), dict):
-                kept = {k: v for k, v in saved[section].items() if k != "path"}
-                overrides[section] = {**kept, **overrides.get(section, {})}
-    common = {
-        ("data", "path"): args.data, ("backbone",): args.backbone, ("model", "name"): args.model,
-        ("model", "img_size"): args.img_size, ("train", "epochs"): args.epochs, ("train", "batch_size"): args.batch_size,
-        ("train", "effective_batch_size"): args.effective_batch_size, ("train", "device"): args.device,
-        ("train", "max_steps"): args.max_steps, ("optim", "lr"): args.lr, ("visualize",): args.visualize,
-    }
-    _merge_flags(overrides, {**common, **flags})
-    _model_from_backbone(args, overrides, rename=spec["rename"], pos_size_key=spec.get("pos_size_key"))
-    cfg = spec["config"].build_config(preset, overrides)
-    if args.print_config:
-        import yaml
-
-        print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")
-        return 0
-    name = Path(preset).stem if preset else spec["default_preset"]
-    output = Path(args.output or (f"runs/{kind}-eval-{name}" if args.eval_only else f"runs/{kind}-{name}"))
-
-    from mae_transfer.engine.distributed import cleanup, init_distributed
-    from mae_transfer.engine.logger import setup_logging
-    from mae_transfer.engine.trainer import Trainer, autocast_context, default_num_workers, resolve_precision
-
-    dist_info = init_distributed(None if cfg.train.device == "auto" else cfg.train.device)
-    setup_logging(dist_info.rank, output / "log.txt")
-    if not cfg.data.path:
-        log.warning("no --data given: using the built-in toy %s data and the %r preset (a demo, not a paper recipe)", spec["data"], preset)
-    try:
-        if args.eval_only:
-            task = spec["task"](cfg, train=False)
-            model = task.build_model(load_backbone=False)
-            spec["load"](model, weights, args.weights)
-            model.to(dist_info.device)
-            # Detection evaluates in fp32 unless asked otherwise (eval_precision), as detectron2 does.
-            precision = resolve_precision(getattr(cfg, "eval_precision", None) or cfg.train.precision, dist_info.device)
-            autocast = lambda: autocast_context(precision, dist_info.device)  # noqa: E731
-            workers = default_num_workers(cfg.train.num_workers, dist_info.device)
-            metrics = task.run_eval(model, dist_info.device, autocast, dist_info, workers, output)
-            if dist_info.is_main:
-                task.write_results(output, metrics, step=-1)
-                if cfg.visualize:
-                    task.visualize(model, dist_info.device, autocast, output / "visualize")
-        else:
-            task = spec["task"](cfg)
-            trainer = Trainer(task, cfg.train, cfg.optim, output, dist_info, config=cfg, resume="never" if args.no_resume else "auto")
-            trainer.fit()
-            metrics = task.last_eval
-    finally:
-        cleanup()
-    if dist_info.is_main:
-        print(spec["format"](metrics, cfg))
-        print(f"results: {output / 'results.jsonl'}; metrics: {output / 'metrics.json'}"
-              + ("" if args.eval_only else f"; weights: {output / spec['artifact']}"))
-        if cfg.visualize:
-            print(f"pictures ({spec['pictures']}): {output / 'visualize'}")
-    return 0
-
-
-def _run_ade20k(args) -> int:
-    flags = {("data", "num_classes"): args.num_classes, ("data", "bad_labels"): args.bad_labels, ("data", "missing"): args.missing,
-             ("test", "flip"): True if args.flip else None,
-             ("test", "scales"): [0.5, 0.75, 1.0, 1.25, 1.5, 1.75] if args.multi_scale else None}
-    return _run_dense(args, "ade20k", flags)
-
-
-def _run_coco(args) -> int:
-    flags = {("data", "train_split"): args.train_split, ("data", "val_split"): args.eval_split,
-             ("data", "skip_bad"): True if args.skip_bad else None}
-    return _run_dense(args, "coco", flags)
-
-
-def _add_knn(sub) -> None:
-    p = sub.add_parser("knn", help="k-NN and linear-probe-sweep evaluation of frozen features",
-                       description="Evaluate frozen features: weighted k-NN (cosine, T=0.07) and, with --sweep, a linear probe "
-                                   "that trains several learning rates at once on the extracted features.")
-    p.add_argument("--dataset", default="imagefolder",
-                   choices=["imagefolder", "inat2017", "inat2018", "inat2019", "places205", "places365"])
-    p.add_argument("--data", metavar="DIR")
-    p.add_argument("--backbone", metavar="CKPT")
-    p.add_argument("--model", metavar="NAME")
-    p.add_argument("--img-size", type=int)
-    p.add_argument("--k", default="10,20,100,200", help="comma-separated neighbour counts")
-    p.add_argument("--sweep", action="store_true", help="also run the linear-probe lr sweep")
-    p.add_argument("--output", metavar="DIR")
-    p.add_argument("--device", choices=["cuda", "cpu"])
-    p.set_defaults(func=_run_knn)
-
-
-def _run_knn(args) -> int:
-    from mae_transfer.classification.frozen import run_frozen_eval
-    from mae_transfer.engine.logger import setup_logging
-
-    setup_logging(0)
-    table = run_frozen_eval(
-        dataset=args.dataset, data=args.data, backbone=args.backbone, model=args.model, img_size=args.img_size,
-        ks=tuple(int(k) for k in args.k.split(",")), sweep=args.sweep,
-        output=Path(args.output or f"runs/knn-{args.dataset}"), device=args.device,
-    )
-    print(table)
-    return 0
+    options = {n: getattr(args, n, None) for n in args.option_names}
+    options["overrides"] = list(getattr(args, "overrides", None) or [])
+    return front.run(spec_for(args.command_name, options), options)
 
 
 def _add_speed(sub) -> None:
@@ -656,28 +190,18 @@ def _add_bench(sub) -> None:
     p.set_defaults(func=_run_bench)
 
 
-def _report(rows: list, results: Path, baseline: str | None, pretrain_dir: Path | None = None) -> tuple[str, dict, list]:
-    """Write tables and plots of ``rows`` into ``results``; return the Markdown and the paths."""
-    from mae_transfer.report.plots import plot_all
-    from mae_transfer.report.tables import render, write_tables
-
-    kw = {"baseline": baseline or "auto"}
-    markdown = render(rows, "markdown", **kw)
-    tables = write_tables(rows, results, **kw) if rows else {}
-    plots = plot_all(rows, results / "plots", pretrain_dir=pretrain_dir) if rows else []
-    return markdown, tables, plots
-
-
 def _run_bench(args) -> int:
-    from mae_transfer import bench
     from mae_transfer.config import ConfigError
     from mae_transfer.engine.logger import setup_logging
+    from mae_transfer.evaluation import runner as bench
+    from mae_transfer.evaluation.registry import TASKS, benchmark_tasks, data_keys
+    from mae_transfer.evaluation.report import write_report
 
     setup_logging(0)
     backbones = bench.parse_backbones(args.backbone)
     tasks = bench.parse_tasks(args.tasks)
-    data = bench.parse_task_map(args.data, "--data", [*bench.TASKS, "imagenet"])
-    presets = bench.parse_task_map(args.preset, "--preset", bench.TASKS)
+    data = bench.parse_task_map(args.data, "--data", data_keys())
+    presets = bench.parse_task_map(args.preset, "--preset", [t for t in benchmark_tasks() if TASKS[t].trains])
     overrides = bench.parse_overrides(args.set)
     if args.nproc_per_node < 1:
         raise ConfigError("--nproc-per-node must be at least 1")
@@ -703,7 +227,7 @@ def _run_bench(args) -> int:
     except bench.BenchInterrupted as e:
         print(f"mae-transfer bench: {e}", file=sys.stderr)
         return EXIT_INTERRUPTED
-    markdown, tables, plots = _report(bench.latest_rows(results, jobs), results, args.baseline)
+    markdown, tables, plots = write_report(bench.latest_rows(results, jobs), results, args.baseline)
     print()
     print(markdown)
     counts = {s: sum(o.status == s for o in outcomes) for s in ("done", "cached", "recorded", "failed")}
@@ -742,7 +266,7 @@ def _add_table(sub) -> None:
 
 def _table_rows(args) -> list:
     from mae_transfer.config import ConfigError
-    from mae_transfer.results import ResultStore
+    from mae_transfer.evaluation.store import ResultStore
 
     store = ResultStore(args.results)
     if not store.path.exists():
@@ -759,7 +283,7 @@ def _table_rows(args) -> list:
 
 
 def _run_table(args) -> int:
-    from mae_transfer.report.tables import render, write_tables
+    from mae_transfer.evaluation.tables import render, write_tables
 
     rows = _table_rows(args)
     kw = {"baseline": None if (args.baseline or "").lower() == "none" else (args.baseline or "auto"),
@@ -789,7 +313,7 @@ def _add_plot(sub) -> None:
 
 
 def _run_plot(args) -> int:
-    from mae_transfer.report.plots import plot_all
+    from mae_transfer.evaluation.plots import plot_all
 
     rows = _table_rows(args)
     out = Path(args.output or Path(args.results) / "plots")
@@ -817,13 +341,15 @@ def _add_demo(sub) -> None:
 
 
 def _run_demo(args) -> int:
-    from mae_transfer.demo import run_demo
+    from mae_transfer.evaluation.demo import run_demo
 
     return run_demo(Path(args.output), quick=args.quick, verbose=args.verbose)
 
 
 def _add_toy_data(sub) -> None:
-    kinds = ["imagefolder", "coco", "ade20k", "inat2017", "inat2018", "inat2019", "places205", "places365"]
+    from mae_transfer.data.toy import TOY_KINDS
+
+    kinds = list(TOY_KINDS)
     p = sub.add_parser(
         "toy-data", help="write a built-in toy dataset in a real on-disk format",
         description="Write one of the built-in toy datasets (deterministic) in the exact on-disk format of the real dataset, to look at or to test a pipeline.",
@@ -862,7 +388,7 @@ def _add_export(sub) -> None:
     p.add_argument("checkpoint")
     p.add_argument("--to", required=True, choices=["mae", "detectron2", "mmseg"], help="the format to write")
     p.add_argument("--output", required=True, metavar="PATH")
-    p.add_argument("--trust-checkpoint", action="store_true", help="allow input files that need full unpickling (model-zoo .pkl)")
+    _add_flags(p, ["trust_checkpoint"])
     p.set_defaults(func=_run_export)
     p = sub.add_parser(
         "export-encoder", help="write the encoder of a pretraining checkpoint in the official MAE format (= export --to mae)",
@@ -906,14 +432,19 @@ def _add_presets(sub) -> None:
 
 
 def _run_presets(args) -> int:
-    from mae_transfer.classification import config as cls_config
-    from mae_transfer.detection import config as det_config
-    from mae_transfer.pretrain import config as pre_config
-    from mae_transfer.segmentation import config as seg_config
+    import importlib
 
-    for title, module in (("mae-transfer pretrain", pre_config), ("mae-transfer finetune / linprobe / inat / places", cls_config),
-                          ("mae-transfer coco", det_config), ("mae-transfer ade20k", seg_config)):
-        print(f"{title} --preset NAME:")
+    from mae_transfer.evaluation.registry import TASKS
+
+    by_module: dict[str, list[str]] = {}
+    for spec in TASKS.values():
+        if spec.config:
+            commands = by_module.setdefault(spec.config.partition(":")[0], [])
+            if spec.command not in commands:
+                commands.append(spec.command)
+    for module_name, commands in by_module.items():
+        module = importlib.import_module(module_name)
+        print(f"mae-transfer {' / '.join(commands)} --preset NAME:")
         for name in module.available_presets():
             first = (module.PRESET_DIR / f"{name}.yaml").read_text().splitlines()[0].lstrip("# ")
             print(f"  {name:24s} {first}")
@@ -931,14 +462,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"mae-transfer {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     _add_demo(sub)
-    _add_pretrain(sub)
-    _add_classification(sub, "finetune", "fine-tune a ViT end to end on an image-classification dataset", "finetune", None)
-    _add_classification(sub, "linprobe", "linear probing of a frozen ViT (the official MAE protocol)", "linprobe", None)
-    _add_classification(sub, "inat", "iNaturalist 2017/2018/2019 transfer (MAE paper Table 6)", None, None)
-    _add_classification(sub, "places", "Places205/365 transfer (MAE paper Table 6)", None, None)
-    _add_coco(sub)
-    _add_ade20k(sub)
-    _add_knn(sub)
+    from mae_transfer.evaluation.registry import commands
+
+    tasks = commands()  # pretraining first, then the transfer tasks in the registry's order
+    for command, specs in sorted(tasks.items(), key=lambda kv: kv[1][0].benchmark):
+        _add_task_command(sub, command, specs)
     _add_bench(sub)
     _add_table(sub)
     _add_plot(sub)

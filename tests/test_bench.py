@@ -14,12 +14,13 @@ import pytest
 import torch
 from conftest import REPO
 
-from mae_transfer import bench
+from mae_transfer.evaluation import runner as bench
+from mae_transfer.evaluation.registry import benchmark_tasks
 from mae_transfer.checkpoint import export_mae_encoder
 from mae_transfer.cli import main
 from mae_transfer.config import ConfigError
 from mae_transfer.models.vit import create_vit
-from mae_transfer.results import ResultStore
+from mae_transfer.evaluation.store import ResultStore
 
 
 @pytest.fixture
@@ -38,9 +39,9 @@ def test_bad_specifications_name_the_option(tmp_path, encoder):
     with pytest.raises(ConfigError, match="TASK:KEY=VALUE"):
         bench.parse_overrides(["train.epochs=3"])
     with pytest.raises(ConfigError, match="TASK=VALUE"):
-        bench.parse_task_map(["cityscapes=/data"], "--data", bench.TASKS)
+        bench.parse_task_map(["cityscapes=/data"], "--data", benchmark_tasks())
     assert [b.name for b in bench.parse_backbones([str(encoder), "scratch=random"])] == ["enc", "scratch"]
-    assert bench.parse_tasks("all") == list(bench.TASKS)
+    assert bench.parse_tasks("all") == benchmark_tasks()
 
 
 def test_job_identity_follows_weights_and_config_not_file_names(tmp_path, encoder):
@@ -58,7 +59,7 @@ def test_job_identity_follows_weights_and_config_not_file_names(tmp_path, encode
     assert by["scratch", "knn"].argv[-5:] == ["--model", "vit_nano_patch8", "--img-size", "64", "--sweep"]
     other = bench.plan_jobs([a], ["linprobe"], tmp_path / "res", overrides={"linprobe": ["train.epochs=2"]})
     assert other[0].key != by["a", "linprobe"].key
-    with pytest.raises(ConfigError, match="not a valid command"):
+    with pytest.raises(ConfigError, match="linprobe job of a: unknown option train.nonsense"):
         bench.plan_jobs([a], ["linprobe"], tmp_path / "res", overrides={"linprobe": ["train.nonsense=1"]})
 
 
@@ -87,10 +88,10 @@ def test_bench_records_skips_and_survives_a_failing_job(tmp_path, encoder, cache
     out = capsys.readouterr().out
     rows = _rows(res)
     failed = [r for r in rows if r["metric"] == "job_failed"]
-    assert {(r["backbone"], r["job"]) for r in failed} == {("mae", "inat2018"), ("scratch", "inat2018")}
+    assert {(r["backbone"], r["task"]) for r in failed} == {("mae", "inat2018"), ("scratch", "inat2018")}
     assert all("train2018.json" in r["error"] for r in failed)
     good = [r for r in rows if r["metric"] != "job_failed"]
-    assert {(r["backbone"], r["job"]) for r in good} == {(b, t) for b in ("mae", "scratch") for t in ("knn", "linprobe")}
+    assert {(r["backbone"], r["task"]) for r in good} == {(b, t) for b in ("mae", "scratch") for t in ("knn", "linprobe")}
     for r in good:  # provenance on every row
         assert r["backbone_sha256"] == (bench.parse_backbones([str(encoder)])[0].sha256 if r["backbone"] == "mae" else None)
         assert r["git_commit"] and r["versions"]["torch"] and r["hardware"] and r["date"] and r["job_key"]
@@ -108,7 +109,7 @@ def test_bench_records_skips_and_survives_a_failing_job(tmp_path, encoder, cache
     # The store reads as a table.
     pd = pytest.importorskip("pandas")
     frame = pd.read_json(res / "results.jsonl", lines=True)
-    assert len(frame) == len(rows2) and {"backbone", "job", "metric", "value", "config_hash"} <= set(frame.columns)
+    assert len(frame) == len(rows2) and {"backbone", "task", "metric", "value", "config_hash"} <= set(frame.columns)
 
 
 def test_killed_benchmark_redoes_only_the_interrupted_job(tmp_path, encoder, cache):
@@ -135,14 +136,14 @@ def test_killed_benchmark_redoes_only_the_interrupted_job(tmp_path, encoder, cac
     stopped_at = torch.load(run_dir / "checkpoint-last.pth", map_location="cpu", weights_only=False)["step"]
     assert 0 < stopped_at < 40 * 6
     rows = _rows(res)
-    assert {r["job"] for r in rows} == {"knn"}  # the interrupted job recorded nothing
+    assert {r["task"] for r in rows} == {"knn"}  # the interrupted job recorded nothing
 
     out = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=600).stdout
     assert "knn · mae: done before, skipped" in out
     assert "linprobe · mae: resuming" in out
     assert "jobs: 1 run, 1 already done" in out
     rows = _rows(res)
-    assert {r["job"] for r in rows} == {"knn", "linprobe"}
+    assert {r["task"] for r in rows} == {"knn", "linprobe"}
     log = (run_dir / "log.txt").read_text()
     assert f"resuming from {run_dir / 'checkpoint-last.pth'} at step {stopped_at}" in log
     assert json.loads((run_dir / "results.jsonl").read_text().splitlines()[0])["step"] == 40 * 6

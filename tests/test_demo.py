@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 from mae_transfer.cli import main
-from mae_transfer.demo import MAE_NAME, QUICK_TASKS, RANDOM_NAME
-from mae_transfer.report.plots import comparison_data
-from mae_transfer.results import ResultStore
+from mae_transfer.evaluation.demo import MAE_NAME, RANDOM_NAME, demo_tasks
+
+QUICK_TASKS = demo_tasks(quick=True)
+from mae_transfer.evaluation.plots import comparison_data
+from mae_transfer.evaluation.store import ResultStore
 
 
 def test_quick_demo_runs_every_task_and_resumes_without_work(tmp_path, cache, capsys):
@@ -18,7 +20,7 @@ def test_quick_demo_runs_every_task_and_resumes_without_work(tmp_path, cache, ca
     rows = ResultStore(out_dir / "results").read()
     assert not [r for r in rows if r["metric"] == "job_failed"]
     labels, values = comparison_data(rows)
-    assert {r["job"] for r in rows} == set(QUICK_TASKS)
+    assert {r["task"] for r in rows} == set(QUICK_TASKS)
     assert len(labels) == len(QUICK_TASKS) + 1  # COCO reports APbox and APmask
     for label, mae, rnd in zip(labels, values[MAE_NAME], values[RANDOM_NAME]):  # measured for both, and reported
         assert mae is not None and rnd is not None, label

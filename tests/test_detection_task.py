@@ -175,6 +175,18 @@ def test_coco_command_trains_evaluates_saves_and_reevaluates_the_same_numbers(tm
     assert (out / "checkpoint-last.pth").stat().st_mtime_ns == ckpt_before
     assert result_rows(out) == pytest.approx(r, nan_ok=True)
 
+    # Training is deterministic on a machine, with or without DataLoader worker processes (the
+    # demo's COCO comparison rests on it): a fresh run gives the same losses and the same AP.
+    fresh = tmp_path / "fresh"
+    assert main(["coco", "--output", str(fresh), "--epochs", "2", *SMALL, "train.num_workers=1"]) == 0
+    def losses(lines):  # the loss and lr columns (the others are timings)
+        head = lines[0].split(",")
+        keep = [i for i, h in enumerate(head) if "loss" in h or h in ("step", "lr")]
+        return [[row.split(",")[i] for i in keep] for row in lines[1:]]
+
+    assert len(losses(train_rows)[0]) >= 6 and losses((fresh / "train.csv").read_text().splitlines()) == losses(train_rows)
+    assert result_rows(fresh) == pytest.approx(r, nan_ok=True)
+
     again = tmp_path / "again"
     assert main(["coco", "--eval-only", "--weights", str(out / "detector.pth"), "--output", str(again),
                  "train.num_workers=0", "eval_batch_size=8"]) == 0

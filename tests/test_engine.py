@@ -43,6 +43,32 @@ def test_layer_decay_groups_match_the_official_rule():
     assert expected["patch_embed"] == pytest.approx(0.75 ** 5)  # decay^(L+1) for L = 4 blocks
 
 
+def test_layer_decay_follows_the_backbone_wherever_it_sits():
+    # The backbone contract: param_groups finds the module with layer_id, under any name, and puts
+    # everything else (heads, necks) at full lr; a backbone of another kind brings its own rule.
+    vit = VisionTransformer(img_size=32, patch_size=8, embed_dim=32, depth=4, num_heads=2, num_classes=0)
+    model = nn.ModuleDict({"neck": nn.Linear(32, 8), "encoder": vit})
+    scales = {n: g["lr_scale"] for g in param_groups(model, 0.05, 0.75) for n in g["param_names"]}
+    alone = {n: g["lr_scale"] for g in param_groups(vit, 0.05, 0.75) for n in g["param_names"]}
+    assert all(scales["encoder." + n] == pytest.approx(v) for n, v in alone.items())
+    assert scales["neck.weight"] == 1.0 and scales["encoder.blocks.0.attn.qkv.weight"] == pytest.approx(0.75 ** 4)
+    assert [f["reduction"] for f in vit.feature_info] == [8] * 4 and vit.feature_info[-1]["module"] == "blocks.3"
+
+    class TwoStages(nn.Module):  # a hierarchical backbone: stage i is layer i + 1
+        num_layer_ids = 4
+
+        def __init__(self):
+            super().__init__()
+            self.stem, self.stages = nn.Conv2d(3, 4, 1), nn.ModuleList([nn.Conv2d(4, 4, 1), nn.Conv2d(4, 4, 1)])
+
+        def layer_id(self, name):
+            return 0 if name.startswith("stem") else int(name.split(".")[1]) + 1
+
+    other = nn.ModuleDict({"backbone": TwoStages(), "head": nn.Linear(4, 2)})
+    scales = {n: g["lr_scale"] for g in param_groups(other, 0.05, 0.5) for n in g["param_names"]}
+    assert scales["backbone.stem.weight"] == 0.5 ** 3 and scales["backbone.stages.1.weight"] == 0.5 and scales["head.weight"] == 1.0
+
+
 def test_cosine_schedule_matches_the_official_formula():
     # Official per-iteration rule (MAE-repo util/lr_sched.py), in fractional epochs.
     lr, min_lr, warmup_ep, epochs, spe = 1e-3, 1e-6, 5, 20, 7

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from mae_transfer.report.plots import (backbone_colors, comparison_data, plot_all, plot_comparison,
+from mae_transfer.evaluation.plots import (backbone_colors, comparison_data, plot_all, plot_comparison,
                                        plot_pretraining, plot_training_curves, read_curve)
 
 BACKBONES = ("mae", "random init")
@@ -30,8 +30,8 @@ def make_rows(tmp_path: Path) -> list[dict]:
     rows: list[dict] = []
 
     def add(job, bb, metric, value, protocol, run=True, toy=True):
-        row = {"job": job, "backbone": bb, "metric": metric, "value": value, "protocol": protocol,
-               "dataset": f"{job} (toy)" if toy else job, "task": "x"}
+        row = {"task": job, "backbone": bb, "metric": metric, "value": value, "protocol": protocol,
+               "dataset": f"{job} (toy)" if toy else job}
         if run:
             row["run_dir"] = str(tmp_path / "runs" / f"{job}-{bb.replace(' ', '_')}")
         rows.append(row)
@@ -92,9 +92,9 @@ def test_comparison_data_exact(tmp_path):
 
 
 def test_knn_falls_back_to_smallest_k_and_ade_to_any():
-    rows = [{"job": "knn", "backbone": "b", "metric": "top1", "value": v, "protocol": p}
+    rows = [{"task": "knn", "backbone": "b", "metric": "top1", "value": v, "protocol": p}
             for p, v in (("knn50", 5.0), ("knn10", 3.0), ("linprobe_sweep", 9.0))]
-    rows.append({"job": "ade20k", "backbone": "b", "metric": "mIoU", "value": 7.0, "protocol": "upernet_ms"})
+    rows.append({"task": "ade20k", "backbone": "b", "metric": "mIoU", "value": 7.0, "protocol": "upernet_ms"})
     assert comparison_data(rows) == (["ADE20K mIoU", "k-NN top-1"], {"b": [7.0, 3.0]})
 
 
@@ -102,7 +102,7 @@ def test_plot_comparison_png_and_nothing_to_draw(tmp_path):
     out = plot_comparison(make_rows(tmp_path), tmp_path / "out" / "cmp.png", title="test")
     assert out == tmp_path / "out" / "cmp.png"
     check_png(out)
-    failed_only = [{"job": "coco", "backbone": "mae", "metric": "job_failed", "value": None, "protocol": "x"}]
+    failed_only = [{"task": "coco", "backbone": "mae", "metric": "job_failed", "value": None, "protocol": "x"}]
     assert plot_comparison(failed_only, tmp_path / "none.png") is None
     assert plot_comparison([], tmp_path / "none.png") is None
     assert not (tmp_path / "none.png").exists()
@@ -123,7 +123,7 @@ def test_training_curves_and_pretraining(tmp_path):
 
 def test_plot_all(tmp_path):
     rows = make_rows(tmp_path)
-    rows.append({"job": "coco", "backbone": "ghost", "metric": "bbox_AP", "value": 1.0, "protocol": "p",
+    rows.append({"task": "coco", "backbone": "ghost", "metric": "bbox_AP", "value": 1.0, "protocol": "p",
                  "run_dir": str(tmp_path / "gone")})
     pre = write_run(tmp_path / "pretrain", 1.0, steps=100, eval_rows=0)
     paths = plot_all(rows, tmp_path / "plots", pretrain_dir=pre)

@@ -7,17 +7,18 @@ import math
 
 import pytest
 
-from mae_transfer.results import COLUMNS, ResultStore
+from mae_transfer.engine.results import COLUMNS, ResultRow, read_run_results, write_run_results
+from mae_transfer.evaluation.store import ResultStore
 
 
 def test_rows_carry_provenance_and_read_back_in_order(tmp_path):
     store = ResultStore(tmp_path / "res")
     assert store.read() == []
-    n = store.append([{"metric": "mIoU", "value": 48.1}, {"metric": "mAcc", "value": float("nan")}],
-                     task="ade20k", dataset="ade20k", split="validation", protocol="upernet_ss", backbone="mae",
-                     backbone_sha256="ab" * 32, config_hash="123456789abc", wall_time_s=3.5)
+    common = dict(task="ade20k", dataset="ade20k", split="validation", protocol="upernet_ss", backbone="mae",
+                  backbone_sha256="ab" * 32, config_hash="123456789abc", wall_time_s=3.5)
+    n = store.append([ResultRow(metric="mIoU", value=48.1, **common), ResultRow(metric="mAcc", value=float("nan"), **common)])
     assert n == 2
-    store.append([{"metric": "bbox_AP", "value": 50.3}], task="coco", backbone="mae")
+    store.append([ResultRow(task="coco", metric="bbox_AP", value=50.3, backbone="mae")])
     rows = store.read()
     assert [r["metric"] for r in rows] == ["mIoU", "mAcc", "bbox_AP"]
     assert set(COLUMNS) <= set(rows[0])
@@ -29,12 +30,12 @@ def test_rows_carry_provenance_and_read_back_in_order(tmp_path):
 
 def test_a_write_cut_off_by_a_crash_loses_nothing_else(tmp_path, caplog):
     store = ResultStore(tmp_path)
-    store.append([{"metric": "top1", "value": 83.6}], task="finetune")
+    store.append([ResultRow(task="finetune", metric="top1", value=83.6)])
     with open(store.path, "ab") as f:  # what a kill in the middle of a write leaves behind
         f.write(b'{"metric": "top5", "val')
     assert [r["metric"] for r in store.read()] == ["top1"]
     assert "unreadable" in caplog.text
-    store.append([{"metric": "top5", "value": 96.5}], task="finetune")
+    store.append([ResultRow(task="finetune", metric="top5", value=96.5)])
     assert [r["metric"] for r in store.read()] == ["top1", "top5"]
     lines = store.path.read_text().splitlines()
     assert len(lines) == 3 and json.loads(lines[-1])["value"] == 96.5
@@ -43,11 +44,22 @@ def test_a_write_cut_off_by_a_crash_loses_nothing_else(tmp_path, caplog):
 def test_pandas_reads_the_store_as_a_table(tmp_path):
     pd = pytest.importorskip("pandas")
     store = ResultStore(tmp_path)
-    store.append([{"metric": "AP", "value": 1.5}, {"metric": "AP50", "value": 3.0}], task="coco", backbone="b")
+    store.append([ResultRow(task="coco", metric="AP", value=1.5, backbone="b"), ResultRow(task="coco", metric="AP50", value=3.0, backbone="b")])
     frame = pd.read_json(store.path, lines=True)
     assert list(frame["metric"]) == ["AP", "AP50"] and math.isclose(frame["value"].sum(), 4.5)
 
 
 def test_rows_without_a_metric_are_refused(tmp_path):
     with pytest.raises(ValueError, match="metric"):
-        ResultStore(tmp_path).append([{"value": 1.0}])
+        ResultRow(task="coco", metric="", value=1.0)
+    with pytest.raises(TypeError, match="ResultRow"):
+        ResultStore(tmp_path).append([{"task": "coco", "metric": "AP", "value": 1.0}])
+
+
+def test_a_run_writes_and_reads_the_same_rows(tmp_path):
+    rows = [ResultRow(task="knn", metric="top1", value=12.5, protocol="knn20", extra={"lr": 0.1})]
+    path = write_run_results(tmp_path, rows, config={"model": {"name": "vit_micro_patch8"}})
+    assert path.name == "results.jsonl" and (tmp_path / "config_resolved.json").exists()
+    back = read_run_results(tmp_path)
+    assert back == rows and back[0].to_dict()["lr"] == 0.1
+    assert read_run_results(tmp_path / "nothing") == []

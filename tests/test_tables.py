@@ -11,19 +11,19 @@ import subprocess
 
 import pytest
 
-from mae_transfer.report.tables import (
+from mae_transfer.evaluation.tables import (
     NO_RESULTS, TOY_NOTE, build_tables, latex_document, load_paper, render, size_of, to_csv, to_latex,
     to_markdown, write_tables,
 )
 
 
 def row(backbone, job, protocol, metric, value, dataset, model="vit_micro_patch8"):
-    return {"job": job, "backbone": backbone, "model": model, "dataset": dataset, "protocol": protocol,
+    return {"task": job, "backbone": backbone, "model": model, "dataset": dataset, "protocol": protocol,
             "metric": metric, "value": value, "git_commit": "abc", "wall_time_s": 1.0}
 
 
 def failure(backbone, job, model="vit_micro_patch8"):
-    return {"job": job, "backbone": backbone, "model": model, "metric": "job_failed", "value": None,
+    return {"task": job, "backbone": backbone, "model": model, "metric": "job_failed", "value": None,
             "error": "CUDA out of memory"}
 
 

@@ -10,7 +10,8 @@ from torch.utils.data import DataLoader
 
 from mae_transfer.classification.config import ClassificationConfig, ModelConfig
 from mae_transfer.classification.task import eval_transform
-from mae_transfer.io import atomic_write_jsonl, file_sha256
+from mae_transfer.engine.results import ResultRow, write_run_results
+from mae_transfer.io import file_sha256
 from mae_transfer.models.vit import create_vit
 
 log = logging.getLogger(__name__)
@@ -62,11 +63,11 @@ def run_frozen_eval(
     va_f, va_y, _ = extract_features(vit, loader(val), dev, feature_fn=_cls_features)
     results = knn_evaluate(tr_f, tr_y, va_f, va_y, num_classes, ks=ks)
     rows, lines = [], [f"{'evaluation':22s} {'top-1':>7s} {'top-5':>7s} {'mean/cls':>9s}"]
-    common = {"task": "knn", "dataset": dataset if data else f"{dataset} (toy)", "split": "val",
-              "backbone": backbone or "random init", "backbone_sha256": file_sha256(backbone) if backbone else None}
+    common = dict(task="knn", dataset=dataset if data else f"{dataset} (toy)", split="val",
+                  backbone=backbone or "random init", backbone_sha256=file_sha256(backbone) if backbone else None)
     for k, m in results.items():
         lines.append(f"{'k-NN k=' + str(k):22s} {m['top1']:7.2f} {m['top5']:7.2f} {m['mean_per_class']:9.2f}")
-        rows += [{**common, "protocol": f"knn{k}", "metric": key, "value": float(m[key])} for key in ("top1", "top5", "mean_per_class")]
+        rows += [ResultRow(protocol=f"knn{k}", metric=key, value=m[key], **common) for key in ("top1", "top5", "mean_per_class")]
     if sweep:
         from mae_transfer.classification.linear_sweep import linear_probe_sweep
 
@@ -75,6 +76,7 @@ def run_frozen_eval(
         if best is None:
             raise FloatingPointError("every learning rate of the linear-probe sweep diverged; the features hold inf/NaN values")
         lines.append(f"{'linear sweep lr=' + format(best['lr'], '.3g'):22s} {best['top1']:7.2f} {best['top5']:7.2f} {best['mean_per_class']:9.2f}")
-        rows += [{**common, "protocol": "linprobe_sweep", "metric": key, "value": float(best[key]), "lr": best["lr"]} for key in ("top1", "top5", "mean_per_class")]
-    path = atomic_write_jsonl(output / "results.jsonl", rows)
+        rows += [ResultRow(protocol="linprobe_sweep", metric=key, value=best[key], extra={"lr": best["lr"]}, **common)
+                 for key in ("top1", "top5", "mean_per_class")]
+    path = write_run_results(output, rows)
     return "\n".join(lines + [f"results: {path}"])

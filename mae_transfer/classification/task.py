@@ -15,8 +15,9 @@ from mae_transfer.classification.config import ClassificationConfig
 from mae_transfer.config import config_hash, to_dict
 from mae_transfer.engine.optim import param_groups
 from mae_transfer.engine.sampler import ShardSampler
-from mae_transfer.engine.trainer import OptimConfig, Trainer, TrainTask
-from mae_transfer.io import atomic_write_json, atomic_write_jsonl, file_sha256
+from mae_transfer.engine.trainer import EvalContext, OptimConfig, Trainer, TrainTask
+from mae_transfer.engine.results import ResultRow, write_run_results
+from mae_transfer.io import file_sha256
 from mae_transfer.models.vit import VisionTransformer, create_vit
 
 log = logging.getLogger(__name__)
@@ -195,31 +196,32 @@ class ClassificationTask(TrainTask):
         return loss, {}
 
     # ------------------------------------------------------------------ evaluation
-    def evaluate(self, trainer: Trainer) -> dict[str, float]:
+    def evaluate(self, model: nn.Module, ctx: EvalContext) -> dict[str, float]:
         from mae_transfer.classification.metrics import evaluate_classifier
 
-        dist = trainer.dist
+        dist = ctx.dist
         loader = DataLoader(
             self.val_set, batch_size=self.cfg.eval_batch_size, sampler=ShardSampler(len(self.val_set), dist.rank, dist.world_size),
-            num_workers=trainer.num_workers(), pin_memory=trainer.device.type == "cuda",
+            num_workers=ctx.num_workers, pin_memory=ctx.device.type == "cuda",
         )
-        return evaluate_classifier(trainer.unwrapped, loader, trainer.device, self.num_classes, autocast=trainer.autocast)
+        return evaluate_classifier(model, loader, ctx.device, self.num_classes, autocast=ctx.autocast)
+
+    def publish(self, model: nn.Module, ctx: EvalContext, metrics: dict, step: int) -> None:
+        write_result_rows(ctx.output_dir, self.cfg, metrics, self.best_top1, self.backbone_sha256, step)
 
     def on_epoch_end(self, trainer: Trainer, epoch: int) -> None:
         every = self.cfg.eval_every_epochs
         last = epoch + 1 == self.cfg.train.epochs
         if not last and (every <= 0 or (epoch + 1) % every):
             return
-        metrics = self.evaluate(trainer)
-        self.last_eval = metrics
+        metrics = trainer.evaluate()
         self.best_top1 = max(self.best_top1, metrics["top1"])
         trainer.metrics.write("eval", {"step": trainer.step, "epoch": epoch + 1, **metrics})
         log.info("epoch %d val: top-1 %.2f  top-5 %.2f  mean per class %.2f", epoch + 1, metrics["top1"], metrics["top5"], metrics["mean_per_class"])
 
     def on_train_end(self, trainer: Trainer) -> None:
         if not self.last_eval:
-            self.last_eval = self.evaluate(trainer)
-            self.best_top1 = max(self.best_top1, self.last_eval["top1"])
+            self.best_top1 = max(self.best_top1, trainer.evaluate()["top1"])
         if trainer.dist.is_main:
             write_result_rows(trainer.output_dir, self.cfg, self.last_eval, self.best_top1, self.backbone_sha256, trainer.step)
 
@@ -236,23 +238,20 @@ def benchmark_task(dataset: str, protocol: str) -> str:
 
 def write_result_rows(out_dir: Path, cfg: ClassificationConfig, metrics: dict, best_top1: float, backbone_sha: str | None, step: int) -> Path:
     """One row per metric in ``results.jsonl`` (rewritten whole, atomically) for the runner and the tables."""
-    rows = []
-    common = {
-        "task": benchmark_task(cfg.data.dataset, cfg.protocol),
-        "dataset": cfg.data.dataset if cfg.data.path else f"{cfg.data.dataset} (toy)",
-        "split": "val",
-        "protocol": cfg.protocol,
-        "backbone": cfg.backbone or "random init",
-        "backbone_sha256": backbone_sha,
-        "config_hash": config_hash(cfg, exclude=("data",)),
-        "step": step,
-    }
-    for metric in ("top1", "top5", "mean_per_class"):
-        rows.append({**common, "metric": metric, "value": float(metrics[metric])})
-    rows.append({**common, "metric": "top1_best_epoch", "value": float(best_top1)})
-    path = atomic_write_jsonl(Path(out_dir) / "results.jsonl", rows)
-    atomic_write_json(Path(out_dir) / "config_resolved.json", to_dict(cfg))
-    return path
+    common = dict(
+        task=benchmark_task(cfg.data.dataset, cfg.protocol),
+        dataset=cfg.data.dataset if cfg.data.path else f"{cfg.data.dataset} (toy)",
+        split="val", protocol=cfg.protocol, backbone=cfg.backbone or "random init", backbone_sha256=backbone_sha,
+        config_hash=config_hash(cfg, exclude=("data",)), step=step,
+    )
+    rows = [ResultRow(metric=metric, value=metrics[metric], **common) for metric in ("top1", "top5", "mean_per_class")]
+    rows.append(ResultRow(metric="top1_best_epoch", value=best_top1, **common))
+    return write_run_results(out_dir, rows, to_dict(cfg))
+
+
+def report(task: "ClassificationTask", cfg: ClassificationConfig) -> str:
+    """The terminal summary of a finished run (the task registry's ``report``)."""
+    return format_results(task.last_eval, task.best_top1, cfg)
 
 
 def format_results(metrics: dict, best_top1: float, cfg: ClassificationConfig) -> str:

@@ -34,8 +34,9 @@ from mae_transfer.detection.transforms import LargeScaleJitter, ResizeForTest, c
 from mae_transfer.engine.distributed import DistInfo, gather_lists
 from mae_transfer.engine.optim import param_groups
 from mae_transfer.engine.sampler import ShardSampler
-from mae_transfer.engine.trainer import OptimConfig, Trainer, TrainTask, autocast_context, resolve_precision
-from mae_transfer.io import atomic_write_json, atomic_write_jsonl, file_sha256
+from mae_transfer.engine.trainer import EvalContext, OptimConfig, Trainer, TrainTask
+from mae_transfer.engine.results import ResultRow, write_run_results
+from mae_transfer.io import atomic_write_json, file_sha256
 
 log = logging.getLogger(__name__)
 
@@ -71,23 +72,13 @@ def build_detector(cfg: DetectionConfig, num_classes: int) -> MaskRCNN:
     return model
 
 
-def vit_prefix(model: nn.Module) -> str:
-    """Where the detector's ViT sits in its state dict (``backbone.net.`` in the simple pyramid)."""
-    vit = model.vit
-    for name, module in model.named_modules():
-        if module is vit:
-            return name + "."
-    raise ValueError("the model has no ViT")
-
-
 def detection_param_groups(model: nn.Module, optim: OptimConfig) -> list[dict]:
     """ViTDet's optimizer groups (detectron2 ``get_default_optimizer_params(weight_decay_norm=0,
     overrides={"pos_embed": {"weight_decay": 0}})`` with ``get_vit_lr_decay_rate``): weight decay
     on everything but torch's norm layers and ``pos_embed``; lr x ``layer_decay ** (depth + 1 -
     layer)`` with the embeddings at layer 0, block i at i + 1 and everything else (pyramid, heads)
     at full lr."""
-    return param_groups(model, optim.weight_decay, optim.layer_decay, no_weight_decay=("pos_embed",),
-                        vit_prefix=vit_prefix(model), no_decay_modules=NO_DECAY_MODULES)
+    return param_groups(model, optim.weight_decay, optim.layer_decay, no_weight_decay=("pos_embed",), no_decay_modules=NO_DECAY_MODULES)
 
 
 def _resolve_root(cfg: DetectionConfig) -> Path:
@@ -171,30 +162,30 @@ class DetectionTask(TrainTask):
         loss = sum(v.float() for v in losses.values())
         return loss, {k: v.detach().float() for k, v in losses.items()}
 
-    def eval_autocast(self, device: torch.device) -> Callable:
-        """The autocast of ``eval_precision`` (fp32 by default, as detectron2 evaluates)."""
-        precision = resolve_precision(self.cfg.eval_precision, device)
-        return lambda: autocast_context(precision, device)
+    def eval_precision(self) -> str:
+        """``eval_precision`` (fp32 by default, as detectron2 evaluates)."""
+        return self.cfg.eval_precision
 
     def on_epoch_end(self, trainer: Trainer, epoch: int) -> None:
         every = self.cfg.eval_every_epochs
         if every <= 0 or (epoch + 1) % every or epoch + 1 == self.cfg.train.epochs:
             return  # the last epoch is evaluated by on_train_end
-        autocast = self.eval_autocast(trainer.device)
-        self.last_eval = self.run_eval(trainer.unwrapped, trainer.device, autocast, trainer.dist, trainer.num_workers(), trainer.output_dir)
-        trainer.metrics.write("eval", {"step": trainer.step, "epoch": epoch + 1, **flat_metrics(self.last_eval)})
+        metrics = trainer.evaluate()
+        trainer.metrics.write("eval", {"step": trainer.step, "epoch": epoch + 1, **flat_metrics(metrics)})
 
     def on_train_end(self, trainer: Trainer) -> None:
-        out = trainer.output_dir
         if trainer.dist.is_main:
-            save_detector(trainer.unwrapped, self.cfg, self.class_names, out / "detector.pth", step=trainer.step)
-        autocast = self.eval_autocast(trainer.device)
-        self.last_eval = self.run_eval(trainer.unwrapped, trainer.device, autocast, trainer.dist, trainer.num_workers(), out)
-        if trainer.dist.is_main:
-            trainer.metrics.write("eval", {"step": trainer.step, "epoch": math.ceil(trainer.step / trainer.steps_per_epoch), **flat_metrics(self.last_eval)})
-            self.write_results(out, self.last_eval, trainer.step)
-            if self.cfg.visualize:
-                self.visualize(trainer.unwrapped, trainer.device, autocast, out / "visualize")
+            save_detector(trainer.unwrapped, self.cfg, self.class_names, trainer.output_dir / "detector.pth", step=trainer.step)
+        metrics = trainer.evaluate(final=True)
+        trainer.metrics.write("eval", {"step": trainer.step, "epoch": math.ceil(trainer.step / trainer.steps_per_epoch), **flat_metrics(metrics)})
+
+    def evaluate(self, model: nn.Module, ctx: EvalContext) -> dict:
+        return self.run_eval(model, ctx.device, ctx.autocast, ctx.dist, ctx.num_workers, ctx.output_dir)
+
+    def publish(self, model: nn.Module, ctx: EvalContext, metrics: dict, step: int) -> None:
+        self.write_results(ctx.output_dir, metrics, step)
+        if self.cfg.visualize:
+            self.visualize(model, ctx.device, ctx.autocast, ctx.output_dir / "visualize")
 
     # ------------------------------------------------------------------ evaluation
     def predict_split(self, model: nn.Module, device: torch.device, autocast: Callable, dist: DistInfo, num_workers: int) -> list[dict]:
@@ -258,21 +249,13 @@ class DetectionTask(TrainTask):
     def write_results(self, out_dir: Path, metrics: dict, step: int) -> Path:
         """One row per metric in ``results.jsonl`` (rewritten whole, atomically) for the runner."""
         cfg = self.cfg
-        common = {
-            "task": "coco",
-            "dataset": "coco" if cfg.data.path else "coco (toy)",
-            "split": cfg.data.val_split,
-            "protocol": f"mask_rcnn_{cfg.recipe}",
-            "backbone": cfg.backbone or "random init",
-            "backbone_sha256": self.backbone_sha256,
-            "config_hash": config_hash(cfg, exclude=("data", "backbone", "visualize", "visualize_score")),
-            "step": step,
-        }
-        rows = [{**common, "metric": f"{kind}_{name}", "value": float(v)}
-                for kind in ("bbox", "segm") for name, v in metrics[kind].items()]
-        path = atomic_write_jsonl(Path(out_dir) / "results.jsonl", rows)
-        atomic_write_json(Path(out_dir) / "config_resolved.json", to_dict(cfg))
-        return path
+        common = dict(
+            task="coco", dataset="coco" if cfg.data.path else "coco (toy)", split=cfg.data.val_split,
+            protocol=f"mask_rcnn_{cfg.recipe}", backbone=cfg.backbone or "random init", backbone_sha256=self.backbone_sha256,
+            config_hash=config_hash(cfg, exclude=("data", "backbone", "visualize", "visualize_score")), step=step,
+        )
+        rows = [ResultRow(metric=f"{kind}_{name}", value=v, **common) for kind in ("bbox", "segm") for name, v in metrics[kind].items()]
+        return write_run_results(out_dir, rows, to_dict(cfg))
 
     def visualize(self, model: nn.Module, device: torch.device, autocast: Callable, out_dir: Path) -> list[Path]:
         """Save ``cfg.visualize`` evaluation images with predictions next to the ground truth."""
@@ -304,6 +287,11 @@ def _precision_name(autocast: Callable) -> str:
 
 def flat_metrics(metrics: dict) -> dict[str, float]:
     return {f"{kind}_{name}": v for kind in ("bbox", "segm") for name, v in metrics.get(kind, {}).items()}
+
+
+def report(task, cfg: DetectionConfig) -> str:
+    """The terminal summary of a finished run or evaluation (the task registry's ``report``)."""
+    return format_metrics(task.last_eval, cfg)
 
 
 def format_metrics(metrics: dict, cfg: DetectionConfig) -> str:
@@ -408,5 +396,5 @@ def load_detector_weights(model: nn.Module, state: dict[str, torch.Tensor], path
 
 __all__ = [
     "DetectionTask", "build_detector", "detection_param_groups", "format_metrics", "load_detector_weights",
-    "read_detector_weights", "save_detector", "vit_prefix",
+    "read_detector_weights", "save_detector",
 ]

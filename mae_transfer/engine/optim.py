@@ -13,22 +13,14 @@ import torch.nn as nn
 log = logging.getLogger(__name__)
 
 
-def vit_layer_id(name: str, num_layers: int, prefix: str = "") -> int:
-    """Depth index of a ViT parameter for layer-wise lr decay.
-
-    Embeddings (``cls_token``, ``pos_embed``, ``patch_embed.*``) are layer 0, ``blocks.i.*`` is
-    layer i + 1, everything else (final norm, heads, necks) is ``num_layers`` = depth + 1 — the
-    rule of the official MAE fine-tuning code (MAE-repo util/lr_decay.py).
-    """
-    if prefix:
-        if not name.startswith(prefix):
-            return num_layers
-        name = name[len(prefix):]
-    if name in ("cls_token", "pos_embed", "mask_token") or name.startswith("patch_embed"):
-        return 0
-    if name.startswith("blocks."):
-        return int(name.split(".")[1]) + 1
-    return num_layers
+def find_backbone(model: nn.Module) -> tuple[str, nn.Module] | None:
+    """``(prefix, module)`` of the backbone inside ``model``: the first module (``model`` itself
+    included) that has a ``layer_id`` method (the backbone contract, see ``VisionTransformer``);
+    None when there is none."""
+    for name, module in model.named_modules():
+        if callable(getattr(module, "layer_id", None)) and hasattr(module, "num_layer_ids"):
+            return (name + "." if name else ""), module
+    return None
 
 
 def param_groups(
@@ -36,16 +28,14 @@ def param_groups(
     weight_decay: float,
     layer_decay: float = 1.0,
     no_weight_decay: Iterable[str] = (),
-    vit_prefix: str = "",
-    depth: int | None = None,
     no_decay_modules: tuple[type, ...] | None = None,
 ) -> list[dict]:
     """Optimizer groups: no weight decay for 1-D parameters (biases, norms) and ``no_weight_decay``
-    names; lr scaled by ``layer_decay ** (depth + 1 - layer_id)`` (see :func:`vit_layer_id`).
-
-    ``vit_prefix`` locates the ViT inside a larger model (e.g. ``"backbone.vit."``); ``depth`` is
-    its number of blocks (read from ``<prefix>blocks`` when None). Each group carries ``lr_scale``,
-    which the schedule multiplies into the lr.
+    names; lr scaled by ``layer_decay ** (L - 1 - layer_id)``, where the backbone inside ``model``
+    (:func:`find_backbone`) gives each of its parameters a ``layer_id`` of ``L = num_layer_ids``
+    and every other parameter (pyramids, heads) is in the top layer (full lr). ``no_weight_decay``
+    names are relative to the backbone or to ``model``. Each group carries ``lr_scale``, which the
+    schedule multiplies into the lr.
 
     ``no_decay_modules`` replaces the 1-D rule: then exactly the parameters of modules of these
     types (and the ``no_weight_decay`` names) are not decayed, biases and other norms are.
@@ -58,22 +48,20 @@ def param_groups(
         for module in model.modules():
             if isinstance(module, no_decay_modules):
                 exempt_ids.update(id(p) for p in module.parameters(recurse=False))
-    if depth is None:
-        vit = model
-        for part in [p for p in vit_prefix.rstrip(".").split(".") if p]:
-            vit = getattr(vit, part)
-        depth = len(getattr(vit, "blocks", ()))
-    num_layers = depth + 1
+    found = find_backbone(model)
+    prefix, backbone = found if found else ("", None)
+    num_layers = backbone.num_layer_ids - 1 if backbone is not None else 0
     groups: dict[str, dict] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        bare = name[len(vit_prefix):] if vit_prefix and name.startswith(vit_prefix) else name
+        inside = backbone is not None and name.startswith(prefix)
+        bare = name[len(prefix):] if inside else name
         if no_decay_modules is None:
             no_decay = p.ndim == 1 or name.endswith(".bias") or bare in skip or name in skip
         else:
             no_decay = id(p) in exempt_ids or bare in skip or name in skip
-        layer_id = vit_layer_id(name, num_layers, vit_prefix)
+        layer_id = backbone.layer_id(bare) if inside else num_layers
         key = f"layer_{layer_id}_{'no_decay' if no_decay else 'decay'}"
         if key not in groups:
             groups[key] = {

@@ -126,7 +126,36 @@ class TrainTask:
         """Called on every process after each full epoch (pictures, evaluation)."""
 
     def on_train_end(self, trainer: "Trainer") -> None:
-        """Called on every process after the last step (exports)."""
+        """Called on every process after the last step (exports, the final evaluation)."""
+
+    # Evaluation (tasks that evaluate; see Trainer.evaluate).
+    def eval_precision(self) -> str | None:
+        """The precision evaluation runs in (None: the training precision). Detection and
+        segmentation evaluate in fp32 unless told otherwise, as their reference code does."""
+        return None
+
+    def evaluate(self, model: nn.Module, ctx: "EvalContext") -> dict[str, Any]:
+        """Metrics of ``model`` on the evaluation split, computed on every process (each evaluates
+        its shard); the returned metrics are complete on the main process."""
+        raise NotImplementedError(f"{type(self).__name__} does not evaluate")
+
+    def publish(self, model: nn.Module, ctx: "EvalContext", metrics: dict[str, Any], step: int) -> None:
+        """Main process, after a final evaluation: the run's ``results.jsonl`` and pictures."""
+
+
+@dataclass
+class EvalContext:
+    """What an evaluation runs with, set up once by :meth:`Trainer.evaluate`: the device, the
+    autocast of the evaluation precision, the processes, DataLoader workers and the run directory."""
+
+    device: torch.device
+    precision: str
+    dist: DistInfo
+    num_workers: int
+    output_dir: Path
+
+    def autocast(self):
+        return autocast_context(self.precision, self.device)
 
 
 class TrainingInterrupted(Exception):
@@ -254,6 +283,26 @@ class Trainer:
     def num_workers(self) -> int:
         """DataLoader workers: ``train.num_workers`` or a share of this machine's cores."""
         return default_num_workers(self.train_cfg.num_workers, self.device)
+
+    def evaluate(self, model: nn.Module | None = None, final: bool = False) -> dict[str, Any]:
+        """Evaluate ``model`` (default: the model being trained) with the task's evaluation, on
+        every process: in the task's evaluation precision, with this machine's workers, each
+        process on its shard of the split. The metrics (complete on the main process) become the
+        task's ``last_eval``; with ``final``, the main process also writes the run's results and
+        pictures (``task.publish``). The one entry for training-time and ``--eval-only`` evaluation."""
+        model = self.unwrapped if model is None else model.to(self.device)
+        precision = resolve_precision(self.task.eval_precision() or self.train_cfg.precision, self.device)
+        ctx = EvalContext(self.device, precision, self.dist, self.num_workers(), self.output_dir)
+        was_training = model.training
+        model.eval()
+        try:
+            metrics = self.task.evaluate(model, ctx)
+        finally:
+            model.train(was_training)
+        self.task.last_eval = metrics
+        if final and self.dist.is_main:
+            self.task.publish(model, ctx, metrics, self.step if self.model is not None else -1)
+        return metrics
 
     def _state(self, epoch: int) -> dict[str, Any]:
         return {

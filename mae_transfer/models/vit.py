@@ -17,7 +17,7 @@ Options that transfer recipes switch on:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.nn as nn
@@ -472,6 +472,34 @@ class VisionTransformer(nn.Module):
     def no_weight_decay(self) -> set[str]:
         """Parameter names that the official recipes exclude from weight decay."""
         return {"pos_embed", "cls_token"}
+
+    # ---------------------------------------------------------------- the backbone contract
+    # What the rest of the toolkit asks of a backbone (timm's idea of ``group_matcher`` and
+    # ``feature_info``): ``forward_intermediates`` for pyramids, ``feature_info`` to describe its
+    # outputs and ``layer_id`` for layer-wise lr decay (engine.optim.param_groups finds the backbone
+    # inside a task's model by this method, not by parameter-name prefixes).
+    def layer_id(self, name: str) -> int:
+        """Depth index of the parameter ``name`` (relative to this module) for layer-wise lr decay:
+        the embeddings (``cls_token``, ``pos_embed``, ``mask_token``, ``patch_embed.*``) are layer 0,
+        ``blocks.i.*`` is layer i + 1, everything else (final norm, head, decoder) depth + 1: the rule
+        of the official MAE fine-tuning code (util/lr_decay.py), detectron2's
+        ``get_vit_lr_decay_rate`` and mmsegmentation's ``LearningRateDecayOptimizerConstructor``."""
+        if name in ("cls_token", "pos_embed", "mask_token") or name.startswith("patch_embed."):
+            return 0
+        if name.startswith("blocks."):
+            return int(name.split(".")[1]) + 1
+        return self.depth + 1
+
+    @property
+    def num_layer_ids(self) -> int:
+        """The number of distinct ``layer_id`` values (depth + 2)."""
+        return self.depth + 2
+
+    @property
+    def feature_info(self) -> list[dict[str, Any]]:
+        """One entry per block output that ``forward_intermediates`` can return: its module name,
+        channels and stride (reduction) relative to the input."""
+        return [{"module": f"blocks.{i}", "num_chs": self.embed_dim, "reduction": self.patch_size} for i in range(self.depth)]
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.grad_checkpointing = enable

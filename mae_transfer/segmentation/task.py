@@ -27,8 +27,9 @@ from mae_transfer.data.seeded import SeededTransformDataset
 from mae_transfer.engine.distributed import DistInfo
 from mae_transfer.engine.optim import param_groups
 from mae_transfer.engine.sampler import ShardSampler
-from mae_transfer.engine.trainer import OptimConfig, Trainer, TrainTask, autocast_context, resolve_precision
-from mae_transfer.io import atomic_write, atomic_write_json, atomic_write_jsonl, file_sha256
+from mae_transfer.engine.trainer import EvalContext, OptimConfig, Trainer, TrainTask
+from mae_transfer.engine.results import ResultRow, write_run_results
+from mae_transfer.io import atomic_write, atomic_write_json, file_sha256
 from mae_transfer.models.vit import VisionTransformer, named_size, vit_size
 from mae_transfer.segmentation.ade20k import IGNORE_INDEX, EvalTransform, SegmentationFolder, TrainTransform, collate_eval, palette
 from mae_transfer.segmentation.config import SegmentationConfig
@@ -37,7 +38,6 @@ from mae_transfer.segmentation.model import build_upernet, slide_inference
 
 log = logging.getLogger(__name__)
 
-VIT_PREFIX = "backbone."
 SEGMENTER_FORMAT = "mae_transfer.segmenter"
 
 
@@ -138,7 +138,7 @@ class SegmentationTask(TrainTask):
         # + 1 - layer) with the embeddings at layer 0, block i at i + 1, neck and heads at full lr; no
         # weight decay for 1-D parameters and biases. Its exemption of 'pos_embed' and 'cls_token'
         # compares unprefixed names with 'backbone.pos_embed', so both ARE decayed there, and here.
-        return param_groups(model, optim.weight_decay, optim.layer_decay, vit_prefix=VIT_PREFIX)
+        return param_groups(model, optim.weight_decay, optim.layer_decay)
 
     def training_step(self, model: nn.Module, batch, device: torch.device):
         images, targets = batch
@@ -155,32 +155,32 @@ class SegmentationTask(TrainTask):
             extra["loss_aux"] = loss_aux.detach()
         return loss, extra
 
-    def eval_autocast(self, device: torch.device) -> Callable:
-        """The autocast of ``eval_precision`` (fp32 by default, as mmsegmentation's test loop)."""
-        precision = resolve_precision(self.cfg.eval_precision, device)
-        return lambda: autocast_context(precision, device)
+    def eval_precision(self) -> str:
+        """``eval_precision`` (fp32 by default, as mmsegmentation's test loop)."""
+        return self.cfg.eval_precision
 
     def on_epoch_end(self, trainer: Trainer, epoch: int) -> None:
         every = self.cfg.eval_every_epochs
         if every <= 0 or (epoch + 1) % every or epoch + 1 == self.cfg.train.epochs:
-            return
-        self.last_eval = self.run_eval(trainer.unwrapped, trainer.device, self.eval_autocast(trainer.device), trainer.dist,
-                                       trainer.num_workers(), trainer.output_dir)
+            return  # the last epoch is evaluated by on_train_end
+        metrics = trainer.evaluate()
         if trainer.dist.is_main:
-            trainer.metrics.write("eval", {"step": trainer.step, "epoch": epoch + 1, **summary(self.last_eval)})
+            trainer.metrics.write("eval", {"step": trainer.step, "epoch": epoch + 1, **summary(metrics)})
 
     def on_train_end(self, trainer: Trainer) -> None:
-        out = trainer.output_dir
         if trainer.dist.is_main:
-            save_segmenter(trainer.unwrapped, self.cfg, self.class_names, out / "segmenter.pth")
-        autocast = self.eval_autocast(trainer.device)
-        self.last_eval = self.run_eval(trainer.unwrapped, trainer.device, autocast, trainer.dist, trainer.num_workers(), out)
+            save_segmenter(trainer.unwrapped, self.cfg, self.class_names, trainer.output_dir / "segmenter.pth")
+        metrics = trainer.evaluate(final=True)
         if trainer.dist.is_main:
-            epoch = math.ceil(trainer.step / trainer.steps_per_epoch)
-            trainer.metrics.write("eval", {"step": trainer.step, "epoch": epoch, **summary(self.last_eval)})
-            self.write_results(out, self.last_eval, trainer.step)
-            if self.cfg.visualize:
-                self.visualize(trainer.unwrapped, trainer.device, autocast, out / "visualize")
+            trainer.metrics.write("eval", {"step": trainer.step, "epoch": math.ceil(trainer.step / trainer.steps_per_epoch), **summary(metrics)})
+
+    def evaluate(self, model: nn.Module, ctx: EvalContext) -> dict:
+        return self.run_eval(model, ctx.device, ctx.autocast, ctx.dist, ctx.num_workers, ctx.output_dir)
+
+    def publish(self, model: nn.Module, ctx: EvalContext, metrics: dict, step: int) -> None:
+        self.write_results(ctx.output_dir, metrics, step)
+        if self.cfg.visualize:
+            self.visualize(model, ctx.device, ctx.autocast, ctx.output_dir / "visualize")
 
     # ------------------------------------------------------------------ evaluation
     def logits(self, model: nn.Module, image: torch.Tensor, out_size, autocast: Callable, flip: bool = False) -> torch.Tensor:
@@ -239,22 +239,16 @@ class SegmentationTask(TrainTask):
         return metrics
 
     def write_results(self, out_dir: Path, metrics: dict, step: int) -> Path:
+        """One row per metric in ``results.jsonl`` (rewritten whole, atomically) for the runner."""
         cfg = self.cfg
         test = "ms" if len(cfg.test.scales) > 1 else "ss"
-        common = {
-            "task": "ade20k",
-            "dataset": "ade20k" if cfg.data.path else "ade20k (toy)",
-            "split": cfg.data.val_split,
-            "protocol": f"{cfg.recipe}_{test}{'+flip' if cfg.test.flip else ''}",
-            "backbone": cfg.backbone or "random init",
-            "backbone_sha256": self.backbone_sha256,
-            "config_hash": config_hash(cfg, exclude=("data", "backbone", "visualize")),
-            "step": step,
-        }
-        rows = [{**common, "metric": k, "value": v} for k, v in summary(metrics).items()]
-        path = atomic_write_jsonl(Path(out_dir) / "results.jsonl", rows)
-        atomic_write_json(Path(out_dir) / "config_resolved.json", to_dict(cfg))
-        return path
+        common = dict(
+            task="ade20k", dataset="ade20k" if cfg.data.path else "ade20k (toy)", split=cfg.data.val_split,
+            protocol=f"{cfg.recipe}_{test}{'+flip' if cfg.test.flip else ''}", backbone=cfg.backbone or "random init",
+            backbone_sha256=self.backbone_sha256, config_hash=config_hash(cfg, exclude=("data", "backbone", "visualize")), step=step,
+        )
+        rows = [ResultRow(metric=k, value=v, **common) for k, v in summary(metrics).items()]
+        return write_run_results(out_dir, rows, to_dict(cfg))
 
     def visualize(self, model: nn.Module, device: torch.device, autocast: Callable, out_dir: Path) -> list[Path]:
         """Save ``image | ground truth | prediction`` pictures (palette colours, ignored pixels black)."""
@@ -292,6 +286,11 @@ class SegmentationTask(TrainTask):
 def summary(metrics: dict) -> dict[str, float]:
     """The headline numbers in percent: mIoU, mAcc, aAcc."""
     return {k: 100.0 * float(metrics[k]) for k in ("mIoU", "mAcc", "aAcc") if k in metrics}
+
+
+def report(task, cfg: SegmentationConfig) -> str:
+    """The terminal summary of a finished run or evaluation (the task registry's ``report``)."""
+    return format_metrics(task.last_eval, cfg)
 
 
 def format_metrics(metrics: dict, cfg: SegmentationConfig) -> str:

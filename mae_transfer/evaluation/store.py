@@ -1,6 +1,6 @@
 """The results store: one JSON line per metric, with provenance, in an append-only file.
 
-Every row says what was measured (task, dataset, split, protocol, metric, value), on what
+Every row (a :class:`~mae_transfer.engine.results.ResultRow`) says what was measured (task, dataset, split, protocol, metric, value), on what
 (backbone name and sha256, config hash) and how (git commit, package versions, hardware, wall
 time, date). The file is ``<results dir>/results.jsonl``; ``pandas.read_json(path, lines=True)``
 reads it as a table.
@@ -12,73 +12,16 @@ it (with a warning) and the next append starts on a fresh line, so earlier rows 
 
 from __future__ import annotations
 
-import datetime as _dt
 import json
 import logging
 import math
 import os
-import platform
-import subprocess
-from functools import lru_cache
 from pathlib import Path
 from typing import Any, Iterable
 
+from mae_transfer.engine.results import COLUMNS, RESULTS_FILE, ResultRow, provenance
+
 log = logging.getLogger(__name__)
-
-RESULTS_FILE = "results.jsonl"
-# The columns every row carries (extra keys are kept too).
-COLUMNS = (
-    "task", "dataset", "split", "protocol", "metric", "value", "backbone", "backbone_sha256", "config_hash",
-    "git_commit", "versions", "hardware", "wall_time_s", "date",
-)
-
-
-@lru_cache(maxsize=1)
-def git_commit() -> str | None:
-    """The commit of the checkout this package runs from (None for an installed wheel)."""
-    here = Path(__file__).resolve().parent
-    try:
-        out = subprocess.run(["git", "-C", str(here), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    if out.returncode != 0:
-        return None
-    commit = out.stdout.strip()
-    dirty = subprocess.run(["git", "-C", str(here), "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True, timeout=5)
-    return commit + ("-dirty" if dirty.returncode == 0 and dirty.stdout.strip() else "")
-
-
-def package_versions() -> dict[str, str | None]:
-    """Versions of the packages that decide the numbers."""
-    from importlib import metadata
-
-    out: dict[str, str | None] = {"python": platform.python_version()}
-    for name in ("mae-transfer", "torch", "torchvision", "timm", "pycocotools", "numpy", "pillow"):
-        try:
-            out[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            out[name] = None
-    return out
-
-
-def hardware() -> str:
-    """``"<n> x <GPU name>"`` or the CPU with its core count."""
-    try:
-        import torch
-
-        if torch.cuda.is_available():
-            n = torch.cuda.device_count()
-            return f"{n} x {torch.cuda.get_device_name(0)}"
-    except Exception:  # noqa: BLE001 - provenance must never break a run
-        pass
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return f"cpu {platform.machine()} ({cores} cores)"
-
-
-def provenance() -> dict[str, Any]:
-    return {"git_commit": git_commit(), "versions": package_versions(), "hardware": hardware(),
-            "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
-
 
 def _clean(value: Any) -> Any:
     # JSON has no NaN: an undefined metric (e.g. APl without large objects) is stored as null.
@@ -94,15 +37,18 @@ class ResultStore:
         self.root = Path(root)
         self.path = self.root / RESULTS_FILE
 
-    def append(self, rows: Iterable[dict[str, Any]], **common: Any) -> int:
-        """Add ``rows`` (each with at least ``metric`` and ``value``), completed by ``common`` and the
-        provenance of this process. Returns the number of rows written."""
+    def append(self, rows: Iterable[ResultRow]) -> int:
+        """Add ``rows``, their missing provenance fields filled in from this process. Returns the
+        number of rows written."""
         prov = provenance()
         lines = []
         for row in rows:
-            full = {**prov, **common, **row}
-            if "metric" not in full or "value" not in full:
-                raise ValueError(f"a result row needs 'metric' and 'value': {row}")
+            if not isinstance(row, ResultRow):
+                raise TypeError(f"the results store takes ResultRow objects, got {type(row).__name__}")
+            full = {**row.to_dict()}
+            for k, v in prov.items():
+                if full.get(k) is None:
+                    full[k] = v
             lines.append(json.dumps({k: _clean(v) for k, v in full.items()}, sort_keys=False, default=str))
         if not lines:
             return 0
@@ -151,4 +97,4 @@ class ResultStore:
         return bool(self.find(**match))
 
 
-__all__ = ["ResultStore", "RESULTS_FILE", "COLUMNS", "provenance", "git_commit", "package_versions", "hardware"]
+__all__ = ["ResultStore", "RESULTS_FILE", "COLUMNS"]

@@ -1,13 +1,12 @@
 """The evaluation runner behind ``mae-transfer bench``: backbones x tasks -> the results store.
 
-A benchmark is a list of *jobs*, one per (backbone, task). Each job is one ordinary
-``mae-transfer`` command (``coco``, ``ade20k``, ``inat``, ``places``, ``finetune``, ``linprobe``,
-``knn``) with its own run directory, so everything the task commands do (resume after a kill,
-clear errors, pictures, per-run ``results.jsonl``) holds for every job. The runner adds:
+A benchmark is a list of *jobs*, one per (backbone, task of the registry). Each job is one run of
+the task's front (``evaluation.front``, what the task's ``mae-transfer`` command runs) with its own
+run directory, so everything the task commands do (resume after a kill, clear errors, pictures,
+per-run ``results.jsonl``) holds for every job. The runner adds:
 
-* **planning**: the job's identity (``job_key``) hashes the task, the fully resolved config (as
-  ``--print-config`` shows it, minus paths of the weights), the data path and the backbone's
-  sha256, so the same weights under another file name are the same job, and another preset,
+* **planning**: the job's identity (``job_key``) hashes the task, the fully resolved config (from
+  ``front.prepare``, minus paths of the weights), the data path and the backbone's sha256, so the same weights under another file name are the same job, and another preset,
   override or checkpoint is a new one;
 * **skipping**: a job whose rows are already in ``<results>/results.jsonl`` is not run again; a job
   whose run directory already holds its final ``results.jsonl`` (run by hand from the printed
@@ -29,7 +28,6 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import hashlib
-import io
 import json
 import logging
 import os
@@ -44,15 +42,14 @@ from pathlib import Path
 from typing import Any, Callable, Iterable
 
 from mae_transfer.config import ConfigError
-from mae_transfer.results import ResultStore
+from mae_transfer.engine.results import FAILED, ResultRow, read_run_results
+from mae_transfer.evaluation import front
+from mae_transfer.evaluation.registry import TASKS, TaskSpec, benchmark_tasks
+from mae_transfer.evaluation.store import ResultStore
 
 log = logging.getLogger(__name__)
 
-TASKS = ("coco", "ade20k", "inat2017", "inat2018", "inat2019", "places205", "places365", "finetune", "linprobe", "knn")
-FAILED = "job_failed"
 RANDOM = ("random", "none", "scratch", "")
-# Which --data key a task reads when none is given for the task itself.
-DATA_GROUP = {"finetune": "imagenet", "linprobe": "imagenet", "knn": "imagenet"}
 
 
 class BenchInterrupted(RuntimeError):
@@ -74,13 +71,25 @@ class Backbone:
 class Job:
     backbone: Backbone
     task: str
-    argv: list[str]  # the mae-transfer command line, without --output
+    options: dict[str, Any]  # the task's options (evaluation.options), without the output
     preset: str | None
     data: str | None
     model: str | None
     key: str = ""
     run_dir: Path = Path()
-    parallel: bool = True  # may run under torchrun
+
+    @property
+    def spec(self) -> TaskSpec:
+        return TASKS[self.task]
+
+    @property
+    def argv(self) -> list[str]:
+        """The ``mae-transfer`` command line of the job, without ``--output``."""
+        return front.command_line(self.spec, self.options)
+
+    @property
+    def parallel(self) -> bool:  # may run under torchrun
+        return self.spec.parallel
 
     @property
     def label(self) -> str:
@@ -93,7 +102,7 @@ class JobOutcome:
     status: str  # "done" (ran now), "cached" (results already in the store), "recorded" (finished outside the runner), "failed"
     wall_time_s: float | None = None
     error: str | None = None
-    rows: list[dict] = field(default_factory=list)
+    rows: list[ResultRow] = field(default_factory=list)
 
 
 def parse_backbones(specs: Iterable[str]) -> list[Backbone]:
@@ -123,12 +132,14 @@ def parse_backbones(specs: Iterable[str]) -> list[Backbone]:
 
 
 def parse_tasks(text: str | Iterable[str]) -> list[str]:
+    """Task names of the registry (``all``: every benchmark task, in the registry's order)."""
+    tasks = benchmark_tasks()
     items = [t.strip().lower() for t in (text.split(",") if isinstance(text, str) else text) if t.strip()]
     if items == ["all"]:
-        return list(TASKS)
-    bad = [t for t in items if t not in TASKS]
+        return tasks
+    bad = [t for t in items if t not in tasks]
     if bad or not items:
-        raise ConfigError(f"--tasks: unknown task(s) {', '.join(bad) or '(none)'}; choose from {','.join(TASKS)} or all")
+        raise ConfigError(f"--tasks: unknown task(s) {', '.join(bad) or '(none)'}; choose from {','.join(tasks)} or all")
     return list(dict.fromkeys(items))
 
 
@@ -151,18 +162,10 @@ def parse_overrides(specs: Iterable[str]) -> dict[str, list[str]]:
     for spec in specs:
         task, sep, kv = spec.partition(":")
         task = task.strip().lower()
-        if not sep or "=" not in kv or (task != "*" and task not in TASKS):
+        if not sep or "=" not in kv or (task != "*" and task not in benchmark_tasks()):
             raise ConfigError(f"--set {spec!r}: expected TASK:KEY=VALUE (e.g. coco:train.epochs=10, *:train.device=cpu)")
         out.setdefault(task, []).append(kv)
     return out
-
-
-def _command(task: str) -> list[str]:
-    if task.startswith("inat"):
-        return ["inat", "--year", task[4:]]
-    if task.startswith("places"):
-        return ["places", "--version", task[6:]]
-    return [task]
 
 
 def _infer_model(path: str) -> tuple[str | None, int | None]:
@@ -170,20 +173,6 @@ def _infer_model(path: str) -> tuple[str | None, int | None]:
 
     info = infer_vit_config(to_vit_state_dict(read_checkpoint(path)))
     return info.get("name"), info.get("img_size")
-
-
-def _resolved_config(argv: list[str]) -> Any:
-    """The config the command would run with (its ``--print-config``), parsed; None for knn."""
-    import yaml
-
-    from mae_transfer.cli import main
-
-    buf = io.StringIO()
-    with contextlib.redirect_stdout(buf):
-        rc = main(argv + ["--print-config"])
-    if rc != 0:
-        raise ConfigError(f"`mae-transfer {shlex.join(argv)}` is not a valid command (see the message above)")
-    return yaml.safe_load(buf.getvalue())
 
 
 def _slug(text: str) -> str:
@@ -215,54 +204,55 @@ def plan_jobs(
     for b in backbones:
         model, img = models.get(b.name, reference)
         for task in tasks:
-            argv = _command(task)
-            dpath = data.get(task, data.get(DATA_GROUP.get(task, ""), None))
+            spec = TASKS[task]
+            options: dict[str, Any] = {}
+            dpath = data.get(task, data.get(spec.data_group or "", None))
             if dpath:
-                argv += ["--data", str(Path(dpath).expanduser().resolve())]
+                options["data"] = str(Path(dpath).expanduser().resolve())
             if b.path:
-                argv += ["--backbone", b.path]
+                options["backbone"] = b.path
             elif model:
-                argv += ["--model", model]
-                if task == "knn" and img:
-                    argv += ["--img-size", str(img)]
-            if task != "knn":
+                options["model"] = model
+                if spec.native_resolution and img:
+                    options["img_size"] = img
+            if spec.trains:
                 if presets.get(task):
-                    argv += ["--preset", presets[task]]
-                argv += overrides.get("*", []) + overrides.get(task, [])
-            elif overrides.get(task):
-                raise ConfigError("--set knn:...: the knn job has no config to override")
-            if task == "knn":
-                argv += ["--sweep"]
-            job = Job(b, task, argv, presets.get(task), dpath, model, parallel=task != "knn")
-            if task == "knn":
-                identity: Any = [a for a in argv if a != b.path]
-            else:
-                cfg = _resolved_config(argv)
-                if isinstance(cfg, dict):
-                    cfg = {k: v for k, v in cfg.items() if k not in ("backbone", "init", "visualize")}
-                    model = ((cfg.get("model") or {}).get("name")) or model
-                    job.model = model
-                identity = cfg
-            blob = json.dumps({"task": task, "config": identity, "data": job.data, "backbone": b.sha256}, sort_keys=True, default=str)
+                    options["preset"] = presets[task]
+                options["overrides"] = overrides.get("*", []) + overrides.get(task, [])
+            elif overrides.get(task) or presets.get(task):
+                raise ConfigError(f"--set/--preset {task}:...: the {task} job has no config (it trains nothing)")
+            job = Job(b, task, options, presets.get(task), dpath, model)
+            try:
+                prepared = front.prepare(spec, options)
+            except ConfigError as e:
+                raise ConfigError(f"{task} job of {b.name}: {e}") from None
+            if prepared.cfg is not None:
+                job.model = (getattr(prepared.cfg, "model", None) and getattr(prepared.cfg.model, "name", None)) or model
+            blob = json.dumps({"task": task, "config": prepared.identity(), "data": job.data, "backbone": b.sha256},
+                              sort_keys=True, default=str)
             job.key = hashlib.sha256(blob.encode()).hexdigest()[:16]
             job.run_dir = Path(results_dir) / "runs" / _slug(b.name) / f"{task}-{job.key[:8]}"
             jobs.append(job)
     return jobs
 
 
-def _tag_rows(job: Job, rows: list[dict], wall: float | None) -> list[dict]:
+def _tag_rows(job: Job, rows: list[ResultRow], wall: float | None) -> list[ResultRow]:
     """The job's own rows, named after the benchmark's backbone and job."""
     model = job.model
     cfg_path = job.run_dir / "config_resolved.json"
     if cfg_path.exists():
         with contextlib.suppress(ValueError, OSError, AttributeError):
             model = (json.loads(cfg_path.read_text()).get("model") or {}).get("name") or model
-    if job.data and _is_toy(job.data):  # toy data passed as --data (e.g. larger toy splits)
-        rows = [{**r, "dataset": r["dataset"] + " (toy)"} if "(toy)" not in str(r.get("dataset", "(toy)")) else r for r in rows]
-    tag = {"job": job.task, "backbone": job.backbone.name, "backbone_path": job.backbone.path,
-           "backbone_sha256": job.backbone.sha256, "model": model, "preset": job.preset, "job_key": job.key,
-           "run_dir": str(job.run_dir), "wall_time_s": wall}
-    return [{**r, **tag} for r in rows]
+    toy = bool(job.data and _is_toy(job.data))  # toy data passed as --data (e.g. larger toy splits)
+    out = []
+    for r in rows:
+        dataset = r.dataset
+        if toy and dataset and "(toy)" not in dataset:
+            dataset += " (toy)"
+        out.append(r.replace(dataset=dataset, backbone=job.backbone.name, backbone_path=job.backbone.path,
+                             backbone_sha256=job.backbone.sha256, model=model, preset=job.preset, job_key=job.key,
+                             run_dir=str(job.run_dir), wall_time_s=wall))
+    return out
 
 
 def _is_toy(path: str) -> bool:
@@ -272,15 +262,8 @@ def _is_toy(path: str) -> bool:
     return (root / _MARKER).exists() or (root.parent / _MARKER).exists()
 
 
-def _read_run_rows(run_dir: Path) -> list[dict]:
-    path = run_dir / "results.jsonl"
-    if not path.exists():
-        return []
-    rows = []
-    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
-        with contextlib.suppress(ValueError):
-            rows.append(json.loads(line))
-    return rows
+def _read_run_rows(run_dir: Path) -> list[ResultRow]:
+    return read_run_results(run_dir)
 
 
 def job_done(store_rows: list[dict], key: str) -> bool:
@@ -360,14 +343,17 @@ def _run_subprocess(job: Job, nproc: int, log_path: Path, verbose: bool, stop: _
             stop.child = None
 
 
-def run_in_process(argv: list[str], log_path: Path, verbose: bool = False) -> int:
-    """Run ``mae-transfer ARGV`` inside this process, its output going to ``log_path``; the exit code."""
-    from mae_transfer.cli import main
+def run_in_process(spec: TaskSpec, options: dict[str, Any], log_path: Path, verbose: bool = False) -> int:
+    """Run ``spec`` with ``options`` through the task front inside this process, its output going to
+    ``log_path``; the exit code (2: a user error, 130/143: interrupted, 1: a crash)."""
+    from mae_transfer.checkpoint import CheckpointError
+    from mae_transfer.data.errors import DataError
     from mae_transfer.engine.logger import setup_logging
+    from mae_transfer.engine.trainer import TrainingInterrupted
 
     try:
         with open(log_path, "a", encoding="utf-8") as logf:
-            logf.write(f"$ mae-transfer {shlex.join(argv)}\n")
+            logf.write(f"$ mae-transfer {shlex.join(front.command_line(spec, options))}\n")
             logf.flush()
             redirect = contextlib.nullcontext() if verbose else contextlib.ExitStack()
             if not verbose:
@@ -375,9 +361,15 @@ def run_in_process(argv: list[str], log_path: Path, verbose: bool = False) -> in
                 redirect.enter_context(contextlib.redirect_stderr(logf))
             with redirect:
                 try:
-                    return main(argv)
+                    return front.run(spec, options)
+                except TrainingInterrupted as e:
+                    print(f"mae-transfer: {e}", file=sys.stderr)
+                    return 143
                 except KeyboardInterrupt:
                     return 130
+                except (ConfigError, CheckpointError, DataError, FloatingPointError) as e:
+                    print(f"mae-transfer: error: {e}", file=sys.stderr)
+                    return 2
                 except Exception:  # noqa: BLE001 - a failing job must not end the benchmark
                     import traceback
 
@@ -407,7 +399,7 @@ def run_jobs(
             head = f"[{i}/{len(jobs)}] {job.label}"
             stored = store.read()
             if job_done(stored, job.key):
-                rows = [r for r in stored if r.get("job_key") == job.key and r.get("metric") != FAILED]
+                rows = [ResultRow.from_dict(r) for r in stored if r.get("job_key") == job.key and r.get("metric") != FAILED]
                 outcomes.append(JobOutcome(job, "cached", rows=rows))
                 echo(f"{head}: done before, skipped (results in {store.path})")
                 continue
@@ -427,7 +419,10 @@ def run_jobs(
             resuming = (job.run_dir / "checkpoint-last.pth").exists()
             echo(f"{head}: {'resuming' if resuming else 'running'} (log: {log_path})")
             t0 = time.perf_counter()
-            rc = run_in_process([*job.argv, "--output", str(job.run_dir)], log_path, verbose) if in_process else _run_subprocess(job, nproc, log_path, verbose, stop)
+            if in_process:
+                rc = run_in_process(job.spec, {**job.options, "output": str(job.run_dir)}, log_path, verbose)
+            else:
+                rc = _run_subprocess(job, nproc, log_path, verbose, stop)
             wall = time.perf_counter() - t0
             # In-process jobs catch the signal themselves (the trainer saves and returns 143/130).
             if stop.signum is not None or (in_process and rc in (130, 143)):
@@ -445,27 +440,24 @@ def run_jobs(
             error = _last_error(log_path) if rc != 0 else f"exited 0 but wrote no {job.run_dir / 'results.jsonl'}"
             if rc in (130, 143):
                 error = f"interrupted by a signal from outside the runner (exit {rc}); {error}"
-            store.append([{"task": job.task, "metric": FAILED, "value": None, "error": error, "returncode": rc,
-                           "log": str(log_path)}], **_tag_rows(job, [{}], wall)[0])
+            failure = ResultRow(task=job.task, metric=FAILED, value=None, extra={"error": error, "returncode": rc, "log": str(log_path)})
+            store.append(_tag_rows(job, [failure], wall))
             outcomes.append(JobOutcome(job, "failed", wall, error=error))
             echo(f"{head}: FAILED after {wall:.0f} s (exit {rc}): {error}\n    log: {log_path}")
     return outcomes
 
 
-HEADLINE = {"coco": ("bbox_AP", "segm_AP"), "ade20k": ("mIoU",)}
-
-
-def headline(rows: list[dict]) -> str:
-    """The main numbers of a job's rows, e.g. ``bbox_AP 19.8, segm_AP 22.7``."""
-    wanted = HEADLINE.get(rows[0].get("job", ""), ("top1",)) if rows else ()
+def headline(rows: list[ResultRow]) -> str:
+    """The main numbers of a job's rows (its task's headline columns), e.g. ``APbox 19.8, APmask 22.7``."""
+    if not rows:
+        return "no metric"
     parts = []
-    for r in rows:
-        proto = str(r.get("protocol", ""))
-        if r.get("metric") in wanted and r.get("value") is not None and not proto.endswith(("_ms", "+flip")):
-            if r.get("job") == "knn" and proto not in ("knn20", "linprobe_sweep"):
-                continue
-            name = r["metric"] if r.get("job") != "knn" else f"{proto} top1"
-            parts.append(f"{name} {r['value']:.2f}")
+    for col in TASKS[rows[0].task].headline if rows[0].task in TASKS else ():
+        hits = [r for r in rows if r.metric == col.metric and col.matches(r.protocol or "") and r.value is not None]
+        if col.prefer == "knn":
+            hits = [r for r in hits if r.protocol == "knn20"] or hits[:1]
+        if hits:
+            parts.append(f"{col.bar} {hits[-1].value:.2f}")
     return ", ".join(parts) or "no metric"
 
 
@@ -512,6 +504,6 @@ def latest_rows(results_dir: str | os.PathLike, jobs: list[Job] | None = None) -
 
 
 __all__ = [
-    "TASKS", "Backbone", "Job", "JobOutcome", "BenchInterrupted", "parse_backbones", "parse_tasks", "parse_task_map",
+    "Backbone", "Job", "JobOutcome", "BenchInterrupted", "parse_backbones", "parse_tasks", "parse_task_map",
     "parse_overrides", "plan_jobs", "run_jobs", "run_in_process", "print_commands", "submit_slurm", "shell_command", "latest_rows", "headline",
 ]

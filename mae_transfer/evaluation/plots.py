@@ -7,7 +7,6 @@ from __future__ import annotations
 import csv
 import logging
 import math
-import re
 import textwrap
 from pathlib import Path
 from typing import Any, Iterable
@@ -15,25 +14,15 @@ from typing import Any, Iterable
 from matplotlib.figure import Figure
 from matplotlib.ticker import LogFormatter
 
+from mae_transfer.engine.results import FAILED
+from mae_transfer.evaluation.registry import TASKS, headline_columns
+from mae_transfer.evaluation.tables import RowIndex
 from mae_transfer.io import atomic_write
 
 log = logging.getLogger(__name__)
 
 DPI = 120
 TOY_NOTE = "toy data: pipeline check, not comparable with the paper"
-# Job -> (display name, [(metric, label suffix), ...]) in the paper's table order.
-JOBS: dict[str, tuple[str, list[tuple[str, str]]]] = {
-    "coco": ("COCO", [("bbox_AP", "APbox"), ("segm_AP", "APmask")]),
-    "ade20k": ("ADE20K", [("mIoU", "mIoU")]),
-    **{f"inat{y}": (f"iNat {y}", [("top1", "top-1")]) for y in (2017, 2018, 2019)},
-    **{f"places{n}": (f"Places{n}", [("top1", "top-1")]) for n in (205, 365)},
-    "finetune": ("ImageNet fine-tune", [("top1", "top-1")]),
-    "linprobe": ("linear probe", [("top1", "top-1")]),
-    "knn": ("k-NN", [("top1", "top-1")]),
-}
-_KNN = re.compile(r"^knn(\d+)$")
-
-
 def backbone_colors(names: Iterable[str]) -> dict[str, str]:
     """A colour per backbone name, in the given order, from the tab10 palette (cycled)."""
     palette = [f"tab:{c}" for c in "blue orange green red purple brown pink gray olive cyan".split()]
@@ -127,18 +116,20 @@ def _save(fig: Figure, out: Path) -> Path:
     return Path(out)
 
 
-def _job_order(jobs: Iterable[str]) -> list[str]:
-    return sorted(dict.fromkeys(jobs), key=lambda j: (list(JOBS).index(j) if j in JOBS else len(JOBS), j))
+def _task_order(tasks: Iterable[str]) -> list[str]:
+    """Tasks in the registry's (the paper's) order, unknown ones last."""
+    order = list(TASKS)
+    return sorted(dict.fromkeys(tasks), key=lambda t: (order.index(t) if t in order else len(order), t))
 
 
 def plot_training_curves(runs: dict[str, dict[str, Path]], out: Path, title: str | None = None,
                          colors: dict[str, str] | None = None) -> Path | None:
     """Training loss vs step: one subplot per job, one line (EMA, raw faint behind) per backbone.
 
-    ``runs`` maps a job to ``{backbone: run dir}``. Returns None and writes nothing if no curve
+    ``runs`` maps a task to ``{backbone: run dir}``. Returns None and writes nothing if no curve
     could be read. ``colors`` (from :func:`backbone_colors`) keeps colours in step with other plots.
     """
-    curves = {job: {bb: _xy(c, "loss") for bb, d in runs[job].items() if (c := _train_log(d))} for job in _job_order(runs)}
+    curves = {job: {bb: _xy(c, "loss") for bb, d in runs[job].items() if (c := _train_log(d))} for job in _task_order(runs)}
     curves = {job: c for job, c in curves.items() if c}
     if not curves:
         return None
@@ -151,7 +142,7 @@ def plot_training_curves(runs: dict[str, dict[str, Path]], out: Path, title: str
         for bb, (x, y) in by_bb.items():
             _draw_loss(ax, x, y, colors[bb], bb)
         _log_if_wide(ax, [v for _, y in by_bb.values() for v in y])
-        ax.set(title=JOBS.get(job, (job,))[0], xlabel="step", ylabel="training loss")
+        ax.set(title=TASKS[job].title if job in TASKS else job, xlabel="step", ylabel="training loss")
         ax.grid(alpha=0.3)
     handles = {h.get_label(): h for ax in fig.axes for h in ax.get_lines() if not h.get_label().startswith("_")}
     order = [bb for bb in colors if bb in handles]
@@ -185,46 +176,25 @@ def plot_pretraining(run_dir: Path, out: Path) -> Path | None:
     return _save(fig, out)
 
 
-def _pick(job: str, metric: str, recs: dict[tuple[str, str], float | None]) -> float | None:
-    """The headline value of ``metric`` among one backbone's ``{(protocol, metric): value}`` (latest last)."""
-    cands = [(p, v) for (p, m), v in recs.items() if m == metric]
-    if job == "knn":
-        ks = [(int(mt.group(1)), v) for p, v in cands if (mt := _KNN.match(p))]
-        cands = sorted(ks, key=lambda kv: (kv[0] != 20, kv[0]))[:1]  # k=20, else the smallest k
-    else:
-        cands = [(p, v) for p, v in cands if not _KNN.match(p)]
-        if job == "ade20k":
-            cands = [c for c in cands if c[0].endswith("_ss")] or [c for c in cands if "_ss" in c[0]] or cands
-    v = cands[-1][1] if cands else None
-    return float(v) if isinstance(v, (int, float)) and math.isfinite(v) else None
-
-
 def _comparison(rows: list[dict]) -> tuple[list[str], dict[str, list[float | None]], dict[str, list[bool]]]:
-    latest: dict[tuple[str, str], dict[tuple[str, str], Any]] = {}
-    failed: set[tuple[str, str]] = set()
-    backbones: dict[str, None] = {}  # ordered set
-    for r in rows:
-        job, bb = r.get("job"), str(r.get("backbone") or "unknown")
-        if job not in JOBS:
+    """One bar group per headline column of the registry (``"<task title> <bar label>"``) with a
+    result; per backbone (first-seen order) its value, or None, and whether the task failed."""
+    idx = RowIndex(rows)
+    labels: list[str] = []
+    values: dict[str, list[float | None]] = {bb: [] for bb in idx.backbones}
+    fails: dict[str, list[bool]] = {bb: [] for bb in idx.backbones}
+    for spec, col in headline_columns():
+        col_values = {}
+        for bb in idx.backbones:
+            hit = idx.hit(bb, spec, col, fallback=True)
+            v = hit.get("value") if hit else None
+            col_values[bb] = float(v) if isinstance(v, (int, float)) and math.isfinite(v) else None
+        if all(v is None for v in col_values.values()):
             continue
-        backbones.setdefault(bb)
-        if r.get("metric") == "job_failed":
-            failed.add((job, bb))
-            continue
-        recs = latest.setdefault((job, bb), {})
-        key = (str(r.get("protocol") or ""), str(r.get("metric")))
-        recs.pop(key, None)  # re-insert so that the newest row is last
-        recs[key] = r.get("value")
-    labels, values, fails = [], {bb: [] for bb in backbones}, {bb: [] for bb in backbones}
-    for job in _job_order(j for j, _ in latest):
-        for metric, suffix in JOBS[job][1]:
-            col = {bb: _pick(job, metric, latest.get((job, bb), {})) for bb in backbones}
-            if all(v is None for v in col.values()):
-                continue
-            labels.append(f"{JOBS[job][0]} {suffix}")
-            for bb in backbones:
-                values[bb].append(col[bb])
-                fails[bb].append(col[bb] is None and (job, bb) in failed)
+        labels.append(f"{spec.title} {col.bar}")
+        for bb in idx.backbones:
+            values[bb].append(col_values[bb])
+            fails[bb].append(col_values[bb] is None and idx.failed(bb, spec.name))
     return labels, values, fails
 
 
@@ -274,11 +244,12 @@ def plot_all(rows: list[dict], out_dir: Path, pretrain_dir: Path | None = None) 
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    colors = backbone_colors(str(r.get("backbone") or "unknown") for r in rows if r.get("job") in JOBS)
+    colors = backbone_colors(str(r.get("backbone") or "unknown") for r in rows if r.get("task") in TASKS)
     found: dict[tuple[str, str], Path] = {}
     for r in rows:
-        if r.get("job") and r.get("run_dir") and r.get("job") != "knn":  # k-NN trains nothing
-            found[(str(r["job"]), str(r.get("backbone") or "unknown"))] = Path(r["run_dir"])
+        spec = TASKS.get(str(r.get("task")))
+        if spec is not None and spec.trains and r.get("run_dir") and r.get("metric") != FAILED:
+            found[(spec.name, str(r.get("backbone") or "unknown"))] = Path(r["run_dir"])
     runs: dict[str, dict[str, Path]] = {}
     for (job, bb), d in found.items():
         if d.is_dir():

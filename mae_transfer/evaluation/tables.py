@@ -5,8 +5,9 @@ with our backbones (one row each, with optional deltas to a baseline backbone) a
 the paper's reference numbers (``paper.yaml``). ``to_markdown`` / ``to_latex`` / ``to_csv`` render
 one table; ``render``, ``latex_document`` and ``write_tables`` produce whole reports.
 
-Row semantics: for each (backbone, job, protocol, metric) the last row wins; a ``job_failed`` row
-newer than every result of its (backbone, job) turns that job's cells into ``failed``; a job that
+The tables and their columns come from the task registry (``TABLES``, each task's ``columns``).
+Row semantics: for each (backbone, task, protocol, metric) the last row wins; a ``job_failed`` row
+newer than every result of its (backbone, task) turns that task's cells into ``failed``; a task that
 never ran shows ``–``.
 """
 
@@ -20,13 +21,14 @@ import re
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Iterable
 
 import yaml
 
+from mae_transfer.engine.results import FAILED
+from mae_transfer.evaluation.registry import TABLES, Column, TaskSpec, table_columns
 from mae_transfer.io import atomic_write_text
 
-FAILED = "job_failed"
 MISSING = "–"
 NO_RESULTS = "no results yet: the results store holds no rows for the paper's tables"
 TOY_NOTE = ("Our rows ran on the built-in toy data: they check the pipeline and are not comparable "
@@ -66,16 +68,6 @@ class Table:
     notes: list[str] = field(default_factory=list)
 
 
-@dataclass(frozen=True)
-class _Col:
-    id: str  # the column id in paper.yaml
-    label: str
-    job: str
-    metric: str
-    protocol: Callable[[str], bool]
-    keep: str = "optional"  # always | optional (dropped when empty unless full) | present (only if a row exists)
-
-
 def load_paper() -> dict:
     """The MAE paper's reference numbers (``paper.yaml`` shipped with the package)."""
     text = resources.files(__package__).joinpath("paper.yaml").read_text(encoding="utf-8")
@@ -108,8 +100,9 @@ def _is_toy(dataset: Any) -> bool:
     return isinstance(dataset, str) and dataset.strip().endswith("(toy)")
 
 
-class _Index:
-    """The rows indexed for lookup: the last row per (backbone, job, protocol, metric) and failures."""
+class RowIndex:
+    """Result rows indexed for lookup: the last row per (backbone, task, protocol, metric), and which
+    (backbone, task) failed after its last result. Shared by the tables and the plots."""
 
     def __init__(self, rows: Iterable[dict]):
         self.latest: dict[tuple[str, str, str, str], tuple[int, dict]] = {}
@@ -120,50 +113,35 @@ class _Index:
         for i, r in enumerate(rows):
             if r.get("backbone") is None:
                 continue
-            bb, job = str(r["backbone"]), str(r.get("job") or r.get("task") or "")
+            bb, task = str(r["backbone"]), str(r.get("task") or "")
             if bb not in self.backbones:
                 self.backbones.append(bb)
             if r.get("model") and bb not in self.models:
                 self.models[bb] = r["model"]
             if r.get("metric") == FAILED:
-                self.fail[(bb, job)] = i
+                self.fail[(bb, task)] = i
             else:
-                self.ok[(bb, job)] = i
-                self.latest[(bb, job, str(r.get("protocol") or ""), str(r.get("metric")))] = (i, r)
+                self.ok[(bb, task)] = i
+                self.latest[(bb, task, str(r.get("protocol") or ""), str(r.get("metric")))] = (i, r)
 
-    def failed(self, bb: str, job: str) -> bool:
-        return self.fail.get((bb, job), -1) > self.ok.get((bb, job), -1)
+    def failed(self, bb: str, task: str) -> bool:
+        return self.fail.get((bb, task), -1) > self.ok.get((bb, task), -1)
 
-    def hit(self, bb: str, col: _Col) -> dict | None:
-        """The newest row of ``bb`` for the column (any matching protocol)."""
-        hits = [v for (b, j, p, m), v in self.latest.items()
-                if b == bb and j == col.job and m == col.metric and col.protocol(p)]
+    def hit(self, bb: str, spec: TaskSpec, col: Column, fallback: bool = False) -> dict | None:
+        """The newest row of ``bb`` for the column (any matching protocol; for k-NN columns the
+        k of :meth:`knn_protocol`); with ``fallback`` and ``col.bar_fallback``, any protocol when
+        none matches."""
+        hits = [v for (b, t, p, m), v in self.latest.items()
+                if b == bb and t == spec.name and m == col.metric and col.matches(p)
+                and (col.prefer != "knn" or p == self.knn_protocol(spec.name))]
+        if not hits and fallback and col.bar_fallback:
+            hits = [v for (b, t, p, m), v in self.latest.items() if b == bb and t == spec.name and m == col.metric]
         return max(hits, key=lambda h: h[0])[1] if hits else None
 
-    def knn_protocol(self) -> str:
-        ks = {int(p[3:]) for (_, j, p, m) in self.latest if j == "knn" and m == "top1" and re.fullmatch(r"knn\d+", p)}
+    def knn_protocol(self, task: str = "knn") -> str:
+        """``knn20`` when any backbone has k=20 (the paper's choice), else the smallest k measured."""
+        ks = {int(p[3:]) for (_, t, p, m) in self.latest if t == task and m == "top1" and re.fullmatch(r"knn\d+", p)}
         return f"knn{20 if 20 in ks or not ks else min(ks)}"
-
-
-def _specs(knn: str) -> list[tuple[str, str, list[str], list[_Col]]]:
-    any_p = lambda p: True  # noqa: E731
-    ft = lambda p: p in ("finetune", "")  # noqa: E731
-    transfer = [("inat2017", "iNat 2017"), ("inat2018", "iNat 2018"), ("inat2019", "iNat 2019"),
-                ("places205", "Places205"), ("places365", "Places365")]
-    return [
-        ("coco", "Table 4: COCO object detection and instance segmentation (Mask R-CNN)", ["coco"],
-         [_Col("APbox", "APbox", "coco", "bbox_AP", any_p, "always"),
-          _Col("APmask", "APmask", "coco", "segm_AP", any_p, "always")]),
-        ("ade20k", "Table 5: ADE20K semantic segmentation (UperNet)", ["ade20k"],
-         [_Col("mIoU", "mIoU", "ade20k", "mIoU", lambda p: p.endswith("_ss"), "always"),
-          _Col("mIoU_msflip", "mIoU (ms+flip)", "ade20k", "mIoU", lambda p: p.endswith("_ms+flip"), "present")]),
-        ("transfer", "Table 6: transfer classification, top-1", ["transfer"],
-         [_Col(job, label, job, "top1", ft) for job, label in transfer]),
-        ("imagenet", "ImageNet-style classification, top-1", ["imagenet_finetune", "imagenet_linprobe"],
-         [_Col("finetune", "fine-tune", "finetune", "top1", ft),
-          _Col("linprobe", "linear probe", "linprobe", "top1", lambda p: p in ("linprobe", "")),
-          _Col("knn", "k-NN", "knn", "top1", lambda p: p == knn)]),
-    ]
 
 
 def _resolve_baseline(baseline: str | None, backbones: list[str]) -> str | None:
@@ -186,7 +164,7 @@ def _mark_best(rows: list[Row]) -> None:
             c.bold = bool(vals) and c.value is not None and round(c.value, 1) == max(vals)
 
 
-def _paper_block(paper: dict, keys: list[str], cols: list[_Col], sizes: list[str]) -> tuple[list[Row], list[str], list[str]]:
+def _paper_block(paper: dict, keys: tuple[str, ...], cols: list[Column], sizes: list[str]) -> tuple[list[Row], list[str], list[str]]:
     """The paper's rows for ``sizes`` (merged across the paper tables ``keys``), their sources and notes."""
     merged: dict[tuple[str, str], tuple[str, dict]] = {}
     sources, notes = [], []
@@ -222,25 +200,28 @@ def build_tables(rows: Iterable[dict], baseline: str | None = "auto", paper: boo
     "random" or "scratch"; None: no deltas). ``paper``: add the paper's rows, for ``paper_sizes``
     (default: our ViT sizes among B/L/H, else B). ``full``: keep the columns nobody has results for.
     """
-    idx = _Index(rows)
+    idx = RowIndex(rows)
     bbs = idx.backbones
     base = _resolve_baseline(baseline, bbs)
     ref = load_paper() if paper else None
     tables = []
-    for key, title, paper_keys, cols in _specs(idx.knn_protocol()):
-        hits = {(b, c.id): idx.hit(b, c) for b in bbs for c in cols}
-        has = {c.id: any(idx.failed(b, c.job) or (hits[b, c.id] and _num(hits[b, c.id].get("value")) is not None)
-                         for b in bbs) for c in cols}
+    for key, table_spec in TABLES.items():
+        title, paper_keys = table_spec.title, table_spec.paper
+        pairs = table_columns(key)
+        hits = {(b, c.id): idx.hit(b, t, c) for b in bbs for t, c in pairs}
+        has = {c.id: any(idx.failed(b, t.name) or (hits[b, c.id] and _num(hits[b, c.id].get("value")) is not None)
+                         for b in bbs) for t, c in pairs}
         if not any(has.values()):
             continue
         keep = {"always": lambda c: True, "optional": lambda c: full or has[c.id],
                 "present": lambda c: any(hits[b, c.id] for b in bbs)}
-        cols = [c for c in cols if keep[c.keep](c)]
+        pairs = [(t, c) for t, c in pairs if keep[c.keep](c)]
+        cols = [c for _, c in pairs]
         ours, toy, protocols = [], False, []
         for b in bbs:
             found = [hits[b, c.id] for c in cols]
-            cells = [Cell(status="failed") if idx.failed(b, c.job) else Cell(_num(h.get("value")) if h else None)
-                     for c, h in zip(cols, found)]
+            cells = [Cell(status="failed") if idx.failed(b, t.name) else Cell(_num(h.get("value")) if h else None)
+                     for (t, c), h in zip(pairs, found)]
             model = next((h["model"] for h in found if h and h.get("model")), idx.models.get(b))
             data = []
             for h in found:
@@ -270,8 +251,9 @@ def build_tables(rows: Iterable[dict], baseline: str | None = "auto", paper: boo
                 notes += pnotes
         if base is not None:
             caption.append(f"(±x.x): difference to {base}.")
-        if any(c.id == "knn" for c in cols):
-            notes.append(f"k-NN: top-1 of the weighted k-NN classifier, k={idx.knn_protocol()[3:]}.")
+        for t, c in pairs:
+            if c.prefer == "knn":
+                notes.append(f"{c.label}: top-1 of the weighted k-NN classifier, k={idx.knn_protocol(t.name)[3:]}.")
         if protocols:
             notes.append("Our protocols: " + ", ".join(map(str, protocols)) + ".")
         if toy:
@@ -399,5 +381,5 @@ def write_tables(rows: Iterable[dict], out_dir: str | os.PathLike, **build_kwarg
     return {name: atomic_write_text(out / name, text) for name, text in files.items()}
 
 
-__all__ = ["Cell", "Row", "Table", "load_paper", "size_of", "build_tables", "to_markdown", "to_latex", "to_csv",
+__all__ = ["Cell", "Row", "Table", "RowIndex", "load_paper", "size_of", "build_tables", "to_markdown", "to_latex", "to_csv",
            "render", "latex_document", "write_tables", "NO_RESULTS", "TOY_NOTE"]

@@ -16,59 +16,39 @@ import logging
 import time
 from pathlib import Path
 
-from mae_transfer import bench
+from mae_transfer.evaluation import runner
+from mae_transfer.evaluation.registry import TASKS, benchmark_tasks
 from mae_transfer.io import file_sha256
 
 log = logging.getLogger(__name__)
 
 MAE_NAME = "MAE (toy pretraining)"
 RANDOM_NAME = "random init"
-TASKS = ("coco", "ade20k", "inat2017", "inat2018", "inat2019", "places205", "places365", "finetune", "linprobe", "knn")
-
-# Per-task overrides of the toy presets (KEY=VALUE, as on the command line).
-FULL = {
-    "pretrain": ["--epochs", "30"],
-    "*": [],
-    # 64 px, the pretraining size, with windows as large as the pretraining grid (ViTDet's rule:
-    # window = the global attention size of pretraining); 20 epochs of the toy preset.
-    "coco": ["model.img_size=64", "model.window_size=8"],
-    "ade20k": ["train.epochs=12"],
-    "finetune": ["train.epochs=15"],
-    "linprobe": ["train.epochs=15"],
-    "inat2017": ["train.epochs=25"], "inat2018": ["train.epochs=25"], "inat2019": ["train.epochs=25"],
-    "places205": ["train.epochs=25"], "places365": ["train.epochs=25"],
-}
-QUICK = {
-    "pretrain": ["--epochs", "3"],
-    "*": ["train.epochs=2"],
-    "coco": ["train.epochs=2", "model.img_size=64", "model.window_size=8"],
-    "ade20k": ["train.epochs=2"],
-}
-# iNaturalist / Places toy splits with 20 validation images per class instead of 5, so that the
-# comparison with random weights is not decided by one or two images.
-TOY_DATA = {"inat2017": {"val_per_category": 20}, "inat2018": {"val_per_category": 20}, "inat2019": {"val_per_category": 20},
-            "places205": {"val_per_category": 20}, "places365": {"val_per_category": 20},
-            # 64 toy COCO validation scenes instead of 16: AP on 16 scenes moves by points between runs.
-            "coco": {"val_images": 64}}
-# The presets these larger toy splits run with (their commands see a --data folder, i.e. real data).
-TOY_PRESET = {"coco": "toy"}
-QUICK_TASKS = ("coco", "ade20k", "inat2018", "places365", "finetune", "linprobe", "knn")
+# Every run of the demo on top of a task's toy preset (each task's own settings are in its
+# registry entry, ``TaskSpec.demo``): --quick shortens every schedule to 2 epochs.
+QUICK_ALL = ["train.epochs=2"]
 
 
-def _overrides(settings: dict, tasks: tuple[str, ...]) -> dict[str, list[str]]:
+def demo_tasks(quick: bool = False) -> list[str]:
+    """The benchmark tasks the demo runs (``--quick``: those whose entry has quick settings)."""
+    return [t for t in benchmark_tasks() if "full" in TASKS[t].demo and (not quick or "quick" in TASKS[t].demo)]
+
+
+def _overrides(tasks: list[str], quick: bool) -> dict[str, list[str]]:
     out: dict[str, list[str]] = {}
     for task in tasks:
-        if task != "knn":  # k-NN trains nothing
-            out[task] = settings.get("*", []) + settings.get(task, [])
+        spec = TASKS[task]
+        if spec.trains:  # k-NN trains nothing
+            out[task] = (QUICK_ALL + spec.demo["quick"]) if quick else list(spec.demo["full"])
     return out
 
 
 def run_demo(output: Path, quick: bool = False, verbose: bool = False, echo=print) -> int:
-    from mae_transfer.cli import _report
-    from mae_transfer.report.plots import comparison_data
+    from mae_transfer.evaluation.plots import comparison_data
+    from mae_transfer.evaluation.report import write_report
 
     t0 = time.perf_counter()
-    settings, tasks = (QUICK, QUICK_TASKS) if quick else (FULL, TASKS)
+    tasks = demo_tasks(quick)
     output = Path(output)
     echo(f"mae-transfer demo{' --quick' if quick else ''}: everything goes to {output}/ (run again to resume)")
 
@@ -81,7 +61,9 @@ def run_demo(output: Path, quick: bool = False, verbose: bool = False, echo=prin
         echo(f"[pretrain] a micro MAE on the toy images (log: {pre_dir / 'log.txt'})")
         pre_dir.mkdir(parents=True, exist_ok=True)
         t = time.perf_counter()
-        rc = bench.run_in_process(["pretrain", *settings["pretrain"], "--output", str(pre_dir)], pre_dir / "bench.log", verbose)
+        pretrain = TASKS["pretrain"]
+        rc = runner.run_in_process(pretrain, {"overrides": pretrain.demo["quick" if quick else "full"], "output": str(pre_dir)},
+                                   pre_dir / "bench.log", verbose)
         if rc in (130, 143):
             echo("[pretrain] interrupted; run the demo again to resume")
             return rc
@@ -92,23 +74,24 @@ def run_demo(output: Path, quick: bool = False, verbose: bool = False, echo=prin
 
     # 2. Every transfer task from the MAE encoder and from random weights.
     results = output / "results"
-    backbones = [bench.Backbone(MAE_NAME, str(encoder.resolve()), file_sha256(encoder)), bench.Backbone(RANDOM_NAME, None)]
+    backbones = [runner.Backbone(MAE_NAME, str(encoder.resolve()), file_sha256(encoder)), runner.Backbone(RANDOM_NAME, None)]
     from mae_transfer.data.toy import ensure_toy_dataset
 
-    data = {t: str(ensure_toy_dataset(t, **TOY_DATA[t])) for t in tasks if t in TOY_DATA and not quick}
+    larger = {t: TASKS[t] for t in tasks if TASKS[t].demo.get("toy_data") and not quick}
+    data = {t: str(ensure_toy_dataset(spec.toy_kind, **spec.demo["toy_data"])) for t, spec in larger.items()}
     # A --data folder means real data to the task commands, so name the toy preset explicitly.
-    presets = {t: TOY_PRESET.get(t, "toy_finetune") for t in data}
-    jobs = bench.plan_jobs(backbones, list(tasks), results, data=data, presets=presets, overrides=_overrides(settings, tasks))
+    presets = {t: spec.toy_preset for t, spec in larger.items()}
+    jobs = runner.plan_jobs(backbones, tasks, results, data=data, presets=presets, overrides=_overrides(tasks, quick))
     echo(f"[transfer] {len(jobs)} jobs ({len(tasks)} tasks x 2 backbones); results: {results / 'results.jsonl'}")
     try:
-        outcomes = bench.run_jobs(jobs, results, in_process=True, verbose=verbose)
-    except bench.BenchInterrupted as e:
+        outcomes = runner.run_jobs(jobs, results, in_process=True, verbose=verbose)
+    except runner.BenchInterrupted as e:
         echo(f"[transfer] {e}")
         return 143
 
     # 3. Tables, plots, the check against random init, and where the pictures are.
-    rows = bench.latest_rows(results, jobs)
-    markdown, tables, plots = _report(rows, results, RANDOM_NAME, pretrain_dir=pre_dir)
+    rows = runner.latest_rows(results, jobs)
+    markdown, tables, plots = write_report(rows, results, RANDOM_NAME, pretrain_dir=pre_dir)
     echo("")
     echo(markdown)
     echo("")
@@ -127,8 +110,8 @@ def run_demo(output: Path, quick: bool = False, verbose: bool = False, echo=prin
     echo("Pictures:")
     echo(f"  MAE reconstructions (original | masked | prediction | prediction + visible): {pre_dir / 'reconstructions'}")
     for job in jobs:
-        if job.task in ("coco", "ade20k") and (job.run_dir / "visualize").is_dir():
-            what = "detections" if job.task == "coco" else "segmentations"
+        if (job.run_dir / "visualize").is_dir():
+            what = job.spec.dense.get("what", "pictures")
             echo(f"  {job.task} {what} ({job.backbone.name}): {job.run_dir / 'visualize'}")
     for path in plots:
         echo(f"  plot: {path}")

@@ -1,0 +1,171 @@
+"""What one measured number is: the result row every writer of the project uses.
+
+A task run writes its rows to ``<run dir>/results.jsonl`` (:func:`write_run_results`, rewritten
+whole and atomically at every evaluation); the benchmark's store (``mae_transfer.evaluation.store``)
+appends the same rows, completed with the job that produced them and the provenance of the process.
+The tables, the plots and ``pandas.read_json(path, lines=True)`` read them back.
+
+The row lives in the engine, not in the evaluation layer above the task packages, because the task
+packages write rows and imports only point down.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as _dt
+import json
+import logging
+import os
+import platform
+import subprocess
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Iterable
+
+from mae_transfer.io import atomic_write_json, atomic_write_jsonl
+
+log = logging.getLogger(__name__)
+
+RESULTS_FILE = "results.jsonl"
+FAILED = "job_failed"  # the metric of the row the runner writes for a job that failed
+
+
+@dataclass
+class ResultRow:
+    """One metric of one evaluation.
+
+    What: ``task`` (the benchmark task: ``coco``, ``ade20k``, ``inat2018``, ``finetune``, ``knn``...,
+    the key of the task registry), ``dataset`` (``" (toy)"`` appended for the built-in toy data),
+    ``split``, ``protocol`` (``mask_rcnn_vitdet``, ``upernet_ss``, ``finetune``, ``knn20``...),
+    ``metric``, ``value`` (None for an undefined metric or a failed job).
+    On what: ``backbone`` (a name or a path), ``backbone_sha256`` (None: random init),
+    ``config_hash`` (the resolved config without paths), ``step`` (-1: evaluation only).
+    Filled by the runner: ``job_key``, ``backbone_path``, ``model``, ``preset``, ``run_dir``, ``wall_time_s``.
+    Provenance, filled by the store: ``git_commit``, ``versions``, ``hardware``, ``date``.
+    ``extra``: anything else (``lr`` of a sweep, ``error``/``returncode``/``log`` of a failure); it
+    is written as top-level keys.
+    """
+
+    task: str
+    metric: str
+    value: float | None
+    dataset: str | None = None
+    split: str | None = None
+    protocol: str | None = None
+    backbone: str | None = None
+    backbone_sha256: str | None = None
+    config_hash: str | None = None
+    step: int | None = None
+    job_key: str | None = None
+    backbone_path: str | None = None
+    model: str | None = None
+    preset: str | None = None
+    run_dir: str | None = None
+    wall_time_s: float | None = None
+    git_commit: str | None = None
+    versions: dict[str, str | None] | None = None
+    hardware: str | None = None
+    date: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self):
+        if not self.task or not self.metric:
+            raise ValueError(f"a result row needs a task and a metric: {self}")
+        if self.value is not None:
+            self.value = float(self.value)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON object of the row (``extra`` flattened, in field order)."""
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "extra"}
+        out.update(self.extra)
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "ResultRow":
+        """A row from its JSON object; keys that are no field go to ``extra``."""
+        names = {f.name for f in dataclasses.fields(cls)} - {"extra"}
+        known = {k: v for k, v in data.items() if k in names}
+        return cls(**known, extra={k: v for k, v in data.items() if k not in names})
+
+    def replace(self, **changes: Any) -> "ResultRow":
+        return dataclasses.replace(self, **changes)
+
+
+COLUMNS = tuple(f.name for f in dataclasses.fields(ResultRow) if f.name != "extra")
+
+
+def write_run_results(out_dir: str | os.PathLike, rows: Iterable[ResultRow], config: dict | None = None) -> Path:
+    """A run's ``results.jsonl`` (rewritten whole, atomically) and, with ``config``, its
+    ``config_resolved.json`` beside it (the runner reads the model name from there)."""
+    out = Path(out_dir)
+    path = atomic_write_jsonl(out / RESULTS_FILE, [r.to_dict() for r in rows])
+    if config is not None:
+        atomic_write_json(out / "config_resolved.json", config)
+    return path
+
+
+def read_run_results(run_dir: str | os.PathLike) -> list[ResultRow]:
+    """The rows of a run directory's ``results.jsonl`` ([] when there is none); unreadable lines are skipped."""
+    path = Path(run_dir) / RESULTS_FILE
+    if not path.exists():
+        return []
+    rows = []
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            data = json.loads(line)
+            rows.append(ResultRow.from_dict(data))
+        except (ValueError, TypeError):
+            log.warning("%s: skipped an unreadable line", path)
+    return rows
+
+
+@lru_cache(maxsize=1)
+def git_commit() -> str | None:
+    """The commit of the checkout this package runs from (None for an installed wheel)."""
+    here = Path(__file__).resolve().parent
+    try:
+        out = subprocess.run(["git", "-C", str(here), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if out.returncode != 0:
+        return None
+    commit = out.stdout.strip()
+    dirty = subprocess.run(["git", "-C", str(here), "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True, timeout=5)
+    return commit + ("-dirty" if dirty.returncode == 0 and dirty.stdout.strip() else "")
+
+
+def package_versions() -> dict[str, str | None]:
+    """Versions of the packages that decide the numbers."""
+    from importlib import metadata
+
+    out: dict[str, str | None] = {"python": platform.python_version()}
+    for name in ("mae-transfer", "torch", "torchvision", "timm", "pycocotools", "numpy", "pillow"):
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def hardware() -> str:
+    """``"<n> x <GPU name>"`` or the CPU with its core count."""
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            return f"{torch.cuda.device_count()} x {torch.cuda.get_device_name(0)}"
+    except Exception:  # noqa: BLE001 - provenance must never break a run
+        pass
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return f"cpu {platform.machine()} ({cores} cores)"
+
+
+def provenance() -> dict[str, Any]:
+    """The provenance fields of a row written now by this process."""
+    return {"git_commit": git_commit(), "versions": package_versions(), "hardware": hardware(),
+            "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
+
+
+__all__ = ["ResultRow", "COLUMNS", "RESULTS_FILE", "FAILED", "write_run_results", "read_run_results", "provenance",
+           "git_commit", "package_versions", "hardware"]

@@ -1,0 +1,225 @@
+"""The one front of every task command: options -> resolved config -> run (train or evaluate) -> report.
+
+``prepare(spec, options)`` resolves what a run of ``spec`` would do (preset, overrides, weights,
+config, output) without running anything: ``--print-config`` and the benchmark runner's job
+identity use it. ``run(spec, options)`` then does the one sequence every command shares: distributed
+setup, logging, the engine's ``Trainer`` (``fit`` or ``evaluate``), clean-up and the terminal
+report. The CLI calls it with the parsed options, the runner with the options of a job (in this
+process or, through :func:`command_line`, in a child process). What differs between tasks comes
+from their ``TaskSpec``; the families differ only in how the preset and the output folder are chosen.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from mae_transfer.config import ConfigError, parse_overrides, to_dict
+from mae_transfer.evaluation.options import FAMILY_OPTIONS, defaults, to_argv, to_overrides
+from mae_transfer.evaluation.registry import TaskSpec
+
+log = logging.getLogger("mae_transfer.cli")
+
+
+def option_names(spec: TaskSpec) -> tuple[str, ...]:
+    """The command-line options of ``spec``'s command: its family's, then its own."""
+    return tuple(dict.fromkeys((*FAMILY_OPTIONS[spec.family], *spec.options)))
+
+
+def complete(spec: TaskSpec, options: dict[str, Any]) -> dict[str, Any]:
+    """``options`` with the command's defaults filled in and the task's fixed options applied."""
+    return {**defaults(option_names(spec)), "overrides": [], **{k: v for k, v in options.items() if v is not None}, **spec.fixed}
+
+
+def command_line(spec: TaskSpec, options: dict[str, Any]) -> list[str]:
+    """The ``mae-transfer`` arguments that run ``spec`` with ``options`` (the runner's child jobs)."""
+    return to_argv(spec.command, complete(spec, options), option_names(spec), always=tuple(spec.fixed))
+
+
+@dataclass
+class Prepared:
+    """A resolved run: the config (None for frozen-feature evaluations), preset, output folder and,
+    for ``--eval-only``, the weights read from ``--weights``."""
+
+    spec: TaskSpec
+    options: dict[str, Any]
+    cfg: Any
+    preset: str | None
+    output: Path
+    toy: bool
+    weights: dict | None = None
+
+    def identity(self) -> Any:
+        """What decides the numbers of this run besides the data and the backbone's bytes (the
+        runner hashes it): the resolved config without paths, or the options of a frozen evaluation."""
+        if self.cfg is None:
+            return {k: v for k, v in self.options.items() if k not in ("backbone", "data", "output", "overrides")}
+        return {k: v for k, v in to_dict(self.cfg).items() if k not in ("backbone", "init", "visualize")}
+
+
+def _model_from_backbone(opts: dict, overrides: dict, rename: dict[str, str] | None = None, pos_size_key: str | None = None) -> None:
+    """Without --model, take the ViT size from the --backbone checkpoint (``rename`` maps sizes);
+    with ``pos_size_key``, also the image size its position table was pretrained at (detection keeps
+    that table and resizes it at every forward, as ViTDet does)."""
+    model = overrides.get("model", {})
+    want_name = "name" not in model
+    want_pos = pos_size_key is not None and pos_size_key not in model
+    if not opts.get("backbone") or not (want_name or want_pos):
+        return
+    from mae_transfer.checkpoint import infer_vit_config, read_checkpoint, to_vit_state_dict
+
+    info = infer_vit_config(to_vit_state_dict(read_checkpoint(opts["backbone"])))
+    if want_name and info.get("name"):
+        overrides.setdefault("model", {})["name"] = (rename or {}).get(info["name"], info["name"])
+    if want_pos and info.get("img_size"):
+        overrides.setdefault("model", {})[pos_size_key] = int(info["img_size"])
+
+
+def _overrides(spec: TaskSpec, opts: dict) -> dict:
+    overrides = parse_overrides(opts["overrides"])
+    flags = to_overrides(opts, (*option_names(spec), *spec.fixed))
+    _deep_merge(overrides, flags)
+    return overrides
+
+
+def _deep_merge(into: dict, new: dict) -> None:
+    for k, v in new.items():
+        if isinstance(v, dict) and isinstance(into.get(k), dict):
+            _deep_merge(into[k], v)
+        else:
+            into[k] = v
+
+
+def prepare(spec: TaskSpec, options: dict[str, Any]) -> Prepared:
+    """Resolve a run of ``spec`` with ``options`` (nothing is run or written)."""
+    opts = complete(spec, options)
+    toy = not opts.get("data")
+    if spec.family == "frozen":
+        out = Path(opts.get("output") or f"runs/{spec.command}-{opts.get('dataset') or 'imagefolder'}")
+        return Prepared(spec, opts, None, None, out, toy)
+    if spec.family == "classification":
+        if opts.get("protocol") == "finetune" and opts.get("trainable_blocks"):
+            opts["protocol"] = "partial"  # fine-tuning only the last k blocks (paper Figure 9)
+        # The linear probe has its own recipe whatever the data (the official MAE linprobe script).
+        linprobe = opts.get("protocol") == "linprobe"
+        preset = opts.get("preset") or (("toy_linprobe" if toy else "linprobe") if linprobe else
+                                        (spec.toy_preset if toy else spec.default_preset))
+        overrides = _overrides(spec, opts)
+        _model_from_backbone(opts, overrides)
+        cfg = spec.load("config")(preset, overrides)
+        out = Path(opts.get("output") or f"runs/{spec.command}-{cfg.data.dataset}-{cfg.protocol}")
+        return Prepared(spec, opts, cfg, preset, out, toy)
+    if spec.family == "train":
+        preset = opts.get("preset") or (spec.toy_preset if toy else spec.default_preset)
+        overrides = _overrides(spec, opts)
+        _model_from_backbone(opts, overrides)
+        cfg = spec.load("config")(preset, overrides)
+        out = Path(opts.get("output") or f"runs/{spec.command}-{Path(preset).stem if preset else spec.name}")
+        return Prepared(spec, opts, cfg, preset, out, toy)
+    if spec.family == "pretrain":
+        preset = opts.get("preset") or (spec.toy_preset if toy and not _given(opts, "data", "path") else None)
+        cfg = spec.load("config")(preset, _overrides(spec, opts))
+        out = Path(opts.get("output") or f"runs/{spec.command}-{Path(preset).stem if preset else cfg.model.name}")
+        return Prepared(spec, opts, cfg, preset, out, toy and not cfg.data.path)
+    # dense (detection, segmentation)
+    dense = spec.dense
+    if opts.get("eval_only") and not opts.get("weights"):
+        raise ConfigError(f"--eval-only needs --weights PATH (a {dense['artifact']} or checkpoint-last.pth of a {spec.command} run)")
+    if opts.get("weights") and not opts.get("eval_only"):
+        raise ConfigError("--weights is for --eval-only; to start training from a pretrained ViT use --backbone")
+    preset = opts.get("preset") or (spec.toy_preset if toy else None)
+    overrides = _overrides(spec, opts)
+    weights = None
+    if opts.get("weights"):
+        weights, saved = spec.load("read")(opts["weights"], trust=bool(opts.get("trust_checkpoint")))
+        # Build and test the model as it was trained (architecture, test settings, resize scale),
+        # unless the command line says otherwise; where the data is comes from the command line.
+        for section in ("model", "test", "data"):
+            if isinstance((saved or {}).get(section), dict):
+                kept = {k: v for k, v in saved[section].items() if k != "path"}
+                overrides[section] = {**kept, **overrides.get(section, {})}
+    _model_from_backbone(opts, overrides, rename=dense.get("rename"), pos_size_key=dense.get("pos_size_key"))
+    cfg = spec.load("config")(preset, overrides)
+    name = Path(preset).stem if preset else spec.default_preset
+    out = Path(opts.get("output") or (f"runs/{spec.command}-eval-{name}" if opts.get("eval_only") else f"runs/{spec.command}-{name}"))
+    return Prepared(spec, opts, cfg, preset, out, toy, weights)
+
+
+def _given(opts: dict, *key: str) -> bool:
+    """Whether a ``KEY=VALUE`` override sets this config key (``data.path=...`` counts as --data)."""
+    node: Any = parse_overrides(opts.get("overrides") or [])
+    for k in key:
+        if not isinstance(node, dict) or k not in node:
+            return False
+        node = node[k]
+    return bool(node)
+
+
+def run(spec: TaskSpec, options: dict[str, Any], echo: Callable[[str], None] = print) -> int:
+    """Run ``spec`` with ``options`` (train, or evaluate with --eval-only) and report; the exit code.
+
+    Raises ``TrainingInterrupted`` after SIGTERM/SIGINT (the state is saved) and ``ConfigError``,
+    ``CheckpointError``, ``DataError`` for what the user can fix."""
+    prep = prepare(spec, options)
+    opts = prep.options
+    if opts.get("print_config"):
+        import yaml
+
+        echo(yaml.safe_dump(to_dict(prep.cfg), sort_keys=False).rstrip("\n"))
+        return 0
+    from mae_transfer.engine.logger import setup_logging
+
+    if spec.family == "frozen":
+        setup_logging(0)
+        echo(spec.load("task")(dataset=opts.get("dataset") or "imagefolder", data=opts.get("data"), backbone=opts.get("backbone"),
+                             model=opts.get("model"), img_size=opts.get("img_size"), ks=tuple(int(k) for k in str(opts["k"]).split(",")),
+                             sweep=bool(opts.get("sweep")), output=prep.output, device=opts.get("device")))
+        return 0
+
+    from mae_transfer.engine.distributed import cleanup, init_distributed
+    from mae_transfer.engine.trainer import Trainer
+
+    cfg, output = prep.cfg, prep.output
+    dist_info = init_distributed(None if cfg.train.device == "auto" else cfg.train.device)
+    setup_logging(dist_info.rank, output / "log.txt")
+    if not cfg.data.path:
+        log.warning("no --data given: using the built-in toy %s data%s (a demo, not a paper recipe); pass --data DIR for the "
+                    "real dataset", spec.title, f" and the {prep.preset!r} preset" if prep.preset else "")
+    resume = opts.get("resume") or ("never" if opts.get("no_resume") else "auto")
+    task_cls = spec.load("task")
+    try:
+        if opts.get("eval_only"):
+            task = task_cls(cfg, train=False)
+            model = task.build_model(load_backbone=False)
+            spec.load("load")(model, prep.weights, opts["weights"])
+            trainer = Trainer(task, cfg.train, cfg.optim, output, dist_info, config=cfg)
+            trainer.evaluate(model, final=True)
+        else:
+            task = task_cls(cfg)
+            trainer = Trainer(task, cfg.train, cfg.optim, output, dist_info, config=cfg, resume=resume)
+            summary = trainer.fit()
+    finally:
+        cleanup()
+    if not dist_info.is_main:
+        return 0
+    if spec.family == "pretrain":
+        echo(f"pretraining {'finished' if summary['finished'] else 'stopped'} at step {summary['step']} of "
+             f"{summary['total_steps']}; run directory: {output}")
+        if (output / "encoder.pth").exists():
+            echo(f"encoder (official MAE format): {output / 'encoder.pth'}")
+        if (output / "reconstructions").is_dir():
+            echo(f"reconstruction pictures: {output / 'reconstructions'}")
+        return 0
+    echo(spec.load("report")(task, cfg) if spec.report else "  ".join(f"{k} {v:.2f}" for k, v in task.last_eval.items()))
+    line = f"results: {output / 'results.jsonl'}"
+    if spec.family == "dense":
+        line += f"; metrics: {output / 'metrics.json'}" + ("" if opts.get("eval_only") else f"; weights: {output / spec.dense['artifact']}")
+    echo(line)
+    if getattr(cfg, "visualize", None):
+        echo(f"pictures ({spec.dense['pictures']}): {output / 'visualize'}")
+    return 0
+
+
+__all__ = ["Prepared", "prepare", "run", "complete", "command_line", "option_names"]

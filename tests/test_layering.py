@@ -1,0 +1,120 @@
+"""The house rules, checked from the source: imports point down only, and shared logic lives once.
+
+Layers, bottom to top (README "Layout"): io, config, models, data -> checkpoint -> engine -> the task
+packages (never importing each other) -> evaluation -> cli. Every import (also inside functions) of
+one package of mae_transfer by another must go to a lower layer; that also rules out circles.
+"""
+
+from __future__ import annotations
+
+import ast
+import re
+from pathlib import Path
+
+PACKAGE = Path(__file__).resolve().parents[1] / "mae_transfer"
+
+LAYER = {
+    "__init__": 0, "io": 0,
+    "config": 1, "models": 1, "data": 1,
+    "checkpoint": 2,
+    "engine": 3,
+    "pretrain": 4, "classification": 4, "detection": 4, "segmentation": 4,
+    "evaluation": 5,
+    "cli": 6,
+    "__main__": 7,
+}
+
+
+def _sources() -> dict[str, str]:
+    return {str(p.relative_to(PACKAGE.parent)): p.read_text(encoding="utf-8") for p in sorted(PACKAGE.rglob("*.py"))}
+
+
+def _unit(path_or_module: str) -> str:
+    """The top-level unit of mae_transfer a file or module belongs to (``detection``, ``cli``...)."""
+    parts = re.split(r"[./]", path_or_module.removesuffix(".py"))
+    return parts[1] if len(parts) > 1 else "__init__"
+
+
+def _imports(path: str, source: str) -> list[tuple[str, int]]:
+    """(imported unit, line) of every mae_transfer import in a file, function-level ones included."""
+    out = []
+    for node in ast.walk(ast.parse(source, path)):
+        if isinstance(node, ast.Import):
+            out += [(_unit(a.name), node.lineno) for a in node.names if a.name.startswith("mae_transfer.")]
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:  # relative imports stay inside their package
+                continue
+            if node.module == "mae_transfer":
+                out += [(a.name if a.name in LAYER else "__init__", node.lineno) for a in node.names]
+            elif node.module and node.module.startswith("mae_transfer."):
+                out.append((_unit(node.module), node.lineno))
+    return out
+
+
+def test_every_unit_has_a_layer():
+    units = {_unit(p) for p in _sources()}
+    assert units <= set(LAYER), f"give these a layer in tests/test_layering.py: {sorted(units - set(LAYER))}"
+
+
+def test_imports_point_down_only():
+    bad = []
+    for path, source in _sources().items():
+        here = _unit(path)
+        for there, line in _imports(path, source):
+            if there != here and LAYER[there] >= LAYER[here]:
+                bad.append(f"{path}:{line} imports {there} (layer {LAYER[there]}) from {here} (layer {LAYER[here]})")
+    assert not bad, "upward or sideways imports:\n" + "\n".join(bad)
+
+
+def test_the_checker_sees_an_upward_import():
+    # The rule above must be able to fail: an engine module importing the evaluation layer.
+    imports = _imports("mae_transfer/engine/x.py", "def f():\n    from mae_transfer.evaluation.registry import TASKS\n")
+    assert imports == [("evaluation", 2)] and LAYER["evaluation"] > LAYER["engine"]
+
+
+def _calls(source: str, path: str, name: str) -> list[int]:
+    """Lines that call ``name`` (a function or a method of that name)."""
+    lines = []
+    for node in ast.walk(ast.parse(source, path)):
+        if isinstance(node, ast.Call):
+            f = node.func
+            if (isinstance(f, ast.Name) and f.id == name) or (isinstance(f, ast.Attribute) and f.attr == name):
+                lines.append(node.lineno)
+    return lines
+
+
+def _where(name: str) -> dict[str, list[int]]:
+    return {p: lines for p, s in _sources().items() if (lines := _calls(s, p, name))}
+
+
+def test_one_atomic_write():
+    # Files are replaced in one place (io.atomic_write); the toy-data writer publishes whole folders.
+    replaced = {p for p, s in _sources().items() if re.search(r"\bos\.(replace|rename)\(", s)}
+    assert replaced <= {"mae_transfer/io.py", "mae_transfer/data/toy.py"}, replaced
+    assert set(_where("rename")) <= {"mae_transfer/data/toy.py"}
+
+
+def test_one_evaluation_and_run_glue():
+    # Precision, autocast and workers of an evaluation are set up by the engine alone; distributed
+    # setup and the run's log file by the engine and the one task front.
+    for name in ("resolve_precision", "autocast_context", "default_num_workers"):
+        assert {p.split("/")[1] for p in _where(name)} <= {"engine"}, (name, _where(name))
+    assert set(_where("init_distributed")) <= {"mae_transfer/evaluation/front.py"} | {p for p in _where("init_distributed") if "/engine/" in p}
+    assert set(_where("Trainer")) <= {"mae_transfer/evaluation/front.py"}, _where("Trainer")
+
+
+def test_one_flag_table():
+    # The task commands' options exist once, in evaluation/options.py; no parser spells them out again.
+    from mae_transfer.evaluation.options import FAMILY_OPTIONS, FLAGS
+
+    shared = {FLAGS[n].flags[0] for names in FAMILY_OPTIONS.values() for n in names}
+    only_tasks = shared - {"--data", "--backbone", "--preset", "--model", "--output", "--batch-size", "--device", "--img-size"}
+    spelled = [(p, m.group(1)) for p, s in _sources().items()
+               for m in re.finditer(r"add_argument\(\s*\"(--[a-z-]+)\"", s) if m.group(1) in only_tasks]
+    assert not spelled, f"task options added outside the flag table: {spelled}"
+
+
+def test_one_result_row():
+    # Every results.jsonl row is a ResultRow: nobody writes result rows as loose dicts.
+    writers = {p for p, s in _sources().items() if "atomic_write_jsonl(" in s and p != "mae_transfer/io.py"}
+    assert writers <= {"mae_transfer/engine/results.py"}, writers

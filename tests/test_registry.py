@@ -1,0 +1,77 @@
+"""The task registry: the README's "Adding a task" example, run as written, reaches every consumer.
+
+A new task is one module (its config and TrainTask) plus one registry entry; with nothing else
+changed it must be a `bench --tasks` choice, a command of the CLI, a job the runner runs, a column
+of the tables and a bar of the plots.
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+from pathlib import Path
+
+import pytest
+
+from mae_transfer.checkpoint import export_mae_encoder
+from mae_transfer.cli import main
+from mae_transfer.evaluation import runner
+from mae_transfer.evaluation.plots import comparison_data
+from mae_transfer.evaluation.registry import TABLES, TASKS
+from mae_transfer.evaluation.store import ResultStore
+from mae_transfer.models.vit import create_vit
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def readme_example() -> list[str]:
+    """The Python blocks of the README's "Adding a task" section, in order."""
+    text = README.read_text(encoding="utf-8")
+    section = text.split("## Adding a task", 1)[1].split("\n## ", 1)[0]
+    return re.findall(r"```python\n(.*?)```", section, re.S)
+
+
+@pytest.fixture
+def example_task(tmp_path, monkeypatch):
+    blocks = readme_example()
+    assert len(blocks) == 2, "the README's example is a task module and a registry entry"
+    for block in blocks:
+        name = re.match(r"# (\w+)\.py", block).group(1)
+        (tmp_path / f"{name}.py").write_text(block)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import my_tasks  # noqa: F401 - registers the task
+
+    yield TASKS["meanprobe"]
+    TASKS.pop("meanprobe", None)
+    TABLES.pop("probes", None)
+    for mod in ("my_tasks", "my_probe"):
+        sys.modules.pop(mod, None)
+
+
+def test_a_task_added_through_the_registry_reaches_runner_cli_tables_and_plots(tmp_path, cache, example_task, capsys):
+    assert "meanprobe" in runner.parse_tasks("all")
+    with pytest.raises(SystemExit) as e:  # the CLI grew the command, with the family's options
+        main(["meanprobe", "--help"])
+    assert e.value.code == 0 and "--backbone" in capsys.readouterr().out
+
+    encoder = export_mae_encoder(create_vit("vit_micro_patch8", img_size=64, num_classes=0, global_pool="token"), tmp_path / "enc.pth")
+    results = tmp_path / "results"
+    argv = ["bench", "--backbone", f"mae={encoder}", "--backbone", "scratch=random", "--tasks", "meanprobe",
+            "--results", str(results), "--in-process", "--set", "meanprobe:train.epochs=2"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    rows = [r for r in ResultStore(results).read() if r["task"] == "meanprobe"]
+    assert {r["backbone"] for r in rows} == {"mae", "scratch"} and all(0 <= r["value"] <= 100 for r in rows)
+    assert "Frozen-feature probes, top-1" in out and "mean-token probe" in out  # the bench's own tables
+
+    assert main(["table", "--results", str(results)]) == 0
+    table = capsys.readouterr().out
+    line = next(ln for ln in table.splitlines() if ln.startswith("| mae |"))
+    assert f"{next(r['value'] for r in rows if r['backbone'] == 'mae'):.1f}" in line
+
+    labels, values = comparison_data(ResultStore(results).read())
+    assert labels == ["mean-token probe top-1"] and set(values) == {"mae", "scratch"}
+    assert (results / "plots" / "comparison.png").exists() and (results / "plots" / "training_curves.png").exists()
+    # Run again: both jobs are found done and skipped.
+    assert main(argv) == 0
+    assert capsys.readouterr().out.count("done before, skipped") == 2
