@@ -94,6 +94,14 @@ def test_one_atomic_write():
     assert set(_where("rename")) <= {"mae_transfer/data/toy.py"}
 
 
+def test_one_backbone_start():
+    # Loading the backbone (or warning about random weights) and SyncBN are the shared helpers'.
+    for name in ("load_backbone", "convert_sync_batchnorm"):
+        users = {p for p in _where(name) if p.split("/")[1] in ("classification", "detection", "segmentation")}
+        assert name != "load_backbone" or not users - {"mae_transfer/classification/frozen.py"}, users
+    assert {p.split("/")[1] for p in _where("init_backbone")} >= {"classification", "detection", "segmentation"}
+
+
 def test_one_evaluation_and_run_glue():
     # Precision, autocast and workers of an evaluation are set up by the engine alone; distributed
     # setup and the run's log file by the engine and the one task front.
@@ -118,3 +126,22 @@ def test_one_result_row():
     # Every results.jsonl row is a ResultRow: nobody writes result rows as loose dicts.
     writers = {p for p, s in _sources().items() if "atomic_write_jsonl(" in s and p != "mae_transfer/io.py"}
     assert writers <= {"mae_transfer/engine/results.py"}, writers
+
+
+def test_distributed_code_lives_in_the_engine():
+    # Task packages use the engine's reductions and evaluation loop; none talks to torch.distributed.
+    tasks = ("pretrain", "classification", "detection", "segmentation")
+    def talks_to_distributed(path: str, source: str) -> bool:
+        for node in ast.walk(ast.parse(source, path)):
+            if isinstance(node, ast.Import) and any(a.name.startswith("torch.distributed") for a in node.names):
+                return True
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("torch.distributed"):
+                return True
+            if isinstance(node, ast.Attribute) and node.attr == "distributed" and getattr(node.value, "id", None) == "torch":
+                return True
+        return False
+
+    direct = [p for p, s in _sources().items() if p.split("/")[1] in tasks and talks_to_distributed(p, s)]
+    assert not direct, direct
+    evaluators = {p for p, s in _sources().items() if re.search(r"class \w+\(DatasetEvaluator\)", s)}
+    assert {p.split("/")[1] for p in evaluators} == {"classification", "detection", "segmentation"}

@@ -130,6 +130,33 @@ def test_ade20k_command_trains_evaluates_and_reevaluates_the_same_numbers(tmp_pa
     assert protocols == {"toy_ms+flip"} and set(result_rows(tta)) == {"mIoU", "mAcc", "aAcc"}
 
 
+def test_segmentation_can_take_the_simple_pyramid_of_detection(tmp_path, cache, capsys):
+    # model.pyramid=simple: ViTDet's pyramid from the last block instead of the four taps; the run
+    # trains, evaluates, saves and evaluates again from its file, and layer decay leaves the neck at
+    # full lr.
+    from mae_transfer.cli import main
+    from mae_transfer.engine.trainer import OptimConfig
+    from mae_transfer.segmentation.task import SegmentationTask, build_segmenter
+    from mae_transfer.segmentation.config import build_config
+
+    out = tmp_path / "simple"
+    assert main(["ade20k", "--output", str(out), "--epochs", "1", *SMALL, "model.pyramid=simple", "model.pyramid_channels=24"]) == 0
+    r = result_rows(out)
+    assert set(r) == {"mIoU", "mAcc", "aAcc"}
+    again = tmp_path / "again"
+    assert main(["ade20k", "--eval-only", "--weights", str(out / "segmenter.pth"), "--output", str(again), "train.num_workers=0"]) == 0
+    assert result_rows(again) == pytest.approx(r)
+
+    cfg = build_config("toy", {"model": {"name": "vit_micro_patch8", "img_size": 32, "pyramid": "simple", "pyramid_channels": 24},
+                               "test": {"stride": 21}})
+    model = build_segmenter(cfg)
+    levels = model.features(torch.zeros(1, 3, 32, 32))
+    assert [tuple(f.shape[1:]) for f in levels] == [(24, 16, 16), (24, 8, 8), (24, 4, 4), (24, 2, 2)]
+    groups = SegmentationTask.param_groups(None, model, OptimConfig(weight_decay=0.05, layer_decay=0.5))
+    scale = {n: g["lr_scale"] for g in groups for n in g["param_names"]}
+    assert scale["neck.simfp_2.0.weight"] == 1.0 and scale["backbone.blocks.0.attn.qkv.weight"] == 0.5 ** 4
+
+
 def test_ade20k_errors_are_one_clear_line(tmp_path, cache, capsys):
     from mae_transfer.cli import main
 

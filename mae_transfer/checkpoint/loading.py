@@ -355,3 +355,14 @@ def load_backbone(
             src_name, len(surprising), extra, ", ".join(_compact(surprising)),
         )
     return report
+
+def init_backbone(model: torch.nn.Module, source: str | os.PathLike | None, **load_kwargs: Any) -> LoadReport | None:
+    """The one start of every transfer task's backbone: :func:`load_backbone` of ``source`` into
+    ``model``, or, with no source, random weights and a warning saying so (the from-scratch
+    baseline). ``load_kwargs``: the task's ``expected_missing`` / ``expected_unexpected``."""
+    if source:
+        return load_backbone(model, source, **load_kwargs)
+    log.warning("NO --backbone: the ViT starts from RANDOM weights (the from-scratch baseline); pass --backbone ckpt.pth "
+                "to evaluate pretrained weights")
+    return None
+

@@ -15,18 +15,13 @@ import logging
 from typing import Callable, ContextManager, Iterable, Sequence
 
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import DistributedSampler, SequentialSampler
 
-from mae_transfer.classification.metrics import (
-    ClassificationMeter,
-    _autocast_context,
-    _module_modes,
-    _restore_modes,
-    comm_device,
-)
+from mae_transfer.classification.metrics import ClassificationMeter, _autocast_context, _module_modes, _restore_modes
+from mae_transfer.engine.distributed import all_gather_rows, all_gather_tensors, comm_device
+from mae_transfer.engine.distributed import world as process_world
 
 log = logging.getLogger(__name__)
 
@@ -38,13 +33,6 @@ def default_feature_fn(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
     the class token after the final norm ('token' pooling) or the fc_norm'd mean of the patch
     tokens ('avg' pooling), whichever the model was built with."""
     return model.forward_head(model.forward_features(images), pre_logits=True)
-
-
-def _world() -> tuple[int, int]:
-    """(rank, world size) of the default process group; (0, 1) without torch.distributed."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
 
 
 def default_device() -> torch.device:
@@ -68,40 +56,6 @@ def _deterministic_order(loader: Iterable) -> list[int] | None:
     if batch_sampler is not None and getattr(batch_sampler, "sampler", None) is not sampler:
         return None
     return [int(i) for i in sampler]
-
-
-def _all_gather_rows(local: torch.Tensor, counts: list[int], chunk_rows: int, device: torch.device) -> torch.Tensor:
-    """Concatenate every rank's rows, rank by rank.
-
-    Args:
-        local: (n_r, *S) this rank's rows (CPU); S is the same on every rank.
-        counts: n_r of every rank (known to all ranks).
-        chunk_rows: rows sent per collective, so device memory holds at most
-            ``world x chunk_rows`` rows at a time whatever the dataset size.
-        device: the collective's device (the GPU for NCCL).
-
-    Returns:
-        (sum n_r, *S) on the CPU. ``all_gather`` needs equal shapes, so each chunk is zero-padded to
-        ``chunk_rows`` and the padding is cut off again with the known counts.
-    """
-    world = len(counts)
-    n_max = max(counts)
-    parts: list[list[torch.Tensor]] = [[] for _ in range(world)]
-    for start in range(0, n_max, chunk_rows):
-        rows = min(chunk_rows, n_max - start)
-        buf = torch.zeros((rows, *local.shape[1:]), dtype=local.dtype, device=device)
-        piece = local[start : start + rows]
-        buf[: piece.shape[0]] = piece.to(device)
-        recv = [torch.empty_like(buf) for _ in range(world)]
-        dist.all_gather(recv, buf)
-        for r in range(world):
-            valid = max(0, min(rows, counts[r] - start))
-            if valid:
-                parts[r].append(recv[r][:valid].cpu())
-    flat = [p for rank_parts in parts for p in rank_parts]
-    if not flat:
-        return local.new_zeros((0, *local.shape[1:]))
-    return torch.cat(flat)
 
 
 @torch.no_grad()
@@ -133,7 +87,7 @@ def extract_features(
     """
     device = torch.device(device)
     feature_fn = feature_fn or default_feature_fn
-    rank, world = _world()
+    rank, world = process_world()
     order = None
     feats, labels, indices = [], [], []
     pos = 0
@@ -177,9 +131,7 @@ def extract_features(
 
     if world > 1:
         cdev = comm_device()
-        meta = torch.tensor([feats_t.shape[0], dim], dtype=torch.int64, device=cdev)
-        metas = [torch.empty_like(meta) for _ in range(world)]
-        dist.all_gather(metas, meta)
+        metas = all_gather_tensors(torch.tensor([feats_t.shape[0], dim], dtype=torch.int64))
         counts = [int(m[0]) for m in metas]
         dims = {int(m[1]) for m, c in zip(metas, counts) if c > 0}
         if len(dims) > 1:
@@ -188,9 +140,9 @@ def extract_features(
         if feats_t.shape[0] == 0:
             feats_t = torch.zeros((0, dim))
         chunk = max(1, gather_chunk_bytes // max(1, world * dim * 4))
-        feats_t = _all_gather_rows(feats_t.contiguous(), counts, chunk, cdev)
+        feats_t = all_gather_rows(feats_t.contiguous(), counts, chunk, cdev)
         meta_chunk = max(1, gather_chunk_bytes // (world * 16))  # rows of (label, index) int64 pairs
-        meta_rows = _all_gather_rows(torch.stack([labels_t, indices_t], dim=1), counts, meta_chunk, cdev)
+        meta_rows = all_gather_rows(torch.stack([labels_t, indices_t], dim=1), counts, meta_chunk, cdev)
         labels_t, indices_t = meta_rows[:, 0].contiguous(), meta_rows[:, 1].contiguous()
 
     # Dataset order, each index once: padding repeats of a DistributedSampler are the same images
@@ -387,7 +339,7 @@ def knn_evaluate(
             log.warning("k=%d is larger than the %d training samples: voting with all of them", k, n_train)
     kmax = max(effective.values())
 
-    rank, world = _world()
+    rank, world = process_world()
     lo, hi = 0, test_feats.shape[0]
     if shard and world > 1:
         m = test_feats.shape[0]

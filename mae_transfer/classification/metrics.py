@@ -19,20 +19,14 @@ import logging
 from typing import Callable, ContextManager, Iterable
 
 import torch
-import torch.distributed as dist
 import torch.nn as nn
+
+from mae_transfer.engine.distributed import all_reduce_sum
+from mae_transfer.engine.evaluator import DatasetEvaluator, run_evaluator
 
 log = logging.getLogger(__name__)
 
 TOPK = 5
-
-
-def comm_device() -> torch.device:
-    """Device that collective tensors must live on: the current GPU for NCCL, the CPU otherwise
-    (gloo and MPI always take CPU tensors)."""
-    if dist.is_available() and dist.is_initialized() and dist.get_backend() == "nccl":
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
 
 
 def target_ranks(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -181,18 +175,14 @@ class ClassificationMeter:
         self._unpack(self._packed() + other._packed().to(self._device))
         return self
 
-    def all_reduce(self, group=None) -> "ClassificationMeter":
-        """Sum the counts over all processes of ``group`` (no-op without torch.distributed).
+    def all_reduce(self) -> "ClassificationMeter":
+        """Sum the counts over all processes (the engine's ``all_reduce_sum``; no-op alone).
 
         Every rank must call it (it is a collective). Afterwards every rank holds the counts of
         the whole evaluation, equal to what one process evaluating every sample would have, as
         long as each sample was evaluated on exactly one rank.
         """
-        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size(group) == 1:
-            return self
-        packed = self._packed().to(comm_device())
-        dist.all_reduce(packed, op=dist.ReduceOp.SUM, group=group)
-        self._unpack(packed)
+        self._unpack(all_reduce_sum(self._packed()))
         return self
 
     # ------------------------------------------------------------------ results
@@ -282,41 +272,62 @@ def evaluate_classifier(
     device = torch.device(device)
     modes = _module_modes(model)
     model.eval()
-    meter = ClassificationMeter(num_classes, device=device)
-    limit = distributed_sampler_valid_count(loader)
-    seen = 0
+    evaluator = ClassificationEvaluator(num_classes, limit=distributed_sampler_valid_count(loader), device=device)
+
+    def predict(batch: dict) -> torch.Tensor:
+        with _autocast_context(autocast):
+            return model(batch["image"].to(device, non_blocking=True))
+
     try:
-        for batch in loader:
-            images, labels = batch["image"], batch["label"]
-            if not torch.is_tensor(labels):
-                labels = torch.as_tensor(labels)
-            if limit is not None:
-                keep = max(0, min(labels.shape[0], limit - seen))
-                seen += labels.shape[0]
-                if keep == 0:
-                    continue
-                images, labels = images[:keep], labels[:keep]
-            images = images.to(device, non_blocking=True)
-            labels = labels.to(device, non_blocking=True)
-            with _autocast_context(autocast):
-                logits = model(images)
-            meter.update(logits.float(), labels)
+        # Every rank evaluates the summed counts: the result is the same everywhere.
+        return run_evaluator(evaluator, loader, predict, everywhere=True, desc=None)
     finally:
         _restore_modes(modes)
-    meter.all_reduce()
-    result = meter.compute()
-    log.info(
-        "evaluated %d samples (%d classes): top-1 %.3f  top-5 %.3f  mean per class %.3f",
-        result["num_samples"], result["num_classes_evaluated"], result["top1"], result["top5"], result["mean_per_class"],
-    )
-    if result["num_samples"] == 0:
-        log.warning("the evaluation loader yielded no samples (on any rank): accuracies are NaN")
-    return result
+
+
+class ClassificationEvaluator(DatasetEvaluator):
+    """Top-1 / top-5 / mean-per-class accuracy of (B, C) logits against the batches' ``"label"``;
+    the counts of every process are summed by the engine (:func:`run_evaluator`). ``limit``: only
+    the first ``limit`` samples of this process count (a ``DistributedSampler``'s padding)."""
+
+    def __init__(self, num_classes: int, limit: int | None = None, device: torch.device | str = "cpu"):
+        self.num_classes, self.limit, self.device = num_classes, limit, torch.device(device)
+        self.reset()
+
+    def reset(self) -> None:
+        self.meter = ClassificationMeter(self.num_classes, device=self.device)
+        self.seen = 0
+
+    def process(self, inputs: dict, outputs: torch.Tensor) -> None:
+        labels = inputs["label"] if torch.is_tensor(inputs["label"]) else torch.as_tensor(inputs["label"])
+        logits = outputs.float()
+        if self.limit is not None:
+            keep = max(0, min(labels.shape[0], self.limit - self.seen))
+            self.seen += labels.shape[0]
+            logits, labels = logits[:keep], labels[:keep]
+        if labels.numel():
+            self.meter.update(logits, labels.to(logits.device, non_blocking=True))
+
+    def state(self) -> torch.Tensor:
+        return self.meter._packed().cpu()
+
+    def merge(self, states: list[torch.Tensor]) -> None:
+        self.meter._unpack(torch.stack([s.cpu() for s in states]).sum(0).to(self.meter._device))
+
+    def evaluate(self) -> dict[str, float | int]:
+        result = self.meter.compute()
+        log.info(
+            "evaluated %d samples (%d classes): top-1 %.3f  top-5 %.3f  mean per class %.3f",
+            result["num_samples"], result["num_classes_evaluated"], result["top1"], result["top5"], result["mean_per_class"],
+        )
+        if result["num_samples"] == 0:
+            log.warning("the evaluation loader yielded no samples (on any rank): accuracies are NaN")
+        return result
 
 
 __all__ = [
+    "ClassificationEvaluator",
     "ClassificationMeter",
-    "comm_device",
     "distributed_sampler_valid_count",
     "evaluate_classifier",
     "target_ranks",

@@ -11,12 +11,13 @@ import torch.nn as nn
 from torch.utils.data import DataLoader
 from torchvision import transforms
 
+from mae_transfer.checkpoint import init_backbone
 from mae_transfer.classification.config import ClassificationConfig
 from mae_transfer.config import config_hash, to_dict
 from mae_transfer.engine.optim import param_groups
+from mae_transfer.engine.results import ResultRow, write_run_results
 from mae_transfer.engine.sampler import ShardSampler
 from mae_transfer.engine.trainer import EvalContext, OptimConfig, Trainer, TrainTask
-from mae_transfer.engine.results import ResultRow, write_run_results
 from mae_transfer.io import file_sha256
 from mae_transfer.models.vit import VisionTransformer, create_vit
 
@@ -145,18 +146,10 @@ class ClassificationTask(TrainTask):
     def build_model(self) -> nn.Module:
         torch.manual_seed(self.cfg.train.seed)
         model = build_classifier(self.cfg, self.num_classes)
-        if self.cfg.backbone:
-            from mae_transfer.checkpoint import load_backbone
-
-            # Official main_finetune.py: only the head (and fc_norm when it replaces norm) may be missing.
-            missing = ["head.*"] + (["fc_norm.*"] if self.cfg.model.global_pool == "avg" else [])
-            unexpected = ["norm.*", "mask_token", "decoder_*", "fc_norm.*", "head.*"]
-            load_backbone(model, self.cfg.backbone, expected_missing=missing, expected_unexpected=unexpected)
-        else:
-            log.warning(
-                "NO --backbone: the ViT starts from RANDOM weights (the from-scratch baseline); pass "
-                "--backbone ckpt.pth to evaluate pretrained weights"
-            )
+        # Official main_finetune.py: only the head (and fc_norm when it replaces norm) may be missing.
+        missing = ["head.*"] + (["fc_norm.*"] if self.cfg.model.global_pool == "avg" else [])
+        unexpected = ["norm.*", "mask_token", "decoder_*", "fc_norm.*", "head.*"]
+        init_backbone(model, self.cfg.backbone, expected_missing=missing, expected_unexpected=unexpected)
         trainable = freeze_for_protocol(model, self.cfg)
         if self.cfg.protocol != "finetune":
             log.info("%s: training %d of %d parameter tensors (%s)", self.cfg.protocol, len(trainable),

@@ -32,6 +32,7 @@ from torch.utils.data import Dataset
 from mae_transfer.data.errors import DataError
 from mae_transfer.data.folder import load_rgb
 from mae_transfer.detection.masks import decode_rle
+from mae_transfer.engine.evaluator import DatasetEvaluator
 from mae_transfer.io import atomic_write_json
 
 log = logging.getLogger(__name__)
@@ -471,6 +472,37 @@ def evaluate_coco(
             name: (float(v) * 100.0 if v >= 0 else float("nan")) for name, v in zip(METRIC_NAMES, evaluator.stats[:6])
         }
     return out
+
+
+class COCOEvaluator(DatasetEvaluator):
+    """Box and mask AP of a split with pycocotools. ``process`` turns each image's detections
+    (``inputs``: the loader's ``(images, targets)``; ``outputs``: one dict of ``boxes``, ``scores``,
+    ``labels``, ``masks`` per image) into COCO results; the engine gathers every process's results;
+    ``merge`` puts them in one order whatever the number of processes (by image, then score, as one
+    process gives) and ``evaluate`` runs COCOeval once."""
+
+    def __init__(self, dataset: "CocoDetection"):
+        self.dataset = dataset
+        self.reset()
+
+    def reset(self) -> None:
+        self.results: list[dict[str, Any]] = []
+
+    def process(self, inputs, outputs) -> None:
+        _, targets = inputs
+        preds = [{"image_id": t["image_id"], "boxes": o["boxes"].float().cpu(), "scores": o["scores"].float().cpu(),
+                  "labels": o["labels"].cpu(), "masks": o["masks"].cpu()} for o, t in zip(outputs, targets)]
+        self.results.extend(predictions_to_coco_results(preds, self.dataset.label_to_cat_id))
+
+    def state(self) -> list[dict[str, Any]]:
+        return self.results
+
+    def merge(self, states: list[list[dict[str, Any]]]) -> None:
+        order = {image_id: i for i, image_id in enumerate(self.dataset.image_ids)}
+        self.results = sorted((r for part in states for r in part), key=lambda r: (order.get(r["image_id"], -1), -r["score"]))
+
+    def evaluate(self) -> dict[str, dict[str, float]]:
+        return evaluate_coco(self.dataset.coco, self.results, image_ids=self.dataset.image_ids)
 
 
 def save_results_json(results: list[dict[str, Any]], path: str | os.PathLike) -> Path:

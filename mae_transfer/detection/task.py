@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import logging
 import math
-import time
 from pathlib import Path
 from typing import Any, Callable
 
@@ -23,19 +22,20 @@ import torch
 import torch.nn as nn
 from torch.utils.data import DataLoader
 
-from mae_transfer.checkpoint import CheckpointError, load_trained_model, save_trained_model
+from mae_transfer.checkpoint import CheckpointError, init_backbone, load_trained_model, save_trained_model
 from mae_transfer.config import ConfigError, config_hash, to_dict
 from mae_transfer.data.errors import DataError
 from mae_transfer.data.seeded import SeededTransformDataset
-from mae_transfer.detection.coco import CocoDetection, drop_crowd, evaluate_coco, predictions_to_coco_results, save_results_json
+from mae_transfer.detection.coco import CocoDetection, COCOEvaluator, drop_crowd, save_results_json
 from mae_transfer.detection.config import DetectionConfig
 from mae_transfer.detection.model import MaskRCNN, build_mask_rcnn, build_pyramid, build_vit, pixel_stats
 from mae_transfer.detection.transforms import LargeScaleJitter, ResizeForTest, collate_detection
-from mae_transfer.engine.distributed import DistInfo, gather_lists
+from mae_transfer.engine.distributed import DistInfo, convert_sync_batchnorm
+from mae_transfer.engine.evaluator import run_evaluator
 from mae_transfer.engine.optim import param_groups
+from mae_transfer.engine.results import ResultRow, write_run_results
 from mae_transfer.engine.sampler import ShardSampler
 from mae_transfer.engine.trainer import EvalContext, OptimConfig, Trainer, TrainTask
-from mae_transfer.engine.results import ResultRow, write_run_results
 from mae_transfer.io import atomic_write_json, file_sha256
 
 log = logging.getLogger(__name__)
@@ -131,21 +131,11 @@ class DetectionTask(TrainTask):
     def build_model(self, load_backbone: bool = True) -> nn.Module:
         torch.manual_seed(self.cfg.train.seed)
         model = build_detector(self.cfg, self.num_classes)
-        if load_backbone and self.cfg.backbone:
-            from mae_transfer.checkpoint import load_backbone as load
-
+        if load_backbone:
             # New in a detection backbone: relative position tables (zero-init), pyramid and heads
             # (outside the ViT); unused: class token, final norm, any classifier or MAE decoder.
-            load(model.vit, self.cfg.backbone, expected_missing="dense", expected_unexpected="dense")
-        elif load_backbone:
-            log.warning(
-                "NO --backbone: the ViT starts from RANDOM weights (the from-scratch baseline); pass "
-                "--backbone ckpt.pth to evaluate pretrained weights"
-            )
-        if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
-            if torch.cuda.is_available() and self.cfg.model.head_norm == "bn":
-                model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # Benchmarking-ViT: SyncBN
-        return model
+            init_backbone(model.vit, self.cfg.backbone, expected_missing="dense", expected_unexpected="dense")
+        return convert_sync_batchnorm(model) if self.cfg.model.head_norm == "bn" else model  # Benchmarking-ViT: SyncBN
 
     def build_train_dataset(self):
         if self.train_set is None:
@@ -188,33 +178,6 @@ class DetectionTask(TrainTask):
             self.visualize(model, ctx.device, ctx.autocast, ctx.output_dir / "visualize")
 
     # ------------------------------------------------------------------ evaluation
-    def predict_split(self, model: nn.Module, device: torch.device, autocast: Callable, dist: DistInfo, num_workers: int) -> list[dict]:
-        """COCO results of this process's share of the evaluation split (test resize in the workers)."""
-        from tqdm.auto import tqdm
-
-        ds = SeededTransformDataset(self.val_set, ResizeForTest(self.cfg.model.img_size))
-        loader = DataLoader(
-            ds, batch_size=self.cfg.eval_batch_size, sampler=ShardSampler(len(ds), dist.rank, dist.world_size),
-            num_workers=num_workers, collate_fn=collate_detection, pin_memory=device.type == "cuda",
-        )
-        was_training = model.training
-        model.eval()
-        results: list[dict] = []
-        with torch.no_grad():
-            for images, targets in tqdm(loader, desc=f"evaluating {self.cfg.data.val_split}", unit="batch",
-                                        disable=not dist.is_main, leave=False, mininterval=5.0):
-                sizes = [tuple(int(v) for v in t["orig_size"]) for t in targets]
-                with autocast():
-                    outputs = model.inference([im.to(device, non_blocking=True) for im in images], sizes)
-                preds = [
-                    {"image_id": t["image_id"], "boxes": o["boxes"].float().cpu(), "scores": o["scores"].float().cpu(),
-                     "labels": o["labels"].cpu(), "masks": o["masks"].cpu()}
-                    for o, t in zip(outputs, targets)
-                ]
-                results.extend(predictions_to_coco_results(preds, self.val_set.label_to_cat_id))
-        model.train(was_training)
-        return results
-
     def run_eval(
         self,
         model: nn.Module,
@@ -224,25 +187,38 @@ class DetectionTask(TrainTask):
         num_workers: int,
         out_dir: Path | None,
     ) -> dict[str, dict[str, float]]:
-        """Detect on the evaluation split (sharded over processes) and score with COCOeval."""
+        """Detect on the evaluation split (sharded over processes, test resize in the workers) and
+        score with COCOeval on the main process."""
         ds = self.val_set
         if dist.is_main:
             log.info("evaluating %d images of %s in %s", len(ds), self.cfg.data.val_split, _precision_name(autocast))
-        t0 = time.monotonic()
-        results = self.predict_split(model, device, autocast, dist, num_workers)
-        seconds = time.monotonic() - t0
-        results = gather_lists(results)
+        loader = DataLoader(
+            SeededTransformDataset(ds, ResizeForTest(self.cfg.model.img_size)), batch_size=self.cfg.eval_batch_size,
+            sampler=ShardSampler(len(ds), dist.rank, dist.world_size), num_workers=num_workers,
+            collate_fn=collate_detection, pin_memory=device.type == "cuda",
+        )
+
+        def predict(batch) -> list[dict]:
+            images, targets = batch
+            sizes = [tuple(int(v) for v in t["orig_size"]) for t in targets]
+            with autocast():
+                return model.inference([im.to(device, non_blocking=True) for im in images], sizes)
+
+        evaluator = COCOEvaluator(ds)
+        was_training = model.training
+        model.eval()
+        try:
+            metrics = run_evaluator(evaluator, loader, predict, main=dist.is_main, desc=f"evaluating {self.cfg.data.val_split}")
+        finally:
+            model.train(was_training)
         if not dist.is_main:
             return {}  # COCOeval runs once, on the main process
-        # One order whatever the number of processes: by image, then score (as one process gives).
-        order = {image_id: i for i, image_id in enumerate(ds.image_ids)}
-        results.sort(key=lambda r: (order.get(r["image_id"], -1), -r["score"]))
-        metrics = evaluate_coco(ds.coco, results, image_ids=ds.image_ids)
+        seconds = evaluator.seconds
         metrics["time"] = {"seconds": seconds, "images": len(ds), "images_per_second": len(ds) / max(seconds, 1e-9)}
         metrics["precision"] = _precision_name(autocast)
         log.info("%s", format_metrics(metrics, self.cfg))
         if out_dir is not None:
-            save_results_json(results, Path(out_dir) / f"predictions_{self.cfg.data.val_split}.json")
+            save_results_json(evaluator.results, Path(out_dir) / f"predictions_{self.cfg.data.val_split}.json")
             atomic_write_json(Path(out_dir) / "metrics.json", metrics)
         return metrics
 
@@ -324,7 +300,12 @@ def read_detector_weights(path: str | Path, trust: bool = False) -> tuple[dict[s
     architecture is inferred from the tensor shapes. Loading is ``weights_only`` unless ``trust``.
     """
     from mae_transfer.checkpoint import load_file, load_safely
-    from mae_transfer.checkpoint.detectron2 import describe_vitdet, is_vitdet_state_dict, read_vitdet, unmapped_keys
+    from mae_transfer.checkpoint.detectron2 import (
+        describe_vitdet,
+        is_vitdet_state_dict,
+        read_vitdet,
+        unmapped_keys,
+    )
 
     path = Path(path)
     if not path.is_file():

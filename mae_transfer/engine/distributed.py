@@ -11,6 +11,7 @@ import datetime
 import logging
 import os
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -105,13 +106,90 @@ def any_process(flag: bool, device: torch.device) -> bool:
     return flag
 
 
-def gather_lists(items: list) -> list:
-    """Concatenate every process's ``items`` (picklable objects) on every process, rank order."""
+def world() -> tuple[int, int]:
+    """(rank, world size) of the default process group; (0, 1) without torch.distributed."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def comm_device() -> torch.device:
+    """Device that collective tensors must live on: the current GPU for NCCL, the CPU otherwise
+    (gloo and MPI always take CPU tensors)."""
+    if dist.is_available() and dist.is_initialized() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    """The element-wise sum of ``t`` over all processes, on ``t``'s device (``t`` itself alone).
+    Exact for integer counts: what sharded metrics add up."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        summed = t.to(comm_device()).clone()
+        dist.all_reduce(summed, op=dist.ReduceOp.SUM)
+        return summed.to(t.device)
+    return t
+
+
+def all_gather_tensors(t: torch.Tensor) -> list[torch.Tensor]:
+    """Every process's ``t`` (same shape everywhere), in rank order, on the collective device."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        t = t.to(comm_device())
+        parts = [torch.empty_like(t) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, t)
+        return parts
+    return [t]
+
+
+def all_gather_rows(local: torch.Tensor, counts: list[int], chunk_rows: int, device: torch.device) -> torch.Tensor:
+    """Concatenate every rank's rows, rank by rank.
+
+    Args:
+        local: (n_r, *S) this rank's rows (CPU); S is the same on every rank.
+        counts: n_r of every rank (known to all ranks).
+        chunk_rows: rows sent per collective, so device memory holds at most
+            ``world x chunk_rows`` rows at a time whatever the dataset size.
+        device: the collective's device (the GPU for NCCL).
+
+    Returns:
+        (sum n_r, *S) on the CPU. ``all_gather`` needs equal shapes, so each chunk is zero-padded to
+        ``chunk_rows`` and the padding is cut off again with the known counts.
+    """
+    world = len(counts)
+    n_max = max(counts)
+    parts: list[list[torch.Tensor]] = [[] for _ in range(world)]
+    for start in range(0, n_max, chunk_rows):
+        rows = min(chunk_rows, n_max - start)
+        buf = torch.zeros((rows, *local.shape[1:]), dtype=local.dtype, device=device)
+        piece = local[start : start + rows]
+        buf[: piece.shape[0]] = piece.to(device)
+        recv = [torch.empty_like(buf) for _ in range(world)]
+        dist.all_gather(recv, buf)
+        for r in range(world):
+            valid = max(0, min(rows, counts[r] - start))
+            if valid:
+                parts[r].append(recv[r][:valid].cpu())
+    flat = [p for rank_parts in parts for p in rank_parts]
+    if not flat:
+        return local.new_zeros((0, *local.shape[1:]))
+    return torch.cat(flat)
+
+
+def convert_sync_batchnorm(model: torch.nn.Module) -> torch.nn.Module:
+    """``model`` with SyncBatchNorm for its BatchNorms when several GPU processes train it (the
+    Benchmarking-ViT and mmsegmentation recipes); unchanged otherwise."""
+    if torch.cuda.is_available() and world()[1] > 1:
+        return torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    return model
+
+
+def gather_objects(obj: Any) -> list:
+    """Every process's ``obj`` (picklable), in rank order, on every process (``[obj]`` alone)."""
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         parts: list = [None] * dist.get_world_size()
-        dist.all_gather_object(parts, items)
-        return [x for part in parts for x in part]
-    return list(items)
+        dist.all_gather_object(parts, obj)
+        return parts
+    return [obj]
 
 
 def cleanup() -> None:

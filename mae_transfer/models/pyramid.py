@@ -95,6 +95,40 @@ class ConvNormAct(nn.Conv2d):
         return x if self.activation is None else self.activation(x)
 
 
+def simple_level(dim: int, patch_size: int, scale: float, out_channels: int, norm: str) -> tuple[str, int, nn.Sequential]:
+    """One level of ViTDet's simple pyramid: ``(name, stride, layers)``; the layers rescale the
+    ViT's map by ``scale`` (:func:`_rescale`) and apply a 1x1 and a 3x3 convolution with ``norm``."""
+    ch = int(dim / scale) if scale >= 1 else dim
+    layers = _rescale(dim, scale, norm) + [
+        ConvNormAct(ch, out_channels, 1, norm=norm),
+        ConvNormAct(out_channels, out_channels, 3, padding=1, norm=norm),
+    ]
+    stride = int(patch_size / scale)
+    return f"simfp_{int(math.log2(stride))}", stride, nn.Sequential(*layers)
+
+
+class SimpleNeck(nn.Module):
+    """ViTDet's simple pyramid as a neck: the last block's map (B, D, h, w) -> four levels (strides
+    patch/4 .. patch*2) of ``out_channels`` each; the levels of :class:`SimpleFeaturePyramid`
+    without the ViT inside (for models that own their backbone, e.g. UperNet)."""
+
+    def __init__(self, dim: int, patch_size: int, out_channels: int = 256, scales: Sequence[float] = (4.0, 2.0, 1.0, 0.5),
+                 norm: str = "ln"):
+        super().__init__()
+        self.level_names = []
+        for scale in scales:
+            name, _, level = simple_level(dim, patch_size, scale, out_channels, norm)
+            self.add_module(name, level)
+            self.level_names.append(name)
+        self.out_channels = out_channels
+
+    def forward(self, feats: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """``[last block map]`` -> one map per level, finest first."""
+        if len(feats) != 1:
+            raise ValueError(f"the simple neck takes the last block's map alone, got {len(feats)} maps")
+        return [getattr(self, name)(feats[0]) for name in self.level_names]
+
+
 class SimpleFeaturePyramid(nn.Module):
     """ViTDet's simple feature pyramid on the last block of ``vit`` (window attention allowed).
 
@@ -120,15 +154,8 @@ class SimpleFeaturePyramid(nn.Module):
         self.strides: list[int] = []
         self.level_names: list[str] = []
         for scale in scales:
-            layers = _rescale(dim, scale, norm)
-            ch = int(dim / scale) if scale >= 1 else dim
-            layers += [
-                ConvNormAct(ch, out_channels, 1, norm=norm),
-                ConvNormAct(out_channels, out_channels, 3, padding=1, norm=norm),
-            ]
-            stride = int(vit.patch_size / scale)
-            name = f"simfp_{int(math.log2(stride))}"
-            self.add_module(name, nn.Sequential(*layers))
+            name, stride, level = simple_level(dim, vit.patch_size, scale, out_channels, norm)
+            self.add_module(name, level)
             self.strides.append(stride)
             self.level_names.append(name)
         self.net = vit

@@ -30,6 +30,11 @@ class ModelConfig:
     patch_size: int | None = None
     mlp_ratio: float = 4.0
     img_size: int = 512  # the training crop and sliding window; the position table is made for it
+    # The pyramid from the ViT: "taps" = four blocks rescaled x4 x2 x1 x0.5 (BEiT / MAE / mmsegmentation,
+    # the paper's A.4 setup); "simple" = ViTDet's simple feature pyramid from the last block alone
+    # (deconvolutions + 1x1 and 3x3 convs with LayerNorm, pyramid_channels each), as detection does.
+    pyramid: Literal["taps", "simple"] = "taps"
+    pyramid_channels: int = 256
     tap_blocks: tuple[int, ...] | None = None  # None: ViT-B 3, 5, 7, 11 / ViT-L 7, 11, 15, 23 (0-based)
     use_rel_pos: bool = True  # relative position bias, zero-initialised from MAE weights (MAE A.4)
     # "table": BEiT's per-head bias table (mmsegmentation's MAE backbone); "decomposed": ViTDet's form.

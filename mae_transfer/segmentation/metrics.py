@@ -20,6 +20,8 @@ from typing import Sequence
 
 import torch
 
+from mae_transfer.engine.evaluator import DatasetEvaluator
+
 IGNORE_INDEX = 255  # label value that is not evaluated (ADE20K: the "other" class 0 after reduce_zero_label)
 
 
@@ -50,20 +52,6 @@ class SegmentationMeter:
         self.confusion += other.confusion
         self.out_of_range += other.out_of_range
 
-    def all_reduce(self) -> None:
-        """Sum the counts of every process (no-op when not distributed)."""
-        import torch.distributed as dist
-
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            both = torch.cat([self.confusion.view(-1), self.out_of_range])
-            backend_device = "cuda" if dist.get_backend() == "nccl" else "cpu"
-            both = both.to(backend_device)
-            dist.all_reduce(both)
-            both = both.cpu()
-            n = self.num_classes**2
-            self.confusion = both[:n].view(self.num_classes, self.num_classes).clone()
-            self.out_of_range = both[n:].clone()
-
     def compute(self, class_names: Sequence[str] | None = None) -> dict:
         """``aAcc``, ``mIoU``, ``mAcc`` (fractions in [0, 1]) and per-class IoU / accuracy (NaN where
         undefined), plus ``num_classes_with_union``."""
@@ -89,3 +77,29 @@ class SegmentationMeter:
 def _nanmean(x: torch.Tensor) -> float:
     ok = ~torch.isnan(x)
     return float(x[ok].mean()) if ok.any() else math.nan
+
+
+class SegmentationEvaluator(DatasetEvaluator):
+    """mIoU / mAcc / aAcc of predicted label maps: ``process(inputs, (prediction, label))`` with
+    (H, W) integer maps; the confusion matrices of every process are summed by the engine."""
+
+    def __init__(self, num_classes: int, class_names: Sequence[str] | None = None, ignore_index: int = IGNORE_INDEX):
+        self.num_classes, self.class_names, self.ignore_index = num_classes, class_names, ignore_index
+        self.reset()
+
+    def reset(self) -> None:
+        self.meter = SegmentationMeter(self.num_classes, ignore_index=self.ignore_index)
+
+    def process(self, inputs, outputs) -> None:
+        prediction, label = outputs
+        self.meter.update(prediction, label)
+
+    def state(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.meter.confusion, self.meter.out_of_range
+
+    def merge(self, states: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        self.meter.confusion = torch.stack([c for c, _ in states]).sum(0)
+        self.meter.out_of_range = torch.stack([o for _, o in states]).sum(0)
+
+    def evaluate(self) -> dict:
+        return self.meter.compute(self.class_names)

@@ -28,7 +28,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from mae_transfer.models.pyramid import RescaleNeck
+from mae_transfer.models.pyramid import RescaleNeck, SimpleNeck
 from mae_transfer.models.vit import VisionTransformer
 
 
@@ -111,16 +111,25 @@ class UperNetViT(nn.Module):
     """
 
     def __init__(self, backbone: VisionTransformer, tap_blocks: Sequence[int], num_classes: int, channels: int = 768,
-                 aux_channels: int = 256, aux_level: int = 2, aux_convs: int = 1, dropout: float = 0.1, neck_norm: str = "bn"):
+                 aux_channels: int = 256, aux_level: int = 2, aux_convs: int = 1, dropout: float = 0.1, neck_norm: str = "bn",
+                 pyramid: str = "taps", pyramid_channels: int = 256):
         super().__init__()
         depth = len(backbone.blocks)
-        tap_blocks = tuple(int(b) for b in tap_blocks)
-        if len(tap_blocks) != 4 or not all(0 <= b < depth for b in tap_blocks):
-            raise ValueError(f"UperNet needs 4 tap blocks in 0..{depth - 1}, got {tap_blocks}: set model.tap_blocks")
         dim = backbone.embed_dim
         self.backbone = backbone
-        self.tap_blocks = tap_blocks
-        self.neck = RescaleNeck(dim, neck_norm)
+        self.pyramid = pyramid
+        if pyramid == "taps":  # BEiT / MAE / mmsegmentation: four blocks, rescaled
+            tap_blocks = tuple(int(b) for b in tap_blocks)
+            if len(tap_blocks) != 4 or not all(0 <= b < depth for b in tap_blocks):
+                raise ValueError(f"UperNet needs 4 tap blocks in 0..{depth - 1}, got {tap_blocks}: set model.tap_blocks")
+            self.tap_blocks = tap_blocks
+            self.neck = RescaleNeck(dim, neck_norm)
+        elif pyramid == "simple":  # ViTDet: the last block alone, rescaled by deconvolutions
+            self.tap_blocks = (depth - 1,)
+            self.neck = SimpleNeck(dim, backbone.patch_size, pyramid_channels)
+            dim = pyramid_channels
+        else:
+            raise ValueError(f"model.pyramid must be 'taps' or 'simple', got {pyramid!r}")
         self.decode_head = UPerHead([dim] * 4, channels, num_classes, dropout=dropout)
         self.aux_level = aux_level
         self.auxiliary_head = FCNHead(dim, aux_channels, num_classes, num_convs=aux_convs, dropout=dropout) if aux_channels else None
@@ -132,7 +141,8 @@ class UperNetViT(nn.Module):
         return self.backbone
 
     def features(self, x: torch.Tensor) -> list[torch.Tensor]:
-        """The neck's four levels (strides patch/4 .. patch*2) of a (B, 3, H, W) batch."""
+        """The neck's four levels (strides patch/4 .. patch*2) of a (B, 3, H, W) batch: the tap blocks
+        (or the last block, for the simple pyramid) through ``forward_intermediates`` and the neck."""
         return self.neck(self.backbone.forward_intermediates(x, indices=list(self.tap_blocks), output_fmt="NCHW"))
 
     def forward(self, x: torch.Tensor):
@@ -163,12 +173,15 @@ def build_upernet(
     channels: int = 768,
     aux_channels: int = 256,
     aux_convs: int = 1,
+    pyramid: str = "taps",
+    pyramid_channels: int = 256,
 ) -> UperNetViT:
     """UperNet on ``vit`` (its final norm is dropped: the taps are block outputs, and an unused
     norm would stop DDP, which needs a gradient for every parameter)."""
     vit.norm = nn.Identity()
     taps = tuple(tap_blocks) if tap_blocks is not None else default_tap_blocks(len(vit.blocks))
-    return UperNetViT(vit, taps, num_classes, channels=channels, aux_channels=aux_channels, aux_convs=aux_convs)
+    return UperNetViT(vit, taps, num_classes, channels=channels, aux_channels=aux_channels, aux_convs=aux_convs,
+                      pyramid=pyramid, pyramid_channels=pyramid_channels)
 
 
 @torch.no_grad()

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import math
-import time
 from pathlib import Path
 from typing import Any, Callable
 
@@ -20,20 +19,21 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
-from mae_transfer.checkpoint import CheckpointError, load_trained_model, save_trained_model
+from mae_transfer.checkpoint import CheckpointError, init_backbone, load_trained_model, save_trained_model
 from mae_transfer.config import ConfigError, config_hash, to_dict
 from mae_transfer.data.errors import DataError
 from mae_transfer.data.seeded import SeededTransformDataset
-from mae_transfer.engine.distributed import DistInfo
+from mae_transfer.engine.distributed import DistInfo, convert_sync_batchnorm
+from mae_transfer.engine.evaluator import run_evaluator
 from mae_transfer.engine.optim import param_groups
+from mae_transfer.engine.results import ResultRow, write_run_results
 from mae_transfer.engine.sampler import ShardSampler
 from mae_transfer.engine.trainer import EvalContext, OptimConfig, Trainer, TrainTask
-from mae_transfer.engine.results import ResultRow, write_run_results
 from mae_transfer.io import atomic_write, atomic_write_json, file_sha256
 from mae_transfer.models.vit import VisionTransformer, named_size, vit_size
 from mae_transfer.segmentation.ade20k import IGNORE_INDEX, EvalTransform, SegmentationFolder, TrainTransform, collate_eval, palette
 from mae_transfer.segmentation.config import SegmentationConfig
-from mae_transfer.segmentation.metrics import SegmentationMeter
+from mae_transfer.segmentation.metrics import SegmentationEvaluator
 from mae_transfer.segmentation.model import build_upernet, slide_inference
 
 log = logging.getLogger(__name__)
@@ -53,7 +53,7 @@ def build_segmenter(cfg: SegmentationConfig) -> nn.Module:
             **size,
         )
         model = build_upernet(vit, cfg.data.num_classes, tap_blocks=m.tap_blocks, channels=m.channels,
-                              aux_channels=m.aux_channels, aux_convs=m.aux_convs)
+                              aux_channels=m.aux_channels, aux_convs=m.aux_convs, pyramid=m.pyramid, pyramid_channels=m.pyramid_channels)
     except ValueError as e:
         raise ConfigError(f"cannot build UperNet on {m.vit_label()}: {e}") from None
     if m.predictor_init == "default":
@@ -107,26 +107,17 @@ class SegmentationTask(TrainTask):
         m = self.cfg.model
         return {"model": m.vit_label(), "img_size": m.img_size, "tap_blocks": m.tap_blocks, "use_rel_pos": m.use_rel_pos,
                 "rel_pos_type": m.rel_pos_type, "layer_scale": m.layer_scale is not None, "channels": m.channels,
-                "aux_channels": m.aux_channels, "num_classes": self.cfg.data.num_classes}
+                "aux_channels": m.aux_channels, "num_classes": self.cfg.data.num_classes,
+                **({"pyramid": m.pyramid, "pyramid_channels": m.pyramid_channels} if m.pyramid != "taps" else {})}
 
     def build_model(self, load_backbone: bool = True) -> nn.Module:
         torch.manual_seed(self.cfg.train.seed)
         model = build_segmenter(self.cfg)
-        if load_backbone and self.cfg.backbone:
-            from mae_transfer.checkpoint import load_backbone as load
-
+        if load_backbone:
             # New: the zero-initialised relative position tables (MAE A.4), layer scales at 1.0, the
             # neck and the heads; the 224 px position grid is resized to the crop once, as mmseg does.
-            load(model.backbone, self.cfg.backbone, expected_missing="dense", expected_unexpected="dense")
-        elif load_backbone:
-            log.warning(
-                "NO --backbone: the ViT starts from RANDOM weights (the from-scratch baseline); pass "
-                "--backbone ckpt.pth to evaluate pretrained weights"
-            )
-        if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
-            if torch.cuda.is_available():
-                model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # BEiT / mmsegmentation: SyncBN
-        return model
+            init_backbone(model.backbone, self.cfg.backbone, expected_missing="dense", expected_unexpected="dense")
+        return convert_sync_batchnorm(model)  # BEiT / mmsegmentation: SyncBN
 
     def build_train_dataset(self):
         if self.train_set is None:
@@ -210,28 +201,26 @@ class SegmentationTask(TrainTask):
     def run_eval(self, model: nn.Module, device: torch.device, autocast: Callable, dist: DistInfo, num_workers: int,
                  out_dir: Path | None) -> dict[str, Any]:
         """mIoU / mAcc / aAcc over the evaluation split, accumulated over every image and process."""
-        from tqdm.auto import tqdm
-
         ds = self.val_set
         loader = DataLoader(ds, batch_size=1, sampler=ShardSampler(len(ds), dist.rank, dist.world_size),
                             num_workers=num_workers, collate_fn=collate_eval)
-        meter = SegmentationMeter(self.cfg.data.num_classes)
+
+        def predict(batch) -> tuple[torch.Tensor, torch.Tensor]:
+            images, targets = batch
+            label = targets[0]["label"]
+            image = [im.to(device) for im in images[0]] if isinstance(images[0], list) else images[0].to(device)
+            return self.predict_logits(model, image, label.shape[-2:], autocast).argmax(0).cpu(), label
+
         was_training = model.training
         model.eval()
-        t0 = time.monotonic()
-        with torch.no_grad():
-            for images, targets in tqdm(loader, desc=f"evaluating {self.cfg.data.val_split}", unit="img",
-                                        disable=not dist.is_main, leave=False, mininterval=5.0):
-                label = targets[0]["label"]
-                image = [im.to(device) for im in images[0]] if isinstance(images[0], list) else images[0].to(device)
-                probs = self.predict_logits(model, image, label.shape[-2:], autocast)
-                meter.update(probs.argmax(0).cpu(), label)
-        model.train(was_training)
-        seconds = time.monotonic() - t0
-        meter.all_reduce()
+        try:
+            evaluator = SegmentationEvaluator(self.cfg.data.num_classes, self.class_names)
+            metrics = run_evaluator(evaluator, loader, predict, main=dist.is_main, desc=f"evaluating {self.cfg.data.val_split}", unit="img")
+        finally:
+            model.train(was_training)
         if not dist.is_main:
             return {}
-        metrics = meter.compute(self.class_names)
+        seconds = evaluator.seconds
         metrics["time"] = {"seconds": seconds, "images": len(ds), "images_per_second": len(ds) / max(seconds, 1e-9)}
         log.info("%s", format_metrics(metrics, self.cfg))
         if out_dir is not None:
@@ -345,7 +334,11 @@ def read_segmenter_file(path: str | Path, trust: bool = False) -> dict:
 def segmenter_weights(state: dict, path: str | Path) -> tuple[dict[str, torch.Tensor], dict | None]:
     """State dict and config overrides from a file read by :func:`read_segmenter_file` (see
     :func:`read_segmenter_weights`)."""
-    from mae_transfer.checkpoint.mmseg import describe_segmentor, is_mmseg_segmentor, to_segmenter_state_dict
+    from mae_transfer.checkpoint.mmseg import (
+        describe_segmentor,
+        is_mmseg_segmentor,
+        to_segmenter_state_dict,
+    )
 
     ours = state.get("format") in (SEGMENTER_FORMAT, "mae_transfer.train_checkpoint") and isinstance(state.get("model"), dict)
     if ours:
