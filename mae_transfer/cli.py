@@ -437,7 +437,7 @@ def _run_presets(args) -> int:
     from mae_transfer.evaluation.registry import TASKS
 
     by_module: dict[str, list[str]] = {}
-    for spec in TASKS.values():
+    for spec in sorted(TASKS.values(), key=lambda t: t.benchmark):  # pretraining first, as in --help
         if spec.config:
             commands = by_module.setdefault(spec.config.partition(":")[0], [])
             if spec.command not in commands:
