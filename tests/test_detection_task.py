@@ -229,7 +229,7 @@ def test_tiny_mask_rcnn_memorises_real_coco_images(shared, tmp_path):
     """Eight real coco_tiny train images (1-3 objects each): 100 steps lift bbox and mask AP on those
     images from 0 (untrained) to well above it; the same command on the whole split is in the README."""
     import collections
-    import contextlib
+    from mae_transfer.engine.trainer import EvalContext
     import os
 
     from mae_transfer.detection.config import build_config
@@ -257,7 +257,7 @@ def test_tiny_mask_rcnn_memorises_real_coco_images(shared, tmp_path):
     })
     task = DetectionTask(cfg)
     dist = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
-    untrained = task.run_eval(task.build_model(), dist.device, contextlib.nullcontext, dist, 0, None)
+    untrained = task.evaluate(task.build_model().eval(), EvalContext(dist.device, "fp32", dist, 0, None))
     trainer = Trainer(task, cfg.train, cfg.optim, tmp_path / "run", dist, config=cfg)
     trainer.fit()
     assert trainer.step == 100

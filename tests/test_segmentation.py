@@ -173,7 +173,7 @@ def test_ade20k_errors_are_one_clear_line(tmp_path, cache, capsys):
 def test_tiny_upernet_overfits_a_handful_of_toy_images(tmp_path):
     """Eight toy scenes: 80 steps make the loss fall and mIoU on those images rise far above the
     untrained model's."""
-    import contextlib
+    from mae_transfer.engine.trainer import EvalContext
 
     from mae_transfer.data.toy import write_ade20k
     from mae_transfer.engine.distributed import DistInfo
@@ -189,7 +189,7 @@ def test_tiny_upernet_overfits_a_handful_of_toy_images(tmp_path):
     })
     task = SegmentationTask(cfg)
     dist = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
-    untrained = task.run_eval(task.build_model(), dist.device, contextlib.nullcontext, dist, 0, None)
+    untrained = task.evaluate(task.build_model().eval(), EvalContext(dist.device, "fp32", dist, 0, None))
     trainer = Trainer(task, cfg.train, cfg.optim, tmp_path / "run", dist, config=cfg)
     trainer.fit()
     losses = [float(r["loss"]) for r in map(json.loads, (tmp_path / "run" / "train.jsonl").read_text().splitlines())]

@@ -8,7 +8,6 @@ from typing import Any
 
 import torch
 import torch.nn as nn
-from torch.utils.data import DataLoader
 from torchvision import transforms
 
 from mae_transfer.checkpoint import init_backbone
@@ -16,7 +15,6 @@ from mae_transfer.classification.config import ClassificationConfig
 from mae_transfer.config import config_hash, to_dict
 from mae_transfer.engine.optim import param_groups
 from mae_transfer.engine.results import ResultRow, write_run_results
-from mae_transfer.engine.sampler import ShardSampler
 from mae_transfer.engine.trainer import EvalContext, OptimConfig, Trainer, TrainTask
 from mae_transfer.io import file_sha256
 from mae_transfer.models.vit import VisionTransformer, create_vit
@@ -192,12 +190,8 @@ class ClassificationTask(TrainTask):
     def evaluate(self, model: nn.Module, ctx: EvalContext) -> dict[str, float]:
         from mae_transfer.classification.metrics import evaluate_classifier
 
-        dist = ctx.dist
-        loader = DataLoader(
-            self.val_set, batch_size=self.cfg.eval_batch_size, sampler=ShardSampler(len(self.val_set), dist.rank, dist.world_size),
-            num_workers=ctx.num_workers, pin_memory=ctx.device.type == "cuda",
-        )
-        return evaluate_classifier(model, loader, ctx.device, self.num_classes, autocast=ctx.autocast)
+        return evaluate_classifier(model, ctx.loader(self.val_set, self.cfg.eval_batch_size), ctx.device, self.num_classes,
+                                   autocast=ctx.autocast)
 
     def publish(self, model: nn.Module, ctx: EvalContext, metrics: dict, step: int) -> None:
         write_result_rows(ctx.output_dir, self.cfg, metrics, self.best_top1, self.backbone_sha256, step)

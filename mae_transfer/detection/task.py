@@ -20,7 +20,6 @@ from typing import Any, Callable
 
 import torch
 import torch.nn as nn
-from torch.utils.data import DataLoader
 
 from mae_transfer.checkpoint import CheckpointError, init_backbone, load_trained_model, save_trained_model
 from mae_transfer.config import ConfigError, config_hash, to_dict
@@ -30,11 +29,10 @@ from mae_transfer.detection.coco import CocoDetection, COCOEvaluator, drop_crowd
 from mae_transfer.detection.config import DetectionConfig
 from mae_transfer.detection.model import MaskRCNN, build_mask_rcnn, build_pyramid, build_vit, pixel_stats
 from mae_transfer.detection.transforms import LargeScaleJitter, ResizeForTest, collate_detection
-from mae_transfer.engine.distributed import DistInfo, convert_sync_batchnorm
+from mae_transfer.engine.distributed import convert_sync_batchnorm
 from mae_transfer.engine.evaluator import run_evaluator
 from mae_transfer.engine.optim import param_groups
 from mae_transfer.engine.results import ResultRow, write_run_results
-from mae_transfer.engine.sampler import ShardSampler
 from mae_transfer.engine.trainer import EvalContext, OptimConfig, Trainer, TrainTask
 from mae_transfer.io import atomic_write_json, file_sha256
 
@@ -169,57 +167,39 @@ class DetectionTask(TrainTask):
         metrics = trainer.evaluate(final=True)
         trainer.metrics.write("eval", {"step": trainer.step, "epoch": math.ceil(trainer.step / trainer.steps_per_epoch), **flat_metrics(metrics)})
 
-    def evaluate(self, model: nn.Module, ctx: EvalContext) -> dict:
-        return self.run_eval(model, ctx.device, ctx.autocast, ctx.dist, ctx.num_workers, ctx.output_dir)
-
     def publish(self, model: nn.Module, ctx: EvalContext, metrics: dict, step: int) -> None:
         self.write_results(ctx.output_dir, metrics, step)
         if self.cfg.visualize:
             self.visualize(model, ctx.device, ctx.autocast, ctx.output_dir / "visualize")
 
     # ------------------------------------------------------------------ evaluation
-    def run_eval(
-        self,
-        model: nn.Module,
-        device: torch.device,
-        autocast: Callable,
-        dist: DistInfo,
-        num_workers: int,
-        out_dir: Path | None,
-    ) -> dict[str, dict[str, float]]:
-        """Detect on the evaluation split (sharded over processes, test resize in the workers) and
-        score with COCOeval on the main process."""
-        ds = self.val_set
-        if dist.is_main:
-            log.info("evaluating %d images of %s in %s", len(ds), self.cfg.data.val_split, _precision_name(autocast))
-        loader = DataLoader(
-            SeededTransformDataset(ds, ResizeForTest(self.cfg.model.img_size)), batch_size=self.cfg.eval_batch_size,
-            sampler=ShardSampler(len(ds), dist.rank, dist.world_size), num_workers=num_workers,
-            collate_fn=collate_detection, pin_memory=device.type == "cuda",
-        )
+    def evaluate(self, model: nn.Module, ctx: EvalContext) -> dict[str, dict[str, float]]:
+        """Detect on the evaluation split (this process's shard; test resize in the loader workers)
+        and score with COCOeval on the main process; the main process also writes
+        ``predictions_<split>.json`` and ``metrics.json`` when the context has a run directory."""
+        ds, split = self.val_set, self.cfg.data.val_split
+        if ctx.dist.is_main:
+            log.info("evaluating %d images of %s in %s", len(ds), split, ctx.precision)
+        loader = ctx.loader(SeededTransformDataset(ds, ResizeForTest(self.cfg.model.img_size)), self.cfg.eval_batch_size,
+                            collate_fn=collate_detection)
 
         def predict(batch) -> list[dict]:
             images, targets = batch
             sizes = [tuple(int(v) for v in t["orig_size"]) for t in targets]
-            with autocast():
-                return model.inference([im.to(device, non_blocking=True) for im in images], sizes)
+            with ctx.autocast():
+                return model.inference([im.to(ctx.device, non_blocking=True) for im in images], sizes)
 
         evaluator = COCOEvaluator(ds)
-        was_training = model.training
-        model.eval()
-        try:
-            metrics = run_evaluator(evaluator, loader, predict, main=dist.is_main, desc=f"evaluating {self.cfg.data.val_split}")
-        finally:
-            model.train(was_training)
-        if not dist.is_main:
+        metrics = run_evaluator(evaluator, loader, predict, main=ctx.dist.is_main, desc=f"evaluating {split}")
+        if not ctx.dist.is_main:
             return {}  # COCOeval runs once, on the main process
         seconds = evaluator.seconds
         metrics["time"] = {"seconds": seconds, "images": len(ds), "images_per_second": len(ds) / max(seconds, 1e-9)}
-        metrics["precision"] = _precision_name(autocast)
+        metrics["precision"] = ctx.precision
         log.info("%s", format_metrics(metrics, self.cfg))
-        if out_dir is not None:
-            save_results_json(evaluator.results, Path(out_dir) / f"predictions_{self.cfg.data.val_split}.json")
-            atomic_write_json(Path(out_dir) / "metrics.json", metrics)
+        if ctx.output_dir is not None:
+            save_results_json(evaluator.results, Path(ctx.output_dir) / f"predictions_{split}.json")
+            atomic_write_json(Path(ctx.output_dir) / "metrics.json", metrics)
         return metrics
 
     def write_results(self, out_dir: Path, metrics: dict, step: int) -> Path:
@@ -252,13 +232,6 @@ class DetectionTask(TrainTask):
         model.train(was_training)
         log.info("saved %d pictures (ground truth | prediction) to %s", len(paths), out_dir)
         return paths
-
-
-def _precision_name(autocast: Callable) -> str:
-    ctx = autocast()
-    if isinstance(ctx, torch.autocast):
-        return {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(ctx.fast_dtype, str(ctx.fast_dtype))
-    return "fp32"
 
 
 def flat_metrics(metrics: dict) -> dict[str, float]:

@@ -152,10 +152,18 @@ class EvalContext:
     precision: str
     dist: DistInfo
     num_workers: int
-    output_dir: Path
+    output_dir: Path | None
 
     def autocast(self):
         return autocast_context(self.precision, self.device)
+
+    def loader(self, dataset: Dataset, batch_size: int, collate_fn: Any = None) -> DataLoader:
+        """This process's shard of ``dataset`` (contiguous, no padding: every sample once over all
+        processes), in order, with this machine's workers."""
+        from mae_transfer.engine.sampler import ShardSampler
+
+        return DataLoader(dataset, batch_size=batch_size, sampler=ShardSampler(len(dataset), self.dist.rank, self.dist.world_size),
+                          num_workers=self.num_workers, collate_fn=collate_fn, pin_memory=self.device.type == "cuda")
 
 
 class TrainingInterrupted(Exception):

@@ -17,17 +17,15 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils.data import DataLoader
 
 from mae_transfer.checkpoint import CheckpointError, init_backbone, load_trained_model, save_trained_model
 from mae_transfer.config import ConfigError, config_hash, to_dict
 from mae_transfer.data.errors import DataError
 from mae_transfer.data.seeded import SeededTransformDataset
-from mae_transfer.engine.distributed import DistInfo, convert_sync_batchnorm
+from mae_transfer.engine.distributed import convert_sync_batchnorm
 from mae_transfer.engine.evaluator import run_evaluator
 from mae_transfer.engine.optim import param_groups
 from mae_transfer.engine.results import ResultRow, write_run_results
-from mae_transfer.engine.sampler import ShardSampler
 from mae_transfer.engine.trainer import EvalContext, OptimConfig, Trainer, TrainTask
 from mae_transfer.io import atomic_write, atomic_write_json, file_sha256
 from mae_transfer.models.vit import VisionTransformer, named_size, vit_size
@@ -165,9 +163,6 @@ class SegmentationTask(TrainTask):
         if trainer.dist.is_main:
             trainer.metrics.write("eval", {"step": trainer.step, "epoch": math.ceil(trainer.step / trainer.steps_per_epoch), **summary(metrics)})
 
-    def evaluate(self, model: nn.Module, ctx: EvalContext) -> dict:
-        return self.run_eval(model, ctx.device, ctx.autocast, ctx.dist, ctx.num_workers, ctx.output_dir)
-
     def publish(self, model: nn.Module, ctx: EvalContext, metrics: dict, step: int) -> None:
         self.write_results(ctx.output_dir, metrics, step)
         if self.cfg.visualize:
@@ -198,33 +193,27 @@ class SegmentationTask(TrainTask):
                 probs = p if probs is None else probs + p
         return probs[0]
 
-    def run_eval(self, model: nn.Module, device: torch.device, autocast: Callable, dist: DistInfo, num_workers: int,
-                 out_dir: Path | None) -> dict[str, Any]:
-        """mIoU / mAcc / aAcc over the evaluation split, accumulated over every image and process."""
+    def evaluate(self, model: nn.Module, ctx: EvalContext) -> dict[str, Any]:
+        """mIoU / mAcc / aAcc over the evaluation split, accumulated over every image and process;
+        the main process also writes ``metrics.json`` when the context has a run directory."""
         ds = self.val_set
-        loader = DataLoader(ds, batch_size=1, sampler=ShardSampler(len(ds), dist.rank, dist.world_size),
-                            num_workers=num_workers, collate_fn=collate_eval)
+        loader = ctx.loader(ds, 1, collate_fn=collate_eval)
 
         def predict(batch) -> tuple[torch.Tensor, torch.Tensor]:
             images, targets = batch
             label = targets[0]["label"]
-            image = [im.to(device) for im in images[0]] if isinstance(images[0], list) else images[0].to(device)
-            return self.predict_logits(model, image, label.shape[-2:], autocast).argmax(0).cpu(), label
+            image = [im.to(ctx.device) for im in images[0]] if isinstance(images[0], list) else images[0].to(ctx.device)
+            return self.predict_logits(model, image, label.shape[-2:], ctx.autocast).argmax(0).cpu(), label
 
-        was_training = model.training
-        model.eval()
-        try:
-            evaluator = SegmentationEvaluator(self.cfg.data.num_classes, self.class_names)
-            metrics = run_evaluator(evaluator, loader, predict, main=dist.is_main, desc=f"evaluating {self.cfg.data.val_split}", unit="img")
-        finally:
-            model.train(was_training)
-        if not dist.is_main:
+        evaluator = SegmentationEvaluator(self.cfg.data.num_classes, self.class_names)
+        metrics = run_evaluator(evaluator, loader, predict, main=ctx.dist.is_main, desc=f"evaluating {self.cfg.data.val_split}", unit="img")
+        if not ctx.dist.is_main:
             return {}
         seconds = evaluator.seconds
         metrics["time"] = {"seconds": seconds, "images": len(ds), "images_per_second": len(ds) / max(seconds, 1e-9)}
         log.info("%s", format_metrics(metrics, self.cfg))
-        if out_dir is not None:
-            atomic_write_json(Path(out_dir) / "metrics.json", metrics)
+        if ctx.output_dir is not None:
+            atomic_write_json(Path(ctx.output_dir) / "metrics.json", metrics)
         return metrics
 
     def write_results(self, out_dir: Path, metrics: dict, step: int) -> Path:
