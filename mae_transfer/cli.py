@@ -179,6 +179,7 @@ def _add_bench(sub) -> None:
     p.add_argument("--preset", action="append", default=[], metavar="TASK=NAME", help="recipe preset of a task (see `mae-transfer presets`)")
     p.add_argument("--set", action="append", default=[], metavar="TASK:KEY=VALUE", help="config override of a task ('*' for all tasks)")
     p.add_argument("--random-model", metavar="NAME", help="architecture of random-init backbones (default: that of the first checkpoint)")
+    _add_flags(p, ["trust_checkpoint"])
     p.add_argument("--launcher", choices=["local", "print", "slurm"], default="local")
     p.add_argument("--nproc-per-node", type=int, default=1, help="processes (GPUs) per job; > 1 runs jobs under torchrun")
     p.add_argument("--in-process", action="store_true", help="run jobs inside this process (faster for tiny jobs; no torchrun)")
@@ -210,7 +211,7 @@ def _run_bench(args) -> int:
     if args.baseline and args.baseline not in [b.name for b in backbones]:
         raise ConfigError(f"--baseline {args.baseline!r} is not one of the backbones: {', '.join(b.name for b in backbones)}")
     results = Path(args.results)
-    jobs = bench.plan_jobs(backbones, tasks, results, data, presets, overrides, args.random_model)
+    jobs = bench.plan_jobs(backbones, tasks, results, data, presets, overrides, args.random_model, trust=args.trust_checkpoint)
     print(f"{len(jobs)} jobs: {len(backbones)} backbone(s) x {len(tasks)} task(s); results: {results / 'results.jsonl'}")
     if args.launcher == "print":
         bench.print_commands(jobs, results, args.nproc_per_node)
@@ -372,6 +373,14 @@ Write weights in another project's format, atomically, and check the file by rea
 
   --to mae          the ViT encoder as the official MAE release ({'model': encoder}, official names),
                     from a pretraining checkpoint (ours, official full MAE, Hugging Face ViTMAE).
+  --to timm         a folder with model.safetensors + config.json that timm opens:
+                    timm.create_model('local-dir:FOLDER', pretrained=True), or
+                    timm.create_model('vit_base_patch16_224', pretrained=True, num_classes=0,
+                    pretrained_cfg_overlay=dict(file='FOLDER/model.safetensors')) for a ViT-B.
+                    From any checkpoint with a plain ViT (pretraining, fine-tuning, linear probe runs,
+                    official MAE, Hugging Face, timm files; a run directory too).
+  --to hf           a folder transformers.ViTMAEModel.from_pretrained opens (model.safetensors in the
+                    Hub's names + config.json, mask_ratio 0); from an encoder with its final norm.
   --to detectron2   a trained detector (detector.pth or checkpoint-last.pth of a `coco` run, or a
                     detectron2 model-zoo .pkl) as detectron2's DetectionCheckpointer writes it:
                     {'model': state_dict, 'iteration': 0}, loadable by detectron2's ViTDet
@@ -383,10 +392,11 @@ Write weights in another project's format, atomically, and check the file by rea
 
 
 def _add_export(sub) -> None:
-    p = sub.add_parser("export", help="write weights in another format (official MAE encoder, detectron2 ViTDet, mmsegmentation)",
+    p = sub.add_parser("export", help="write weights in another format (official MAE, timm, Hugging Face, detectron2 ViTDet, mmsegmentation)",
                        description=EXPORT_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("checkpoint")
-    p.add_argument("--to", required=True, choices=["mae", "detectron2", "mmseg"], help="the format to write")
+    p.add_argument("--to", required=True, choices=["mae", "timm", "hf", "detectron2", "mmseg"], help="the format to write")
+    p.add_argument("--num-heads", type=int, help="attention heads of a ViT of no standard size (timm, hf; not stored in weights)")
     p.add_argument("--output", required=True, metavar="PATH")
     _add_flags(p, ["trust_checkpoint"])
     p.set_defaults(func=_run_export)
@@ -396,7 +406,7 @@ def _add_export(sub) -> None:
     )
     p.add_argument("checkpoint")
     p.add_argument("--output", required=True, metavar="PATH")
-    p.set_defaults(func=_run_export, to="mae", trust_checkpoint=False)
+    p.set_defaults(func=_run_export, to="mae", trust_checkpoint=False, num_heads=None)
 
 
 def _run_export(args) -> int:
@@ -420,7 +430,16 @@ def _run_export(args) -> int:
         return 0
     from mae_transfer.checkpoint import export_mae_encoder, read_checkpoint, to_vit_state_dict
 
-    state = to_vit_state_dict(read_checkpoint(args.checkpoint))
+    state = to_vit_state_dict(read_checkpoint(args.checkpoint, trust=args.trust_checkpoint))
+    if args.to in ("timm", "hf"):
+        if args.to == "timm":
+            from mae_transfer.checkpoint.timm import export_timm as export
+        else:
+            from mae_transfer.checkpoint.hf import export_hf as export
+        folder = export(state, args.output, num_heads=args.num_heads)
+        print(f"{folder}: model.safetensors + config.json for {'timm' if args.to == 'timm' else 'transformers ViTMAEModel'} "
+              "(read back and checked)")
+        return 0
     path = export_mae_encoder(state, args.output)
     print(path)
     return 0

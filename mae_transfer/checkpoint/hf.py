@@ -86,3 +86,75 @@ def hf_to_vit(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
             for orig, t in parts.values():
                 out[orig] = t
     return out
+
+
+# ---------------------------------------------------------------------------------------- writing
+_TO_HF_TOP = {ours: hf for hf, ours in _HF_TOP.items()}
+_TO_HF_LAYER = {"attn.proj": "attention.output.dense", "mlp.fc1": "intermediate.dense", "mlp.fc2": "output.dense",
+                "norm1": "layernorm_before", "norm2": "layernorm_after"}
+
+
+def vit_to_hf(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Our plain ViT encoder -> Hugging Face ``ViTMAEModel`` names as the Hub stores them (the fused
+    qkv split into query, key, value); the inverse of :func:`hf_to_vit` for the encoder."""
+    out: dict[str, torch.Tensor] = {}
+    for key, v in sd.items():
+        if key in _TO_HF_TOP:
+            out[_TO_HF_TOP[key]] = v
+            continue
+        m = re.match(r"^blocks\.(\d+)\.(.+)\.(weight|bias)$", key)
+        if not m:
+            raise ValueError(f"{key} has no place in a Hugging Face ViTMAEModel")
+        idx, mod, param = m.groups()
+        prefix = f"encoder.layer.{idx}"
+        if mod == "attn.qkv":
+            for name, part in zip(("query", "key", "value"), v.chunk(3, dim=0)):
+                out[f"{prefix}.attention.attention.{name}.{param}"] = part.contiguous()
+        elif mod in _TO_HF_LAYER:
+            out[f"{prefix}.{_TO_HF_LAYER[mod]}.{param}"] = v
+        else:
+            raise ValueError(f"{key} has no place in a Hugging Face ViTMAEModel")
+    return out
+
+
+def export_hf(state, out_dir, num_heads: int | None = None):
+    """Write a folder ``transformers.ViTMAEModel.from_pretrained`` opens: ``model.safetensors`` in the
+    Hub's names and ``config.json`` (model_type ``vit_mae``, ``mask_ratio`` 0.0 so that every patch is
+    encoded). Each file atomically; read back and checked bit for bit.
+
+    ViTMAEModel still orders the tokens by its ``noise`` argument (random by default): pass
+    ``noise=torch.arange(num_patches).expand(batch, -1)`` to keep the image order; the class token
+    and any pooled feature do not depend on it."""
+    import json
+    from pathlib import Path
+
+    from safetensors.torch import load_file, save
+
+    from mae_transfer.checkpoint.io import CheckpointError
+    from mae_transfer.checkpoint.timm import encoder_state_dict, timm_model_args
+    from mae_transfer.io import atomic_write, atomic_write_json
+
+    out = Path(out_dir)
+    enc = encoder_state_dict(state, out)
+    if "norm.weight" not in enc:
+        raise CheckpointError(f"cannot write {out}: ViTMAEModel normalises every token (final norm), this encoder only pools "
+                              "through fc_norm; export a pretraining encoder (export --to mae / the run's encoder.pth)")
+    _, args = timm_model_args(enc, num_heads, out)
+    hf = vit_to_hf(enc)
+    config = {
+        "architectures": ["ViTMAEModel"], "model_type": "vit_mae", "hidden_size": args["embed_dim"],
+        "num_hidden_layers": args["depth"], "num_attention_heads": args["num_heads"],
+        "intermediate_size": int(args["embed_dim"] * args["mlp_ratio"]), "hidden_act": "gelu", "hidden_dropout_prob": 0.0,
+        "attention_probs_dropout_prob": 0.0, "initializer_range": 0.02, "layer_norm_eps": 1e-6, "image_size": args["img_size"],
+        "patch_size": args["patch_size"], "num_channels": 3, "qkv_bias": args["qkv_bias"], "mask_ratio": 0.0,
+        "norm_pix_loss": False, "torch_dtype": "float32",
+    }
+    with atomic_write(out / "model.safetensors", "wb") as f:
+        f.write(save(hf, metadata={"format": "pt"}))
+    atomic_write_json(out / "config.json", config)
+    back = load_file(str(out / "model.safetensors"))
+    if set(back) != set(hf) or any(not torch.equal(back[k], hf[k]) for k in hf):
+        raise CheckpointError(f"{out / 'model.safetensors'}: the file read back differs from what was written")
+    if json.loads((out / "config.json").read_text()) != config:
+        raise CheckpointError(f"{out / 'config.json'}: the file read back differs from what was written")
+    return out

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import re
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +31,9 @@ def atomic_save(obj: Any, path: str | os.PathLike) -> Path:
 
 
 def load_file(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> Any:
-    """Read a checkpoint file with a clear error for missing or unreadable files."""
+    """Read a checkpoint file by FULL unpickling (``weights_only=False``), with a clear error for
+    missing or unreadable files. Only for files the user trusts (``--trust-checkpoint``): everything
+    else goes through :func:`load_safely`."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist (check the path)")
@@ -65,9 +68,10 @@ def load_safely(path: str | os.PathLike, what: str = "checkpoint") -> Any:
         with torch.serialization.safe_globals(_numpy_globals()):
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[-1][:200] if str(e).strip() else type(e).__name__
+        found = re.search(r"GLOBAL ([\w.]+)", str(e))
+        what_for = f"it calls {found.group(1)}" if found else type(e).__name__
         raise CheckpointError(
-            f"{what} {path} holds Python objects beyond tensors and plain containers ({first}); loading it "
+            f"{what} {path} holds Python objects beyond tensors and plain containers ({what_for}); loading it "
             "could run code stored in it. If you trust its source, pass --trust-checkpoint"
         ) from None
     except Exception as e:  # torch raises many types for truncated / foreign files
@@ -76,21 +80,26 @@ def load_safely(path: str | os.PathLike, what: str = "checkpoint") -> Any:
         ) from None
 
 
-def read_checkpoint(path: str | os.PathLike) -> Any:
-    """Read a checkpoint file: PyTorch (via :func:`load_file`), detectron2 ``.pkl`` or ``.safetensors``.
+def read_checkpoint(path: str | os.PathLike, trust: bool = False) -> Any:
+    """Read a checkpoint file safely: ``.safetensors`` (never pickle), a PyTorch file with
+    ``torch.load(weights_only=True)`` (:func:`load_safely`), a model folder (``model.safetensors`` or
+    ``pytorch_model.bin``: Hugging Face, timm) or a run directory (``encoder.pth``, else
+    ``checkpoint-last.pth``).
 
-    A directory is read as a Hugging Face model folder (``model.safetensors`` or
-    ``pytorch_model.bin``). Raises :class:`CheckpointError` naming the file when it is missing or
-    unreadable.
+    Files that need full unpickling (a detectron2 model-zoo ``.pkl``, checkpoints that pickled
+    Python objects) are refused with a :class:`CheckpointError` saying why, unless ``trust``
+    (``--trust-checkpoint``): unpickling can run code stored in the file. Raises
+    :class:`CheckpointError` naming the file when it is missing or unreadable.
     """
     path = Path(path)
-    if path.is_dir():
-        for name in ("model.safetensors", "pytorch_model.bin"):
+    if path.is_dir():  # a Hugging Face / timm model folder, or a run directory of ours
+        for name in ("model.safetensors", "pytorch_model.bin", "encoder.pth", "checkpoint-last.pth"):
             if (path / name).is_file():
                 path = path / name
                 break
         else:
-            raise CheckpointError(f"checkpoint {path} is a folder without model.safetensors or pytorch_model.bin")
+            raise CheckpointError(f"checkpoint {path} is a folder without model.safetensors, pytorch_model.bin (a model folder), "
+                                  "encoder.pth or checkpoint-last.pth (a run directory)")
     suffix = path.suffix.lower()
     if suffix == ".safetensors" and path.is_file():
         try:
@@ -104,10 +113,15 @@ def read_checkpoint(path: str | os.PathLike) -> Any:
                 f"checkpoint {path} could not be read ({type(e).__name__}: {e}); the file is truncated or not safetensors"
             ) from None
     if suffix == ".pkl" and path.is_file():
+        if not trust:
+            raise CheckpointError(
+                f"checkpoint {path} is a Python pickle (.pkl, e.g. a detectron2 model-zoo file): reading it runs whatever "
+                "code the file holds. If you trust its source, pass --trust-checkpoint"
+            )
         # detectron2 model-zoo files are plain pickles of numpy arrays, which torch.load rejects.
         try:
             with open(path, "rb") as f:
                 return pickle.load(f, encoding="latin1")
         except Exception:
             pass  # maybe a torch file with a .pkl name: load_file gives the error if it is not
-    return load_file(path)
+    return load_file(path) if trust else load_safely(path)

@@ -247,6 +247,7 @@ def load_backbone(
     expected_unexpected: str | Iterable[str] = (),
     interpolate_pos_embed: bool = True,
     strict_shapes: bool = True,
+    trust: bool = False,
 ) -> LoadReport:
     """Load pretrained weights of any supported format into ``model`` (a ViT or MAE of ours).
 
@@ -262,6 +263,9 @@ def load_backbone(
     does not fit is left out without complaint when its key is expected missing (a classifier for
     another number of classes).
 
+    Files are read safely (:func:`read_checkpoint`): a file that needs full unpickling is refused
+    unless ``trust``.
+
     Raises :class:`CheckpointError` naming the source when nothing in it fits the model, when a
     shape cannot be adapted (with ``strict_shapes``; otherwise those tensors are skipped with a
     warning), or when model parameters are missing that were not expected. Unexpected checkpoint
@@ -276,7 +280,7 @@ def load_backbone(
         raw: Any = source
     else:
         src_name = str(source)
-        raw = read_checkpoint(source)
+        raw = read_checkpoint(source, trust=trust)
     fmt = detect_format(raw)
     sd = to_vit_state_dict(raw)
     target = model.state_dict()

@@ -47,6 +47,9 @@ class DataConfig:
 class ClassificationConfig:
     protocol: Literal["finetune", "linprobe", "partial"] = "finetune"
     backbone: str | None = None  # pretrained weights, any format mae_transfer.checkpoint reads
+    # Read --backbone / --init / --weights files that need full unpickling (detectron2 .pkl, pickled
+    # objects): that can run code stored in the file, so only for sources you trust.
+    trust_checkpoint: bool = False
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     # Official ViT-B/16 script: batch 1024 (32 x 32 GPUs), 100 epochs, 5 warmup epochs.

@@ -33,6 +33,7 @@ def run_frozen_eval(
     output: Path = Path("runs/knn"),
     device: str | None = None,
     batch_size: int = 128,
+    trust: bool = False,
 ) -> str:
     """Extract class-token features of train and val (no augmentation), run k-NN (and the sweep),
     write ``results.jsonl`` rows into ``output`` and return a small table."""
@@ -43,7 +44,7 @@ def run_frozen_eval(
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     inferred = {}
     if backbone:
-        inferred = infer_vit_config(to_vit_state_dict(read_checkpoint(backbone)))
+        inferred = infer_vit_config(to_vit_state_dict(read_checkpoint(backbone, trust=trust)))
     name = model or inferred.get("name") or "vit_base_patch16"
     size = img_size or inferred.get("img_size") or 224
     cfg = ClassificationConfig(model=ModelConfig(name=name, img_size=size, global_pool="token"))
@@ -54,7 +55,7 @@ def run_frozen_eval(
     num_classes = max(num_classes_of(train), num_classes_of(val))
     vit = create_vit(name, img_size=size, num_classes=0, global_pool="token")
     if backbone:
-        load_backbone(vit, backbone, expected_missing=(), expected_unexpected=["fc_norm.*", "head.*", "mask_token", "decoder_*"])
+        load_backbone(vit, backbone, expected_missing=(), expected_unexpected=["fc_norm.*", "head.*", "mask_token", "decoder_*"], trust=trust)
     else:
         log.warning("NO --backbone: features of a RANDOMLY initialised ViT (the from-scratch baseline)")
     vit.to(dev).eval()

@@ -147,7 +147,8 @@ class ClassificationTask(TrainTask):
         # Official main_finetune.py: only the head (and fc_norm when it replaces norm) may be missing.
         missing = ["head.*"] + (["fc_norm.*"] if self.cfg.model.global_pool == "avg" else [])
         unexpected = ["norm.*", "mask_token", "decoder_*", "fc_norm.*", "head.*"]
-        init_backbone(model, self.cfg.backbone, expected_missing=missing, expected_unexpected=unexpected)
+        init_backbone(model, self.cfg.backbone, expected_missing=missing, expected_unexpected=unexpected,
+                      trust=self.cfg.trust_checkpoint)
         trainable = freeze_for_protocol(model, self.cfg)
         if self.cfg.protocol != "finetune":
             log.info("%s: training %d of %d parameter tensors (%s)", self.cfg.protocol, len(trainable),
@@ -229,7 +230,7 @@ def write_result_rows(out_dir: Path, cfg: ClassificationConfig, metrics: dict, b
         task=benchmark_task(cfg.data.dataset, cfg.protocol),
         dataset=cfg.data.dataset if cfg.data.path else f"{cfg.data.dataset} (toy)",
         split="val", protocol=cfg.protocol, backbone=cfg.backbone or "random init", backbone_sha256=backbone_sha,
-        config_hash=config_hash(cfg, exclude=("data",)), step=step,
+        config_hash=config_hash(cfg, exclude=("data", "trust_checkpoint")), step=step,
     )
     rows = [ResultRow(metric=metric, value=metrics[metric], **common) for metric in ("top1", "top5", "mean_per_class")]
     rows.append(ResultRow(metric="top1_best_epoch", value=best_top1, **common))

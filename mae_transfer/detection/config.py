@@ -79,6 +79,9 @@ class DataConfig:
 @dataclass
 class DetectionConfig:
     backbone: str | None = None  # pretrained ViT weights, any format mae_transfer.checkpoint reads
+    # Read --backbone / --init / --weights files that need full unpickling (detectron2 .pkl, pickled
+    # objects): that can run code stored in the file, so only for sources you trust.
+    trust_checkpoint: bool = False
     recipe: str = "vitdet"  # a label for result rows: vitdet, benchmarking, toy, ...
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)

@@ -132,7 +132,8 @@ class DetectionTask(TrainTask):
         if load_backbone:
             # New in a detection backbone: relative position tables (zero-init), pyramid and heads
             # (outside the ViT); unused: class token, final norm, any classifier or MAE decoder.
-            init_backbone(model.vit, self.cfg.backbone, expected_missing="dense", expected_unexpected="dense")
+            init_backbone(model.vit, self.cfg.backbone, expected_missing="dense", expected_unexpected="dense",
+                          trust=self.cfg.trust_checkpoint)
         return convert_sync_batchnorm(model) if self.cfg.model.head_norm == "bn" else model  # Benchmarking-ViT: SyncBN
 
     def build_train_dataset(self):
@@ -208,7 +209,7 @@ class DetectionTask(TrainTask):
         common = dict(
             task="coco", dataset="coco" if cfg.data.path else "coco (toy)", split=cfg.data.val_split,
             protocol=f"mask_rcnn_{cfg.recipe}", backbone=cfg.backbone or "random init", backbone_sha256=self.backbone_sha256,
-            config_hash=config_hash(cfg, exclude=("data", "backbone", "visualize", "visualize_score")), step=step,
+            config_hash=config_hash(cfg, exclude=("data", "backbone", "visualize", "visualize_score", "trust_checkpoint")), step=step,
         )
         rows = [ResultRow(metric=f"{kind}_{name}", value=v, **common) for kind in ("bbox", "segm") for name, v in metrics[kind].items()]
         return write_run_results(out_dir, rows, to_dict(cfg))

@@ -28,7 +28,7 @@ import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset
 
-from mae_transfer.checkpoint import CheckpointError, atomic_save, load_file
+from mae_transfer.checkpoint import CheckpointError, atomic_save, load_safely
 from mae_transfer.config import ConfigError, save_config, to_dict
 from mae_transfer.engine.distributed import DistInfo, all_reduce_mean, any_process
 from mae_transfer.engine.logger import MetricWriter
@@ -358,7 +358,7 @@ class Trainer:
                     f"{self.output_dir} already holds a run ({path.name}); choose another --output, "
                     "or leave out --no-resume to continue it"
                 )
-        state = load_file(path, map_location="cpu")
+        state = load_safely(path, "checkpoint")  # ours hold tensors, numbers, strings and containers only
         if not isinstance(state, dict) or state.get("format") != "mae_transfer.train_checkpoint":
             raise CheckpointError(
                 f"{path} is not a training checkpoint of this toolkit (to start from pretrained weights "

@@ -55,8 +55,8 @@ class Prepared:
         """What decides the numbers of this run besides the data and the backbone's bytes (the
         runner hashes it): the resolved config without paths, or the options of a frozen evaluation."""
         if self.cfg is None:
-            return {k: v for k, v in self.options.items() if k not in ("backbone", "data", "output", "overrides")}
-        return {k: v for k, v in to_dict(self.cfg).items() if k not in ("backbone", "init", "visualize")}
+            return {k: v for k, v in self.options.items() if k not in ("backbone", "data", "output", "overrides", "trust_checkpoint")}
+        return {k: v for k, v in to_dict(self.cfg).items() if k not in ("backbone", "init", "visualize", "trust_checkpoint")}
 
 
 def _model_from_backbone(opts: dict, overrides: dict, rename: dict[str, str] | None = None, pos_size_key: str | None = None) -> None:
@@ -70,7 +70,7 @@ def _model_from_backbone(opts: dict, overrides: dict, rename: dict[str, str] | N
         return
     from mae_transfer.checkpoint import infer_vit_config, read_checkpoint, to_vit_state_dict
 
-    info = infer_vit_config(to_vit_state_dict(read_checkpoint(opts["backbone"])))
+    info = infer_vit_config(to_vit_state_dict(read_checkpoint(opts["backbone"], trust=bool(opts.get("trust_checkpoint")))))
     if want_name and info.get("name"):
         overrides.setdefault("model", {})["name"] = (rename or {}).get(info["name"], info["name"])
     if want_pos and info.get("img_size"):
@@ -175,7 +175,8 @@ def run(spec: TaskSpec, options: dict[str, Any], echo: Callable[[str], None] = p
         setup_logging(0)
         echo(spec.load("task")(dataset=opts.get("dataset") or "imagefolder", data=opts.get("data"), backbone=opts.get("backbone"),
                              model=opts.get("model"), img_size=opts.get("img_size"), ks=tuple(int(k) for k in str(opts["k"]).split(",")),
-                             sweep=bool(opts.get("sweep")), output=prep.output, device=opts.get("device")))
+                             sweep=bool(opts.get("sweep")), output=prep.output, device=opts.get("device"),
+                             trust=bool(opts.get("trust_checkpoint"))))
         return 0
 
     from mae_transfer.engine.distributed import cleanup, init_distributed

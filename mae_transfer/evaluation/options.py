@@ -69,9 +69,9 @@ FLAGS: dict[str, Flag] = {f.name: f for f in [
     Flag("eval_only", ("--eval-only",), None, dict(action="store_true", help="only evaluate --weights (no training)")),
     Flag("weights", ("--weights",), None, dict(metavar="PATH", help="trained model (detector.pth / segmenter.pth, checkpoint-last.pth, or the reference "
                                                                      "project's checkpoint) for --eval-only")),
-    Flag("trust_checkpoint", ("--trust-checkpoint",), None, dict(
-        action="store_true", help="allow checkpoints that need full unpickling (detectron2 model-zoo .pkl, old files); this can run code "
-                                  "stored in the file, so only for files from a source you trust")),
+    Flag("trust_checkpoint", ("--trust-checkpoint",), "trust_checkpoint", dict(
+        action="store_true", help="allow checkpoints that need full unpickling (detectron2 model-zoo .pkl, pickled Python objects); "
+                                  "this can run code stored in the file, so only for files from a source you trust")),
     Flag("visualize", ("--visualize",), "visualize", dict(type=int, metavar="N", help="save N evaluation images with predictions next to the ground truth")),
     Flag("train_split", ("--train-split",), "data.train_split", dict(metavar="NAME", help="folder and annotations/instances_NAME.json to train on (default train2017)")),
     Flag("eval_split", ("--eval-split",), "data.val_split", dict(metavar="NAME", help="split to evaluate on (default val2017)")),
@@ -90,12 +90,12 @@ FLAGS: dict[str, Flag] = {f.name: f for f in [
 # The options of each family of task commands (a task adds its own in TaskSpec.options).
 FAMILY_OPTIONS: dict[str, tuple[str, ...]] = {
     "pretrain": ("data", "output", "preset", "model", "epochs", "batch_size", "effective_batch_size", "blr", "device", "init",
-                 "max_steps", "resume", "no_resume", "print_config"),
+                 "max_steps", "resume", "no_resume", "trust_checkpoint", "print_config"),
     "classification": ("data", "backbone", "trainable_blocks", "preset", "model", "output", "epochs", "batch_size",
-                       "effective_batch_size", "blr", "missing", "device", "max_steps", "no_resume", "print_config"),
+                       "effective_batch_size", "blr", "missing", "device", "max_steps", "no_resume", "trust_checkpoint", "print_config"),
     "dense": ("backbone", "data", "preset", "model", "img_size", "output", "epochs", "batch_size", "effective_batch_size", "lr",
               "device", "max_steps", "eval_only", "weights", "trust_checkpoint", "visualize", "no_resume", "print_config"),
-    "frozen": ("dataset", "data", "backbone", "model", "img_size", "k", "sweep", "output", "device"),
+    "frozen": ("dataset", "data", "backbone", "model", "img_size", "k", "sweep", "output", "device", "trust_checkpoint"),
     "train": ("data", "backbone", "preset", "model", "output", "epochs", "batch_size", "effective_batch_size", "lr", "device",
               "max_steps", "no_resume", "print_config"),
 }

@@ -168,10 +168,10 @@ def parse_overrides(specs: Iterable[str]) -> dict[str, list[str]]:
     return out
 
 
-def _infer_model(path: str) -> tuple[str | None, int | None]:
+def _infer_model(path: str, trust: bool = False) -> tuple[str | None, int | None]:
     from mae_transfer.checkpoint import infer_vit_config, read_checkpoint, to_vit_state_dict
 
-    info = infer_vit_config(to_vit_state_dict(read_checkpoint(path)))
+    info = infer_vit_config(to_vit_state_dict(read_checkpoint(path, trust=trust)))
     return info.get("name"), info.get("img_size")
 
 
@@ -187,16 +187,18 @@ def plan_jobs(
     presets: dict[str, str] | None = None,
     overrides: dict[str, list[str]] | None = None,
     random_model: str | None = None,
+    trust: bool = False,
 ) -> list[Job]:
     """One job per (backbone, task), in backbone-major order, each with its key and run directory.
 
     Random-init backbones get the architecture of the first checkpoint backbone (or
-    ``random_model``), so that "MAE vs from scratch" compares the same network."""
+    ``random_model``), so that "MAE vs from scratch" compares the same network. ``trust``: the
+    backbones may need full unpickling (``--trust-checkpoint``, passed on to every job)."""
     data, presets, overrides = data or {}, presets or {}, overrides or {}
     models: dict[str, tuple[str | None, int | None]] = {}
     for b in backbones:
         if b.path:
-            models[b.name] = _infer_model(b.path)
+            models[b.name] = _infer_model(b.path, trust)
     reference = random_model and (random_model, None)
     if not reference:
         reference = next(iter(models.values()), (None, None))
@@ -205,7 +207,7 @@ def plan_jobs(
         model, img = models.get(b.name, reference)
         for task in tasks:
             spec = TASKS[task]
-            options: dict[str, Any] = {}
+            options: dict[str, Any] = {"trust_checkpoint": True} if trust else {}
             dpath = data.get(task, data.get(spec.data_group or "", None))
             if dpath:
                 options["data"] = str(Path(dpath).expanduser().resolve())

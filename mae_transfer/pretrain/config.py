@@ -67,6 +67,9 @@ class PretrainConfig:
     )
     vis: VisConfig = field(default_factory=VisConfig)
     init: str | None = None  # start from these weights (any format mae_transfer.checkpoint reads)
+    # Read --backbone / --init / --weights files that need full unpickling (detectron2 .pkl, pickled
+    # objects): that can run code stored in the file, so only for sources you trust.
+    trust_checkpoint: bool = False
 
 
 def available_presets() -> list[str]:

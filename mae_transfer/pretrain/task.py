@@ -84,7 +84,7 @@ class PretrainTask(TrainTask):
         if self.cfg.init:
             from mae_transfer.checkpoint import load_backbone
 
-            load_backbone(model, self.cfg.init, expected_missing=("mask_token", "decoder_*"))
+            load_backbone(model, self.cfg.init, expected_missing=("mask_token", "decoder_*"), trust=self.cfg.trust_checkpoint)
         return model
 
     def build_train_dataset(self):

@@ -86,6 +86,9 @@ class TestConfig:
 @dataclass
 class SegmentationConfig:
     backbone: str | None = None
+    # Read --backbone / --init / --weights files that need full unpickling (detectron2 .pkl, pickled
+    # objects): that can run code stored in the file, so only for sources you trust.
+    trust_checkpoint: bool = False
     recipe: str = "upernet"
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)

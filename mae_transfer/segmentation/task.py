@@ -114,7 +114,8 @@ class SegmentationTask(TrainTask):
         if load_backbone:
             # New: the zero-initialised relative position tables (MAE A.4), layer scales at 1.0, the
             # neck and the heads; the 224 px position grid is resized to the crop once, as mmseg does.
-            init_backbone(model.backbone, self.cfg.backbone, expected_missing="dense", expected_unexpected="dense")
+            init_backbone(model.backbone, self.cfg.backbone, expected_missing="dense", expected_unexpected="dense",
+                          trust=self.cfg.trust_checkpoint)
         return convert_sync_batchnorm(model)  # BEiT / mmsegmentation: SyncBN
 
     def build_train_dataset(self):
@@ -223,7 +224,7 @@ class SegmentationTask(TrainTask):
         common = dict(
             task="ade20k", dataset="ade20k" if cfg.data.path else "ade20k (toy)", split=cfg.data.val_split,
             protocol=f"{cfg.recipe}_{test}{'+flip' if cfg.test.flip else ''}", backbone=cfg.backbone or "random init",
-            backbone_sha256=self.backbone_sha256, config_hash=config_hash(cfg, exclude=("data", "backbone", "visualize")), step=step,
+            backbone_sha256=self.backbone_sha256, config_hash=config_hash(cfg, exclude=("data", "backbone", "visualize", "trust_checkpoint")), step=step,
         )
         rows = [ResultRow(metric=k, value=v, **common) for k, v in summary(metrics).items()]
         return write_run_results(out_dir, rows, to_dict(cfg))

@@ -1,0 +1,107 @@
+"""timm's format: a folder with ``model.safetensors`` (timm's ViT names, which are ours) and the
+``config.json`` timm's hub loader reads (architecture, pretrained config, model arguments).
+
+``timm.create_model("local-dir:FOLDER", pretrained=True)`` opens it, and so does
+``timm.create_model(ARCH, pretrained=True, pretrained_cfg_overlay=dict(file=FOLDER/model.safetensors),
+num_classes=0, **model_args)`` (README "Models and checkpoints").
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+
+from mae_transfer.checkpoint.formats import infer_vit_config, to_vit_state_dict
+from mae_transfer.checkpoint.io import CheckpointError
+from mae_transfer.io import atomic_write, atomic_write_json
+
+# The plain ViT encoder in timm's names (= ours, = the official MAE's).
+_ENCODER_KEY = re.compile(
+    r"^(cls_token|pos_embed|patch_embed\.proj\.(weight|bias)|norm\.(weight|bias)|fc_norm\.(weight|bias)"
+    r"|blocks\.\d+\.(norm1|attn\.qkv|attn\.proj|norm2|mlp\.fc1|mlp\.fc2)\.(weight|bias))$"
+)
+# timm architectures of the standard sizes (their defaults are overridden by model_args anyway).
+_ARCH = {(768, 12, 16): "vit_base_patch16_224", (1024, 24, 16): "vit_large_patch16_224", (1280, 32, 14): "vit_huge_patch14_224"}
+# ImageNet statistics, what every MAE recipe normalises with.
+_MEAN, _STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+def encoder_state_dict(state: Mapping[str, Any], path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """The plain ViT encoder of any checkpoint :func:`to_vit_state_dict` reads, in our (= timm's)
+    names; refuses what a plain ViT cannot hold (relative position tables, layer scales)."""
+    sd = to_vit_state_dict(dict(state))
+    extra = sorted(k for k in sd if re.match(r"^blocks\.\d+\.(attn\.(rel_pos|relative_position)|gamma_)", k))
+    if extra:
+        raise CheckpointError(
+            f"cannot write {path}: the ViT has parts a plain timm/Hugging Face ViT does not (e.g. {extra[0]}); "
+            "export a pretraining encoder or a classification backbone instead"
+        )
+    # (meta tensors stay where they are: the shapes of a model built on the meta device)
+    enc = {k: (v.detach() if v.is_meta else v.detach().cpu().contiguous()) for k, v in sd.items() if _ENCODER_KEY.match(k)}
+    if "patch_embed.proj.weight" not in enc or not any(k.startswith("blocks.") for k in enc):
+        raise CheckpointError(f"nothing to export to {path}: no ViT encoder weights found")
+    return enc
+
+
+def _num_heads(info: dict, num_heads: int | None, path) -> int:
+    if num_heads:
+        return int(num_heads)
+    from mae_transfer.models.vit import vit_size
+
+    if info.get("name"):
+        return vit_size(info["name"])["num_heads"]
+    raise CheckpointError(f"cannot write {path}: the number of attention heads of a ViT of width {info['embed_dim']} "
+                          "is not in its weights; pass --num-heads")
+
+
+def timm_model_args(enc: dict[str, torch.Tensor], num_heads: int | None = None, path: Any = "") -> tuple[str, dict[str, Any]]:
+    """The timm architecture and the ``model_args`` that build exactly this encoder."""
+    info = infer_vit_config(enc)
+    if not info.get("has_cls_token") or not info.get("pos_embed_has_cls_row"):
+        raise CheckpointError(f"cannot write {path}: timm's MAE ViTs have a class token and a class row in pos_embed")
+    avg = "fc_norm.weight" in enc and "norm.weight" not in enc
+    args = {"img_size": int(info["img_size"]), "patch_size": int(info["patch_size"]), "embed_dim": int(info["embed_dim"]),
+            "depth": int(info["depth"]), "num_heads": _num_heads(info, num_heads, path), "mlp_ratio": float(info["mlp_ratio"]),
+            "global_pool": "avg" if avg else "token", "class_token": True, "qkv_bias": bool(info.get("qkv_bias", True))}
+    arch = _ARCH.get((args["embed_dim"], args["depth"], args["patch_size"]), "vit_base_patch16_224")
+    return arch, args
+
+
+def export_timm(state: Mapping[str, Any], out_dir: str | os.PathLike, num_heads: int | None = None) -> Path:
+    """Write ``out_dir/model.safetensors`` + ``out_dir/config.json`` for timm (each atomically) and
+    read them back: the tensors must be bit-identical."""
+    from safetensors.torch import load_file, save
+
+    out = Path(out_dir)
+    enc = encoder_state_dict(state, out)
+    arch, args = timm_model_args(enc, num_heads, out)
+    size = args["img_size"]
+    config = {
+        "architecture": arch,
+        "num_classes": 0,
+        "num_features": args["embed_dim"],
+        "global_pool": args["global_pool"],
+        "model_args": args,
+        "pretrained_cfg": {
+            "tag": "mae_transfer", "custom_load": False, "input_size": [3, size, size], "fixed_input_size": True,
+            "interpolation": "bicubic", "crop_pct": 0.875, "crop_mode": "center", "mean": list(_MEAN), "std": list(_STD),
+            "num_classes": 0, "pool_size": None, "first_conv": "patch_embed.proj", "classifier": "head",
+        },
+    }
+    with atomic_write(out / "model.safetensors", "wb") as f:
+        f.write(save(enc, metadata={"format": "pt"}))
+    atomic_write_json(out / "config.json", config)
+    back = load_file(str(out / "model.safetensors"))
+    if set(back) != set(enc) or any(not torch.equal(back[k], enc[k]) for k in enc):
+        raise CheckpointError(f"{out / 'model.safetensors'}: the file read back differs from what was written")
+    if json.loads((out / "config.json").read_text())["model_args"] != args:
+        raise CheckpointError(f"{out / 'config.json'}: the file read back differs from what was written")
+    return out
+
+
+__all__ = ["encoder_state_dict", "export_timm", "timm_model_args"]
