@@ -125,14 +125,10 @@ def export_hf(state, out_dir, num_heads: int | None = None):
     ViTMAEModel still orders the tokens by its ``noise`` argument (random by default): pass
     ``noise=torch.arange(num_patches).expand(batch, -1)`` to keep the image order; the class token
     and any pooled feature do not depend on it."""
-    import json
     from pathlib import Path
 
-    from safetensors.torch import load_file, save
-
-    from mae_transfer.checkpoint.io import CheckpointError
+    from mae_transfer.checkpoint.io import CheckpointError, save_model_folder
     from mae_transfer.checkpoint.timm import encoder_state_dict, timm_model_args
-    from mae_transfer.io import atomic_write, atomic_write_json
 
     out = Path(out_dir)
     enc = encoder_state_dict(state, out)
@@ -149,12 +145,4 @@ def export_hf(state, out_dir, num_heads: int | None = None):
         "patch_size": args["patch_size"], "num_channels": 3, "qkv_bias": args["qkv_bias"], "mask_ratio": 0.0,
         "norm_pix_loss": False, "torch_dtype": "float32",
     }
-    with atomic_write(out / "model.safetensors", "wb") as f:
-        f.write(save(hf, metadata={"format": "pt"}))
-    atomic_write_json(out / "config.json", config)
-    back = load_file(str(out / "model.safetensors"))
-    if set(back) != set(hf) or any(not torch.equal(back[k], hf[k]) for k in hf):
-        raise CheckpointError(f"{out / 'model.safetensors'}: the file read back differs from what was written")
-    if json.loads((out / "config.json").read_text()) != config:
-        raise CheckpointError(f"{out / 'config.json'}: the file read back differs from what was written")
-    return out
+    return save_model_folder(out, hf, config)

@@ -30,6 +30,28 @@ def atomic_save(obj: Any, path: str | os.PathLike) -> Path:
     return Path(path)
 
 
+def save_model_folder(out_dir: str | os.PathLike, tensors: dict[str, torch.Tensor], config: dict) -> Path:
+    """A model folder as timm and Hugging Face keep them: ``model.safetensors`` and ``config.json``,
+    each written atomically, then read back and compared (tensors bit for bit). Returns the folder."""
+    import json
+
+    from safetensors.torch import load_file as st_load
+    from safetensors.torch import save as st_save
+
+    from mae_transfer.io import atomic_write, atomic_write_json
+
+    out = Path(out_dir)
+    with atomic_write(out / "model.safetensors", "wb") as f:
+        f.write(st_save(tensors, metadata={"format": "pt"}))
+    atomic_write_json(out / "config.json", config)
+    back = st_load(str(out / "model.safetensors"))
+    if set(back) != set(tensors) or any(not torch.equal(back[k], tensors[k]) for k in tensors):
+        raise CheckpointError(f"{out / 'model.safetensors'}: the file read back differs from what was written")
+    if json.loads((out / "config.json").read_text()) != json.loads(json.dumps(config)):
+        raise CheckpointError(f"{out / 'config.json'}: the file read back differs from what was written")
+    return out
+
+
 def load_file(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> Any:
     """Read a checkpoint file by FULL unpickling (``weights_only=False``), with a clear error for
     missing or unreadable files. Only for files the user trusts (``--trust-checkpoint``): everything

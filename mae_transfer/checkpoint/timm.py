@@ -8,7 +8,6 @@ num_classes=0, **model_args)`` (README "Models and checkpoints").
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from pathlib import Path
@@ -17,8 +16,7 @@ from typing import Any, Mapping
 import torch
 
 from mae_transfer.checkpoint.formats import infer_vit_config, to_vit_state_dict
-from mae_transfer.checkpoint.io import CheckpointError
-from mae_transfer.io import atomic_write, atomic_write_json
+from mae_transfer.checkpoint.io import CheckpointError, save_model_folder
 
 # The plain ViT encoder in timm's names (= ours, = the official MAE's).
 _ENCODER_KEY = re.compile(
@@ -74,9 +72,7 @@ def timm_model_args(enc: dict[str, torch.Tensor], num_heads: int | None = None, 
 
 def export_timm(state: Mapping[str, Any], out_dir: str | os.PathLike, num_heads: int | None = None) -> Path:
     """Write ``out_dir/model.safetensors`` + ``out_dir/config.json`` for timm (each atomically) and
-    read them back: the tensors must be bit-identical."""
-    from safetensors.torch import load_file, save
-
+    read them back (:func:`~mae_transfer.checkpoint.io.save_model_folder`)."""
     out = Path(out_dir)
     enc = encoder_state_dict(state, out)
     arch, args = timm_model_args(enc, num_heads, out)
@@ -93,15 +89,7 @@ def export_timm(state: Mapping[str, Any], out_dir: str | os.PathLike, num_heads:
             "num_classes": 0, "pool_size": None, "first_conv": "patch_embed.proj", "classifier": "head",
         },
     }
-    with atomic_write(out / "model.safetensors", "wb") as f:
-        f.write(save(enc, metadata={"format": "pt"}))
-    atomic_write_json(out / "config.json", config)
-    back = load_file(str(out / "model.safetensors"))
-    if set(back) != set(enc) or any(not torch.equal(back[k], enc[k]) for k in enc):
-        raise CheckpointError(f"{out / 'model.safetensors'}: the file read back differs from what was written")
-    if json.loads((out / "config.json").read_text())["model_args"] != args:
-        raise CheckpointError(f"{out / 'config.json'}: the file read back differs from what was written")
-    return out
+    return save_model_folder(out, enc, config)
 
 
 __all__ = ["encoder_state_dict", "export_timm", "timm_model_args"]
