@@ -127,3 +127,41 @@ def test_a_standalone_run_reaches_the_tables(tmp_path, cache, capsys):
     assert main(["table", "--results", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "Table 6" in printed and "iNat 2018" in printed and f"{top1:.1f}" in printed
+
+
+def test_runs_round_trip_config_resume_and_eval_only(tmp_path, cache, encoder, capsys):
+    """A run's config.yaml reproduces its resolved config; --resume takes a checkpoint or a run
+    directory; --eval-only --weights gives the top-1 the run ended with (classifier.pth or the
+    training checkpoint), and refuses a backbone file with a clear line."""
+    import yaml
+
+    run = tmp_path / "ft"
+    argv = ["finetune", "--backbone", str(encoder), "--epochs", "2", *SMALL]
+    assert main([*argv, "--output", str(run)]) == 0
+    end = {r["metric"]: r["value"] for r in map(json.loads, (run / "results.jsonl").read_text().splitlines())}
+    assert (run / "classifier.pth").exists()
+    capsys.readouterr()
+
+    assert main([*argv, "--print-config"]) == 0
+    original = yaml.safe_load(capsys.readouterr().out)
+    assert main(["finetune", "--preset", str(run / "config.yaml"), "--backbone", str(encoder), "--print-config"]) == 0
+    assert yaml.safe_load(capsys.readouterr().out) == original
+
+    for weights in (run / "classifier.pth", run / "checkpoint-last.pth"):
+        out = tmp_path / f"eval-{weights.stem}"
+        assert main(["finetune", "--eval-only", "--weights", str(weights), "--output", str(out), "train.num_workers=0"]) == 0
+        rows = {r["metric"]: r["value"] for r in map(json.loads, (out / "results.jsonl").read_text().splitlines())}
+        assert rows["top1"] == end["top1"] and rows["top5"] == end["top5"]
+        assert json.loads((out / "results.jsonl").read_text().splitlines()[0])["step"] == -1
+    assert main(["finetune", "--eval-only", "--weights", str(encoder), "--output", str(tmp_path / "bad")]) == 2
+    assert "looks like a backbone" in capsys.readouterr().err
+
+    # --resume PATH (a run directory or its checkpoint): a new run directory continues from there,
+    # here with a longer schedule.
+    more = tmp_path / "more"
+    assert main(["finetune", "--backbone", str(encoder), "--epochs", "3", *SMALL, "--output", str(more), "--resume", str(run)]) == 0
+    steps_done = json.loads((run / "results.jsonl").read_text().splitlines()[0])["step"]
+    assert f"resuming from {run / 'checkpoint-last.pth'} at step {steps_done}" in (more / "log.txt").read_text()
+    assert json.loads((more / "results.jsonl").read_text().splitlines()[0])["step"] == steps_done * 3 // 2
+    assert main(["finetune", "--output", str(tmp_path / "x"), "--resume", str(tmp_path / "nowhere")]) == 2
+    assert "--resume" in capsys.readouterr().err

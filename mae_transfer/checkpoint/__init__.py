@@ -14,6 +14,7 @@ reader and writer side by side:
 
 from __future__ import annotations
 
+from mae_transfer.checkpoint.hub import weights_sha256
 from mae_transfer.checkpoint.formats import FORMATS, detect_format, infer_vit_config, to_vit_state_dict
 from mae_transfer.checkpoint.io import CheckpointError, atomic_save, load_file, load_safely, read_checkpoint
 from mae_transfer.checkpoint.loading import EXPECTED_MISSING, EXPECTED_UNEXPECTED, LoadReport, init_backbone, load_backbone
@@ -23,5 +24,5 @@ from mae_transfer.checkpoint.trained import load_trained_model, read_trained_mod
 __all__ = [
     "EXPECTED_MISSING", "EXPECTED_UNEXPECTED", "FORMATS", "CheckpointError", "LoadReport", "atomic_save", "detect_format",
     "export_mae_encoder", "infer_vit_config", "init_backbone", "load_backbone", "load_file", "load_safely", "load_trained_model",
-    "read_checkpoint", "read_trained_model", "save_trained_model", "to_vit_state_dict",
+    "read_checkpoint", "read_trained_model", "save_trained_model", "to_vit_state_dict", "weights_sha256",
 ]

@@ -113,7 +113,9 @@ def read_checkpoint(path: str | os.PathLike, trust: bool = False) -> Any:
     (``--trust-checkpoint``): unpickling can run code stored in the file. Raises
     :class:`CheckpointError` naming the file when it is missing or unreadable.
     """
-    path = Path(path)
+    from mae_transfer.checkpoint.hub import is_named, resolve_weights
+
+    path = resolve_weights(path) if is_named(path) else Path(path)  # hf-hub:ORG/NAME, timm:ARCH.TAG
     if path.is_dir():  # a Hugging Face / timm model folder, or a run directory of ours
         for name in ("model.safetensors", "pytorch_model.bin", "encoder.pth", "checkpoint-last.pth"):
             if (path / name).is_file():

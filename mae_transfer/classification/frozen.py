@@ -11,7 +11,7 @@ from torch.utils.data import DataLoader
 from mae_transfer.classification.config import ClassificationConfig, ModelConfig
 from mae_transfer.classification.task import eval_transform
 from mae_transfer.engine.results import ResultRow, write_run_results
-from mae_transfer.io import file_sha256
+from mae_transfer.checkpoint.hub import weights_sha256
 from mae_transfer.models.vit import create_vit
 
 log = logging.getLogger(__name__)
@@ -65,7 +65,7 @@ def run_frozen_eval(
     results = knn_evaluate(tr_f, tr_y, va_f, va_y, num_classes, ks=ks)
     rows, lines = [], [f"{'evaluation':22s} {'top-1':>7s} {'top-5':>7s} {'mean/cls':>9s}"]
     common = dict(task="knn", dataset=dataset if data else f"{dataset} (toy)", split="val",
-                  backbone=backbone or "random init", backbone_sha256=file_sha256(backbone) if backbone else None)
+                  backbone=backbone or "random init", backbone_sha256=weights_sha256(backbone) if backbone else None)
     for k, m in results.items():
         lines.append(f"{'k-NN k=' + str(k):22s} {m['top1']:7.2f} {m['top5']:7.2f} {m['mean_per_class']:9.2f}")
         rows += [ResultRow(protocol=f"knn{k}", metric=key, value=m[key], **common) for key in ("top1", "top5", "mean_per_class")]

@@ -10,13 +10,12 @@ import torch
 import torch.nn as nn
 from torchvision import transforms
 
-from mae_transfer.checkpoint import init_backbone
+from mae_transfer.checkpoint import weights_sha256, init_backbone, load_trained_model, read_trained_model, save_trained_model
 from mae_transfer.classification.config import ClassificationConfig
 from mae_transfer.config import config_hash, to_dict
 from mae_transfer.engine.optim import param_groups
 from mae_transfer.engine.results import ResultRow, write_run_results
 from mae_transfer.engine.trainer import EvalContext, OptimConfig, Trainer, TrainTask
-from mae_transfer.io import file_sha256
 from mae_transfer.models.vit import VisionTransformer, create_vit
 
 log = logging.getLogger(__name__)
@@ -117,14 +116,16 @@ class ClassificationTask(TrainTask):
 
     name = "classification"
 
-    def __init__(self, cfg: ClassificationConfig, device: torch.device | None = None):
+    def __init__(self, cfg: ClassificationConfig, train: bool = True):
         from mae_transfer.classification.datasets import build_dataset, num_classes_of
 
         self.cfg = cfg
         d = cfg.data
-        self.train_set = build_dataset(d.dataset, d.path, "train", transform=train_transform(cfg), seed=cfg.train.seed, missing=d.missing)
+        # Evaluation only (--eval-only) reads the validation split alone.
+        self.train_set = build_dataset(d.dataset, d.path, "train", transform=train_transform(cfg), seed=cfg.train.seed,
+                                       missing=d.missing) if train else None
         self.val_set = build_dataset(d.dataset, d.path, "val", transform=eval_transform(cfg), seed=None, missing=d.missing)
-        self.num_classes = max(num_classes_of(self.train_set), num_classes_of(self.val_set))
+        self.num_classes = max(num_classes_of(self.train_set) if train else 0, num_classes_of(self.val_set))
         self.mixup = None
         if cfg.protocol != "linprobe" and (d.mixup > 0 or d.cutmix > 0):
             from timm.data import Mixup
@@ -133,7 +134,7 @@ class ClassificationTask(TrainTask):
                 mixup_alpha=d.mixup, cutmix_alpha=d.cutmix, prob=1.0, switch_prob=0.5, mode="batch",
                 label_smoothing=d.smoothing, num_classes=self.num_classes,
             )
-        self.backbone_sha256 = file_sha256(cfg.backbone) if cfg.backbone else None
+        self.backbone_sha256 = weights_sha256(cfg.backbone) if cfg.backbone else None
         self.last_eval: dict[str, float] = {}
         self.best_top1 = float("-inf")
 
@@ -141,9 +142,12 @@ class ClassificationTask(TrainTask):
         return {"model": self.cfg.model.name, "img_size": self.cfg.model.img_size, "protocol": self.cfg.protocol,
                 "num_classes": self.num_classes, "global_pool": self.cfg.model.global_pool}
 
-    def build_model(self) -> nn.Module:
+    def build_model(self, load_backbone: bool = True) -> nn.Module:
         torch.manual_seed(self.cfg.train.seed)
         model = build_classifier(self.cfg, self.num_classes)
+        if not load_backbone:  # --eval-only: the trained weights come next
+            freeze_for_protocol(model, self.cfg)
+            return model
         # Official main_finetune.py: only the head (and fc_norm when it replaces norm) may be missing.
         missing = ["head.*"] + (["fc_norm.*"] if self.cfg.model.global_pool == "avg" else [])
         unexpected = ["norm.*", "mask_token", "decoder_*", "fc_norm.*", "head.*"]
@@ -195,6 +199,8 @@ class ClassificationTask(TrainTask):
                                    autocast=ctx.autocast)
 
     def publish(self, model: nn.Module, ctx: EvalContext, metrics: dict, step: int) -> None:
+        # --eval-only: the best top-1 of this evaluation is its top-1.
+        self.best_top1 = max(self.best_top1, metrics["top1"])
         write_result_rows(ctx.output_dir, self.cfg, metrics, self.best_top1, self.backbone_sha256, step)
 
     def on_epoch_end(self, trainer: Trainer, epoch: int) -> None:
@@ -211,7 +217,26 @@ class ClassificationTask(TrainTask):
         if not self.last_eval:
             self.best_top1 = max(self.best_top1, trainer.evaluate()["top1"])
         if trainer.dist.is_main:
+            save_classifier(trainer.unwrapped, self.cfg, trainer.output_dir / "classifier.pth", trainer.step)
             write_result_rows(trainer.output_dir, self.cfg, self.last_eval, self.best_top1, self.backbone_sha256, trainer.step)
+
+
+CLASSIFIER_FORMAT = "mae_transfer.classifier"
+
+
+def save_classifier(model: nn.Module, cfg: ClassificationConfig, path: Path, step: int = 0) -> Path:
+    """The trained classifier with the config that builds it (``--eval-only --weights``)."""
+    return save_trained_model(model, cfg, path, CLASSIFIER_FORMAT, step=int(step))
+
+
+def read_classifier_weights(path: str | Path, trust: bool = False) -> tuple[dict[str, torch.Tensor], dict | None]:
+    """State dict and config of a ``classifier.pth`` or ``checkpoint-last.pth`` of a classification run."""
+    return read_trained_model(path, "head.", "classifier.pth", "finetune / linprobe / inat / places", trust=trust)
+
+
+def load_classifier_weights(model: nn.Module, state: dict[str, torch.Tensor], path: str | Path) -> None:
+    load_trained_model(model, state, path, explain=lambda state, target, shapes: (
+        "The head has another number of classes than this data" if any(k.startswith("head.") for k in shapes) else ""))
 
 
 def benchmark_task(dataset: str, protocol: str) -> str:

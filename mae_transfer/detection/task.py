@@ -21,7 +21,7 @@ from typing import Any, Callable
 import torch
 import torch.nn as nn
 
-from mae_transfer.checkpoint import CheckpointError, init_backbone, load_trained_model, save_trained_model
+from mae_transfer.checkpoint import weights_sha256, CheckpointError, init_backbone, load_trained_model, save_trained_model
 from mae_transfer.config import ConfigError, config_hash, to_dict
 from mae_transfer.data.errors import DataError
 from mae_transfer.data.seeded import SeededTransformDataset
@@ -34,7 +34,7 @@ from mae_transfer.engine.evaluator import run_evaluator
 from mae_transfer.engine.optim import param_groups
 from mae_transfer.engine.results import ResultRow, write_run_results
 from mae_transfer.engine.trainer import EvalContext, OptimConfig, Trainer, TrainTask
-from mae_transfer.io import atomic_write_json, file_sha256
+from mae_transfer.io import atomic_write_json
 
 log = logging.getLogger(__name__)
 
@@ -116,7 +116,7 @@ class DetectionTask(TrainTask):
                 )
             lsj = LargeScaleJitter(cfg.model.img_size, tuple(d.scale_range), d.flip_prob)
             self.train_set = SeededTransformDataset(base, lsj, seed=cfg.train.seed, prepare=drop_crowd)
-        self.backbone_sha256 = file_sha256(cfg.backbone) if cfg.backbone else None
+        self.backbone_sha256 = weights_sha256(cfg.backbone) if cfg.backbone else None
         self.last_eval: dict[str, dict[str, float]] = {}
 
     # ------------------------------------------------------------------ engine interface

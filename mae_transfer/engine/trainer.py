@@ -347,8 +347,12 @@ class Trainer:
         self._last_ckpt_time = time.monotonic()
 
     def _load_resume(self) -> dict[str, Any] | None:
-        if self.resume not in ("auto", "never"):
+        if self.resume not in ("auto", "never"):  # --resume PATH: a checkpoint file or a run directory
             path = Path(self.resume)
+            if path.is_dir():
+                path = path / CHECKPOINT_NAME
+            if not path.is_file():
+                raise CheckpointError(f"--resume {self.resume}: no training checkpoint there (give a {CHECKPOINT_NAME} or its run directory)")
         else:
             path = self.checkpoint_path
             if not path.exists():
@@ -359,6 +363,7 @@ class Trainer:
                     "or leave out --no-resume to continue it"
                 )
         state = load_safely(path, "checkpoint")  # ours hold tensors, numbers, strings and containers only
+        self._resume_path = path
         if not isinstance(state, dict) or state.get("format") != "mae_transfer.train_checkpoint":
             raise CheckpointError(
                 f"{path} is not a training checkpoint of this toolkit (to start from pretrained weights "
@@ -444,7 +449,7 @@ class Trainer:
                     "resuming with effective batch %d; the checkpoint was trained with %s",
                     self.effective_batch_size, resume_state.get("effective_batch_size"),
                 )
-            log.info("resuming from %s at step %d of %d", self.checkpoint_path, self.step, total_steps)
+            log.info("resuming from %s at step %d of %d", self._resume_path, self.step, total_steps)
             self.metrics.truncate_after(self.step)
         del resume_state
 

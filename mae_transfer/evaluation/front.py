@@ -92,6 +92,25 @@ def _deep_merge(into: dict, new: dict) -> None:
             into[k] = v
 
 
+def _trained_weights(spec: TaskSpec, opts: dict, overrides: dict) -> dict | None:
+    """``--eval-only --weights``: the trained model's state dict; the sections of its saved config
+    that build it go into ``overrides`` unless the command line sets them (the data path never)."""
+    if opts.get("eval_only") and not opts.get("weights"):
+        raise ConfigError(f"--eval-only needs --weights PATH (a {spec.weights['artifact']} or checkpoint-last.pth of a {spec.command} run)")
+    if opts.get("weights") and not opts.get("eval_only"):
+        raise ConfigError("--weights is for --eval-only; to start training from a pretrained ViT use --backbone")
+    if not opts.get("weights"):
+        return None
+    weights, saved = spec.load("read")(opts["weights"], trust=bool(opts.get("trust_checkpoint")))
+    # Build and test the model as it was trained (architecture, test settings, resize scale),
+    # unless the command line says otherwise; where the data is comes from the command line.
+    for section in spec.weights.get("sections", ()):
+        if isinstance((saved or {}).get(section), dict):
+            kept = {k: v for k, v in saved[section].items() if k != "path"}
+            overrides[section] = {**kept, **overrides.get(section, {})}
+    return weights
+
+
 def prepare(spec: TaskSpec, options: dict[str, Any]) -> Prepared:
     """Resolve a run of ``spec`` with ``options`` (nothing is run or written)."""
     opts = complete(spec, options)
@@ -107,10 +126,12 @@ def prepare(spec: TaskSpec, options: dict[str, Any]) -> Prepared:
         preset = opts.get("preset") or (("toy_linprobe" if toy else "linprobe") if linprobe else
                                         (spec.toy_preset if toy else spec.default_preset))
         overrides = _overrides(spec, opts)
+        weights = _trained_weights(spec, opts, overrides)
         _model_from_backbone(opts, overrides)
         cfg = spec.load("config")(preset, overrides)
-        out = Path(opts.get("output") or f"runs/{spec.command}-{cfg.data.dataset}-{cfg.protocol}")
-        return Prepared(spec, opts, cfg, preset, out, toy)
+        kind = "eval-" if opts.get("eval_only") else ""
+        out = Path(opts.get("output") or f"runs/{spec.command}-{kind}{cfg.data.dataset}-{cfg.protocol}")
+        return Prepared(spec, opts, cfg, preset, out, toy, weights)
     if spec.family == "train":
         preset = opts.get("preset") or (spec.toy_preset if toy else spec.default_preset)
         overrides = _overrides(spec, opts)
@@ -125,21 +146,9 @@ def prepare(spec: TaskSpec, options: dict[str, Any]) -> Prepared:
         return Prepared(spec, opts, cfg, preset, out, toy and not cfg.data.path)
     # dense (detection, segmentation)
     dense = spec.dense
-    if opts.get("eval_only") and not opts.get("weights"):
-        raise ConfigError(f"--eval-only needs --weights PATH (a {dense['artifact']} or checkpoint-last.pth of a {spec.command} run)")
-    if opts.get("weights") and not opts.get("eval_only"):
-        raise ConfigError("--weights is for --eval-only; to start training from a pretrained ViT use --backbone")
     preset = opts.get("preset") or (spec.toy_preset if toy else None)
     overrides = _overrides(spec, opts)
-    weights = None
-    if opts.get("weights"):
-        weights, saved = spec.load("read")(opts["weights"], trust=bool(opts.get("trust_checkpoint")))
-        # Build and test the model as it was trained (architecture, test settings, resize scale),
-        # unless the command line says otherwise; where the data is comes from the command line.
-        for section in ("model", "test", "data"):
-            if isinstance((saved or {}).get(section), dict):
-                kept = {k: v for k, v in saved[section].items() if k != "path"}
-                overrides[section] = {**kept, **overrides.get(section, {})}
+    weights = _trained_weights(spec, opts, overrides)
     _model_from_backbone(opts, overrides, rename=dense.get("rename"), pos_size_key=dense.get("pos_size_key"))
     cfg = spec.load("config")(preset, overrides)
     name = Path(preset).stem if preset else spec.default_preset
@@ -216,7 +225,9 @@ def run(spec: TaskSpec, options: dict[str, Any], echo: Callable[[str], None] = p
     echo(spec.load("report")(task, cfg) if spec.report else "  ".join(f"{k} {v:.2f}" for k, v in task.last_eval.items()))
     line = f"results: {output / 'results.jsonl'}"
     if spec.family == "dense":
-        line += f"; metrics: {output / 'metrics.json'}" + ("" if opts.get("eval_only") else f"; weights: {output / spec.dense['artifact']}")
+        line += f"; metrics: {output / 'metrics.json'}"
+    if spec.weights and not opts.get("eval_only"):
+        line += f"; weights: {output / spec.weights['artifact']}"
     echo(line)
     if getattr(cfg, "visualize", None):
         echo(f"pictures ({spec.dense['pictures']}): {output / 'visualize'}")

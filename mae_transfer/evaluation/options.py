@@ -52,7 +52,8 @@ FLAGS: dict[str, Flag] = {f.name: f for f in [
     Flag("lr", ("--lr",), "optim.lr", dict(type=float, help="peak learning rate (absolute, for the effective batch)")),
     Flag("device", ("--device",), "train.device", dict(choices=_DEVICE, help="default: cuda when available")),
     Flag("max_steps", ("--max-steps",), "train.max_steps", dict(type=int, help="stop after this many optimizer steps (the schedule still spans all epochs)")),
-    Flag("resume", ("--resume",), None, dict(metavar="CKPT", help="resume from this training checkpoint instead of the run directory's")),
+    Flag("resume", ("--resume",), None, dict(metavar="CKPT", help="resume from this training checkpoint (checkpoint-last.pth, or its run "
+                                                               "directory) instead of the --output directory's")),
     Flag("no_resume", ("--no-resume",), None, dict(action="store_true", help="refuse to continue a run already in --output")),
     Flag("print_config", ("--print-config",), None, dict(action="store_true", help="print the resolved config and exit")),
     # classification
@@ -67,8 +68,8 @@ FLAGS: dict[str, Flag] = {f.name: f for f in [
     # dense tasks
     Flag("img_size", ("--img-size",), "model.img_size", dict(type=int, help="input size (model.img_size: 1024 for COCO, 512 for ADE20K in the recipes)")),
     Flag("eval_only", ("--eval-only",), None, dict(action="store_true", help="only evaluate --weights (no training)")),
-    Flag("weights", ("--weights",), None, dict(metavar="PATH", help="trained model (detector.pth / segmenter.pth, checkpoint-last.pth, or the reference "
-                                                                     "project's checkpoint) for --eval-only")),
+    Flag("weights", ("--weights",), None, dict(metavar="PATH", help="trained model (classifier.pth / detector.pth / segmenter.pth, checkpoint-last.pth, "
+                                                                     "or the reference project's checkpoint) for --eval-only")),
     Flag("trust_checkpoint", ("--trust-checkpoint",), "trust_checkpoint", dict(
         action="store_true", help="allow checkpoints that need full unpickling (detectron2 model-zoo .pkl, pickled Python objects); "
                                   "this can run code stored in the file, so only for files from a source you trust")),
@@ -92,12 +93,13 @@ FAMILY_OPTIONS: dict[str, tuple[str, ...]] = {
     "pretrain": ("data", "output", "preset", "model", "epochs", "batch_size", "effective_batch_size", "blr", "device", "init",
                  "max_steps", "resume", "no_resume", "trust_checkpoint", "print_config"),
     "classification": ("data", "backbone", "trainable_blocks", "preset", "model", "output", "epochs", "batch_size",
-                       "effective_batch_size", "blr", "missing", "device", "max_steps", "no_resume", "trust_checkpoint", "print_config"),
+                       "effective_batch_size", "blr", "missing", "device", "max_steps", "eval_only", "weights", "resume", "no_resume",
+                       "trust_checkpoint", "print_config"),
     "dense": ("backbone", "data", "preset", "model", "img_size", "output", "epochs", "batch_size", "effective_batch_size", "lr",
-              "device", "max_steps", "eval_only", "weights", "trust_checkpoint", "visualize", "no_resume", "print_config"),
+              "device", "max_steps", "eval_only", "weights", "trust_checkpoint", "visualize", "resume", "no_resume", "print_config"),
     "frozen": ("dataset", "data", "backbone", "model", "img_size", "k", "sweep", "output", "device", "trust_checkpoint"),
     "train": ("data", "backbone", "preset", "model", "output", "epochs", "batch_size", "effective_batch_size", "lr", "device",
-              "max_steps", "no_resume", "print_config"),
+              "max_steps", "resume", "no_resume", "print_config"),
 }
 EXCLUSIVE = (("resume", "no_resume"),)  # options that cannot be given together
 

@@ -75,7 +75,9 @@ class TaskSpec:
     ``toy_preset``/``default_preset``: the preset on toy data and on real data.
     ``native_resolution``: random-init runs also take the reference checkpoint's image size.
     ``trains``: whether it has a config to override (k-NN has none). ``parallel``: may run under
-    torchrun. ``dense``: names of the dense-task hooks (weights reader/loader, artifact).
+    torchrun. ``weights``: how ``--eval-only --weights`` reads and loads a trained model (``read``,
+    ``load``: ``"module:attr"``; ``artifact``: the file a run writes; ``sections``: the saved config
+    sections that rebuild the model). ``dense``: what only the dense tasks have (pictures, size rules).
     ``demo``: how ``mae-transfer demo`` runs it: ``full``/``quick`` config overrides (no ``quick``:
     left out of ``--quick``) and ``toy_data`` (a larger toy split than the default).
     ``help``/``description``/``epilog``: what ``mae-transfer --help`` and ``COMMAND --help`` say
@@ -100,6 +102,7 @@ class TaskSpec:
     trains: bool = True
     parallel: bool = True
     native_resolution: bool = False
+    weights: dict[str, Any] = field(default_factory=dict)
     dense: dict[str, Any] = field(default_factory=dict)
     demo: dict[str, Any] = field(default_factory=dict)
     help: str = ""
@@ -113,7 +116,9 @@ class TaskSpec:
 
     def load(self, what: str) -> Any:
         """Import the ``"module:attribute"`` named by field ``what`` (``config``, ``task``, ``report``)."""
-        return resolve(getattr(self, what) if what in ("config", "task", "report") else self.dense[what])
+        if what in ("config", "task", "report"):
+            return resolve(getattr(self, what))
+        return resolve(self.weights[what] if what in self.weights else self.dense[what])
 
     @property
     def headline(self) -> tuple[Column, ...]:
@@ -260,15 +265,19 @@ TABLES: dict[str, TableSpec] = {
 }
 
 _FT = "finetune|"  # fine-tuning rows (partial fine-tuning reports protocol "partial": not this column)
-_CLS = dict(epilog=CLASSIFY_EPILOG, family="classification", config="mae_transfer.classification.config:build_config",
+_CLS = dict(epilog=CLASSIFY_EPILOG, family="classification",
+            weights=dict(read="mae_transfer.classification.task:read_classifier_weights",
+                         load="mae_transfer.classification.task:load_classifier_weights", artifact="classifier.pth", sections=("model",)), config="mae_transfer.classification.config:build_config",
             task="mae_transfer.classification.task:ClassificationTask", report="mae_transfer.classification.task:report",
             toy_preset="toy_finetune")
-_DET = dict(read="mae_transfer.detection.task:read_detector_weights", load="mae_transfer.detection.task:load_detector_weights",
-            artifact="detector.pth", data="COCO", pictures="ground truth | prediction", what="detections",
+_DET_WEIGHTS = dict(read="mae_transfer.detection.task:read_detector_weights", load="mae_transfer.detection.task:load_detector_weights",
+                    artifact="detector.pth", sections=("model", "test", "data"))
+_SEG_WEIGHTS = dict(read="mae_transfer.segmentation.task:read_segmenter_weights", load="mae_transfer.segmentation.task:load_segmenter_weights",
+                    artifact="segmenter.pth", sections=("model", "test", "data"))
+_DET = dict(data="COCO", pictures="ground truth | prediction", what="detections",
             # ViTDet runs ViT-H with 16 px patches (the 14 px kernel is resized on load, ViTDet A.2).
             rename={"vit_huge_patch14": "vit_huge_patch16"}, pos_size_key="pretrain_img_size")
-_SEG = dict(read="mae_transfer.segmentation.task:read_segmenter_weights", load="mae_transfer.segmentation.task:load_segmenter_weights",
-            artifact="segmenter.pth", data="ADE20K", pictures="image | ground truth | prediction", what="segmentations", rename={})
+_SEG = dict(data="ADE20K", pictures="image | ground truth | prediction", what="segmentations", rename={})
 
 
 _TRANSFER_HELP = {"inat": "iNaturalist 2017/2018/2019 transfer (MAE paper Table 6)", "places": "Places205/365 transfer (MAE paper Table 6)"}
@@ -289,7 +298,7 @@ TASKS: dict[str, TaskSpec] = {
     "coco": TaskSpec(
         name="coco", title="COCO", command="coco", family="dense", config="mae_transfer.detection.config:build_config",
         task="mae_transfer.detection.task:DetectionTask", report="mae_transfer.detection.task:report",
-        toy_kind="coco", default_preset="vitdet_mask_rcnn_b", table="coco", dense=_DET,
+        toy_kind="coco", default_preset="vitdet_mask_rcnn_b", table="coco", dense=_DET, weights=_DET_WEIGHTS,
         help="COCO detection transfer: Mask R-CNN on a ViT (ViTDet / MAE Table 4)", description=COCO_HELP, epilog=COCO_EPILOG,
         option_help={"data": "COCO root with train2017/, val2017/, annotations/; default: built-in toy COCO",
                      "img_size": "training and test size (model.img_size; 1024 in the recipes)",
@@ -304,7 +313,7 @@ TASKS: dict[str, TaskSpec] = {
     "ade20k": TaskSpec(
         name="ade20k", title="ADE20K", command="ade20k", family="dense", config="mae_transfer.segmentation.config:build_config",
         task="mae_transfer.segmentation.task:SegmentationTask", report="mae_transfer.segmentation.task:report",
-        toy_kind="ade20k", default_preset="upernet_vit_b", table="ade20k", dense=_SEG,
+        toy_kind="ade20k", default_preset="upernet_vit_b", table="ade20k", dense=_SEG, weights=_SEG_WEIGHTS,
         help="ADE20K segmentation transfer: UperNet on a ViT (MAE Table 5)", description=ADE20K_HELP, epilog=ADE20K_EPILOG,
         option_help={"data": "ADEChallengeData2016 folder (or the folder holding it); default: built-in toy ADE20K",
                      "img_size": "training crop and sliding-window size (model.img_size; 512 in the recipes)",

@@ -122,6 +122,11 @@ def parse_backbones(specs: Iterable[str]) -> list[Backbone]:
         if path.strip().lower() in RANDOM:
             out.append(Backbone(name, None))
             continue
+        from mae_transfer.checkpoint.hub import is_named, weights_sha256
+
+        if is_named(path.strip()):  # hf-hub:ORG/NAME, timm:ARCH.TAG: resolved (and cached) now, identified by their file
+            out.append(Backbone(name, path.strip(), weights_sha256(path.strip())))
+            continue
         p = Path(path).expanduser()
         if not p.is_file():
             raise ConfigError(f"--backbone {name}={path}: no such file (give a checkpoint, or {name}=random for random weights)")

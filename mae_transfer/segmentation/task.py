@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from mae_transfer.checkpoint import CheckpointError, init_backbone, load_trained_model, save_trained_model
+from mae_transfer.checkpoint import weights_sha256, CheckpointError, init_backbone, load_trained_model, save_trained_model
 from mae_transfer.config import ConfigError, config_hash, to_dict
 from mae_transfer.data.errors import DataError
 from mae_transfer.data.seeded import SeededTransformDataset
@@ -27,7 +27,7 @@ from mae_transfer.engine.evaluator import run_evaluator
 from mae_transfer.engine.optim import param_groups
 from mae_transfer.engine.results import ResultRow, write_run_results
 from mae_transfer.engine.trainer import EvalContext, OptimConfig, Trainer, TrainTask
-from mae_transfer.io import atomic_write, atomic_write_json, file_sha256
+from mae_transfer.io import atomic_write, atomic_write_json
 from mae_transfer.models.vit import VisionTransformer, named_size, vit_size
 from mae_transfer.segmentation.ade20k import IGNORE_INDEX, EvalTransform, SegmentationFolder, TrainTransform, collate_eval, palette
 from mae_transfer.segmentation.config import SegmentationConfig
@@ -97,7 +97,7 @@ class SegmentationTask(TrainTask):
                 flip_prob=d.flip_prob, photometric=d.photometric, mean=d.mean, std=d.std,
             )
             self.train_set = SeededTransformDataset(base, aug, seed=cfg.train.seed)
-        self.backbone_sha256 = file_sha256(cfg.backbone) if cfg.backbone else None
+        self.backbone_sha256 = weights_sha256(cfg.backbone) if cfg.backbone else None
         self.last_eval: dict[str, Any] = {}
 
     # ------------------------------------------------------------------ engine interface
