@@ -193,6 +193,16 @@ def test_coco_command_trains_evaluates_saves_and_reevaluates_the_same_numbers(tm
     r2 = result_rows(again)
     for k, v in r.items():
         assert v == pytest.approx(r2[k], abs=1e-9, nan_ok=True), k
+    try:  # the same evaluation with faster-coco-eval (eval_backend=faster) gives the same numbers
+        import faster_coco_eval  # noqa: F401
+    except ImportError:
+        return
+    fast = tmp_path / "fast"
+    assert main(["coco", "--eval-only", "--weights", str(out / "detector.pth"), "--output", str(fast),
+                 "train.num_workers=0", "eval_batch_size=8", "eval_backend=faster"]) == 0
+    r3 = result_rows(fast)
+    for k, v in r.items():
+        assert v == pytest.approx(r3[k], abs=1e-4, nan_ok=True), k
 
 
 def test_coco_command_starts_from_a_pretrained_encoder(tmp_path, cache):

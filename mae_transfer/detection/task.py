@@ -190,7 +190,7 @@ class DetectionTask(TrainTask):
             with ctx.autocast():
                 return model.inference([im.to(ctx.device, non_blocking=True) for im in images], sizes)
 
-        evaluator = COCOEvaluator(ds)
+        evaluator = COCOEvaluator(ds, backend=self.cfg.eval_backend)
         metrics = run_evaluator(evaluator, loader, predict, main=ctx.dist.is_main, desc=f"evaluating {split}")
         if not ctx.dist.is_main:
             return {}  # COCOeval runs once, on the main process
@@ -209,7 +209,7 @@ class DetectionTask(TrainTask):
         common = dict(
             task="coco", dataset="coco" if cfg.data.path else "coco (toy)", split=cfg.data.val_split,
             protocol=f"mask_rcnn_{cfg.recipe}", backbone=cfg.backbone or "random init", backbone_sha256=self.backbone_sha256,
-            config_hash=config_hash(cfg, exclude=("data", "backbone", "visualize", "visualize_score", "trust_checkpoint")), step=step,
+            config_hash=config_hash(cfg, exclude=("data", "backbone", "visualize", "visualize_score", "trust_checkpoint", "eval_backend")), step=step,
         )
         rows = [ResultRow(metric=f"{kind}_{name}", value=v, **common) for kind in ("bbox", "segm") for name, v in metrics[kind].items()]
         return write_run_results(out_dir, rows, to_dict(cfg))

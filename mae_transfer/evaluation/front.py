@@ -56,7 +56,7 @@ class Prepared:
         runner hashes it): the resolved config without paths, or the options of a frozen evaluation."""
         if self.cfg is None:
             return {k: v for k, v in self.options.items() if k not in ("backbone", "data", "output", "overrides", "trust_checkpoint")}
-        return {k: v for k, v in to_dict(self.cfg).items() if k not in ("backbone", "init", "visualize", "trust_checkpoint")}
+        return {k: v for k, v in to_dict(self.cfg).items() if k not in ("backbone", "init", "visualize", "trust_checkpoint", "eval_backend")}
 
 
 def _model_from_backbone(opts: dict, overrides: dict, rename: dict[str, str] | None = None, pos_size_key: str | None = None) -> None:
