@@ -147,7 +147,7 @@ def test_runs_round_trip_config_resume_and_eval_only(tmp_path, cache, encoder, c
     assert main(["finetune", "--preset", str(run / "config.yaml"), "--backbone", str(encoder), "--print-config"]) == 0
     assert yaml.safe_load(capsys.readouterr().out) == original
 
-    for weights in (run / "classifier.pth", run / "checkpoint-last.pth"):
+    for weights in (run / "classifier.pth", run / "checkpoint-last.pth", run):  # a run directory: its checkpoint-last.pth
         out = tmp_path / f"eval-{weights.stem}"
         assert main(["finetune", "--eval-only", "--weights", str(weights), "--output", str(out), "train.num_workers=0"]) == 0
         rows = {r["metric"]: r["value"] for r in map(json.loads, (out / "results.jsonl").read_text().splitlines())}
@@ -159,7 +159,7 @@ def test_runs_round_trip_config_resume_and_eval_only(tmp_path, cache, encoder, c
     # --resume PATH (a run directory or its checkpoint): a new run directory continues from there,
     # here with a longer schedule.
     more = tmp_path / "more"
-    assert main(["finetune", "--backbone", str(encoder), "--epochs", "3", *SMALL, "--output", str(more), "--resume", str(run)]) == 0
+    assert main(["finetune", "--backbone", str(encoder), "--epochs", "3", *SMALL, "--output", str(more), "--resume", str(run / "checkpoint-last.pth")]) == 0
     steps_done = json.loads((run / "results.jsonl").read_text().splitlines()[0])["step"]
     assert f"resuming from {run / 'checkpoint-last.pth'} at step {steps_done}" in (more / "log.txt").read_text()
     assert json.loads((more / "results.jsonl").read_text().splitlines()[0])["step"] == steps_done * 3 // 2

@@ -26,7 +26,9 @@ def read_trained_model(
     ``head_prefix`` keys is a backbone, not a trained task model: the message says to pass it as
     ``--backbone``.
     """
-    path = Path(path)
+    from mae_transfer.checkpoint.hub import weights_file
+
+    path = weights_file(path)  # a path, a run directory, hf-hub:ORG/NAME or timm:ARCH.TAG
     if not path.is_file():
         raise CheckpointError(f"--weights {path}: file not found")
     state = load_file(path, map_location="cpu") if trust else load_safely(path, "--weights")
