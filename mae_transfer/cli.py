@@ -83,7 +83,14 @@ def _add_speed(sub) -> None:
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("what", choices=["pretrain", "coco"], help="which training step to measure")
+    p.add_argument("what", choices=["all", "pretrain", "finetune", "coco", "ade20k"],
+                   help="which workload to measure; all: every workload in one table (and one --json)")
+    p.add_argument("--tiny", action="store_true", help="all: micro models, a few steps (the code paths on a CPU, under a minute)")
+    p.add_argument("--data-only", action="store_true",
+                   help="coco / ade20k: time the real training data pipeline (decode + transforms) per worker instead")
+    p.add_argument("--data", metavar="DIR", help="--data-only: the dataset (default: the built-in toy data)")
+    p.add_argument("--samples", type=int, default=16, help="--data-only: samples to time")
+    p.add_argument("--split", metavar="NAME", help="--data-only: the split whose images go through the training transforms")
     p.add_argument("--model", default="mae_vit_base_patch16", help="pretrain: the MAE model")
     p.add_argument("--preset", default="vitdet_mask_rcnn_b", help="coco: the detection preset")
     p.add_argument("--batch-size", type=int, help="default: 256 on GPU, 8 on CPU")
@@ -108,6 +115,48 @@ def _run_speed(args) -> int:
 
     setup_logging(0)
     on_gpu = args.device == "cuda" or (args.device is None and torch.cuda.is_available())
+    if args.data_only:
+        from mae_transfer.evaluation.speed import run_data_speed
+
+        if args.what not in ("coco", "ade20k"):
+            from mae_transfer.config import ConfigError
+
+            raise ConfigError("--data-only times the coco or ade20k training pipeline")
+        r = run_data_speed(args.what, args.data, samples=args.samples, split=args.split,
+                           preset=None if args.preset == "vitdet_mask_rcnn_b" else args.preset)
+        print(f"{r['task']} training pipeline on {r['data']} {r['split']} ({r['preset']}, {r['img_size']} px): {r['samples_per_s']:.2f} samples/s "
+              f"per worker ({r['samples']} samples in {r['seconds']:.2f} s, one process)")
+        if args.json:
+            from mae_transfer.io import atomic_write_json
+
+            atomic_write_json(args.json, r)
+        return 0
+    if args.what == "all":
+        from mae_transfer.evaluation.speed import format_speed_table, run_speed_all
+
+        print(f"mae-transfer speed all{' --tiny' if args.tiny else ''}:")
+        rows = run_speed_all(tiny=args.tiny, device=args.device, json_path=args.json)
+        print(format_speed_table(rows))
+        if args.json:
+            print(f"written to {args.json}")
+        return 1 if any("error" in r for r in rows) else 0
+    if args.what in ("finetune", "ade20k"):
+        import json
+
+        if args.what == "finetune":
+            from mae_transfer.classification.speed import run_finetune_speed as run
+        else:
+            from mae_transfer.segmentation.speed import run_segmentation_speed as run
+        preset = None if args.preset == "vitdet_mask_rcnn_b" else args.preset
+        kw = {"preset": preset} if preset else {}
+        r = run(steps=args.steps, warmup=args.warmup, device=args.device, precision=args.precision,
+                **kw, **({"batch_size": args.batch_size} if args.batch_size else {}))
+        print(json.dumps({k: v for k, v in r.items()}, indent=1, default=str))
+        if args.json:
+            from mae_transfer.io import atomic_write_json
+
+            atomic_write_json(args.json, r)
+        return 0
     if args.what == "coco":
         from mae_transfer.detection.speed import format_detection_speed, run_detection_speed
 

@@ -49,3 +49,98 @@ def tf32_enabled(on: bool):
         yield
     finally:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
+
+
+def time_steps(step, steps: int, warmup: int, dev: torch.device) -> dict:
+    """Run ``step()`` ``warmup`` times untimed, then ``steps`` times timed (synchronised on a GPU).
+
+    Returns ``first_step_s`` (the first warm-up step: compilation, autotuning, allocator growth),
+    ``wall_s`` of the timed steps, ``step_ms_median``, ``peak_memory_gib`` over the timed steps (CUDA
+    ``max_memory_allocated``; on the CPU the growth of the process's peak RSS) and ``memory_kind``."""
+    import statistics
+    import time
+
+    on_cuda = dev.type == "cuda"
+
+    def sync():
+        if on_cuda:
+            torch.cuda.synchronize(dev)
+
+    rss_before = rss_peak_bytes()
+    first = float("nan")
+    for i in range(warmup):
+        t0 = time.perf_counter()
+        step()
+        if i == 0:
+            sync()
+            first = time.perf_counter() - t0
+    sync()
+    if on_cuda:
+        torch.cuda.reset_peak_memory_stats(dev)
+    times = []
+    t_start = time.perf_counter()
+    for _ in range(steps):
+        t = time.perf_counter()
+        step()
+        sync()
+        times.append(time.perf_counter() - t)
+    wall = time.perf_counter() - t_start
+    peak = torch.cuda.max_memory_allocated(dev) if on_cuda else max(0, rss_peak_bytes() - rss_before)
+    return {"first_step_s": first, "wall_s": wall, "step_ms_median": statistics.median(times) * 1e3,
+            "peak_memory_gib": peak / 2**30,
+            "memory_kind": "cuda max_memory_allocated" if on_cuda else "cpu peak RSS growth (ru_maxrss)"}
+
+
+def _sdpa_forward_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+    """Q K^T and P V of ``(B, h, S, d)`` tensors: 2 matmuls, 2 FLOPs per multiply-add."""
+    b, h, s_q, d_q = query_shape
+    s_k, d_v = key_shape[-2], value_shape[-1]
+    return 2 * b * h * s_q * s_k * (d_q + d_v)
+
+
+def _sdpa_backward_flops(grad_out_shape, query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+    """Backward of fused attention: scores recomputed (1 matmul) + dV, dP, dQ, dK (4 matmuls).
+
+    The same convention as torch's own formula for the CUDA flash / efficient kernels, so CPU and
+    GPU counts agree: 2.5x the forward, not 2x, because fused kernels recompute the scores.
+    """
+    b, h, s_q, d_q = query_shape
+    s_k, d_v = key_shape[-2], value_shape[-1]
+    return 2 * b * h * s_q * s_k * (3 * d_q + 2 * d_v)
+
+
+def extra_flop_formulas() -> dict:
+    """Formulas for ops that ``FlopCounterMode`` misses.
+
+    torch registers the CUDA attention kernels but not the CPU flash kernel that
+    ``F.scaled_dot_product_attention`` dispatches to on CPU; without these, CPU counts silently
+    leave out every attention matmul.
+    """
+    aten = torch.ops.aten
+    mapping = {}
+    for name, formula in (
+        ("_scaled_dot_product_flash_attention_for_cpu", _sdpa_forward_flops),
+        ("_scaled_dot_product_flash_attention_for_cpu_backward", _sdpa_backward_flops),
+    ):
+        if hasattr(aten, name):
+            mapping[getattr(aten, name)] = formula
+    return mapping
+
+
+def count_flops(fn) -> tuple[float, list[str]]:
+    """FLOPs of one call of ``fn()`` (``torch.utils.flop_counter``: matmuls and convolutions, 2 per
+    multiply-add) and the names of the attention kernels it ran."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False, custom_mapping=extra_flop_formulas())
+    with counter:
+        fn()
+    ops = counter.get_flop_counts().get("Global", {})
+    return float(counter.get_total_flops()), sorted(str(op) for op in ops if "attention" in str(op) and "backward" not in str(op))
+
+
+def autocast_for(precision: str, dev: torch.device):
+    """The autocast context of a benchmark precision (bf16 / fp16) or a no-op (fp32)."""
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(dev.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)

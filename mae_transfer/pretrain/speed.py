@@ -31,6 +31,7 @@ from typing import Callable
 import torch
 
 from mae_transfer.engine.bench import device_name as _device_name
+from mae_transfer.engine.bench import extra_flop_formulas as _extra_flop_formulas
 from mae_transfer.engine.bench import resolve_device as _resolve_device
 from mae_transfer.engine.bench import rss_peak_bytes as _rss_peak_bytes
 from mae_transfer.engine.bench import tf32_enabled as _tf32_enabled
@@ -50,42 +51,6 @@ _PRECISIONS = ("auto", "bf16", "fp32")
 # ---------------------------------------------------------------------------------------------
 # FLOP counting
 # ---------------------------------------------------------------------------------------------
-def _sdpa_forward_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
-    """Q K^T and P V of ``(B, h, S, d)`` tensors: 2 matmuls, 2 FLOPs per multiply-add."""
-    b, h, s_q, d_q = query_shape
-    s_k, d_v = key_shape[-2], value_shape[-1]
-    return 2 * b * h * s_q * s_k * (d_q + d_v)
-
-
-def _sdpa_backward_flops(grad_out_shape, query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
-    """Backward of fused attention: scores recomputed (1 matmul) + dV, dP, dQ, dK (4 matmuls).
-
-    The same convention as torch's own formula for the CUDA flash / efficient kernels, so CPU and
-    GPU counts agree: 2.5x the forward, not 2x, because fused kernels recompute the scores.
-    """
-    b, h, s_q, d_q = query_shape
-    s_k, d_v = key_shape[-2], value_shape[-1]
-    return 2 * b * h * s_q * s_k * (3 * d_q + 2 * d_v)
-
-
-def _extra_flop_formulas() -> dict:
-    """Formulas for ops that ``FlopCounterMode`` misses.
-
-    torch registers the CUDA attention kernels but not the CPU flash kernel that
-    ``F.scaled_dot_product_attention`` dispatches to on CPU; without these, CPU counts silently
-    leave out every attention matmul.
-    """
-    aten = torch.ops.aten
-    mapping = {}
-    for name, formula in (
-        ("_scaled_dot_product_flash_attention_for_cpu", _sdpa_forward_flops),
-        ("_scaled_dot_product_flash_attention_for_cpu_backward", _sdpa_backward_flops),
-    ):
-        if hasattr(aten, name):
-            mapping[getattr(aten, name)] = formula
-    return mapping
-
-
 def count_train_step_flops(
     model: MaskedAutoencoderViT,
     imgs: torch.Tensor,

@@ -1,0 +1,65 @@
+"""Speed of ViT fine-tuning steps (images/s, memory, TFLOP/s) on synthetic on-device batches.
+
+A step is what ``mae-transfer finetune`` runs: forward, cross-entropy, backward and an AdamW step
+on the layer-decay groups (augmentation and mixup are data-side and not part of the model's speed).
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import logging
+
+import torch
+
+from mae_transfer.classification.config import build_config
+from mae_transfer.classification.task import build_classifier
+from mae_transfer.engine.bench import autocast_for, count_flops, device_name, resolve_device, tf32_enabled, time_steps
+from mae_transfer.engine.optim import param_groups
+
+log = logging.getLogger(__name__)
+
+
+def run_finetune_speed(preset: str = "finetune_vit_base", batch_size: int = 128, steps: int = 10, warmup: int = 3,
+                       device: str | None = None, precision: str = "auto", num_classes: int = 1000, compile: bool = False) -> dict:
+    """Time ``steps`` fine-tuning steps after ``warmup`` untimed ones."""
+    dev = resolve_device(device)
+    on_cuda = dev.type == "cuda"
+    precision = ("bf16" if on_cuda else "fp32") if precision == "auto" else precision
+    cfg = build_config(preset)
+    torch.manual_seed(0)
+    net = build_classifier(cfg, num_classes).to(dev).train()
+    size = cfg.model.img_size
+    g = torch.Generator(device="cpu").manual_seed(0)
+    images = torch.randn(batch_size, 3, size, size, generator=g).to(dev)
+    labels = torch.randint(0, num_classes, (batch_size,), generator=g).to(dev)
+    groups = [{k: v for k, v in grp.items() if k != "param_names"}
+              for grp in param_groups(net, cfg.optim.weight_decay, cfg.optim.layer_decay, no_weight_decay=net.no_weight_decay())]
+    opt = torch.optim.AdamW(groups, lr=1e-3, fused=True if on_cuda else None)
+    runner = torch.compile(net) if compile else net
+
+    def forward_backward(model=net):
+        with autocast_for(precision, dev):
+            loss = torch.nn.functional.cross_entropy(model(images).float(), labels)
+        loss.backward()
+
+    def step():
+        forward_backward(runner)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    with tf32_enabled(on_cuda):
+        flops, attention = count_flops(forward_backward)
+        opt.zero_grad(set_to_none=True)
+        timed = time_steps(step, steps, warmup, dev)
+    ips = batch_size * steps / timed["wall_s"]
+    return {
+        "workload": "finetune", "preset": preset, "model": cfg.model.name, "img_size": size, "batch_size": batch_size,
+        "precision": precision, "compile": compile, "device": str(dev), "device_name": device_name(dev),
+        "torch_version": torch.__version__, "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "images_per_s": ips, "step_ms_median": timed["step_ms_median"], "first_step_s": timed["first_step_s"],
+        "peak_memory_gib": timed["peak_memory_gib"], "memory_kind": timed["memory_kind"],
+        "flops_per_image": flops / batch_size, "tflops": flops / batch_size * ips / 1e12, "attention_ops": attention,
+    }
+
+
+__all__ = ["run_finetune_speed"]
