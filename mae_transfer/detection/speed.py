@@ -13,17 +13,14 @@ Library code only logs; the CLI prints :func:`format_detection_speed`.
 
 from __future__ import annotations
 
-import contextlib
 import datetime as _dt
 import logging
-import statistics
-import time
 
 import torch
 
 from mae_transfer.detection.config import build_config
 from mae_transfer.detection.task import build_detector, detection_param_groups
-from mae_transfer.engine.bench import device_name, resolve_device, rss_peak_bytes, tf32_enabled
+from mae_transfer.engine.bench import autocast_for, device_name, resolve_device, tf32_enabled, time_steps
 from mae_transfer.io import atomic_write_json
 
 log = logging.getLogger(__name__)
@@ -82,7 +79,6 @@ def run_detection_speed(
     cfg = build_config(preset, ov)
     num_classes = 80  # COCO's categories (the background is implicit)
     torch.manual_seed(seed)
-    rss_before = rss_peak_bytes()
     if on_cuda:
         torch.cuda.set_device(dev)
     net = build_detector(cfg, num_classes).to(dev)
@@ -91,13 +87,7 @@ def run_detection_speed(
     images, targets = synthetic_batch(batch_size, size, instances, num_classes, dev, seed)
 
     def autocast():
-        if precision == "fp32":
-            return contextlib.nullcontext()
-        return torch.autocast(dev.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
-
-    def sync():
-        if on_cuda:
-            torch.cuda.synchronize(dev)
+        return autocast_for(precision, dev)
 
     groups = detection_param_groups(net, cfg.optim)
     groups = [{k: v for k, v in g.items() if k != "param_names"} for g in groups]
@@ -120,45 +110,21 @@ def run_detection_speed(
 
     with tf32_enabled(on_cuda):
         net.train()
-        first_step_s = float("nan")
-        for i in range(warmup):
-            t0 = time.perf_counter()
-            step()
-            if i == 0:
-                sync()
-                first_step_s = time.perf_counter() - t0
-        sync()
-        if on_cuda:
-            torch.cuda.reset_peak_memory_stats(dev)
-        step_s = []
-        t_start = time.perf_counter()
-        for _ in range(steps):
-            t = time.perf_counter()
-            loss = step()
-            sync()  # detection steps sync anyway (proposal counts); per-step times stay honest
-            step_s.append(time.perf_counter() - t)
-        wall = time.perf_counter() - t_start
-        train_peak = torch.cuda.max_memory_allocated(dev) if on_cuda else max(0, rss_peak_bytes() - rss_before)
-        final_loss = float(loss)
+        losses: list[torch.Tensor] = []
+        train = time_steps(lambda: losses.append(step()), steps, warmup, dev)
+        final_loss = float(losses[-1])
 
         # Inference, as evaluation runs it (no targets, post-processing included).
         net.eval()
         eval_steps = eval_steps or max(1, steps)
         batches = [images[i % batch_size : i % batch_size + 1] * eval_batch_size for i in range(eval_steps)]
-        with torch.no_grad():
-            for b in batches[: max(1, warmup)]:
-                with autocast():
-                    net(b)
-            sync()
-            if on_cuda:
-                torch.cuda.reset_peak_memory_stats(dev)
-            t0 = time.perf_counter()
-            for b in batches:
-                with autocast():
-                    net(b)
-            sync()
-            eval_wall = time.perf_counter() - t0
-        eval_peak = torch.cuda.max_memory_allocated(dev) if on_cuda else None
+        queue = iter(batches * 2)
+
+        def infer():
+            with torch.no_grad(), autocast():
+                net(next(queue))
+
+        evaluation = time_steps(infer, len(batches), min(max(1, warmup), len(batches)), dev)
 
     result = {
         "preset": preset,
@@ -176,16 +142,16 @@ def run_detection_speed(
         "device_name": device_name(dev),
         "torch_version": torch.__version__,
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "train_images_per_s": batch_size * steps / wall,
-        "train_s_per_image": wall / (batch_size * steps),
-        "step_s_median": statistics.median(step_s),
-        "first_step_s": first_step_s,
-        "train_peak_memory_gib": train_peak / 2**30,
-        "memory_kind": "cuda max_memory_allocated" if on_cuda else "cpu peak RSS growth (ru_maxrss)",
+        "train_images_per_s": batch_size * steps / train["wall_s"],
+        "train_s_per_image": train["wall_s"] / (batch_size * steps),
+        "step_s_median": train["step_ms_median"] / 1e3,
+        "first_step_s": train["first_step_s"],
+        "train_peak_memory_gib": train["peak_memory_gib"],
+        "memory_kind": train["memory_kind"],
         "eval_batch_size": eval_batch_size,
-        "eval_images_per_s": eval_batch_size * len(batches) / eval_wall,
-        "eval_ms_per_image": eval_wall * 1e3 / (eval_batch_size * len(batches)),
-        "eval_peak_memory_gib": None if eval_peak is None else eval_peak / 2**30,
+        "eval_images_per_s": eval_batch_size * len(batches) / evaluation["wall_s"],
+        "eval_ms_per_image": evaluation["wall_s"] * 1e3 / (eval_batch_size * len(batches)),
+        "eval_peak_memory_gib": evaluation["peak_memory_gib"] if on_cuda else None,
         "final_loss": final_loss,
     }
     log.info("%s bs %d %s on %s: train %.2f img/s, inference %.2f img/s", preset, batch_size, precision,

@@ -31,20 +31,20 @@ def _workloads(tiny: bool, device: str | None) -> list[tuple[str, str, Callable[
     if tiny:  # micro models, a few steps: the code paths, not the numbers
         kw = dict(steps=2, warmup=1, device=device)
         return [
-            ("MAE pretrain micro/8 64px", "-", lambda: run_pretrain_speed("mae_vit_micro_patch8", batch_size=8, **kw)),
-            ("fine-tune micro/8 64px", "-", lambda: run_finetune_speed("toy_finetune", batch_size=8, num_classes=10, **kw)),
-            ("Mask R-CNN micro 64px", "-", lambda: run_detection_speed("toy", batch_size=2, **kw)),
-            ("UperNet micro 64px", "-", lambda: run_segmentation_speed("toy", batch_size=2, **kw)),
+            ("MAE pretrain micro/8", "-", lambda: run_pretrain_speed("mae_vit_micro_patch8", batch_size=8, **kw)),
+            ("fine-tune micro/8", "-", lambda: run_finetune_speed("toy_finetune", batch_size=8, num_classes=10, **kw)),
+            ("Mask R-CNN micro", "-", lambda: run_detection_speed("toy", batch_size=2, **kw)),
+            ("UperNet micro", "-", lambda: run_segmentation_speed("toy", batch_size=2, **kw)),
         ]
     kw = dict(device=device)
     return [
-        ("MAE pretrain ViT-B/16 224", ">= 40 % MFU", lambda: run_pretrain_speed("mae_vit_base_patch16", batch_size=256, **kw)),
+        ("MAE pretrain ViT-B/16", ">= 40 % MFU", lambda: run_pretrain_speed("mae_vit_base_patch16", batch_size=256, **kw)),
         ("MAE pretrain ViT-B/16 compiled", ">= 40 % MFU",
          lambda: run_pretrain_speed("mae_vit_base_patch16", batch_size=256, compile=True, **kw)),
-        ("MAE pretrain ViT-L/16 224", ">= 40 % MFU", lambda: run_pretrain_speed("mae_vit_large_patch16", batch_size=128, **kw)),
-        ("fine-tune ViT-B/16 224", ">= 3000 img/s", lambda: run_finetune_speed("finetune_vit_base", batch_size=128, **kw)),
-        ("ViTDet-B Mask R-CNN 1024", ">= 6.4 img/s", lambda: run_detection_speed("vitdet_mask_rcnn_b", batch_size=4, **kw)),
-        ("UperNet ViT-B 512", ">= 40 img/s", lambda: run_segmentation_speed("upernet_vit_b", batch_size=8, **kw)),
+        ("MAE pretrain ViT-L/16", ">= 40 % MFU", lambda: run_pretrain_speed("mae_vit_large_patch16", batch_size=128, **kw)),
+        ("fine-tune ViT-B/16", ">= 3000 img/s", lambda: run_finetune_speed("finetune_vit_base", batch_size=128, **kw)),
+        ("ViTDet-B Mask R-CNN", ">= 6.4 img/s", lambda: run_detection_speed("vitdet_mask_rcnn_b", batch_size=4, **kw)),
+        ("UperNet ViT-B", ">= 40 img/s", lambda: run_segmentation_speed("upernet_vit_b", batch_size=8, **kw)),
     ]
 
 
@@ -55,7 +55,7 @@ def _row(label: str, target: str, r: dict) -> dict:
     if mfu is None and tflops is not None and any(k in r.get("device_name", "") for k in ("H100", "H200")) and r.get("precision") == "bf16":
         mfu = tflops / HOPPER_BF16_TFLOPS
     return {
-        "workload": label, "target": target, "images_per_s": ips,
+        "workload": f"{label} {r.get('img_size')}px", "target": target, "images_per_s": ips,
         "step_ms": r.get("step_ms_median", (r.get("step_s_median") or float("nan")) * 1e3),
         "peak_memory_gib": r.get("peak_memory_gib", r.get("train_peak_memory_gib")), "tflops": tflops, "mfu": mfu,
         "inference_images_per_s": r.get("eval_images_per_s"), "precision": r.get("precision"),
