@@ -143,19 +143,19 @@ def from_dict(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
     return obj
 
 
+def deep_update(into: dict, new: dict) -> dict:
+    """Put the (nested, partial) dict ``new`` into ``into``, section by section; returns ``into``."""
+    for k, v in new.items():
+        if isinstance(v, dict) and isinstance(into.get(k), dict):
+            deep_update(into[k], v)
+        else:
+            into[k] = v
+    return into
+
+
 def merge(cfg: T, updates: dict[str, Any]) -> T:
     """Return a copy of ``cfg`` with a (nested, partial) dict of updates applied and checked."""
-    base = to_dict(cfg)
-
-    def deep(a: dict, b: dict) -> dict:
-        for k, v in b.items():
-            if isinstance(v, dict) and isinstance(a.get(k), dict):
-                deep(a[k], v)
-            else:
-                a[k] = v
-        return a
-
-    return from_dict(type(cfg), deep(base, updates))
+    return from_dict(type(cfg), deep_update(to_dict(cfg), updates))
 
 
 def parse_overrides(items: list[str]) -> dict[str, Any]:

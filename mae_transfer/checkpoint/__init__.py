@@ -5,9 +5,10 @@ reader and writer side by side:
 
 * :mod:`.io`: atomic saves, safe loading (``weights_only``), reading every file form;
 * :mod:`.formats`: which format a checkpoint is in, its ViT in our names, its architecture;
-* :mod:`.hf`, :mod:`.mmseg`, :mod:`.detectron2`, :mod:`.mae`: Hugging Face, mmsegmentation /
-  mmpretrain (whole segmentors too), detectron2 ViTDet (whole detectors too), the official MAE
-  release (the encoder export);
+* :mod:`.hf`, :mod:`.timm`, :mod:`.mmseg`, :mod:`.detectron2`, :mod:`.mae`: Hugging Face (read and
+  ViTMAEModel export), timm (model folder export), mmsegmentation / mmpretrain (whole segmentors
+  too), detectron2 ViTDet (whole detectors too), the official MAE release (the encoder export);
+* :mod:`.hub`: weights by name (``hf-hub:ORG/NAME``, ``timm:ARCH.TAG``) through the Hugging Face cache;
 * :mod:`.loading`: pretrained weights into a ViT with shape adaptation and a report of every key;
 * :mod:`.trained`: trained task models with their config.
 """
@@ -19,10 +20,10 @@ from mae_transfer.checkpoint.formats import FORMATS, detect_format, infer_vit_co
 from mae_transfer.checkpoint.io import CheckpointError, atomic_save, load_file, load_safely, read_checkpoint
 from mae_transfer.checkpoint.loading import EXPECTED_MISSING, EXPECTED_UNEXPECTED, LoadReport, init_backbone, load_backbone
 from mae_transfer.checkpoint.mae import export_mae_encoder
-from mae_transfer.checkpoint.trained import load_trained_model, read_trained_model, save_trained_model
+from mae_transfer.checkpoint.trained import class_count_hint, load_trained_model, read_trained_model, save_trained_model
 
 __all__ = [
-    "EXPECTED_MISSING", "EXPECTED_UNEXPECTED", "FORMATS", "CheckpointError", "LoadReport", "atomic_save", "detect_format",
+    "EXPECTED_MISSING", "EXPECTED_UNEXPECTED", "class_count_hint", "FORMATS", "CheckpointError", "LoadReport", "atomic_save", "detect_format",
     "export_mae_encoder", "infer_vit_config", "init_backbone", "load_backbone", "load_file", "load_safely", "load_trained_model",
     "read_checkpoint", "read_trained_model", "save_trained_model", "to_vit_state_dict", "weights_sha256",
 ]

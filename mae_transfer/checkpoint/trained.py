@@ -67,3 +67,17 @@ def load_trained_model(
         f"--weights {path} does not fit this model: {'; '.join(parts)}.{(' ' + hint) if hint else ''} "
         "Use the --preset / model.* settings it was trained with"
     )
+
+
+def class_count_hint(*keys: str, offset: int = 0, advice: str = ""):
+    """An ``explain`` for :func:`load_trained_model`: when the classifier ``keys`` (the first that
+    differs in shape) disagree, "The file predicts N classes, the data has M" (``offset``: outputs
+    that are no class, e.g. detection's background) and ``advice``."""
+    def explain(state: Mapping[str, Any], target: Mapping[str, Any], shapes: list[str]) -> str:
+        key = next((k for k in keys if k in shapes), None)
+        if key is None:
+            return ""
+        have, want = state[key].shape[0] - offset, target[key].shape[0] - offset
+        return f"The file predicts {have} classes, the data has {want}{': ' + advice if advice else ''}."
+    return explain
+

@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 from torchvision import transforms
 
-from mae_transfer.checkpoint import weights_sha256, init_backbone, load_trained_model, read_trained_model, save_trained_model
+from mae_transfer.checkpoint import class_count_hint, init_backbone, load_trained_model, read_trained_model, save_trained_model, weights_sha256
 from mae_transfer.classification.config import ClassificationConfig
 from mae_transfer.config import config_hash, to_dict
 from mae_transfer.engine.optim import param_groups
@@ -235,8 +235,8 @@ def read_classifier_weights(path: str | Path, trust: bool = False) -> tuple[dict
 
 
 def load_classifier_weights(model: nn.Module, state: dict[str, torch.Tensor], path: str | Path) -> None:
-    load_trained_model(model, state, path, explain=lambda state, target, shapes: (
-        "The head has another number of classes than this data" if any(k.startswith("head.") for k in shapes) else ""))
+    load_trained_model(model, state, path, explain=class_count_hint("head.weight", "head.1.weight",
+                                                                     advice="evaluate on data with the same classes"))
 
 
 def benchmark_task(dataset: str, protocol: str) -> str:

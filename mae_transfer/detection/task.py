@@ -21,7 +21,7 @@ from typing import Any, Callable
 import torch
 import torch.nn as nn
 
-from mae_transfer.checkpoint import weights_sha256, CheckpointError, init_backbone, load_trained_model, save_trained_model
+from mae_transfer.checkpoint import CheckpointError, class_count_hint, init_backbone, load_trained_model, save_trained_model, weights_sha256
 from mae_transfer.config import ConfigError, config_hash, to_dict
 from mae_transfer.data.errors import DataError
 from mae_transfer.data.seeded import SeededTransformDataset
@@ -337,16 +337,10 @@ def read_detector_weights(path: str | Path, trust: bool = False) -> tuple[dict[s
     return sd, saved
 
 
-def _class_count_hint(state: dict, target: dict, shapes: list[str]) -> str:
-    key = "roi_heads.box_predictor.cls_score.weight"
-    if key in shapes:
-        return f"The file predicts {state[key].shape[0] - 1} classes, the data has {target[key].shape[0] - 1}: evaluate on data with the same categories."
-    return ""
-
-
 def load_detector_weights(model: nn.Module, state: dict[str, torch.Tensor], path: str | Path) -> None:
     """Load a detector state dict, naming every tensor that does not fit (and a class-count mismatch)."""
-    load_trained_model(model, state, path, explain=_class_count_hint)
+    load_trained_model(model, state, path, explain=class_count_hint("roi_heads.box_predictor.cls_score.weight", offset=1,
+                                                                     advice="evaluate on data with the same categories"))
 
 
 __all__ = [

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from mae_transfer.config import ConfigError, parse_overrides, to_dict
+from mae_transfer.config import ConfigError, deep_update, parse_overrides, to_dict
 from mae_transfer.evaluation.options import FAMILY_OPTIONS, defaults, to_argv, to_overrides
 from mae_transfer.evaluation.registry import TaskSpec
 
@@ -80,16 +80,7 @@ def _model_from_backbone(opts: dict, overrides: dict, rename: dict[str, str] | N
 def _overrides(spec: TaskSpec, opts: dict) -> dict:
     overrides = parse_overrides(opts["overrides"])
     flags = to_overrides(opts, (*option_names(spec), *spec.fixed))
-    _deep_merge(overrides, flags)
-    return overrides
-
-
-def _deep_merge(into: dict, new: dict) -> None:
-    for k, v in new.items():
-        if isinstance(v, dict) and isinstance(into.get(k), dict):
-            _deep_merge(into[k], v)
-        else:
-            into[k] = v
+    return deep_update(overrides, flags)
 
 
 def _trained_weights(spec: TaskSpec, opts: dict, overrides: dict) -> dict | None:

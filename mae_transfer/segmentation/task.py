@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from mae_transfer.checkpoint import weights_sha256, CheckpointError, init_backbone, load_trained_model, save_trained_model
+from mae_transfer.checkpoint import CheckpointError, class_count_hint, init_backbone, load_trained_model, save_trained_model, weights_sha256
 from mae_transfer.config import ConfigError, config_hash, to_dict
 from mae_transfer.data.errors import DataError
 from mae_transfer.data.seeded import SeededTransformDataset
@@ -380,16 +380,9 @@ def segmenter_class_names(state: dict) -> tuple[list[str] | None, list | None]:
     return None, None
 
 
-def _class_count_hint(state: dict, target: dict, shapes: list[str]) -> str:
-    key = "decode_head.conv_seg.weight"
-    if key in shapes:
-        return f"The file predicts {state[key].shape[0]} classes, the data has {target[key].shape[0]} (set --num-classes)."
-    return ""
-
-
 def load_segmenter_weights(model: nn.Module, state: dict[str, torch.Tensor], path: str | Path) -> None:
     """Load a segmenter state dict, naming every tensor that does not fit (and a class-count mismatch)."""
-    load_trained_model(model, state, path, explain=_class_count_hint)
+    load_trained_model(model, state, path, explain=class_count_hint("decode_head.conv_seg.weight", advice="set --num-classes"))
 
 
 __all__ = [
