@@ -13,7 +13,7 @@ import torch
 
 from mae_transfer.classification.config import build_config
 from mae_transfer.classification.task import build_classifier
-from mae_transfer.engine.bench import autocast_for, count_flops, device_name, resolve_device, tf32_enabled, time_steps
+from mae_transfer.engine.bench import autocast_for, benchmark_training, device_name, resolve_device, tf32_enabled
 from mae_transfer.engine.optim import param_groups
 
 log = logging.getLogger(__name__)
@@ -42,23 +42,15 @@ def run_finetune_speed(preset: str = "finetune_vit_base", batch_size: int = 128,
             loss = torch.nn.functional.cross_entropy(model(images).float(), labels)
         loss.backward()
 
-    def step():
-        forward_backward(runner)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
     with tf32_enabled(on_cuda):
-        flops, attention = count_flops(forward_backward)
-        opt.zero_grad(set_to_none=True)
-        timed = time_steps(step, steps, warmup, dev)
-    ips = batch_size * steps / timed["wall_s"]
+        timed = benchmark_training(forward_backward, opt, batch_size, steps, warmup, dev,
+                                   timed_forward_backward=lambda: forward_backward(runner))
     return {
         "workload": "finetune", "preset": preset, "model": cfg.model.name, "img_size": size, "batch_size": batch_size,
         "precision": precision, "compile": compile, "device": str(dev), "device_name": device_name(dev),
         "torch_version": torch.__version__, "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "images_per_s": ips, "step_ms_median": timed["step_ms_median"], "first_step_s": timed["first_step_s"],
-        "peak_memory_gib": timed["peak_memory_gib"], "memory_kind": timed["memory_kind"],
-        "flops_per_image": flops / batch_size, "tflops": flops / batch_size * ips / 1e12, "attention_ops": attention,
+        **{k: timed[k] for k in ("images_per_s", "step_ms_median", "first_step_s", "peak_memory_gib", "memory_kind",
+                                 "flops_per_image", "tflops", "attention_ops")},
     }
 
 

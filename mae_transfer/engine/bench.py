@@ -139,6 +139,27 @@ def count_flops(fn) -> tuple[float, list[str]]:
     return float(counter.get_total_flops()), sorted(str(op) for op in ops if "attention" in str(op) and "backward" not in str(op))
 
 
+def benchmark_training(forward_backward, optimizer, batch_size: int, steps: int, warmup: int, dev: torch.device,
+                       timed_forward_backward=None) -> dict:
+    """A training benchmark: the FLOPs of one ``forward_backward()`` (counted once, eagerly, its
+    gradients cleared), then ``steps`` timed steps of ``timed_forward_backward`` (default: the same;
+    e.g. a compiled model's) + ``optimizer.step()`` + ``zero_grad`` (:func:`time_steps`).
+    Returns the timing fields plus ``images_per_s``, ``flops_per_image``, ``tflops`` and ``attention_ops``."""
+    flops, attention = count_flops(forward_backward)
+    optimizer.zero_grad(set_to_none=True)
+    run = timed_forward_backward or forward_backward
+
+    def step():
+        run()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    timed = time_steps(step, steps, warmup, dev)
+    ips = batch_size * steps / timed["wall_s"]
+    return {**timed, "images_per_s": ips, "flops_per_image": flops / batch_size, "tflops": flops / batch_size * ips / 1e12,
+            "attention_ops": attention}
+
+
 def autocast_for(precision: str, dev: torch.device):
     """The autocast context of a benchmark precision (bf16 / fp16) or a no-op (fp32)."""
     if precision == "fp32":

@@ -269,10 +269,6 @@ def _is_toy(path: str) -> bool:
     return (root / _MARKER).exists() or (root.parent / _MARKER).exists()
 
 
-def _read_run_rows(run_dir: Path) -> list[ResultRow]:
-    return read_run_results(run_dir)
-
-
 def job_done(store_rows: list[dict], key: str) -> bool:
     """Whether the store holds results (not only failures) of the job ``key``."""
     return any(r.get("job_key") == key and r.get("metric") != FAILED for r in store_rows)
@@ -414,7 +410,7 @@ def run_jobs(
                 outcomes.append(JobOutcome(job, "failed", error="failed before (--no-retry)"))
                 echo(f"{head}: failed before, not retried")
                 continue
-            finished = _read_run_rows(job.run_dir)
+            finished = read_run_results(job.run_dir)
             if finished:  # ran to the end (by hand, or the runner stopped before recording it)
                 rows = _tag_rows(job, finished, None)
                 store.append(rows)
@@ -437,7 +433,7 @@ def run_jobs(
                     f"stopped during {job.label} after {wall:.0f} s; its run directory {job.run_dir} keeps its "
                     "checkpoint: run the same command again to resume (finished jobs are not run again)"
                 )
-            rows = _read_run_rows(job.run_dir) if rc == 0 else []
+            rows = read_run_results(job.run_dir) if rc == 0 else []
             if rc == 0 and rows:
                 rows = _tag_rows(job, rows, wall)
                 store.append(rows)
@@ -471,7 +467,7 @@ def headline(rows: list[ResultRow]) -> str:
 def print_commands(jobs: list[Job], results_dir: str | os.PathLike, nproc: int, echo: Callable[[str], None] = print) -> int:
     """``launcher="print"``: the commands of the jobs that have no results yet."""
     stored = ResultStore(results_dir).read()
-    todo = [j for j in jobs if not job_done(stored, j.key) and not _read_run_rows(j.run_dir)]
+    todo = [j for j in jobs if not job_done(stored, j.key) and not read_run_results(j.run_dir)]
     echo(f"# {len(todo)} of {len(jobs)} jobs to run; afterwards run the same `mae-transfer bench` to record and tabulate them")
     for j in todo:
         echo(f"# {j.label}")
@@ -487,7 +483,7 @@ def submit_slurm(jobs: list[Job], results_dir: str | os.PathLike, nproc: int, sl
     except ImportError:
         raise ConfigError("--launcher slurm needs submitit: pip install submitit") from None
     stored = ResultStore(results_dir).read()
-    todo = [j for j in jobs if not job_done(stored, j.key) and not _read_run_rows(j.run_dir)]
+    todo = [j for j in jobs if not job_done(stored, j.key) and not read_run_results(j.run_dir)]
     executor = submitit.AutoExecutor(folder=str(Path(results_dir) / "slurm" / "%j"), cluster=slurm.pop("cluster", None))
     executor.update_parameters(nodes=1, tasks_per_node=1, gpus_per_node=nproc, cpus_per_task=max(8, 8 * nproc), **slurm)
     ids = []

@@ -14,7 +14,7 @@ import logging
 
 import torch
 
-from mae_transfer.engine.bench import autocast_for, count_flops, device_name, resolve_device, tf32_enabled, time_steps
+from mae_transfer.engine.bench import autocast_for, benchmark_training, device_name, resolve_device, tf32_enabled, time_steps
 from mae_transfer.segmentation.config import build_config
 from mae_transfer.segmentation.model import slide_inference
 from mae_transfer.segmentation.task import SegmentationTask, build_segmenter, segmentation_loss
@@ -47,15 +47,8 @@ def run_segmentation_speed(preset: str = "upernet_vit_b", batch_size: int = 8, s
         loss.backward()
         return loss
 
-    def step():
-        forward_backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
     with tf32_enabled(on_cuda):
-        flops, attention = count_flops(forward_backward)
-        opt.zero_grad(set_to_none=True)
-        train = time_steps(step, steps, warmup, dev)
+        train = benchmark_training(forward_backward, opt, batch_size, steps, warmup, dev)
         net.eval()
         image = torch.randn(1, 3, size, size * 4 // 3, generator=g).to(dev)
         stride = cfg.test.stride
@@ -65,14 +58,11 @@ def run_segmentation_speed(preset: str = "upernet_vit_b", batch_size: int = 8, s
                 slide_inference(net, image, classes, crop=size, stride=stride)
 
         evaluation = time_steps(infer, eval_steps or max(1, steps // 2), max(1, warmup // 2), dev)
-    ips = batch_size * steps / train["wall_s"]
     return {
         "workload": "segmentation", "preset": preset, "model": cfg.model.vit_label(), "img_size": size, "batch_size": batch_size,
         "precision": precision, "device": str(dev), "device_name": device_name(dev), "torch_version": torch.__version__,
-        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), "images_per_s": ips,
-        "step_ms_median": train["step_ms_median"], "first_step_s": train["first_step_s"], "peak_memory_gib": train["peak_memory_gib"],
-        "memory_kind": train["memory_kind"], "flops_per_image": flops / batch_size, "tflops": flops / batch_size * ips / 1e12,
-        "attention_ops": attention, "eval_images_per_s": (eval_steps or max(1, steps // 2)) / evaluation["wall_s"],
+        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), **{k: train[k] for k in ("images_per_s", "step_ms_median", "first_step_s", "peak_memory_gib", "memory_kind",
+                                 "flops_per_image", "tflops", "attention_ops")}, "eval_images_per_s": (eval_steps or max(1, steps // 2)) / evaluation["wall_s"],
         "eval_image_size": [size, size * 4 // 3], "eval_peak_memory_gib": evaluation["peak_memory_gib"],
     }
 
