@@ -124,6 +124,39 @@ def test_paste_is_bilinear_at_pixel_centres_and_the_same_in_both_paths():
     assert (xs.min().item(), xs.max().item(), ys.min().item(), ys.max().item()) == (2, 7, 2, 5)
 
 
+def test_paste_to_rle_equals_pycocotools_encoding_of_the_pasted_masks():
+    """The evaluation's RLEs (pasted and encoded from box windows, in size-batched grid_samples)
+    are pycocotools' encoding of the full masks, and those are the whole-image samples."""
+    import numpy as np
+    from pycocotools import mask as mask_utils
+
+    from mae_transfer.detection.masks import _sample_masks, paste_masks_rle
+
+    gen = torch.Generator().manual_seed(0)
+    checked = 0
+    for trial in range(60):
+        h, w = (int(v) for v in torch.randint(3, 70, (2,), generator=gen))
+        n = int(torch.randint(1, 25, (1,), generator=gen))
+        a, b = torch.rand(n, 2, generator=gen) * torch.tensor([w, h]), torch.rand(n, 2, generator=gen) * torch.tensor([w, h])
+        boxes = torch.cat([torch.minimum(a, b), torch.maximum(a, b)], dim=1)
+        boxes[0] = torch.tensor([0.0, 0.0, float(w), float(h)])  # runs that continue from one column into the next
+        if n > 1:
+            boxes[1] = torch.tensor([1.5, 0.0, min(6.0, w), float(h)])
+        if trial % 2:
+            probs = torch.rand(n, 28, 28, generator=gen)
+        else:  # solid masks: long runs
+            probs = (torch.rand(n, 1, 1, generator=gen) + 0.3).expand(n, 28, 28).contiguous()
+        whole = _sample_masks(probs, boxes, 0, h, 0, w) >= 0.5
+        assert torch.equal(paste_masks(probs, boxes, (h, w)), whole)
+        expected = mask_utils.encode(np.asfortranarray(whole.numpy().transpose(1, 2, 0).astype(np.uint8)))
+        got = paste_masks_rle(probs, boxes, (h, w))
+        assert [r["size"] for r in got] == [[h, w]] * n
+        assert [r["counts"] for r in got] == [e["counts"].decode("ascii") for e in expected]
+        checked += n
+    assert checked > 500
+    assert paste_masks_rle(torch.zeros(0, 28, 28), torch.zeros(0, 4), (5, 5)) == []
+
+
 def test_new_layers_start_as_in_detectron2():
     torch.manual_seed(0)
     model = build_mask_rcnn(build_pyramid(build_vit("vit_nano_patch8", 64, window_size=4), channels=64), num_classes=80,

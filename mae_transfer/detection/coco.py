@@ -31,7 +31,7 @@ from torch.utils.data import Dataset
 
 from mae_transfer.data.errors import DataError
 from mae_transfer.data.folder import load_rgb
-from mae_transfer.detection.masks import decode_rle
+from mae_transfer.detection.masks import decode_rle, paste_masks_rle
 from mae_transfer.engine.evaluator import DatasetEvaluator
 from mae_transfer.io import atomic_write_json
 
@@ -384,7 +384,8 @@ def predictions_to_coco_results(
         predictions: one dict per image with ``image_id`` (int or scalar tensor), ``boxes``
             ``(N, 4)`` xyxy pixels, ``scores`` ``(N,)``, ``labels`` ``(N,)`` contiguous labels and
             optionally ``masks``: ``(N, H, W)`` bool (pasted at the image size), or float
-            probabilities ``(N, 1, H, W)`` / ``(N, H, W)`` (on at ``> 0.5``).
+            probabilities ``(N, 1, H, W)`` / ``(N, H, W)`` (on at ``> 0.5``); or ``rles``: the
+            masks already encoded (COCO compressed RLE dicts, ``counts`` bytes or str).
         label_to_cat_id: contiguous label -> COCO category id (a dict such as
             ``CocoDetection.label_to_cat_id``, or a sequence indexed by label).
 
@@ -401,7 +402,11 @@ def predictions_to_coco_results(
         if not (len(boxes) == len(scores) == len(labels)):
             raise ValueError(f"image {image_id}: boxes, scores and labels differ in length")
         rles = None
-        if pred.get("masks") is not None:
+        if pred.get("rles") is not None:
+            rles = list(pred["rles"])
+            if len(rles) != len(boxes):
+                raise ValueError(f"image {image_id}: {len(rles)} masks for {len(boxes)} boxes")
+        elif pred.get("masks") is not None:
             masks = _to_numpy(pred["masks"])
             if masks.ndim == 4:
                 masks = masks[:, 0]
@@ -420,7 +425,9 @@ def predictions_to_coco_results(
             }
             if rles is not None:
                 rle = rles[k]
-                res["segmentation"] = {"size": [int(v) for v in rle["size"]], "counts": rle["counts"].decode("ascii")}
+                counts = rle["counts"]
+                res["segmentation"] = {"size": [int(v) for v in rle["size"]],
+                                       "counts": counts.decode("ascii") if isinstance(counts, bytes) else counts}
             results.append(res)
     return results
 
@@ -452,7 +459,7 @@ def evaluate_coco(
     for iou_type in iou_types:
         if iou_type not in ("bbox", "segm"):
             raise ValueError(f"iou_type must be 'bbox' or 'segm', got {iou_type!r}")
-        dets = copy.deepcopy(results)  # loadRes adds keys to the dicts it is given
+        dets = [dict(d) for d in results]  # loadRes adds keys to the dicts it is given (and only that)
         if iou_type == "segm":
             if any("segmentation" not in d for d in dets):
                 raise ValueError("segm evaluation needs a 'segmentation' in every result")
@@ -517,9 +524,19 @@ class COCOEvaluator(DatasetEvaluator):
         self.results: list[dict[str, Any]] = []
 
     def process(self, inputs, outputs) -> None:
+        """``outputs`` hold pasted ``masks``, or ``mask_probs`` with ``boxes`` in the original image
+        frame (``MaskRCNN.inference(paste=False)``), which are pasted and RLE-encoded here in one go
+        (each mask in its box window, on the model's device; no full-image mask is made)."""
         _, targets = inputs
-        preds = [{"image_id": t["image_id"], "boxes": o["boxes"].float().cpu(), "scores": o["scores"].float().cpu(),
-                  "labels": o["labels"].cpu(), "masks": o["masks"].cpu()} for o, t in zip(outputs, targets)]
+        preds = []
+        for o, t in zip(outputs, targets):
+            pred = {"image_id": t["image_id"], "boxes": o["boxes"].float().cpu(), "scores": o["scores"].float().cpu(),
+                    "labels": o["labels"].cpu()}
+            if o.get("masks") is not None:
+                pred["masks"] = o["masks"].cpu()
+            else:
+                pred["rles"] = paste_masks_rle(o["mask_probs"], o["boxes"], tuple(int(v) for v in t["orig_size"]))
+            preds.append(pred)
         self.results.extend(predictions_to_coco_results(preds, self.dataset.label_to_cat_id))
 
     def state(self) -> list[dict[str, Any]]:

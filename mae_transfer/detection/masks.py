@@ -196,9 +196,13 @@ def mask_targets(segments: Sequence[Segment], gt_index: torch.Tensor, boxes: tor
 
 # ---------------------------------------------------------------------------- pasting
 
+# Samples one batched grid_sample may compute (64 Mi floats, 256 MiB).
+_PASTE_SAMPLES = 1 << 26
+
 
 def _sample_masks(probs: torch.Tensor, boxes: torch.Tensor, y0: int, y1: int, x0: int, x1: int) -> torch.Tensor:
-    """Bilinear samples (n, y1 - y0, x1 - x0) of masks (n, M, M) spread over float boxes (n, 4)."""
+    """Bilinear samples (n, y1 - y0, x1 - x0) of masks (n, M, M) spread over float boxes (n, 4),
+    every mask over the same pixel window (the reference form of :func:`_paste_windows`)."""
     n = probs.shape[0]
     dev = probs.device
     ys = torch.arange(y0, y1, device=dev, dtype=torch.float32) + 0.5
@@ -210,8 +214,54 @@ def _sample_masks(probs: torch.Tensor, boxes: torch.Tensor, y0: int, y1: int, x0
     return F.grid_sample(probs[:, None], grid, align_corners=False)[:, 0]
 
 
-# Bytes of float samples one batched paste may use on a GPU.
-_PASTE_BYTES = 1 << 30
+def _paste_windows(probs: torch.Tensor, boxes: torch.Tensor, image_hw: tuple[int, int], threshold: float):
+    """Each mask pasted in its own pixel window, the box grown by one pixel and clipped to the image.
+
+    Returns the windows ``(x0, y0, x1, y1)`` (N, 4) int64 and the bool crops (list of
+    ``(y1 - y0, x1 - x0)`` CPU tensors). Masks are sampled in batches of similar window size (one
+    ``grid_sample`` each, windows padded to the batch's largest); every pixel is computed as in
+    :func:`_sample_masks`, so the crops equal that function's samples over the whole image.
+    """
+    h, w = int(image_hw[0]), int(image_hw[1])
+    n = probs.shape[0]
+    dev = probs.device
+    lo = (boxes[:, :2].floor() - 1).clamp(min=0)
+    win = torch.stack([lo[:, 0].clamp(max=w), lo[:, 1].clamp(max=h),
+                       (boxes[:, 2].ceil() + 1).clamp(max=w), (boxes[:, 3].ceil() + 1).clamp(max=h)], dim=1).to(torch.int64)
+    win[:, 2:] = torch.maximum(win[:, 2:], win[:, :2])
+    win = win.cpu()
+    size = (win[:, 2:] - win[:, :2]).tolist()  # (width, height) per mask
+    order = sorted(range(n), key=lambda i: size[i][0] * size[i][1])
+    crops: list[torch.Tensor | None] = [None] * n
+    start = 0
+    while start < n:
+        # Grow the batch while padding to its largest window costs at most twice the real samples.
+        stop, mw, mh, area = start, 0, 0, 0
+        while stop < n:
+            cw, ch = size[order[stop]]
+            nw, nh, cost = max(mw, cw), max(mh, ch), (stop - start + 1)
+            if stop > start and (cost * nw * nh > 2 * (area + cw * ch) + 4096 or cost * nw * nh > _PASTE_SAMPLES):
+                break
+            mw, mh, area, stop = nw, nh, area + cw * ch, stop + 1
+        idx = order[start:stop]
+        start = stop
+        if mw == 0 or mh == 0:
+            for i in idx:
+                crops[i] = torch.zeros(size[i][1], size[i][0], dtype=torch.bool)
+            continue
+        sel = torch.tensor(idx, device=dev)
+        wsel = win[idx].to(dev)
+        ys = (wsel[:, 1:2] + torch.arange(mh, device=dev)).to(torch.float32) + 0.5  # (b, mh)
+        xs = (wsel[:, 0:1] + torch.arange(mw, device=dev)).to(torch.float32) + 0.5  # (b, mw)
+        bx0, by0, bx1, by1 = boxes[sel].split(1, dim=1)
+        gy = (ys - by0) / (by1 - by0) * 2 - 1
+        gx = (xs - bx0) / (bx1 - bx0) * 2 - 1
+        b = len(idx)
+        grid = torch.stack([gx[:, None, :].expand(b, mh, mw), gy[:, :, None].expand(b, mh, mw)], dim=3)
+        on = (F.grid_sample(probs[sel][:, None], grid, align_corners=False)[:, 0] >= threshold).cpu()
+        for j, i in enumerate(idx):
+            crops[i] = on[j, : size[i][1], : size[i][0]]
+    return win, crops
 
 
 def paste_masks(probs: torch.Tensor, boxes: torch.Tensor, image_hw: tuple[int, int], threshold: float = 0.5) -> torch.Tensor:
@@ -219,33 +269,56 @@ def paste_masks(probs: torch.Tensor, boxes: torch.Tensor, image_hw: tuple[int, i
 
     Pixel (x, y) takes the bilinear sample at its centre ``(x + 0.5, y + 0.5)`` relative to the
     box (zero outside the mask), and is on when that sample is ``>= threshold``. Returns bool
-    (N, H, W). On the CPU each mask is sampled only in its box grown by one pixel; on a GPU in
-    batches over the whole image. Both give the same pixels: a sample whose centre lies outside
-    the box takes less than half of the edge value, so it is below 0.5.
+    (N, H, W) on ``probs``' device. Each mask is sampled only in its box grown by one pixel (in
+    batches of similar size, on ``probs``' device): a sample whose centre lies outside the box
+    takes less than half of the edge value, so it is below 0.5 and every other pixel is off.
+    For evaluation, :func:`paste_masks_rle` gives the COCO encoding without the full masks.
     """
     h, w = int(image_hw[0]), int(image_hw[1])
     n = probs.shape[0]
-    out = torch.zeros(n, h, w, dtype=torch.bool, device=probs.device)
-    if n == 0:
-        return out
-    probs, boxes = probs.float(), boxes.float().to(probs.device)
-    if probs.device.type == "cpu":
-        lo = (boxes[:, :2].floor() - 1).clamp(min=0).to(torch.int64).tolist()
-        hi_x = (boxes[:, 2].ceil() + 1).clamp(max=w).to(torch.int64).tolist()
-        hi_y = (boxes[:, 3].ceil() + 1).clamp(max=h).to(torch.int64).tolist()
-        for i in range(n):
-            (x0, y0), x1, y1 = lo[i], hi_x[i], hi_y[i]
-            if x1 > x0 and y1 > y0:
-                out[i, y0:y1, x0:x1] = _sample_masks(probs[i : i + 1], boxes[i : i + 1], y0, y1, x0, x1)[0] >= threshold
-        return out
-    per_chunk = max(1, _PASTE_BYTES // (4 * h * w))
-    for start in range(0, n, per_chunk):
-        sl = slice(start, start + per_chunk)
-        out[sl] = _sample_masks(probs[sl], boxes[sl], 0, h, 0, w) >= threshold
-    return out
+    out = torch.zeros(n, h, w, dtype=torch.bool)
+    if n:
+        win, crops = _paste_windows(probs.float(), boxes.float().to(probs.device), (h, w), threshold)
+        for i, (x0, y0, x1, y1) in enumerate(win.tolist()):
+            out[i, y0:y1, x0:x1] = crops[i]
+    return out.to(probs.device)
+
+
+def _rle_counts(crop: np.ndarray, x0: int, y0: int, h: int, w: int) -> np.ndarray:
+    """COCO's uncompressed run lengths (column-major, starting with a run of zeros) of an (h, w)
+    mask that is off outside the bool ``crop`` placed at (x0, y0)."""
+    ch, cw = crop.shape
+    if not crop.any():
+        return np.array([h * w], dtype=np.int64)
+    padded = np.zeros((ch + 2, cw), dtype=bool)  # an off pixel above and below every column
+    padded[1:-1] = crop
+    flat = padded.ravel(order="F")
+    change = np.flatnonzero(flat[1:] != flat[:-1]) + 1  # alternately first on and first off pixels
+    col, row = np.divmod(change, ch + 2)
+    edges = (x0 + col) * h + (y0 + row - 1)
+    if ch == h:  # runs touching the bottom of one column and the top of the next are one run
+        inner = edges[1:-1].reshape(-1, 2)  # (end of run k, start of run k + 1)
+        joined = inner[:, 0] == inner[:, 1]
+        if joined.any():
+            keep = np.ones(len(edges), dtype=bool)
+            keep[1:-1] = ~np.repeat(joined, 2)
+            edges = edges[keep]
+    counts = np.diff(np.concatenate([[0], edges, [h * w]]))
+    return counts[:-1] if counts[-1] == 0 else counts  # no empty last run, as pycocotools encodes
+
+
+def paste_masks_rle(probs: torch.Tensor, boxes: torch.Tensor, image_hw: tuple[int, int], threshold: float = 0.5) -> list[dict]:
+    """The masks of :func:`paste_masks` as COCO compressed RLEs (``{"size": [H, W], "counts": str}``),
+    encoded from each mask's window: no full-image mask is made, only the windows leave the device."""
+    h, w = int(image_hw[0]), int(image_hw[1])
+    if probs.shape[0] == 0:
+        return []
+    win, crops = _paste_windows(probs.float(), boxes.float().to(probs.device), (h, w), threshold)
+    runs = [{"size": [h, w], "counts": _rle_counts(c.numpy(), x0, y0, h, w)} for c, (x0, y0, _, _) in zip(crops, win.tolist())]
+    return [{"size": [h, w], "counts": r["counts"].decode("ascii")} for r in mask_utils.frPyObjects(runs, h, w)]
 
 
 __all__ = [
-    "Segment", "clip_polygon", "crop_segment", "decode_rle", "flip_segment", "mask_targets", "paste_masks",
+    "Segment", "clip_polygon", "crop_segment", "decode_rle", "flip_segment", "mask_targets", "paste_masks", "paste_masks_rle",
     "polygons_in_box", "polygons_to_mask", "resize_segment", "segment_box", "segments_to_masks",
 ]

@@ -75,7 +75,7 @@ class BoxHead(nn.Module):
         c = in_channels
         self.num_convs, self.num_fcs = len(conv_dims), len(fc_dims)
         for k, d in enumerate(conv_dims):
-            conv = ConvNormAct(c, d, 3, padding=1, norm=norm, activation=nn.ReLU())
+            conv = ConvNormAct(c, d, 3, padding=1, norm=norm, activation=nn.ReLU(inplace=True))
             _msra_fill(conv)
             self.add_module(f"conv{k + 1}", conv)
             c = d
@@ -126,7 +126,7 @@ class MaskHead(nn.Module):
         c = in_channels
         self.num_convs = len(conv_dims) - 1
         for k, d in enumerate(conv_dims[:-1]):
-            conv = ConvNormAct(c, d, 3, padding=1, norm=norm, activation=nn.ReLU())
+            conv = ConvNormAct(c, d, 3, padding=1, norm=norm, activation=nn.ReLU(inplace=True))
             _msra_fill(conv)
             self.add_module(f"mask_fcn{k + 1}", conv)
             c = d

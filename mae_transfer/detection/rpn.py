@@ -30,7 +30,7 @@ class RPNHead(nn.Module):
         super().__init__()
         if num_convs < 1:
             raise ValueError(f"the RPN head needs at least one convolution, got {num_convs}")
-        convs = [ConvNormAct(channels, channels, 3, padding=1, activation=nn.ReLU()) for _ in range(num_convs)]
+        convs = [ConvNormAct(channels, channels, 3, padding=1, activation=nn.ReLU(inplace=True)) for _ in range(num_convs)]
         # One convolution is stored as ``conv``, several as ``conv.conv0``, ``conv.conv1`` (detectron2).
         self.conv = convs[0] if num_convs == 1 else nn.Sequential()
         if num_convs > 1:
