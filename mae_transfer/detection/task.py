@@ -145,6 +145,12 @@ class DetectionTask(TrainTask):
     def param_groups(self, model: nn.Module, optim: OptimConfig) -> list[dict]:
         return detection_param_groups(model, optim)
 
+    def compile_targets(self, model: nn.Module) -> list[nn.Module]:
+        """``--compile`` compiles the backbone (ViT and pyramid: one graph, most of the FLOPs); the
+        RPN and RoI heads have data-dependent shapes (NMS, sampling) that would split them into
+        dozens of graphs and recompile as the box counts change."""
+        return [model.backbone]
+
     def training_step(self, model: nn.Module, batch, device: torch.device):
         images, targets = batch
         images = [im.to(device, non_blocking=True) for im in images]

@@ -122,6 +122,12 @@ class TrainTask:
     def param_groups(self, model: nn.Module, optim: OptimConfig) -> list[dict]:
         return param_groups(model, optim.weight_decay, optim.layer_decay)
 
+    def compile_targets(self, model: nn.Module) -> list[nn.Module] | None:
+        """What ``train.compile`` compiles: None (default) for the whole model; or submodules to
+        compile in place (``nn.Module.compile``, parameter names unchanged), for models whose other
+        parts have data-dependent shapes that would break the graph (Mask R-CNN's heads)."""
+        return None
+
     def on_epoch_end(self, trainer: "Trainer", epoch: int) -> None:
         """Called on every process after each full epoch (pictures, evaluation)."""
 
@@ -454,9 +460,12 @@ class Trainer:
         del resume_state
 
         self.model = model
+        parts = self.task.compile_targets(model) if cfg.compile else None
+        for part in parts or ():
+            part.compile()
         if world > 1:
             self.model = DistributedDataParallel(model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
-        if cfg.compile:
+        if cfg.compile and parts is None:
             self.model = torch.compile(self.model)
         self.dataset = dataset
 
