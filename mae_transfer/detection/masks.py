@@ -214,13 +214,14 @@ def _sample_masks(probs: torch.Tensor, boxes: torch.Tensor, y0: int, y1: int, x0
     return F.grid_sample(probs[:, None], grid, align_corners=False)[:, 0]
 
 
-def _paste_windows(probs: torch.Tensor, boxes: torch.Tensor, image_hw: tuple[int, int], threshold: float):
+def _paste_windows(probs: torch.Tensor, boxes: torch.Tensor, image_hw: tuple[int, int], threshold: float, to_cpu: bool):
     """Each mask pasted in its own pixel window, the box grown by one pixel and clipped to the image.
 
-    Returns the windows ``(x0, y0, x1, y1)`` (N, 4) int64 and the bool crops (list of
-    ``(y1 - y0, x1 - x0)`` CPU tensors). Masks are sampled in batches of similar window size (one
-    ``grid_sample`` each, windows padded to the batch's largest); every pixel is computed as in
-    :func:`_sample_masks`, so the crops equal that function's samples over the whole image.
+    Returns the windows ``(x0, y0, x1, y1)`` (N, 4) int64 on the CPU and the bool crops (list of
+    ``(y1 - y0, x1 - x0)`` tensors, on the CPU with ``to_cpu``, else on ``probs``' device). Masks
+    are sampled in batches of similar window size (one ``grid_sample`` each, windows padded to the
+    batch's largest); every pixel is computed as in :func:`_sample_masks`, so the crops equal that
+    function's samples over the whole image.
     """
     h, w = int(image_hw[0]), int(image_hw[1])
     n = probs.shape[0]
@@ -247,7 +248,7 @@ def _paste_windows(probs: torch.Tensor, boxes: torch.Tensor, image_hw: tuple[int
         start = stop
         if mw == 0 or mh == 0:
             for i in idx:
-                crops[i] = torch.zeros(size[i][1], size[i][0], dtype=torch.bool)
+                crops[i] = torch.zeros(size[i][1], size[i][0], dtype=torch.bool, device="cpu" if to_cpu else dev)
             continue
         sel = torch.tensor(idx, device=dev)
         wsel = win[idx].to(dev)
@@ -258,7 +259,9 @@ def _paste_windows(probs: torch.Tensor, boxes: torch.Tensor, image_hw: tuple[int
         gx = (xs - bx0) / (bx1 - bx0) * 2 - 1
         b = len(idx)
         grid = torch.stack([gx[:, None, :].expand(b, mh, mw), gy[:, :, None].expand(b, mh, mw)], dim=3)
-        on = (F.grid_sample(probs[sel][:, None], grid, align_corners=False)[:, 0] >= threshold).cpu()
+        on = F.grid_sample(probs[sel][:, None], grid, align_corners=False)[:, 0] >= threshold
+        if to_cpu:
+            on = on.cpu()
         for j, i in enumerate(idx):
             crops[i] = on[j, : size[i][1], : size[i][0]]
     return win, crops
@@ -276,12 +279,12 @@ def paste_masks(probs: torch.Tensor, boxes: torch.Tensor, image_hw: tuple[int, i
     """
     h, w = int(image_hw[0]), int(image_hw[1])
     n = probs.shape[0]
-    out = torch.zeros(n, h, w, dtype=torch.bool)
+    out = torch.zeros(n, h, w, dtype=torch.bool, device=probs.device)
     if n:
-        win, crops = _paste_windows(probs.float(), boxes.float().to(probs.device), (h, w), threshold)
+        win, crops = _paste_windows(probs.float(), boxes.float().to(probs.device), (h, w), threshold, to_cpu=False)
         for i, (x0, y0, x1, y1) in enumerate(win.tolist()):
             out[i, y0:y1, x0:x1] = crops[i]
-    return out.to(probs.device)
+    return out
 
 
 def _rle_counts(crop: np.ndarray, x0: int, y0: int, h: int, w: int) -> np.ndarray:
@@ -313,7 +316,7 @@ def paste_masks_rle(probs: torch.Tensor, boxes: torch.Tensor, image_hw: tuple[in
     h, w = int(image_hw[0]), int(image_hw[1])
     if probs.shape[0] == 0:
         return []
-    win, crops = _paste_windows(probs.float(), boxes.float().to(probs.device), (h, w), threshold)
+    win, crops = _paste_windows(probs.float(), boxes.float().to(probs.device), (h, w), threshold, to_cpu=True)
     runs = [{"size": [h, w], "counts": _rle_counts(c.numpy(), x0, y0, h, w)} for c, (x0, y0, _, _) in zip(crops, win.tolist())]
     return [{"size": [h, w], "counts": r["counts"].decode("ascii")} for r in mask_utils.frPyObjects(runs, h, w)]
 
