@@ -21,7 +21,7 @@ import torch
 from mae_transfer.detection.config import build_config
 from mae_transfer.detection.masks import paste_masks_rle
 from mae_transfer.detection.task import build_detector, detection_param_groups
-from mae_transfer.engine.bench import autocast_for, device_name, resolve_device, tf32_enabled, time_steps
+from mae_transfer.engine.bench import autocast_for, count_flops, device_name, resolve_device, tf32_enabled, time_steps
 from mae_transfer.io import atomic_write_json
 
 log = logging.getLogger(__name__)
@@ -109,8 +109,15 @@ def run_detection_speed(
         opt.zero_grad(set_to_none=True)
         return loss.detach()
 
+    def forward_backward() -> None:  # one step's FLOPs, counted once (no optimizer step)
+        with autocast():
+            losses = net(images, targets)
+        sum(v.float() for v in losses.values()).backward()
+        opt.zero_grad(set_to_none=True)
+
     with tf32_enabled(on_cuda):
         net.train()
+        flops, attention = count_flops(forward_backward)
         losses: list[torch.Tensor] = []
         train = time_steps(lambda: losses.append(step()), steps, warmup, dev)
         final_loss = float(losses[-1])
@@ -148,6 +155,10 @@ def run_detection_speed(
         "torch_version": torch.__version__,
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "train_images_per_s": batch_size * steps / train["wall_s"],
+        # Matmuls and convolutions (2 FLOPs per multiply-add); RoIAlign, NMS and mask rasterising not counted.
+        "flops_per_image": flops / batch_size,
+        "tflops": flops / batch_size * (batch_size * steps / train["wall_s"]) / 1e12,
+        "attention_ops": attention,
         "train_s_per_image": train["wall_s"] / (batch_size * steps),
         "step_s_median": train["step_ms_median"] / 1e3,
         "first_step_s": train["first_step_s"],
@@ -174,6 +185,8 @@ def format_detection_speed(r: dict) -> str:
         ("setup", f"batch {r['batch_size']}, {r['instances_per_image']} instances/image, {r['precision']}, grad_ckpt={r['grad_checkpointing']}"),
         ("train", f"{r['train_images_per_s']:.2f} images/s ({r['train_s_per_image']:.3f} s/image; median step {r['step_s_median']:.3f} s; "
                   f"{r['steps']} timed after {r['warmup']} warm-up, first step {r['first_step_s']:.1f} s)"),
+        ("train FLOPs", f"{r['flops_per_image'] / 1e9:.1f} GFLOP/image (matmuls and convolutions), {r['tflops']:.2f} TFLOP/s"
+                        + (f"; attention: {', '.join(r['attention_ops'])}" if r.get("attention_ops") else "")),
         ("train memory", f"{r['train_peak_memory_gib']:.2f} GiB ({r['memory_kind']})"),
         ("inference", f"{r['eval_images_per_s']:.2f} images/s ({r['eval_ms_per_image']:.1f} ms/image, batch {r['eval_batch_size']})"
                       + (f", peak {r['eval_peak_memory_gib']:.2f} GiB" if r.get("eval_peak_memory_gib") is not None else "")),
