@@ -109,14 +109,27 @@ def test_polygon_crop_box_and_mask_targets():
     assert t[2, :14].sum() == 0 and bool(t[2, 14:, :14].all()) and t[2, :, 14:].sum() == 0
 
 
-def test_paste_is_bilinear_at_pixel_centres_and_the_same_in_both_paths():
+def whole_image_paste(probs: torch.Tensor, boxes: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """Reference paste: every mask sampled bilinearly at every pixel centre of the image (one
+    grid_sample, zeros outside the mask), on at >= 0.5; what pasting in box windows must equal."""
+    import torch.nn.functional as F
+
+    n = probs.shape[0]
+    ys = torch.arange(h, dtype=torch.float32) + 0.5
+    xs = torch.arange(w, dtype=torch.float32) + 0.5
+    bx0, by0, bx1, by1 = boxes.split(1, dim=1)
+    gy = (ys - by0) / (by1 - by0) * 2 - 1
+    gx = (xs - bx0) / (bx1 - bx0) * 2 - 1
+    grid = torch.stack([gx[:, None, :].expand(n, h, w), gy[:, :, None].expand(n, h, w)], dim=3)
+    return F.grid_sample(probs[:, None], grid, align_corners=False)[:, 0] >= 0.5
+
+
+def test_paste_is_bilinear_at_pixel_centres_and_equals_whole_image_sampling():
     probs = torch.rand(6, 28, 28)
     boxes = torch.tensor([[3.3, 4.7, 20.2, 30.9], [0.0, 0.0, 50.0, 40.0], [10.5, 2.25, 11.5, 3.0],
                           [40.0, 30.0, 64.0, 48.0], [7.0, 7.0, 40.0, 9.0], [1.2, 0.4, 60.3, 47.9]])
     local = paste_masks(probs, boxes, (48, 64))
-    from mae_transfer.detection.masks import _sample_masks
-
-    whole = _sample_masks(probs, boxes, 0, 48, 0, 64) >= 0.5  # the GPU path: every pixel of the image
+    whole = whole_image_paste(probs, boxes, 48, 64)  # every pixel of the image
     assert torch.equal(local, whole)
     # A constant mask covers exactly the pixels whose centres lie in the box, edges included (sample 0.5).
     full = paste_masks(torch.ones(1, 28, 28), torch.tensor([[2.4, 1.6, 7.5, 5.5]]), (10, 10))[0]
@@ -130,7 +143,7 @@ def test_paste_to_rle_equals_pycocotools_encoding_of_the_pasted_masks():
     import numpy as np
     from pycocotools import mask as mask_utils
 
-    from mae_transfer.detection.masks import _sample_masks, paste_masks_rle
+    from mae_transfer.detection.masks import paste_masks_rle
 
     gen = torch.Generator().manual_seed(0)
     checked = 0
@@ -146,7 +159,7 @@ def test_paste_to_rle_equals_pycocotools_encoding_of_the_pasted_masks():
             probs = torch.rand(n, 28, 28, generator=gen)
         else:  # solid masks: long runs
             probs = (torch.rand(n, 1, 1, generator=gen) + 0.3).expand(n, 28, 28).contiguous()
-        whole = _sample_masks(probs, boxes, 0, h, 0, w) >= 0.5
+        whole = whole_image_paste(probs, boxes, h, w)
         assert torch.equal(paste_masks(probs, boxes, (h, w)), whole)
         expected = mask_utils.encode(np.asfortranarray(whole.numpy().transpose(1, 2, 0).astype(np.uint8)))
         got = paste_masks_rle(probs, boxes, (h, w))

@@ -200,28 +200,14 @@ def mask_targets(segments: Sequence[Segment], gt_index: torch.Tensor, boxes: tor
 _PASTE_SAMPLES = 1 << 26
 
 
-def _sample_masks(probs: torch.Tensor, boxes: torch.Tensor, y0: int, y1: int, x0: int, x1: int) -> torch.Tensor:
-    """Bilinear samples (n, y1 - y0, x1 - x0) of masks (n, M, M) spread over float boxes (n, 4),
-    every mask over the same pixel window (the reference form of :func:`_paste_windows`)."""
-    n = probs.shape[0]
-    dev = probs.device
-    ys = torch.arange(y0, y1, device=dev, dtype=torch.float32) + 0.5
-    xs = torch.arange(x0, x1, device=dev, dtype=torch.float32) + 0.5
-    bx0, by0, bx1, by1 = boxes.split(1, dim=1)
-    gy = (ys - by0) / (by1 - by0) * 2 - 1
-    gx = (xs - bx0) / (bx1 - bx0) * 2 - 1
-    grid = torch.stack([gx[:, None, :].expand(n, len(ys), len(xs)), gy[:, :, None].expand(n, len(ys), len(xs))], dim=3)
-    return F.grid_sample(probs[:, None], grid, align_corners=False)[:, 0]
-
-
 def _paste_windows(probs: torch.Tensor, boxes: torch.Tensor, image_hw: tuple[int, int], threshold: float, to_cpu: bool):
     """Each mask pasted in its own pixel window, the box grown by one pixel and clipped to the image.
 
     Returns the windows ``(x0, y0, x1, y1)`` (N, 4) int64 on the CPU and the bool crops (list of
     ``(y1 - y0, x1 - x0)`` tensors, on the CPU with ``to_cpu``, else on ``probs``' device). Masks
     are sampled in batches of similar window size (one ``grid_sample`` each, windows padded to the
-    batch's largest); every pixel is computed as in :func:`_sample_masks`, so the crops equal that
-    function's samples over the whole image.
+    batch's largest); each pixel's grid coordinate is computed elementwise from its own integer
+    position and box, so a crop holds the same samples as one ``grid_sample`` over the whole image.
     """
     h, w = int(image_hw[0]), int(image_hw[1])
     n = probs.shape[0]

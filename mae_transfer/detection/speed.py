@@ -95,10 +95,13 @@ def run_detection_speed(
     opt = torch.optim.AdamW(groups, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), fused=True if on_cuda else None)
     scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None  # ViTDet's AMP: fp16 + loss scaling
 
-    def step() -> torch.Tensor:
+    def batch_loss() -> torch.Tensor:
         with autocast():
             losses = net(images, targets)
-        loss = sum(v.float() for v in losses.values())
+        return sum(v.float() for v in losses.values())
+
+    def step() -> torch.Tensor:
+        loss = batch_loss()
         if scaler is not None:
             scaler.scale(loss).backward()
             scaler.step(opt)
@@ -110,9 +113,7 @@ def run_detection_speed(
         return loss.detach()
 
     def forward_backward() -> None:  # one step's FLOPs, counted once (no optimizer step)
-        with autocast():
-            losses = net(images, targets)
-        sum(v.float() for v in losses.values()).backward()
+        batch_loss().backward()
         opt.zero_grad(set_to_none=True)
 
     with tf32_enabled(on_cuda):
