@@ -524,19 +524,14 @@ class COCOEvaluator(DatasetEvaluator):
         self.results: list[dict[str, Any]] = []
 
     def process(self, inputs, outputs) -> None:
-        """``outputs`` hold pasted ``masks``, or ``mask_probs`` with ``boxes`` in the original image
-        frame (``MaskRCNN.inference(paste=False)``), which are pasted and RLE-encoded here in one go
-        (each mask in its box window, on the model's device; no full-image mask is made)."""
+        """``outputs``: ``MaskRCNN.inference(paste=False)`` per image (``boxes`` in the original image
+        frame, ``mask_probs`` 28 x 28); the masks are pasted and RLE-encoded here in one go (each in
+        its box window, on the model's device; no full-image mask is made)."""
         _, targets = inputs
-        preds = []
-        for o, t in zip(outputs, targets):
-            pred = {"image_id": t["image_id"], "boxes": o["boxes"].float().cpu(), "scores": o["scores"].float().cpu(),
-                    "labels": o["labels"].cpu()}
-            if o.get("masks") is not None:
-                pred["masks"] = o["masks"].cpu()
-            else:
-                pred["rles"] = paste_masks_rle(o["mask_probs"], o["boxes"], tuple(int(v) for v in t["orig_size"]))
-            preds.append(pred)
+        preds = [{"image_id": t["image_id"], "boxes": o["boxes"].float().cpu(), "scores": o["scores"].float().cpu(),
+                  "labels": o["labels"].cpu(),
+                  "rles": paste_masks_rle(o["mask_probs"], o["boxes"], tuple(int(v) for v in t["orig_size"]))}
+                 for o, t in zip(outputs, targets)]
         self.results.extend(predictions_to_coco_results(preds, self.dataset.label_to_cat_id))
 
     def state(self) -> list[dict[str, Any]]:

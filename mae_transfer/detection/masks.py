@@ -212,6 +212,7 @@ def _paste_windows(probs: torch.Tensor, boxes: torch.Tensor, image_hw: tuple[int
     h, w = int(image_hw[0]), int(image_hw[1])
     n = probs.shape[0]
     dev = probs.device
+    probs, boxes = probs.float(), boxes.float().to(dev)
     lo = (boxes[:, :2].floor() - 1).clamp(min=0)
     win = torch.stack([lo[:, 0].clamp(max=w), lo[:, 1].clamp(max=h),
                        (boxes[:, 2].ceil() + 1).clamp(max=w), (boxes[:, 3].ceil() + 1).clamp(max=h)], dim=1).to(torch.int64)
@@ -267,7 +268,7 @@ def paste_masks(probs: torch.Tensor, boxes: torch.Tensor, image_hw: tuple[int, i
     n = probs.shape[0]
     out = torch.zeros(n, h, w, dtype=torch.bool, device=probs.device)
     if n:
-        win, crops = _paste_windows(probs.float(), boxes.float().to(probs.device), (h, w), threshold, to_cpu=False)
+        win, crops = _paste_windows(probs, boxes, (h, w), threshold, to_cpu=False)
         for i, (x0, y0, x1, y1) in enumerate(win.tolist()):
             out[i, y0:y1, x0:x1] = crops[i]
     return out
@@ -302,7 +303,7 @@ def paste_masks_rle(probs: torch.Tensor, boxes: torch.Tensor, image_hw: tuple[in
     h, w = int(image_hw[0]), int(image_hw[1])
     if probs.shape[0] == 0:
         return []
-    win, crops = _paste_windows(probs.float(), boxes.float().to(probs.device), (h, w), threshold, to_cpu=True)
+    win, crops = _paste_windows(probs, boxes, (h, w), threshold, to_cpu=True)
     runs = [{"size": [h, w], "counts": _rle_counts(c.numpy(), x0, y0, h, w)} for c, (x0, y0, _, _) in zip(crops, win.tolist())]
     return [{"size": [h, w], "counts": r["counts"].decode("ascii")} for r in mask_utils.frPyObjects(runs, h, w)]
 
