@@ -91,20 +91,60 @@ def _add_speed(sub) -> None:
     p.add_argument("--data", metavar="DIR", help="--data-only: the dataset (default: the built-in toy data)")
     p.add_argument("--samples", type=int, default=16, help="--data-only: samples to time")
     p.add_argument("--split", metavar="NAME", help="--data-only: the split whose images go through the training transforms")
-    p.add_argument("--model", default="mae_vit_base_patch16", help="pretrain: the MAE model")
-    p.add_argument("--preset", default="vitdet_mask_rcnn_b", help="coco: the detection preset")
-    p.add_argument("--batch-size", type=int, help="default: 256 on GPU, 8 on CPU")
-    p.add_argument("--steps", type=int, default=20, help="timed steps")
-    p.add_argument("--warmup", type=int, default=5, help="untimed steps first")
+    p.add_argument("--model", help="pretrain: the MAE model (default mae_vit_base_patch16)")
+    p.add_argument("--preset", help="coco / ade20k / finetune: the task preset (default vitdet_mask_rcnn_b, upernet_vit_b, "
+                                    "finetune_vit_base)")
+    p.add_argument("--batch-size", type=int, help="default: 256 on GPU, 8 on CPU (pretrain); 4 / 1 (coco); 8 (ade20k); 128 (finetune)")
+    p.add_argument("--steps", type=int, help="timed steps (default 20 for pretrain and coco, 10 for ade20k and finetune; "
+                                              "all: each workload's own)")
+    p.add_argument("--warmup", type=int, help="untimed steps first (default 5, 3 for ade20k and finetune)")
     p.add_argument("--precision", choices=["auto", "bf16", "fp16", "fp32"], default="auto",
-                   help="auto: bf16 on a GPU, fp32 on the CPU; fp16 (coco, GPU only) is ViTDet's AMP with loss scaling")
+                   help="auto: bf16 on a GPU, fp32 on the CPU (all: for every workload; --tiny --precision bf16 runs "
+                        "the GPU's bf16 code paths on a CPU); fp16 (coco, GPU only) is ViTDet's AMP with loss scaling")
     p.add_argument("--device", choices=["cuda", "cpu"], help="default: cuda when available")
-    p.add_argument("--compile", action="store_true", help="torch.compile the model")
-    p.add_argument("--grad-checkpointing", action="store_true")
-    p.add_argument("--img-size", type=int)
-    p.add_argument("--peak-tflops", type=float, help="device peak for the MFU column")
+    p.add_argument("--compile", action="store_true", help="pretrain / finetune: torch.compile the model")
+    p.add_argument("--grad-checkpointing", action="store_true", help="pretrain / coco")
+    p.add_argument("--img-size", type=int, help="pretrain / coco")
+    p.add_argument("--peak-tflops", type=float, help="pretrain: device peak for the MFU column")
     p.add_argument("--json", metavar="PATH", help="also write the numbers to this JSON file")
     p.set_defaults(func=_run_speed)
+
+
+# Which `speed` options each workload takes (the rest would be silently ignored: refused instead).
+_SPEED_OPTIONS = {
+    "all": {"tiny", "precision", "device", "json", "steps", "warmup"},
+    "pretrain": {"model", "batch_size", "steps", "warmup", "precision", "device", "compile", "grad_checkpointing", "img_size",
+                 "peak_tflops", "json"},
+    "finetune": {"preset", "batch_size", "steps", "warmup", "precision", "device", "compile", "json"},
+    "coco": {"preset", "batch_size", "steps", "warmup", "precision", "device", "grad_checkpointing", "img_size", "json"},
+    "ade20k": {"preset", "batch_size", "steps", "warmup", "precision", "device", "json"},
+    "data_only": {"data_only", "data", "samples", "split", "preset", "json"},
+}
+_SPEED_DEFAULTS = {"tiny": False, "data_only": False, "data": None, "samples": 16, "split": None, "model": None, "preset": None,
+                   "batch_size": None, "steps": None, "warmup": None, "precision": "auto", "device": None, "compile": False,
+                   "grad_checkpointing": False, "img_size": None, "peak_tflops": None, "json": None}
+
+
+def _check_speed_options(args) -> None:
+    """One clear error for an option the chosen measurement does not use, instead of ignoring it."""
+    from mae_transfer.config import ConfigError
+
+    if args.data_only and args.what not in ("coco", "ade20k"):
+        raise ConfigError(f"--data-only times the coco or ade20k training pipeline, not {args.what}")
+    kind = "data_only" if args.data_only else args.what
+    unused = [f"--{name.replace('_', '-')}" for name, default in _SPEED_DEFAULTS.items()
+              if getattr(args, name) != default and name not in _SPEED_OPTIONS[kind] and name != "data_only"]
+    if unused:
+        what = f"speed {args.what}" + (" --data-only" if args.data_only else "")
+        takes = ", ".join(f"--{n.replace('_', '-')}" for n in sorted(_SPEED_OPTIONS[kind]) if n != "data_only")
+        raise ConfigError(f"{what} does not use {', '.join(unused)}; it takes {takes}")
+    if args.precision == "fp16" and args.what != "coco":
+        raise ConfigError(f"--precision fp16 is for speed coco (ViTDet's AMP with loss scaling); speed {args.what} takes auto, bf16 or fp32")
+    for name in ("steps", "batch_size", "samples"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            raise ConfigError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    if args.warmup is not None and args.warmup < 0:
+        raise ConfigError(f"--warmup must be 0 or more, got {args.warmup}")
 
 
 def _run_speed(args) -> int:
@@ -114,16 +154,14 @@ def _run_speed(args) -> int:
     from mae_transfer.pretrain.speed import format_speed_report, run_pretrain_speed
 
     setup_logging(0)
+    _check_speed_options(args)
     on_gpu = args.device == "cuda" or (args.device is None and torch.cuda.is_available())
+    steps = {} if args.steps is None else {"steps": args.steps}
+    steps.update({} if args.warmup is None else {"warmup": args.warmup})
     if args.data_only:
         from mae_transfer.evaluation.speed import run_data_speed
 
-        if args.what not in ("coco", "ade20k"):
-            from mae_transfer.config import ConfigError
-
-            raise ConfigError("--data-only times the coco or ade20k training pipeline")
-        r = run_data_speed(args.what, args.data, samples=args.samples, split=args.split,
-                           preset=None if args.preset == "vitdet_mask_rcnn_b" else args.preset)
+        r = run_data_speed(args.what, args.data, samples=args.samples, split=args.split, preset=args.preset)
         print(f"{r['task']} training pipeline on {r['data']} {r['split']} ({r['preset']}, {r['img_size']} px): {r['samples_per_s']:.2f} samples/s "
               f"per worker ({r['samples']} samples in {r['seconds']:.2f} s, one process)")
         if args.json:
@@ -135,7 +173,7 @@ def _run_speed(args) -> int:
         from mae_transfer.evaluation.speed import format_speed_table, run_speed_all
 
         print(f"mae-transfer speed all{' --tiny' if args.tiny else ''}:")
-        rows = run_speed_all(tiny=args.tiny, device=args.device, json_path=args.json)
+        rows = run_speed_all(tiny=args.tiny, device=args.device, json_path=args.json, precision=args.precision, **steps)
         print(format_speed_table(rows))
         if args.json:
             print(f"written to {args.json}")
@@ -147,10 +185,10 @@ def _run_speed(args) -> int:
             from mae_transfer.classification.speed import run_finetune_speed as run
         else:
             from mae_transfer.segmentation.speed import run_segmentation_speed as run
-        preset = None if args.preset == "vitdet_mask_rcnn_b" else args.preset
-        kw = {"preset": preset} if preset else {}
-        r = run(steps=args.steps, warmup=args.warmup, device=args.device, precision=args.precision,
-                **kw, **({"batch_size": args.batch_size} if args.batch_size else {}))
+        kw = {"preset": args.preset} if args.preset else {}
+        if args.what == "finetune":
+            kw["compile"] = args.compile
+        r = run(device=args.device, precision=args.precision, **steps, **kw, **({"batch_size": args.batch_size} if args.batch_size else {}))
         print(json.dumps({k: v for k, v in r.items()}, indent=1, default=str))
         if args.json:
             from mae_transfer.io import atomic_write_json
@@ -161,7 +199,8 @@ def _run_speed(args) -> int:
         from mae_transfer.detection.speed import format_detection_speed, run_detection_speed
 
         result = run_detection_speed(
-            preset=args.preset, batch_size=args.batch_size or (4 if on_gpu else 1), steps=args.steps, warmup=args.warmup,
+            preset=args.preset or "vitdet_mask_rcnn_b", batch_size=args.batch_size or (4 if on_gpu else 1),
+            steps=args.steps or 20, warmup=5 if args.warmup is None else args.warmup,
             device=args.device, precision=args.precision, grad_checkpointing=args.grad_checkpointing or None,
             img_size=args.img_size, json_path=args.json,
         )
@@ -171,7 +210,8 @@ def _run_speed(args) -> int:
         return 0
     batch = args.batch_size or (256 if on_gpu else 8)
     kwargs = dict(
-        model=args.model, batch_size=batch, steps=args.steps, warmup=args.warmup, device=args.device,
+        model=args.model or "mae_vit_base_patch16", batch_size=batch, steps=args.steps or 20,
+        warmup=5 if args.warmup is None else args.warmup, device=args.device,
         precision=args.precision, compile=args.compile, grad_checkpointing=args.grad_checkpointing,
         img_size=args.img_size, json_path=args.json,
     )

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from mae_transfer.cli import main
 
 
@@ -21,6 +23,35 @@ def test_speed_all_tiny_runs_every_workload(tmp_path, cache, capsys):
         assert r["workload"] in table
     assert all(r["tflops"] > 0 for r in rows)  # FLOPs counted for every workload (detection: matmuls and convolutions)
     assert rows[1]["detail"]["flops_per_image"] > 0 and rows[3]["inference_images_per_s"] > 0
+    # Which attention ran: CPU flash for the plain ViTs; the relative-position bias of ViTDet and
+    # UperNet needs a gradient, so CPU SDPA falls back to the unfused math path (named, not "-").
+    assert [r["attention"] for r in rows] == ["_scaled_dot_product_flash_attention_for_cpu"] * 2 + ["math (unfused SDPA)"] * 2
+
+
+def test_speed_all_tiny_bf16_runs_the_gpu_precision_paths_on_cpu(tmp_path, cache):
+    out = tmp_path / "speed.json"
+    assert main(["speed", "all", "--tiny", "--device", "cpu", "--precision", "bf16", "--steps", "1", "--warmup", "0",
+                 "--json", str(out)]) == 0
+    data = json.loads(out.read_text())
+    assert data["precision"] == "bf16"
+    for r in data["rows"]:
+        assert "error" not in r and r["precision"] == "bf16" and r["images_per_s"] > 0, r
+    assert data["rows"][2]["inference_images_per_s"] > 0  # Mask R-CNN inference + mask pasting under bf16 autocast
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["all", "--batch-size", "4"], "speed all does not use --batch-size"),
+    (["finetune", "--img-size", "384"], "speed finetune does not use --img-size"),
+    (["ade20k", "--compile"], "speed ade20k does not use --compile"),
+    (["pretrain", "--tiny"], "speed pretrain does not use --tiny"),
+    (["coco", "--data-only", "--steps", "3"], "speed coco --data-only does not use --steps"),
+    (["pretrain", "--data-only"], "--data-only times the coco or ade20k"),
+    (["all", "--precision", "fp16"], "--precision fp16 is for speed coco"),
+    (["coco", "--steps", "0"], "--steps must be at least 1"),
+])
+def test_speed_refuses_options_it_would_ignore(argv, message, capsys):
+    assert main(["speed", *argv]) == 2  # one line naming the option, before anything is built or measured
+    assert message in capsys.readouterr().err
 
 
 def test_data_only_times_the_training_pipelines(tmp_path, cache, shared, capsys):

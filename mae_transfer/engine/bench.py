@@ -127,16 +127,37 @@ def extra_flop_formulas() -> dict:
     return mapping
 
 
+class _SDPACalls(torch.overrides.TorchFunctionMode):
+    """Counts ``F.scaled_dot_product_attention`` calls (the fused kernel, if any, shows up as an
+    aten op; the unfused math fallback only as plain matmuls)."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func is torch.nn.functional.scaled_dot_product_attention:
+            self.calls += 1
+        return func(*args, **(kwargs or {}))
+
+
+MATH_ATTENTION = "math (unfused SDPA)"
+
+
 def count_flops(fn) -> tuple[float, list[str]]:
     """FLOPs of one call of ``fn()`` (``torch.utils.flop_counter``: matmuls and convolutions, 2 per
-    multiply-add) and the names of the attention kernels it ran."""
+    multiply-add) and the names of the attention kernels it ran: the fused SDPA kernels by their
+    aten names, :data:`MATH_ATTENTION` when ``scaled_dot_product_attention`` ran unfused (e.g. a
+    CPU attention bias that needs a gradient; its matmuls are counted as matmuls)."""
     from torch.utils.flop_counter import FlopCounterMode
 
     counter = FlopCounterMode(display=False, custom_mapping=extra_flop_formulas())
-    with counter:
+    sdpa = _SDPACalls()
+    with counter, sdpa:
         fn()
     ops = counter.get_flop_counts().get("Global", {})
-    return float(counter.get_total_flops()), sorted(str(op) for op in ops if "attention" in str(op) and "backward" not in str(op))
+    fused = sorted(str(op) for op in ops if "attention" in str(op) and "backward" not in str(op))
+    return float(counter.get_total_flops()), fused or ([MATH_ATTENTION] if sdpa.calls else [])
 
 
 def benchmark_training(forward_backward, optimizer, batch_size: int, steps: int, warmup: int, dev: torch.device,

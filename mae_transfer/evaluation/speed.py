@@ -21,22 +21,25 @@ log = logging.getLogger(__name__)
 HOPPER_BF16_TFLOPS = 790.0  # measured dense bf16 matmul peak of an H100/H200 (pretrain/speed.py)
 
 
-def _workloads(tiny: bool, device: str | None) -> list[tuple[str, str, Callable[[], dict]]]:
-    """(label, target, run) of every workload, run lazily."""
+def _workloads(tiny: bool, device: str | None, precision: str = "auto", steps: int | None = None,
+               warmup: int | None = None) -> list[tuple[str, str, Callable[[], dict]]]:
+    """(label, target, run) of every workload, run lazily; ``steps`` / ``warmup`` replace each
+    workload's own counts when given."""
     from mae_transfer.classification.speed import run_finetune_speed
     from mae_transfer.detection.speed import run_detection_speed
     from mae_transfer.pretrain.speed import run_pretrain_speed
     from mae_transfer.segmentation.speed import run_segmentation_speed
 
     if tiny:  # micro models, a few steps: the code paths, not the numbers
-        kw = dict(steps=2, warmup=1, device=device)
+        kw = dict(steps=steps or 2, warmup=1 if warmup is None else warmup, device=device, precision=precision)
         return [
             ("MAE pretrain micro/8", "-", lambda: run_pretrain_speed("mae_vit_micro_patch8", batch_size=8, **kw)),
             ("fine-tune micro/8", "-", lambda: run_finetune_speed("toy_finetune", batch_size=8, num_classes=10, **kw)),
             ("Mask R-CNN micro", "-", lambda: run_detection_speed("toy", batch_size=2, **kw)),
             ("UperNet micro", "-", lambda: run_segmentation_speed("toy", batch_size=2, **kw)),
         ]
-    kw = dict(device=device)
+    kw = dict(device=device, precision=precision, **({} if steps is None else {"steps": steps}),
+              **({} if warmup is None else {"warmup": warmup}))
     return [
         ("MAE pretrain ViT-B/16", ">= 40 % MFU", lambda: run_pretrain_speed("mae_vit_base_patch16", batch_size=256, **kw)),
         ("MAE pretrain ViT-B/16 compiled", ">= 40 % MFU",
@@ -64,11 +67,13 @@ def _row(label: str, target: str, r: dict) -> dict:
 
 
 def run_speed_all(tiny: bool = False, device: str | None = None, json_path: str | Path | None = None,
-                  echo: Callable[[str], None] = print) -> list[dict]:
-    """Run every workload (a failing one is recorded with its error and the others go on)."""
+                  echo: Callable[[str], None] = print, precision: str = "auto", steps: int | None = None,
+                  warmup: int | None = None) -> list[dict]:
+    """Run every workload (a failing one is recorded with its error and the others go on) in
+    ``precision`` (auto: bf16 on a GPU, fp32 on a CPU)."""
     rows = []
     t0 = time.perf_counter()
-    for label, target, run in _workloads(tiny, device):
+    for label, target, run in _workloads(tiny, device, precision, steps, warmup):
         echo(f"  {label} ...")
         try:
             rows.append(_row(label, target, run()))
@@ -76,7 +81,7 @@ def run_speed_all(tiny: bool = False, device: str | None = None, json_path: str 
             log.warning("%s failed: %r", label, e)
             rows.append({"workload": label, "target": target, "error": f"{type(e).__name__}: {e}"[:300]})
     if json_path is not None:
-        atomic_write_json(json_path, {"tiny": tiny, "seconds": time.perf_counter() - t0, "rows": rows})
+        atomic_write_json(json_path, {"tiny": tiny, "precision": precision, "seconds": time.perf_counter() - t0, "rows": rows})
     return rows
 
 

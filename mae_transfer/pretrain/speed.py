@@ -31,7 +31,7 @@ from typing import Callable
 import torch
 
 from mae_transfer.engine.bench import device_name as _device_name
-from mae_transfer.engine.bench import extra_flop_formulas as _extra_flop_formulas
+from mae_transfer.engine.bench import count_flops
 from mae_transfer.engine.bench import resolve_device as _resolve_device
 from mae_transfer.engine.bench import rss_peak_bytes as _rss_peak_bytes
 from mae_transfer.engine.bench import tf32_enabled as _tf32_enabled
@@ -66,20 +66,17 @@ def count_train_step_flops(
     Activation checkpointing is switched off for the count (recomputation is not model work,
     MFU convention) and the gradients it leaves are cleared.
     """
-    from torch.utils.flop_counter import FlopCounterMode
-
     was_training, was_ckpt = model.training, model.grad_checkpointing
     model.train()
     model.grad_checkpointing = False
+
+    def forward_backward():
+        with autocast():
+            out = model(imgs, mask_ratio=mask_ratio)
+        out.loss.backward()
+
     try:
-        counter = FlopCounterMode(display=False, custom_mapping=_extra_flop_formulas())
-        with counter:
-            with autocast():
-                out = model(imgs, mask_ratio=mask_ratio)
-            out.loss.backward()
-        total = counter.get_total_flops()
-        ops = counter.get_flop_counts().get("Global", {})
-        attention = sorted(str(op) for op in ops if "attention" in str(op) and "backward" not in str(op))
+        total, attention = count_flops(forward_backward)
     finally:
         model.zero_grad(set_to_none=True)
         model.grad_checkpointing = was_ckpt
