@@ -232,3 +232,15 @@ def test_overrides_parse_and_type_check():
         build_config(None, parse_overrides(["train.epochs=many"]))
     with pytest.raises(ConfigError, match="mask_ratio"):
         build_config(None, parse_overrides(["model.mask_ratio=1.5"]))
+
+
+@pytest.mark.parametrize("cpus, threads, expected", [(2, 2, 0), (2, 1, 1), (16, 8, 2), (1, 1, 0)])
+def test_cpu_workers_take_only_the_cores_the_compute_threads_leave(monkeypatch, cpus, threads, expected):
+    from mae_transfer.engine import trainer
+
+    monkeypatch.setattr(trainer.os, "sched_getaffinity", lambda pid: set(range(cpus)), raising=False)
+    monkeypatch.setattr(trainer.torch, "get_num_threads", lambda: threads)
+    assert trainer.default_num_workers(None, torch.device("cpu")) == expected
+    assert trainer.default_num_workers(3, torch.device("cpu")) == 3  # an explicit train.num_workers is kept
+    with pytest.raises(ConfigError, match="train.num_workers"):
+        TrainConfig(num_workers=-1).validate()
