@@ -107,7 +107,9 @@ def _add_speed(sub) -> None:
     p.add_argument("--img-size", type=int, help="pretrain / coco")
     p.add_argument("--peak-tflops", type=float, help="pretrain: device peak for the MFU column")
     p.add_argument("--json", metavar="PATH", help="also write the numbers to this JSON file")
-    p.set_defaults(func=_run_speed)
+    # Every option's default, to tell which ones were given (_check_speed_options).
+    defaults = {k: v for k, v in vars(p.parse_args(["all"])).items() if k != "what"}
+    p.set_defaults(func=_run_speed, speed_defaults=defaults)
 
 
 # Which `speed` options each workload takes (the rest would be silently ignored: refused instead).
@@ -120,9 +122,6 @@ _SPEED_OPTIONS = {
     "ade20k": {"preset", "batch_size", "steps", "warmup", "precision", "device", "json"},
     "data_only": {"data_only", "data", "samples", "split", "preset", "json"},
 }
-_SPEED_DEFAULTS = {"tiny": False, "data_only": False, "data": None, "samples": 16, "split": None, "model": None, "preset": None,
-                   "batch_size": None, "steps": None, "warmup": None, "precision": "auto", "device": None, "compile": False,
-                   "grad_checkpointing": False, "img_size": None, "peak_tflops": None, "json": None}
 
 
 def _check_speed_options(args) -> None:
@@ -132,7 +131,7 @@ def _check_speed_options(args) -> None:
     if args.data_only and args.what not in ("coco", "ade20k"):
         raise ConfigError(f"--data-only times the coco or ade20k training pipeline, not {args.what}")
     kind = "data_only" if args.data_only else args.what
-    unused = [f"--{name.replace('_', '-')}" for name, default in _SPEED_DEFAULTS.items()
+    unused = [f"--{name.replace('_', '-')}" for name, default in args.speed_defaults.items()
               if getattr(args, name) != default and name not in _SPEED_OPTIONS[kind] and name != "data_only"]
     if unused:
         what = f"speed {args.what}" + (" --data-only" if args.data_only else "")
