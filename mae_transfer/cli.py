@@ -120,7 +120,7 @@ _SPEED_OPTIONS = {
     "finetune": {"preset", "batch_size", "steps", "warmup", "precision", "device", "compile", "json"},
     "coco": {"preset", "batch_size", "steps", "warmup", "precision", "device", "grad_checkpointing", "img_size", "json"},
     "ade20k": {"preset", "batch_size", "steps", "warmup", "precision", "device", "json"},
-    "data_only": {"data_only", "data", "samples", "split", "preset", "json"},
+    "data_only": {"data", "samples", "split", "preset", "json"},
 }
 
 
@@ -135,7 +135,7 @@ def _check_speed_options(args) -> None:
               if getattr(args, name) != default and name not in _SPEED_OPTIONS[kind] and name != "data_only"]
     if unused:
         what = f"speed {args.what}" + (" --data-only" if args.data_only else "")
-        takes = ", ".join(f"--{n.replace('_', '-')}" for n in sorted(_SPEED_OPTIONS[kind]) if n != "data_only")
+        takes = ", ".join(f"--{n.replace('_', '-')}" for n in sorted(_SPEED_OPTIONS[kind]))
         raise ConfigError(f"{what} does not use {', '.join(unused)}; it takes {takes}")
     if args.precision == "fp16" and args.what != "coco":
         raise ConfigError(f"--precision fp16 is for speed coco (ViTDet's AMP with loss scaling); speed {args.what} takes auto, bf16 or fp32")
