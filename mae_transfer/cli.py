@@ -83,12 +83,21 @@ def _add_speed(sub) -> None:
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("what", choices=["all", "pretrain", "finetune", "coco", "ade20k"],
-                   help="which workload to measure; all: every workload in one table (and one --json)")
+    p.add_argument("what", choices=["all", "pretrain", "finetune", "coco", "ade20k", "inat", "places",
+                                    "inat2017", "inat2018", "inat2019", "places205", "places365"],
+                   help="which workload to measure; all: every workload in one table (and one --json); "
+                        "inat / places (2018 / 365) and the other dataset names: --data-only only")
     p.add_argument("--tiny", action="store_true", help="all: micro models, a few steps (the code paths on a CPU, under a minute)")
     p.add_argument("--data-only", action="store_true",
-                   help="coco / ade20k: time the real training data pipeline (decode + transforms) per worker instead")
+                   help="coco / ade20k / inat / places: the data instead of the model: dataset build time and memory, "
+                        "one pass over the index in --workers DataLoader workers (their private memory before and "
+                        "after), and samples/s of the training pipeline (decode + transforms) per worker")
     p.add_argument("--data", metavar="DIR", help="--data-only: the dataset (default: the built-in toy data)")
+    p.add_argument("--full-size", action="store_true",
+                   help="--data-only: annotation files with the official counts (COCO 2017, iNat 2018, Places365, "
+                        "ADE20K) pointing at a few real images, written once into the cache "
+                        "(or give --data DIR written by `mae-transfer toy-data --full-size KIND DIR`)")
+    p.add_argument("--workers", type=int, default=4, help="--data-only: DataLoader workers of the index pass (0: none)")
     p.add_argument("--samples", type=int, default=16, help="--data-only: samples to time")
     p.add_argument("--split", metavar="NAME", help="--data-only: the split whose images go through the training transforms")
     p.add_argument("--model", help="pretrain: the MAE model (default mae_vit_base_patch16)")
@@ -120,7 +129,7 @@ _SPEED_OPTIONS = {
     "finetune": {"preset", "batch_size", "steps", "warmup", "precision", "device", "compile", "json"},
     "coco": {"preset", "batch_size", "steps", "warmup", "precision", "device", "grad_checkpointing", "img_size", "json"},
     "ade20k": {"preset", "batch_size", "steps", "warmup", "precision", "device", "json"},
-    "data_only": {"data", "samples", "split", "preset", "json"},
+    "data_only": {"data", "samples", "split", "preset", "json", "workers", "full_size"},
 }
 
 
@@ -128,8 +137,12 @@ def _check_speed_options(args) -> None:
     """One clear error for an option the chosen measurement does not use, instead of ignoring it."""
     from mae_transfer.config import ConfigError
 
-    if args.data_only and args.what not in ("coco", "ade20k"):
-        raise ConfigError(f"--data-only times the coco or ade20k training pipeline, not {args.what}")
+    if args.data_only and args.what in ("all", "pretrain", "finetune"):
+        raise ConfigError(f"--data-only measures the data of coco, ade20k, inat or places, not {args.what}")
+    if not args.data_only and args.what not in ("all", "pretrain", "finetune", "coco", "ade20k"):
+        raise ConfigError(f"speed {args.what} measures data only: add --data-only")
+    if args.workers < 0:
+        raise ConfigError(f"--workers must be 0 or more, got {args.workers}")
     kind = "data_only" if args.data_only else args.what
     unused = [f"--{name.replace('_', '-')}" for name, default in args.speed_defaults.items()
               if getattr(args, name) != default and name not in _SPEED_OPTIONS[kind] and name != "data_only"]
@@ -158,11 +171,11 @@ def _run_speed(args) -> int:
     steps = {} if args.steps is None else {"steps": args.steps}
     steps.update({} if args.warmup is None else {"warmup": args.warmup})
     if args.data_only:
-        from mae_transfer.evaluation.speed import run_data_speed
+        from mae_transfer.evaluation.data_speed import format_data_speed, run_data_speed
 
-        r = run_data_speed(args.what, args.data, samples=args.samples, split=args.split, preset=args.preset)
-        print(f"{r['task']} training pipeline on {r['data']} {r['split']} ({r['preset']}, {r['img_size']} px): {r['samples_per_s']:.2f} samples/s "
-              f"per worker ({r['samples']} samples in {r['seconds']:.2f} s, one process)")
+        r = run_data_speed(args.what, args.data, workers=args.workers, samples=args.samples, split=args.split,
+                           preset=args.preset, full_size=args.full_size)
+        print(format_data_speed(r))
         if args.json:
             from mae_transfer.io import atomic_write_json
 
@@ -232,6 +245,19 @@ or are printed (--launcher print) or submitted to SLURM through submitit (--laun
 metric lands in RESULTS/results.jsonl with its provenance (backbone sha256, config hash, git commit,
 package versions, hardware, wall time, date); pandas reads it with read_json(path, lines=True).
 
+Launchers:
+  local           run the jobs here, one after another (the default)
+  print           print their commands, to run elsewhere; `bench` afterwards records them
+  slurm           submit each job as a SLURM job through submitit (pip install 'mae-transfer[slurm]');
+                  needs `sbatch` (a login node). Job ids are kept in RUN_DIR/slurm_job.json and
+                  submitit's logs in RESULTS/slurm/JOBID/. Run the same `bench` again to record the
+                  finished jobs (a failed one as a job_failed row, submitted again unless
+                  --no-retry); pending or running jobs are reported, never submitted twice. A job
+                  gets SIGUSR2 90 s before its time limit: it saves its checkpoint, is requeued
+                  and resumes from it.
+  submitit-local  the slurm path with real local processes (submitit's LocalExecutor): the same
+                  records, logs, time limit and requeue, a rehearsal without a cluster.
+
 Running the same command again does no work for jobs already recorded (same backbone weights and
 the same resolved config), records jobs that finished outside the runner, retries failed jobs,
 and resumes a job that was interrupted from its checkpoint. A failing job is recorded with its
@@ -252,6 +278,7 @@ examples:
   mae-transfer bench ... --set coco:train.epochs=25 --set '*:train.device=cuda'
   mae-transfer bench ... --launcher print        # the torchrun commands, to run elsewhere
   mae-transfer bench ... --launcher slurm --slurm-partition learnfair --slurm-time 4320
+  mae-transfer bench ... --launcher submitit-local   # the same, as local processes
   mae-transfer table --results results/          # the tables again, in any format
 """
 
@@ -268,14 +295,20 @@ def _add_bench(sub) -> None:
     p.add_argument("--set", action="append", default=[], metavar="TASK:KEY=VALUE", help="config override of a task ('*' for all tasks)")
     p.add_argument("--random-model", metavar="NAME", help="architecture of random-init backbones (default: that of the first checkpoint)")
     _add_flags(p, ["trust_checkpoint"])
-    p.add_argument("--launcher", choices=["local", "print", "slurm"], default="local")
+    p.add_argument("--launcher", choices=["local", "print", "slurm", "submitit-local"], default="local",
+                   help="local: run the jobs here (default); print: print their commands; slurm: submit them to SLURM "
+                        "through submitit; submitit-local: the slurm path with local processes (see above)")
     p.add_argument("--nproc-per-node", type=int, default=1, help="processes (GPUs) per job; > 1 runs jobs under torchrun")
-    p.add_argument("--in-process", action="store_true", help="run jobs inside this process (faster for tiny jobs; no torchrun)")
-    p.add_argument("--verbose", action="store_true", help="show the jobs' own output instead of writing it to their bench.log")
-    p.add_argument("--no-retry", action="store_true", help="do not run failed jobs again")
+    p.add_argument("--in-process", action="store_true", help="--launcher local: run jobs inside this process (faster for tiny jobs; no torchrun)")
+    p.add_argument("--verbose", action="store_true", help="--launcher local: show the jobs' own output instead of writing it to their bench.log")
+    p.add_argument("--no-retry", action="store_true", help="do not run (or submit) failed jobs again")
     p.add_argument("--baseline", metavar="NAME", help="backbone the deltas refer to (default: one named random/scratch)")
-    p.add_argument("--slurm-partition", metavar="NAME")
-    p.add_argument("--slurm-time", type=int, default=4320, metavar="MIN", help="SLURM time limit in minutes")
+    p.add_argument("--slurm-partition", metavar="NAME", help="--launcher slurm: the partition")
+    p.add_argument("--slurm-account", metavar="NAME", help="--launcher slurm: the account to charge")
+    p.add_argument("--slurm-qos", metavar="NAME", help="--launcher slurm: the quality of service")
+    p.add_argument("--slurm-time", type=int, metavar="MIN",
+                   help="--launcher slurm / submitit-local: time limit of each job in minutes (default 4320); the job is "
+                        "signalled before it (SLURM: 90 s, local: 30 s), saves, and is requeued")
     p.set_defaults(func=_run_bench)
 
 
@@ -286,7 +319,15 @@ def _run_bench(args) -> int:
     from mae_transfer.evaluation.registry import TASKS, benchmark_tasks, data_keys
     from mae_transfer.evaluation.report import write_report
 
+    from mae_transfer.evaluation import cluster
+
     setup_logging(0)
+    slurm = {"partition": args.slurm_partition, "account": args.slurm_account, "qos": args.slurm_qos, "time": args.slurm_time}
+    cluster.check_options(args.launcher, slurm)  # before anything is planned: one line if the launcher can't run
+    if args.launcher != "local":
+        given = [f for f, on in (("--in-process", args.in_process), ("--verbose", args.verbose)) if on]
+        if given:
+            raise ConfigError(f"{', '.join(given)}: only for --launcher local (this is --launcher {args.launcher})")
     backbones = bench.parse_backbones(args.backbone)
     tasks = bench.parse_tasks(args.tasks)
     data = bench.parse_task_map(args.data, "--data", data_keys())
@@ -304,18 +345,22 @@ def _run_bench(args) -> int:
     if args.launcher == "print":
         bench.print_commands(jobs, results, args.nproc_per_node)
         return 0
-    if args.launcher == "slurm":
-        slurm = {"timeout_min": args.slurm_time}
-        if args.slurm_partition:
-            slurm["slurm_partition"] = args.slurm_partition
-        bench.submit_slurm(jobs, results, args.nproc_per_node, slurm)
-        return 0
-    try:
-        outcomes = bench.run_jobs(jobs, results, nproc=args.nproc_per_node, in_process=args.in_process,
-                                  verbose=args.verbose, retry_failed=not args.no_retry)
-    except bench.BenchInterrupted as e:
-        print(f"mae-transfer bench: {e}", file=sys.stderr)
-        return EXIT_INTERRUPTED
+    if args.launcher in cluster.LAUNCHERS:
+        outcomes = cluster.submit_jobs(jobs, results, args.launcher, args.nproc_per_node, slurm, retry_failed=not args.no_retry)
+        waiting = sum(o.status in ("submitted", "running") for o in outcomes)
+        if waiting:
+            counts = {s: sum(o.status == s for o in outcomes) for s in ("submitted", "running", "recorded", "cached", "failed")}
+            print(f"\njobs: {counts['submitted']} submitted, {counts['running']} still queued or running, {counts['recorded']} recorded, "
+                  f"{counts['cached']} already done, {counts['failed']} failed; run the same `mae-transfer bench` again when they "
+                  f"have finished to record them (submitit logs: {results / 'slurm'})")
+            return 1 if counts["failed"] else 0
+    else:
+        try:
+            outcomes = bench.run_jobs(jobs, results, nproc=args.nproc_per_node, in_process=args.in_process,
+                                      verbose=args.verbose, retry_failed=not args.no_retry)
+        except bench.BenchInterrupted as e:
+            print(f"mae-transfer bench: {e}", file=sys.stderr)
+            return EXIT_INTERRUPTED
     markdown, tables, plots = write_report(bench.latest_rows(results, jobs), results, args.baseline)
     print()
     print(markdown)
@@ -435,6 +480,57 @@ def _run_demo(args) -> int:
     return run_demo(Path(args.output), quick=args.quick, verbose=args.verbose)
 
 
+CHECK_DATA_HELP = """\
+Check a real dataset before a long run, with the same readers as the run: counts per split, files
+listed but missing, annotations the run would skip (by reason), images that do not decode (a random
+sample, or --full), and the host memory the data side of the run needs for --gpus ranks x --workers
+DataLoader workers per node. Exits 1 when a run with these settings would stop on the data.
+
+examples:
+  mae-transfer check-data --task coco --data /datasets/coco
+  mae-transfer check-data --task inat2018 --data /datasets/inat2018 --full --gpus 8 --workers 10
+"""
+
+
+def _add_check_data(sub) -> None:
+    from mae_transfer.evaluation.check_data import DATA_TASKS
+
+    p = sub.add_parser("check-data", help="pre-flight check of a dataset before a long run (counts, missing and "
+                                          "unreadable files, skipped annotations, host memory)",
+                       description=CHECK_DATA_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--task", required=True, choices=DATA_TASKS, help="whose dataset (imagenet: an ImageNet-style folder)")
+    p.add_argument("--data", metavar="DIR", help="the dataset root (default: the built-in toy data)")
+    p.add_argument("--preset", help="the task preset whose data settings are used (default: the task's)")
+    p.add_argument("--full", action="store_true", help="decode every image instead of a random sample")
+    p.add_argument("--sample", type=int, default=200, metavar="N", help="images decoded per split without --full")
+    p.add_argument("--gpus", type=int, default=8, help="ranks per node, for the memory estimate")
+    p.add_argument("--workers", type=int, default=8, help="DataLoader workers per rank, for the memory estimate")
+    p.add_argument("--json", metavar="PATH", help="also write the report as JSON")
+    p.set_defaults(func=_run_check_data)
+
+
+def _run_check_data(args) -> int:
+    from mae_transfer.config import ConfigError
+    from mae_transfer.engine.logger import setup_logging
+    from mae_transfer.evaluation.check_data import format_check_data, run_check_data
+
+    for name in ("sample", "gpus"):
+        if getattr(args, name) < 1:
+            raise ConfigError(f"--{name} must be at least 1, got {getattr(args, name)}")
+    if args.workers < 0:
+        raise ConfigError(f"--workers must be 0 or more, got {args.workers}")
+    setup_logging(0)
+    r = run_check_data(args.task, args.data, full=args.full, sample=args.sample, gpus=args.gpus,
+                       workers=args.workers, preset=args.preset)
+    text, stops = format_check_data(r)
+    print(text)
+    if args.json:
+        from mae_transfer.io import atomic_write_json
+
+        atomic_write_json(args.json, r)
+    return 1 if stops else 0
+
+
 def _add_toy_data(sub) -> None:
     from mae_transfer.data.toy import TOY_KINDS
 
@@ -444,14 +540,46 @@ def _add_toy_data(sub) -> None:
         description="Write one of the built-in toy datasets (deterministic) in the exact on-disk format of the real dataset, to look at or to test a pipeline.",
     )
     p.add_argument("kind", choices=kinds)
+    p.add_argument("dir", nargs="?", metavar="DIR", help="where to write (same as --output)")
     p.add_argument("--output", metavar="DIR", help="where to write (default: the toolkit's cache)")
+    p.add_argument("--full-size", action="store_true",
+                   help="coco, inat2018, places365, ade20k: annotation files with the official counts (COCO 2017: "
+                        "118,287 + 5,000 images, 860,001 + 36,781 annotations; iNat 2018: 437,513 + 24,426 images; "
+                        "Places365: 1,803,460 + 36,500 lines; ADE20K: 20,210 + 2,000 pairs) pointing at a few real "
+                        "images, to rehearse index build time and memory at full size (`mae-transfer speed KIND "
+                        "--data-only --data DIR`); needs an empty DIR; COCO takes a few minutes and ~450 MB")
+    p.add_argument("--images-from", metavar="DIR", help="--full-size: a dataset of the same kind whose images are "
+                                                        "linked (default: the toy dataset's)")
+    p.add_argument("--scale", type=float, default=1.0, help="--full-size: shrink every count by this factor (0..1]")
     p.set_defaults(func=_run_toy_data)
 
 
 def _run_toy_data(args) -> int:
+    from mae_transfer.config import ConfigError
     from mae_transfer.data.toy import ensure_toy_dataset
 
-    root = ensure_toy_dataset(args.kind, root=Path(args.output) if args.output else None)
+    if args.dir and args.output and args.dir != args.output:
+        raise ConfigError(f"give the folder once: DIR {args.dir} or --output {args.output}")
+    out = args.dir or args.output
+    if not args.full_size:
+        if args.images_from or args.scale != 1.0:
+            raise ConfigError("--images-from and --scale go with --full-size")
+        root = ensure_toy_dataset(args.kind, root=Path(out) if out else None)
+        print(root)
+        return 0
+    from mae_transfer.data.fullsize import FULL_SIZE_KINDS, write_full_size
+
+    if args.kind not in FULL_SIZE_KINDS:
+        raise ConfigError(f"--full-size writes {', '.join(FULL_SIZE_KINDS)}, not {args.kind}")
+    if not out:
+        raise ConfigError("--full-size needs the folder to write: mae-transfer toy-data --full-size KIND DIR")
+    if not 0 < args.scale <= 1:
+        raise ConfigError(f"--scale must be in (0, 1], got {args.scale}")
+    target = Path(out)
+    if target.exists() and (not target.is_dir() or any(target.iterdir())):
+        raise ConfigError(f"{target} is not an empty folder; choose a new one for the full-size data")
+    print(f"writing full-size {args.kind} annotation files into {target} ...", flush=True)
+    root = write_full_size(args.kind, target, images_from=args.images_from, scale=args.scale)
     print(root)
     return 0
 
@@ -579,6 +707,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_plot(sub)
     _add_speed(sub)
     _add_toy_data(sub)
+    _add_check_data(sub)
     _add_export(sub)
     _add_presets(sub)
     return parser

@@ -9,7 +9,7 @@ import math
 import os
 import uuid
 from pathlib import Path
-from typing import IO, Any, Iterator
+from typing import IO, Any, Iterable, Iterator
 
 
 @contextlib.contextmanager
@@ -63,6 +63,30 @@ def _finite_or_none(value: Any) -> Any:
 def atomic_write_json(path: str | os.PathLike, data: Any, indent: int | None = 2) -> Path:
     """``data`` as strict JSON (non-finite floats written as null), atomically."""
     return atomic_write_text(path, json.dumps(_finite_or_none(data), indent=indent, allow_nan=False) + "\n")
+
+
+def atomic_write_json_list(path: str | os.PathLike, items: Iterable[Any], chunk: int = 8192, all_finite: bool = False) -> Path:
+    """The bytes of ``atomic_write_json(path, list(items), indent=None)``, atomically, encoded
+    ``chunk`` items at a time: a long list (COCO's 500k detection results) is never held whole as
+    JSON text, nor needs to be a list (any iterable, a generator included). ``all_finite``: the
+    caller knows there is no NaN or infinity to write as null (skips that pass; one left would
+    raise ValueError, not be written)."""
+    def encode(block: list) -> str:
+        return json.dumps(block if all_finite else _finite_or_none(block), allow_nan=False)[1:-1]
+
+    with atomic_write(path, "w") as f:
+        f.write("[")
+        sep = ""
+        block: list = []
+        for item in items:
+            block.append(item)
+            if len(block) == chunk:
+                f.write(sep + encode(block))
+                sep, block = ", ", []
+        if block:
+            f.write(sep + encode(block))
+        f.write("]\n")
+    return Path(path)
 
 
 def atomic_write_jsonl(path: str | os.PathLike, rows: list[dict]) -> Path:

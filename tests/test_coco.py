@@ -212,7 +212,7 @@ def test_malformed_geometry_dropped_and_counted(tmp_path):
     ds = CocoDetection(images_dir=images, annotation_file=ann_file)
     assert ds.num_skipped_annotations == 2
     assert ds.skipped_reasons["degenerate box"] == 1 and sum(ds.skipped_reasons.values()) == 2
-    served = {ann["id"] for anns in ds._annotations.values() for ann in anns}
+    served = {i for k in range(len(ds)) for i in ds.annotation_ids(k)}
     assert info["outside"] not in served and info["zero_area"] not in served
     for i in range(len(ds)):
         _, t = ds[i]
@@ -274,3 +274,208 @@ def test_faster_coco_eval_gives_pycocotools_numbers(tiny_val, gt_predictions):
         for name, v in ref[iou_type].items():
             w = fast[iou_type][name]
             assert (math.isnan(v) and math.isnan(w)) or abs(v - w) <= 1e-4, (iou_type, name, v, w)
+
+
+# ------------------------------------------------------- compact results (COCOEvaluator's state)
+import pickle  # noqa: E402
+
+from mae_transfer.detection.coco import COCOEvaluator, CocoResults, _merge_order  # noqa: E402
+from mae_transfer.detection.masks import paste_masks_rle  # noqa: E402
+from mae_transfer.io import atomic_write_json, atomic_write_json_list  # noqa: E402
+
+
+def _fake_outputs(ds: CocoDetection, index: int) -> tuple[dict, dict]:
+    """One image's ``(target, MaskRCNN.inference(paste=False) output)``: the ground-truth boxes
+    jittered, some with a wrong label, plus random boxes; 28 x 28 ellipse-shaped mask
+    probabilities; scores on a 0.1 grid, so many tie."""
+    image_id = ds.image_ids[index]
+    info = ds.coco.imgs[image_id]
+    h, w = int(info["height"]), int(info["width"])
+    g = torch.Generator().manual_seed(index)
+    anns = [a for a in ds.coco.imgToAnns.get(image_id, []) if not a["iscrowd"]]
+    gt = torch.tensor([a["bbox"] for a in anns], dtype=torch.float32).reshape(-1, 4)
+    boxes = torch.cat([gt[:, :2], gt[:, :2] + gt[:, 2:]], 1) + torch.randn(len(gt), 4, generator=g) * 3.0
+    labels = torch.tensor([ds.cat_id_to_label[a["category_id"]] for a in anns], dtype=torch.int64)
+    labels = torch.where(torch.rand(len(labels), generator=g) < 0.15, (labels + 1) % len(ds.cat_ids), labels)
+    xy = torch.rand(5, 2, generator=g) * torch.tensor([w * 0.7, h * 0.7])
+    extra = torch.cat([xy, xy + 10 + torch.rand(5, 2, generator=g) * 100], 1)
+    boxes = torch.cat([boxes, extra]).clamp(min=0)
+    boxes[:, 2:] = torch.maximum(boxes[:, 2:], boxes[:, :2] + 1)
+    labels = torch.cat([labels, torch.randint(0, len(ds.cat_ids), (5,), generator=g)])
+    n = len(boxes)
+    yy, xx = torch.meshgrid(torch.linspace(-1, 1, 28), torch.linspace(-1, 1, 28), indexing="ij")
+    probs = torch.sigmoid(4 * (1 - xx**2 - yy**2))[None] + 0.3 * torch.randn(n, 28, 28, generator=g)
+    scores = (torch.rand(n, generator=g) * 10).ceil() / 10
+    target = {"image_id": torch.tensor(image_id), "orig_size": torch.tensor([h, w])}
+    return target, {"boxes": boxes, "scores": scores, "labels": labels, "mask_probs": probs.clamp(0, 1)}
+
+
+def _old_results(target: dict, output: dict, label_to_cat_id) -> list[dict]:
+    """The dict-per-detection conversion COCOEvaluator did before it kept arrays."""
+    rles = paste_masks_rle(output["mask_probs"], output["boxes"], tuple(int(v) for v in target["orig_size"]))
+    boxes, scores = output["boxes"].numpy().astype(np.float64), output["scores"].numpy().astype(np.float64)
+    out = []
+    for k in range(len(boxes)):
+        x1, y1, x2, y2 = boxes[k]
+        out.append({"image_id": int(target["image_id"]), "category_id": int(label_to_cat_id[int(output["labels"][k])]),
+                    "bbox": [float(x1), float(y1), float(x2 - x1), float(y2 - y1)], "score": float(scores[k]),
+                    "segmentation": {"size": [int(v) for v in rles[k]["size"]], "counts": rles[k]["counts"]}})
+    return out
+
+
+def _old_evaluate(ds: CocoDetection, results: list[dict], backend: str) -> dict:
+    """The evaluation before: fresh copies of the dicts for each IoU type (segm without bbox)."""
+    import contextlib
+    import io
+
+    from pycocotools.cocoeval import COCOeval
+
+    from mae_transfer.detection.coco import METRIC_NAMES, _faster_coco
+
+    coco_gt, make_eval = _faster_coco(ds.coco) if backend == "faster" else (ds.coco, COCOeval)
+    out = {}
+    for iou_type in ("bbox", "segm"):
+        dets = [dict(d) for d in results]
+        if iou_type == "segm":
+            for d in dets:
+                d.pop("bbox")
+        with contextlib.redirect_stdout(io.StringIO()):
+            e = make_eval(coco_gt, coco_gt.loadRes(dets), iouType=iou_type)
+            e.params.imgIds = sorted(ds.image_ids)
+            e.evaluate()
+            e.accumulate()
+            e.summarize()
+        out[iou_type] = {n: (float(v) * 100.0 if v >= 0 else float("nan")) for n, v in zip(METRIC_NAMES, e.stats[:6])}
+    return out
+
+
+@pytest.fixture(scope="module")
+def tiny_val_subset(tmp_path_factory) -> CocoDetection:
+    """28 coco_tiny val images (every fourth, and every one with a crowd region), for speed."""
+    root = tmp_path_factory.mktemp("coco_subset")
+    data = json.loads((_require_coco_tiny() / "annotations" / "instances_val2017.json").read_text())
+    ids = sorted(im["id"] for im in data["images"])
+    keep = set(ids[::4]) | {a["image_id"] for a in data["annotations"] if a["iscrowd"]}
+    data["images"] = [im for im in data["images"] if im["id"] in keep]
+    data["annotations"] = [a for a in data["annotations"] if a["image_id"] in keep]
+    (root / "annotations").mkdir()
+    (root / "annotations" / "instances_val2017.json").write_text(json.dumps(data))
+    (root / "val2017").symlink_to(COCO_TINY / "val2017")
+    return CocoDetection(root, "val2017")
+
+
+@pytest.mark.parametrize("backend", ["pycocotools", "faster"])
+def test_compact_evaluator_gives_the_dict_path_numbers_and_file(tiny_val_subset, backend, tmp_path):
+    """COCOEvaluator keeps arrays, the main process alone merges them: the same 12 numbers (bit for
+    bit) and the same predictions file (byte for byte) as one dict per detection, sorted with
+    Python's stable sort, evaluated on copies. Two processes as DistributedSampler shards them
+    (the second repeats the first image as padding), batches of 3, scores with many ties."""
+    if backend == "faster":
+        pytest.importorskip("faster_coco_eval")
+    tiny_val = tiny_val_subset
+    assert any(a["iscrowd"] for a in tiny_val.coco.dataset["annotations"])
+    shards = [list(range(0, len(tiny_val), 2)), list(range(1, len(tiny_val), 2)) + [0]]
+    evaluators, old = [], []
+    for shard in shards:
+        ev = COCOEvaluator(tiny_val, backend=backend)
+        for b in range(0, len(shard), 3):
+            targets, outputs = zip(*(_fake_outputs(tiny_val, i) for i in shard[b:b + 3]))
+            ev.process((None, list(targets)), list(outputs))
+            old += [r for t, o in zip(targets, outputs) for r in _old_results(t, o, tiny_val.label_to_cat_id)]
+        evaluators.append(ev)
+    states = [pickle.loads(pickle.dumps(ev.state())) for ev in evaluators]  # as gathered
+    assert all(isinstance(s, CocoResults) for s in states) and sum(map(len, states)) == len(old)
+    main = COCOEvaluator(tiny_val, backend=backend)
+    main.merge(states)
+    ours = main.evaluate()
+    order = {image_id: i for i, image_id in enumerate(tiny_val.image_ids)}
+    old_sorted = sorted(old, key=lambda r: (order.get(r["image_id"], -1), -r["score"]))
+    assert old_sorted != old  # the merge has work to do
+    assert len({(r["image_id"], r["score"]) for r in old}) < len(old)  # and ties to keep in order
+    reference = _old_evaluate(tiny_val, old_sorted, backend)
+    assert 5 < reference["bbox"]["AP"] < 95 and 5 < reference["segm"]["AP"] < 95  # neither trivial nor perfect
+    assert json.dumps(ours) == json.dumps(reference)  # every digit (NaN included)
+    save_results_json(main.results, tmp_path / "ours.json")
+    atomic_write_json(tmp_path / "old.json", old_sorted, indent=None)  # what save_results_json wrote
+    assert (tmp_path / "ours.json").read_bytes() == (tmp_path / "old.json").read_bytes()
+    # evaluate_coco on dicts: leaves them as they are, and bbox first whatever the order asked.
+    given = json.loads(json.dumps(old_sorted))
+    both = evaluate_coco(tiny_val.coco, given, iou_types=("segm", "bbox"), image_ids=tiny_val.image_ids, backend=backend)
+    assert list(both) == ["segm", "bbox"] and json.dumps(both, sort_keys=True) == json.dumps(reference, sort_keys=True)
+    assert given == old_sorted
+
+
+def test_merge_order_is_pythons_stable_sort():
+    rng = np.random.default_rng(0)
+    n = 5000
+    results = CocoResults(rng.integers(0, 60, n).astype(np.int64), np.ones(n, np.int64), np.zeros((n, 4), np.float32),
+                          (rng.integers(0, 8, n) / 8).astype(np.float32))
+    image_order = [int(i) for i in rng.permutation(50)]  # ids 50..59 are not in it: position -1, first
+    position = {image_id: i for i, image_id in enumerate(image_order)}
+    rows = [(int(i), float(s)) for i, s in zip(results.image_ids, results.scores)]
+    expected = sorted(range(n), key=lambda k: (position.get(rows[k][0], -1), -rows[k][1]))
+    assert _merge_order(results, image_order).tolist() == expected
+
+
+def test_results_arrays_make_the_same_dicts_and_json(tmp_path):
+    pred = {"image_id": torch.tensor(7), "boxes": torch.tensor([[1.0, 2.0, 5.0, 10.5], [0.1, 0.2, 0.3, 0.7]]),
+            "scores": torch.tensor([0.5, 0.25]), "labels": torch.tensor([2, 1]),
+            "rles": [{"size": [12, 9], "counts": "abc"}, {"size": [12, 9], "counts": b"de"}]}
+    results = CocoResults.from_prediction(pred, {1: 1, 2: 3})
+    assert results.boxes.dtype == np.float32 and len(results.counts) == 5
+    two = CocoResults.concat([results, CocoResults.from_prediction({**pred, "rles": None, "image_id": 8}, [0, 1, 3])])
+    dicts = two.to_dicts()
+    assert dicts[0] == {"image_id": 7, "category_id": 3, "bbox": [1.0, 2.0, 4.0, 8.5], "score": 0.5,
+                        "segmentation": {"size": [12, 9], "counts": "abc"}}
+    assert dicts[1]["bbox"] == [float(np.float32(0.1)), float(np.float32(0.2)),
+                                float(np.float64(np.float32(0.3)) - np.float64(np.float32(0.1))),
+                                float(np.float64(np.float32(0.7)) - np.float64(np.float32(0.2)))]
+    assert dicts[1]["segmentation"]["counts"] == "de" and "segmentation" not in dicts[2]
+    assert list(two) == dicts and pickle.loads(pickle.dumps(two)).to_dicts() == dicts
+    assert two.take(np.array([3, 0])).to_dicts() == [dicts[3], dicts[0]]
+    # The streamed file is byte for byte json.dumps of the whole list, non-finite floats as null.
+    rows = dicts + [{"score": float("nan"), "bbox": [float("inf"), 1.5]}] * 3
+    for items in ([], rows[:1], rows):
+        atomic_write_json(tmp_path / "a.json", items, indent=None)
+        atomic_write_json_list(tmp_path / "b.json", iter(items), chunk=2)
+        assert (tmp_path / "a.json").read_bytes() == (tmp_path / "b.json").read_bytes()
+    atomic_write_json(tmp_path / "a.json", dicts, indent=None)
+    save_results_json(two, tmp_path / "b.json")  # finite: written without the non-finite pass
+    assert (tmp_path / "a.json").read_bytes() == (tmp_path / "b.json").read_bytes()
+    with pytest.raises(ValueError):  # a NaN the caller did not announce is refused, not written
+        atomic_write_json_list(tmp_path / "c.json", rows, all_finite=True)
+    assert not (tmp_path / "c.json").exists()
+
+
+def test_eval_backend_auto_is_faster_coco_eval_when_it_imports(monkeypatch):
+    import builtins
+    import importlib.util
+
+    from mae_transfer.config import ConfigError
+    from mae_transfer.detection.coco import resolve_eval_backend
+    from mae_transfer.detection.config import build_config
+    from mae_transfer.detection.task import format_metrics
+
+    cfg = build_config()
+    assert cfg.eval_backend == "auto"
+    with pytest.raises(ConfigError, match="eval_backend must be one of 'auto', 'pycocotools', 'faster'"):
+        build_config(None, {"eval_backend": "fast"})
+    assert resolve_eval_backend("auto") == ("faster" if importlib.util.find_spec("faster_coco_eval") else "pycocotools")
+    assert resolve_eval_backend("pycocotools") == "pycocotools" and resolve_eval_backend("faster") == "faster"
+    with pytest.raises(ValueError, match="unknown COCO evaluation backend 'fast'"):
+        resolve_eval_backend("fast")
+    real_import = builtins.__import__
+
+    def without_faster(name, *args, **kwargs):
+        if name.split(".")[0] == "faster_coco_eval":
+            raise ImportError(f"No module named {name!r}")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", without_faster)
+    assert resolve_eval_backend("auto") == "pycocotools"
+    # The evaluation line names the backend that scored, and that auto chose it.
+    t = {"seconds": 2.0, "images": 4, "images_per_second": 2.0, "scoring_seconds": 0.5}
+    line = format_metrics({"time": {**t, "backend": "faster", "backend_setting": "auto"}}, cfg).splitlines()[-1]
+    assert line.endswith("scored in 0.5 s (faster-coco-eval, eval_backend=auto)")
+    line = format_metrics({"time": {**t, "backend": "pycocotools", "backend_setting": "pycocotools"}}, cfg).splitlines()[-1]
+    assert line.endswith("scored in 0.5 s (pycocotools)")

@@ -244,3 +244,82 @@ def test_cpu_workers_take_only_the_cores_the_compute_threads_leave(monkeypatch, 
     assert trainer.default_num_workers(3, torch.device("cpu")) == 3  # an explicit train.num_workers is kept
     with pytest.raises(ConfigError, match="train.num_workers"):
         TrainConfig(num_workers=-1).validate()
+
+
+# ------------------------------------------------------------ evaluation results gathered on rank 0
+from mae_transfer.engine.evaluator import DatasetEvaluator  # noqa: E402
+
+
+class _PartsEvaluator(DatasetEvaluator):
+    """State: the batches this process saw; metrics: every process's state as merged."""
+
+    def __init__(self, fail: bool = False):
+        self.fail = fail
+
+    def reset(self):
+        self.seen = []
+
+    def process(self, inputs, outputs):
+        self.seen.append(outputs)
+
+    def state(self):
+        return self.seen
+
+    def merge(self, states):
+        self.parts = states
+
+    def evaluate(self):
+        if self.fail:
+            raise ValueError("no ground truth")
+        return {"parts": self.parts}
+
+
+def _gather_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
+    import datetime
+
+    import torch.distributed as dist
+
+    from mae_transfer.engine.distributed import broadcast_from_main, gather_to_main
+    from mae_transfer.engine.evaluator import run_evaluator
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=60))
+    try:
+        batches = [rank * 10 + i for i in range(rank + 1)]  # rank 0: [0], rank 1: [10, 11]
+        out = {
+            "gathered": gather_to_main({"rank": rank, "data": list(range(rank + 2))}),
+            "broadcast": broadcast_from_main(f"from rank {rank}"),
+            "main_only": run_evaluator(_PartsEvaluator(), batches, lambda b: b, main=rank == 0, desc=None),
+            "everywhere": run_evaluator(_PartsEvaluator(), batches, lambda b: b, everywhere=True, desc=None),
+        }
+        try:  # the main process fails: the others must stop too, not wait for metrics forever
+            run_evaluator(_PartsEvaluator(fail=True), batches, lambda b: b, everywhere=True, desc=None)
+        except (ValueError, RuntimeError) as exc:
+            out["failure"] = f"{type(exc).__name__}: {exc}"
+        torch.save(out, f"{out_dir}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_evaluation_states_go_to_the_main_process_only(tmp_path):
+    import torch.multiprocessing as mp
+
+    from mae_transfer.engine.distributed import broadcast_from_main, gather_to_main
+    from mae_transfer.engine.evaluator import run_evaluator
+
+    # One process: its own object, and the metrics wherever asked.
+    assert gather_to_main({"a": 1}) == [{"a": 1}] and broadcast_from_main("x") == "x"
+    assert run_evaluator(_PartsEvaluator(), [1, 2], lambda b: b, desc=None) == {"parts": [[1, 2]]}
+    assert run_evaluator(_PartsEvaluator(), [1, 2], lambda b: b, main=False, desc=None) == {}
+
+    mp.spawn(_gather_worker, args=(2, str(tmp_path / "store"), str(tmp_path)), nprocs=2, join=True)
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in range(2))
+    assert r0["gathered"] == [{"rank": 0, "data": [0, 1]}, {"rank": 1, "data": [0, 1, 2]}]
+    assert r1["gathered"] == []  # nothing gathered on the other process
+    assert r0["broadcast"] == r1["broadcast"] == "from rank 0"
+    assert r0["main_only"] == {"parts": [[0], [10, 11]]} and r1["main_only"] == {}
+    assert r0["everywhere"] == r1["everywhere"] == {"parts": [[0], [10, 11]]}
+    assert r0["failure"] == "ValueError: no ground truth"
+    assert r1["failure"] == "RuntimeError: evaluation failed on the main process (rank 0): ValueError: no ground truth"

@@ -88,9 +88,10 @@ def _where(name: str) -> dict[str, list[int]]:
 
 
 def test_one_atomic_write():
-    # Files are replaced in one place (io.atomic_write); the toy-data writer publishes whole folders.
+    # Files are replaced in one place (io.atomic_write); the toy-data writer and the dataset index
+    # cache publish whole folders.
     replaced = {p for p, s in _sources().items() if re.search(r"\bos\.(replace|rename)\(", s)}
-    assert replaced <= {"mae_transfer/io.py", "mae_transfer/data/toy.py"}, replaced
+    assert replaced <= {"mae_transfer/io.py", "mae_transfer/data/toy.py", "mae_transfer/data/index.py"}, replaced
     assert set(_where("rename")) <= {"mae_transfer/data/toy.py"}
 
 

@@ -28,11 +28,13 @@ from collections import Counter
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
+import numpy as np
 from PIL import Image
 from torch.utils.data import Dataset
 
 from mae_transfer.data.errors import DataError
 from mae_transfer.data.folder import ImageFolderDataset
+from mae_transfer.data.index import PackedStrings, PathLabels, absent_files, cached_index, read_json
 from mae_transfer.data.toy import ensure_toy_dataset
 
 log = logging.getLogger(__name__)
@@ -60,39 +62,6 @@ _EXAMPLES = 5  # file names quoted in a warning
 
 
 # ---------------------------------------------------------------------------------------- the dataset
-
-
-def _list_dir(folder: str) -> set[str] | None:
-    """Entry names of ``folder``; None when it cannot be listed (absent, not a folder, no access)."""
-    try:
-        with os.scandir(folder) as it:
-            return {e.name for e in it}
-    except OSError:
-        return None
-
-
-def _absent_files(paths: Sequence[str]) -> list[int]:
-    """Indices of ``paths`` that do not exist, with one directory listing per folder.
-
-    A listing per folder instead of a ``stat`` per file keeps this fast on network file systems
-    (ImageNet-sized lists have ~1000 folders but over a million files). A name the listing lacks
-    is confirmed with ``os.path.exists``, which also accepts what a listing misses (different case
-    on case-insensitive file systems, a folder we may enter but not list).
-    """
-    listings: dict[str, set[str] | None] = {}
-    absent = []
-    for i, path in enumerate(paths):
-        folder, name = os.path.split(path)
-        if folder not in listings:
-            listings[folder] = _list_dir(folder)
-        names = listings[folder]
-        if names is not None and name in names:
-            continue
-        if names is None and not os.path.isdir(folder):
-            absent.append(i)  # a whole folder missing: no need to stat every file in it
-        elif not os.path.exists(path):
-            absent.append(i)
-    return absent
 
 
 class LabeledImageList(ImageFolderDataset):
@@ -157,7 +126,7 @@ class LabeledImageList(ImageFolderDataset):
     def _source_text(self) -> str:
         return f"listed in {self.annotation_file}" if self.annotation_file else "listed in the annotations"
 
-    def _scan(self) -> tuple[Path, list[str], list[tuple[str, int]]]:
+    def _scan(self) -> tuple[Path, list[str], PathLabels]:
         # Replaces the folder scan of ImageFolderDataset: the samples come from the annotation.
         root, classes, listed = self.root, self._given_classes, self._listed
         if not root.is_dir():
@@ -166,21 +135,32 @@ class LabeledImageList(ImageFolderDataset):
                 f"image folder {root} (for the images {self._source_text()}) {what}; "
                 "point --data at the dataset root that holds the images"
             )
-        if not listed:
+        if not len(listed):
             raise DataError(f"no images are {self._source_text()}; check that the file is complete")
-        labels = [label for _, label in listed]
-        bad = next((lab for lab in labels if not isinstance(lab, int) or not 0 <= lab < len(classes)), None)
-        if bad is not None:
+        if not isinstance(listed, PathLabels):
+            bad = next((lab for _, lab in listed if not isinstance(lab, (int, np.integer)) or isinstance(lab, bool)), None)
+            if bad is not None:
+                raise DataError(
+                    f"label {bad!r} {self._source_text()} is not a class index in 0..{len(classes) - 1}; "
+                    "the annotation and the class list do not match"
+                )
+            listed = PathLabels(PackedStrings.pack(rel for rel, _ in listed),
+                                np.array([lab for _, lab in listed], dtype=np.int64))
+        labels = np.asarray(listed.labels)
+        out_of_range = np.flatnonzero((labels < 0) | (labels >= len(classes)))
+        if len(out_of_range):
             raise DataError(
-                f"label {bad!r} {self._source_text()} is not a class index in 0..{len(classes) - 1}; "
-                "the annotation and the class list do not match"
+                f"label {int(labels[out_of_range[0]])!r} {self._source_text()} is not a class index in "
+                f"0..{len(classes) - 1}; the annotation and the class list do not match"
             )
-        base = str(root)
-        full = [os.path.join(base, rel) for rel, _ in listed]
-        absent = set(_absent_files(full)) if self.check_files else set()
-        if absent:
-            self._report_missing([listed[i][0] for i in sorted(absent)], len(listed))
-        samples = [(path, label) for i, (path, label) in enumerate(zip(full, labels)) if i not in absent]
+        samples = PathLabels(listed.paths, listed.labels, prefix=str(root))
+        if self.check_files:
+            absent = absent_files(listed.paths.decode_all(), root=root)
+            if absent:
+                self._report_missing([listed.paths[i] for i in absent], len(listed))
+                keep = np.ones(len(listed), dtype=bool)
+                keep[absent] = False
+                samples.keep = np.flatnonzero(keep)
         return root, classes, samples
 
     def _report_missing(self, absent: list[str], total: int) -> None:
@@ -269,8 +249,7 @@ def _parse_label(text: str) -> int | None:
 
 def _load_json(path: Path) -> Any:
     try:
-        with open(path, "rb") as f:
-            return json.load(f)
+        return read_json(path)
     except json.JSONDecodeError as e:
         raise DataError(
             f"{path} is not valid JSON (line {e.lineno}, column {e.colno}: {e.msg}); the file is truncated or "
@@ -360,6 +339,43 @@ def inaturalist(root: str | os.PathLike, year: int, split: str, **kw: Any) -> La
         root / f"{split}{year}.json",
         f"download the official iNaturalist {year} annotations ({archive}) and extract them into {root}",
     )
+    other_split = "val" if split == "train" else "train"
+    other_path = root / f"{other_split}{year}.json"
+    if not other_path.is_file():
+        log.warning(
+            "%s not found: class indices cover only the categories of %s and may differ from a run that has both files",
+            other_path, path.name,
+        )
+    sources = [path] + ([other_path] if other_path.is_file() else [])
+    cached = cached_index(f"inat{year}", sources, {"split": split}, lambda: _inat_index(path, other_path, year))
+    meta = cached[1]
+    if meta["conflicts"]:
+        log.warning("%s: %d images have several annotations with different categories; using the first of each",
+                    path, meta["conflicts"])
+    if meta["unlabelled"]:
+        log.warning("%s: %d of the %d images have no annotation and are left out (e.g. %s)",
+                    path, meta["unlabelled"], meta["images"], meta["unlabelled_example"])
+    return _listed_dataset(root, cached, source=path, **kw)
+
+
+def _samples_index(samples: Sequence[tuple[str, int]], classes: Sequence[str]) -> dict[str, np.ndarray]:
+    """The arrays of a cached sample list: relative paths, labels and class names."""
+    return {**PackedStrings.pack(rel for rel, _ in samples).arrays("path"),
+            "label": np.array([lab for _, lab in samples], dtype=np.int64),
+            **PackedStrings.pack(classes).arrays("class")}
+
+
+def _listed_dataset(images: Path, cached: tuple, source: Path, **kw: Any) -> LabeledImageList:
+    arrays, _, info = cached
+    samples = PathLabels(PackedStrings.from_arrays(arrays, "path"), arrays["label"])
+    classes = list(PackedStrings.from_arrays(arrays, "class"))
+    ds = LabeledImageList(images, samples, classes, source=source, **kw)
+    ds.index_info = info
+    return ds
+
+
+def _inat_index(path: Path, other_path: Path, year: int) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """Parse one iNaturalist split (and the other split's categories) into flat arrays."""
     data = _load_json(path)
     own = _cached_categories(path, year, data)
     # Labels index the sorted ids of BOTH files' categories, not only this split's: iNat categories
@@ -367,17 +383,10 @@ def inaturalist(root: str | os.PathLike, year: int, split: str, **kw: Any) -> La
     # not), and a class seen only in val must still get an index below num_classes, the same in
     # both splits, so the classifier has an output for it and val top-1 counts it as an error
     # instead of crashing or silently shifting every later label.
-    other_split = "val" if split == "train" else "train"
-    other_path = root / f"{other_split}{year}.json"
     categories = dict(own)
     if other_path.is_file():
         for cid, name in _cached_categories(other_path, year).items():
             categories.setdefault(cid, name)
-    else:
-        log.warning(
-            "%s not found: class indices cover only the categories of %s and may differ from a run that has both files",
-            other_path, path.name,
-        )
     ids = sorted(categories, key=_id_order)
     index = {cid: k for k, cid in enumerate(ids)}
 
@@ -404,17 +413,13 @@ def inaturalist(root: str | os.PathLike, year: int, split: str, **kw: Any) -> La
             conflicts += 1
             continue  # keep the first label: iNat has one label an image
         label_of[iid] = index[cid]
-    if conflicts:
-        log.warning("%s: %d images have several annotations with different categories; using the first of each", path, conflicts)
+    del data, images
     unlabelled = [iid for iid in file_of if iid not in label_of]
-    if unlabelled:
-        log.warning(
-            "%s: %d of the %d images have no annotation and are left out (e.g. %s)",
-            path, len(unlabelled), len(file_of), file_of[unlabelled[0]],
-        )
     samples = [(name.lstrip("/"), label_of[iid]) for iid, name in file_of.items() if iid in label_of]
     classes = [categories[cid] for cid in ids]
-    return LabeledImageList(root, samples, classes, source=path, **kw)
+    meta = {"conflicts": conflicts, "unlabelled": len(unlabelled), "images": len(file_of),
+            "unlabelled_example": file_of[unlabelled[0]] if unlabelled else None}
+    return _samples_index(samples, classes), meta
 
 
 # ---------------------------------------------------------------------------------------- Places
@@ -446,23 +451,28 @@ def places205(root: str | os.PathLike, split: str, **kw: Any) -> LabeledImageLis
     lists = root / "trainvalsplit_places205"
     advice = f"download trainvalsplit_places205.tar.gz and extract it into {root}"
     path = _require_file(lists / f"{split}_places205.csv", advice)
-    samples = _read_label_list(path)
     other = lists / f"{'val' if split == 'train' else 'train'}_places205.csv"
-    everything = list(samples)
-    if other.is_file():
-        everything += _read_label_list(other)
-    else:
+    if not other.is_file():
         log.warning("%s not found: the class count comes from %s alone", other, path.name)
-    num_classes = max(label for _, label in everything) + 1
-    names: dict[int, str] = {}
-    for rel, label in everything:
-        if label not in names:
-            name = _places205_class_name(rel)
-            if name is not None:
-                names[label] = name
-    classes = [names.get(k, f"label_{k}") for k in range(num_classes)]
     images = _find_image_dir(root, PLACES205_IMAGE_DIRS, "Places205")
-    return LabeledImageList(images, [(rel.lstrip("/"), lab) for rel, lab in samples], classes, source=path, **kw)
+
+    def build() -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+        samples = _read_label_list(path)
+        everything = list(samples)
+        if other.is_file():
+            everything += _read_label_list(other)
+        num_classes = max(label for _, label in everything) + 1
+        names: dict[int, str] = {}
+        for rel, label in everything:
+            if label not in names:
+                name = _places205_class_name(rel)
+                if name is not None:
+                    names[label] = name
+        classes = [names.get(k, f"label_{k}") for k in range(num_classes)]
+        return _samples_index([(rel.lstrip("/"), lab) for rel, lab in samples], classes), {}
+
+    sources = [path] + ([other] if other.is_file() else [])
+    return _listed_dataset(images, cached_index("places205", sources, {"split": split}, build), source=path, **kw)
 
 
 def _places365_categories(path: Path) -> list[str]:
@@ -489,12 +499,17 @@ def places365(root: str | os.PathLike, split: str, **kw: Any) -> LabeledImageLis
     _check_split(split)
     root = _require_root(root, "Places365")
     advice = f"download filelist_places365-standard.tar and extract it into {root}"
-    classes = _places365_categories(_require_file(root / "categories_places365.txt", advice))
+    categories = _require_file(root / "categories_places365.txt", advice)
     name = "places365_train_standard.txt" if split == "train" else "places365_val.txt"
     path = _require_file(root / name, advice)
-    samples = [(rel.lstrip("/"), label) for rel, label in _read_label_list(path)]
     images = _find_image_dir(root, PLACES365_IMAGE_DIRS[split], f"Places365 {split}")
-    return LabeledImageList(images, samples, classes, source=path, **kw)
+
+    def build() -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+        classes = _places365_categories(categories)
+        samples = [(rel.lstrip("/"), label) for rel, label in _read_label_list(path)]
+        return _samples_index(samples, classes), {}
+
+    return _listed_dataset(images, cached_index("places365", [categories, path], {}, build), source=path, **kw)
 
 
 # ---------------------------------------------------------------------------------------- image folders
@@ -533,7 +548,8 @@ def image_folder(root: str | os.PathLike, split: str, missing: str = "error", **
     elif split != "train":
         log.warning("%s has no %s folder: evaluating on the same images as training", scanned.root, split)
     index = {name: k for k, name in enumerate(classes)}
-    extra = Counter(scanned.classes[label] for _, label in scanned.samples if scanned.classes[label] not in index)
+    extra = Counter(scanned.classes[label] for label in scanned.samples.label_array().tolist()
+                    if scanned.classes[label] not in index)
     if extra:
         name, count = sorted(extra.items())[0]
         raise DataError(
@@ -541,7 +557,8 @@ def image_folder(root: str | os.PathLike, split: str, missing: str = "error", **
             f"{f' ({len(extra)} such folders)' if len(extra) > 1 else ''}; the classifier has no output for it: "
             "add the class to train, or remove or rename the folder in val"
         )
-    samples = [(path, index[scanned.classes[label]]) for path, label in scanned.samples]
+    remap = np.array([index.get(name, -1) for name in scanned.classes], dtype=np.int64)  # -1: empty val-only folder
+    samples = PathLabels(scanned.samples.paths, remap[np.asarray(scanned.samples.labels)])
     return LabeledImageList(scanned.folder, samples, classes, source=None, check_files=False, **kw)
 
 

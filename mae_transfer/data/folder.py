@@ -33,6 +33,7 @@ from PIL import Image
 from torch.utils.data import Dataset, get_worker_info
 
 from mae_transfer.data.errors import DataError
+from mae_transfer.data.index import PackedStrings, PathLabels
 
 log = logging.getLogger(__name__)
 
@@ -141,6 +142,11 @@ def seeded_rngs(seed: int, restore: bool = True) -> Iterator[None]:
             np.random.set_state(np_state)
 
 
+def pack_samples(samples: Sequence[tuple[str, int]]) -> PathLabels:
+    """``[(path, label), ...]`` as a :class:`~mae_transfer.data.index.PathLabels`."""
+    return PathLabels(PackedStrings.pack(p for p, _ in samples), np.array([lab for _, lab in samples], dtype=np.int64))
+
+
 class ImageFolderDataset(Dataset):
     """Images in class folders (or one flat folder) with corrupt-file skipping and per-sample seeding.
 
@@ -170,7 +176,8 @@ class ImageFolderDataset(Dataset):
     Attributes:
         classes: class folder names (sorted; index = label); empty for a flat folder.
         class_to_idx: ``{name: label}``.
-        samples: ``[(path, label), ...]``; targets: the labels.
+        samples: ``[(path, label), ...]`` as a :class:`~mae_transfer.data.index.PathLabels` (flat
+            arrays, shared by forked workers); targets: the labels (a list made on request).
         folder: the folder actually read.
     """
 
@@ -199,9 +206,10 @@ class ImageFolderDataset(Dataset):
             extra_noise = (str(key), tuple(int(s) for s in shape))
         self.extra_noise = extra_noise
 
-        self.folder, self.classes, self.samples = self._scan()
+        self.folder, self.classes, samples = self._scan()
+        # Flat arrays, not a list of tuples: forked workers then share the sample list for good.
+        self.samples: PathLabels = samples if isinstance(samples, PathLabels) else pack_samples(samples)
         self.class_to_idx = {c: i for i, c in enumerate(self.classes)}
-        self.targets = [label for _, label in self.samples]
         # Shared memory: see the module docstring.
         self._corrupt = torch.zeros(len(self.samples), dtype=torch.uint8).share_memory_()
         self._epoch = torch.zeros(1, dtype=torch.int64).share_memory_()
@@ -247,6 +255,11 @@ class ImageFolderDataset(Dataset):
             f"no images found in {folder} (looked for {', '.join(self.extensions)} files, also in subfolders); "
             f"expected {_layout_help(root, split)}"
         )
+
+    @property
+    def targets(self) -> list[int]:
+        """The label of every sample (a new list: for one-off use in the main process)."""
+        return self.samples.label_array().tolist()
 
     # ------------------------------------------------------------------ epochs and seeds
     def set_epoch(self, epoch: int) -> None:

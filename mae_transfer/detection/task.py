@@ -205,7 +205,8 @@ class DetectionTask(TrainTask):
             return {}  # COCOeval runs once, on the main process
         seconds = evaluator.seconds  # detection, pasting and encoding (this process's shard)
         metrics["time"] = {"seconds": seconds, "images": len(ds), "images_per_second": len(ds) / max(seconds, 1e-9),
-                           "scoring_seconds": time.monotonic() - start - seconds, "backend": self.cfg.eval_backend}
+                           "scoring_seconds": time.monotonic() - start - seconds, "backend": evaluator.backend_name,
+                           "backend_setting": self.cfg.eval_backend}
         metrics["precision"] = ctx.precision
         log.info("%s", format_metrics(metrics, self.cfg))
         if ctx.output_dir is not None:
@@ -264,7 +265,10 @@ def format_metrics(metrics: dict, cfg: DetectionConfig) -> str:
         lines.append(f"{kind:24s} " + " ".join(f"{vals.get(n, float('nan')):6.3f}" for n in names))
     t = metrics.get("time")
     if t:
-        scoring = f", scored in {t['scoring_seconds']:.1f} s ({t.get('backend', 'pycocotools')})" if "scoring_seconds" in t else ""
+        backend = {"faster": "faster-coco-eval"}.get(t.get("backend"), t.get("backend", "pycocotools"))
+        if t.get("backend_setting") == "auto":
+            backend += ", eval_backend=auto"
+        scoring = f", scored in {t['scoring_seconds']:.1f} s ({backend})" if "scoring_seconds" in t else ""
         lines.append(f"evaluated {t['images']} images in {t['seconds']:.1f} s ({t['images_per_second']:.2f} img/s, "
                      f"{metrics.get('precision', 'fp32')}){scoring}")
     return "\n".join(lines)

@@ -2,7 +2,7 @@
 
 A task's evaluator sees the model's outputs batch by batch on every process (``reset``,
 ``process``), hands over what it accumulated (``state``), and on the main process, once the engine
-has gathered every process's state (``merge``), computes the metrics (``evaluate``). The
+has gathered every process's state there (``merge``), computes the metrics (``evaluate``). The
 cross-process reduction is the engine's (:func:`run_evaluator`); evaluators hold no distributed code.
 """
 
@@ -13,7 +13,7 @@ from typing import Any, Callable, Iterable
 
 import torch
 
-from mae_transfer.engine.distributed import gather_objects
+from mae_transfer.engine.distributed import broadcast_from_main, gather_to_main, world
 
 
 class DatasetEvaluator:
@@ -51,12 +51,13 @@ def run_evaluator(
     unit: str = "batch",
 ) -> dict[str, Any]:
     """Run ``predict`` on every batch of this process's shard under ``torch.no_grad`` and feed the
-    evaluator; gather every process's state and merge and evaluate it on the main process (on every
-    process with ``everywhere``).
+    evaluator; gather every process's state on the main process (rank 0; no other process receives
+    it), merge and evaluate it there, and with ``everywhere`` send the metrics to every process.
 
-    Returns the metrics where evaluated and ``{}`` elsewhere; ``evaluator.seconds`` is the time of
-    this process's loop. Every process must call it (the gather is a collective). ``desc=None``: no
-    progress bar."""
+    ``main``: this is the main process (it shows the progress bar and returns the metrics); pass
+    ``rank == 0``. Returns the metrics on the main process (on every process with ``everywhere``)
+    and ``{}`` elsewhere; ``evaluator.seconds`` is the time of this process's loop. Every process
+    must call it (the gather is a collective)."""
     from tqdm.auto import tqdm
 
     evaluator.reset()
@@ -65,11 +66,30 @@ def run_evaluator(
         for batch in tqdm(batches, desc=desc, unit=unit, disable=not main or desc is None, leave=False, mininterval=5.0):
             evaluator.process(batch, predict(batch))
     evaluator.seconds = time.monotonic() - t0
-    states = gather_objects(evaluator.state())
-    if not (main or everywhere):
-        return {}
-    evaluator.merge(states)
-    return evaluator.evaluate()
+    rank, world_size = world()
+    states = gather_to_main(evaluator.state())
+    metrics: Any = {}
+    if rank == 0 and (main or everywhere):
+        try:
+            evaluator.merge(states)
+            del states
+            metrics = evaluator.evaluate()
+        except BaseException as exc:
+            if everywhere and world_size > 1:  # the other processes wait for the metrics: let them stop too
+                broadcast_from_main(_EvaluationFailed(f"{type(exc).__name__}: {exc}"))
+            raise
+    if everywhere and world_size > 1:
+        metrics = broadcast_from_main(metrics)
+        if isinstance(metrics, _EvaluationFailed):
+            raise RuntimeError(f"evaluation failed on the main process (rank 0): {metrics.message}")
+    return metrics if (main or everywhere) else {}
+
+
+class _EvaluationFailed:
+    """Sent instead of the metrics when the main process's ``evaluate`` raised."""
+
+    def __init__(self, message: str):
+        self.message = message
 
 
 __all__ = ["DatasetEvaluator", "run_evaluator"]

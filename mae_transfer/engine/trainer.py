@@ -4,18 +4,22 @@ A task supplies its model, its training data and the loss of a batch (:class:`Tr
 engine does everything else: devices and DDP under torchrun, mixed precision, gradient
 accumulation to a target effective batch, clipping, the per-step lr schedule, AdamW with
 layer-wise lr decay groups, atomic checkpoints and automatic resume (also after SIGKILL), graceful
-stop on SIGTERM/SIGINT, a progress bar with throughput and ETA, and metric files.
+stop on SIGTERM/SIGINT and on the preemption notices of SLURM (SIGUSR1/SIGUSR2, optionally followed
+by ``scontrol requeue``), a progress bar with throughput and ETA, and metric files.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import gc
 import logging
 import math
 import os
 import random
+import shutil
 import signal
+import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -30,6 +34,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from mae_transfer.checkpoint import CheckpointError, atomic_save, load_safely
 from mae_transfer.config import ConfigError, save_config, to_dict
+from mae_transfer.data.index import freeze_heap_for_workers
 from mae_transfer.engine.distributed import DistInfo, all_reduce_mean, any_process
 from mae_transfer.engine.logger import MetricWriter
 from mae_transfer.engine.optim import Schedule, build_optimizer, param_groups
@@ -38,6 +43,17 @@ from mae_transfer.engine.sampler import EpochBatchSampler
 log = logging.getLogger(__name__)
 
 CHECKPOINT_NAME = "checkpoint-last.pth"
+
+# Signals that stop a run cleanly (save checkpoint-last.pth at the next step, then stop). SIGUSR1 and
+# SIGUSR2 are what SLURM sends ahead of a time limit or preemption (``#SBATCH --signal=USR1@90``;
+# submitit's default is USR2): a notice that the job will be killed soon, not a request from a user.
+PREEMPTION_SIGNALS = tuple(s for s in (getattr(signal, "SIGUSR1", None), getattr(signal, "SIGUSR2", None)) if s is not None)
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, *PREEMPTION_SIGNALS)
+# ``MAE_TRANSFER_REQUEUE=1`` in a hand-written SLURM batch script: after a preemption notice
+# (SIGUSR1/SIGUSR2) the main process saves and then runs ``scontrol requeue $SLURM_JOB_ID``, so the
+# job comes back and resumes from the checkpoint. (Jobs of ``bench --launcher slurm`` are requeued
+# by submitit instead.)
+REQUEUE_ENV = "MAE_TRANSFER_REQUEUE"
 
 
 @dataclass
@@ -175,7 +191,8 @@ class EvalContext:
 
 
 class TrainingInterrupted(Exception):
-    """Raised after a SIGTERM/SIGINT once the state has been saved; the run can be resumed."""
+    """Raised after a stop signal (SIGTERM/SIGINT/SIGUSR1/SIGUSR2) once the state has been saved; the
+    run can be resumed (the CLI exits with 143)."""
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
@@ -213,42 +230,90 @@ def default_num_workers(requested: int | None, device: torch.device) -> int:
 
 
 def _ignore_stop_signals(worker_id: int) -> None:
-    """DataLoader workers leave SIGTERM/SIGINT to the main process, which stops cleanly and saves.
+    """DataLoader workers leave the stop signals (SIGTERM/SIGINT/SIGUSR1/SIGUSR2) to the main
+    process, which stops cleanly and saves.
 
     Schedulers (SLURM, Kubernetes, ``kill -- -PGID``, Ctrl-C) signal every process of the job; a
-    worker that died of it would make the main process fail with "DataLoader worker killed" before
-    it could save. Workers still exit when the main process does (they watch their parent).
+    worker that died of it (SIGUSR1/2 kill by default too) would make the main process fail with
+    "DataLoader worker killed" before it could save. Workers still exit when the main process does
+    (they watch their parent).
     """
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
 
 
 class _StopSignals:
-    """Turns SIGTERM/SIGINT into a flag checked between optimizer steps (a second one kills)."""
+    """Turns the stop signals into a flag checked between optimizer steps.
+
+    A second SIGTERM/SIGINT kills, unless it comes within ``DUPLICATE_S`` of the first: a signal to a
+    whole process group or job reaches a worker twice at once (directly, and forwarded by
+    torchrun's agent), and only a later one is a user who insists. Preemption notices (SIGUSR1/2)
+    never kill: the scheduler sends SIGKILL itself when its grace time is over.
+    """
+
+    DUPLICATE_S = 1.0
 
     def __init__(self):
         self.requested: str | None = None
+        self._at = 0.0
         self._old: dict[int, Any] = {}
 
     def __enter__(self):
         import threading
 
         if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGTERM, signal.SIGINT):
+            for sig in STOP_SIGNALS:
                 self._old[sig] = signal.signal(sig, self._handle)
         return self
 
+    @property
+    def preempted(self) -> bool:
+        """The stop is a scheduler's preemption / time-limit notice (SIGUSR1 or SIGUSR2)."""
+        return self.requested in {s.name for s in PREEMPTION_SIGNALS}
+
     def _handle(self, signum, frame):
-        if self.requested is not None:  # second signal: give up on the graceful path
+        name = signal.Signals(signum).name
+        if self.requested is None:
+            self.requested, self._at = name, time.monotonic()
+            return
+        user_stop = ("SIGTERM", "SIGINT")
+        if name in user_stop and self.requested in user_stop and time.monotonic() - self._at > self.DUPLICATE_S:
+            # A second stop from the user: give up on the graceful path.
             signal.signal(signum, self._old.get(signum, signal.SIG_DFL))
             os.kill(os.getpid(), signum)
-            return
-        self.requested = signal.Signals(signum).name
 
     def __exit__(self, *exc):
         for sig, old in self._old.items():
             signal.signal(sig, old)
         return False
+
+
+def requeue_slurm_job() -> str | None:
+    """``scontrol requeue`` this SLURM job if ``MAE_TRANSFER_REQUEUE=1`` asks for it (hand-written
+    batch scripts; call after the checkpoint is saved, on the main process). Returns the job id
+    when it was requeued; otherwise None, with one log line saying why when it was asked for."""
+    if os.environ.get(REQUEUE_ENV, "").strip().lower() not in ("1", "true", "yes"):
+        return None
+    array_job, array_task = os.environ.get("SLURM_ARRAY_JOB_ID"), os.environ.get("SLURM_ARRAY_TASK_ID")
+    job = f"{array_job}_{array_task}" if array_job and array_task else os.environ.get("SLURM_JOB_ID")
+    if not job:
+        log.warning("%s=1 but this is not a SLURM job (no SLURM_JOB_ID): nothing to requeue", REQUEUE_ENV)
+        return None
+    scontrol = shutil.which("scontrol")
+    if scontrol is None:
+        log.warning("%s=1 but scontrol is not on PATH: SLURM job %s is not requeued (resubmit it to resume)", REQUEUE_ENV, job)
+        return None
+    try:
+        r = subprocess.run([scontrol, "requeue", job], capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.SubprocessError) as e:
+        log.warning("scontrol requeue %s failed: %s (resubmit the job to resume)", job, e)
+        return None
+    if r.returncode != 0:
+        log.warning("scontrol requeue %s failed (exit %d): %s (resubmit the job to resume)", job, r.returncode,
+                    (r.stderr or r.stdout).strip()[-300:])
+        return None
+    log.info("requeued SLURM job %s (scontrol requeue)", job)
+    return job
 
 
 def _format_duration(seconds: float) -> str:
@@ -536,6 +601,8 @@ class Trainer:
                 sampler.set_epoch(epoch, start_batch)
                 if hasattr(self.dataset, "set_epoch"):
                     self.dataset.set_epoch(epoch)
+                if self.num_workers():
+                    freeze_heap_for_workers()  # workers fork next: keep their GC off our objects
                 loader = DataLoader(
                     self.dataset,
                     batch_size=cfg.batch_size,
@@ -606,13 +673,16 @@ class Trainer:
                     if self.step >= last_step:
                         break
                 del loader
+                gc.unfreeze()  # the workers are gone: let the collector see the frozen objects again
                 if interrupted:
                     self.save_checkpoint(epoch)
                     if progress is not None:
                         progress.close()
+                    requeued = requeue_slurm_job() if (stop.preempted and dist.is_main) else None
+                    then = f"SLURM job {requeued} is requeued and resumes from it" if requeued else "run the same command again to resume"
                     raise TrainingInterrupted(
                         f"stopped by {stop.requested or 'a signal on another process'} at step {self.step}; "
-                        f"the state is saved in {self.checkpoint_path}: run the same command again to resume"
+                        f"the state is saved in {self.checkpoint_path}: {then}"
                     )
                 epoch_done = self.step % self.steps_per_epoch == 0
                 if epoch_done:

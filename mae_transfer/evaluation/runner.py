@@ -18,9 +18,9 @@ per-run ``results.jsonl``) holds for every job. The runner adds:
 
 Jobs run one after another on this machine, each in a child process (``--nproc-per-node N`` runs
 it under ``torchrun``), or inside the runner's process (``in_process=True``; faster for many tiny
-jobs, used by the demo). ``launcher="print"`` prints the commands instead, and ``"slurm"``
-submits one SLURM job per task through submitit; running ``bench`` again afterwards records what
-they produced.
+jobs, used by the demo). ``launcher="print"`` prints the commands instead; ``"slurm"`` (and its
+local rehearsal ``"submitit-local"``) submits one job per task through submitit
+(``evaluation.cluster``), and running ``bench`` again afterwards records what they produced.
 """
 
 from __future__ import annotations
@@ -99,10 +99,13 @@ class Job:
 @dataclass
 class JobOutcome:
     job: Job
-    status: str  # "done" (ran now), "cached" (results already in the store), "recorded" (finished outside the runner), "failed"
+    # "done" (ran now), "cached" (results already in the store), "recorded" (finished outside the runner
+    # or as a cluster job), "failed"; cluster launchers also: "submitted" (now), "running" (submitted before)
+    status: str
     wall_time_s: float | None = None
     error: str | None = None
     rows: list[ResultRow] = field(default_factory=list)
+    cluster_job: str | None = None  # the SLURM / local submitit job id (cluster launchers)
 
 
 def parse_backbones(specs: Iterable[str]) -> list[Backbone]:
@@ -475,28 +478,6 @@ def print_commands(jobs: list[Job], results_dir: str | os.PathLike, nproc: int, 
     return len(todo)
 
 
-def submit_slurm(jobs: list[Job], results_dir: str | os.PathLike, nproc: int, slurm: dict[str, Any],
-                 echo: Callable[[str], None] = print) -> list[str]:
-    """``launcher="slurm"``: one SLURM job per task through submitit (``pip install submitit``)."""
-    try:
-        import submitit
-    except ImportError:
-        raise ConfigError("--launcher slurm needs submitit: pip install submitit") from None
-    stored = ResultStore(results_dir).read()
-    todo = [j for j in jobs if not job_done(stored, j.key) and not read_run_results(j.run_dir)]
-    executor = submitit.AutoExecutor(folder=str(Path(results_dir) / "slurm" / "%j"), cluster=slurm.pop("cluster", None))
-    executor.update_parameters(nodes=1, tasks_per_node=1, gpus_per_node=nproc, cpus_per_task=max(8, 8 * nproc), **slurm)
-    ids = []
-    for j in todo:
-        j.run_dir.mkdir(parents=True, exist_ok=True)
-        executor.update_parameters(name=f"mae-{j.task}-{_slug(j.backbone.name)}")
-        sub = executor.submit(submitit.helpers.CommandFunction(shell_command(j, nproc)))
-        ids.append(str(sub.job_id))
-        echo(f"submitted {j.label}: job {sub.job_id} (run directory {j.run_dir})")
-    echo(f"{len(ids)} job(s) submitted; run the same `mae-transfer bench` again when they are done to record them")
-    return ids
-
-
 def latest_rows(results_dir: str | os.PathLike, jobs: list[Job] | None = None) -> list[dict]:
     """The store's rows, restricted to the keys of ``jobs`` when given (the current benchmark)."""
     rows = ResultStore(results_dir).read()
@@ -508,5 +489,5 @@ def latest_rows(results_dir: str | os.PathLike, jobs: list[Job] | None = None) -
 
 __all__ = [
     "Backbone", "Job", "JobOutcome", "BenchInterrupted", "parse_backbones", "parse_tasks", "parse_task_map",
-    "parse_overrides", "plan_jobs", "run_jobs", "run_in_process", "print_commands", "submit_slurm", "shell_command", "latest_rows", "headline",
+    "parse_overrides", "plan_jobs", "run_jobs", "run_in_process", "print_commands", "shell_command", "latest_rows", "headline",
 ]

@@ -1,5 +1,5 @@
-"""``mae-transfer speed all``: every workload's steady-state benchmark in one table and one JSON,
-and ``--data-only``: how fast a task's real training transforms produce samples in one worker.
+"""``mae-transfer speed all``: every workload's steady-state benchmark in one table and one JSON (the
+data pipelines, ``--data-only``, are measured by :mod:`mae_transfer.evaluation.data_speed`).
 
 Workloads (GPU sizes; ``tiny``: the same code paths on micro models, for CPUs and CI):
 MAE pretraining ViT-B/16 (eager and ``torch.compile``) and ViT-L/16, ViT-B fine-tuning at 224,
@@ -103,28 +103,4 @@ def format_speed_table(rows: list[dict]) -> str:
     return "\n".join("  ".join(str(c).ljust(w) for c, w in zip(line, widths)).rstrip() for line in lines)
 
 
-def run_data_speed(task: str, data: str | None, samples: int = 16, preset: str | None = None, split: str | None = None) -> dict:
-    """Samples/s of ``task``'s real training dataset (decode + training transforms) in this one
-    process, i.e. per DataLoader worker, on ``data`` (the built-in toy data without it); ``split``:
-    which split's images go through the training transforms (default: the training split)."""
-    from mae_transfer.evaluation.registry import TASKS
-
-    spec = TASKS[task]
-    if spec.family != "dense":
-        raise ValueError(f"--data-only times the dense tasks' pipelines (coco, ade20k), not {task}")
-    overrides = {"data": {"path": data}} if data else {}
-    if split:
-        overrides.setdefault("data", {})["train_split"] = split
-    cfg = spec.load("config")(preset or spec.default_preset, overrides)
-    ds = spec.load("task")(cfg).build_train_dataset()
-    n = samples  # indices wrap around small datasets (each sample still goes through every transform)
-    ds[0]  # warm caches (annotation index, first decode)
-    t0 = time.perf_counter()
-    for i in range(n):
-        ds[i % len(ds)]
-    seconds = time.perf_counter() - t0
-    return {"task": task, "data": data or "toy", "split": cfg.data.train_split, "preset": preset or spec.default_preset, "img_size": cfg.model.img_size,
-            "samples": n, "seconds": seconds, "samples_per_s": n / seconds}
-
-
-__all__ = ["run_speed_all", "format_speed_table", "run_data_speed"]
+__all__ = ["run_speed_all", "format_speed_table"]

@@ -50,6 +50,7 @@ import torch
 from PIL import Image
 
 from mae_transfer.data.errors import DataError
+from mae_transfer.data.index import StringPairs
 from mae_transfer.data.folder import load_rgb
 from mae_transfer.data.stats import IMAGENET_MEAN, IMAGENET_STD
 
@@ -324,7 +325,8 @@ class SegmentationFolder(torch.utils.data.Dataset):
         self.num_bad_label_pixels = 0
         self.bad_label_files: set[str] = set()
         self._lut = self._label_table()
-        self.samples = self._scan()
+        # Two packed string arrays, not a list of tuples: forked workers share them for good.
+        self.samples = StringPairs(self._scan())
         self.class_names = self._class_names()
 
     # ------------------------------------------------------------------ setup
