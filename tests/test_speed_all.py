@@ -45,7 +45,9 @@ def test_speed_all_tiny_bf16_runs_the_gpu_precision_paths_on_cpu(tmp_path, cache
     (["ade20k", "--compile"], "speed ade20k does not use --compile"),
     (["pretrain", "--tiny"], "speed pretrain does not use --tiny"),
     (["coco", "--data-only", "--steps", "3"], "speed coco --data-only does not use --steps"),
-    (["pretrain", "--data-only"], "--data-only times the coco or ade20k"),
+    (["pretrain", "--data-only"], "--data-only measures the data of coco, ade20k, inat or places"),
+    (["places"], "speed places measures data only: add --data-only"),
+    (["inat", "--data-only", "--workers", "-1"], "--workers must be 0 or more"),
     (["all", "--precision", "fp16"], "--precision fp16 is for speed coco"),
     (["coco", "--steps", "0"], "--steps must be at least 1"),
 ])

@@ -827,6 +827,23 @@ def resolve_eval_backend(backend: str) -> str:
     return "faster"
 
 
+@contextlib.contextmanager
+def _cyclic_gc_paused():
+    """Python's cyclic garbage collector off for the block. An evaluation makes millions of acyclic
+    objects (the result dicts, COCOeval's per-image tables), which the collector would walk again
+    and again for nothing: a fifth of faster-coco-eval's time at val2017 size. Cycles the block
+    leaves behind are collected later as usual."""
+    import gc
+
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
 def evaluate_coco(
     coco_gt: COCO,
     results: Sequence[dict[str, Any]] | CocoResults,
@@ -868,21 +885,21 @@ def evaluate_coco(
     dets: list[dict[str, Any]] | None = None
     for iou_type in iou_types:
         dets = None  # the previous pass's dicts go before this pass makes its own
-        # With a bbox present, loadRes sets each detection's area from the box, which would put
-        # masks into the wrong small/medium/large range; without it, the mask area is used.
-        if compact:
-            dets = results.to_dicts(share_sizes=True, with_bbox=iou_type == "bbox")
-        else:
-            dets = [dict(d) for d in results]
-            if iou_type == "segm":
-                for d in dets:
-                    d.pop("bbox", None)
-        if not dets:
+        if not len(results):
             log.info("COCO %s: no detections, every AP is 0", iou_type)
             out[iou_type] = {name: 0.0 for name in METRIC_NAMES}
             continue
         captured = io.StringIO()
-        with contextlib.redirect_stdout(captured):
+        with _cyclic_gc_paused(), contextlib.redirect_stdout(captured):
+            # With a bbox present, loadRes sets each detection's area from the box, which would put
+            # masks into the wrong small/medium/large range; without it, the mask area is used.
+            if compact:
+                dets = results.to_dicts(share_sizes=True, with_bbox=iou_type == "bbox")
+            else:
+                dets = [dict(d) for d in results]
+                if iou_type == "segm":
+                    for d in dets:
+                        d.pop("bbox", None)
             try:
                 coco_dt = coco_gt.loadRes(dets)
             except AssertionError as exc:

@@ -100,7 +100,7 @@ class DetectionConfig:
     # detectron2 evaluates in fp32; bf16 autocast changes most low-scoring detections.
     eval_precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     # COCO AP with pycocotools (the reference) or faster-coco-eval (pip install faster-coco-eval: the
-    # same numbers to 1e-4, tests/test_coco.py; 4x faster with 40% less memory on val2017, see
+    # same numbers to 1e-4, tests/test_coco.py; at val2017 size 5x faster with 30% less memory,
     # benchmarks/coco_eval_full_size.py); auto = faster-coco-eval when installed, else pycocotools.
     eval_backend: Literal["auto", "pycocotools", "faster"] = "auto"
     visualize: int = 0  # after evaluation, save this many images with predictions next to the truth

@@ -17,23 +17,12 @@ from __future__ import annotations
 import os
 import random
 import time
-from pathlib import Path
 from typing import Any, Iterator
 
 from mae_transfer.data.errors import DataError
+from mae_transfer.evaluation.data_speed import unwrap_dataset as _unwrap
 
 DATA_TASKS = ("coco", "ade20k", "inat2017", "inat2018", "inat2019", "places205", "places365", "imagenet")
-
-
-def _unwrap(ds: Any) -> Any:
-    for _ in range(8):
-        if hasattr(ds, "load_target") or hasattr(ds, "samples"):
-            return ds
-        inner = getattr(ds, "dataset", None)
-        if inner is None:
-            break
-        ds = inner
-    return ds
 
 
 def _files(ds: Any) -> Iterator[tuple[int, list[tuple[str, tuple[int, int] | None]]]]:

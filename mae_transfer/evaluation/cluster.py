@@ -349,7 +349,7 @@ def submit_jobs(jobs: list, results_dir: str | os.PathLike, launcher: str, nproc
     "failed", "running" or "submitted" (``cluster_job`` names the job)."""
     from mae_transfer.config import ConfigError
     from mae_transfer.engine.results import FAILED, ResultRow, read_run_results
-    from mae_transfer.evaluation.runner import JobOutcome, _slug, _tag_rows, job_done, shell_command
+    from mae_transfer.evaluation.runner import JobOutcome, _slug, _tag_rows, cached_outcome, shell_command
     from mae_transfer.evaluation.store import ResultStore
 
     slurm = dict(slurm or {})
@@ -362,10 +362,9 @@ def submit_jobs(jobs: list, results_dir: str | os.PathLike, launcher: str, nproc
     for i, job in enumerate(jobs, 1):
         head = f"[{i}/{len(jobs)}] {job.label}"
         stored = store.read()
-        if job_done(stored, job.key):
-            rows = [ResultRow.from_dict(r) for r in stored if r.get("job_key") == job.key and r.get("metric") != FAILED]
-            outcomes.append(JobOutcome(job, "cached", rows=rows))
-            echo(f"{head}: done before, skipped (results in {store.path})")
+        cached = cached_outcome(job, stored, store, head, echo)
+        if cached is not None:
+            outcomes.append(cached)
             continue
         log_path = job.run_dir / LOG_FILE
         rec = read_record(job.run_dir)

@@ -74,7 +74,8 @@ def _children(pid: int) -> list[int]:
     return sorted(set(kids))
 
 
-def _unwrap(ds: Any) -> Any:
+def unwrap_dataset(ds: Any) -> Any:
+    """The dataset holding the index below task wrappers (``.dataset`` chains)."""
     for _ in range(8):
         if hasattr(ds, "load_target") or hasattr(ds, "samples"):
             return ds
@@ -89,7 +90,7 @@ class IndexPass(Dataset):
     """Item ``i``: read sample ``i``'s index record as ``__getitem__`` does (no image decode)."""
 
     def __init__(self, dataset: Any):
-        self.dataset = _unwrap(dataset)
+        self.dataset = unwrap_dataset(dataset)
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -156,7 +157,7 @@ def run_data_speed(what: str, data: str | None = None, *, workers: int = 4, samp
     build_s = time.perf_counter() - t0
     release_memory()
     rss1 = _status_kib("VmRSS") or 0
-    inner = _unwrap(train)
+    inner = unwrap_dataset(train)
     index_info = getattr(inner, "index_info", None)
     out: dict[str, Any] = {
         "task": task, "data": data or "toy", "preset": preset, "train_images": len(train),

@@ -404,10 +404,9 @@ def run_jobs(
         for i, job in enumerate(jobs, 1):
             head = f"[{i}/{len(jobs)}] {job.label}"
             stored = store.read()
-            if job_done(stored, job.key):
-                rows = [ResultRow.from_dict(r) for r in stored if r.get("job_key") == job.key and r.get("metric") != FAILED]
-                outcomes.append(JobOutcome(job, "cached", rows=rows))
-                echo(f"{head}: done before, skipped (results in {store.path})")
+            cached = cached_outcome(job, stored, store, head, echo)
+            if cached is not None:
+                outcomes.append(cached)
                 continue
             if not retry_failed and any(r.get("job_key") == job.key for r in stored):
                 outcomes.append(JobOutcome(job, "failed", error="failed before (--no-retry)"))
@@ -453,6 +452,16 @@ def run_jobs(
     return outcomes
 
 
+def cached_outcome(job: Job, stored: list[dict], store: ResultStore, head: str,
+                   echo: Callable[[str], None]) -> JobOutcome | None:
+    """The outcome of a job whose rows are already in the store (said in one line), else None."""
+    if not job_done(stored, job.key):
+        return None
+    rows = [ResultRow.from_dict(r) for r in stored if r.get("job_key") == job.key and r.get("metric") != FAILED]
+    echo(f"{head}: done before, skipped (results in {store.path})")
+    return JobOutcome(job, "cached", rows=rows)
+
+
 def headline(rows: list[ResultRow]) -> str:
     """The main numbers of a job's rows (its task's headline columns), e.g. ``APbox 19.8, APmask 22.7``."""
     if not rows:
@@ -489,5 +498,5 @@ def latest_rows(results_dir: str | os.PathLike, jobs: list[Job] | None = None) -
 
 __all__ = [
     "Backbone", "Job", "JobOutcome", "BenchInterrupted", "parse_backbones", "parse_tasks", "parse_task_map",
-    "parse_overrides", "plan_jobs", "run_jobs", "run_in_process", "print_commands", "shell_command", "latest_rows", "headline",
+    "parse_overrides", "plan_jobs", "run_jobs", "cached_outcome", "run_in_process", "print_commands", "shell_command", "latest_rows", "headline",
 ]
