@@ -162,7 +162,7 @@ def test_speed_data_only_full_size_reports_memory_and_build_time(tmp_path, cache
     assert r["train_images"] == 1803 and r["pass_samples"] == 1803 and len(r["worker_uss_end_mib"]) == 2
     assert r["build_seconds"] > 0 and r["samples_per_s"] > 0
     text = capsys.readouterr().out
-    assert "index pass over 1,803 samples with 2 workers" in text and "samples/s per worker" in text
+    assert "index pass over 1,803 samples with 2 workers" in text and len(r["worker_uss_start_mib"]) == 2 and "samples/s per worker" in text
 
 
 def test_check_data_reports_missing_unreadable_and_memory(tmp_path, cache, capsys):

@@ -14,7 +14,6 @@ but leaves missing files and malformed annotations out instead of stopping, and 
 
 from __future__ import annotations
 
-import os
 import random
 import time
 from typing import Any, Iterator
@@ -105,17 +104,18 @@ def _worker_memory(ds: Any, records: int) -> float | None:
     """Private memory (MiB) one forked DataLoader worker adds after reading ``records`` index records."""
     from torch.utils.data import DataLoader, Subset
 
-    from mae_transfer.evaluation.data_speed import IndexPass, _children, process_memory
+    from mae_transfer.evaluation.data_speed import IndexPass, loader_worker_pids, process_memory
 
     data = IndexPass(ds)
     n = min(records, len(data))
     loader = DataLoader(Subset(data, list(range(n))), batch_size=256, num_workers=1, collate_fn=len,
                         multiprocessing_context="fork")
     first = last = None
-    for _ in loader:
-        kids = _children(os.getpid())
-        if kids:
-            mem = process_memory(kids[0])
+    iterator = iter(loader)
+    pids = loader_worker_pids(iterator)
+    for _ in iterator:
+        if pids:
+            mem = process_memory(pids[0])
             if mem is not None:
                 first = first or mem
                 last = mem

@@ -18,7 +18,6 @@
 
 from __future__ import annotations
 
-import os
 import time
 from pathlib import Path
 from typing import Any
@@ -63,15 +62,11 @@ def process_memory(pid: int | str = "self") -> dict[str, float] | None:
             "dirty": fields.get("Private_Dirty", 0) / 1024}
 
 
-def _children(pid: int) -> list[int]:
-    kids: list[int] = []
-    try:
-        for tid in os.listdir(f"/proc/{pid}/task"):
-            with open(f"/proc/{pid}/task/{tid}/children") as f:
-                kids += [int(x) for x in f.read().split()]
-    except OSError:
-        pass
-    return sorted(set(kids))
+def loader_worker_pids(iterator: Any) -> list[int]:
+    """PIDs of a DataLoader iterator's worker processes (its ``_workers``; empty without workers).
+    Not the process's children in general: other children (a test runner's leftovers, a
+    forkserver) are not workers."""
+    return [w.pid for w in getattr(iterator, "_workers", []) if w.pid is not None]
 
 
 def unwrap_dataset(ds: Any) -> Any:
@@ -187,7 +182,6 @@ def _index_pass(train: Any, workers: int) -> dict[str, Any]:
         freeze_heap_for_workers()  # what the trainer does before its workers fork
     loader = DataLoader(data, batch_size=batch, shuffle=False, num_workers=workers, collate_fn=_count,
                         multiprocessing_context="fork" if workers else None)
-    me = os.getpid()
     first: dict[int, dict] = {}
     last: dict[int, dict] = {}
     seen = 0
@@ -196,13 +190,15 @@ def _index_pass(train: Any, workers: int) -> dict[str, Any]:
     from tqdm.auto import tqdm
 
     bar = tqdm(total=len(data), desc="index pass", unit="sample", mininterval=2.0, leave=False)
-    for count in loader:
+    iterator = iter(loader)
+    pids = loader_worker_pids(iterator)
+    for count in iterator:
         seen += count
         bar.update(count)
         now = time.perf_counter()
         if now >= next_probe or seen >= len(data) - batch * max(1, workers):
             next_probe = now + 0.5
-            for pid in _children(me):
+            for pid in pids:
                 mem = process_memory(pid)
                 if mem is None:
                     continue
