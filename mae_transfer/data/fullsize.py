@@ -75,7 +75,7 @@ def _source_images(kind: str, images_from: str | os.PathLike | None) -> Path:
         return Path(images_from)
     from mae_transfer.data.toy import ensure_toy_dataset
 
-    return ensure_toy_dataset({"inat2018": "inat2018", "places365": "places365"}.get(kind, kind))
+    return ensure_toy_dataset(kind)
 
 
 def _jpegs(folder: Path, limit: int = 16) -> list[Path]:

@@ -109,8 +109,10 @@ def full_size_root(kind: str) -> Path:
     from mae_transfer.data.fullsize import write_full_size
     from mae_transfer.data.toy import toy_cache_dir
 
-    writer_kind = {"inat2018": "inat2018", "places365": "places365", "coco": "coco", "ade20k": "ade20k"}.get(kind)
-    if writer_kind is None:
+    from mae_transfer.data.fullsize import FULL_SIZE_KINDS
+
+    writer_kind = kind
+    if writer_kind not in FULL_SIZE_KINDS:
         raise ValueError(f"--full-size has data for coco, ade20k, inat (2018) and places (365), not {kind}")
     root = toy_cache_dir().parent / "fullsize" / writer_kind
     marker = root / ".complete"
