@@ -10,6 +10,13 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 
+# Under pytest-xdist (`-n auto`, the README's test command) each worker process gets its share of
+# the cores for torch's compute threads, and so do the processes the tests start (torchrun,
+# submitit, the CLI): N workers of all-core thread pools on N cores would fight over them.
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+    _cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    os.environ["OMP_NUM_THREADS"] = str(max(1, _cores // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
+
 
 def shared_root() -> Path:
     """``../shared`` beside the checkout, or ``$MAE_TRANSFER_SHARED``."""

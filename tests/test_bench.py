@@ -114,8 +114,9 @@ def test_bench_records_skips_and_survives_a_failing_job(tmp_path, encoder, cache
 
 def test_killed_benchmark_redoes_only_the_interrupted_job(tmp_path, encoder, cache):
     res = tmp_path / "res"
+    epochs = 16  # 96 steps of ~0.15 s on a CPU: the stop lands in the middle, not after the end
     argv = [sys.executable, "-m", "mae_transfer", "bench", "--backbone", f"mae={encoder}", "--tasks", "knn,linprobe",
-            "--set", "linprobe:train.epochs=40", "--set", "linprobe:train.log_every=1", "--results", str(res)]
+            "--set", f"linprobe:train.epochs={epochs}", "--set", "linprobe:train.log_every=1", "--results", str(res)]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     deadline = time.time() + 240
@@ -134,7 +135,7 @@ def test_killed_benchmark_redoes_only_the_interrupted_job(tmp_path, encoder, cac
     run_dir = train_csv.parent
     assert (run_dir / "checkpoint-last.pth").exists()
     stopped_at = torch.load(run_dir / "checkpoint-last.pth", map_location="cpu", weights_only=False)["step"]
-    assert 0 < stopped_at < 40 * 6
+    assert 0 < stopped_at < epochs * 6
     rows = _rows(res)
     assert {r["task"] for r in rows} == {"knn"}  # the interrupted job recorded nothing
 
@@ -146,4 +147,4 @@ def test_killed_benchmark_redoes_only_the_interrupted_job(tmp_path, encoder, cac
     assert {r["task"] for r in rows} == {"knn", "linprobe"}
     log = (run_dir / "log.txt").read_text()
     assert f"resuming from {run_dir / 'checkpoint-last.pth'} at step {stopped_at}" in log
-    assert json.loads((run_dir / "results.jsonl").read_text().splitlines()[0])["step"] == 40 * 6
+    assert json.loads((run_dir / "results.jsonl").read_text().splitlines()[0])["step"] == epochs * 6

@@ -113,6 +113,22 @@ def test_sampler_gives_the_same_effective_batches_for_any_layout(world, accum):
     assert list(s) == per_rank[0][3 * b :]
 
 
+@pytest.mark.parametrize("batch, effective, world, layout", [
+    (8, 16, 1, (8, 2)),        # one process accumulates
+    (8, 16, 4, (4, 1)),        # a toy recipe on 4 processes keeps its batch (and lr): 4 each
+    (64, 64, 8, (8, 1)),
+    (6, 64, 4, (4, 4)),        # 6 does not divide 16 per process: the largest share that does
+    (96, 4096, 8, (64, 8)),    # 96 per GPU under 4096 on 8 GPUs: 64 x 8 accumulation steps
+    (8, None, 4, (8, 1)),      # no effective batch: whatever the processes make
+    (8, 16, 3, (8, 1)),        # 16 over 3 processes: impossible, the nearest multiple (24, said in the log)
+    (8, 1016, 8, (8, 16)),     # only a share of 1 divides 127: nearest multiple, not 8x slower steps
+])
+def test_the_effective_batch_survives_any_process_count(batch, effective, world, layout):
+    from mae_transfer.engine.trainer import batch_layout
+
+    assert batch_layout(batch, effective, world) == layout
+
+
 class Noisy(Dataset):
     def __init__(self, n=96):
         g = torch.Generator().manual_seed(0)

@@ -81,11 +81,21 @@ def _wait_for(predicate, proc, timeout=120.0):
     return False
 
 
+KILLED_ARGS = ["--epochs", "3", *TINY, "train.ckpt_every_minutes=0"]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory) -> Path:
+    """The run every killed-and-resumed run must end as (one for all signals)."""
+    base = tmp_path_factory.mktemp("uninterrupted")
+    subprocess.run(cli(base, "--output", str(base / "full"), *KILLED_ARGS), env=env(base), check=True, capture_output=True)
+    return base / "full"
+
+
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL])
-def test_killed_run_resumes_to_the_same_result(tmp_path, sig):
-    args = ["--epochs", "3", *TINY, "train.ckpt_every_minutes=0"]
-    full = tmp_path / "full"
-    subprocess.run(cli(tmp_path, "--output", str(full), *args), env=env(tmp_path), check=True, capture_output=True)
+def test_killed_run_resumes_to_the_same_result(tmp_path, sig, uninterrupted):
+    args = KILLED_ARGS
+    full = uninterrupted
 
     run = tmp_path / "killed"
     proc = subprocess.Popen(cli(tmp_path, "--output", str(run), *args), env=env(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)

@@ -44,6 +44,15 @@ _HASHED_BYTES = 1 << 20  # head and tail of each source file hashed into the key
 # ------------------------------------------------------------------------------------- packed strings
 
 
+def _position(index, n: int, what: str) -> int:
+    """``index`` as a position in ``range(n)`` (negative counts from the end), or IndexError."""
+    index = int(index)
+    position = index + n if index < 0 else index
+    if not 0 <= position < n:
+        raise IndexError(f"index {index} out of range for {n} {what}")
+    return position
+
+
 class PackedStrings(Sequence[str]):
     """A read-only list of strings stored as one UTF-8 byte buffer and ``n + 1`` offsets.
 
@@ -86,12 +95,7 @@ class PackedStrings(Sequence[str]):
     def __getitem__(self, index):  # type: ignore[override]
         if isinstance(index, slice):
             return [self[i] for i in range(*index.indices(len(self)))]
-        n = len(self)
-        index = int(index)
-        if index < 0:
-            index += n
-        if not 0 <= index < n:
-            raise IndexError(f"index {index} out of range for {n} strings")
+        index = _position(index, len(self), "strings")
         a, b = int(self.offsets[index]), int(self.offsets[index + 1])
         return bytes(self.data[a:b]).decode("utf-8")
 
@@ -145,12 +149,7 @@ class PathLabels(Sequence[tuple[str, int]]):
         return len(self.paths) if self.keep is None else len(self.keep)
 
     def _raw(self, index: int) -> int:
-        n = len(self)
-        index = int(index)
-        if index < 0:
-            index += n
-        if not 0 <= index < n:
-            raise IndexError(f"index {index} out of range for {n} samples")
+        index = _position(index, len(self), "samples")
         return index if self.keep is None else int(self.keep[index])
 
     def path(self, index: int) -> str:

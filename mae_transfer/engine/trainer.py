@@ -323,6 +323,28 @@ def _format_duration(seconds: float) -> str:
     return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
 
 
+def batch_layout(batch_size: int, effective_batch_size: int | None, world: int) -> tuple[int, int]:
+    """(samples per process per forward, gradient accumulation steps) for an effective batch.
+
+    ``train.batch_size`` is the most one process holds at once; ``effective_batch_size`` (the batch
+    of an optimizer step, which sets the lr) is kept whenever the processes can share it evenly:
+    each takes the largest share that divides it and accumulates gradients over the rest. So a
+    toy or 1-GPU recipe keeps its batch and lr on 4 or 8 processes (each process holds less), and a
+    batch of 96 per GPU under an effective 4096 on 8 GPUs runs 64 x 8 accumulation steps. When no
+    such share exists (the effective batch is not a multiple of the processes, or only shares under
+    half of ``batch_size`` divide it while ``batch_size x processes`` fits in it) the nearest
+    multiple of ``batch_size x processes`` is used, and the trainer says so."""
+    target = effective_batch_size or batch_size * world
+    if target % world == 0:
+        must_shrink = batch_size * world > target
+        for share in range(min(batch_size, target // world), 0, -1):
+            if (target // world) % share == 0:
+                if must_shrink or 2 * share >= batch_size:
+                    return share, target // (share * world)
+                break
+    return batch_size, max(1, round(target / (batch_size * world)))
+
+
 class Trainer:
     """Runs ``task`` with ``train``/``optim`` settings in ``output_dir`` (resuming if it holds a run).
 
@@ -479,16 +501,18 @@ class Trainer:
         dataset = self.task.build_train_dataset()
 
         world = dist.world_size
-        per_step = cfg.batch_size * world
-        target = cfg.effective_batch_size or per_step
-        self.accum_steps = max(1, round(target / per_step))
-        self.effective_batch_size = per_step * self.accum_steps
-        if self.effective_batch_size != target:
+        self.batch_size, self.accum_steps = batch_layout(cfg.batch_size, cfg.effective_batch_size, world)
+        target = cfg.effective_batch_size or cfg.batch_size * world
+        self.effective_batch_size = self.batch_size * world * self.accum_steps
+        if self.batch_size != cfg.batch_size and self.effective_batch_size == target:
+            log.info("effective batch %d over %d processes: %d samples per process (train.batch_size %d would make %d)",
+                     target, world, self.batch_size, cfg.batch_size, cfg.batch_size * world)
+        elif self.effective_batch_size != target:
             log.warning(
                 "effective batch %d is not a multiple of batch_size %d x %d processes; using %d "
-                "(gradient accumulation %d)", target, cfg.batch_size, world, self.effective_batch_size, self.accum_steps,
+                "(gradient accumulation %d)", target, self.batch_size, world, self.effective_batch_size, self.accum_steps,
             )
-        sampler = EpochBatchSampler(len(dataset), cfg.batch_size, world, dist.rank, self.accum_steps, cfg.seed)
+        sampler = EpochBatchSampler(len(dataset), self.batch_size, world, dist.rank, self.accum_steps, cfg.seed)
         self.steps_per_epoch = sampler.steps_per_epoch
         if self.steps_per_epoch == 0:
             raise ConfigError(
@@ -547,6 +571,7 @@ class Trainer:
         derived = {
             "peak_lr": self.peak_lr,
             "effective_batch_size": self.effective_batch_size,
+            "batch_size_per_process": self.batch_size,
             "accum_steps": self.accum_steps,
             "world_size": world,
             "steps_per_epoch": self.steps_per_epoch,
@@ -562,7 +587,7 @@ class Trainer:
             "%s: %d samples, %d steps/epoch x %d epochs, effective batch %d (%d x %d processes x %d accumulation), "
             "peak lr %.3g, %s on %s",
             self.task.name, len(dataset), self.steps_per_epoch, cfg.epochs, self.effective_batch_size,
-            cfg.batch_size, world, self.accum_steps, self.peak_lr, self.precision, self.device,
+            self.batch_size, world, self.accum_steps, self.peak_lr, self.precision, self.device,
         )
         if self.step >= last_step:
             log.info("nothing to do: the run in %s is at step %d of %d", self.output_dir, self.step, last_step)
@@ -605,7 +630,7 @@ class Trainer:
                     freeze_heap_for_workers()  # workers fork next: keep their GC off our objects
                 loader = DataLoader(
                     self.dataset,
-                    batch_size=cfg.batch_size,
+                    batch_size=self.batch_size,
                     sampler=sampler,
                     num_workers=self.num_workers(),
                     collate_fn=self.task.collate_fn,

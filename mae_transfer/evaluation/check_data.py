@@ -85,8 +85,8 @@ def _decode_check(ds: Any, full: bool, sample: int, seed: int = 0) -> dict[str, 
             continue
         for path, size in files:
             try:
-                if path.endswith(".png") and size is None and hasattr(ds, "_read_label"):
-                    ds._read_label(path)
+                if path.endswith(".png") and size is None and hasattr(ds, "read_label"):
+                    ds.read_label(path)
                 else:
                     im = load_rgb(path)
                     if size is not None and (im.height, im.width) != size:

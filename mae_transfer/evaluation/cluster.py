@@ -349,7 +349,7 @@ def submit_jobs(jobs: list, results_dir: str | os.PathLike, launcher: str, nproc
     "failed", "running" or "submitted" (``cluster_job`` names the job)."""
     from mae_transfer.config import ConfigError
     from mae_transfer.engine.results import FAILED, ResultRow, read_run_results
-    from mae_transfer.evaluation.runner import JobOutcome, _slug, _tag_rows, cached_outcome, shell_command
+    from mae_transfer.evaluation.runner import JobOutcome, _slug, _tag_rows, cached_outcome, settled_outcome, shell_command
     from mae_transfer.evaluation.store import ResultStore
 
     slurm = dict(slurm or {})
@@ -401,16 +401,9 @@ def submit_jobs(jobs: list, results_dir: str | os.PathLike, launcher: str, nproc
             again = "not submitted again (--no-retry)" if not retry_failed else "the next `bench` submits it again"
             echo(f"{head}: {what} FAILED{f' (exit {rc})' if rc is not None else ''}: {error}\n    log: {log_path}; {again}")
             continue
-        finished = read_run_results(job.run_dir)
-        if finished:  # ran to the end outside the runner (by hand, or recorded before the store was moved)
-            rows = _tag_rows(job, finished, None)
-            store.append(rows)
-            outcomes.append(JobOutcome(job, "recorded", rows=rows))
-            echo(f"{head}: finished in {job.run_dir}, recorded")
-            continue
-        if not retry_failed and any(r.get("job_key") == job.key for r in store.read()):
-            outcomes.append(JobOutcome(job, "failed", error="failed before (--no-retry)"))
-            echo(f"{head}: failed before, not retried")
+        settled = settled_outcome(job, store, head, echo, retry_failed)
+        if settled is not None:
+            outcomes.append(settled)
             continue
         if executor is None:
             executor = _executor(launcher, results_dir, nproc, slurm)

@@ -408,16 +408,9 @@ def run_jobs(
             if cached is not None:
                 outcomes.append(cached)
                 continue
-            if not retry_failed and any(r.get("job_key") == job.key for r in stored):
-                outcomes.append(JobOutcome(job, "failed", error="failed before (--no-retry)"))
-                echo(f"{head}: failed before, not retried")
-                continue
-            finished = read_run_results(job.run_dir)
-            if finished:  # ran to the end (by hand, or the runner stopped before recording it)
-                rows = _tag_rows(job, finished, None)
-                store.append(rows)
-                outcomes.append(JobOutcome(job, "recorded", rows=rows))
-                echo(f"{head}: finished in {job.run_dir}, recorded")
+            settled = settled_outcome(job, store, head, echo, retry_failed)
+            if settled is not None:
+                outcomes.append(settled)
                 continue
             job.run_dir.mkdir(parents=True, exist_ok=True)
             log_path = job.run_dir / "bench.log"
@@ -460,6 +453,23 @@ def cached_outcome(job: Job, stored: list[dict], store: ResultStore, head: str,
     rows = [ResultRow.from_dict(r) for r in stored if r.get("job_key") == job.key and r.get("metric") != FAILED]
     echo(f"{head}: done before, skipped (results in {store.path})")
     return JobOutcome(job, "cached", rows=rows)
+
+
+def settled_outcome(job: Job, store: ResultStore, head: str, echo: Callable[[str], None],
+                    retry_failed: bool) -> JobOutcome | None:
+    """The outcome of a job that needs no run although the store has no rows for it: its run
+    directory holds results (it ran to the end by hand, or the launcher stopped before recording
+    them: recorded now), or it failed before and ``retry_failed`` is off. Else None."""
+    finished = read_run_results(job.run_dir)
+    if finished:
+        rows = _tag_rows(job, finished, None)
+        store.append(rows)
+        echo(f"{head}: finished in {job.run_dir}, recorded")
+        return JobOutcome(job, "recorded", rows=rows)
+    if not retry_failed and any(r.get("job_key") == job.key for r in store.read()):
+        echo(f"{head}: failed before, not retried")
+        return JobOutcome(job, "failed", error="failed before (--no-retry)")
+    return None
 
 
 def headline(rows: list[ResultRow]) -> str:

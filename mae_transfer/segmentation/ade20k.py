@@ -407,7 +407,8 @@ class SegmentationFolder(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.samples)
 
-    def _read_label(self, path: str) -> np.ndarray:
+    def read_label(self, path: str) -> np.ndarray:
+        """The class indices of one label map, or one DataError naming the file (not a 1-channel PNG, undecodable)."""
         try:
             with Image.open(path) as im:
                 im.load()
@@ -465,7 +466,7 @@ class SegmentationFolder(torch.utils.data.Dataset):
             raise DataError(
                 f"cannot decode the image {image_path} ({e}); replace it, or remove it together with its label map"
             ) from None
-        raw = self._read_label(label_path)
+        raw = self.read_label(label_path)
         width, height = image.size
         if raw.shape != (height, width):
             raise DataError(
