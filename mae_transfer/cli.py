@@ -353,6 +353,9 @@ def _run_bench(args) -> int:
             print(f"\njobs: {counts['submitted']} submitted, {counts['running']} still queued or running, {counts['recorded']} recorded, "
                   f"{counts['cached']} already done, {counts['failed']} failed; run the same `mae-transfer bench` again when they "
                   f"have finished to record them (submitit logs: {results / 'slurm'})")
+            note = bench.elsewhere_note(outcomes, bench.latest_rows(results, jobs))
+            if note:
+                print(note)
             return 1 if counts["failed"] else 0
     else:
         try:
@@ -361,11 +364,15 @@ def _run_bench(args) -> int:
         except bench.BenchInterrupted as e:
             print(f"mae-transfer bench: {e}", file=sys.stderr)
             return EXIT_INTERRUPTED
-    markdown, tables, plots = write_report(bench.latest_rows(results, jobs), results, args.baseline)
+    rows = bench.latest_rows(results, jobs)
+    markdown, tables, plots = write_report(rows, results, args.baseline)
     print()
     print(markdown)
     counts = {s: sum(o.status == s for o in outcomes) for s in ("done", "cached", "recorded", "failed")}
     print(f"\njobs: {counts['done']} run, {counts['cached']} already done, {counts['recorded']} recorded, {counts['failed']} failed")
+    note = bench.elsewhere_note(outcomes, rows)  # jobs another bench into this store still runs
+    if note:
+        print(note)
     if tables:
         print(f"tables: {', '.join(str(p) for p in tables.values())}")
     if plots:
@@ -593,10 +600,16 @@ Write weights in another project's format, atomically, and check the file by rea
                     timm.create_model('local-dir:FOLDER', pretrained=True), or
                     timm.create_model('vit_base_patch16_224', pretrained=True, num_classes=0,
                     pretrained_cfg_overlay=dict(file='FOLDER/model.safetensors')) for a ViT-B.
-                    From any checkpoint with a plain ViT (pretraining, fine-tuning, linear probe runs,
-                    official MAE, Hugging Face, timm files; a run directory too).
+                    From any checkpoint with a plain ViT (pretraining, fine-tuning runs, official MAE,
+                    Hugging Face, timm files; a run directory too). A fine-tuned classifier keeps its
+                    head (timm.create_model(..., num_classes=N, global_pool=...) loads it strictly);
+                    a linear probe's BatchNorm + Linear head has no place in timm's ViT: refused.
   --to hf           a folder transformers.ViTMAEModel.from_pretrained opens (model.safetensors in the
-                    Hub's names + config.json, mask_ratio 0); from an encoder with its final norm.
+                    Hub's names + config.json, mask_ratio 0); from an encoder with its final norm
+                    (a classifier's head has no place in it: refused, --to timm keeps it).
+
+Weights that are not floating point, whole models with tensors missing and tensors the target has
+no place for are refused before anything is written (exit 2, one line naming them).
   --to detectron2   a trained detector (detector.pth or checkpoint-last.pth of a `coco` run, or a
                     detectron2 model-zoo .pkl) as detectron2's DetectionCheckpointer writes it:
                     {'model': state_dict, 'iteration': 0}, loadable by detectron2's ViTDet

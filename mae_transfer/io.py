@@ -94,6 +94,36 @@ def atomic_write_jsonl(path: str | os.PathLike, rows: list[dict]) -> Path:
     return atomic_write_text(path, "".join(json.dumps(_finite_or_none(r), allow_nan=False) + "\n" for r in rows))
 
 
+def try_flock(fd: int, blocking: bool = False) -> bool | None:
+    """An exclusive ``flock`` on the open file ``fd``: True when it holds the lock now, False when
+    another open file holds it (never when ``blocking``: that waits), None where the system or the
+    file system has no such locks. The lock belongs to the open file: closing it, or the end of the
+    process (kill -9 included), releases it."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not POSIX
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
+        return True
+    except BlockingIOError:
+        return False
+    except OSError:  # e.g. some network file systems
+        return None
+
+
+@contextlib.contextmanager
+def file_lock(path: str | os.PathLike) -> Iterator[None]:
+    """Wait for an exclusive ``flock`` on ``path`` (created if needed) and hold it for the block; a
+    no-op where locks are unsupported. (Run directories and result stores use the engine's
+    ``locks.FileLock``, which also says who holds them.)"""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+") as f:
+        try_flock(f.fileno(), blocking=True)
+        yield  # closing the file releases the lock
+
+
 def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     """Hex SHA-256 of a file's bytes (the identity of a backbone checkpoint in result rows)."""
     h = hashlib.sha256()

@@ -26,6 +26,7 @@ from typing import Any, Mapping
 
 import torch
 
+from mae_transfer.checkpoint.checks import VIT_BLOCK_PARAMS, check_dtypes, require, required_names
 from mae_transfer.checkpoint.io import CheckpointError, atomic_save, load_safely
 
 log = logging.getLogger(__name__)
@@ -48,13 +49,41 @@ _PATTERNS = [re.compile(p) for p in (
 )]
 # Buffers older detectron2 files store; used for the input normalisation when present.
 _PIXEL_STATS = ("pixel_mean", "pixel_std")
-_REQUIRED = (
-    "backbone.net.patch_embed.proj.weight",
-    "backbone.simfp_4.0.weight",
-    "proposal_generator.rpn_head.objectness_logits.weight",
-    "roi_heads.box_predictor.cls_score.weight",
-    "roi_heads.mask_head.predictor.weight",
+
+
+def _wb(*modules: str) -> list[str]:
+    return [f"{m}.{p}" for m in modules for p in ("weight", "bias")]
+
+
+# The names every ViTDet Mask R-CNN has, whatever its size: the ViT's embeddings, the simple feature
+# pyramid with LayerNorm (ViTDet's SimpleFeaturePyramid: p2 = deconv, LN, GELU, deconv; p3 = deconv;
+# p4 = identity; p5 = max pool; each then a 1x1 and a 3x3 conv with LN), the RPN's outputs, the box
+# head's fc1 and predictor, the mask head's deconv and predictor.
+_VITDET_FIXED = (
+    "backbone.net.pos_embed", *_wb("backbone.net.patch_embed.proj"),
+    *_wb("backbone.simfp_2.0", "backbone.simfp_2.1", "backbone.simfp_2.3", "backbone.simfp_2.4.norm", "backbone.simfp_2.5.norm"),
+    "backbone.simfp_2.4.weight", "backbone.simfp_2.5.weight",
+    *_wb("backbone.simfp_3.0", "backbone.simfp_3.1.norm", "backbone.simfp_3.2.norm"), "backbone.simfp_3.1.weight", "backbone.simfp_3.2.weight",
+    *_wb("backbone.simfp_4.0.norm", "backbone.simfp_4.1.norm"), "backbone.simfp_4.0.weight", "backbone.simfp_4.1.weight",
+    *_wb("backbone.simfp_5.1.norm", "backbone.simfp_5.2.norm"), "backbone.simfp_5.1.weight", "backbone.simfp_5.2.weight",
+    *_wb("proposal_generator.rpn_head.objectness_logits", "proposal_generator.rpn_head.anchor_deltas"),
+    *_wb("roi_heads.box_head.fc1", "roi_heads.box_predictor.cls_score", "roi_heads.box_predictor.bbox_pred"),
+    *_wb("roi_heads.mask_head.deconv", "roi_heads.mask_head.predictor"),
 )
+
+
+def required_keys(sd: Mapping[str, Any]) -> list[str]:
+    """Every name the ViTDet Mask R-CNN described by ``sd`` needs: :data:`_VITDET_FIXED`, every ViT
+    block 0..N-1 with what any block has (relative position tables), the RPN's shared convs
+    (``conv`` or ``conv.conv0..``), the box head's ``conv1..`` and the mask head's ``mask_fcn1..``
+    (each with its norm when any has one)."""
+    rpn = "proposal_generator.rpn_head.conv."
+    several = any(k.startswith(rpn + "conv") for k in sd)
+    return required_names(
+        sd, (*_VITDET_FIXED, *(() if several else _wb(rpn[:-1]))),
+        ((r"backbone\.net\.blocks\.", 0, VIT_BLOCK_PARAMS), (r"proposal_generator\.rpn_head\.conv\.conv", 0, ()),
+         (r"roi_heads\.box_head\.conv", 1, ()), (r"roi_heads\.mask_head\.mask_fcn", 1, ())),
+    )
 
 
 def vitdet_backbone_to_vit(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -92,7 +121,7 @@ def read_vitdet(path: str | os.PathLike, trust: bool = False) -> tuple[dict[str,
     """State dict and metadata (``iteration``, ``format``) of a detectron2 ViTDet file.
 
     Raises :class:`CheckpointError` naming the file when it is missing, unreadable, a pickle
-    without ``trust``, or not a whole detector.
+    without ``trust``, not a whole detector, or holds weights that are not floating point.
     """
     path = Path(path)
     if not path.is_file():
@@ -117,6 +146,7 @@ def read_vitdet(path: str | os.PathLike, trust: bool = False) -> tuple[dict[str,
     if not isinstance(model, Mapping):
         raise CheckpointError(f"{path}: no 'model' state dict inside (a detectron2 checkpoint is {{'model': ..., 'iteration': ...}})")
     sd = _to_tensors(model, path)
+    check_dtypes(sd, str(path))
     if not is_vitdet_state_dict(sd):
         raise CheckpointError(f"{path} is not a ViTDet detector (no backbone.net.* and roi_heads.* weights)")
     meta = {"format": fmt, "iteration": obj.get("iteration") if isinstance(obj, Mapping) else None}
@@ -146,11 +176,10 @@ def describe_vitdet(sd: Mapping[str, torch.Tensor], default_num_heads_dim: int =
     ``pos_embed``); the pyramid's ``channels`` and ``pyramid_norm``; ``rpn_convs``,
     ``num_anchors``; the heads' ``box_head_convs``, ``fc_dim``, ``mask_head_convs``,
     ``head_norm`` and ``num_classes``; and ``notes`` on what could not be read from the shapes.
-    Raises :class:`CheckpointError` for layouts the detector cannot build.
+    Raises :class:`CheckpointError` naming every missing tensor (:func:`required_keys`) and for
+    layouts the detector cannot build.
     """
-    missing = [k for k in _REQUIRED if k not in sd]
-    if missing:
-        raise CheckpointError(f"not a complete ViTDet Mask R-CNN: missing {', '.join(missing)}")
+    require(sd, required_keys(sd), "not a complete ViTDet Mask R-CNN")
     notes: list[str] = []
     out: dict[str, Any] = {}
     pw = sd["backbone.net.patch_embed.proj.weight"]
@@ -218,16 +247,20 @@ def describe_vitdet(sd: Mapping[str, torch.Tensor], default_num_heads_dim: int =
 
 def save_vitdet(state_dict: Mapping[str, torch.Tensor], path: str | os.PathLike, iteration: int = 0) -> Path:
     """Write a ViTDet state dict as ``DetectionCheckpointer`` does (``{"model", "iteration"}``),
-    atomically, then read it back with ``weights_only=True`` and check every tensor."""
+    atomically, then read it back with ``weights_only=True`` and check every tensor. Refuses, before
+    writing, tensors the format has no place for and a detector that is not complete
+    (:func:`required_keys`); the file read back must hold the complete set."""
     sd = {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}
     bad = unmapped_keys(sd)
     if bad:
         raise CheckpointError(f"cannot write a detectron2 ViTDet checkpoint: {len(bad)} tensors have no place in it, e.g. {', '.join(bad[:5])}")
+    require(sd, required_keys(sd), f"cannot write {path}: not a complete ViTDet Mask R-CNN")
     path = atomic_save({"model": sd, "iteration": int(iteration)}, path)
     back = load_safely(path, "exported file")["model"]
+    require(back, required_keys(sd), f"{path}: the file read back is not a complete ViTDet Mask R-CNN")
     if list(back) != list(sd) or any(not torch.equal(back[k], sd[k]) for k in sd):
         raise CheckpointError(f"{path}: the file read back differs from what was written")
     return path
 
 
-__all__ = ["describe_vitdet", "is_vitdet_state_dict", "read_vitdet", "save_vitdet", "unmapped_keys", "vitdet_backbone_to_vit"]
+__all__ = ["describe_vitdet", "is_vitdet_state_dict", "read_vitdet", "required_keys", "save_vitdet", "unmapped_keys", "vitdet_backbone_to_vit"]

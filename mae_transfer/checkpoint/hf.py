@@ -120,7 +120,8 @@ def vit_to_hf(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 def export_hf(state, out_dir, num_heads: int | None = None):
     """Write a folder ``transformers.ViTMAEModel.from_pretrained`` opens: ``model.safetensors`` in the
     Hub's names and ``config.json`` (model_type ``vit_mae``, ``mask_ratio`` 0.0 so that every patch is
-    encoded). Each file atomically; read back and checked bit for bit.
+    encoded). Each file atomically; read back and checked bit for bit. An incomplete encoder, and
+    tensors ViTMAEModel has no place for (a classifier head, ``fc_norm``), are refused.
 
     ViTMAEModel still orders the tokens by its ``noise`` argument (random by default): pass
     ``noise=torch.arange(num_patches).expand(batch, -1)`` to keep the image order; the class token
@@ -128,14 +129,15 @@ def export_hf(state, out_dir, num_heads: int | None = None):
     from pathlib import Path
 
     from mae_transfer.checkpoint.io import CheckpointError, save_model_folder
-    from mae_transfer.checkpoint.timm import encoder_state_dict, timm_model_args
+    from mae_transfer.checkpoint.timm import complete_encoder, encoder_state_dict, timm_model_args
 
     out = Path(out_dir)
-    enc = encoder_state_dict(state, out)
+    enc = encoder_state_dict(state, out, "hf")  # a classifier head is refused: it would be lost
     if "norm.weight" not in enc:
         raise CheckpointError(f"cannot write {out}: ViTMAEModel normalises every token (final norm), this encoder only pools "
                               "through fc_norm; export a pretraining encoder (export --to mae / the run's encoder.pth)")
     _, args = timm_model_args(enc, num_heads, out)
+    complete_encoder(enc, args, 0, out)  # every tensor of the encoder, nothing it would lose
     hf = vit_to_hf(enc)
     config = {
         "architectures": ["ViTMAEModel"], "model_type": "vit_mae", "hidden_size": args["embed_dim"],

@@ -6,7 +6,7 @@ import os
 import pickle
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 import torch
 
@@ -30,14 +30,17 @@ def atomic_save(obj: Any, path: str | os.PathLike) -> Path:
     return Path(path)
 
 
-def save_model_folder(out_dir: str | os.PathLike, tensors: dict[str, torch.Tensor], config: dict) -> Path:
+def save_model_folder(out_dir: str | os.PathLike, tensors: dict[str, torch.Tensor], config: dict, required: Iterable[str] = ()) -> Path:
     """A model folder as timm and Hugging Face keep them: ``model.safetensors`` and ``config.json``,
-    each written atomically, then read back and compared (tensors bit for bit). Returns the folder."""
+    each written atomically, then read back and compared (tensors bit for bit; the file must hold
+    every ``required`` name, the complete set the target model has: the writer refuses an incomplete
+    model before calling this). Returns the folder."""
     import json
 
     from safetensors.torch import load_file as st_load
     from safetensors.torch import save as st_save
 
+    from mae_transfer.checkpoint.checks import require
     from mae_transfer.io import atomic_write, atomic_write_json
 
     out = Path(out_dir)
@@ -45,6 +48,7 @@ def save_model_folder(out_dir: str | os.PathLike, tensors: dict[str, torch.Tenso
         f.write(st_save(tensors, metadata={"format": "pt"}))
     atomic_write_json(out / "config.json", config)
     back = st_load(str(out / "model.safetensors"))
+    require(back, required, f"{out / 'model.safetensors'}: the file read back is not a complete model")
     if set(back) != set(tensors) or any(not torch.equal(back[k], tensors[k]) for k in tensors):
         raise CheckpointError(f"{out / 'model.safetensors'}: the file read back differs from what was written")
     if json.loads((out / "config.json").read_text()) != json.loads(json.dumps(config)):
@@ -111,7 +115,8 @@ def read_checkpoint(path: str | os.PathLike, trust: bool = False) -> Any:
     Files that need full unpickling (a detectron2 model-zoo ``.pkl``, checkpoints that pickled
     Python objects) are refused with a :class:`CheckpointError` saying why, unless ``trust``
     (``--trust-checkpoint``): unpickling can run code stored in the file. Raises
-    :class:`CheckpointError` naming the file when it is missing or unreadable.
+    :class:`CheckpointError` naming the file when it is missing or unreadable, or when its model's
+    weights are not floating point (:func:`~mae_transfer.checkpoint.checks.check_dtypes`).
     """
     from mae_transfer.checkpoint.hub import is_named, resolve_weights
 
@@ -124,6 +129,16 @@ def read_checkpoint(path: str | os.PathLike, trust: bool = False) -> Any:
         else:
             raise CheckpointError(f"checkpoint {path} is a folder without model.safetensors, pytorch_model.bin (a model folder), "
                                   "encoder.pth or checkpoint-last.pth (a run directory)")
+    from mae_transfer.checkpoint.checks import check_dtypes
+    from mae_transfer.checkpoint.formats import _unwrap
+
+    state = _read_file(path, trust)
+    check_dtypes(_unwrap(state)[0], f"checkpoint {path}")  # its model's tensors (not an optimizer's)
+    return state
+
+
+def _read_file(path: Path, trust: bool) -> Any:
+    """One checkpoint file, by its suffix (see :func:`read_checkpoint`)."""
     suffix = path.suffix.lower()
     if suffix == ".safetensors" and path.is_file():
         try:

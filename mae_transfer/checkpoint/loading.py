@@ -6,14 +6,16 @@ import fnmatch
 import logging
 import math
 import os
-import re
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
 
-from mae_transfer.checkpoint.formats import _describe, _grid_from_tokens, _suggest, detect_format, infer_vit_config, to_vit_state_dict
+from mae_transfer.checkpoint.checks import check_dtypes
+from mae_transfer.checkpoint.checks import compact as _compact
+from mae_transfer.checkpoint.checks import first_names as _first
+from mae_transfer.checkpoint.formats import _describe, _grid_from_tokens, _suggest, _unwrap, detect_format, infer_vit_config, to_vit_state_dict
 from mae_transfer.checkpoint.io import CheckpointError, read_checkpoint
 from mae_transfer.models.pos_embed import resize_pos_embed
 
@@ -188,37 +190,6 @@ class LoadReport:
         return "\n".join(lines)
 
 
-def _compact(keys: Iterable[str]) -> list[str]:
-    """Fold ``blocks.0.x`` ... ``blocks.11.x`` into ``blocks.{0-11}.x`` to keep reports short."""
-    groups: dict[tuple[str, str], list[int]] = {}
-    order: list[tuple[str, str]] = []
-    for k in keys:
-        m = re.match(r"^(.*?\.)(\d+)(\..*)$", k)
-        key = (m.group(1), m.group(3)) if m else (k, "")
-        if key not in groups:
-            groups[key] = []
-            order.append(key)
-        if m:
-            groups[key].append(int(m.group(2)))
-    out = []
-    for head, tail in order:
-        idx = sorted(set(groups[(head, tail)]))
-        if not idx:
-            out.append(head)
-            continue
-        runs, start, prev = [], idx[0], idx[0]
-        for i in idx[1:] + [None]:
-            if i is not None and i == prev + 1:
-                prev = i
-                continue
-            runs.append(str(start) if start == prev else f"{start}-{prev}")
-            if i is not None:
-                start = prev = i
-        inner = runs[0] if len(runs) == 1 and "-" not in runs[0] else "{" + ",".join(runs) + "}"
-        out.append(f"{head}{inner}{tail}")
-    return out
-
-
 def _patterns(spec: str | Iterable[str], presets: Mapping[str, tuple[str, ...]]) -> tuple[str, ...]:
     """Patterns from a preset name, a single pattern or an iterable of patterns/preset names."""
     items = [spec] if isinstance(spec, str) else list(spec)
@@ -230,13 +201,6 @@ def _patterns(spec: str | Iterable[str], presets: Mapping[str, tuple[str, ...]])
 
 def _matches(key: str, patterns: Sequence[str]) -> bool:
     return any(fnmatch.fnmatchcase(key, p) for p in patterns)
-
-
-def _first(keys: Sequence[str], n: int = 6) -> str:
-    """The first ``n`` (folded) key names, for error messages."""
-    folded = _compact(keys)
-    more = len(folded) - n
-    return ", ".join(folded[:n]) + (f" and {more} more" if more > 0 else "")
 
 
 def load_backbone(
@@ -264,7 +228,7 @@ def load_backbone(
     another number of classes).
 
     Files are read safely (:func:`read_checkpoint`): a file that needs full unpickling is refused
-    unless ``trust``.
+    unless ``trust``; weights that are not floating point are refused (:func:`.checks.check_dtypes`).
 
     Raises :class:`CheckpointError` naming the source when nothing in it fits the model, when a
     shape cannot be adapted (with ``strict_shapes``; otherwise those tensors are skipped with a
@@ -278,6 +242,7 @@ def load_backbone(
     if isinstance(source, Mapping):
         src_name = "<in-memory state dict>"
         raw: Any = source
+        check_dtypes(_unwrap(raw)[0], src_name)  # files are checked as they are read (read_checkpoint)
     else:
         src_name = str(source)
         raw = read_checkpoint(source, trust=trust)

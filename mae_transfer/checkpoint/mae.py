@@ -12,7 +12,7 @@ import torch
 
 from mae_transfer.checkpoint.formats import _strip_wrapper_prefixes, to_vit_state_dict
 from mae_transfer.checkpoint.io import CheckpointError, atomic_save, load_safely
-from mae_transfer.checkpoint.loading import _compact
+from mae_transfer.checkpoint.checks import compact as _compact
 
 log = logging.getLogger(__name__)
 

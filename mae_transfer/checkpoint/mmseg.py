@@ -19,6 +19,7 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
+from mae_transfer.checkpoint.checks import VIT_BLOCK_PARAMS, check_dtypes, require, required_names
 from mae_transfer.checkpoint.io import CheckpointError, atomic_save, load_safely
 
 _MM_LAYER = {
@@ -101,6 +102,39 @@ _HEADS = (
 )
 
 
+_BN = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
+_CONV_BN = ("conv.weight", *(f"bn.{p}" for p in _BN))
+# The names every MAE/BEiT-UperNet segmenter has (in this toolkit's names): the ViT's embeddings,
+# the neck (x4: deconv, BN, GELU, deconv; x2: deconv), UperNet's four pooling branches, bottleneck,
+# three lateral and fpn convs (conv + BN each), fpn bottleneck and classifier.
+_SEGMENTER_FIXED = (
+    "backbone.cls_token", "backbone.pos_embed", "backbone.patch_embed.proj.weight", "backbone.patch_embed.proj.bias",
+    *(f"neck.{m}.{p}" for m in ("upsample_4x.0", "upsample_4x.3", "upsample_2x.0") for p in ("weight", "bias")),
+    *(f"neck.upsample_4x.1.{p}" for p in _BN),
+    *(f"decode_head.{m}.{p}" for m in (*(f"psp_modules.{i}.1" for i in range(4)), "bottleneck", *(f"lateral_convs.{i}" for i in range(3)),
+                                        *(f"fpn_convs.{i}" for i in range(3)), "fpn_bottleneck") for p in _CONV_BN),
+    "decode_head.conv_seg.weight", "decode_head.conv_seg.bias",
+)
+
+
+def required_keys(sd: Mapping[str, Any]) -> list[str]:
+    """Every name (in this toolkit's names) the segmenter described by ``sd`` needs:
+    :data:`_SEGMENTER_FIXED`, every ViT block 0..N-1 with what any block has (relative position
+    tables, layer scales), and the auxiliary head when it has one (classifier and ``convs.0..``)."""
+    aux = any(k.startswith("auxiliary_head.") for k in sd)
+    return required_names(
+        sd, (*_SEGMENTER_FIXED, *(("auxiliary_head.conv_seg.weight", "auxiliary_head.conv_seg.bias") if aux else ())),
+        ((r"backbone\.blocks\.", 0, VIT_BLOCK_PARAMS), *(((r"auxiliary_head\.convs\.", 0, _CONV_BN),) if aux else ())),
+    )
+
+
+def _mmseg_name(name: str) -> str:
+    """One of our segmenter's names in mmsegmentation's (for messages about mmseg files)."""
+    if name.startswith("backbone."):
+        return "backbone." + (_backbone_to_mmseg(name[len("backbone."):]) or name[len("backbone."):])
+    return name
+
+
 def is_mmseg_segmentor(sd: Mapping[str, Any]) -> bool:
     """Whether the keys are those of a whole mmsegmentation ViT segmentor (backbone + decode head)."""
     return any(k.startswith("backbone.layers.") for k in sd) and any(k.startswith("decode_head.") for k in sd)
@@ -142,7 +176,8 @@ def to_segmenter_state_dict(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.T
     ``relative_position_index`` buffers are checked against the index the table form computes (an
     mmseg file with another index layout would be misread) and dropped; BEiT's separate ``q_bias`` /
     ``v_bias`` become one ``qkv.bias`` (zero key bias). Raises :class:`CheckpointError` naming every
-    tensor that has no place in the segmenter.
+    tensor that has no place in the segmenter, and every one it needs that is missing (in mmseg's
+    names, :func:`required_keys`).
     """
     from mae_transfer.models.vit import relative_position_index
 
@@ -153,7 +188,8 @@ def to_segmenter_state_dict(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.T
         if key.startswith("backbone."):
             name = key[len("backbone."):]
             if re.fullmatch(r"layers\.\d+\.attn\.relative_position_index", name):
-                if grid is None or not torch.equal(value.long(), relative_position_index(grid, grid, 1)):
+                # (without pos_embed there is no grid to check against: the segmenter is incomplete, said below)
+                if grid is not None and not torch.equal(value.long(), relative_position_index(grid, grid, 1)):
                     raise CheckpointError(f"{key} is not BEiT's relative position index for a {grid} token grid")
                 continue
             ours = _backbone_to_ours(name)
@@ -170,10 +206,11 @@ def to_segmenter_state_dict(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.T
             f"{len(unmapped)} tensors have no place in the MAE-UperNet segmenter: {', '.join(unmapped[:6])}"
             + (f" and {len(unmapped) - 6} more" if len(unmapped) > 6 else "")
         )
-    for qk in [k for k in out if k.endswith(".attn.q_bias")]:
+    for qk in [k for k in out if k.endswith(".attn.q_bias") and k[: -len("q_bias")] + "v_bias" in out]:
         base = qk[: -len("q_bias")]
         q, v = out.pop(qk), out.pop(base + "v_bias")
         out[base + "qkv.bias"] = torch.cat([q, torch.zeros_like(q), v])
+    require(out, required_keys(out), "not a complete MAE-UperNet segmentor", shown=_mmseg_name)
     return out
 
 
@@ -189,10 +226,7 @@ def describe_segmentor(sd: Mapping[str, torch.Tensor]) -> dict[str, Any]:
     position grid x patch), ``use_rel_pos``, ``rel_pos_type``, ``layer_scale`` (1.0 when the blocks
     have gammas, the values themselves are loaded); the heads' ``channels``, ``aux_channels``,
     ``aux_convs`` and ``num_classes``."""
-    need = ("backbone.patch_embed.proj.weight", "backbone.pos_embed", "decode_head.conv_seg.weight")
-    missing = [k for k in need if k not in sd]
-    if missing:
-        raise CheckpointError(f"not a complete MAE-UperNet segmentor: missing {', '.join(missing)}")
+    require(sd, required_keys(sd), "not a complete MAE-UperNet segmentor")
     pw = sd["backbone.patch_embed.proj.weight"]
     embed, patch = int(pw.shape[0]), int(pw.shape[-1])
     depth = _count(sd, r"backbone\.blocks\.(\d+)\.")
@@ -221,13 +255,15 @@ def describe_segmentor(sd: Mapping[str, torch.Tensor]) -> dict[str, Any]:
 
 def read_mmseg(path: str | os.PathLike, trust: bool = False) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """State dict (in mmsegmentation's names) and ``meta`` of an mmsegmentation checkpoint
-    (``{"meta", "state_dict"}`` or a bare state dict); ``weights_only`` unless ``trust``."""
+    (``{"meta", "state_dict"}`` or a bare state dict); ``weights_only`` unless ``trust``; weights that
+    are not floating point are refused."""
     path = Path(path)
     obj = torch.load(path, map_location="cpu", weights_only=False) if trust else load_safely(path, "--weights")
     sd = obj.get("state_dict", obj) if isinstance(obj, Mapping) else None
     if not isinstance(sd, Mapping) or not is_mmseg_segmentor(sd):
         raise CheckpointError(f"{path} is not an mmsegmentation ViT segmentor (no backbone.layers.* and decode_head.* weights)")
     meta = obj.get("meta") if isinstance(obj.get("meta"), Mapping) else {}
+    check_dtypes(sd, str(path))
     return {k: v for k, v in sd.items() if isinstance(v, torch.Tensor)}, dict(meta)
 
 
@@ -269,16 +305,21 @@ def save_mmseg(sd: Mapping[str, torch.Tensor], path: str | os.PathLike, class_na
                palette: Sequence[Sequence[int]] | None = None) -> Path:
     """Write our segmenter as mmsegmentation's ``{"meta", "state_dict"}`` (atomically), with the class
     names and palette in ``meta["dataset_meta"]``; read it back with ``weights_only=True`` and check
-    every tensor."""
+    every tensor. A segmenter that is not complete (:func:`required_keys`) is refused before anything
+    is written; the file read back must hold the complete set."""
+    required = [_mmseg_name(k) for k in required_keys(sd)]
+    require(sd, required_keys(sd), f"cannot write {path}: not a complete MAE-UperNet segmentor", shown=_mmseg_name)
     state = {k: v.detach().cpu().contiguous() for k, v in to_mmseg_state_dict(sd).items()}
     meta: dict[str, Any] = {"exported_by": "mae-transfer"}
     if class_names is not None:
         meta["dataset_meta"] = {"classes": list(class_names), **({"palette": [list(map(int, c)) for c in palette]} if palette is not None else {})}
     path = atomic_save({"meta": meta, "state_dict": state}, path)
     back = load_safely(path, "exported file")["state_dict"]
+    require(back, required, f"{path}: the file read back is not a complete MAE-UperNet segmentor")
     if list(back) != list(state) or any(not torch.equal(back[k], state[k]) for k in state):
         raise CheckpointError(f"{path}: the file read back differs from what was written")
     return path
 
 
-__all__ = ["describe_segmentor", "is_mmseg_segmentor", "mmseg_backbone_to_vit", "read_mmseg", "save_mmseg", "to_mmseg_state_dict", "to_segmenter_state_dict"]
+__all__ = ["describe_segmentor", "is_mmseg_segmentor", "mmseg_backbone_to_vit", "read_mmseg", "required_keys", "save_mmseg", "to_mmseg_state_dict",
+           "to_segmenter_state_dict"]

@@ -8,6 +8,7 @@ from typing import Any, Mapping
 
 import torch
 
+from mae_transfer.checkpoint.checks import check_dtypes, first_names
 from mae_transfer.checkpoint.io import CheckpointError, atomic_save, load_file, load_safely
 
 def save_trained_model(model: torch.nn.Module, config: Any, path: str | os.PathLike, fmt: str, **extra: Any) -> Path:
@@ -24,7 +25,8 @@ def read_trained_model(
 
     Read with ``weights_only`` (:func:`load_safely`) unless ``trust``. A file without
     ``head_prefix`` keys is a backbone, not a trained task model: the message says to pass it as
-    ``--backbone``.
+    ``--backbone``. Weights that are not floating point are refused (:func:`.checks.check_dtypes`);
+    completeness is :func:`load_trained_model`'s (the model built from the saved config).
     """
     from mae_transfer.checkpoint.hub import weights_file
 
@@ -38,6 +40,7 @@ def read_trained_model(
         raise CheckpointError(
             f"--weights {path} holds no {head_prefix}* weights: it looks like a backbone; pass it as --backbone to train a model"
         )
+    check_dtypes(state["model"], f"--weights {path}")
     return state["model"], state.get("config")
 
 
@@ -59,9 +62,9 @@ def load_trained_model(
         k = shapes[0]
         parts.append(f"{len(shapes)} differ in shape (e.g. {k}: file {tuple(state[k].shape)} vs model {tuple(target[k].shape)})")
     if unexpected:
-        parts.append(f"{len(unexpected)} have no place in the model (e.g. {', '.join(unexpected[:3])})")
+        parts.append(f"{len(unexpected)} have no place in the model ({first_names(unexpected, 3)})")
     if missing:
-        parts.append(f"{len(missing)} model tensors are missing (e.g. {', '.join(missing[:3])})")
+        parts.append(f"{len(missing)} model tensors are missing ({first_names(missing, 6)})")
     hint = explain(state, target, shapes) if explain is not None else ""
     raise CheckpointError(
         f"--weights {path} does not fit this model: {'; '.join(parts)}.{(' ' + hint) if hint else ''} "

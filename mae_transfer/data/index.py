@@ -33,6 +33,8 @@ from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 
+from mae_transfer.io import file_lock
+
 log = logging.getLogger(__name__)
 
 INDEX_VERSION = 1
@@ -284,27 +286,6 @@ def _load(folder: Path) -> tuple[dict[str, np.ndarray], dict[str, Any]] | None:
         return None
 
 
-@contextlib.contextmanager
-def _file_lock(path: Path) -> Iterator[None]:
-    """An exclusive ``flock`` on ``path`` (created if needed); a no-op where locks are unsupported."""
-    try:
-        import fcntl
-    except ImportError:  # pragma: no cover - not POSIX
-        yield
-        return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a+") as f:
-        try:
-            fcntl.flock(f.fileno(), fcntl.LOCK_EX)
-        except OSError:  # e.g. some network file systems
-            pass
-        try:
-            yield
-        finally:
-            with contextlib.suppress(OSError):
-                fcntl.flock(f.fileno(), fcntl.LOCK_UN)
-
-
 def cached_index(
     kind: str,
     sources: Sequence[str | os.PathLike],
@@ -325,7 +306,7 @@ def cached_index(
     if loaded is not None:
         return loaded[0], loaded[1], IndexInfo("cache", time.monotonic() - t0, folder)
     try:
-        lock_ctx = _file_lock(root / f".{kind}-{key}.lock")
+        lock_ctx = file_lock(root / f".{kind}-{key}.lock")
         lock_ctx.__enter__()
     except OSError as exc:  # the cache folder cannot be created: build in memory
         log.warning("index cache %s is not writable (%s); building the %s index in memory", root, exc, kind)

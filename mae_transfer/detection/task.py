@@ -287,8 +287,10 @@ def read_detector_weights(path: str | Path, trust: bool = False) -> tuple[dict[s
     Reads this toolkit's ``detector.pth`` and training checkpoints (their saved config), and
     detectron2 ViTDet checkpoints (``model_final.pth``; model-zoo ``.pkl`` with ``trust``), whose
     architecture is inferred from the tensor shapes. Loading is ``weights_only`` unless ``trust``.
+    Weights that are not floating point and incomplete detectron2 detectors are refused, naming the
+    tensors (:mod:`mae_transfer.checkpoint.checks`).
     """
-    from mae_transfer.checkpoint import load_file, load_safely
+    from mae_transfer.checkpoint import check_dtypes, load_file, load_safely
     from mae_transfer.checkpoint.detectron2 import (
         describe_vitdet,
         is_vitdet_state_dict,
@@ -314,6 +316,7 @@ def read_detector_weights(path: str | Path, trust: bool = False) -> tuple[dict[s
                 f"--weights {path} holds no roi_heads.* weights: it looks like a backbone; pass it as --backbone to train a model"
             )
         meta = {"format": "mae-transfer" if saved is not None else "detectron2 (DetectionCheckpointer)"}
+    check_dtypes(sd, f"--weights {path}")
     if saved is None:
         if not is_vitdet_state_dict(sd):
             raise CheckpointError(f"--weights {path}: neither a detector of this toolkit nor a detectron2 ViTDet checkpoint")

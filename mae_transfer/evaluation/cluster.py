@@ -13,7 +13,9 @@ cluster. Running ``bench`` again collects the jobs:
   is submitted again (unless ``--no-retry``), like a failed job of the local runner.
 
 Each job runs :class:`JobCommand`: the job's ordinary command line (``runner.shell_command``) in a
-child process whose output goes to ``<run dir>/bench.log``. On the scheduler's time-limit or
+child process whose output goes to ``<run dir>/bench.log``, holding the run directory's lock
+(``engine.locks``) meanwhile, as the local runner does; a bench holds it while it submits the job, so
+two benchmarks into one store submit each job once. On the scheduler's time-limit or
 preemption notice (SIGUSR2 with submitit's ``#SBATCH --signal=USR2@90``) submitit calls
 :meth:`JobCommand.checkpoint`: the command is told to stop (the trainer saves
 ``checkpoint-last.pth`` at the next step and exits), and the job is requeued with the same command,
@@ -44,6 +46,9 @@ LAUNCHERS = ("slurm", "submitit-local")
 RECORD_FILE = "slurm_job.json"  # in a job's run directory: the cluster job that runs it
 LOG_FILE = "bench.log"  # in a job's run directory: the output of its command (as the local runner's)
 DEFAULT_TIME_MIN = 4320
+# How long a bench waits for a run directory that another bench holds while it submits (a moment),
+# and how long a job's process waits for the bench that submitted it to let go of it.
+SUBMIT_WAIT_S = 30.0
 SLURM_ONLY = ("partition", "account", "qos")  # bench's --slurm-<name> options that only SLURM uses
 # The preemption notice passed on to the command: the trainer saves and stops on SIGUSR1/SIGUSR2.
 STOP_SIGNAL = getattr(signal, "SIGUSR2", signal.SIGTERM)
@@ -131,6 +136,18 @@ class JobCommand:
         with open(self.log_path, "a", encoding="utf-8") as f:
             f.write(f"# {text}\n")
 
+    def _lock_run_dir(self):
+        """The run directory's lock (the folder of the log), held while the command runs; waits a
+        moment for the bench that submitted the job. Held elsewhere: the job fails, saying by whom."""
+        from mae_transfer.engine.locks import LockHeld, dir_lock
+
+        run_dir = Path(self.log_path).parent
+        try:
+            return dir_lock(run_dir, f"the run directory {run_dir}").acquire(wait=SUBMIT_WAIT_S)
+        except LockHeld as e:
+            self._note(f"error: {e}")
+            raise JobCommandFailed(f"exited 2 (log: {self.log_path})") from None
+
     def __call__(self) -> dict[str, Any]:
         env = dict(os.environ)
         env.pop(REQUEUE_ENV, None)  # submitit requeues this job; the command must not requeue it a second time
@@ -138,6 +155,8 @@ class JobCommand:
         env.setdefault("PYTHONUNBUFFERED", "1")
         Path(self.log_path).parent.mkdir(parents=True, exist_ok=True)
         job_id = os.environ.get("SLURM_JOB_ID") or os.environ.get("SUBMITIT_LOCAL_JOB_ID") or "?"
+        lock = self._lock_run_dir()
+        env.update(lock.child_env())  # the command works under this process's lock
         # SIGTERM reaches every process of a SLURM job (scancel, or a preemption SLURM requeues by
         # itself); the command saves and stops on it. Noted here (submitit only logs it) so that such
         # a stop leaves no result: a failure result would stand for a job that SLURM runs again.
@@ -161,6 +180,7 @@ class JobCommand:
                                                preexec_fn=_stop_with_parent if sys.platform.startswith("linux") else None)
                 rc = self._child.wait()
         finally:
+            lock.release()
             if previous is not None:
                 signal.signal(signal.SIGTERM, previous)
         seconds = self.seconds_before + time.monotonic() - self._started
@@ -349,7 +369,8 @@ def submit_jobs(jobs: list, results_dir: str | os.PathLike, launcher: str, nproc
     "failed", "running" or "submitted" (``cluster_job`` names the job)."""
     from mae_transfer.config import ConfigError
     from mae_transfer.engine.results import FAILED, ResultRow, read_run_results
-    from mae_transfer.evaluation.runner import JobOutcome, _slug, _tag_rows, cached_outcome, settled_outcome, shell_command
+    from mae_transfer.evaluation.runner import (JobOutcome, _slug, _tag_rows, cached_outcome, claim_run_dir, job_done,
+                                                settled_outcome, shell_command)
     from mae_transfer.evaluation.store import ResultStore
 
     slurm = dict(slurm or {})
@@ -383,7 +404,7 @@ def submit_jobs(jobs: list, results_dir: str | os.PathLike, launcher: str, nproc
                 prov = info.get("provenance") or {}  # the machine that ran the job, not this one
                 rows = [r.replace(**{k: v for k, v in prov.items() if getattr(r, k, None) is None},
                                   extra={**r.extra, "cluster_job": what.replace(" job ", " ")}) for r in rows]
-                store.append(rows)
+                store.append(rows, unless=lambda stored: job_done(stored, job.key))  # once, if two benches record it
                 _write_record(job.run_dir, {**rec, "recorded": _now(), "state": "done"})
                 outcomes.append(JobOutcome(job, "recorded", info.get("wall_time_s"), rows=rows, cluster_job=str(rec["job_id"])))
                 attempts = info.get("attempts", 1)
@@ -395,34 +416,51 @@ def submit_jobs(jobs: list, results_dir: str | os.PathLike, launcher: str, nproc
                 error, rc = _failure_text(info, log_path)
             failure = ResultRow(task=job.task, metric=FAILED, value=None,
                                 extra={"error": error, "returncode": rc, "log": str(log_path), "cluster_job": what.replace(" job ", " ")})
-            store.append(_tag_rows(job, [failure], None))
+            store.append(_tag_rows(job, [failure], None), unless=lambda stored: any(
+                r.get("job_key") == job.key and (r.get("extra") or {}).get("cluster_job") == failure.extra["cluster_job"] for r in stored))
             _write_record(job.run_dir, {**rec, "recorded": _now(), "state": "failed"})
             outcomes.append(JobOutcome(job, "failed", error=error, cluster_job=str(rec["job_id"])))
             again = "not submitted again (--no-retry)" if not retry_failed else "the next `bench` submits it again"
             echo(f"{head}: {what} FAILED{f' (exit {rc})' if rc is not None else ''}: {error}\n    log: {log_path}; {again}")
             continue
-        settled = settled_outcome(job, store, head, echo, retry_failed)
-        if settled is not None:
-            outcomes.append(settled)
+        # Submitting: this bench holds the run directory meanwhile (another bench waits, then finds
+        # the record); the job's JobCommand takes the lock over for the run.
+        lock = claim_run_dir(job, head, echo, "submitted", wait=SUBMIT_WAIT_S)
+        if lock is None:
+            outcomes.append(JobOutcome(job, "elsewhere"))
             continue
-        if executor is None:
-            executor = _executor(launcher, results_dir, nproc, slurm)
-        job.run_dir.mkdir(parents=True, exist_ok=True)
-        command = shell_command(job, nproc)
-        executor.update_parameters(name=f"mae-{job.task}-{_slug(job.backbone.name)}")
-        started = time.time()
-        try:
-            # A local job runs on this machine: the store fills in the same provenance when recording.
-            submitted = executor.submit(JobCommand(command, log_path, cwd=os.getcwd(), provenance=launcher == "slurm"))
-        except Exception as e:  # noqa: BLE001 - sbatch refused (unknown partition, account...)
-            text = " ".join(str(e).split())[-500:]
-            raise ConfigError(f"submitting the {job.label} job failed: {text}") from None
-        _write_record(job.run_dir, {"launcher": launcher, "job_id": str(submitted.job_id), "folder": str(executor.folder),
-                                    "submitted": _now(), "submitted_at": started, "command": command, "log": str(log_path),
-                                    "recorded": None})
-        resuming = " (resumes from its checkpoint)" if (job.run_dir / "checkpoint-last.pth").exists() else ""
-        outcomes.append(JobOutcome(job, "submitted", cluster_job=str(submitted.job_id)))
-        echo(f"{head}: submitted {kind} job {submitted.job_id}{resuming} (log: {log_path})")
+        with lock:
+            cached = cached_outcome(job, store.read(), store, head, echo)
+            if cached is not None:
+                outcomes.append(cached)
+                continue
+            now = read_record(job.run_dir)
+            if now is not None and now != rec and not now.get("recorded"):
+                outcomes.append(JobOutcome(job, "running", cluster_job=str(now["job_id"])))
+                echo(f"{head}: another bench submitted it meanwhile (job {now['job_id']}), not submitted again")
+                continue
+            settled = settled_outcome(job, store, head, echo, retry_failed)
+            if settled is not None:
+                outcomes.append(settled)
+                continue
+            if executor is None:
+                executor = _executor(launcher, results_dir, nproc, slurm)
+            job.run_dir.mkdir(parents=True, exist_ok=True)
+            command = shell_command(job, nproc)
+            executor.update_parameters(name=f"mae-{job.task}-{_slug(job.backbone.name)}")
+            started = time.time()
+            try:
+                # A local job runs on this machine: the store fills in the same provenance when recording.
+                submitted = executor.submit(JobCommand(command, log_path, cwd=os.getcwd(), provenance=launcher == "slurm"))
+            except Exception as e:  # noqa: BLE001 - sbatch refused (unknown partition, account...)
+                text = " ".join(str(e).split())[-500:]
+                raise ConfigError(f"submitting the {job.label} job failed: {text}") from None
+            _write_record(job.run_dir, {"launcher": launcher, "job_id": str(submitted.job_id), "folder": str(executor.folder),
+                                        "submitted": _now(), "submitted_at": started, "command": command, "log": str(log_path),
+                                        "recorded": None})
+            resuming = " (resumes from its checkpoint)" if (job.run_dir / "checkpoint-last.pth").exists() else ""
+            outcomes.append(JobOutcome(job, "submitted", cluster_job=str(submitted.job_id)))
+            echo(f"{head}: submitted {kind} job {submitted.job_id}{resuming} (log: {log_path})")
     return outcomes
 
 

@@ -60,17 +60,21 @@ class Prepared:
 
 
 def _model_from_backbone(opts: dict, overrides: dict, rename: dict[str, str] | None = None, pos_size_key: str | None = None) -> None:
-    """Without --model, take the ViT size from the --backbone checkpoint (``rename`` maps sizes);
-    with ``pos_size_key``, also the image size its position table was pretrained at (detection keeps
-    that table and resizes it at every forward, as ViTDet does)."""
-    model = overrides.get("model", {})
-    want_name = "name" not in model
-    want_pos = pos_size_key is not None and pos_size_key not in model
-    if not opts.get("backbone") or not (want_name or want_pos):
+    """Read the --backbone checkpoint before anything is written (a file that cannot be used, e.g.
+    weights that are not floating point, ends the command here); without --model, take the ViT size
+    from it (``rename`` maps sizes); with ``pos_size_key``, also the image size its position table
+    was pretrained at (detection keeps that table and resizes it at every forward, as ViTDet does)."""
+    if not opts.get("backbone"):
         return
     from mae_transfer.checkpoint import infer_vit_config, read_checkpoint, to_vit_state_dict
 
-    info = infer_vit_config(to_vit_state_dict(read_checkpoint(opts["backbone"], trust=bool(opts.get("trust_checkpoint")))))
+    state = read_checkpoint(opts["backbone"], trust=bool(opts.get("trust_checkpoint")))
+    model = overrides.get("model", {})
+    want_name = "name" not in model
+    want_pos = pos_size_key is not None and pos_size_key not in model
+    if not (want_name or want_pos):
+        return
+    info = infer_vit_config(to_vit_state_dict(state))
     if want_name and info.get("name"):
         overrides.setdefault("model", {})["name"] = (rename or {}).get(info["name"], info["name"])
     if want_pos and info.get("img_size"):
@@ -133,6 +137,10 @@ def prepare(spec: TaskSpec, options: dict[str, Any]) -> Prepared:
     if spec.family == "pretrain":
         preset = opts.get("preset") or (spec.toy_preset if toy and not _given(opts, "data", "path") else None)
         cfg = spec.load("config")(preset, _overrides(spec, opts))
+        if cfg.init:  # read before anything is written: a file that cannot be used ends the command here
+            from mae_transfer.checkpoint import read_checkpoint
+
+            read_checkpoint(cfg.init, trust=cfg.trust_checkpoint)
         out = Path(opts.get("output") or f"runs/{spec.command}-{Path(preset).stem if preset else cfg.model.name}")
         return Prepared(spec, opts, cfg, preset, out, toy and not cfg.data.path)
     # dense (detection, segmentation)
@@ -169,21 +177,39 @@ def run(spec: TaskSpec, options: dict[str, Any], echo: Callable[[str], None] = p
 
         echo(yaml.safe_dump(to_dict(prep.cfg), sort_keys=False).rstrip("\n"))
         return 0
+    from mae_transfer.engine.locks import LockHeld, hold_run_dir
     from mae_transfer.engine.logger import setup_logging
 
+    # The run directory is this run's alone while it runs (a second command on it: one line, exit 2);
+    # it is locked before anything is written there.
     if spec.family == "frozen":
         setup_logging(0)
-        echo(spec.load("task")(dataset=opts.get("dataset") or "imagefolder", data=opts.get("data"), backbone=opts.get("backbone"),
-                             model=opts.get("model"), img_size=opts.get("img_size"), ks=tuple(int(k) for k in str(opts["k"]).split(",")),
-                             sweep=bool(opts.get("sweep")), output=prep.output, device=opts.get("device"),
-                             trust=bool(opts.get("trust_checkpoint"))))
+        with hold_run_dir(prep.output):
+            echo(spec.load("task")(dataset=opts.get("dataset") or "imagefolder", data=opts.get("data"), backbone=opts.get("backbone"),
+                                 model=opts.get("model"), img_size=opts.get("img_size"), ks=tuple(int(k) for k in str(opts["k"]).split(",")),
+                                 sweep=bool(opts.get("sweep")), output=prep.output, device=opts.get("device"),
+                                 trust=bool(opts.get("trust_checkpoint"))))
         return 0
 
     from mae_transfer.engine.distributed import cleanup, init_distributed
+
+    dist_info = init_distributed(None if prep.cfg.train.device == "auto" else prep.cfg.train.device)
+    try:
+        run_lock = hold_run_dir(prep.output, dist_info)
+    except LockHeld:
+        cleanup()
+        raise
+    with run_lock:
+        return _train_or_evaluate(spec, prep, dist_info, echo)
+
+
+def _train_or_evaluate(spec: TaskSpec, prep: Prepared, dist_info: Any, echo: Callable[[str], None]) -> int:
+    """The engine's ``Trainer`` (``fit``, or ``evaluate`` with --eval-only), clean-up and the report."""
+    from mae_transfer.engine.distributed import cleanup
+    from mae_transfer.engine.logger import setup_logging
     from mae_transfer.engine.trainer import Trainer
 
-    cfg, output = prep.cfg, prep.output
-    dist_info = init_distributed(None if cfg.train.device == "auto" else cfg.train.device)
+    opts, cfg, output = prep.options, prep.cfg, prep.output
     setup_logging(dist_info.rank, output / "log.txt")
     if not cfg.data.path:
         log.warning("no --data given: using the built-in toy %s data%s (a demo, not a paper recipe); pass --data DIR for the "

@@ -14,7 +14,11 @@ per-run ``results.jsonl``) holds for every job. The runner adds:
 * **surviving failures**: a job that fails is recorded as a ``job_failed`` row with the error and
   its log, and the runner goes on; the next ``bench`` tries it again;
 * **resuming**: a benchmark killed in the middle of a job stops that job cleanly (the job saves its
-  checkpoint) and the next ``bench`` redoes only that job, from its checkpoint.
+  checkpoint) and the next ``bench`` redoes only that job, from its checkpoint;
+* **sharing**: a job's run directory is locked while the bench runs it (``engine.locks``; the job's
+  command works under that lock), so two benchmarks into one store share the jobs: one that finds a
+  job locked leaves it to the other and goes on, and a job's rows are written once (the store
+  checks under its own lock).
 
 Jobs run one after another on this machine, each in a child process (``--nproc-per-node N`` runs
 it under ``torchrun``), or inside the runner's process (``in_process=True``; faster for many tiny
@@ -42,6 +46,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable
 
 from mae_transfer.config import ConfigError
+from mae_transfer.engine.locks import FileLock, LockHeld, dir_lock
 from mae_transfer.engine.results import FAILED, ResultRow, read_run_results
 from mae_transfer.evaluation import front
 from mae_transfer.evaluation.registry import TASKS, TaskSpec, benchmark_tasks
@@ -100,7 +105,8 @@ class Job:
 class JobOutcome:
     job: Job
     # "done" (ran now), "cached" (results already in the store), "recorded" (finished outside the runner
-    # or as a cluster job), "failed"; cluster launchers also: "submitted" (now), "running" (submitted before)
+    # or as a cluster job), "failed", "elsewhere" (another bench or process holds its run directory);
+    # cluster launchers also: "submitted" (now), "running" (submitted before)
     status: str
     wall_time_s: float | None = None
     error: str | None = None
@@ -330,13 +336,14 @@ class _StopRequest:
         return False
 
 
-def _run_subprocess(job: Job, nproc: int, log_path: Path, verbose: bool, stop: _StopRequest) -> int:
+def _run_subprocess(job: Job, nproc: int, log_path: Path, verbose: bool, stop: _StopRequest,
+                    env: dict[str, str] | None = None) -> int:
     cmd = shell_command(job, nproc)
     with open(log_path, "ab") as logf:
         logf.write(f"$ {shlex.join(cmd)}\n".encode())
         logf.flush()
         out = None if verbose else logf
-        child = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT if out else None,
+        child = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT if out else None, env={**os.environ, **(env or {})},
                                  preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None)
         stop.child = child
         try:
@@ -403,46 +410,75 @@ def run_jobs(
     with _StopRequest() as stop:
         for i, job in enumerate(jobs, 1):
             head = f"[{i}/{len(jobs)}] {job.label}"
-            stored = store.read()
-            cached = cached_outcome(job, stored, store, head, echo)
+            cached = cached_outcome(job, store.read(), store, head, echo)
             if cached is not None:
                 outcomes.append(cached)
                 continue
-            settled = settled_outcome(job, store, head, echo, retry_failed)
-            if settled is not None:
-                outcomes.append(settled)
+            lock = claim_run_dir(job, head, echo, "run")
+            if lock is None:
+                outcomes.append(JobOutcome(job, "elsewhere"))
                 continue
-            job.run_dir.mkdir(parents=True, exist_ok=True)
-            log_path = job.run_dir / "bench.log"
-            resuming = (job.run_dir / "checkpoint-last.pth").exists()
-            echo(f"{head}: {'resuming' if resuming else 'running'} (log: {log_path})")
-            t0 = time.perf_counter()
-            if in_process:
-                rc = run_in_process(job.spec, {**job.options, "output": str(job.run_dir)}, log_path, verbose)
-            else:
-                rc = _run_subprocess(job, nproc, log_path, verbose, stop)
-            wall = time.perf_counter() - t0
-            # In-process jobs catch the signal themselves (the trainer saves and returns 143/130).
-            if stop.signum is not None or (in_process and rc in (130, 143)):
-                raise BenchInterrupted(
-                    f"stopped during {job.label} after {wall:.0f} s; its run directory {job.run_dir} keeps its "
-                    "checkpoint: run the same command again to resume (finished jobs are not run again)"
-                )
-            rows = read_run_results(job.run_dir) if rc == 0 else []
-            if rc == 0 and rows:
-                rows = _tag_rows(job, rows, wall)
-                store.append(rows)
-                outcomes.append(JobOutcome(job, "done", wall, rows=rows))
-                echo(f"{head}: done in {wall:.0f} s: {headline(rows)}")
-                continue
-            error = _last_error(log_path) if rc != 0 else f"exited 0 but wrote no {job.run_dir / 'results.jsonl'}"
-            if rc in (130, 143):
-                error = f"interrupted by a signal from outside the runner (exit {rc}); {error}"
-            failure = ResultRow(task=job.task, metric=FAILED, value=None, extra={"error": error, "returncode": rc, "log": str(log_path)})
-            store.append(_tag_rows(job, [failure], wall))
-            outcomes.append(JobOutcome(job, "failed", wall, error=error))
-            echo(f"{head}: FAILED after {wall:.0f} s (exit {rc}): {error}\n    log: {log_path}")
+            with lock:
+                # Another bench may have finished it between our look at the store and the lock.
+                cached = cached_outcome(job, store.read(), store, head, echo)
+                settled = cached or settled_outcome(job, store, head, echo, retry_failed)
+                if settled is not None:
+                    outcomes.append(settled)
+                    continue
+                job.run_dir.mkdir(parents=True, exist_ok=True)
+                log_path = job.run_dir / "bench.log"
+                resuming = (job.run_dir / "checkpoint-last.pth").exists()
+                echo(f"{head}: {'resuming' if resuming else 'running'} (log: {log_path})")
+                t0 = time.perf_counter()
+                if in_process:
+                    rc = run_in_process(job.spec, {**job.options, "output": str(job.run_dir)}, log_path, verbose)
+                else:
+                    rc = _run_subprocess(job, nproc, log_path, verbose, stop, lock.child_env())
+                wall = time.perf_counter() - t0
+                # In-process jobs catch the signal themselves (the trainer saves and returns 143/130).
+                if stop.signum is not None or (in_process and rc in (130, 143)):
+                    raise BenchInterrupted(
+                        f"stopped during {job.label} after {wall:.0f} s; its run directory {job.run_dir} keeps its "
+                        "checkpoint: run the same command again to resume (finished jobs are not run again)"
+                    )
+                rows = read_run_results(job.run_dir) if rc == 0 else []
+                if rc == 0 and rows:
+                    rows = _tag_rows(job, rows, wall)
+                    store.append(rows, unless=lambda stored: job_done(stored, job.key))
+                    outcomes.append(JobOutcome(job, "done", wall, rows=rows))
+                    echo(f"{head}: done in {wall:.0f} s: {headline(rows)}")
+                    continue
+                error = _last_error(log_path) if rc != 0 else f"exited 0 but wrote no {job.run_dir / 'results.jsonl'}"
+                if rc in (130, 143):
+                    error = f"interrupted by a signal from outside the runner (exit {rc}); {error}"
+                failure = ResultRow(task=job.task, metric=FAILED, value=None, extra={"error": error, "returncode": rc, "log": str(log_path)})
+                store.append(_tag_rows(job, [failure], wall))
+                outcomes.append(JobOutcome(job, "failed", wall, error=error))
+                echo(f"{head}: FAILED after {wall:.0f} s (exit {rc}): {error}\n    log: {log_path}")
     return outcomes
+
+
+def claim_run_dir(job: Job, head: str, echo: Callable[[str], None], verb: str = "run", wait: float = 0.0) -> FileLock | None:
+    """The lock of ``job``'s run directory, taken for this bench; None after saying in one line who
+    holds it (another bench running the job: this one leaves it to that one)."""
+    lock = dir_lock(job.run_dir, f"the run directory {job.run_dir}")
+    try:
+        return lock.acquire(wait)
+    except LockHeld as e:
+        h = e.holder
+        who = f"another {'bench' if h and ' bench ' in f' {h.command} ' else 'process'} ({h.short if h else 'details not readable'})"
+        echo(f"{head}: running in {who}; not {verb} here")
+        return None
+
+
+def elsewhere_note(outcomes: list[JobOutcome], rows: list[dict]) -> str | None:
+    """One line on the jobs left to other benches that have no results in ``rows`` (the store's rows
+    the tables were made from) yet; None when there is none."""
+    n = sum(o.status == "elsewhere" and not job_done(rows, o.job.key) for o in outcomes)
+    if not n:
+        return None
+    return (f"{n} job(s) running in another bench or process are not in these tables yet; run the same "
+            "`mae-transfer bench` again when they have finished")
 
 
 def cached_outcome(job: Job, stored: list[dict], store: ResultStore, head: str,
@@ -463,7 +499,7 @@ def settled_outcome(job: Job, store: ResultStore, head: str, echo: Callable[[str
     finished = read_run_results(job.run_dir)
     if finished:
         rows = _tag_rows(job, finished, None)
-        store.append(rows)
+        store.append(rows, unless=lambda stored: job_done(stored, job.key))
         echo(f"{head}: finished in {job.run_dir}, recorded")
         return JobOutcome(job, "recorded", rows=rows)
     if not retry_failed and any(r.get("job_key") == job.key for r in store.read()):
@@ -508,5 +544,5 @@ def latest_rows(results_dir: str | os.PathLike, jobs: list[Job] | None = None) -
 
 __all__ = [
     "Backbone", "Job", "JobOutcome", "BenchInterrupted", "parse_backbones", "parse_tasks", "parse_task_map",
-    "parse_overrides", "plan_jobs", "run_jobs", "cached_outcome", "run_in_process", "print_commands", "shell_command", "latest_rows", "headline",
+    "parse_overrides", "plan_jobs", "run_jobs", "claim_run_dir", "elsewhere_note", "cached_outcome", "run_in_process", "print_commands", "shell_command", "latest_rows", "headline",
 ]

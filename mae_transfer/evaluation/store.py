@@ -8,6 +8,10 @@ reads it as a table.
 Crash safety: one ``append`` writes all its rows with a single ``write`` on a file opened in append
 mode, then flushes and fsyncs. A crash can leave at most one partial line at the end; readers skip
 it (with a warning) and the next append starts on a fresh line, so earlier rows are never lost.
+
+Several writers (two benchmarks into one store): an append holds the store's lock
+(``<results dir>/.results.lock``, :class:`~mae_transfer.engine.locks.FileLock`) from its check of
+the rows already there (``unless``) to its write, so the rows of one job are written once.
 """
 
 from __future__ import annotations
@@ -17,8 +21,9 @@ import logging
 import math
 import os
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
+from mae_transfer.engine.locks import FileLock
 from mae_transfer.engine.results import COLUMNS, RESULTS_FILE, ResultRow, provenance
 
 log = logging.getLogger(__name__)
@@ -33,13 +38,17 @@ def _clean(value: Any) -> Any:
 class ResultStore:
     """Append-only ``results.jsonl`` in ``root`` (created on the first append)."""
 
+    LOCK_FILE = ".results.lock"
+    LOCK_WAIT_S = 300.0  # an append holds the lock for a moment; on a slow network file system, longer
+
     def __init__(self, root: str | os.PathLike):
         self.root = Path(root)
         self.path = self.root / RESULTS_FILE
 
-    def append(self, rows: Iterable[ResultRow]) -> int:
+    def append(self, rows: Iterable[ResultRow], unless: Callable[[list[dict[str, Any]]], bool] | None = None) -> int:
         """Add ``rows``, their missing provenance fields filled in from this process. Returns the
-        number of rows written."""
+        number of rows written. ``unless``: a test of the rows already stored, made under the
+        store's lock; when it holds, nothing is written (another process recorded them)."""
         prov = provenance()
         lines = []
         for row in rows:
@@ -53,7 +62,13 @@ class ResultStore:
         if not lines:
             return 0
         self.root.mkdir(parents=True, exist_ok=True)
-        blob = "\n".join(lines) + "\n"
+        with FileLock(self.root / self.LOCK_FILE, f"the results store {self.path}").acquire(self.LOCK_WAIT_S):
+            if unless is not None and unless(self.read()):
+                return 0
+            self._write("\n".join(lines) + "\n")
+        return len(lines)
+
+    def _write(self, blob: str) -> None:
         with open(self.path, "a+b") as f:
             f.seek(0, os.SEEK_END)
             if f.tell() > 0:
@@ -63,7 +78,6 @@ class ResultStore:
             f.write(blob.encode("utf-8"))
             f.flush()
             os.fsync(f.fileno())
-        return len(lines)
 
     def read(self) -> list[dict[str, Any]]:
         """Every complete row, oldest first; partial or corrupt lines are skipped with a warning."""

@@ -324,6 +324,7 @@ def read_segmenter_file(path: str | Path, trust: bool = False) -> dict:
 def segmenter_weights(state: dict, path: str | Path) -> tuple[dict[str, torch.Tensor], dict | None]:
     """State dict and config overrides from a file read by :func:`read_segmenter_file` (see
     :func:`read_segmenter_weights`)."""
+    from mae_transfer.checkpoint import check_dtypes
     from mae_transfer.checkpoint.mmseg import (
         describe_segmentor,
         is_mmseg_segmentor,
@@ -335,12 +336,14 @@ def segmenter_weights(state: dict, path: str | Path) -> tuple[dict[str, torch.Te
         sd = state["model"]
         if not any(k.startswith("decode_head.") for k in sd):
             raise CheckpointError(f"--weights {path} holds no decode_head.* weights: it looks like a backbone; pass it as --backbone")
+        check_dtypes(sd, f"--weights {path}")
         return sd, state.get("config")
     raw = state.get("state_dict", state.get("model", state))
     if not isinstance(raw, dict) or not is_mmseg_segmentor(raw):
         if isinstance(raw, dict) and not any(k.startswith("decode_head.") for k in raw):
             raise CheckpointError(f"--weights {path} holds no decode_head.* weights: it looks like a backbone; pass it as --backbone")
         raise CheckpointError(f"--weights {path}: neither a segmenter of this toolkit nor an mmsegmentation MAE/BEiT UperNet checkpoint")
+    check_dtypes(raw, f"--weights {path}")
     try:
         sd = to_segmenter_state_dict({k: v for k, v in raw.items() if torch.is_tensor(v)})
         arch = describe_segmentor(sd)
