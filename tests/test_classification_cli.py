@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import signal
@@ -140,6 +141,10 @@ def test_runs_round_trip_config_resume_and_eval_only(tmp_path, cache, encoder, c
     assert main([*argv, "--output", str(run)]) == 0
     end = {r["metric"]: r["value"] for r in map(json.loads, (run / "results.jsonl").read_text().splitlines())}
     assert (run / "classifier.pth").exists()
+    trained_row = json.loads((run / "results.jsonl").read_text().splitlines()[0])
+    # A run made without `bench` is described as fully as a benchmark's (what ran it, where, when).
+    assert trained_row["backbone"] == str(encoder) and trained_row["model"] == "vit_nano_patch8"
+    assert all(trained_row[k] for k in ("versions", "hardware", "date"))
     capsys.readouterr()
 
     assert main([*argv, "--print-config"]) == 0
@@ -152,7 +157,13 @@ def test_runs_round_trip_config_resume_and_eval_only(tmp_path, cache, encoder, c
         assert main(["finetune", "--eval-only", "--weights", str(weights), "--output", str(out), "train.num_workers=0"]) == 0
         rows = {r["metric"]: r["value"] for r in map(json.loads, (out / "results.jsonl").read_text().splitlines())}
         assert rows["top1"] == end["top1"] and rows["top5"] == end["top5"]
-        assert json.loads((out / "results.jsonl").read_text().splitlines()[0])["step"] == -1
+        first = json.loads((out / "results.jsonl").read_text().splitlines()[0])
+        assert first["step"] == -1
+        # The rows name the weights evaluated (not "random init"), and share the run's config hash.
+        evaluated = weights if weights.is_file() else weights / "checkpoint-last.pth"
+        assert first["backbone"] == str(evaluated.resolve()) and first["weights_format"] == "mae-transfer"
+        assert first["backbone_sha256"] == hashlib.sha256(evaluated.read_bytes()).hexdigest()
+        assert first["config_hash"] == trained_row["config_hash"]
     assert main(["finetune", "--eval-only", "--weights", str(encoder), "--output", str(tmp_path / "bad")]) == 2
     assert "looks like a backbone" in capsys.readouterr().err
 

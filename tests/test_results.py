@@ -61,5 +61,8 @@ def test_a_run_writes_and_reads_the_same_rows(tmp_path):
     path = write_run_results(tmp_path, rows, config={"model": {"name": "vit_micro_patch8"}})
     assert path.name == "results.jsonl" and (tmp_path / "config_resolved.json").exists()
     back = read_run_results(tmp_path)
-    assert back == rows and back[0].to_dict()["lr"] == 0.1
+    assert back[0].to_dict()["lr"] == 0.1
+    # The same rows, with what the run adds: the model of its config and where, when, with what it ran.
+    assert [r.replace(model=None, git_commit=None, versions=None, hardware=None, date=None) for r in back] == rows
+    assert back[0].model == "vit_micro_patch8" and back[0].versions["torch"] and back[0].hardware and back[0].date
     assert read_run_results(tmp_path / "nothing") == []

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import collections
 import gzip
+import hashlib
 import json
 import os
 import pickle
@@ -213,6 +214,19 @@ def test_all_val_detections_match_detectron2_one_to_one(val_run):
     matched, worst_score, worst_mask = match_one_to_one(ours, ref)
     assert matched == len(ref) == len(ours)
     assert worst_score < 1e-4 and worst_mask >= 0.99
+
+
+def test_eval_only_rows_name_detectron2s_file_and_the_table_shows_it(val_run, capsys):
+    """The rows of `coco --eval-only --weights model_final.pth` say which weights were evaluated
+    (path, sha256, format), never "random init"; `mae-transfer table` lists them under that name."""
+    rows = [json.loads(line) for line in (val_run / "results.jsonl").read_text().splitlines()]
+    weights = (REF / "model_final.pth").resolve()
+    sha = hashlib.sha256(weights.read_bytes()).hexdigest()
+    assert {(r["backbone"], r["backbone_sha256"], r["weights_format"]) for r in rows} == {(str(weights), sha, "detectron2")}
+    capsys.readouterr()
+    assert main(["table", "--results", str(val_run)]) == 0
+    table = capsys.readouterr().out
+    assert str(weights).replace("_", "\\_") in table and "random init" not in table
 
 
 @pytest.mark.parametrize("split", ["val2017", "train2017"])

@@ -12,9 +12,9 @@ from torchvision import transforms
 
 from mae_transfer.checkpoint import class_count_hint, init_backbone, load_trained_model, read_trained_model, save_trained_model, weights_sha256
 from mae_transfer.classification.config import ClassificationConfig
-from mae_transfer.config import config_hash, to_dict
+from mae_transfer.config import to_dict
 from mae_transfer.engine.optim import param_groups
-from mae_transfer.engine.results import ResultRow, write_run_results
+from mae_transfer.engine.results import ResultRow, row_identity, write_run_results
 from mae_transfer.engine.trainer import EvalContext, OptimConfig, Trainer, TrainTask
 from mae_transfer.models.vit import VisionTransformer, create_vit
 
@@ -201,7 +201,7 @@ class ClassificationTask(TrainTask):
     def publish(self, model: nn.Module, ctx: EvalContext, metrics: dict, step: int) -> None:
         # --eval-only: the best top-1 of this evaluation is its top-1.
         self.best_top1 = max(self.best_top1, metrics["top1"])
-        write_result_rows(ctx.output_dir, self.cfg, metrics, self.best_top1, self.backbone_sha256, step)
+        write_result_rows(ctx.output_dir, self.cfg, metrics, self.best_top1, self.backbone_sha256, step, self.evaluated)
 
     def on_epoch_end(self, trainer: Trainer, epoch: int) -> None:
         every = self.cfg.eval_every_epochs
@@ -218,7 +218,8 @@ class ClassificationTask(TrainTask):
             self.best_top1 = max(self.best_top1, trainer.evaluate()["top1"])
         if trainer.dist.is_main:
             save_classifier(trainer.unwrapped, self.cfg, trainer.output_dir / "classifier.pth", trainer.step)
-            write_result_rows(trainer.output_dir, self.cfg, self.last_eval, self.best_top1, self.backbone_sha256, trainer.step)
+            write_result_rows(trainer.output_dir, self.cfg, self.last_eval, self.best_top1, self.backbone_sha256, trainer.step,
+                              self.evaluated)
 
 
 CLASSIFIER_FORMAT = "mae_transfer.classifier"
@@ -249,13 +250,14 @@ def benchmark_task(dataset: str, protocol: str) -> str:
     return "linprobe" if protocol == "linprobe" else "finetune"
 
 
-def write_result_rows(out_dir: Path, cfg: ClassificationConfig, metrics: dict, best_top1: float, backbone_sha: str | None, step: int) -> Path:
+def write_result_rows(out_dir: Path, cfg: ClassificationConfig, metrics: dict, best_top1: float, backbone_sha: str | None, step: int,
+                      evaluated: dict | None = None) -> Path:
     """One row per metric in ``results.jsonl`` (rewritten whole, atomically) for the runner and the tables."""
     common = dict(
         task=benchmark_task(cfg.data.dataset, cfg.protocol),
         dataset=cfg.data.dataset if cfg.data.path else f"{cfg.data.dataset} (toy)",
-        split="val", protocol=cfg.protocol, backbone=cfg.backbone or "random init", backbone_sha256=backbone_sha,
-        config_hash=config_hash(cfg, exclude=("data", "trust_checkpoint")), step=step,
+        split="val", protocol=cfg.protocol, step=step,
+        **row_identity(cfg, backbone_sha, ("data", "trust_checkpoint"), evaluated),
     )
     rows = [ResultRow(metric=metric, value=metrics[metric], **common) for metric in ("top1", "top5", "mean_per_class")]
     rows.append(ResultRow(metric="top1_best_epoch", value=best_top1, **common))

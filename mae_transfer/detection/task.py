@@ -23,7 +23,7 @@ import torch
 import torch.nn as nn
 
 from mae_transfer.checkpoint import CheckpointError, class_count_hint, init_backbone, load_trained_model, save_trained_model, weights_sha256
-from mae_transfer.config import ConfigError, config_hash, to_dict
+from mae_transfer.config import ConfigError, to_dict
 from mae_transfer.data.errors import DataError
 from mae_transfer.data.seeded import SeededTransformDataset
 from mae_transfer.detection.coco import CocoDetection, COCOEvaluator, drop_crowd, save_results_json
@@ -33,7 +33,7 @@ from mae_transfer.detection.transforms import LargeScaleJitter, ResizeForTest, c
 from mae_transfer.engine.distributed import convert_sync_batchnorm
 from mae_transfer.engine.evaluator import run_evaluator
 from mae_transfer.engine.optim import param_groups
-from mae_transfer.engine.results import ResultRow, write_run_results
+from mae_transfer.engine.results import ResultRow, row_identity, write_run_results
 from mae_transfer.engine.trainer import EvalContext, OptimConfig, Trainer, TrainTask
 from mae_transfer.io import atomic_write_json
 
@@ -219,8 +219,9 @@ class DetectionTask(TrainTask):
         cfg = self.cfg
         common = dict(
             task="coco", dataset="coco" if cfg.data.path else "coco (toy)", split=cfg.data.val_split,
-            protocol=f"mask_rcnn_{cfg.recipe}", backbone=cfg.backbone or "random init", backbone_sha256=self.backbone_sha256,
-            config_hash=config_hash(cfg, exclude=("data", "backbone", "visualize", "visualize_score", "trust_checkpoint", "eval_backend")), step=step,
+            protocol=f"mask_rcnn_{cfg.recipe}", step=step,
+            **row_identity(cfg, self.backbone_sha256, ("data", "backbone", "visualize", "visualize_score", "trust_checkpoint", "eval_backend"),
+                           self.evaluated),
         )
         rows = [ResultRow(metric=f"{kind}_{name}", value=v, **common) for kind in ("bbox", "segm") for name, v in metrics[kind].items()]
         return write_run_results(out_dir, rows, to_dict(cfg))

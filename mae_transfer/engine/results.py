@@ -95,11 +95,36 @@ class ResultRow:
 COLUMNS = tuple(f.name for f in dataclasses.fields(ResultRow) if f.name != "extra")
 
 
+def row_identity(cfg: Any, backbone_sha256: str | None, exclude: tuple[str, ...], evaluated: dict | None = None) -> dict[str, Any]:
+    """The "on what" fields of a task's result rows (``cfg``: its config, with ``backbone``).
+
+    A trained or fine-tuned run: the pretrained backbone it started from (``"random init"`` without
+    one) and the hash of its config. An evaluation of trained weights (``evaluated``, from
+    ``--eval-only --weights``: ``path``, ``sha256``, ``format`` and the ``config`` saved with them,
+    None for another project's file): those weights, named by their path and sha256, their format
+    (``weights_format``), and the hash of the config they were trained with, so that a run and the
+    evaluation of its own weights share one config hash."""
+    from mae_transfer.config import config_hash
+
+    if evaluated:
+        return dict(backbone=evaluated["path"], backbone_sha256=evaluated["sha256"],
+                    config_hash=config_hash(evaluated.get("config") or cfg, exclude),
+                    extra={"weights_format": evaluated["format"]})
+    return dict(backbone=getattr(cfg, "backbone", None) or "random init", backbone_sha256=backbone_sha256,
+                config_hash=config_hash(cfg, exclude))
+
+
 def write_run_results(out_dir: str | os.PathLike, rows: Iterable[ResultRow], config: dict | None = None) -> Path:
     """A run's ``results.jsonl`` (rewritten whole, atomically) and, with ``config``, its
-    ``config_resolved.json`` beside it (the runner reads the model name from there)."""
+    ``config_resolved.json`` beside it (the runner reads the model name from there). Rows get the
+    provenance of this process (git commit, versions, hardware, date) and the model name of
+    ``config`` where they have none, so a run made without ``bench`` is as fully described."""
     out = Path(out_dir)
-    path = atomic_write_jsonl(out / RESULTS_FILE, [r.to_dict() for r in rows])
+    prov = provenance()
+    model = ((config or {}).get("model") or {}).get("name") if isinstance((config or {}).get("model"), dict) else None
+    filled = [r.replace(**{k: v for k, v in {**prov, "model": model}.items() if getattr(r, k) is None and v is not None})
+              for r in rows]
+    path = atomic_write_jsonl(out / RESULTS_FILE, [r.to_dict() for r in filled])
     if config is not None:
         atomic_write_json(out / "config_resolved.json", config)
     return path
@@ -167,5 +192,5 @@ def provenance() -> dict[str, Any]:
             "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
 
 
-__all__ = ["ResultRow", "COLUMNS", "RESULTS_FILE", "FAILED", "write_run_results", "read_run_results", "provenance",
+__all__ = ["ResultRow", "COLUMNS", "RESULTS_FILE", "FAILED", "row_identity", "write_run_results", "read_run_results", "provenance",
            "git_commit", "package_versions", "hardware"]

@@ -122,6 +122,9 @@ class TrainTask:
     name = "task"
     # How the DataLoader batches samples (None: torch's default_collate); detection returns lists.
     collate_fn = None
+    # --eval-only --weights: the weights evaluated (path, sha256, format, saved config), which the
+    # result rows name instead of a backbone (``engine.results.row_identity``).
+    evaluated: dict | None = None
 
     def build_model(self) -> nn.Module:
         raise NotImplementedError

@@ -50,6 +50,7 @@ class Prepared:
     output: Path
     toy: bool
     weights: dict | None = None
+    evaluated: dict | None = None  # --weights: path, sha256, format, saved config (engine.results.row_identity)
 
     def identity(self) -> Any:
         """What decides the numbers of this run besides the data and the backbone's bytes (the
@@ -87,7 +88,7 @@ def _overrides(spec: TaskSpec, opts: dict) -> dict:
     return deep_update(overrides, flags)
 
 
-def _trained_weights(spec: TaskSpec, opts: dict, overrides: dict) -> dict | None:
+def _trained_weights(spec: TaskSpec, opts: dict, overrides: dict) -> tuple[dict | None, dict | None]:
     """``--eval-only --weights``: the trained model's state dict; the sections of its saved config
     that build it go into ``overrides`` unless the command line sets them (the data path never)."""
     if opts.get("eval_only") and not opts.get("weights"):
@@ -95,15 +96,26 @@ def _trained_weights(spec: TaskSpec, opts: dict, overrides: dict) -> dict | None
     if opts.get("weights") and not opts.get("eval_only"):
         raise ConfigError("--weights is for --eval-only; to start training from a pretrained ViT use --backbone")
     if not opts.get("weights"):
-        return None
+        return None, None
+    from mae_transfer.checkpoint import weights_sha256
+    from mae_transfer.checkpoint.hub import weights_file
+
     weights, saved = spec.load("read")(opts["weights"], trust=bool(opts.get("trust_checkpoint")))
+    # What the result rows name: the file evaluated, its bytes, its format and the config it was
+    # trained with. This toolkit's files carry their whole training config (with its train
+    # section); for another project's file (detectron2, mmsegmentation) the reader gives only the
+    # architecture it inferred from the tensors.
+    ours = isinstance(saved, dict) and isinstance(saved.get("train"), dict)
+    evaluated = {"path": str(weights_file(opts["weights"]).resolve()), "sha256": weights_sha256(opts["weights"]),
+                 "format": "mae-transfer" if ours else spec.weights.get("foreign", "unknown"),
+                 "config": saved if ours else None}
     # Build and test the model as it was trained (architecture, test settings, resize scale),
     # unless the command line says otherwise; where the data is comes from the command line.
     for section in spec.weights.get("sections", ()):
         if isinstance((saved or {}).get(section), dict):
             kept = {k: v for k, v in saved[section].items() if k != "path"}
             overrides[section] = {**kept, **overrides.get(section, {})}
-    return weights
+    return weights, evaluated
 
 
 def prepare(spec: TaskSpec, options: dict[str, Any]) -> Prepared:
@@ -121,12 +133,12 @@ def prepare(spec: TaskSpec, options: dict[str, Any]) -> Prepared:
         preset = opts.get("preset") or (("toy_linprobe" if toy else "linprobe") if linprobe else
                                         (spec.toy_preset if toy else spec.default_preset))
         overrides = _overrides(spec, opts)
-        weights = _trained_weights(spec, opts, overrides)
+        weights, evaluated = _trained_weights(spec, opts, overrides)
         _model_from_backbone(opts, overrides)
         cfg = spec.load("config")(preset, overrides)
         kind = "eval-" if opts.get("eval_only") else ""
         out = Path(opts.get("output") or f"runs/{spec.command}-{kind}{cfg.data.dataset}-{cfg.protocol}")
-        return Prepared(spec, opts, cfg, preset, out, toy, weights)
+        return Prepared(spec, opts, cfg, preset, out, toy, weights, evaluated)
     if spec.family == "train":
         preset = opts.get("preset") or (spec.toy_preset if toy else spec.default_preset)
         overrides = _overrides(spec, opts)
@@ -147,12 +159,12 @@ def prepare(spec: TaskSpec, options: dict[str, Any]) -> Prepared:
     dense = spec.dense
     preset = opts.get("preset") or (spec.toy_preset if toy else None)
     overrides = _overrides(spec, opts)
-    weights = _trained_weights(spec, opts, overrides)
+    weights, evaluated = _trained_weights(spec, opts, overrides)
     _model_from_backbone(opts, overrides, rename=dense.get("rename"), pos_size_key=dense.get("pos_size_key"))
     cfg = spec.load("config")(preset, overrides)
     name = Path(preset).stem if preset else spec.default_preset
     out = Path(opts.get("output") or (f"runs/{spec.command}-eval-{name}" if opts.get("eval_only") else f"runs/{spec.command}-{name}"))
-    return Prepared(spec, opts, cfg, preset, out, toy, weights)
+    return Prepared(spec, opts, cfg, preset, out, toy, weights, evaluated)
 
 
 def _given(opts: dict, *key: str) -> bool:
@@ -219,6 +231,7 @@ def _train_or_evaluate(spec: TaskSpec, prep: Prepared, dist_info: Any, echo: Cal
     try:
         if opts.get("eval_only"):
             task = task_cls(cfg, train=False)
+            task.evaluated = prep.evaluated
             model = task.build_model(load_backbone=False)
             spec.load("load")(model, prep.weights, opts["weights"])
             trainer = Trainer(task, cfg.train, cfg.optim, output, dist_info, config=cfg)

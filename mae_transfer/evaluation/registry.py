@@ -271,9 +271,9 @@ _CLS = dict(epilog=CLASSIFY_EPILOG, family="classification",
             task="mae_transfer.classification.task:ClassificationTask", report="mae_transfer.classification.task:report",
             toy_preset="toy_finetune")
 _DET_WEIGHTS = dict(read="mae_transfer.detection.task:read_detector_weights", load="mae_transfer.detection.task:load_detector_weights",
-                    artifact="detector.pth", sections=("model", "test", "data"))
+                    artifact="detector.pth", sections=("model", "test", "data"), foreign="detectron2")
 _SEG_WEIGHTS = dict(read="mae_transfer.segmentation.task:read_segmenter_weights", load="mae_transfer.segmentation.task:load_segmenter_weights",
-                    artifact="segmenter.pth", sections=("model", "test", "data"))
+                    artifact="segmenter.pth", sections=("model", "test", "data"), foreign="mmsegmentation")
 _DET = dict(data="COCO", pictures="ground truth | prediction", what="detections",
             # ViTDet runs ViT-H with 16 px patches (the 14 px kernel is resized on load, ViTDet A.2).
             rename={"vit_huge_patch14": "vit_huge_patch16"}, pos_size_key="pretrain_img_size")

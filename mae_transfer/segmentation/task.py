@@ -19,13 +19,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from mae_transfer.checkpoint import CheckpointError, class_count_hint, init_backbone, load_trained_model, save_trained_model, weights_sha256
-from mae_transfer.config import ConfigError, config_hash, to_dict
+from mae_transfer.config import ConfigError, to_dict
 from mae_transfer.data.errors import DataError
 from mae_transfer.data.seeded import SeededTransformDataset
 from mae_transfer.engine.distributed import convert_sync_batchnorm
 from mae_transfer.engine.evaluator import run_evaluator
 from mae_transfer.engine.optim import param_groups
-from mae_transfer.engine.results import ResultRow, write_run_results
+from mae_transfer.engine.results import ResultRow, row_identity, write_run_results
 from mae_transfer.engine.trainer import EvalContext, OptimConfig, Trainer, TrainTask
 from mae_transfer.io import atomic_write, atomic_write_json
 from mae_transfer.models.vit import VisionTransformer, named_size, vit_size
@@ -223,8 +223,8 @@ class SegmentationTask(TrainTask):
         test = "ms" if len(cfg.test.scales) > 1 else "ss"
         common = dict(
             task="ade20k", dataset="ade20k" if cfg.data.path else "ade20k (toy)", split=cfg.data.val_split,
-            protocol=f"{cfg.recipe}_{test}{'+flip' if cfg.test.flip else ''}", backbone=cfg.backbone or "random init",
-            backbone_sha256=self.backbone_sha256, config_hash=config_hash(cfg, exclude=("data", "backbone", "visualize", "trust_checkpoint")), step=step,
+            protocol=f"{cfg.recipe}_{test}{'+flip' if cfg.test.flip else ''}", step=step,
+            **row_identity(cfg, self.backbone_sha256, ("data", "backbone", "visualize", "trust_checkpoint"), self.evaluated),
         )
         rows = [ResultRow(metric=k, value=v, **common) for k, v in summary(metrics).items()]
         return write_run_results(out_dir, rows, to_dict(cfg))
