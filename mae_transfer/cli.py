@@ -328,6 +328,9 @@ def _run_bench(args) -> int:
         given = [f for f, on in (("--in-process", args.in_process), ("--verbose", args.verbose)) if on]
         if given:
             raise ConfigError(f"{', '.join(given)}: only for --launcher local (this is --launcher {args.launcher})")
+    from mae_transfer.io import check_output_path
+
+    check_output_path(args.results, "--results")  # before the backbones are read and hashed
     backbones = bench.parse_backbones(args.backbone)
     tasks = bench.parse_tasks(args.tasks)
     data = bench.parse_task_map(args.data, "--data", data_keys())
@@ -388,8 +391,8 @@ def _add_table(sub) -> None:
         "table", help="the paper's tables (Markdown, LaTeX, CSV) from a results directory",
         description="Render the results store as the MAE paper's tables: Table 4 (COCO APbox/APmask), Table 5 (ADE20K "
                     "mIoU), Table 6 (iNaturalist/Places top-1) and ImageNet-style fine-tune / linear probe / k-NN top-1, "
-                    "with the paper's numbers in their own rows, deltas to a baseline backbone, and the best value of "
-                    "each column in bold.",
+                    "with the paper's numbers in their own rows, deltas to a baseline backbone, and the best of your "
+                    "backbones in each column in bold (never a paper row).",
         epilog="examples:\n  mae-transfer table --results results/\n  mae-transfer table --results results/ --format latex > tables.tex\n"
                "  mae-transfer table --results results/ --output paper/ --paper-sizes B,L",
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -425,7 +428,10 @@ def _table_rows(args) -> list:
 
 def _run_table(args) -> int:
     from mae_transfer.evaluation.tables import render, write_tables
+    from mae_transfer.io import check_output_path
 
+    if args.output:
+        check_output_path(args.output, "--output")
     rows = _table_rows(args)
     kw = {"baseline": None if (args.baseline or "").lower() == "none" else (args.baseline or "auto"),
           "paper": not args.no_paper, "full": args.full,
@@ -454,6 +460,10 @@ def _add_plot(sub) -> None:
 
 
 def _run_plot(args) -> int:
+    from mae_transfer.io import check_output_path
+
+    if args.output:
+        check_output_path(args.output, "--output")  # before matplotlib is imported
     from mae_transfer.evaluation.plots import plot_all
 
     rows = _table_rows(args)
@@ -483,8 +493,9 @@ def _add_demo(sub) -> None:
 
 def _run_demo(args) -> int:
     from mae_transfer.evaluation.demo import run_demo
+    from mae_transfer.io import check_output_path
 
-    return run_demo(Path(args.output), quick=args.quick, verbose=args.verbose)
+    return run_demo(check_output_path(args.output, "--output"), quick=args.quick, verbose=args.verbose)
 
 
 CHECK_DATA_HELP = """\
@@ -568,6 +579,10 @@ def _run_toy_data(args) -> int:
     if args.dir and args.output and args.dir != args.output:
         raise ConfigError(f"give the folder once: DIR {args.dir} or --output {args.output}")
     out = args.dir or args.output
+    if out:
+        from mae_transfer.io import check_output_path
+
+        check_output_path(out, "--output" if args.output else "DIR")
     if not args.full_size:
         if args.images_from or args.scale != 1.0:
             raise ConfigError("--images-from and --scale go with --full-size")
@@ -639,6 +654,9 @@ def _add_export(sub) -> None:
 
 
 def _run_export(args) -> int:
+    from mae_transfer.io import check_output_path
+
+    check_output_path(args.output, "--output", folder=args.to in ("timm", "hf"))  # before the checkpoint is read
     if args.to == "mmseg":
         from mae_transfer.checkpoint.mmseg import save_mmseg
         from mae_transfer.segmentation.task import read_segmenter_file, segmenter_class_names, segmenter_weights
@@ -743,21 +761,30 @@ def main(argv: list[str] | None = None) -> int:
     from mae_transfer.config import ConfigError
     from mae_transfer.engine.trainer import TrainingInterrupted
 
-    user_errors: tuple[type[BaseException], ...] = (ConfigError, CheckpointError, FloatingPointError)
+    from mae_transfer.io import OutputPathError
+
+    user_errors: tuple[type[BaseException], ...] = (ConfigError, CheckpointError, OutputPathError, FloatingPointError)
     try:
         from mae_transfer.data.errors import DataError
 
         user_errors += (DataError,)
     except ImportError:  # pragma: no cover
         pass
+    from mae_transfer.engine.logger import close_progress_bars
+
     try:
         return args.func(args)
     except TrainingInterrupted as e:
+        close_progress_bars()  # a bar left on screen would hold the start of the message
         print(f"mae-transfer: {e}", file=sys.stderr)
         return EXIT_INTERRUPTED
     except user_errors as e:
+        close_progress_bars()
         print(f"mae-transfer: error: {e}", file=sys.stderr)
         return EXIT_USER_ERROR
+    except BaseException:
+        close_progress_bars()  # a traceback, too, starts on its own line
+        raise
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import types
 import typing
 from pathlib import Path
@@ -60,7 +61,7 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     origin = typing.get_origin(tp)
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
-            raise ConfigError(f"{where} must be a mapping of sub-options, got {value!r}")
+            raise _section_error(where, value, tp)
         return from_dict(tp, value, prefix=where + ".")
     if origin in (typing.Union, types.UnionType):
         for arg in typing.get_args(tp):
@@ -101,9 +102,12 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         if isinstance(value, bool):
             raise ConfigError(f"{where} must be a number, got {value!r}")
         try:
-            return float(value)
+            number = float(value)
         except (TypeError, ValueError):
             raise ConfigError(f"{where} must be a number, got {value!r}") from None
+        if not math.isfinite(number):  # nan / inf: no rate, weight or size of a recipe is one
+            raise ConfigError(f"{where} must be a finite number, got {value!r}")
+        return number
     if tp is int:
         if isinstance(value, bool):
             raise ConfigError(f"{where} must be an integer, got {value!r}")
@@ -156,6 +160,25 @@ def deep_update(into: dict, new: dict) -> dict:
 def merge(cfg: T, updates: dict[str, Any]) -> T:
     """Return a copy of ``cfg`` with a (nested, partial) dict of updates applied and checked."""
     return from_dict(type(cfg), deep_update(to_dict(cfg), updates))
+
+
+def _section_error(where: str, value: Any, section: Any) -> ConfigError:
+    keys = [f.name for f in dataclasses.fields(section)]
+    shown = ", ".join(keys[:6]) + (", ..." if len(keys) > 6 else "")
+    return ConfigError(f"{where}={value}: {where} is a section of options, not a value; set its keys as "
+                       f"{where}.KEY=VALUE (its keys: {shown})")
+
+
+def check_sections(cfg: Any, overrides: dict[str, Any], prefix: str = "") -> None:
+    """Refuse an override that gives a whole section of ``cfg`` (a dataclass of options, e.g.
+    ``train``) one value (``train=5``): merged with other overrides of that section it would be
+    dropped without a word. Unknown keys are left to :func:`from_dict`, which names them."""
+    for key, value in overrides.items():
+        sub = getattr(cfg, key, None) if dataclasses.is_dataclass(cfg) else None
+        if dataclasses.is_dataclass(sub) and not isinstance(sub, type):
+            if not isinstance(value, dict):
+                raise _section_error(prefix + key, value, sub)
+            check_sections(sub, value, f"{prefix}{key}.")
 
 
 def parse_overrides(items: list[str]) -> dict[str, Any]:

@@ -7,6 +7,7 @@ import hashlib
 import json
 import math
 import os
+import tempfile
 import uuid
 from pathlib import Path
 from typing import IO, Any, Iterable, Iterator
@@ -26,7 +27,9 @@ def atomic_write(path: str | os.PathLike, mode: str = "w") -> Iterator[IO]:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
     try:
-        with open(tmp, mode, **({"encoding": "utf-8", "newline": ""} if mode == "w" else {})) as f:
+        # "x": a new file only (O_EXCL), never through a link planted at the temporary name. The
+        # rename below replaces a link at ``path`` itself; the file it pointed to is untouched.
+        with open(tmp, mode.replace("w", "x"), **({"encoding": "utf-8", "newline": ""} if mode == "w" else {})) as f:
             yield f
             f.flush()
             os.fsync(f.fileno())
@@ -131,3 +134,66 @@ def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
+
+
+class OutputPathError(ValueError):
+    """An output path a command cannot write (a file where a folder goes, a folder where a file goes,
+    a path inside a file, a place that takes no new entries); the message names the option."""
+
+
+def check_output_path(path: str | os.PathLike, option: str = "--output", folder: bool = True) -> Path:
+    """Raise :class:`OutputPathError` unless ``path`` can be written as a folder (``folder``) or as a
+    file, before any work is done: it is not already the other kind of thing, nothing above it is a
+    file, and the deepest existing folder takes new entries (probed by making and removing a
+    temporary folder there, which also catches read-only file systems and /proc, where running as
+    root would pass a permission check). Nothing is left behind; returns ``Path(path)``."""
+    path = Path(path)
+    if folder and path.exists() and not path.is_dir():
+        raise OutputPathError(f"{option} {path}: is a file, not a folder; give a folder (a new one or an existing folder)")
+    if not folder and path.is_dir():
+        raise OutputPathError(f"{option} {path}: is a folder; give the path of the file to write (a new name, or a file to replace)")
+    here = path if path.is_dir() else path.parent
+    while not here.exists() and here != here.parent:  # exists() is also False inside a file
+        here = here.parent
+    if here.exists() and not here.is_dir():
+        raise OutputPathError(f"{option} {path}: {here} is a file, so nothing can be written inside it; give a path outside it")
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".mae-transfer-write-test-", dir=here))
+    except OSError as e:
+        raise OutputPathError(f"{option} {path}: cannot write in {here} ({e.strerror or e}); give a writable location") from None
+    return path
+
+
+_OPEN_FLAGS = {"w": os.O_WRONLY | os.O_CREAT | os.O_TRUNC, "a": os.O_WRONLY | os.O_CREAT | os.O_APPEND,
+               "a+": os.O_RDWR | os.O_CREAT | os.O_APPEND}
+
+
+def link_refused(path: str | os.PathLike) -> OutputPathError:
+    """The error for a symbolic link found where the toolkit writes a file of its own."""
+    return OutputPathError(f"{path} is a symbolic link (to {os.readlink(path)}); the toolkit does not write through links "
+                           "in its output folders: remove the link (or choose another output folder)")
+
+
+def open_output(path: str | os.PathLike, mode: str = "a", encoding: str | None = "utf-8", newline: str | None = None) -> IO:
+    """``open(path, mode)`` for the files written in place in a run or results folder (``log.txt``,
+    ``train.csv``/``.jsonl``, ``bench.log``, a store's ``results.jsonl``): ``"w"``, ``"a"``, ``"a+"``,
+    with ``"b"`` for bytes. It never writes through a symbolic link at ``path`` (``O_NOFOLLOW``):
+    a link planted there (``log.txt -> /some/outside/file``) would make the run overwrite or grow a
+    file outside the folder, so it is refused with :class:`OutputPathError` naming the link. (Files
+    written whole go through :func:`atomic_write`, whose rename replaces such a link itself.)"""
+    binary = "b" in mode
+    base = mode.replace("b", "")
+    if base not in _OPEN_FLAGS:
+        raise ValueError(f"open_output opens files for writing: 'w', 'a' or 'a+' (with 'b'), got {mode!r}")
+    flags = _OPEN_FLAGS[base] | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+    try:
+        fd = os.open(path, flags, 0o666)
+    except OSError:
+        if os.path.islink(path):  # ELOOP on Linux and macOS (EMLINK on FreeBSD)
+            raise link_refused(path) from None
+        raise
+    try:
+        return os.fdopen(fd, mode, **({} if binary else {"encoding": encoding, "newline": newline}))
+    except BaseException:
+        os.close(fd)
+        raise

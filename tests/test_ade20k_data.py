@@ -121,7 +121,7 @@ def test_missing_label_map_is_one_error_or_skipped_with_a_count(toy, caplog):
     (toy / "annotations" / "validation" / "ADE_val_00000002.png").unlink()
     with pytest.raises(DataError, match="ADE_val_00000002.png") as err:
         SegmentationFolder(toy)
-    assert "1 of 4" in str(err.value) and "missing='skip'" in str(err.value)
+    assert "1 of 4" in str(err.value) and "--missing skip" in str(err.value)
     with caplog.at_level(logging.WARNING, logger="mae_transfer.segmentation.ade20k"):
         ds = SegmentationFolder(toy, missing="skip")
     assert len(ds) == 3 and ds.num_missing == 1
@@ -154,7 +154,7 @@ def test_out_of_range_labels_raise_naming_the_file_or_are_ignored_and_counted(to
     with pytest.raises(DataError, match="ADE_val_00000001.png") as err:
         ds[0]
     message = str(err.value)
-    assert "200" in message and "1..150" in message and "bad_labels='ignore'" in message
+    assert "200" in message and "1..150" in message and "--bad-labels ignore" in message
     ds[1]  # other files are fine
     with caplog.at_level(logging.WARNING, logger="mae_transfer.segmentation.ade20k"):
         ds = SegmentationFolder(toy, bad_labels="ignore")

@@ -189,7 +189,7 @@ def test_meter_split_over_two_processes_equals_one():
     assert r["num_classes_evaluated"] == c - 1
 
 
-def test_evaluate_classifier_matches_direct_and_restores_modes():
+def test_evaluate_classifier_matches_direct_and_restores_modes(capsys):
     images, labels = toy_images(11)
     model = toy_classifier()
     model.train()
@@ -203,16 +203,21 @@ def test_evaluate_classifier_matches_direct_and_restores_modes():
         ref.update(model(images), labels)
     assert r == ref.compute()
     assert r["num_samples"] == 11
+    # A progress bar while it runs, as the COCO and ADE20K evaluations show (issue 23, 9b).
+    assert "evaluating" in capsys.readouterr().err
+    evaluate_classifier(model, loader, "cpu", 3, desc=None)
+    assert "evaluating" not in capsys.readouterr().err  # desc=None: no bar (log lines of other handlers may appear)
 
 
 # ---------------------------------------------------------------------- feature extraction
-def test_extract_features_orders_by_index_and_restores_modes():
+def test_extract_features_orders_by_index_and_restores_modes(capsys):
     images, labels = toy_images(9)
     vit = toy_vit()
     vit.train()
     order = [4, 8, 0, 2, 7, 1, 3, 6, 5]
     loader = DataLoader(DictDataset(images, labels), batch_size=4, sampler=PermutedSampler(order))
     f, y, idx = extract_features(vit, loader, "cpu")
+    assert "extracting features" in capsys.readouterr().err  # the progress bar of a k-NN run's extraction
     assert vit.training
     assert idx.tolist() == list(range(9))
     assert torch.equal(y, labels)
@@ -227,6 +232,18 @@ def test_extract_features_orders_by_index_and_restores_modes():
     f2, _, idx2 = extract_features(vit, loader, "cpu", feature_fn=lambda m, x: m.forward_features(x)[:, 0])
     assert idx2.tolist() == list(range(9))
     torch.testing.assert_close(f2, ref, rtol=1e-5, atol=1e-6)  # token pooling == class token
+
+
+def test_knn_on_the_toy_data_defaults_to_the_micro_vit_of_the_other_toy_runs():
+    from mae_transfer.classification.config import build_config
+    from mae_transfer.classification.frozen import frozen_model
+
+    toy = build_config("toy_finetune").model
+    assert frozen_model({}, None, None, toy=True) == (toy.name, toy.img_size) == ("vit_micro_patch8", 64)
+    assert frozen_model({}, None, 96, toy=True) == ("vit_micro_patch8", 96)
+    assert frozen_model({}, None, None, toy=False) == ("vit_base_patch16", 224)  # real data: the paper's ViT-B
+    assert frozen_model({"name": "vit_large_patch16", "img_size": 224}, None, None, toy=True) == ("vit_large_patch16", 224)
+    assert frozen_model({}, "vit_small_patch16", None, toy=True) == ("vit_small_patch16", 224)
 
 
 # ---------------------------------------------------------------------- k-NN

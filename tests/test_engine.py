@@ -339,3 +339,101 @@ def test_evaluation_states_go_to_the_main_process_only(tmp_path):
     assert r0["everywhere"] == r1["everywhere"] == {"parts": [[0], [10, 11]]}
     assert r0["failure"] == "ValueError: no ground truth"
     assert r1["failure"] == "RuntimeError: evaluation failed on the main process (rank 0): ValueError: no ground truth"
+
+
+# ---------------------------------------------------------------- issue 23 (items 8 and 9): engine
+def test_the_loss_window_cut_by_a_stop_goes_on_after_resume(tmp_path, caplog):
+    import json
+
+    caplog.set_level("INFO", logger="mae_transfer")
+    run(tmp_path / "full", epochs=2, log_every=4)
+    assert "saved checkpoint at step 6 (end of epoch 1)" in caplog.text  # 1-based, as the bar and the logs
+    run(tmp_path / "part", epochs=2, log_every=4, max_steps=9)  # stops 1 step into the third 4-step window
+    assert "saved checkpoint at step 9 (epoch 2, step 3 of 6)" in caplog.text and "(epoch 1)" not in caplog.text
+    state = torch.load(tmp_path / "part" / "checkpoint-last.pth", weights_only=False)
+    assert state["epoch"] == 1 and state["loss_window"]["count"] == 2  # checkpoint fields keep their meaning
+    run(tmp_path / "part", epochs=2, log_every=4)
+
+    def smoothed(d):
+        return [(r["step"], r["loss"]) for r in map(json.loads, (d / "train.jsonl").read_text().splitlines())]
+
+    full, part = smoothed(tmp_path / "full"), smoothed(tmp_path / "part")
+    assert [s for s, _ in part] == [s for s, _ in full] == [4, 8, 12]  # no stray row at the stop
+    assert [v for _, v in part] == pytest.approx([v for _, v in full], abs=1e-6)
+    csv_steps = [line.split(",")[0] for line in (tmp_path / "part" / "train.csv").read_text().splitlines()[1:]]
+    assert csv_steps == ["4", "8", "12"]
+
+
+def test_warmup_longer_than_the_run_and_a_changed_schedule_on_resume_are_said(tmp_path, caplog):
+    caplog.set_level("INFO", logger="mae_transfer")
+    run(tmp_path / "short", epochs=1, max_steps=1)  # warmup_epochs=1 of run(): as long as the whole run
+    assert "the warmup (6 steps, optim.warmup_epochs 1) is not shorter than the run (6 steps, train.epochs 1)" in caplog.text
+    assert "never reaches its peak" in caplog.text
+    caplog.clear()
+    run(tmp_path / "r", max_steps=2)
+    assert "the warmup" not in caplog.text and "another schedule" not in caplog.text
+    run(tmp_path / "r", epochs=8, max_steps=3)
+    lines = [r.getMessage() for r in caplog.records if "another schedule" in r.getMessage()]
+    assert len(lines) == 1 and "train.epochs 4 -> 8 (24 -> 48 steps)" in lines[0] and "from step 2 on" in lines[0]
+
+
+def test_progress_bars_are_finished_before_an_error_or_a_log_line(tmp_path, capsys):
+    import logging
+    import re
+    import sys
+
+    from tqdm.auto import tqdm
+
+    from mae_transfer.engine.logger import close_progress_bars, setup_logging
+
+    class Failing(Regression):
+        calls = 0
+
+        def training_step(self, model, batch, device):
+            Failing.calls += 1
+            if Failing.calls > 6:
+                raise ValueError("boom")
+            return super().training_step(model, batch, device)
+
+    setup_logging(0)  # the console handler writes to this test's (captured) stderr
+    try:
+        with pytest.raises(ValueError, match="boom"):
+            run(tmp_path, task=Failing(), progress=True, log_every=100)
+        err = capsys.readouterr().err
+        assert "step/s" in err and err.endswith("\n")  # the training bar's line is finished
+        bar = tqdm(total=10, desc="evaluating", file=sys.stderr)  # a live bar (as an evaluation's)
+        bar.update(3)
+        logging.getLogger("mae_transfer.test").warning("a line while a bar is live")
+        close_progress_bars()  # what the CLI does before its error message
+        err = capsys.readouterr().err
+        assert re.search(r"\r\d\d:\d\d:\d\d W mae_transfer\.test: a line while a bar is live\n", err), repr(err)
+        assert err.endswith("\n") and bar.disable  # closed
+    finally:
+        setup_logging(0)
+
+
+def test_files_written_in_place_never_follow_a_planted_link(tmp_path):
+    from mae_transfer.engine.locks import FileLock
+    from mae_transfer.engine.logger import setup_logging
+    from mae_transfer.evaluation.store import ResultStore
+    from mae_transfer.engine.results import ResultRow
+    from mae_transfer.io import OutputPathError, atomic_write_text
+
+    outside = tmp_path / "outside.txt"
+    outside.write_text("precious\n")
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    for name in ("train.csv", "log.txt", "results.jsonl", ".lock", "config.yaml"):
+        (run_dir / name).symlink_to(outside)
+    with pytest.raises(OutputPathError, match="train.csv is a symbolic link"):
+        run(run_dir, max_steps=1)
+    with pytest.raises(OutputPathError, match="log.txt is a symbolic link"):
+        setup_logging(0, run_dir / "log.txt")
+    setup_logging(0)
+    with pytest.raises(OutputPathError, match="results.jsonl is a symbolic link"):
+        ResultStore(run_dir).append([ResultRow(task="knn", metric="top1", value=1.0)])
+    with pytest.raises(OutputPathError, match=r"\.lock is a symbolic link"):
+        FileLock(run_dir / ".lock").acquire()
+    atomic_write_text(run_dir / "config.yaml", "new\n")  # a whole-file write replaces the link itself
+    assert not (run_dir / "config.yaml").is_symlink() and (run_dir / "config.yaml").read_text() == "new\n"
+    assert outside.read_text() == "precious\n"

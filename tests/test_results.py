@@ -66,3 +66,40 @@ def test_a_run_writes_and_reads_the_same_rows(tmp_path):
     assert [r.replace(model=None, git_commit=None, versions=None, hardware=None, date=None) for r in back] == rows
     assert back[0].model == "vit_micro_patch8" and back[0].versions["torch"] and back[0].hardware and back[0].date
     assert read_run_results(tmp_path / "nothing") == []
+
+
+def test_rows_on_other_data_in_a_benchmark_layout_name_it(tmp_path):
+    # Issue 23, 9a: an 11-class dataset in the ADE layout is not "ade20k" (nor COCO-layout data with
+    # other categories "coco", nor a 10-class ImageFolder ImageNet).
+    from types import SimpleNamespace
+
+    from mae_transfer.classification.config import build_config as cls_config
+    from mae_transfer.classification.task import write_result_rows
+    from mae_transfer.detection.config import build_config as det_config
+    from mae_transfer.detection.task import DetectionTask
+    from mae_transfer.segmentation.config import build_config as seg_config
+    from mae_transfer.segmentation.task import SegmentationTask
+
+    def dataset_of(out):
+        return {r.dataset for r in read_run_results(out)}
+
+    seg = seg_config(None, {"data": {"path": str(tmp_path / "mydata"), "num_classes": 11}})
+    task = SimpleNamespace(cfg=seg, backbone_sha256=None, evaluated=None)
+    SegmentationTask.write_results(task, tmp_path / "seg", {"mIoU": 0.5, "mAcc": 0.6, "aAcc": 0.7}, 3)
+    assert dataset_of(tmp_path / "seg") == {"ade20k-layout:mydata (11 classes)"}
+    seg.data.num_classes = 150
+    SegmentationTask.write_results(task, tmp_path / "seg", {"mIoU": 0.5}, 3)
+    assert dataset_of(tmp_path / "seg") == {"ade20k"}
+
+    det = det_config(None, {"data": {"path": str(tmp_path / "shapes")}})
+    task = SimpleNamespace(cfg=det, backbone_sha256=None, evaluated=None, num_classes=3)
+    DetectionTask.write_results(task, tmp_path / "det", {"bbox": {"AP": 1.0}, "segm": {"AP": 2.0}}, 3)
+    assert dataset_of(tmp_path / "det") == {"coco-layout:shapes (3 categories)"}
+
+    cls = cls_config("toy_finetune", {"data": {"path": str(tmp_path / "tiny")}})
+    metrics = {"top1": 1.0, "top5": 2.0, "mean_per_class": 3.0}
+    write_result_rows(tmp_path / "cls", cls, metrics, 1.0, None, 3, num_classes=10)
+    assert dataset_of(tmp_path / "cls") == {"imagefolder:tiny (10 classes)"}
+    cls.data.path = None
+    write_result_rows(tmp_path / "cls", cls, metrics, 1.0, None, 3, num_classes=10)
+    assert dataset_of(tmp_path / "cls") == {"imagefolder (toy)"}

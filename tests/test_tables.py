@@ -8,6 +8,7 @@ import io
 import re
 import shutil
 import subprocess
+from pathlib import Path
 
 import pytest
 
@@ -127,16 +128,20 @@ def test_explicit_and_no_baseline(toy_rows):
         build_tables(toy_rows, baseline="nope")
 
 
-def test_bold_best_per_block_with_ties(toy_rows):
+def test_bold_is_our_best_per_column_never_a_paper_row(toy_rows):
+    # README: "the best of your backbones in each column is in bold"; the paper's rows are
+    # reference numbers, not compared (here the paper's 50.3 APbox beats our 31.2, and ours is bold).
     coco = table(build_tables(toy_rows), "coco")
     mae, rnd = coco.blocks["ours"]
     assert mae.cells[0].bold and not rnd.cells[0].bold
     assert mae.cells[1].bold and rnd.cells[1].bold  # 20.0 == 20.0: both bold
-    paper = {r.label: r for r in coco.blocks["paper"]}
-    assert paper["MAE (paper)"].cells[0].bold and not paper["BEiT (paper)"].cells[0].bold
+    assert not any(c.bold for r in coco.blocks["paper"] for c in r.cells)
     md = to_markdown(coco)
     assert "| **20.0** |" in md_row(md, "random init") and "| 12.5 |" in md_row(md, "random init")
-    assert r"\textbf{50.3}" in to_latex(coco)
+    assert "| **31.2** (+18.8) |" in md_row(md, "mae") and "**50.3**" not in md
+    assert r"\textbf{31.2}" in to_latex(coco) and r"\textbf{50.3}" not in to_latex(coco)
+    readme = " ".join((Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8").split())
+    assert "in each column the best of your backbones is in bold (the paper's rows are reference numbers: never bold" in readme
 
 
 def test_failed_and_missing(toy_rows):
@@ -286,3 +291,24 @@ def test_latex_document_compiles(toy_rows, tmp_path):
                               cwd=tmp_path, capture_output=True, text=True, timeout=120)
         assert proc.returncode == 0, proc.stdout[-3000:]
         assert (tmp_path / f"{name}.pdf").stat().st_size > 0
+
+
+def test_other_data_in_a_benchmark_layout_gets_its_own_table_without_paper_rows(real_rows):
+    from mae_transfer.engine.results import dataset_name, is_custom_dataset
+
+    name = dataset_name("ade20k", "/data/mydata", 11)
+    assert name == "ade20k-layout:mydata (11 classes)" and is_custom_dataset(name)
+    assert dataset_name("ade20k", "/data/ADEChallengeData2016", 150) == "ade20k"
+    assert dataset_name("ade20k", None, 11) == "ade20k (toy)"
+    assert dataset_name("coco", "/d/shapes", 3, "categories") == "coco-layout:shapes (3 categories)"
+    assert dataset_name("imagefolder", "/d/in100", 100) == "imagefolder:in100 (100 classes)"
+    rows = real_rows + [row("mae-800ep", "ade20k", "upernet_ss", "mIoU", 71.0, name, "vit_base_patch16")]
+    tables = build_tables(rows)
+    ade = table(tables, "ade20k")  # the benchmark's table: the ADE20K-150 row beside the paper's
+    assert [r.cells[0].value for r in ade.blocks["ours"]] == [47.0] and ade.blocks["paper"]
+    own = table(tables, "ade20k_ade20k_layout_mydata_11_classes")
+    assert set(own.blocks) == {"ours"} and [r.cells[0].value for r in own.blocks["ours"]] == [71.0]
+    assert own.title == "ADE20K semantic segmentation (UperNet), on ade20k-layout:mydata (11 classes)"
+    md = to_markdown(own)
+    assert "(paper)" not in md and "not the benchmark's dataset" in md and "| ade20k-layout:mydata (11 classes) |" in md
+    assert "Table 5" not in md and "(paper)" not in to_csv(own)

@@ -27,7 +27,7 @@ from typing import Any, Mapping
 import torch
 
 from mae_transfer.checkpoint.checks import VIT_BLOCK_PARAMS, check_dtypes, require, required_names
-from mae_transfer.checkpoint.io import CheckpointError, atomic_save, load_safely
+from mae_transfer.checkpoint.io import CheckpointError, atomic_save, check_read_back, load_safely
 
 log = logging.getLogger(__name__)
 
@@ -258,8 +258,7 @@ def save_vitdet(state_dict: Mapping[str, torch.Tensor], path: str | os.PathLike,
     path = atomic_save({"model": sd, "iteration": int(iteration)}, path)
     back = load_safely(path, "exported file")["model"]
     require(back, required_keys(sd), f"{path}: the file read back is not a complete ViTDet Mask R-CNN")
-    if list(back) != list(sd) or any(not torch.equal(back[k], sd[k]) for k in sd):
-        raise CheckpointError(f"{path}: the file read back differs from what was written")
+    check_read_back(sd, back, path)
     return path
 
 

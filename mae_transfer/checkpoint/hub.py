@@ -50,11 +50,15 @@ def _download(repo: str, filename: str | None, source: str) -> Path:
             return Path(hub.snapshot_download(repo, allow_patterns=["*.json", *WEIGHT_FILES], **opts))
         return Path(hub.hf_hub_download(repo, filename, **opts))
     except Exception as e:  # huggingface_hub raises many types (offline, not found, no network)
-        where = "not in the local cache" if opts["local_files_only"] else "could not be downloaded"
+        name = f"{repo}/{filename}" if filename else repo
+        if opts["local_files_only"]:
+            problem = f"is not in the local cache {_cache_dir()}, and HF_HUB_OFFLINE is set ({type(e).__name__})"
+            todo = "Download it once where the Hub is reachable"
+        else:
+            problem = f"could not be downloaded ({type(e).__name__}; the cache is {_cache_dir()})"
+            todo = "Check the name and the network, or download it once where the Hub is reachable"
         raise CheckpointError(
-            f"{source}: {repo}{'/' + filename if filename else ''} is {where} ({type(e).__name__}); the cache is "
-            f"{_cache_dir()}. Download it once where the Hub is reachable (huggingface-cli download {repo}), "
-            "or pass a local file"
+            f"{source}: {name} {problem}. {todo} (huggingface-cli download {repo}), or pass a local file"
         ) from None
 
 

@@ -30,6 +30,42 @@ def atomic_save(obj: Any, path: str | os.PathLike) -> Path:
     return Path(path)
 
 
+_SAME_SIZE_INT = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def same_tensor(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether ``a`` and ``b`` are the same tensor bit for bit: dtype, shape and every element's bits.
+    Unlike ``torch.equal`` (where NaN != NaN), a NaN or inf read back from a file equals the one
+    written, so diverged weights are not mistaken for a bad write."""
+    if a.dtype != b.dtype or a.shape != b.shape:
+        return False
+    if torch.equal(a, b):
+        return True
+    if not (a.is_floating_point() or a.is_complex()):
+        return False
+    as_int = _SAME_SIZE_INT.get(a.element_size())
+    if as_int is None:  # complex128: compare the real and imaginary parts' bits
+        return same_tensor(torch.view_as_real(a), torch.view_as_real(b))
+    return torch.equal(a.contiguous().view(as_int), b.contiguous().view(as_int))
+
+
+def check_read_back(written: dict[str, torch.Tensor], back: Any, path: str | os.PathLike, ordered: bool = True) -> None:
+    """Raise :class:`CheckpointError` unless the tensors ``back`` (read from ``path``) are
+    ``written``, bit for bit (:func:`same_tensor`; with ``ordered`` in the same key order too).
+    Weights holding NaN or inf are written faithfully and only warned about: the training that made
+    them diverged, which the warning says instead of calling the file different."""
+    import logging
+
+    keys_ok = isinstance(back, dict) and (list(back) == list(written) if ordered else set(back) == set(written))
+    if not keys_ok or any(not same_tensor(back[k], written[k]) for k in written):
+        raise CheckpointError(f"{path}: the file read back differs from what was written")
+    bad = [k for k, v in written.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        logging.getLogger(__name__).warning(
+            "%s: %d tensors hold NaN or inf values (e.g. %s): the weights were written as they are, but the model "
+            "they come from diverged and is not usable", path, len(bad), ", ".join(bad[:3]))
+
+
 def save_model_folder(out_dir: str | os.PathLike, tensors: dict[str, torch.Tensor], config: dict, required: Iterable[str] = ()) -> Path:
     """A model folder as timm and Hugging Face keep them: ``model.safetensors`` and ``config.json``,
     each written atomically, then read back and compared (tensors bit for bit; the file must hold
@@ -49,8 +85,7 @@ def save_model_folder(out_dir: str | os.PathLike, tensors: dict[str, torch.Tenso
     atomic_write_json(out / "config.json", config)
     back = st_load(str(out / "model.safetensors"))
     require(back, required, f"{out / 'model.safetensors'}: the file read back is not a complete model")
-    if set(back) != set(tensors) or any(not torch.equal(back[k], tensors[k]) for k in tensors):
-        raise CheckpointError(f"{out / 'model.safetensors'}: the file read back differs from what was written")
+    check_read_back(tensors, back, out / "model.safetensors", ordered=False)
     if json.loads((out / "config.json").read_text()) != json.loads(json.dumps(config)):
         raise CheckpointError(f"{out / 'config.json'}: the file read back differs from what was written")
     return out

@@ -11,7 +11,7 @@ from typing import Any, Mapping
 import torch
 
 from mae_transfer.checkpoint.formats import _strip_wrapper_prefixes, to_vit_state_dict
-from mae_transfer.checkpoint.io import CheckpointError, atomic_save, load_safely
+from mae_transfer.checkpoint.io import CheckpointError, atomic_save, check_read_back, load_safely
 from mae_transfer.checkpoint.checks import compact as _compact
 
 log = logging.getLogger(__name__)
@@ -55,6 +55,5 @@ def export_mae_encoder(model_or_state_dict: torch.nn.Module | Mapping[str, Any],
         log.info("export to %s leaves out %d non-encoder tensors: %s", path, len(dropped), ", ".join(_compact(dropped)))
     path = atomic_save({"model": encoder}, path)
     back = load_safely(path, "exported file")["model"]
-    if list(back) != list(encoder) or any(not torch.equal(back[k], encoder[k]) for k in encoder):
-        raise CheckpointError(f"{path}: the file read back differs from what was written")
+    check_read_back(encoder, back, path)
     return path

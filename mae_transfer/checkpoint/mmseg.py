@@ -20,7 +20,7 @@ from typing import Any, Mapping, Sequence
 import torch
 
 from mae_transfer.checkpoint.checks import VIT_BLOCK_PARAMS, check_dtypes, require, required_names
-from mae_transfer.checkpoint.io import CheckpointError, atomic_save, load_safely
+from mae_transfer.checkpoint.io import CheckpointError, atomic_save, check_read_back, load_safely
 
 _MM_LAYER = {
     "ln1": "norm1",
@@ -316,8 +316,7 @@ def save_mmseg(sd: Mapping[str, torch.Tensor], path: str | os.PathLike, class_na
     path = atomic_save({"meta": meta, "state_dict": state}, path)
     back = load_safely(path, "exported file")["state_dict"]
     require(back, required, f"{path}: the file read back is not a complete MAE-UperNet segmentor")
-    if list(back) != list(state) or any(not torch.equal(back[k], state[k]) for k in state):
-        raise CheckpointError(f"{path}: the file read back differs from what was written")
+    check_read_back(state, back, path)
     return path
 
 

@@ -18,6 +18,24 @@ def save_trained_model(model: torch.nn.Module, config: Any, path: str | os.PathL
     return atomic_save({"format": fmt, "model": model.state_dict(), "config": to_dict(config), **extra}, path)
 
 
+def trained_model_file(source: str | os.PathLike, expected: str) -> Path:
+    """The file ``--weights source`` names: a file as it is, a run directory's weights file
+    (:func:`.hub.weights_file`: its ``checkpoint-last.pth``), ``hf-hub:`` / ``timm:`` names from the
+    cache. A folder without such a file, and a path that does not exist, raise one
+    :class:`CheckpointError` saying which it is and what file is ``expected`` (e.g. "detector.pth or
+    checkpoint-last.pth of a coco run")."""
+    from mae_transfer.checkpoint.hub import weights_file
+
+    path = weights_file(source)
+    if path.is_dir():
+        found = sorted(p.name for p in path.iterdir() if p.suffix.lower() in (".pth", ".pt", ".pkl", ".bin", ".safetensors"))
+        holds = f" (it holds {', '.join(found[:4])}{' ...' if len(found) > 4 else ''})" if found else " (it holds no weights file)"
+        raise CheckpointError(f"--weights {source}: is a folder, not a weights file{holds}; give the file: {expected}")
+    if not path.is_file():
+        raise CheckpointError(f"--weights {source}: file not found; give {expected}")
+    return path
+
+
 def read_trained_model(
     path: str | os.PathLike, head_prefix: str, artifact: str, command: str, trust: bool = False
 ) -> tuple[dict, dict | None]:
@@ -28,11 +46,8 @@ def read_trained_model(
     ``--backbone``. Weights that are not floating point are refused (:func:`.checks.check_dtypes`);
     completeness is :func:`load_trained_model`'s (the model built from the saved config).
     """
-    from mae_transfer.checkpoint.hub import weights_file
-
-    path = weights_file(path)  # a path, a run directory, hf-hub:ORG/NAME or timm:ARCH.TAG
-    if not path.is_file():
-        raise CheckpointError(f"--weights {path}: file not found")
+    # a path, a run directory, hf-hub:ORG/NAME or timm:ARCH.TAG
+    path = trained_model_file(path, f"{artifact} or checkpoint-last.pth of a {command} run")
     state = load_file(path, map_location="cpu") if trust else load_safely(path, "--weights")
     if not isinstance(state, dict) or not isinstance(state.get("model"), dict):
         raise CheckpointError(f"--weights {path}: not a trained model (expected {artifact} or checkpoint-last.pth of a {command} run)")

@@ -8,9 +8,9 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 
-from mae_transfer.classification.config import ClassificationConfig, ModelConfig
+from mae_transfer.classification.config import ClassificationConfig, ModelConfig, build_config
 from mae_transfer.classification.task import eval_transform
-from mae_transfer.engine.results import ResultRow, write_run_results
+from mae_transfer.engine.results import ResultRow, dataset_name, write_run_results
 from mae_transfer.checkpoint.hub import weights_sha256
 from mae_transfer.models.vit import create_vit
 
@@ -20,6 +20,17 @@ log = logging.getLogger(__name__)
 def _cls_features(model, x):
     """Class token after the final norm: the feature of the official linear probe."""
     return model.forward_features(x)[:, 0]
+
+
+def frozen_model(inferred: dict, model: str | None, img_size: int | None, toy: bool) -> tuple[str, int]:
+    """The ViT (name, image size) whose features are evaluated: ``model`` / ``img_size`` when
+    given, else what the backbone checkpoint holds (``inferred``); without either, the paper's
+    ViT-B/16 at 224 px on real data, and on the toy data the micro ViT at 64 px of every other toy
+    run (the toy classification presets), not a ViT-B (minutes per split on a CPU)."""
+    if toy and not inferred and not model:
+        preset = build_config("toy_linprobe").model
+        return preset.name, img_size or preset.img_size
+    return model or inferred.get("name") or "vit_base_patch16", img_size or inferred.get("img_size") or 224
 
 
 def run_frozen_eval(
@@ -45,8 +56,7 @@ def run_frozen_eval(
     inferred = {}
     if backbone:
         inferred = infer_vit_config(to_vit_state_dict(read_checkpoint(backbone, trust=trust)))
-    name = model or inferred.get("name") or "vit_base_patch16"
-    size = img_size or inferred.get("img_size") or 224
+    name, size = frozen_model(inferred, model, img_size, toy=not data)
     cfg = ClassificationConfig(model=ModelConfig(name=name, img_size=size, global_pool="token"))
     cfg.data.dataset, cfg.data.path = dataset, data
     tf = eval_transform(cfg)
@@ -60,11 +70,11 @@ def run_frozen_eval(
         log.warning("NO --backbone: features of a RANDOMLY initialised ViT (the from-scratch baseline)")
     vit.to(dev).eval()
     loader = lambda ds: DataLoader(ds, batch_size=batch_size, num_workers=0 if dev.type == "cpu" else 8)  # noqa: E731
-    tr_f, tr_y, _ = extract_features(vit, loader(train), dev, feature_fn=_cls_features)
-    va_f, va_y, _ = extract_features(vit, loader(val), dev, feature_fn=_cls_features)
+    tr_f, tr_y, _ = extract_features(vit, loader(train), dev, feature_fn=_cls_features, desc="features of train")
+    va_f, va_y, _ = extract_features(vit, loader(val), dev, feature_fn=_cls_features, desc="features of val")
     results = knn_evaluate(tr_f, tr_y, va_f, va_y, num_classes, ks=ks)
     rows, lines = [], [f"{'evaluation':22s} {'top-1':>7s} {'top-5':>7s} {'mean/cls':>9s}"]
-    common = dict(task="knn", dataset=dataset if data else f"{dataset} (toy)", split="val",
+    common = dict(task="knn", dataset=dataset_name(dataset, data, num_classes), split="val",
                   backbone=backbone or "random init", backbone_sha256=weights_sha256(backbone) if backbone else None)
     for k, m in results.items():
         lines.append(f"{'k-NN k=' + str(k):22s} {m['top1']:7.2f} {m['top5']:7.2f} {m['mean_per_class']:9.2f}")

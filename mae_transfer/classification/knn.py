@@ -22,6 +22,7 @@ from torch.utils.data import DistributedSampler, SequentialSampler
 from mae_transfer.classification.metrics import ClassificationMeter, _autocast_context, _module_modes, _restore_modes
 from mae_transfer.engine.distributed import all_gather_rows, all_gather_tensors, comm_device
 from mae_transfer.engine.distributed import world as process_world
+from mae_transfer.engine.evaluator import progress
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +67,7 @@ def extract_features(
     feature_fn: FeatureFn | None = None,
     autocast: Callable[[], ContextManager] | None = None,
     gather_chunk_bytes: int = 256 << 20,
+    desc: str | None = "extracting features",
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Features of every sample of a dataset, in dataset-index order.
 
@@ -78,6 +80,7 @@ def extract_features(
         feature_fn: ``(model, images (B, 3, H, W)) -> (B, D)``; default :func:`default_feature_fn`.
         autocast: zero-argument callable returning the forward pass's autocast context.
         gather_chunk_bytes: device memory one all_gather step may use per rank (distributed only).
+        desc: the label of the main process's progress bar (None: no bar).
 
     Returns:
         features (N, D) float32, labels (N,) int64, indices (N,) int64, all on the CPU and sorted by
@@ -94,7 +97,7 @@ def extract_features(
     modes = _module_modes(model)
     model.eval()
     try:
-        for batch in loader:
+        for batch in progress(loader, desc, "batch", main=rank == 0):
             images = batch["image"]
             y = torch.as_tensor(batch["label"])
             b = images.shape[0]

@@ -21,7 +21,7 @@ from typing import Callable, ContextManager, Iterable
 import torch
 import torch.nn as nn
 
-from mae_transfer.engine.distributed import all_reduce_sum
+from mae_transfer.engine.distributed import all_reduce_sum, world
 from mae_transfer.engine.evaluator import DatasetEvaluator, run_evaluator
 
 log = logging.getLogger(__name__)
@@ -252,6 +252,7 @@ def evaluate_classifier(
     device: torch.device | str,
     num_classes: int,
     autocast: Callable[[], ContextManager] | None = None,
+    desc: str | None = "evaluating",
 ) -> dict[str, float | int]:
     """Top-1 / top-5 / mean-per-class accuracy (percent) of ``model`` over ``loader``.
 
@@ -264,6 +265,7 @@ def evaluate_classifier(
         num_classes: C.
         autocast: zero-argument callable returning a context manager for the forward pass (e.g.
             ``lambda: torch.autocast("cuda", dtype=torch.bfloat16)``); logits are scored in fp32.
+        desc: the label of the main process's progress bar (None: no bar).
 
     Returns:
         :meth:`ClassificationMeter.compute` after summing counts over all ranks (identical on every
@@ -279,8 +281,9 @@ def evaluate_classifier(
             return model(batch["image"].to(device, non_blocking=True))
 
     try:
-        # Every rank evaluates the summed counts: the result is the same everywhere.
-        return run_evaluator(evaluator, loader, predict, everywhere=True, desc=None)
+        # Every rank evaluates the summed counts: the result is the same everywhere. The main
+        # process shows a progress bar, as the dense tasks' evaluations do.
+        return run_evaluator(evaluator, loader, predict, main=world()[0] == 0, everywhere=True, desc=desc)
     finally:
         _restore_modes(modes)
 

@@ -14,7 +14,7 @@ from mae_transfer.checkpoint import class_count_hint, init_backbone, load_traine
 from mae_transfer.classification.config import ClassificationConfig
 from mae_transfer.config import to_dict
 from mae_transfer.engine.optim import param_groups
-from mae_transfer.engine.results import ResultRow, row_identity, write_run_results
+from mae_transfer.engine.results import ResultRow, dataset_name, row_identity, write_run_results
 from mae_transfer.engine.trainer import EvalContext, OptimConfig, Trainer, TrainTask
 from mae_transfer.models.vit import VisionTransformer, create_vit
 
@@ -201,7 +201,8 @@ class ClassificationTask(TrainTask):
     def publish(self, model: nn.Module, ctx: EvalContext, metrics: dict, step: int) -> None:
         # --eval-only: the best top-1 of this evaluation is its top-1.
         self.best_top1 = max(self.best_top1, metrics["top1"])
-        write_result_rows(ctx.output_dir, self.cfg, metrics, self.best_top1, self.backbone_sha256, step, self.evaluated)
+        write_result_rows(ctx.output_dir, self.cfg, metrics, self.best_top1, self.backbone_sha256, step, self.evaluated,
+                          num_classes=self.num_classes)
 
     def on_epoch_end(self, trainer: Trainer, epoch: int) -> None:
         every = self.cfg.eval_every_epochs
@@ -219,7 +220,7 @@ class ClassificationTask(TrainTask):
         if trainer.dist.is_main:
             save_classifier(trainer.unwrapped, self.cfg, trainer.output_dir / "classifier.pth", trainer.step)
             write_result_rows(trainer.output_dir, self.cfg, self.last_eval, self.best_top1, self.backbone_sha256, trainer.step,
-                              self.evaluated)
+                              self.evaluated, num_classes=self.num_classes)
 
 
 CLASSIFIER_FORMAT = "mae_transfer.classifier"
@@ -251,11 +252,12 @@ def benchmark_task(dataset: str, protocol: str) -> str:
 
 
 def write_result_rows(out_dir: Path, cfg: ClassificationConfig, metrics: dict, best_top1: float, backbone_sha: str | None, step: int,
-                      evaluated: dict | None = None) -> Path:
-    """One row per metric in ``results.jsonl`` (rewritten whole, atomically) for the runner and the tables."""
+                      evaluated: dict | None = None, num_classes: int | None = None) -> Path:
+    """One row per metric in ``results.jsonl`` (rewritten whole, atomically) for the runner and the tables
+    (``num_classes``: of the data evaluated, which names other data than the benchmark's, :func:`dataset_name`)."""
     common = dict(
         task=benchmark_task(cfg.data.dataset, cfg.protocol),
-        dataset=cfg.data.dataset if cfg.data.path else f"{cfg.data.dataset} (toy)",
+        dataset=dataset_name(cfg.data.dataset, cfg.data.path, num_classes),
         split="val", protocol=cfg.protocol, step=step,
         **row_identity(cfg, backbone_sha, ("data", "trust_checkpoint"), evaluated),
     )

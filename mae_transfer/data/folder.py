@@ -97,6 +97,41 @@ def load_rgb(path: str | os.PathLike) -> Image.Image:
         return _to_rgb(image)
 
 
+UP_FRONT_CHECK_MAX = 10_000
+"""Evaluation splits of at most this many samples are decode-checked before training starts (COCO
+val2017: 5,000 images, ADE20K validation: 2,000), so that a bad file stops a run before its training
+rather than at its final evaluation; larger ones are read as they are evaluated (``mae-transfer
+check-data --task TASK --full`` checks them beforehand)."""
+
+
+def decode_check(path: str | os.PathLike) -> tuple[int, int]:
+    """Read the image at ``path`` through to its last byte without keeping it, and return its
+    ``(width, height)``; raises what a full decode raises for a truncated or undecodable file.
+
+    JPEGs are decoded at 1/8 scale (``Image.draft``): libjpeg still reads every entropy-coded block,
+    so a broken file fails here as in :func:`load_rgb`, in about half the time (about 3 ms for a
+    640 x 480 COCO image on one core, against 6 ms); other formats are decoded fully. A header
+    check alone (``Image.verify``) misses a JPEG cut off in the middle."""
+    with Image.open(path) as image:
+        size = image.size
+        if image.format == "JPEG":
+            image.draft(image.mode, (max(1, size[0] // 8), max(1, size[1] // 8)))
+        image.load()
+        return size
+
+
+def find_problems(check: Callable[[int], str | None], indices: Sequence[int], threads: int = 1) -> list[tuple[int, str]]:
+    """``[(index, problem), ...]`` of the ``indices`` whose ``check(index)`` names a problem, in
+    ``indices`` order; ``threads`` run the checks side by side (image decoding releases the GIL)."""
+    if threads <= 1 or len(indices) < 2:
+        found = ((i, check(i)) for i in indices)
+        return [(i, why) for i, why in found if why]
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=threads) as pool:
+        return [(i, why) for i, why in zip(indices, pool.map(check, indices)) if why]
+
+
 def _seed_all(seed: int) -> None:
     # Only the CPU generator: torch.manual_seed would also reseed CUDA generators, which
     # fork_rng(devices=[]) does not restore, and so disturb the training loop's GPU RNG.
@@ -303,8 +338,9 @@ class ImageFolderDataset(Dataset):
             examples = ", ".join(self.corrupt_files[:3])
             raise DataError(
                 f"{count} of the {n} images in {self.folder} are corrupt or unreadable, more than the allowed "
-                f"{self.max_corrupt_fraction:.0%} (e.g. {examples}); re-copy or remove the bad files, "
-                f"or raise max_corrupt_fraction"
+                f"{self.max_corrupt_fraction:.0%} (e.g. {examples}); re-copy or remove the bad files "
+                f"(`mae-transfer check-data --task TASK --data DIR --full` lists them), or for pretraining allow more with "
+                f"data.max_corrupt_fraction=<fraction>"
             )
 
     def _load_readable(self, index: int) -> tuple[Image.Image, int]:

@@ -30,7 +30,7 @@ from pycocotools.cocoeval import COCOeval
 from torch.utils.data import Dataset
 
 from mae_transfer.data.errors import DataError
-from mae_transfer.data.folder import load_rgb
+from mae_transfer.data.folder import find_problems, load_rgb
 from mae_transfer.data.index import PackedStrings, absent_files, cached_index, read_json, release_memory
 from mae_transfer.detection.masks import decode_rle, paste_masks_rle
 from mae_transfer.engine.evaluator import DatasetEvaluator
@@ -329,7 +329,10 @@ def _read_instances(path: Path) -> dict:
         dataset = read_json(path)
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise DataError(f"{path}: not a readable JSON file ({exc})") from exc
-    missing = [k for k in ("images", "annotations", "categories") if not isinstance(dataset, dict) or k not in dataset]
+    if not isinstance(dataset, dict):
+        raise DataError(f"{path}: not a COCO instances file (the top level is a JSON {type(dataset).__name__}, not an object "
+                        "with images, annotations and categories)")
+    missing = [k for k in ("images", "annotations", "categories") if k not in dataset]
     if missing:
         raise DataError(f"{path}: not a COCO instances file (missing keys: {', '.join(missing)})")
     for key in ("images", "annotations", "categories"):
@@ -360,10 +363,19 @@ class CocoDetection(Dataset):
             where COCOeval needs every image; False for training, where they carry no signal).
         min_box_size: boxes narrower or lower than this (pixels, after clipping to the image)
             are dropped.
-        skip_bad: count and skip annotations with unknown category ids and images whose file is
-            missing (with a warning) instead of raising ``DataError``.
+        skip_bad: count and skip annotations with unknown category ids, images whose file is
+            missing and images that cannot be decoded or whose size differs from the annotation
+            (with a warning) instead of raising ``DataError`` (the command line's ``--skip-bad``).
         check_files: look for image files that the annotations list but the folder lacks (one
             directory listing, no ``stat`` per image); False trusts the annotation file.
+        unreadable: with ``skip_bad``, what an item whose image turns out unreadable when it is
+            read becomes: ``"replace"`` (training): the next readable image (cyclically, the same
+            for any process) with its own target; ``"drop"`` (evaluation): a black image of the
+            annotated size whose target has ``unreadable = True``, which :class:`COCOEvaluator`
+            leaves out of the evaluation. Either way the file is counted once
+            (``num_unreadable_images``, shared by the DataLoader workers) and warned about once.
+            Nothing is decoded in ``__init__``; :meth:`find_unreadable` and :meth:`leave_out` check
+            a split up front.
 
     Memory: the annotations are parsed once into flat arrays (:mod:`mae_transfer.data.index`:
     boxes, labels, polygon coordinates, RLE strings, file names), cached on disk beside other
@@ -383,7 +395,8 @@ class CocoDetection(Dataset):
     ``label_to_cat_id``, ``cat_id_to_label``, ``class_names`` (index = label),
     ``coco`` (the pycocotools COCO object, the ground truth for ``evaluate_coco``; built on first
     use), ``image_ids``, ``num_skipped_annotations``, ``skipped_reasons`` (Counter),
-    ``num_missing_images``, ``index_info`` (how the index was obtained, and how long it took).
+    ``num_missing_images``, ``num_unreadable_images`` and ``unreadable_files`` (so far, in any
+    process), ``index_info`` (how the index was obtained, and how long it took).
     """
 
     def __init__(
@@ -398,7 +411,10 @@ class CocoDetection(Dataset):
         min_box_size: float = 1.0,
         skip_bad: bool = False,
         check_files: bool = True,
+        unreadable: str = "replace",
     ):
+        if unreadable not in ("replace", "drop"):
+            raise ValueError(f"unreadable must be 'replace' or 'drop' (got {unreadable!r})")
         if images_dir is None or annotation_file is None:
             if root is None:
                 raise ValueError("give root (with split) or both images_dir and annotation_file")
@@ -413,6 +429,7 @@ class CocoDetection(Dataset):
         self.keep_empty = keep_empty
         self.min_box_size = float(min_box_size)
         self.skip_bad = skip_bad
+        self.unreadable = unreadable
         self._coco: COCO | None = None
 
         if not self.annotation_file.is_file():
@@ -441,6 +458,9 @@ class CocoDetection(Dataset):
         self._check_categories(meta)
         self._positions = self._index_images(check_files)
         self._image_ids: list[int] | None = None
+        # One flag an image, in shared memory: the DataLoader workers (forked or spawned) mark the
+        # files they cannot read, so the main process counts each once (see data.folder).
+        self._unreadable = torch.zeros(len(arrays["img_ids"]), dtype=torch.uint8).share_memory_()
 
     # ------------------------------------------------------------------------------- loading
 
@@ -474,7 +494,7 @@ class CocoDetection(Dataset):
             more = f" (and {count - _MAX_NAMED} more)" if count > _MAX_NAMED else ""
             raise DataError(
                 f"{self.annotation_file}: {count} annotation(s) refer to categories or images the file "
-                f"does not define: {named}{more}. Fix the file or pass skip_bad=True to skip them."
+                f"does not define: {named}{more}. Fix the file, or pass --skip-bad (data.skip_bad=true) to skip them."
             )
         for why, n in meta["bad_kinds"].items():
             self._skip(why, int(n))
@@ -498,7 +518,7 @@ class CocoDetection(Dataset):
             if not self.skip_bad:
                 raise DataError(
                     f"{self.annotation_file}: {len(missing)} image file(s) listed in the annotations are missing "
-                    f"from {self.images_dir}: {named}{more}. Restore them or pass skip_bad=True to skip them."
+                    f"from {self.images_dir}: {named}{more}. Restore them, or pass --skip-bad (data.skip_bad=true) to skip them."
                 )
             log.warning("%s: skipped %d missing image file(s): %s%s", self.annotation_file, len(missing), named, more)
         # Malformed annotations of images that are served (those of missing images are not looked at).
@@ -575,20 +595,107 @@ class CocoDetection(Dataset):
             "orig_size": torch.tensor([height, width], dtype=torch.int64),
         }
 
+    # ------------------------------------------------------------------------------- unreadable images
+
+    @property
+    def num_unreadable_images(self) -> int:
+        """How many distinct image files were found unreadable so far (up front or when read), in any process."""
+        return int(self._unreadable.sum())
+
+    num_corrupt = num_unreadable_images  # the name the training loop's epoch summary reads
+
+    @property
+    def unreadable_files(self) -> list[Path]:
+        """The image files found unreadable so far, in any process."""
+        return [self.images_dir / self._files[int(j)] for j in torch.nonzero(self._unreadable).flatten().tolist()]
+
+    def _size_problem(self, pos: int, size: tuple[int, int]) -> str | None:
+        # Boxes and masks are in the annotated frame; a different size would misplace them.
+        width, height = int(self._a["img_w"][pos]), int(self._a["img_h"][pos])
+        if tuple(size) != (width, height):
+            return f"image is {size[0]}x{size[1]} but {self.annotation_file} says {width}x{height}"
+        return None
+
+    def _bad_image_error(self, problems: list[tuple[Path, str]], count: int) -> DataError:
+        named = "; ".join(f"{path}: {why}" for path, why in problems[:_MAX_NAMED])
+        more = f" (and {count - _MAX_NAMED} more)" if count > _MAX_NAMED else ""
+        return DataError(
+            f"{named}{more}. Replace the file{'s' if count > 1 else ''}, or pass --skip-bad (data.skip_bad=true) to leave "
+            f"unreadable images out; `mae-transfer check-data --task coco --data {self.images_dir.parent} --full` lists every "
+            "bad file"
+        )
+
+    def _mark_unreadable(self, pos: int, path: Path, why: str) -> None:
+        if not self._unreadable[pos]:
+            self._unreadable[pos] = 1
+            log.warning("%s: %s; skipped (--skip-bad)", path, why)
+
+    def find_unreadable(self, rank: int = 0, world_size: int = 1, threads: int = 1) -> list[tuple[int, str]]:
+        """``[(position, problem), ...]`` of the served images ``rank::world_size`` that cannot be
+        decoded (:func:`~mae_transfer.data.folder.decode_check`: every byte read, JPEGs at 1/8
+        scale) or whose size differs from the annotation; nothing is changed (see :meth:`leave_out`).
+        ``position`` indexes the index's image arrays. About 3 ms an image and thread."""
+        from mae_transfer.data.folder import decode_check
+
+        def check(pos: int) -> str | None:
+            try:
+                size = decode_check(self.images_dir / self._files[pos])
+            except Exception as exc:  # noqa: BLE001 - any decoder failure means "unreadable file"
+                return f"cannot decode image ({type(exc).__name__}: {exc})"
+            return self._size_problem(pos, size)
+
+        positions = [int(p) for p in self._positions[rank::world_size]]
+        return find_problems(check, positions, threads)
+
+    def leave_out(self, problems: Sequence[tuple[int, str]]) -> None:
+        """Act on :meth:`find_unreadable`'s ``problems``: one :class:`DataError` naming them, or with
+        ``skip_bad`` stop serving those images (and evaluating them), counted and warned about."""
+        if not problems:
+            return
+        named = [(self.images_dir / self._files[int(pos)], why) for pos, why in problems]
+        if not self.skip_bad:
+            raise self._bad_image_error(named, len(problems))
+        for (pos, why), (path, _) in zip(problems, named):
+            self._mark_unreadable(int(pos), path, why)
+        self._positions = self._positions[~np.isin(self._positions, [int(pos) for pos, _ in problems])]
+        self._image_ids = None
+        if not len(self._positions):
+            raise DataError(f"{self.annotation_file}: no usable images in {self.images_dir}")
+        log.warning("%s: left out %d unreadable image(s) of %s (--skip-bad)", self.annotation_file, len(problems), self.images_dir)
+
+    def _load_image(self, index: int) -> tuple[Any, int]:
+        """The RGB image of item ``index``, or with ``skip_bad`` of the item that replaces it
+        (``unreadable="replace"``) or None (``"drop"``); and the index of the item read."""
+        n = len(self._positions)
+        for step in range(n if self.skip_bad and self.unreadable == "replace" else 1):
+            i = (index + step) % n
+            pos = self._position(i)
+            path = self.images_dir / self._files[pos]
+            if not self._unreadable[pos]:
+                try:
+                    pil = load_rgb(path)
+                    why = self._size_problem(pos, pil.size)
+                except Exception as exc:  # noqa: BLE001 - any decoder failure means "unreadable file"
+                    why = f"cannot decode image ({type(exc).__name__}: {exc})"
+                if why is None:
+                    return pil, i
+                if not self.skip_bad:
+                    raise self._bad_image_error([(path, why)], 1) from None
+                self._mark_unreadable(pos, path, why)
+            if self.unreadable == "drop":
+                return None, i
+        raise DataError(f"none of the {n} images of {self.images_dir} can be read; re-copy the dataset")
+
     def __getitem__(self, index: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        index = range(len(self._positions))[index]
+        pil, index = self._load_image(index)
         target = self.load_target(index)
-        height, width = (int(v) for v in target["orig_size"])
-        path = self.image_path(index)
-        try:
-            pil = load_rgb(path)
-        except (OSError, ValueError) as exc:
-            raise DataError(f"{path}: cannot decode image ({exc})") from exc
-        if pil.size != (width, height):
-            # Boxes and masks are in the annotated frame; a different size would misplace them.
-            raise DataError(
-                f"{path}: image is {pil.size[0]}x{pil.size[1]} but {self.annotation_file} says {width}x{height}"
-            )
-        image = torch.from_numpy(np.asarray(pil, dtype=np.uint8).copy()).permute(2, 0, 1).contiguous()
+        if pil is None:  # unreadable="drop": a placeholder the evaluator leaves out
+            height, width = (int(v) for v in target["orig_size"])
+            image = torch.zeros(3, height, width, dtype=torch.uint8)
+            target["unreadable"] = True
+        else:
+            image = torch.from_numpy(np.asarray(pil, dtype=np.uint8).copy()).permute(2, 0, 1).contiguous()
         if self.transforms is not None:
             image, target = self.transforms(image, target)
         return image, target
@@ -956,7 +1063,11 @@ class COCOEvaluator(DatasetEvaluator):
     ``evaluate`` runs COCOeval once. ``results``: the merged results (after ``merge``).
 
     ``backend``: ``"pycocotools"``, ``"faster"`` or ``"auto"`` (:func:`resolve_eval_backend`);
-    ``backend_name`` is the one used."""
+    ``backend_name`` is the one used.
+
+    Images whose target says ``unreadable`` (``CocoDetection(skip_bad=True, unreadable="drop")``)
+    are left out of the evaluation: their detections are not kept and COCOeval does not count
+    their ground truth; ``dropped_image_ids`` lists them (all processes' after ``merge``)."""
 
     def __init__(self, dataset: "CocoDetection", backend: str = "pycocotools"):
         self.dataset = dataset
@@ -967,6 +1078,7 @@ class COCOEvaluator(DatasetEvaluator):
     def reset(self) -> None:
         self._parts: list[CocoResults] = []
         self._merged: CocoResults | None = None
+        self.dropped_image_ids: list[int] = []
 
     def process(self, inputs, outputs) -> None:
         """``outputs``: ``MaskRCNN.inference(paste=False)`` per image (``boxes`` in the original image
@@ -974,19 +1086,25 @@ class COCOEvaluator(DatasetEvaluator):
         its box window, on the model's device; no full-image mask is made)."""
         _, targets = inputs
         for o, t in zip(outputs, targets):
+            if t.get("unreadable"):
+                self.dropped_image_ids.append(int(t["image_id"]))
+                continue
             pred = {"image_id": t["image_id"], "boxes": o["boxes"].float().cpu(), "scores": o["scores"].float().cpu(),
                     "labels": o["labels"].cpu(),
                     "rles": paste_masks_rle(o["mask_probs"], o["boxes"], tuple(int(v) for v in t["orig_size"]))}
             self._parts.append(CocoResults.from_prediction(pred, self.dataset.label_to_cat_id))
 
-    def state(self) -> CocoResults:
-        """This process's results in processing order, as one set of arrays."""
+    def state(self) -> CocoResults | tuple[CocoResults, list[int]]:
+        """This process's results in processing order, as one set of arrays; with the ids of the
+        images it left out, when there are any: ``(results, dropped_image_ids)``."""
         self._parts = [CocoResults.concat(self._parts)]
-        return self._parts[0]
+        return (self._parts[0], list(self.dropped_image_ids)) if self.dropped_image_ids else self._parts[0]
 
-    def merge(self, states: list[CocoResults]) -> None:
-        merged = CocoResults.concat(states)
+    def merge(self, states: list[CocoResults | tuple[CocoResults, list[int]]]) -> None:
+        dropped = [i for s in states if isinstance(s, tuple) for i in s[1]]
+        merged = CocoResults.concat([s[0] if isinstance(s, tuple) else s for s in states])
         self._merged = merged.take(_merge_order(merged, self.dataset.image_ids))
+        self.dropped_image_ids = sorted(set(dropped))
 
     @property
     def results(self) -> CocoResults:
@@ -994,7 +1112,13 @@ class COCOEvaluator(DatasetEvaluator):
         return self._merged if self._merged is not None else CocoResults.concat(self._parts)
 
     def evaluate(self) -> dict[str, dict[str, float]]:
-        return evaluate_coco(self.dataset.coco, self.results, image_ids=self.dataset.image_ids, backend=self.backend_name)
+        image_ids = self.dataset.image_ids
+        if self.dropped_image_ids:
+            left_out = set(self.dropped_image_ids)
+            image_ids = [i for i in image_ids if i not in left_out]
+            log.warning("COCO evaluation: %d unreadable image(s) left out (--skip-bad), %d evaluated",
+                        len(left_out), len(image_ids))
+        return evaluate_coco(self.dataset.coco, self.results, image_ids=image_ids, backend=self.backend_name)
 
 
 def save_results_json(results: Sequence[dict[str, Any]] | CocoResults, path: str | os.PathLike) -> Path:

@@ -71,7 +71,7 @@ class DataConfig:
     scale_range: tuple[float, float] = (0.1, 2.0)  # large-scale jitter
     flip_prob: float = 0.5
     train_empty: bool = False  # also train on images without any (non-crowd) object
-    skip_bad: bool = False  # skip (and count) unknown category ids and missing image files
+    skip_bad: bool = False  # skip (and count) unknown category ids, missing image files and unreadable images
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
 

@@ -33,7 +33,7 @@ from mae_transfer.detection.transforms import LargeScaleJitter, ResizeForTest, c
 from mae_transfer.engine.distributed import convert_sync_batchnorm
 from mae_transfer.engine.evaluator import run_evaluator
 from mae_transfer.engine.optim import param_groups
-from mae_transfer.engine.results import ResultRow, row_identity, write_run_results
+from mae_transfer.engine.results import ResultRow, dataset_name, row_identity, write_run_results
 from mae_transfer.engine.trainer import EvalContext, OptimConfig, Trainer, TrainTask
 from mae_transfer.io import atomic_write_json
 
@@ -104,7 +104,8 @@ class DetectionTask(TrainTask):
         self.cfg = cfg
         d = cfg.data
         self.root = _resolve_root(cfg)
-        self.val_set = CocoDetection(self.root, d.val_split, keep_empty=True, skip_bad=d.skip_bad)
+        # With --skip-bad, an evaluation image found unreadable while evaluating is left out of it.
+        self.val_set = CocoDetection(self.root, d.val_split, keep_empty=True, skip_bad=d.skip_bad, unreadable="drop")
         self.class_names = self.val_set.class_names
         self.num_classes = len(self.class_names)
         self.train_set = None
@@ -162,6 +163,17 @@ class DetectionTask(TrainTask):
         """``eval_precision`` (fp32 by default, as detectron2 evaluates)."""
         return self.cfg.eval_precision
 
+    def check_data(self, trainer: Trainer) -> None:
+        """Before training: decode every image of the evaluation split (when it has at most
+        ``UP_FRONT_CHECK_MAX`` images; each process its share, the findings gathered), so that an
+        unreadable one stops the run now, not at the evaluation after training; with --skip-bad it
+        is left out of the evaluation instead. Training images are checked as they are read."""
+        ds = self.val_set
+        problems = trainer.check_split(ds.find_unreadable, len(ds), self.cfg.data.val_split, "images (decoded)",
+                                       "mae-transfer check-data --task coco --data DIR --full")
+        if problems is not None:
+            ds.leave_out(problems)
+
     def on_epoch_end(self, trainer: Trainer, epoch: int) -> None:
         every = self.cfg.eval_every_epochs
         if every <= 0 or (epoch + 1) % every or epoch + 1 == self.cfg.train.epochs:
@@ -204,7 +216,10 @@ class DetectionTask(TrainTask):
         if not ctx.dist.is_main:
             return {}  # COCOeval runs once, on the main process
         seconds = evaluator.seconds  # detection, pasting and encoding (this process's shard)
-        metrics["time"] = {"seconds": seconds, "images": len(ds), "images_per_second": len(ds) / max(seconds, 1e-9),
+        if evaluator.dropped_image_ids:  # --skip-bad: images found unreadable while evaluating
+            metrics["unreadable_images_left_out"] = len(evaluator.dropped_image_ids)
+        evaluated = len(ds) - len(evaluator.dropped_image_ids)
+        metrics["time"] = {"seconds": seconds, "images": evaluated, "images_per_second": evaluated / max(seconds, 1e-9),
                            "scoring_seconds": time.monotonic() - start - seconds, "backend": evaluator.backend_name,
                            "backend_setting": self.cfg.eval_backend}
         metrics["precision"] = ctx.precision
@@ -218,7 +233,7 @@ class DetectionTask(TrainTask):
         """One row per metric in ``results.jsonl`` (rewritten whole, atomically) for the runner."""
         cfg = self.cfg
         common = dict(
-            task="coco", dataset="coco" if cfg.data.path else "coco (toy)", split=cfg.data.val_split,
+            task="coco", dataset=dataset_name("coco", cfg.data.path, self.num_classes, "categories"), split=cfg.data.val_split,
             protocol=f"mask_rcnn_{cfg.recipe}", step=step,
             **row_identity(cfg, self.backbone_sha256, ("data", "backbone", "visualize", "visualize_score", "trust_checkpoint", "eval_backend"),
                            self.evaluated),
@@ -299,9 +314,10 @@ def read_detector_weights(path: str | Path, trust: bool = False) -> tuple[dict[s
         unmapped_keys,
     )
 
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"--weights {path}: file not found")
+    from mae_transfer.checkpoint.trained import trained_model_file
+
+    # A run directory reads its checkpoint-last.pth (the file the result rows then name).
+    path = trained_model_file(path, "detector.pth or checkpoint-last.pth of a coco run, or a detectron2 ViTDet model_final.pth")
     if path.suffix.lower() == ".pkl":
         sd, meta = read_vitdet(path, trust=trust)
         saved = None

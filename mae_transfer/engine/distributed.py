@@ -208,6 +208,13 @@ def broadcast_from_main(obj: Any) -> Any:
     return obj
 
 
+def all_gather_list(items: list) -> list:
+    """Every process's ``items`` (a short picklable list) concatenated in rank order, on every
+    process; ``items`` itself alone."""
+    parts = gather_to_main(list(items))
+    return broadcast_from_main([x for part in parts for x in part])
+
+
 def cleanup() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()

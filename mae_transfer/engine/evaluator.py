@@ -41,6 +41,15 @@ class DatasetEvaluator:
         raise NotImplementedError
 
 
+def progress(items: Iterable[Any], desc: str | None, unit: str = "batch", main: bool = True) -> Iterable[Any]:
+    """``items`` with the progress bar of every evaluation pass (dense and classification
+    evaluation, feature extraction): on the main process only, none when ``desc`` is None, redrawn
+    at most every 5 s and cleared when the pass ends."""
+    from tqdm.auto import tqdm
+
+    return tqdm(items, desc=desc, unit=unit, disable=not main or desc is None, leave=False, mininterval=5.0)
+
+
 def run_evaluator(
     evaluator: DatasetEvaluator,
     batches: Iterable[Any],
@@ -58,12 +67,10 @@ def run_evaluator(
     ``rank == 0``. Returns the metrics on the main process (on every process with ``everywhere``)
     and ``{}`` elsewhere; ``evaluator.seconds`` is the time of this process's loop. Every process
     must call it (the gather is a collective)."""
-    from tqdm.auto import tqdm
-
     evaluator.reset()
     t0 = time.monotonic()
     with torch.no_grad():
-        for batch in tqdm(batches, desc=desc, unit=unit, disable=not main or desc is None, leave=False, mininterval=5.0):
+        for batch in progress(batches, desc, unit, main):
             evaluator.process(batch, predict(batch))
     evaluator.seconds = time.monotonic() - t0
     rank, world_size = world()
@@ -92,4 +99,4 @@ class _EvaluationFailed:
         self.message = message
 
 
-__all__ = ["DatasetEvaluator", "run_evaluator"]
+__all__ = ["DatasetEvaluator", "run_evaluator", "progress"]

@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from mae_transfer.config import ConfigError
-from mae_transfer.io import try_flock
+from mae_transfer.io import link_refused, try_flock
 
 log = logging.getLogger(__name__)
 
@@ -158,7 +158,12 @@ class FileLock:
         deadline = time.monotonic() + max(0.0, wait)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         while True:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o644)
+            try:  # never through a link planted at the lock's name: taking the lock truncates the file
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NOFOLLOW", 0), 0o644)
+            except OSError:
+                if self.path.is_symlink():
+                    raise link_refused(self.path) from None
+                raise
             got = try_flock(fd)
             if got is True and not self._same_file(fd):  # its holder removed it between our open and lock
                 os.close(fd)

@@ -6,9 +6,12 @@ import csv
 import json
 import logging
 import math
+import os
 import sys
 from pathlib import Path
 from typing import Any
+
+from mae_transfer.io import link_refused, open_output
 
 log = logging.getLogger(__name__)
 
@@ -26,6 +29,48 @@ class RankFilter(logging.Filter):
         return self.rank == 0 or record.levelno >= logging.WARNING
 
 
+def _live_bars() -> list:
+    """The progress bars (tqdm) on screen now; none when tqdm was never imported."""
+    std = sys.modules.get("tqdm.std")
+    return [b for b in list(getattr(getattr(std, "tqdm", None), "_instances", ())) if not getattr(b, "disable", True)]
+
+
+def close_progress_bars() -> None:
+    """Finish every live progress bar (a kept bar ends its line, a transient one is cleared), so
+    that what is printed next (an error message at the end of a command) starts on its own line."""
+    for bar in _live_bars():
+        try:
+            bar.close()
+        except Exception:  # noqa: BLE001 - a bar must never hide the message that follows
+            pass
+
+
+class _ConsoleHandler(logging.StreamHandler):
+    """stderr logging that first clears the progress bars drawn on the same stream and draws them
+    again below the line (tqdm's ``external_write_mode``), instead of writing after a bar's text."""
+
+    def __init__(self, stream):
+        super().__init__(stream)
+        self._pid = os.getpid()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        # Only in the process that draws the bars: a forked DataLoader worker holds copies of them
+        # (and maybe of tqdm's lock, held at the fork), which it must neither draw nor wait for.
+        if os.getpid() != self._pid or not _live_bars():
+            return super().emit(record)
+        from tqdm import tqdm
+
+        with tqdm.external_write_mode(file=self.stream):
+            super().emit(record)
+
+
+class _FileHandler(logging.FileHandler):
+    """``log.txt``, never written through a symbolic link planted at its name (:func:`open_output`)."""
+
+    def _open(self):
+        return open_output(self.baseFilename, self.mode, encoding=self.encoding)
+
+
 def setup_logging(rank: int = 0, log_file: str | Path | None = None, level: int = logging.INFO) -> None:
     """Console (stderr) logging for the ``mae_transfer`` logger tree, plus a file on rank 0."""
     root = logging.getLogger("mae_transfer")
@@ -35,14 +80,14 @@ def setup_logging(rank: int = 0, log_file: str | Path | None = None, level: int 
             root.removeHandler(h)
             h.close()
     fmt = logging.Formatter("%(asctime)s %(levelname).1s %(name)s: %(message)s", "%H:%M:%S")
-    console = logging.StreamHandler(sys.stderr)
+    console = _ConsoleHandler(sys.stderr)
     console.setFormatter(fmt)
     console.addFilter(RankFilter(rank))
     console._mae_transfer = True  # type: ignore[attr-defined]
     root.addHandler(console)
     if log_file is not None and rank == 0:
         Path(log_file).parent.mkdir(parents=True, exist_ok=True)
-        fh = logging.FileHandler(log_file)
+        fh = _FileHandler(log_file)
         fh.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
         fh._mae_transfer = True  # type: ignore[attr-defined]
         root.addHandler(fh)
@@ -64,12 +109,18 @@ class MetricWriter:
     (``truncate_after``) so that a killed-and-resumed run leaves one clean curve.
     """
 
+    STREAMS = ("train", "epochs", "eval", "reconstruction")  # the streams the tasks write
+
     def __init__(self, out_dir: str | Path, enabled: bool = True, tensorboard: bool = True):
         self.out_dir = Path(out_dir)
         self.enabled = enabled
         self._tb = None
         if enabled:
             self.out_dir.mkdir(parents=True, exist_ok=True)
+            for name in self.STREAMS:  # refused at the start of a run rather than at its first row
+                for path in (self.out_dir / f"{name}.csv", self.out_dir / f"{name}.jsonl"):
+                    if path.is_symlink():
+                        raise link_refused(path)
             if tensorboard:
                 try:
                     from torch.utils.tensorboard import SummaryWriter
@@ -90,7 +141,8 @@ class MetricWriter:
             keep = [r for r in rows if r.get("step", 0) <= step]
             if len(keep) == len(rows):
                 continue
-            jl.write_text("".join(json.dumps(r) + "\n" for r in keep))
+            with open_output(jl, "w") as f:
+                f.write("".join(json.dumps(r) + "\n" for r in keep))
             self._rewrite_csv(name, keep)
 
     def _rewrite_csv(self, name: str, rows: list[dict]) -> None:
@@ -99,7 +151,7 @@ class MetricWriter:
             path.unlink(missing_ok=True)
             return
         fields = list(dict.fromkeys(k for r in rows for k in r))
-        with open(path, "w", newline="") as f:
+        with open_output(path, "w", newline="") as f:
             w = csv.DictWriter(f, fieldnames=fields)
             w.writeheader()
             w.writerows(rows)
@@ -109,7 +161,7 @@ class MetricWriter:
         if not self.enabled:
             return
         row = {k: _clean(v) for k, v in row.items()}
-        with open(self.out_dir / f"{name}.jsonl", "a") as f:
+        with open_output(self.out_dir / f"{name}.jsonl", "a") as f:
             f.write(json.dumps(row) + "\n")
         path = self.out_dir / f"{name}.csv"
         if path.exists():
@@ -122,9 +174,9 @@ class MetricWriter:
                 return
         else:
             header = list(row)
-            with open(path, "w", newline="") as f:
+            with open_output(path, "w", newline="") as f:
                 csv.DictWriter(f, fieldnames=header).writeheader()
-        with open(path, "a", newline="") as f:
+        with open_output(path, "a", newline="") as f:
             csv.DictWriter(f, fieldnames=header).writerow(row)
         if self._tb is not None:
             step = int(row.get("step", 0))

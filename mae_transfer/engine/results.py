@@ -114,6 +114,34 @@ def row_identity(cfg: Any, backbone_sha256: str | None, exclude: tuple[str, ...]
                 config_hash=config_hash(cfg, exclude))
 
 
+# The class counts of the benchmarks' datasets (``imagefolder``: ImageNet-1k). Data read in a
+# benchmark's layout with another count is another dataset: its rows say so (:func:`dataset_name`).
+BENCHMARK_CLASSES = {"coco": 80, "ade20k": 150, "inat2017": 5089, "inat2018": 8142, "inat2019": 1010,
+                     "places205": 205, "places365": 365, "imagefolder": 1000}
+
+
+def dataset_name(dataset: str, path: str | os.PathLike | None, num_classes: int | None, unit: str = "classes") -> str:
+    """The ``dataset`` of a task's result rows: ``"ade20k (toy)"`` on the built-in toy data
+    (``path`` None), the benchmark's name on its data (``"ade20k"``), and for other data read in a
+    benchmark's layout (another class count than :data:`BENCHMARK_CLASSES`)
+    ``"ade20k-layout:FOLDER (11 classes)"`` (``"imagefolder:FOLDER (100 classes)"``), FOLDER being
+    the name of ``path``. Such rows are not the benchmark's: the tables print them apart, without
+    the paper's rows (:func:`is_custom_dataset`)."""
+    if not path:
+        return f"{dataset} (toy)"
+    expected = BENCHMARK_CLASSES.get(dataset)
+    if expected is None or num_classes is None or int(num_classes) == expected:
+        return dataset
+    layout = dataset if dataset == "imagefolder" else f"{dataset}-layout"
+    folder = Path(path).name or str(path)
+    return f"{layout}:{folder} ({int(num_classes)} {unit})"
+
+
+def is_custom_dataset(name: Any) -> bool:
+    """Whether a row's ``dataset`` is other data in a benchmark's layout (see :func:`dataset_name`)."""
+    return isinstance(name, str) and ":" in name
+
+
 def write_run_results(out_dir: str | os.PathLike, rows: Iterable[ResultRow], config: dict | None = None) -> Path:
     """A run's ``results.jsonl`` (rewritten whole, atomically) and, with ``config``, its
     ``config_resolved.json`` beside it (the runner reads the model name from there). Rows get the
@@ -192,5 +220,5 @@ def provenance() -> dict[str, Any]:
             "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
 
 
-__all__ = ["ResultRow", "COLUMNS", "RESULTS_FILE", "FAILED", "row_identity", "write_run_results", "read_run_results", "provenance",
+__all__ = ["ResultRow", "COLUMNS", "RESULTS_FILE", "FAILED", "BENCHMARK_CLASSES", "dataset_name", "is_custom_dataset", "row_identity", "write_run_results", "read_run_results", "provenance",
            "git_commit", "package_versions", "hardware"]

@@ -114,6 +114,8 @@ class TrainConfig:
             raise ConfigError("train.effective_batch_size must be positive")
         if self.num_workers is not None and self.num_workers < 0:
             raise ConfigError("train.num_workers must be 0 (load in the main process) or more, or null for the default")
+        if self.max_steps is not None and self.max_steps < 1:  # 0 or less would record an untrained model
+            raise ConfigError(f"train.max_steps must be at least 1, got {self.max_steps}; leave it out (null) for the whole schedule")
 
 
 class TrainTask:
@@ -148,6 +150,12 @@ class TrainTask:
         compile in place (``nn.Module.compile``, parameter names unchanged), for models whose other
         parts have data-dependent shapes that would break the graph (Mask R-CNN's heads)."""
         return None
+
+    def check_data(self, trainer: "Trainer") -> None:
+        """Called on every process once the model and the training data are built, before the
+        first training step (not when the run is already complete): find what would otherwise stop
+        the run late, e.g. unreadable files of the evaluation split (each process may check its
+        share and gather the findings). Raise a ``DataError`` to stop before training."""
 
     def on_epoch_end(self, trainer: "Trainer", epoch: int) -> None:
         """Called on every process after each full epoch (pictures, evaluation)."""
@@ -348,6 +356,36 @@ def batch_layout(batch_size: int, effective_batch_size: int | None, world: int) 
     return batch_size, max(1, round(target / (batch_size * world)))
 
 
+def schedule_changes(state: dict, schedule: Schedule, effective_batch_size: int, steps_per_epoch: int) -> str:
+    """What a resumed run changes of the lr schedule a checkpoint was trained with (epochs, warmup,
+    peak and final lr, kind, effective batch), as ``"what old -> new"`` items; "" when nothing.
+
+    Resuming with another ``train.epochs`` (to train longer, say) is allowed: the run goes on under
+    the new schedule from the checkpoint's step, which the trainer says in one warning line."""
+    old = state.get("schedule") if isinstance(state.get("schedule"), dict) else {}
+    new = dataclasses.asdict(schedule)
+    old_spe = state.get("steps_per_epoch") or steps_per_epoch
+    items = []
+    if old.get("total_steps") not in (None, new["total_steps"]):
+        items.append(f"train.epochs {old['total_steps'] / old_spe:g} -> {new['total_steps'] / steps_per_epoch:g} "
+                     f"({old['total_steps']} -> {new['total_steps']} steps)")
+    for key, name in (("warmup_steps", "warmup steps"), ("peak_lr", "peak lr"), ("min_lr", "min lr"), ("kind", "schedule")):
+        a, b = old.get(key), new[key]
+        if a is not None and (a != b if not isinstance(b, float) else not math.isclose(a, b, rel_tol=1e-9, abs_tol=0.0)):
+            items.append(f"{name} {a:.4g} -> {b:.4g}" if isinstance(b, float) else f"{name} {a} -> {b}")
+    if state.get("effective_batch_size") not in (None, effective_batch_size):
+        items.append(f"effective batch {state['effective_batch_size']} -> {effective_batch_size}")
+    if not items:
+        return ""
+    step = int(state.get("step", 0))
+    known = {f.name for f in dataclasses.fields(Schedule)}
+    try:
+        was = f" instead of {Schedule(**{k: v for k, v in old.items() if k in known}).lr(step):.3g}"
+    except (TypeError, ValueError):  # a checkpoint that kept no (or an older) schedule record
+        was = ""
+    return ", ".join(items) + f"; from step {step} on the lr follows the new schedule ({schedule.lr(step):.3g} there{was})"
+
+
 class Trainer:
     """Runs ``task`` with ``train``/``optim`` settings in ``output_dir`` (resuming if it holds a run).
 
@@ -398,6 +436,24 @@ class Trainer:
         """DataLoader workers: ``train.num_workers`` or a share of this machine's cores."""
         return default_num_workers(self.train_cfg.num_workers, self.device)
 
+    def check_split(self, find, size: int, split: str, what: str, full_check: str) -> list[tuple[int, str]] | None:
+        """For :meth:`TrainTask.check_data`: run ``find(rank, world_size, threads)`` (a dataset's
+        ``[(index, problem), ...]`` over its items ``rank::world_size``) on every process and gather
+        the findings, sorted, on every process; None (nothing checked, said in the log) when the
+        split has more than ``UP_FRONT_CHECK_MAX`` items, which are then checked as they are read.
+        ``what`` names what is checked in the log line, ``full_check`` the command that checks all."""
+        from mae_transfer.data.folder import UP_FRONT_CHECK_MAX
+        from mae_transfer.engine.distributed import all_gather_list
+
+        if size > UP_FRONT_CHECK_MAX:
+            log.info("%s has %d items, more than the %d checked before training: they are checked as they are read "
+                     "(%s checks them all now)", split, size, UP_FRONT_CHECK_MAX, full_check)
+            return None
+        start = time.monotonic()
+        problems = sorted(all_gather_list(find(self.dist.rank, self.dist.world_size, max(1, self.num_workers()))))
+        log.info("checked the %d %s of %s in %.1f s: %d with problems", size, what, split, time.monotonic() - start, len(problems))
+        return problems
+
     def evaluate(self, model: nn.Module | None = None, final: bool = False) -> dict[str, Any]:
         """Evaluate ``model`` (default: the model being trained) with the task's evaluation, on
         every process: in the task's evaluation precision, with this machine's workers, each
@@ -431,6 +487,9 @@ class Trainer:
             "schedule": dataclasses.asdict(self.schedule),
             "step": self.step,
             "epoch": epoch,
+            # The loss of train.csv is the mean over log_every steps: the part of that window done at
+            # this step, so that a resumed run logs the same means as an uninterrupted one.
+            "loss_window": self._loss_window() if hasattr(self, "_loss_window") else None,
             "effective_batch_size": self.effective_batch_size,
             "steps_per_epoch": self.steps_per_epoch,
             "config": to_dict(self.config) if self.config is not None else None,
@@ -442,15 +501,64 @@ class Trainer:
             },
         }
 
+    def epoch_position(self) -> str:
+        """Where the current step is, in the 1-based epochs the progress bar and the logs show
+        (``"end of epoch 3"``, ``"epoch 4, step 10 of 72"``); checkpoints keep 0-based fields."""
+        if self.step == 0:
+            return "before the first step"
+        done, into = divmod(self.step, self.steps_per_epoch)
+        return f"end of epoch {done}" if into == 0 else f"epoch {done + 1}, step {into} of {self.steps_per_epoch}"
+
     def save_checkpoint(self, epoch: int, extra_name: str | None = None) -> None:
-        """Write ``checkpoint-last.pth`` atomically (main process only)."""
+        """Write ``checkpoint-last.pth`` atomically (main process only). Weights that hold NaN or
+        inf are never saved over the last good checkpoint: :class:`FloatingPointError` instead."""
+        self._check_finite_weights()
         if self.dist.is_main:
             state = self._state(epoch)
             atomic_save(state, self.checkpoint_path)
             if extra_name:
                 atomic_save(state, self.output_dir / extra_name)
-            log.info("saved checkpoint at step %d (epoch %d) to %s", self.step, epoch, self.checkpoint_path)
+            log.info("saved checkpoint at step %d (%s) to %s", self.step, self.epoch_position(), self.checkpoint_path)
+        self._saved_step = self.step
         self._last_ckpt_time = time.monotonic()
+
+    def _check_finite_weights(self) -> None:
+        """Raise :class:`FloatingPointError` when a parameter holds NaN or inf (one device sync). The
+        loss is only checked at logging steps, so an update after the last one (or a learning rate
+        that is itself inf) can leave diverged weights that would otherwise be saved and exported."""
+        params = [p for p in self.unwrapped.parameters() if p.is_floating_point()]
+        if not params or bool(torch.stack([torch.isfinite(p).all() for p in params]).all()):
+            return
+        bad = [n for n, p in self.unwrapped.named_parameters() if p.is_floating_point() and not bool(torch.isfinite(p).all())]
+        raise FloatingPointError(
+            f"the weights became NaN or inf at step {self.step} ({len(bad)} tensors, e.g. {bad[0]}); {self._divergence_advice()}"
+        )
+
+    def _divergence_advice(self) -> str:
+        """What a diverged run leaves and what to change: the checkpoint only if there is one, and
+        only the remedies that apply to this run (lr, fp32 under mixed precision, gradient clipping)."""
+        ocfg = self.optim_cfg
+        peak = getattr(self, "peak_lr", None)
+        saved = getattr(self, "_saved_step", None)
+        if self.checkpoint_path.is_file():
+            at = f" (step {saved})" if saved is not None else ""
+            kept = f"the last good checkpoint {self.checkpoint_path}{at} is kept as it was; after a change below, the same command resumes from it"
+        else:
+            kept = f"no checkpoint was saved yet in {self.output_dir}"
+        if peak is not None and not math.isfinite(peak):
+            return f"{kept}. The peak learning rate is {peak}: give a finite --lr (or --blr)"
+        if ocfg.lr is not None:
+            flag = f"--lr, now {ocfg.lr:.3g}"
+        elif ocfg.blr is not None and peak is not None:
+            flag = f"--blr, now {ocfg.blr:.3g}, i.e. peak lr {peak:.3g}"
+        else:
+            flag = "--lr or --blr"
+        fixes = [f"lower the learning rate ({flag})"]
+        if self.precision in ("fp16", "bf16"):
+            fixes.append(f"train in fp32 (train.precision=fp32; this run is {self.precision})")
+        if ocfg.clip_grad is None:
+            fixes.append("clip gradients (optim.clip_grad=1.0)")
+        return f"{kept}. Try: {'; or '.join(fixes)}"
 
     def _load_resume(self) -> dict[str, Any] | None:
         if self.resume not in ("auto", "never"):  # --resume PATH: a checkpoint file or a run directory
@@ -537,6 +645,13 @@ class Trainer:
             power=ocfg.poly_power,
         )
         self.schedule = schedule
+        if warmup > 0 and warmup >= total_steps:
+            log.warning(
+                "the warmup (%d steps, optim.warmup_%s %g) is not shorter than the run (%d steps, train.epochs %d): the lr "
+                "rises the whole run, never reaches its peak %.3g and never decays; lower the warmup or raise train.epochs",
+                warmup, *(("steps", ocfg.warmup_steps) if ocfg.warmup_steps is not None else ("epochs", ocfg.warmup_epochs)),
+                total_steps, cfg.epochs, self.peak_lr,
+            )
         self.optimizer = build_optimizer(
             ocfg.optimizer, self.task.param_groups(model, ocfg), self.peak_lr, tuple(ocfg.betas), self.device, ocfg.momentum
         )
@@ -551,12 +666,12 @@ class Trainer:
             if self.scaler is not None and resume_state.get("scaler"):
                 self.scaler.load_state_dict(resume_state["scaler"])
             self.step = int(resume_state["step"])
+            self._saved_step = self.step if self._resume_path == self.checkpoint_path else None
             self._resume_rng = resume_state.get("rng")
-            if resume_state.get("effective_batch_size") != self.effective_batch_size:
-                log.warning(
-                    "resuming with effective batch %d; the checkpoint was trained with %s",
-                    self.effective_batch_size, resume_state.get("effective_batch_size"),
-                )
+            changed = schedule_changes(resume_state, schedule, self.effective_batch_size, self.steps_per_epoch)
+            if changed:
+                log.warning("resuming with another schedule than the checkpoint's: %s", changed)
+            self._resume_window = resume_state.get("loss_window")
             log.info("resuming from %s at step %d of %d", self._resume_path, self.step, total_steps)
             self.metrics.truncate_after(self.step)
         del resume_state
@@ -597,8 +712,17 @@ class Trainer:
             self.task.on_train_end(self)
             return {"step": self.step, "total_steps": total_steps, "finished": True}
 
+        self.task.check_data(self)
+        if (getattr(self, "_resume_window", None) or {}).get("count"):
+            # The checkpoint's step ended a loss window early (max_steps, a stop): that window goes
+            # on, so its provisional row is replaced by the full one at the next logging step.
+            self.metrics.truncate_after(self.step - 1, names=("train",))
         self._restore_rng(getattr(self, "_resume_rng", None))
-        summary = self._loop(sampler, schedule, total_steps, last_step)
+        try:
+            summary = self._loop(sampler, schedule, total_steps, last_step)
+        finally:
+            if getattr(self, "_progress", None) is not None:
+                self._progress.close()  # an error message printed next starts on its own line
         self.metrics.close()
         return summary
 
@@ -610,15 +734,20 @@ class Trainer:
         if dist.is_main and cfg.progress:
             from tqdm.auto import tqdm
 
-            progress = tqdm(
+            progress = self._progress = tqdm(
                 total=last_step, initial=self.step, unit="step", dynamic_ncols=True, file=sys.stderr,
                 mininterval=1.0 if sys.stderr.isatty() else 30.0, leave=True,
             )
         t_start = time.monotonic()
         start_step = self.step
         window_t, window_steps = time.monotonic(), 0
-        sums: dict[str, torch.Tensor] = {}
-        count = 0
+        restored = getattr(self, "_resume_window", None) or {}
+        sums: dict[str, torch.Tensor] = {k: torch.tensor(float(v)) for k, v in (restored.get("sums") or {}).items()}
+        count = int(restored.get("count") or 0)
+        # What a checkpoint saves of the window: the loop's current ``sums`` and ``count`` (read through
+        # the closure, so every save sees the values of that moment). Only the main process's
+        # window is saved; after a resume every process continues from it.
+        self._loss_window = lambda: {"sums": {k: float(v) for k, v in sums.items()}, "count": count}
         lr = schedule.lr(self.step)
         epoch = self.step // self.steps_per_epoch
 
@@ -689,7 +818,8 @@ class Trainer:
                     at_log = self.step % cfg.log_every == 0 or self.step == last_step
                     if at_log:
                         self._log_window(sums, count, lr, grad_norm, epoch, window_t, window_steps, progress, t_start, start_step, last_step)
-                        sums, count = {}, 0
+                        if self.step % cfg.log_every == 0:  # a window cut short by the end (max_steps) goes on after a resume
+                            sums, count = {}, 0
                         window_t, window_steps = time.monotonic(), 0
                     # A local flag needs no communication; with several processes agree every few steps.
                     check = dist.world_size == 1 or at_log or self.step % 10 == 0
@@ -747,6 +877,7 @@ class Trainer:
             torch.manual_seed(self.train_cfg.seed + 7919 * self.dist.rank + 1_000_003 * self.step)
 
     def _end_epoch(self, epoch: int) -> None:
+        self._check_finite_weights()  # before the epoch's evaluation of a model that diverged
         corrupt = getattr(self.dataset, "num_corrupt", 0)
         if corrupt:
             log.warning("epoch %d: %d corrupt or unreadable images were skipped (see warnings above)", epoch + 1, corrupt)
@@ -761,10 +892,7 @@ class Trainer:
         loss = means.get("loss", float("nan"))
         if not math.isfinite(loss):
             self.metrics.write("train", {"step": self.step, "loss": loss})
-            raise FloatingPointError(
-                f"the loss became {loss} at step {self.step}; the last good checkpoint is kept in "
-                f"{self.checkpoint_path} (not overwritten): lower the learning rate or use precision fp32"
-            )
+            raise FloatingPointError(f"the loss became {loss} at step {self.step}; {self._divergence_advice()}")
         now = time.monotonic()
         ips = window_steps * self.effective_batch_size / max(now - window_t, 1e-9)
         done = self.step - start_step

@@ -83,6 +83,11 @@ def _decode_check(ds: Any, full: bool, sample: int, seed: int = 0) -> dict[str, 
     for i, files in _files(ds):
         if chosen_set is not None and i not in chosen_set:
             continue
+        if hasattr(ds, "check_sample"):  # ADE20K: what reading the item would stop on, label values included
+            problem = ds.check_sample(i)
+            if problem:
+                bad.append(problem)
+            files = []
         for path, size in files:
             try:
                 if path.endswith(".png") and size is None and hasattr(ds, "read_label"):
@@ -197,11 +202,17 @@ def format_check_data(r: dict[str, Any]) -> tuple[str, bool]:
                          f"({', '.join(f'{k}: {v:,}' for k, v in skipped.items())})")
             if any(k.startswith("unknown") for k in skipped) and not strict.get("skip"):
                 stops = True
-                lines.append("    (annotations with unknown category/image ids stop a run unless data.skip_bad=true)")
+                lines.append("    (annotations with unknown category/image ids stop a run unless --skip-bad)")
         d = s["decode"]
         what = "every image" if d["full"] else f"{d['checked']:,} random images (--full: all {d['of']:,})"
         if d["unreadable"]:
-            lines.append(f"    UNREADABLE: {d['unreadable']} of {what} ({d['seconds']:.1f} s):")
+            # COCO and ADE20K runs stop on such files (COCO's --skip-bad leaves them out); the
+            # classification and pretraining readers replace them (up to a share of the files).
+            skipped = r["task"] not in ("coco", "ade20k") or (r["task"] == "coco" and strict.get("skip"))
+            then = "skipped" if skipped else "a run stops on them" + (" unless --skip-bad" if r["task"] == "coco" else "")
+            stops = stops or not skipped
+            label = "UNREADABLE OR INVALID" if r["task"] == "ade20k" else "UNREADABLE"
+            lines.append(f"    {label}: {d['unreadable']} of {what} ({d['seconds']:.1f} s; {then}):")
             lines += [f"      {e}" for e in d["examples"]]
         else:
             lines.append(f"    decoded {what}: all readable ({d['seconds']:.1f} s)")

@@ -133,7 +133,9 @@ class JobCommand:
         return state
 
     def _note(self, text: str) -> None:
-        with open(self.log_path, "a", encoding="utf-8") as f:
+        from mae_transfer.io import open_output
+
+        with open_output(self.log_path, "a") as f:
             f.write(f"# {text}\n")
 
     def _lock_run_dir(self):
@@ -172,7 +174,9 @@ class JobCommand:
 
             signal.signal(signal.SIGTERM, on_sigterm)
         try:
-            with open(self.log_path, "ab") as logf:
+            from mae_transfer.io import open_output
+
+            with open_output(self.log_path, "ab") as logf:
                 logf.write(f"$ {shlex.join(self.command)}\n# job {job_id} on {socket.gethostname()}, attempt {self.attempt}\n".encode())
                 logf.flush()
                 self._started = time.monotonic()

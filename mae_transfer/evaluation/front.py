@@ -16,9 +16,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from mae_transfer.config import ConfigError, deep_update, parse_overrides, to_dict
-from mae_transfer.evaluation.options import FAMILY_OPTIONS, defaults, to_argv, to_overrides
-from mae_transfer.evaluation.registry import TaskSpec
+from mae_transfer.config import ConfigError, check_sections, deep_update, parse_overrides, to_dict
+from mae_transfer.evaluation.options import FAMILY_OPTIONS, FLAGS, defaults, to_argv, to_overrides
+from mae_transfer.evaluation.registry import TaskSpec, resolve
+from mae_transfer.io import check_output_path
 
 log = logging.getLogger("mae_transfer.cli")
 
@@ -31,6 +32,51 @@ def option_names(spec: TaskSpec) -> tuple[str, ...]:
 def complete(spec: TaskSpec, options: dict[str, Any]) -> dict[str, Any]:
     """``options`` with the command's defaults filled in and the task's fixed options applied."""
     return {**defaults(option_names(spec)), "overrides": [], **{k: v for k, v in options.items() if v is not None}, **spec.fixed}
+
+
+def validate_options(spec: TaskSpec, opts: dict[str, Any]) -> None:
+    """Every given option of ``spec``'s command against its own rule in the flag table
+    (``Flag.check``: counts at least 1, finite positive rates, ``--k`` lists ...), before anything is
+    read or built: one ConfigError naming the option, the value and what to give instead."""
+    for name in option_names(spec):
+        flag, value = FLAGS[name], opts.get(name)
+        if flag.check is None or value is None or (flag.switch and not value):
+            continue
+        problem = flag.check(value)
+        if problem:
+            raise ConfigError(f"{flag.flags[0]} {value if str(value).strip() else repr(value)}: {problem}")
+
+
+# The model names a family's --model (model.name) takes; the ``train`` family's tasks name their own.
+_MODELS = {"pretrain": "mae_transfer.pretrain.model:MAE_PRESETS", "classification": "mae_transfer.models.vit:VIT_SIZES",
+           "dense": "mae_transfer.models.vit:VIT_SIZES", "frozen": "mae_transfer.models.vit:VIT_SIZES"}
+
+
+def _check_model(spec: TaskSpec, name: str | None, trainable_blocks: int | None = None) -> None:
+    """An unknown model name, or ``--trainable-blocks`` beyond the model's depth, ends the command
+    here, before data is read or a model built (they would fail deep inside, or mid-run)."""
+    if name is None or spec.family not in _MODELS:
+        return
+    known = resolve(_MODELS[spec.family])
+    if name not in known:
+        raise ConfigError(f"--model {name}: unknown model; choose one of {', '.join(known)}")
+    depth = getattr(known[name], "depth", None)
+    if trainable_blocks is not None and depth and not 1 <= trainable_blocks <= depth:
+        raise ConfigError(f"--trainable-blocks {trainable_blocks}: {name} has {depth} blocks; give k from 1 to {depth} "
+                          f"(the last k blocks are trained)")
+
+
+def _check_device(device: str | None, option: str = "--device") -> None:
+    if device and str(device).startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ConfigError(f"{option} {device}: no CUDA device is available here (torch.cuda.is_available() is False); "
+                              "use --device cpu, or --device auto to take a GPU when there is one")
+
+
+def _device_or_none(device: str | None) -> str | None:
+    return None if device in (None, "auto") else device  # auto: cuda when available (the task's default)
 
 
 def command_line(spec: TaskSpec, options: dict[str, Any]) -> list[str]:
@@ -84,6 +130,7 @@ def _model_from_backbone(opts: dict, overrides: dict, rename: dict[str, str] | N
 
 def _overrides(spec: TaskSpec, opts: dict) -> dict:
     overrides = parse_overrides(opts["overrides"])
+    check_sections(spec.load("config")(None, None), overrides)  # train=5 would be dropped below
     flags = to_overrides(opts, (*option_names(spec), *spec.fixed))
     return deep_update(overrides, flags)
 
@@ -121,8 +168,10 @@ def _trained_weights(spec: TaskSpec, opts: dict, overrides: dict) -> tuple[dict 
 def prepare(spec: TaskSpec, options: dict[str, Any]) -> Prepared:
     """Resolve a run of ``spec`` with ``options`` (nothing is run or written)."""
     opts = complete(spec, options)
+    validate_options(spec, opts)
     toy = not opts.get("data")
     if spec.family == "frozen":
+        _check_model(spec, opts.get("model"))
         out = Path(opts.get("output") or f"runs/{spec.command}-{opts.get('dataset') or 'imagefolder'}")
         return Prepared(spec, opts, None, None, out, toy)
     if spec.family == "classification":
@@ -136,6 +185,7 @@ def prepare(spec: TaskSpec, options: dict[str, Any]) -> Prepared:
         weights, evaluated = _trained_weights(spec, opts, overrides)
         _model_from_backbone(opts, overrides)
         cfg = spec.load("config")(preset, overrides)
+        _check_model(spec, cfg.model.name, cfg.model.trainable_blocks)
         kind = "eval-" if opts.get("eval_only") else ""
         out = Path(opts.get("output") or f"runs/{spec.command}-{kind}{cfg.data.dataset}-{cfg.protocol}")
         return Prepared(spec, opts, cfg, preset, out, toy, weights, evaluated)
@@ -149,6 +199,7 @@ def prepare(spec: TaskSpec, options: dict[str, Any]) -> Prepared:
     if spec.family == "pretrain":
         preset = opts.get("preset") or (spec.toy_preset if toy and not _given(opts, "data", "path") else None)
         cfg = spec.load("config")(preset, _overrides(spec, opts))
+        _check_model(spec, cfg.model.name)
         if cfg.init:  # read before anything is written: a file that cannot be used ends the command here
             from mae_transfer.checkpoint import read_checkpoint
 
@@ -162,6 +213,7 @@ def prepare(spec: TaskSpec, options: dict[str, Any]) -> Prepared:
     weights, evaluated = _trained_weights(spec, opts, overrides)
     _model_from_backbone(opts, overrides, rename=dense.get("rename"), pos_size_key=dense.get("pos_size_key"))
     cfg = spec.load("config")(preset, overrides)
+    _check_model(spec, getattr(getattr(cfg, "model", None), "name", None))  # a dense task of a plugin may name its model otherwise
     name = Path(preset).stem if preset else spec.default_preset
     out = Path(opts.get("output") or (f"runs/{spec.command}-eval-{name}" if opts.get("eval_only") else f"runs/{spec.command}-{name}"))
     return Prepared(spec, opts, cfg, preset, out, toy, weights, evaluated)
@@ -189,6 +241,11 @@ def run(spec: TaskSpec, options: dict[str, Any], echo: Callable[[str], None] = p
 
         echo(yaml.safe_dump(to_dict(prep.cfg), sort_keys=False).rstrip("\n"))
         return 0
+    # What only a run needs (prepare also plans benchmark jobs for other machines): a run directory
+    # that can be written and the device asked for, before any data is read or model built.
+    check_output_path(prep.output, "--output")
+    device = opts.get("device") if prep.cfg is None else prep.cfg.train.device
+    _check_device(device, "--device" if opts.get("device") == device else "train.device")
     from mae_transfer.engine.locks import LockHeld, hold_run_dir
     from mae_transfer.engine.logger import setup_logging
 
@@ -199,7 +256,7 @@ def run(spec: TaskSpec, options: dict[str, Any], echo: Callable[[str], None] = p
         with hold_run_dir(prep.output):
             echo(spec.load("task")(dataset=opts.get("dataset") or "imagefolder", data=opts.get("data"), backbone=opts.get("backbone"),
                                  model=opts.get("model"), img_size=opts.get("img_size"), ks=tuple(int(k) for k in str(opts["k"]).split(",")),
-                                 sweep=bool(opts.get("sweep")), output=prep.output, device=opts.get("device"),
+                                 sweep=bool(opts.get("sweep")), output=prep.output, device=_device_or_none(opts.get("device")),
                                  trust=bool(opts.get("trust_checkpoint"))))
         return 0
 

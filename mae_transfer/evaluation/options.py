@@ -9,6 +9,7 @@ values; ``overrides`` holds the ``KEY=VALUE`` strings.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -19,19 +20,38 @@ TTA_SCALES = [0.5, 0.75, 1.0, 1.25, 1.5, 1.75]
 @dataclass(frozen=True)
 class Flag:
     """One option: its ``flags``, the config ``key`` it sets (None: the front reads it), the argparse
-    keyword arguments, and ``convert`` (parsed value -> config value, e.g. ``--flip`` -> True)."""
+    keyword arguments, ``convert`` (parsed value -> config value, e.g. ``--flip`` -> True) and
+    ``check`` (given value -> what is wrong with it, or None; the front checks every given option
+    before anything is read or built)."""
 
     name: str
     flags: tuple[str, ...]
     key: str | None = None
     kwargs: dict[str, Any] = field(default_factory=dict)
     convert: Callable[[Any], Any] | None = None
+    check: Callable[[Any], str | None] | None = None
 
     @property
     def switch(self) -> bool:
         return self.kwargs.get("action") == "store_true"
 
 
+def _at_least(low: int, hint: str = "") -> Callable[[Any], str | None]:
+    return lambda v: None if v >= low else f"must be at least {low}{hint}"
+
+
+def _rate(example: str) -> Callable[[Any], str | None]:
+    return lambda v: None if math.isfinite(v) and v > 0 else f"must be a finite number greater than 0 (e.g. {example})"
+
+
+def _neighbour_counts(text: Any) -> str | None:
+    items = str(text).split(",")
+    if all(i.strip().isdigit() and int(i) >= 1 for i in items):
+        return None
+    return "give neighbour counts as whole numbers of at least 1, comma-separated (e.g. 10,20,100,200)"
+
+
+_COUNT = _at_least(1)
 _DEVICE = ["auto", "cuda", "cpu"]
 _DATASETS = ["imagefolder", "inat2017", "inat2018", "inat2019", "places205", "places365"]
 
@@ -44,14 +64,16 @@ FLAGS: dict[str, Flag] = {f.name: f for f in [
     Flag("preset", ("--preset",), None, dict(metavar="NAME", help="recipe preset (see `mae-transfer presets`), a YAML file, or a run's config.yaml")),
     Flag("model", ("--model",), "model.name", dict(metavar="NAME", help="ViT size, e.g. vit_base_patch16 (default: from the backbone checkpoint)")),
     # schedule
-    Flag("epochs", ("--epochs",), "train.epochs", dict(type=int, help="train.epochs")),
-    Flag("batch_size", ("--batch-size",), "train.batch_size", dict(type=int, help="images per process per step (train.batch_size)")),
+    Flag("epochs", ("--epochs",), "train.epochs", dict(type=int, help="train.epochs"), check=_COUNT),
+    Flag("batch_size", ("--batch-size",), "train.batch_size", dict(type=int, help="images per process per step (train.batch_size)"),
+         check=_COUNT),
     Flag("effective_batch_size", ("--effective-batch-size",), "train.effective_batch_size",
-         dict(type=int, help="global batch; gradient accumulation makes up the rest")),
-    Flag("blr", ("--blr",), "optim.blr", dict(type=float, help="base lr; lr = blr x effective batch / 256")),
-    Flag("lr", ("--lr",), "optim.lr", dict(type=float, help="peak learning rate (absolute, for the effective batch)")),
+         dict(type=int, help="global batch; gradient accumulation makes up the rest"), check=_COUNT),
+    Flag("blr", ("--blr",), "optim.blr", dict(type=float, help="base lr; lr = blr x effective batch / 256"), check=_rate("1.5e-4")),
+    Flag("lr", ("--lr",), "optim.lr", dict(type=float, help="peak learning rate (absolute, for the effective batch)"), check=_rate("1e-4")),
     Flag("device", ("--device",), "train.device", dict(choices=_DEVICE, help="default: cuda when available")),
-    Flag("max_steps", ("--max-steps",), "train.max_steps", dict(type=int, help="stop after this many optimizer steps (the schedule still spans all epochs)")),
+    Flag("max_steps", ("--max-steps",), "train.max_steps", dict(type=int, help="stop after this many optimizer steps (the schedule still spans all epochs)"),
+         check=_at_least(1, "; leave --max-steps out for the whole schedule")),
     Flag("resume", ("--resume",), None, dict(metavar="CKPT", help="resume from this training checkpoint (checkpoint-last.pth, or its run "
                                                                "directory) instead of the --output directory's")),
     Flag("no_resume", ("--no-resume",), None, dict(action="store_true", help="refuse to continue a run already in --output")),
@@ -63,20 +85,23 @@ FLAGS: dict[str, Flag] = {f.name: f for f in [
     Flag("version", ("--version",), None, dict(type=int, choices=[205, 365], default=365, help="Places edition (default 365)")),
     Flag("protocol", ("--protocol",), "protocol", dict(choices=["finetune", "linprobe", "partial"], default="finetune",
                                                        help="end-to-end fine-tuning (default), linear probing, or partial fine-tuning")),
-    Flag("trainable_blocks", ("--trainable-blocks",), "model.trainable_blocks", dict(type=int, help="partial fine-tuning: train the last k blocks")),
+    Flag("trainable_blocks", ("--trainable-blocks",), "model.trainable_blocks", dict(type=int, help="partial fine-tuning: train the last k blocks"),
+         check=_at_least(1, " (and at most the ViT's depth)")),
     Flag("missing", ("--missing",), "data.missing", dict(choices=["error", "skip"], help="images listed in the annotations but absent on disk: stop (default) or skip them")),
     # dense tasks
-    Flag("img_size", ("--img-size",), "model.img_size", dict(type=int, help="input size (model.img_size: 1024 for COCO, 512 for ADE20K in the recipes)")),
+    Flag("img_size", ("--img-size",), "model.img_size", dict(type=int, help="input size (model.img_size: 1024 for COCO, 512 for ADE20K in the recipes)"),
+         check=_COUNT),
     Flag("eval_only", ("--eval-only",), None, dict(action="store_true", help="only evaluate --weights (no training)")),
     Flag("weights", ("--weights",), None, dict(metavar="PATH", help="trained model (classifier.pth / detector.pth / segmenter.pth, checkpoint-last.pth, "
                                                                      "or the reference project's checkpoint) for --eval-only")),
     Flag("trust_checkpoint", ("--trust-checkpoint",), "trust_checkpoint", dict(
         action="store_true", help="allow checkpoints that need full unpickling (detectron2 model-zoo .pkl, pickled Python objects); "
                                   "this can run code stored in the file, so only for files from a source you trust")),
-    Flag("visualize", ("--visualize",), "visualize", dict(type=int, metavar="N", help="save N evaluation images with predictions next to the ground truth")),
+    Flag("visualize", ("--visualize",), "visualize", dict(type=int, metavar="N", help="save N evaluation images with predictions next to the ground truth"),
+         check=_at_least(0, " (0: none)")),
     Flag("train_split", ("--train-split",), "data.train_split", dict(metavar="NAME", help="folder and annotations/instances_NAME.json to train on (default train2017)")),
     Flag("eval_split", ("--eval-split",), "data.val_split", dict(metavar="NAME", help="split to evaluate on (default val2017)")),
-    Flag("skip_bad", ("--skip-bad",), "data.skip_bad", dict(action="store_true", help="skip unknown category ids and missing image files (counted) instead of stopping")),
+    Flag("skip_bad", ("--skip-bad",), "data.skip_bad", dict(action="store_true", help="skip unknown category ids, missing image files and unreadable images (counted) instead of stopping")),
     Flag("num_classes", ("--num-classes",), "data.num_classes", dict(type=int, help="classes of your own data in the same layout (data.num_classes; 150)")),
     Flag("bad_labels", ("--bad-labels",), "data.bad_labels", dict(choices=["error", "ignore"], help="label values outside the classes: stop (default) or ignore those pixels")),
     Flag("flip", ("--flip",), "test.flip", dict(action="store_true", help="test with horizontal flips too")),
@@ -84,7 +109,7 @@ FLAGS: dict[str, Flag] = {f.name: f for f in [
         action="store_true", help="test at 0.5, 0.75, 1.0, 1.25, 1.5, 1.75 x the original image (mmsegmentation 1.x TTA; with --flip: ms+flip)"),
          convert=lambda on: list(TTA_SCALES)),
     # frozen features
-    Flag("k", ("--k",), None, dict(default="10,20,100,200", help="comma-separated neighbour counts")),
+    Flag("k", ("--k",), None, dict(default="10,20,100,200", help="comma-separated neighbour counts"), check=_neighbour_counts),
     Flag("sweep", ("--sweep",), None, dict(action="store_true", help="also run the linear-probe lr sweep")),
 ]}
 

@@ -209,6 +209,11 @@ def plan_jobs(
     ``random_model``), so that "MAE vs from scratch" compares the same network. ``trust``: the
     backbones may need full unpickling (``--trust-checkpoint``, passed on to every job)."""
     data, presets, overrides = data or {}, presets or {}, overrides or {}
+    for option, sep, given in (("--set", ":", overrides), ("--preset", "=", presets)):
+        stray = [t for t in given if t != "*" and t not in tasks]
+        if stray:  # it would be ignored without a word
+            raise ConfigError(f"{option} {stray[0]}{sep}...: {stray[0]} is not among the tasks run: {','.join(tasks)}; "
+                              f"add it to --tasks or leave the {option} out")
     models: dict[str, tuple[str | None, int | None]] = {}
     for b in backbones:
         if b.path:
@@ -339,7 +344,9 @@ class _StopRequest:
 def _run_subprocess(job: Job, nproc: int, log_path: Path, verbose: bool, stop: _StopRequest,
                     env: dict[str, str] | None = None) -> int:
     cmd = shell_command(job, nproc)
-    with open(log_path, "ab") as logf:
+    from mae_transfer.io import open_output
+
+    with open_output(log_path, "ab") as logf:
         logf.write(f"$ {shlex.join(cmd)}\n".encode())
         logf.flush()
         out = None if verbose else logf
@@ -363,9 +370,10 @@ def run_in_process(spec: TaskSpec, options: dict[str, Any], log_path: Path, verb
     from mae_transfer.data.errors import DataError
     from mae_transfer.engine.logger import setup_logging
     from mae_transfer.engine.trainer import TrainingInterrupted
+    from mae_transfer.io import OutputPathError, open_output
 
     try:
-        with open(log_path, "a", encoding="utf-8") as logf:
+        with open_output(log_path, "a") as logf:
             logf.write(f"$ mae-transfer {shlex.join(front.command_line(spec, options))}\n")
             logf.flush()
             redirect = contextlib.nullcontext() if verbose else contextlib.ExitStack()
@@ -380,7 +388,7 @@ def run_in_process(spec: TaskSpec, options: dict[str, Any], log_path: Path, verb
                     return 143
                 except KeyboardInterrupt:
                     return 130
-                except (ConfigError, CheckpointError, DataError, FloatingPointError) as e:
+                except (ConfigError, CheckpointError, DataError, OutputPathError, FloatingPointError) as e:
                     print(f"mae-transfer: error: {e}", file=sys.stderr)
                     return 2
                 except Exception:  # noqa: BLE001 - a failing job must not end the benchmark

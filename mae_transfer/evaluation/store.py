@@ -25,6 +25,7 @@ from typing import Any, Callable, Iterable
 
 from mae_transfer.engine.locks import FileLock
 from mae_transfer.engine.results import COLUMNS, RESULTS_FILE, ResultRow, provenance
+from mae_transfer.io import open_output
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +70,7 @@ class ResultStore:
         return len(lines)
 
     def _write(self, blob: str) -> None:
-        with open(self.path, "a+b") as f:
+        with open_output(self.path, "a+b") as f:  # never through a link planted at its name
             f.seek(0, os.SEEK_END)
             if f.tell() > 0:
                 f.seek(-1, os.SEEK_END)

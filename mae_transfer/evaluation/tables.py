@@ -25,7 +25,7 @@ from typing import Any, Iterable
 
 import yaml
 
-from mae_transfer.engine.results import FAILED
+from mae_transfer.engine.results import FAILED, is_custom_dataset
 from mae_transfer.evaluation.registry import TABLES, Column, TaskSpec, table_columns
 from mae_transfer.io import atomic_write_text
 
@@ -33,6 +33,8 @@ MISSING = "–"
 NO_RESULTS = "no results yet: the results store holds no rows for the paper's tables"
 TOY_NOTE = ("Our rows ran on the built-in toy data: they check the pipeline and are not comparable "
             "with the paper's rows.")
+CUSTOM_NOTE = ("{dataset} is not the benchmark's dataset (another class count in its layout): these rows are "
+               "not comparable with the paper's, which are left out.")
 FORMATS = ("markdown", "latex", "csv")
 
 
@@ -156,7 +158,9 @@ def _resolve_baseline(baseline: str | None, backbones: list[str]) -> str | None:
 
 
 def _mark_best(rows: list[Row]) -> None:
-    """Bold the highest value of each column (as displayed, one decimal); ties are all bold."""
+    """Bold the highest value of each column among ``rows`` (as displayed, one decimal); ties are all
+    bold. Called on our rows only: the paper's rows are reference numbers, never bold, and take no
+    part in the comparison (README "bold: the best of your backbones in each column")."""
     for j in range(len(rows[0].cells) if rows else 0):
         vals = [round(r.cells[j].value, 1) for r in rows if r.cells[j].value is not None]
         for r in rows:
@@ -199,7 +203,34 @@ def build_tables(rows: Iterable[dict], baseline: str | None = "auto", paper: boo
     ``baseline``: the backbone that deltas are taken to ("auto": the first backbone whose name holds
     "random" or "scratch"; None: no deltas). ``paper``: add the paper's rows, for ``paper_sizes``
     (default: our ViT sizes among B/L/H, else B). ``full``: keep the columns nobody has results for.
+
+    Rows on other data in a benchmark's layout (``dataset`` ``"ade20k-layout:FOLDER (11 classes)"``,
+    :func:`~mae_transfer.engine.results.is_custom_dataset`) are not the benchmark's: each such
+    dataset gets tables of its own after the paper's, titled with it, without the paper's rows.
     """
+    rows = list(rows)
+    _resolve_baseline(None if baseline == "auto" else baseline, RowIndex(rows).backbones)  # an unknown name: ValueError
+    groups: dict[str | None, list[dict]] = {}
+    for r in rows:
+        ds = r.get("dataset")
+        groups.setdefault(ds if is_custom_dataset(ds) else None, []).append(r)
+
+    def base(grp: list[dict]) -> str | None:  # the baseline, where this group has it
+        return baseline if baseline in (None, "auto") or baseline in RowIndex(grp).backbones else None
+
+    main = groups.pop(None, [])
+    tables = _build_tables(main, base(main), paper, paper_sizes, full)
+    for ds, grp in groups.items():
+        for t in _build_tables(grp, base(grp), False, None, full):
+            t.key = f"{t.key}_{re.sub(r'[^A-Za-z0-9]+', '_', ds).strip('_').lower()}"
+            t.title = f"{re.sub(r'^Table [0-9]+: ', '', t.title)}, on {ds}"
+            t.notes.insert(0, CUSTOM_NOTE.format(dataset=ds))
+            tables.append(t)
+    return tables
+
+
+def _build_tables(rows: Iterable[dict], baseline: str | None, paper: bool, paper_sizes: list[str] | None,
+                  full: bool) -> list[Table]:
     idx = RowIndex(rows)
     bbs = idx.backbones
     base = _resolve_baseline(baseline, bbs)
@@ -245,7 +276,6 @@ def build_tables(rows: Iterable[dict], baseline: str | None = "auto", paper: boo
             sizes = paper_sizes or [s for s in ("B", "L", "H") if s in {r.size for r in ours}] or ["B"]
             prow, sources, pnotes = _paper_block(ref, paper_keys, cols, sizes)
             if prow:
-                _mark_best(prow)
                 blocks["paper"] = prow
                 caption.append("Paper rows: " + "; ".join(sources) + ".")
                 notes += pnotes

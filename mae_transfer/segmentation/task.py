@@ -25,7 +25,7 @@ from mae_transfer.data.seeded import SeededTransformDataset
 from mae_transfer.engine.distributed import convert_sync_batchnorm
 from mae_transfer.engine.evaluator import run_evaluator
 from mae_transfer.engine.optim import param_groups
-from mae_transfer.engine.results import ResultRow, row_identity, write_run_results
+from mae_transfer.engine.results import ResultRow, dataset_name, row_identity, write_run_results
 from mae_transfer.engine.trainer import EvalContext, OptimConfig, Trainer, TrainTask
 from mae_transfer.io import atomic_write, atomic_write_json
 from mae_transfer.models.vit import VisionTransformer, named_size, vit_size
@@ -149,6 +149,21 @@ class SegmentationTask(TrainTask):
         """``eval_precision`` (fp32 by default, as mmsegmentation's test loop)."""
         return self.cfg.eval_precision
 
+    def check_data(self, trainer: Trainer) -> None:
+        """Before training: read every image and label map of the evaluation split (when it has at
+        most ``UP_FRONT_CHECK_MAX`` items; each process its share, the findings gathered), so that an
+        unreadable file, a size mismatch or (without --bad-labels ignore) an out-of-range label value
+        stops the run now, in one message, not at the evaluation after training. Training items
+        are checked as they are read (ADE20K's 20,210 would take minutes up front; `mae-transfer
+        check-data --task ade20k --data DIR --full` checks them all)."""
+        ds, split = self.val_set, self.cfg.data.val_split
+        problems = trainer.check_split(ds.find_bad_samples, len(ds), split, "images and label maps",
+                                       "mae-transfer check-data --task ade20k --data DIR --full")
+        if problems:
+            others = ", ".join(Path(ds.samples[i][0]).name for i, _ in problems[1:4]) + (" ..." if len(problems) > 4 else "")
+            more = f" (and {len(problems) - 1} more item(s) of {split} with problems: {others})" if len(problems) > 1 else ""
+            raise DataError(f"{problems[0][1]}{more}")
+
     def on_epoch_end(self, trainer: Trainer, epoch: int) -> None:
         every = self.cfg.eval_every_epochs
         if every <= 0 or (epoch + 1) % every or epoch + 1 == self.cfg.train.epochs:
@@ -222,7 +237,7 @@ class SegmentationTask(TrainTask):
         cfg = self.cfg
         test = "ms" if len(cfg.test.scales) > 1 else "ss"
         common = dict(
-            task="ade20k", dataset="ade20k" if cfg.data.path else "ade20k (toy)", split=cfg.data.val_split,
+            task="ade20k", dataset=dataset_name("ade20k", cfg.data.path, cfg.data.num_classes), split=cfg.data.val_split,
             protocol=f"{cfg.recipe}_{test}{'+flip' if cfg.test.flip else ''}", step=step,
             **row_identity(cfg, self.backbone_sha256, ("data", "backbone", "visualize", "trust_checkpoint"), self.evaluated),
         )
@@ -311,9 +326,10 @@ def read_segmenter_file(path: str | Path, trust: bool = False) -> dict:
     """The contents of a trained segmenter's file, ``weights_only`` unless ``trust``."""
     from mae_transfer.checkpoint import load_file, load_safely
 
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"--weights {path}: file not found")
+    from mae_transfer.checkpoint.trained import trained_model_file
+
+    # A run directory reads its checkpoint-last.pth (the file the result rows then name).
+    path = trained_model_file(path, "segmenter.pth or checkpoint-last.pth of an ade20k run, or an mmsegmentation segmentor .pth")
     state = load_file(path) if trust else load_safely(path, "--weights")
     if not isinstance(state, dict):
         raise CheckpointError(f"--weights {path}: not a trained model (expected segmenter.pth, checkpoint-last.pth of an ade20k run, "
