@@ -87,15 +87,20 @@ def test_knn_and_sweep_on_frozen_features(tmp_path, cache, encoder, capsys):
     assert main(["knn", "--backbone", str(encoder), "--output", str(out), "--k", "5,20", "--sweep", "--device", "cpu"]) == 0
     printed = capsys.readouterr().out
     assert "k-NN k=5" in printed and "linear sweep" in printed
-    protocols = {json.loads(line)["protocol"] for line in (out / "results.jsonl").read_text().splitlines()}
-    assert protocols == {"knn5", "knn20", "linprobe_sweep"}
+    rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    assert {r["protocol"] for r in rows} == {"knn5", "knn20", "linprobe_sweep"}
+    # A standalone run's rows are fully described (issue 23, 9): the ViT evaluated and the provenance.
+    assert {r["model"] for r in rows} == {"vit_nano_patch8"}  # read from the nano encoder
+    assert all(r["git_commit"] is not None and r["versions"] and r["hardware"] and r["date"] for r in rows)
 
 
-def test_finetuning_resumes_after_a_kill(tmp_path):
+def test_finetuning_resumes_after_a_kill(tmp_path, monkeypatch):
     env = dict(os.environ, MAE_TRANSFER_CACHE=str(tmp_path / "cache"), PYTHONUNBUFFERED="1")
-    args = [sys.executable, "-m", "mae_transfer", "finetune", "--epochs", "3", *SMALL, "train.ckpt_every_minutes=0"]
-    full = tmp_path / "full"
-    subprocess.run([*args, "--output", str(full)], env=env, check=True, capture_output=True)
+    command = ["finetune", "--epochs", "3", *SMALL, "train.ckpt_every_minutes=0"]
+    args = [sys.executable, "-m", "mae_transfer", *command]
+    full = tmp_path / "full"  # the uninterrupted run, in this process (one interpreter start less)
+    monkeypatch.setenv("MAE_TRANSFER_CACHE", str(tmp_path / "cache"))
+    assert main([*command, "--output", str(full)]) == 0
     run = tmp_path / "killed"
     proc = subprocess.Popen([*args, "--output", str(run)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     jl = run / "train.jsonl"

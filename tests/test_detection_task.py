@@ -236,8 +236,9 @@ def test_coco_command_errors_are_one_clear_line(tmp_path, cache, capsys):
 
 
 def test_tiny_mask_rcnn_memorises_real_coco_images(shared, tmp_path):
-    """Eight real coco_tiny train images (1-3 objects each): 100 steps lift bbox and mask AP on those
-    images from 0 (untrained) to well above it; the same command on the whole split is in the README."""
+    """Eight real coco_tiny train images (1-3 objects each): 40 steps lift bbox and mask AP on those
+    images from 0 (untrained) to well above it (8.0 / 4.9 on this CPU); the same command on the whole
+    split is in the README."""
     import collections
     from mae_transfer.engine.trainer import EvalContext
     import os
@@ -261,16 +262,16 @@ def test_tiny_mask_rcnn_memorises_real_coco_images(shared, tmp_path):
     cfg = build_config("toy", {
         "data": {"path": str(root), "val_split": "train2017", "scale_range": [0.8, 1.2]},
         "model": {"img_size": 128},
-        "train": {"epochs": 30, "batch_size": 4, "effective_batch_size": 4, "num_workers": 0, "progress": False},
+        "train": {"epochs": 20, "batch_size": 4, "effective_batch_size": 4, "num_workers": 0, "progress": False},
         # From random init: every layer at the full lr (no layer decay).
-        "optim": {"lr": 5e-4, "warmup_steps": 12, "layer_decay": 1.0}, "eval_batch_size": 8, "visualize": 0,
+        "optim": {"lr": 8e-4, "warmup_steps": 8, "layer_decay": 1.0}, "eval_batch_size": 8, "visualize": 0,
     })
     task = DetectionTask(cfg)
     dist = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
     untrained = task.evaluate(task.build_model().eval(), EvalContext(dist.device, "fp32", dist, 0, None))
     trainer = Trainer(task, cfg.train, cfg.optim, tmp_path / "run", dist, config=cfg)
     trainer.fit()
-    assert trainer.step == 60
+    assert trainer.step == 40
     trained = task.last_eval
     assert untrained["bbox"]["AP"] < 1.0
     assert trained["bbox"]["AP"] > 5.0, trained["bbox"]

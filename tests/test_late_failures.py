@@ -410,3 +410,13 @@ def test_hub_errors_read_as_sentences(offline, monkeypatch, tmp_path):
     message = str(info.value)
     assert "is could" not in message and str(tmp_path / "hub") in message
     assert ("is not in the local cache" in message) == offline and ("could not be downloaded" in message) != offline
+
+
+def test_ade20k_with_one_image_per_step_is_one_line_before_training(ade, tmp_path, no_training, capsys):
+    """The decode head's BatchNorm cannot train on one image a step (torch raises at the first
+    step); said before training, naming the flag to change."""
+    args = [a for a in ADE_ARGS if not a.startswith("train.batch_size") and not a.startswith("train.effective")]
+    assert main(["ade20k", "--data", str(ade), "--output", str(tmp_path / "run"), *args, "--batch-size", "1",
+                 "--effective-batch-size", "2"]) == 2
+    line = _error_line(capsys)
+    assert "--batch-size 2 or more" in line and "trainer" not in no_training

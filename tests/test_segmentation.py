@@ -171,8 +171,8 @@ def test_ade20k_errors_are_one_clear_line(tmp_path, cache, capsys):
 
 
 def test_tiny_upernet_overfits_a_handful_of_toy_images(tmp_path):
-    """Eight toy scenes: 80 steps make the loss fall and mIoU on those images rise far above the
-    untrained model's."""
+    """Eight toy scenes: 40 steps make the loss fall and mIoU on those images rise far above the
+    untrained model's (loss ratio 0.34, mIoU 0.001 -> 0.50 on this CPU)."""
     from mae_transfer.engine.trainer import EvalContext
 
     from mae_transfer.data.toy import write_ade20k
@@ -184,8 +184,8 @@ def test_tiny_upernet_overfits_a_handful_of_toy_images(tmp_path):
     root = write_ade20k(tmp_path / "ade", train_images=8, val_images=3, image_size=64)
     cfg = build_config("toy", {
         "data": {"path": str(root), "val_split": "training", "ratio_range": [1.0, 1.0], "photometric": False},
-        "train": {"epochs": 80, "batch_size": 8, "effective_batch_size": 8, "num_workers": 0, "progress": False, "log_every": 10},
-        "optim": {"lr": 1e-3, "warmup_steps": 10}, "visualize": 0,
+        "train": {"epochs": 40, "batch_size": 8, "effective_batch_size": 8, "num_workers": 0, "progress": False, "log_every": 10},
+        "optim": {"lr": 3e-3, "warmup_steps": 10}, "visualize": 0,
     })
     task = SegmentationTask(cfg)
     dist = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))

@@ -74,7 +74,7 @@ def run_frozen_eval(
     va_f, va_y, _ = extract_features(vit, loader(val), dev, feature_fn=_cls_features, desc="features of val")
     results = knn_evaluate(tr_f, tr_y, va_f, va_y, num_classes, ks=ks)
     rows, lines = [], [f"{'evaluation':22s} {'top-1':>7s} {'top-5':>7s} {'mean/cls':>9s}"]
-    common = dict(task="knn", dataset=dataset_name(dataset, data, num_classes), split="val",
+    common = dict(task="knn", dataset=dataset_name(dataset, data, num_classes), split="val", model=name,
                   backbone=backbone or "random init", backbone_sha256=weights_sha256(backbone) if backbone else None)
     for k, m in results.items():
         lines.append(f"{'k-NN k=' + str(k):22s} {m['top1']:7.2f} {m['top5']:7.2f} {m['mean_per_class']:9.2f}")

@@ -898,6 +898,13 @@ _MARKER = ".mae_transfer_toy.json"
 _TMP_TAG = ".tmp-"
 
 
+def is_toy_data(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is (a split folder of) a toy dataset that :func:`ensure_toy_dataset` wrote
+    (it holds the marker file): its results are the toy data's, not a user's dataset."""
+    root = Path(path)
+    return (root / _MARKER).exists() or (root.parent / _MARKER).exists()
+
+
 def toy_cache_dir() -> Path:
     """Where toy datasets are cached: ``$MAE_TRANSFER_CACHE/toy``, else ``~/.cache/mae_transfer/toy``."""
     base = os.environ.get("MAE_TRANSFER_CACHE")

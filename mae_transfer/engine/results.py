@@ -106,11 +106,15 @@ def row_identity(cfg: Any, backbone_sha256: str | None, exclude: tuple[str, ...]
     evaluation of its own weights share one config hash."""
     from mae_transfer.config import config_hash
 
+    # The ViT: its size name, or vit_<width>x<depth>_patch<p> for another size (a detectron2 or
+    # mmseg file of no standard size names no model).
+    m = getattr(cfg, "model", None)
+    model = m.vit_label() if hasattr(m, "vit_label") else getattr(m, "name", None)
     if evaluated:
-        return dict(backbone=evaluated["path"], backbone_sha256=evaluated["sha256"],
+        return dict(backbone=evaluated["path"], backbone_sha256=evaluated["sha256"], model=model,
                     config_hash=config_hash(evaluated.get("config") or cfg, exclude),
                     extra={"weights_format": evaluated["format"]})
-    return dict(backbone=getattr(cfg, "backbone", None) or "random init", backbone_sha256=backbone_sha256,
+    return dict(backbone=getattr(cfg, "backbone", None) or "random init", backbone_sha256=backbone_sha256, model=model,
                 config_hash=config_hash(cfg, exclude))
 
 
@@ -127,7 +131,9 @@ def dataset_name(dataset: str, path: str | os.PathLike | None, num_classes: int 
     ``"ade20k-layout:FOLDER (11 classes)"`` (``"imagefolder:FOLDER (100 classes)"``), FOLDER being
     the name of ``path``. Such rows are not the benchmark's: the tables print them apart, without
     the paper's rows (:func:`is_custom_dataset`)."""
-    if not path:
+    from mae_transfer.data.toy import is_toy_data
+
+    if not path or is_toy_data(path):  # the built-in toy data, also when passed as --data (the demo's larger splits)
         return f"{dataset} (toy)"
     expected = BENCHMARK_CLASSES.get(dataset)
     if expected is None or num_classes is None or int(num_classes) == expected:

@@ -264,7 +264,9 @@ def _tag_rows(job: Job, rows: list[ResultRow], wall: float | None) -> list[Resul
     if cfg_path.exists():
         with contextlib.suppress(ValueError, OSError, AttributeError):
             model = (json.loads(cfg_path.read_text()).get("model") or {}).get("name") or model
-    toy = bool(job.data and _is_toy(job.data))  # toy data passed as --data (e.g. larger toy splits)
+    from mae_transfer.data.toy import is_toy_data
+
+    toy = bool(job.data and is_toy_data(job.data))  # toy data passed as --data (e.g. larger toy splits)
     out = []
     for r in rows:
         dataset = r.dataset
@@ -274,13 +276,6 @@ def _tag_rows(job: Job, rows: list[ResultRow], wall: float | None) -> list[Resul
                              backbone_sha256=job.backbone.sha256, model=model, preset=job.preset, job_key=job.key,
                              run_dir=str(job.run_dir), wall_time_s=wall))
     return out
-
-
-def _is_toy(path: str) -> bool:
-    from mae_transfer.data.toy import _MARKER
-
-    root = Path(path)
-    return (root / _MARKER).exists() or (root.parent / _MARKER).exists()
 
 
 def job_done(store_rows: list[dict], key: str) -> bool:

@@ -156,6 +156,11 @@ class SegmentationTask(TrainTask):
         stops the run now, in one message, not at the evaluation after training. Training items
         are checked as they are read (ADE20K's 20,210 would take minutes up front; `mae-transfer
         check-data --task ade20k --data DIR --full` checks them all)."""
+        if trainer.batch_size * trainer.dist.world_size < 2:  # else a traceback from torch at the first step
+            raise ConfigError(
+                "train.batch_size 1 on 1 process: the decode head's BatchNorm needs at least 2 images per step (SyncBN "
+                "counts every process's); give --batch-size 2 or more (gradient accumulation keeps --effective-batch-size)"
+            )
         ds, split = self.val_set, self.cfg.data.val_split
         problems = trainer.check_split(ds.find_bad_samples, len(ds), split, "images and label maps",
                                        "mae-transfer check-data --task ade20k --data DIR --full")
