@@ -745,7 +745,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    try:
+        parser = build_parser()
+    except ImportError as e:  # a MAE_TRANSFER_TASKS module that is nowhere (registry.PluginError)
+        if type(e).__name__ != "PluginError":
+            raise
+        print(f"mae-transfer: error: {e}", file=sys.stderr)
+        return EXIT_USER_ERROR
     # KEY=VALUE overrides may come anywhere (also after options): argparse's positional list ends
     # at the first option, so later overrides arrive as "unknown" and are put back here.
     args, unknown = parser.parse_known_args(argv)

@@ -53,19 +53,29 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     return Path(path)
 
 
-def _finite_or_none(value: Any) -> Any:
+def json_safe(value: Any, nonfinite_as_text: bool = False) -> Any:
+    """``value`` with every NaN / inf float (nested in dicts, lists, tuples; 0-d tensors and numpy
+    scalars taken as Python numbers) replaced: by None (JSON null) for results and metrics, where an
+    undefined number (APl without large objects) must not break strict parsers (jq, JavaScript); by
+    its text (``"nan"``, ``"inf"``) with ``nonfinite_as_text``, for the training curves, where a
+    diverged loss must stay visible as such. The one NaN rule of every JSON writer of the toolkit."""
+    if hasattr(value, "item") and not isinstance(value, (str, bytes, dict, list, tuple)):
+        try:
+            value = value.item()  # a one-element tensor or numpy value
+        except (ValueError, RuntimeError):
+            pass  # more than one element: left as it is
     if isinstance(value, float) and not math.isfinite(value):
-        return None  # NaN / inf are not JSON; null keeps strict parsers (jq, JavaScript) happy
+        return str(value) if nonfinite_as_text else None
     if isinstance(value, dict):
-        return {k: _finite_or_none(v) for k, v in value.items()}
+        return {k: json_safe(v, nonfinite_as_text) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_finite_or_none(v) for v in value]
+        return [json_safe(v, nonfinite_as_text) for v in value]
     return value
 
 
 def atomic_write_json(path: str | os.PathLike, data: Any, indent: int | None = 2) -> Path:
     """``data`` as strict JSON (non-finite floats written as null), atomically."""
-    return atomic_write_text(path, json.dumps(_finite_or_none(data), indent=indent, allow_nan=False) + "\n")
+    return atomic_write_text(path, json.dumps(json_safe(data), indent=indent, allow_nan=False) + "\n")
 
 
 def atomic_write_json_list(path: str | os.PathLike, items: Iterable[Any], chunk: int = 8192, all_finite: bool = False) -> Path:
@@ -75,7 +85,7 @@ def atomic_write_json_list(path: str | os.PathLike, items: Iterable[Any], chunk:
     caller knows there is no NaN or infinity to write as null (skips that pass; one left would
     raise ValueError, not be written)."""
     def encode(block: list) -> str:
-        return json.dumps(block if all_finite else _finite_or_none(block), allow_nan=False)[1:-1]
+        return json.dumps(block if all_finite else json_safe(block), allow_nan=False)[1:-1]
 
     with atomic_write(path, "w") as f:
         f.write("[")
@@ -94,7 +104,7 @@ def atomic_write_json_list(path: str | os.PathLike, items: Iterable[Any], chunk:
 
 def atomic_write_jsonl(path: str | os.PathLike, rows: list[dict]) -> Path:
     """One JSON object per line, atomically."""
-    return atomic_write_text(path, "".join(json.dumps(_finite_or_none(r), allow_nan=False) + "\n" for r in rows))
+    return atomic_write_text(path, "".join(json.dumps(json_safe(r), allow_nan=False) + "\n" for r in rows))
 
 
 def try_flock(fd: int, blocking: bool = False) -> bool | None:

@@ -7,7 +7,9 @@ of the tables and a bar of the plots.
 
 from __future__ import annotations
 
+import os
 import re
+import subprocess
 import sys
 from pathlib import Path
 
@@ -75,3 +77,24 @@ def test_a_task_added_through_the_registry_reaches_runner_cli_tables_and_plots(t
     # Run again: both jobs are found done and skipped.
     assert main(argv) == 0
     assert capsys.readouterr().out.count("done before, skipped") == 2
+
+
+def test_the_console_script_finds_task_modules_in_the_current_folder(tmp_path):
+    """`MAE_TRANSFER_TASKS=my_tasks mae-transfer meanprobe` from the folder holding my_tasks.py (the
+    README's example) works with the console script, which does not put that folder on sys.path;
+    a module found nowhere is one line naming it and PYTHONPATH, for every command."""
+    script = Path(sys.executable).parent / "mae-transfer"
+    if not script.exists():
+        pytest.skip("the mae-transfer console script is not installed in this environment")
+    for block in readme_example():
+        name = re.match(r"# (\w+)\.py", block).group(1)
+        (tmp_path / f"{name}.py").write_text(block)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    ok = subprocess.run([str(script), "meanprobe", "--help"], cwd=tmp_path, env={**env, "MAE_TRANSFER_TASKS": "my_tasks"},
+                        capture_output=True, text=True, timeout=120)
+    assert ok.returncode == 0 and "meanprobe" in ok.stdout, ok.stderr[-2000:]
+    bad = subprocess.run([str(script), "--help"], cwd=tmp_path, env={**env, "MAE_TRANSFER_TASKS": "my_tasks,not_there"},
+                         capture_output=True, text=True, timeout=120)
+    lines = bad.stderr.strip().splitlines()
+    assert bad.returncode == 2 and len(lines) == 1, bad.stderr[-2000:]
+    assert "'not_there'" in lines[0] and "PYTHONPATH" in lines[0] and str(tmp_path) in lines[0]

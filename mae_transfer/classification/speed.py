@@ -13,7 +13,7 @@ import torch
 
 from mae_transfer.classification.config import build_config
 from mae_transfer.classification.task import build_classifier
-from mae_transfer.engine.bench import autocast_for, benchmark_training, device_name, resolve_device, tf32_enabled
+from mae_transfer.engine.bench import autocast_for, bench_precision, benchmark_training, device_name, resolve_device, tf32_enabled
 from mae_transfer.engine.optim import param_groups
 
 log = logging.getLogger(__name__)
@@ -24,7 +24,7 @@ def run_finetune_speed(preset: str = "finetune_vit_base", batch_size: int = 128,
     """Time ``steps`` fine-tuning steps after ``warmup`` untimed ones."""
     dev = resolve_device(device)
     on_cuda = dev.type == "cuda"
-    precision = ("bf16" if on_cuda else "fp32") if precision == "auto" else precision
+    precision = bench_precision(precision, dev)
     cfg = build_config(preset)
     torch.manual_seed(0)
     net = build_classifier(cfg, num_classes).to(dev).train()

@@ -21,7 +21,7 @@ import torch
 from mae_transfer.detection.config import build_config
 from mae_transfer.detection.masks import paste_masks_rle
 from mae_transfer.detection.task import build_detector, detection_param_groups
-from mae_transfer.engine.bench import autocast_for, count_flops, device_name, resolve_device, tf32_enabled, time_steps
+from mae_transfer.engine.bench import autocast_for, bench_precision, count_flops, device_name, resolve_device, tf32_enabled, time_steps
 from mae_transfer.io import atomic_write_json
 
 log = logging.getLogger(__name__)
@@ -66,10 +66,7 @@ def run_detection_speed(
         raise ValueError(f"need batch_size >= 1, steps >= 1, warmup >= 0; got {batch_size}, {steps}, {warmup}")
     dev = resolve_device(device)
     on_cuda = dev.type == "cuda"
-    if precision == "auto":
-        precision = "bf16" if on_cuda else "fp32"
-    if precision not in ("bf16", "fp16", "fp32") or (precision == "fp16" and not on_cuda):
-        raise ValueError(f"precision must be auto, bf16, fp32 or (on a GPU) fp16, got {precision!r}")
+    precision = bench_precision(precision, dev)
     ov = dict(overrides or {})
     model_ov = dict(ov.get("model", {}))
     if grad_checkpointing is not None:

@@ -181,8 +181,17 @@ def benchmark_training(forward_backward, optimizer, batch_size: int, steps: int,
             "attention_ops": attention}
 
 
+def bench_precision(precision: str, dev: torch.device) -> str:
+    """A speed benchmark's precision, by the toolkit's one rule (``"auto"``: bf16 on a GPU, fp32 on
+    a CPU; fp16 on a GPU only): :func:`mae_transfer.engine.precision.resolve_precision`."""
+    from mae_transfer.engine.precision import resolve_precision
+
+    return resolve_precision(precision, dev)
+
+
 def autocast_for(precision: str, dev: torch.device):
-    """The autocast context of a benchmark precision (bf16 / fp16) or a no-op (fp32)."""
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    return torch.autocast(dev.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
+    """The autocast context of a benchmark precision: the training loop's own
+    (:func:`mae_transfer.engine.precision.autocast_context`)."""
+    from mae_transfer.engine.precision import autocast_context
+
+    return autocast_context(precision, dev)

@@ -5,13 +5,12 @@ from __future__ import annotations
 import csv
 import json
 import logging
-import math
 import os
 import sys
 from pathlib import Path
 from typing import Any
 
-from mae_transfer.io import link_refused, open_output
+from mae_transfer.io import json_safe, link_refused, open_output
 
 log = logging.getLogger(__name__)
 
@@ -94,14 +93,6 @@ def setup_logging(rank: int = 0, log_file: str | Path | None = None, level: int 
     root.propagate = False
 
 
-def _clean(v: Any) -> Any:
-    if hasattr(v, "item"):
-        v = v.item()
-    if isinstance(v, float) and not math.isfinite(v):
-        return str(v)
-    return v
-
-
 class MetricWriter:
     """Append metric rows to ``<name>.csv`` and ``<name>.jsonl``, and scalars to TensorBoard.
 
@@ -160,7 +151,7 @@ class MetricWriter:
         """Append one row (a dict with at least ``step``) to the stream ``name``."""
         if not self.enabled:
             return
-        row = {k: _clean(v) for k, v in row.items()}
+        row = json_safe(row, nonfinite_as_text=True)  # a diverged loss stays "nan" in the curves
         with open_output(self.out_dir / f"{name}.jsonl", "a") as f:
             f.write(json.dumps(row) + "\n")
         path = self.out_dir / f"{name}.csv"

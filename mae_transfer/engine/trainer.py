@@ -38,6 +38,7 @@ from mae_transfer.data.index import freeze_heap_for_workers
 from mae_transfer.engine.distributed import DistInfo, all_reduce_mean, any_process
 from mae_transfer.engine.logger import MetricWriter
 from mae_transfer.engine.optim import Schedule, build_optimizer, param_groups
+from mae_transfer.engine.precision import autocast_context, resolve_precision
 from mae_transfer.engine.sampler import EpochBatchSampler
 
 log = logging.getLogger(__name__)
@@ -204,21 +205,6 @@ class EvalContext:
 class TrainingInterrupted(Exception):
     """Raised after a stop signal (SIGTERM/SIGINT/SIGUSR1/SIGUSR2) once the state has been saved; the
     run can be resumed (the CLI exits with 143)."""
-
-
-def resolve_precision(precision: str, device: torch.device) -> str:
-    if precision == "auto":
-        return "bf16" if device.type == "cuda" else "fp32"
-    if precision == "fp16" and device.type != "cuda":
-        raise ConfigError("train.precision=fp16 needs a GPU; use bf16 or fp32 on CPU")
-    return precision
-
-
-def autocast_context(precision: str, device: torch.device):
-    """The autocast context of a resolved precision (bf16/fp16) or a no-op (fp32)."""
-    if precision in ("bf16", "fp16"):
-        return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
-    return contextlib.nullcontext()
 
 
 def default_num_workers(requested: int | None, device: torch.device) -> int:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import sys
 import re
 from dataclasses import dataclass, field
 from typing import Any
@@ -394,11 +395,37 @@ def spec_for(command: str, options: dict[str, Any]) -> TaskSpec:
 # Options that select among the tasks of one command (the others in ``fixed`` are only set).
 _SELECTORS = ("year", "version")
 
+class PluginError(ImportError):
+    """A module named in ``MAE_TRANSFER_TASKS`` cannot be imported (the message says what to do)."""
+
+
 def _load_plugins() -> None:
     """Import the modules named in ``MAE_TRANSFER_TASKS`` (comma-separated): tasks outside this
-    package register themselves there, and every process (``bench``'s child jobs too) sees them."""
+    package register themselves there, and every process (``bench``'s child jobs too) sees them.
+
+    A module is looked for on ``sys.path`` and then in the current folder: ``python -m
+    mae_transfer`` puts the current folder on ``sys.path`` but the ``mae-transfer`` console script
+    does not, and the README's example (``my_tasks.py`` beside the command) must work with both.
+    A module found nowhere is one :class:`PluginError` naming it, the folder and ``PYTHONPATH``."""
     for name in filter(None, (m.strip() for m in os.environ.get("MAE_TRANSFER_TASKS", "").split(","))):
-        importlib.import_module(name)
+        try:
+            importlib.import_module(name)
+            continue
+        except ModuleNotFoundError as e:
+            if e.name not in (name, name.split(".")[0]):
+                raise  # the module exists but imports something missing: its own traceback helps
+        cwd = os.getcwd()
+        top = name.split(".")[0]
+        if os.path.isdir(os.path.join(cwd, top)) or os.path.isfile(os.path.join(cwd, top + ".py")):
+            if cwd not in sys.path:
+                sys.path.append(cwd)  # after the installed packages: a local file never shadows one
+            importlib.import_module(name)
+            continue
+        raise PluginError(
+            f"MAE_TRANSFER_TASKS names the module {name!r}, which is neither importable nor a {name.split('.')[0]}.py / "
+            f"package in the current folder ({cwd}); run the command from the folder that holds it, or add that folder to "
+            "PYTHONPATH (PYTHONPATH=/path/to/folder mae-transfer ...)"
+        ) from None
 
 
 _load_plugins()

@@ -18,23 +18,15 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
 from mae_transfer.engine.locks import FileLock
 from mae_transfer.engine.results import COLUMNS, RESULTS_FILE, ResultRow, provenance
-from mae_transfer.io import open_output
+from mae_transfer.io import json_safe, open_output
 
 log = logging.getLogger(__name__)
-
-def _clean(value: Any) -> Any:
-    # JSON has no NaN: an undefined metric (e.g. APl without large objects) is stored as null.
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value
-
 
 class ResultStore:
     """Append-only ``results.jsonl`` in ``root`` (created on the first append)."""
@@ -59,7 +51,7 @@ class ResultStore:
             for k, v in prov.items():
                 if full.get(k) is None:
                     full[k] = v
-            lines.append(json.dumps({k: _clean(v) for k, v in full.items()}, sort_keys=False, default=str))
+            lines.append(json.dumps(json_safe(full), sort_keys=False, default=str))  # NaN -> null
         if not lines:
             return 0
         self.root.mkdir(parents=True, exist_ok=True)

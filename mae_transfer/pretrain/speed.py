@@ -31,7 +31,7 @@ from typing import Callable
 import torch
 
 from mae_transfer.engine.bench import device_name as _device_name
-from mae_transfer.engine.bench import count_flops
+from mae_transfer.engine.bench import autocast_for, bench_precision, count_flops
 from mae_transfer.engine.bench import resolve_device as _resolve_device
 from mae_transfer.engine.bench import rss_peak_bytes as _rss_peak_bytes
 from mae_transfer.engine.bench import tf32_enabled as _tf32_enabled
@@ -134,8 +134,7 @@ def run_pretrain_speed(
         raise ValueError(f"need batch_size >= 1, steps >= 1, warmup >= 0; got {batch_size}, {steps}, {warmup}")
     dev = _resolve_device(device)
     on_cuda = dev.type == "cuda"
-    if precision == "auto":
-        precision = "bf16" if on_cuda else "fp32"
+    precision = bench_precision(precision, dev)
     if fused_adamw is None:
         fused_adamw = on_cuda
     if compile and warmup == 0:
@@ -157,9 +156,7 @@ def run_pretrain_speed(
     imgs = torch.randn(batch_size, net.in_chans, h, w, device=dev)
 
     def autocast():
-        if precision == "bf16":
-            return torch.autocast(dev.type, dtype=torch.bfloat16)
-        return contextlib.nullcontext()
+        return autocast_for(precision, dev)
 
     with _tf32_enabled(on_cuda):
         analytic = float(net.flops_per_image()["train_step"])

@@ -14,7 +14,7 @@ import logging
 
 import torch
 
-from mae_transfer.engine.bench import autocast_for, benchmark_training, device_name, resolve_device, tf32_enabled, time_steps
+from mae_transfer.engine.bench import autocast_for, bench_precision, benchmark_training, device_name, resolve_device, tf32_enabled, time_steps
 from mae_transfer.segmentation.config import build_config
 from mae_transfer.segmentation.model import slide_inference
 from mae_transfer.segmentation.task import SegmentationTask, build_segmenter, segmentation_loss
@@ -27,7 +27,7 @@ def run_segmentation_speed(preset: str = "upernet_vit_b", batch_size: int = 8, s
     """Time ``steps`` training steps after ``warmup`` and ``eval_steps`` sliding-window inferences."""
     dev = resolve_device(device)
     on_cuda = dev.type == "cuda"
-    precision = ("bf16" if on_cuda else "fp32") if precision == "auto" else precision
+    precision = bench_precision(precision, dev)
     cfg = build_config(preset)
     torch.manual_seed(0)
     net = build_segmenter(cfg).to(dev).train()
