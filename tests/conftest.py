@@ -38,11 +38,19 @@ def shared() -> Path:
     return root
 
 
+@pytest.fixture(scope="session")
+def _worker_cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("cache")
+
+
 @pytest.fixture
-def cache(tmp_path, monkeypatch):
-    """A private toy-data cache for the test (``$MAE_TRANSFER_CACHE``)."""
-    monkeypatch.setenv("MAE_TRANSFER_CACHE", str(tmp_path / "cache"))
-    return tmp_path / "cache"
+def cache(_worker_cache, monkeypatch):
+    """The toy-data and index cache (``$MAE_TRANSFER_CACHE``) of this test process, shared by its
+    tests: each toy dataset is written once per test worker instead of once per test (the writers
+    are deterministic, keyed by their settings and locked; index caches are keyed by their sources),
+    and never in the user's own cache. Tests of the cache itself set their own folder."""
+    monkeypatch.setenv("MAE_TRANSFER_CACHE", str(_worker_cache))
+    return _worker_cache
 
 
 def result_rows(run_dir: Path) -> dict[str, float]:
