@@ -682,7 +682,7 @@ def _run_export(args) -> int:
         if args.to == "timm":
             from mae_transfer.checkpoint.timm import export_timm as export
         else:
-            from mae_transfer.checkpoint.hf import export_hf as export
+            from mae_transfer.checkpoint.hf_export import export_hf as export
         folder = export(state, args.output, num_heads=args.num_heads)
         print(f"{folder}: model.safetensors + config.json for {'timm' if args.to == 'timm' else 'transformers ViTMAEModel'} "
               "(read back and checked)")

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from mae_transfer.checkpoint import read_checkpoint
-from mae_transfer.checkpoint.hf import export_hf
+from mae_transfer.checkpoint.hf_export import export_hf
 from mae_transfer.checkpoint.hub import resolve_weights, weights_sha256
 from mae_transfer.checkpoint.timm import export_timm
 from mae_transfer.cli import main

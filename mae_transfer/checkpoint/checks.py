@@ -17,7 +17,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import torch
 
-from mae_transfer.checkpoint.io import CheckpointError
+from mae_transfer.checkpoint.errors import CheckpointError
 
 WEIGHT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 # The integer tensors formats store (the reference files: mmsegmentation's checkpoint has both,

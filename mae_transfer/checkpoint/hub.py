@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from mae_transfer.checkpoint.io import CheckpointError
+from mae_transfer.checkpoint.errors import CheckpointError
 
 SCHEMES = ("hf-hub:", "timm:")
 # What a model repository's weights are called (timm and transformers save these).

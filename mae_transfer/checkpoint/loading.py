@@ -16,7 +16,8 @@ from mae_transfer.checkpoint.checks import check_dtypes
 from mae_transfer.checkpoint.checks import compact as _compact
 from mae_transfer.checkpoint.checks import first_names as _first
 from mae_transfer.checkpoint.formats import _describe, _grid_from_tokens, _suggest, _unwrap, detect_format, infer_vit_config, to_vit_state_dict
-from mae_transfer.checkpoint.io import CheckpointError, read_checkpoint
+from mae_transfer.checkpoint.io import CheckpointError
+from mae_transfer.checkpoint.reading import read_checkpoint
 from mae_transfer.models.pos_embed import resize_pos_embed
 
 log = logging.getLogger(__name__)
