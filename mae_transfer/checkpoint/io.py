@@ -11,13 +11,12 @@ from typing import Any, Iterable
 
 import torch
 
+from mae_transfer.checkpoint.errors import CheckpointError  # also importable from here, its old home
+
 try:  # detectron2 model-zoo pickles hold numpy arrays
     import numpy as np
 except ImportError:  # pragma: no cover
     np = None
-
-
-from mae_transfer.checkpoint.errors import CheckpointError  # noqa: E402 - re-exported: its old home
 
 
 def atomic_save(obj: Any, path: str | os.PathLike) -> Path:

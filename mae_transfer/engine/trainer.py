@@ -511,9 +511,13 @@ class Trainer:
     def _check_finite_weights(self) -> None:
         """Raise :class:`FloatingPointError` when a parameter holds NaN or inf (one device sync). The
         loss is only checked at logging steps, so an update after the last one (or a learning rate
-        that is itself inf) can leave diverged weights that would otherwise be saved and exported."""
+        that is itself inf) can leave diverged weights that would otherwise be saved and exported.
+        Once per step: the epoch end and the checkpoint saved right after it share one check."""
+        if getattr(self, "_finite_at_step", None) == self.step:
+            return
         params = [p for p in self.unwrapped.parameters() if p.is_floating_point()]
         if not params or bool(torch.stack([torch.isfinite(p).all() for p in params]).all()):
+            self._finite_at_step = self.step
             return
         bad = [n for n, p in self.unwrapped.named_parameters() if p.is_floating_point() and not bool(torch.isfinite(p).all())]
         raise FloatingPointError(
