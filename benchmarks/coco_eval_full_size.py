@@ -10,7 +10,8 @@ main process, and ``save_results_json`` of the predictions file.
 
 Each (code, backend) runs in a fresh subprocess, so peaks do not mix: ``new`` is the working tree's
 ``mae_transfer.detection.coco``; ``old`` is that file at ``--old-ref`` (default: the last revision
-with one dict per detection), run with the same dataset class. The mask pasting of ``process`` (the same code in both) is replaced by
+with one dict per detection), run with the same dataset class. The mask pasting of ``process`` (the same
+code in both) is replaced by
 masks already encoded: the output's ``mask_probs`` carries the RLEs and ``paste_masks_rle`` hands
 them through. Reported per run: seconds of ``process``, of gather (unpickling) + ``merge`` +
 ``evaluate``, and of writing the predictions; the peak resident memory above the memory after the
@@ -45,8 +46,15 @@ OLD_REF = "9b49d5c"  # the last revision whose COCOEvaluator kept one dict per d
 # COCO's 80 category ids (1..90 without the ten unused ones).
 CAT_IDS = [i for i in range(1, 91) if i not in (12, 26, 29, 30, 45, 66, 68, 69, 71, 83)]
 # (width, height) of val2017 images and roughly how often each occurs.
-SIZES = [((640, 480), 0.45), ((640, 427), 0.2), ((480, 640), 0.12), ((427, 640), 0.06), ((640, 425), 0.07),
-         ((640, 360), 0.05), ((500, 375), 0.05)]
+SIZES = [
+    ((640, 480), 0.45),
+    ((640, 427), 0.2),
+    ((480, 640), 0.12),
+    ((427, 640), 0.06),
+    ((640, 425), 0.07),
+    ((640, 360), 0.05),
+    ((500, 375), 0.05),
+]
 
 
 # ------------------------------------------------------------------------------------ ground truth
@@ -91,8 +99,10 @@ def make_ground_truth(root: Path, images: int, annotations: int, seed: int) -> N
     rng = np.random.default_rng(seed)
     sizes, p = zip(*SIZES)
     choice = rng.choice(len(sizes), images, p=np.array(p) / sum(p))
-    imgs = [{"id": 1000 + 7 * i, "file_name": f"{1000 + 7 * i:012d}.jpg", "width": sizes[c][0], "height": sizes[c][1]}
-            for i, c in enumerate(choice)]
+    imgs = [
+        {"id": 1000 + 7 * i, "file_name": f"{1000 + 7 * i:012d}.jpg", "width": sizes[c][0], "height": sizes[c][1]}
+        for i, c in enumerate(choice)
+    ]
     weight = rng.gamma(1.2, size=images)  # instances per image vary (COCO: 0 to 63, 7.3 on average)
     per_image = rng.multinomial(annotations, weight / weight.sum())
     # person is a quarter of COCO's instances; the rest fall off like a power law.
@@ -109,20 +119,30 @@ def make_ground_truth(root: Path, images: int, annotations: int, seed: int) -> N
             ann = {"id": len(anns) + 1, "image_id": im["id"], "category_id": CAT_IDS[rng.choice(80, p=cat_p)]}
             if rng.random() < 0.01:  # crowd region: an uncompressed RLE, as in COCO
                 counts = _column_runs(H, W, x, y, x + w, y + h)
-                ann.update(iscrowd=1, segmentation={"counts": counts, "size": [H, W]}, area=float(sum(counts[1::2])),
-                           bbox=[round(x, 2), round(y, 2), round(w, 2), round(h, 2)])
+                ann.update(
+                    iscrowd=1,
+                    segmentation={"counts": counts, "size": [H, W]},
+                    area=float(sum(counts[1::2])),
+                    bbox=[round(x, 2), round(y, 2), round(w, 2), round(h, 2)],
+                )
             else:
                 poly = _polygon(rng, x, y, w, h)
                 xy = np.asarray(poly).reshape(-1, 2)
                 x0, y0 = xy.min(0)
                 x1, y1 = xy.max(0)
-                ann.update(iscrowd=0, segmentation=[poly], area=round(_shoelace(poly), 2),
-                           bbox=[round(float(x0), 2), round(float(y0), 2), round(float(x1 - x0), 2), round(float(y1 - y0), 2)])
+                ann.update(
+                    iscrowd=0,
+                    segmentation=[poly],
+                    area=round(_shoelace(poly), 2),
+                    bbox=[round(float(x0), 2), round(float(y0), 2), round(float(x1 - x0), 2), round(float(y1 - y0), 2)],
+                )
             anns.append(ann)
     cats = [{"id": c, "name": f"class{c}", "supercategory": "thing"} for c in CAT_IDS]
     (root / "annotations").mkdir(parents=True, exist_ok=True)
     (root / "val2017").mkdir(exist_ok=True)
-    (root / "annotations" / "instances_val2017.json").write_text(json.dumps({"images": imgs, "annotations": anns, "categories": cats}))
+    (root / "annotations" / "instances_val2017.json").write_text(
+        json.dumps({"images": imgs, "annotations": anns, "categories": cats})
+    )
     for im in imgs:
         (root / "val2017" / im["file_name"]).touch()
 
@@ -161,8 +181,12 @@ def make_outputs(ds, index: int, seed: int, per_image: int):
     runs = [{"size": [H, W], "counts": _column_runs(H, W, *box)} for box in b.tolist()]
     rles = [{"size": [H, W], "counts": r["counts"].decode("ascii")} for r in mask_utils.frPyObjects(runs, H, W)]
     target = {"image_id": torch.tensor(image_id), "orig_size": torch.tensor([H, W])}
-    output = {"boxes": torch.from_numpy(b), "scores": torch.from_numpy(scores), "labels": torch.from_numpy(labels.astype(np.int64)),
-              "mask_probs": rles}  # handed through by the patched paste_masks_rle
+    output = {
+        "boxes": torch.from_numpy(b),
+        "scores": torch.from_numpy(scores),
+        "labels": torch.from_numpy(labels.astype(np.int64)),
+        "mask_probs": rles,
+    }  # handed through by the patched paste_masks_rle
     return target, output
 
 
@@ -187,8 +211,12 @@ def _load_coco_module(code: str, old_ref: str, workdir: Path):
         import mae_transfer.detection.coco as module
 
         return module
-    src = subprocess.run(["git", "-C", str(REPO), "show", f"{old_ref}:mae_transfer/detection/coco.py"],
-                         check=True, capture_output=True, text=True).stdout
+    src = subprocess.run(
+        ["git", "-C", str(REPO), "show", f"{old_ref}:mae_transfer/detection/coco.py"],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
     path = workdir / f"coco_{old_ref.replace('/', '_')}.py"
     path.write_text(src)
     spec = importlib.util.spec_from_file_location("coco_old_ref", path)
@@ -224,7 +252,9 @@ def run_child(args) -> dict:
         ev.reset()
         shard = list(range(rank, n, args.ranks))
         for b in range(0, len(shard), args.batch):
-            targets, outputs = zip(*(make_outputs(ds, i, args.seed, args.detections) for i in shard[b:b + args.batch]))
+            targets, outputs = zip(
+                *(make_outputs(ds, i, args.seed, args.detections) for i in shard[b : b + args.batch])
+            )
             t = time.perf_counter()
             ev.process((None, list(targets)), list(outputs))
             seconds_process += time.perf_counter() - t
@@ -254,11 +284,21 @@ def run_child(args) -> dict:
     digest = hashlib.sha256(pred.read_bytes()).hexdigest()
     pred.unlink()
     return {
-        "code": args.code, "backend": args.backend, "images": n, "detections": int(len(main.results)),
-        "process_s": seconds_process, "merge_s": t1 - t0, "evaluate_s": t2 - t1, "save_s": t3 - t2,
-        "peak_increase_bytes": max(peaks.values()), "phase_peaks_bytes": peaks, "peak_exact": exact_peak,
+        "code": args.code,
+        "backend": args.backend,
+        "images": n,
+        "detections": int(len(main.results)),
+        "process_s": seconds_process,
+        "merge_s": t1 - t0,
+        "evaluate_s": t2 - t1,
+        "save_s": t3 - t2,
+        "peak_increase_bytes": max(peaks.values()),
+        "phase_peaks_bytes": peaks,
+        "peak_exact": exact_peak,
         "pickled_state_bytes": pickled,
-        "unpickled_state_bytes": rss_received - rss_sent, "metrics": metrics, "predictions_sha256": digest,
+        "unpickled_state_bytes": rss_received - rss_sent,
+        "metrics": metrics,
+        "predictions_sha256": digest,
     }
 
 
@@ -272,8 +312,12 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--code", nargs="+", default=["new", "old"], choices=["new", "old"])
     p.add_argument("--backends", nargs="+", default=["pycocotools", "faster"], choices=["pycocotools", "faster"])
-    p.add_argument("--old-ref", default=OLD_REF, help="git revision whose detection/coco.py is the old code "
-                   f"(default {OLD_REF}: the last with one dict per detection)")
+    p.add_argument(
+        "--old-ref",
+        default=OLD_REF,
+        help="git revision whose detection/coco.py is the old code "
+        f"(default {OLD_REF}: the last with one dict per detection)",
+    )
     p.add_argument("--workdir", help="keep the synthetic data here (default: a temporary folder)")
     p.add_argument("--out", help="also write the results as JSON here")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
@@ -290,31 +334,63 @@ def main() -> None:
     t = time.perf_counter()
     if not gt.is_file():
         make_ground_truth(workdir / "coco", args.images, args.annotations, args.seed)
-        print(f"ground truth: {args.images} images, {args.annotations} instances in {time.perf_counter() - t:.0f} s ({gt})", flush=True)
+        print(
+            f"ground truth: {args.images} images, {args.annotations} instances in "
+            f"{time.perf_counter() - t:.0f} s ({gt})",
+            flush=True,
+        )
     runs = []
     for backend in args.backends:
         for code in args.code:
-            cmd = [sys.executable, __file__, "--child", "--code", code, "--backend", backend, "--workdir", str(workdir),
-                   "--old-ref", args.old_ref, "--ranks", str(args.ranks), "--batch", str(args.batch),
-                   "--seed", str(args.seed), "--detections", str(args.detections)]
+            cmd = [
+                sys.executable,
+                __file__,
+                "--child",
+                "--code",
+                code,
+                "--backend",
+                backend,
+                "--workdir",
+                str(workdir),
+                "--old-ref",
+                args.old_ref,
+                "--ranks",
+                str(args.ranks),
+                "--batch",
+                str(args.batch),
+                "--seed",
+                str(args.seed),
+                "--detections",
+                str(args.detections),
+            ]
             proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
             lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
             if proc.returncode or not lines:
                 sys.exit(f"{code}/{backend} failed:\n{proc.stderr[-3000:]}")
-            r = json.loads(lines[-1][len("RESULT "):])
+            r = json.loads(lines[-1][len("RESULT ") :])
             runs.append(r)
-            print(f"{code:4s} {backend:12s} process {r['process_s']:7.1f} s | gather+merge {r['merge_s']:6.1f} s | "
-                  f"evaluate {r['evaluate_s']:7.1f} s | save json {r['save_s']:5.1f} s | peak +{r['peak_increase_bytes'] / 2**30:.2f} GiB"
-                  f"{'' if r['peak_exact'] else ' (peak since start)'} ("
-                  + ", ".join(f"{k} {v / 2**30:.2f}" for k, v in r["phase_peaks_bytes"].items())
-                  + f") | state {r['pickled_state_bytes'] / 2**20:.0f} MiB pickled, +{r['unpickled_state_bytes'] / 2**20:.0f} MiB unpickled",
-                  flush=True)
+            print(
+                f"{code:4s} {backend:12s} process {r['process_s']:7.1f} s | gather+merge {r['merge_s']:6.1f} s | "
+                f"evaluate {r['evaluate_s']:7.1f} s | save json {r['save_s']:5.1f} s | "
+                f"peak +{r['peak_increase_bytes'] / 2**30:.2f} GiB"
+                f"{'' if r['peak_exact'] else ' (peak since start)'} ("
+                + ", ".join(f"{k} {v / 2**30:.2f}" for k, v in r["phase_peaks_bytes"].items())
+                + f") | state {r['pickled_state_bytes'] / 2**20:.0f} MiB pickled, "
+                f"+{r['unpickled_state_bytes'] / 2**20:.0f} MiB unpickled",
+                flush=True,
+            )
     names = ("AP", "AP50", "AP75", "APs", "APm", "APl")
     print(f"{r['images']} images, {r['detections']} detections")
     print(f"{'':18s} " + " ".join(f"{kind}_{n:4s}" for kind in ("bbox", "segm") for n in names))
     for r in runs:
-        print(f"{r['code']:4s} {r['backend']:12s} " + " ".join(f"{r['metrics'][k][n]:9.5f}" for k in ("bbox", "segm") for n in names))
-    numbers = {(r["code"], r["backend"]): json.dumps([r["metrics"][k][n] for k in ("bbox", "segm") for n in names]) for r in runs}
+        print(
+            f"{r['code']:4s} {r['backend']:12s} "
+            + " ".join(f"{r['metrics'][k][n]:9.5f}" for k in ("bbox", "segm") for n in names)
+        )
+    numbers = {
+        (r["code"], r["backend"]): json.dumps([r["metrics"][k][n] for k in ("bbox", "segm") for n in names])
+        for r in runs
+    }
     for backend in args.backends:
         if ("new", backend) in numbers and ("old", backend) in numbers:
             same = numbers[("new", backend)] == numbers[("old", backend)]
@@ -323,7 +399,10 @@ def main() -> None:
     diff = max(abs(a - b) for v in values for a, b in zip(values[0], v) if not (math.isnan(a) or math.isnan(b)))
     print(f"largest difference between any two runs' numbers: {diff:.3g}")
     digests = {r["predictions_sha256"] for r in runs}
-    print(f"predictions files: {'all byte-identical' if len(digests) == 1 else 'DIFFER'} (sha256 {sorted(digests)[0][:16]}...)")
+    print(
+        f"predictions files: {'all byte-identical' if len(digests) == 1 else 'DIFFER'} "
+        f"(sha256 {sorted(digests)[0][:16]}...)"
+    )
     if args.out:
         Path(args.out).write_text(json.dumps(runs, indent=1))
     if tmp is not None:

@@ -34,9 +34,16 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("MAE_TRANSFER_SHARED", REPO.parent / "shared"))
 
 # A nano MAE on 32 px toy images (as in tests/test_pretrain_cli.py).
-TINY_PRETRAIN = ["model.name=mae_vit_nano_patch8", "model.img_size=32", "data.toy_images_per_class=12",
-                 "train.batch_size=8", "train.effective_batch_size=16", "train.log_every=1", "vis.num_images=4",
-                 "optim.warmup_epochs=1"]
+TINY_PRETRAIN = [
+    "model.name=mae_vit_nano_patch8",
+    "model.img_size=32",
+    "data.toy_images_per_class=12",
+    "train.batch_size=8",
+    "train.effective_batch_size=16",
+    "train.log_every=1",
+    "vis.num_images=4",
+    "optim.warmup_epochs=1",
+]
 
 
 def jobs(out: Path) -> list[dict]:
@@ -46,42 +53,120 @@ def jobs(out: Path) -> list[dict]:
     encoder = out / "pretrain-1" / "encoder.pth"
     classifier = out / "finetune-1" / "classifier.pth"
     return [
-        dict(name="pretrain", family="pretrain", kind="train",
-             argv=["pretrain", "--epochs", "2", *TINY_PRETRAIN],
-             note="per-sample seeded crops and masks; gradients averaged by all-reduce"),
-        dict(name="finetune", family="classification", kind="train",
-             argv=["finetune", "--backbone", str(encoder), "model.img_size=32", "train.epochs=5", "eval_every_epochs=5",
-                   "train.log_every=1"],
-             note="mixup/cutmix pair the images of each process's batch and draw one weight per process "
-                  "batch (timm's Mixup, mode 'batch', as in the official code); drop path draws from each "
-                  "process's own generator; RandAugment and random erasing are seeded per sample"),
-        dict(name="finetune-plain", family="classification", kind="train",
-             argv=["finetune", "--backbone", str(encoder), "model.img_size=32", "train.epochs=5", "eval_every_epochs=5",
-                   "train.log_every=1", "model.drop_path=0.0", "data.mixup=0.0", "data.cutmix=0.0"],
-             note="the same without drop path and mixup/cutmix: what is left is float reduction order"),
-        dict(name="finetune-eval", family="classification", kind="eval",
-             argv=["finetune", "--eval-only", "--weights", str(classifier)]),
-        dict(name="linprobe", family="classification", kind="train",
-             argv=["linprobe", "--backbone", str(encoder), "model.img_size=32", "train.epochs=5", "eval_every_epochs=5",
-                   "train.log_every=1"],
-             note="the head's BatchNorm (official MAE linear probe) normalises by each process's own batch, "
-                  "as the official code does under DDP: 1/N of the samples per statistic"),
-        dict(name="knn", family="classification", kind="eval",
-             argv=["knn", "--data", str(SHARED / "data" / "tiny_imagenet10"), "--backbone", str(encoder),
-                   "--img-size", "32"]),
-        dict(name="coco-eval", family="detection", kind="eval",
-             argv=["coco", "--eval-only", "--weights", str(ref_coco), "--data", str(SHARED / "data" / "coco_tiny"),
-                   "eval_batch_size=4"]),
-        dict(name="coco", family="detection", kind="train",
-             argv=["coco", "train.epochs=3", "train.log_every=1", "visualize=0"],
-             note="the RPN's anchor and the RoI heads' proposal sampling (torch.randperm) draw from each "
-                  "process's own generator, as in detectron2"),
-        dict(name="ade20k-eval", family="segmentation", kind="eval",
-             argv=["ade20k", "--eval-only", "--weights", str(ref_ade), "--data", str(SHARED / "data" / "ade20k_sample")]),
-        dict(name="ade20k", family="segmentation", kind="train",
-             argv=["ade20k", "train.epochs=3", "train.log_every=1", "visualize=0"],
-             note="the decode heads' BatchNorm is SyncBN on GPUs, as in mmsegmentation, but PyTorch's "
-                  "SyncBatchNorm does not run on CPU: with gloo each process normalises by its own 2 images"),
+        dict(
+            name="pretrain",
+            family="pretrain",
+            kind="train",
+            argv=["pretrain", "--epochs", "2", *TINY_PRETRAIN],
+            note="per-sample seeded crops and masks; gradients averaged by all-reduce",
+        ),
+        dict(
+            name="finetune",
+            family="classification",
+            kind="train",
+            argv=[
+                "finetune",
+                "--backbone",
+                str(encoder),
+                "model.img_size=32",
+                "train.epochs=5",
+                "eval_every_epochs=5",
+                "train.log_every=1",
+            ],
+            note="mixup/cutmix pair the images of each process's batch and draw one weight per process "
+            "batch (timm's Mixup, mode 'batch', as in the official code); drop path draws from each "
+            "process's own generator; RandAugment and random erasing are seeded per sample",
+        ),
+        dict(
+            name="finetune-plain",
+            family="classification",
+            kind="train",
+            argv=[
+                "finetune",
+                "--backbone",
+                str(encoder),
+                "model.img_size=32",
+                "train.epochs=5",
+                "eval_every_epochs=5",
+                "train.log_every=1",
+                "model.drop_path=0.0",
+                "data.mixup=0.0",
+                "data.cutmix=0.0",
+            ],
+            note="the same without drop path and mixup/cutmix: what is left is float reduction order",
+        ),
+        dict(
+            name="finetune-eval",
+            family="classification",
+            kind="eval",
+            argv=["finetune", "--eval-only", "--weights", str(classifier)],
+        ),
+        dict(
+            name="linprobe",
+            family="classification",
+            kind="train",
+            argv=[
+                "linprobe",
+                "--backbone",
+                str(encoder),
+                "model.img_size=32",
+                "train.epochs=5",
+                "eval_every_epochs=5",
+                "train.log_every=1",
+            ],
+            note="the head's BatchNorm (official MAE linear probe) normalises by each process's own batch, "
+            "as the official code does under DDP: 1/N of the samples per statistic",
+        ),
+        dict(
+            name="knn",
+            family="classification",
+            kind="eval",
+            argv=[
+                "knn",
+                "--data",
+                str(SHARED / "data" / "tiny_imagenet10"),
+                "--backbone",
+                str(encoder),
+                "--img-size",
+                "32",
+            ],
+        ),
+        dict(
+            name="coco-eval",
+            family="detection",
+            kind="eval",
+            argv=[
+                "coco",
+                "--eval-only",
+                "--weights",
+                str(ref_coco),
+                "--data",
+                str(SHARED / "data" / "coco_tiny"),
+                "eval_batch_size=4",
+            ],
+        ),
+        dict(
+            name="coco",
+            family="detection",
+            kind="train",
+            argv=["coco", "train.epochs=3", "train.log_every=1", "visualize=0"],
+            note="the RPN's anchor and the RoI heads' proposal sampling (torch.randperm) draw from each "
+            "process's own generator, as in detectron2",
+        ),
+        dict(
+            name="ade20k-eval",
+            family="segmentation",
+            kind="eval",
+            argv=["ade20k", "--eval-only", "--weights", str(ref_ade), "--data", str(SHARED / "data" / "ade20k_sample")],
+        ),
+        dict(
+            name="ade20k",
+            family="segmentation",
+            kind="train",
+            argv=["ade20k", "train.epochs=3", "train.log_every=1", "visualize=0"],
+            note="the decode heads' BatchNorm is SyncBN on GPUs, as in mmsegmentation, but PyTorch's "
+            "SyncBatchNorm does not run on CPU: with gloo each process normalises by its own 2 images",
+        ),
     ]
 
 
@@ -92,8 +177,19 @@ def run(job: dict, nproc: int, out: Path, env: dict) -> tuple[Path, float]:
         return run_dir, float(done.read_text())  # done before
     shutil.rmtree(run_dir, ignore_errors=True)
     torchrun = shutil.which("torchrun") or str(Path(sys.executable).parent / "torchrun")
-    argv = [torchrun, "--standalone", "--nproc_per_node", str(nproc), "-m", "mae_transfer", *job["argv"],
-            "--output", str(run_dir), "--device", "cpu"]
+    argv = [
+        torchrun,
+        "--standalone",
+        "--nproc_per_node",
+        str(nproc),
+        "-m",
+        "mae_transfer",
+        *job["argv"],
+        "--output",
+        str(run_dir),
+        "--device",
+        "cpu",
+    ]
     start = time.perf_counter()
     log = out / f"{job['name']}-{nproc}.log"
     with open(log, "w") as f:
@@ -145,16 +241,31 @@ def main() -> int:
         shared_keys = sorted(set(m1) & set(mn))
         diff = max((abs(m1[k] - mn[k]) for k in shared_keys), default=float("nan"))
         l1, ln = losses(one), losses(many)
-        loss_diff = max((abs(a - b) for a, b in zip(l1, ln)), default=float("nan")) if len(l1) == len(ln) else float("inf")
-        row = dict(job=job["name"], family=job["family"], kind=job["kind"], nproc=args.nproc, metrics_1=m1,
-                   metrics_n=mn, max_metric_diff=diff, steps=len(l1), max_loss_diff=loss_diff, seconds_1=t1,
-                   seconds_n=tn, note=job.get("note", ""))
+        loss_diff = (
+            max((abs(a - b) for a, b in zip(l1, ln)), default=float("nan")) if len(l1) == len(ln) else float("inf")
+        )
+        row = dict(
+            job=job["name"],
+            family=job["family"],
+            kind=job["kind"],
+            nproc=args.nproc,
+            metrics_1=m1,
+            metrics_n=mn,
+            max_metric_diff=diff,
+            steps=len(l1),
+            max_loss_diff=loss_diff,
+            seconds_1=t1,
+            seconds_n=tn,
+            note=job.get("note", ""),
+        )
         summary.append(row)
         print(f"\n{job['name']} ({job['family']}, {job['kind']}): 1 vs {args.nproc} processes")
         for k in shared_keys:
             print(f"  {k:28s} {m1[k]:12.6f} {mn[k]:12.6f}  diff {abs(m1[k] - mn[k]):.3g}")
-        print(f"  largest metric difference {diff:.3g}"
-              + (f"; loss curves over {len(l1)} steps differ by at most {loss_diff:.3g}" if l1 else ""))
+        print(
+            f"  largest metric difference {diff:.3g}"
+            + (f"; loss curves over {len(l1)} steps differ by at most {loss_diff:.3g}" if l1 else "")
+        )
         if job.get("note"):
             print(f"  note: {job['note']}")
         (out / "parity.json").write_text(json.dumps(summary, indent=1))

@@ -13,6 +13,7 @@ log = logging.getLogger("mae_transfer.cli")
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 143  # 128 + SIGTERM, what schedulers expect from a preempted job
 
+
 def _add_task_command(sub, command: str, specs: list) -> None:
     """One task command from the registry: the shared options of its family (an argparse parent
     parser, built once per family from the flag table) and the task's own options."""
@@ -22,11 +23,22 @@ def _add_task_command(sub, command: str, specs: list) -> None:
     spec = specs[0]
     names = tuple(dict.fromkeys(n for s in specs for n in option_names(s)))
     own = tuple(n for n in names if n in spec.option_help or n not in FAMILY_OPTIONS[spec.family])
-    p = sub.add_parser(command, help=spec.help, description=spec.description or spec.help, epilog=spec.epilog or None,
-                       parents=[_family_parent(spec.family, frozenset(own))], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = sub.add_parser(
+        command,
+        help=spec.help,
+        description=spec.description or spec.help,
+        epilog=spec.epilog or None,
+        parents=[_family_parent(spec.family, frozenset(own))],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     _add_flags(p, own, spec.option_help)
     if spec.trains:
-        p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. train.epochs=10 optim.layer_decay=0.8")
+        p.add_argument(
+            "overrides",
+            nargs="*",
+            metavar="KEY=VALUE",
+            help="config overrides, e.g. train.epochs=10 optim.layer_decay=0.8",
+        )
     p.set_defaults(func=_run_task, command_name=command, option_names=names)
 
 
@@ -66,7 +78,8 @@ def _run_task(args) -> int:
 
 def _add_speed(sub) -> None:
     p = sub.add_parser(
-        "speed", help="measure training speed (images/s, step time, memory, TFLOP/s)",
+        "speed",
+        help="measure training speed (images/s, step time, memory, TFLOP/s)",
         description=textwrap.dedent(
             """\
             Measure the speed of a training step on synthetic data created on the device (so data
@@ -83,33 +96,71 @@ def _add_speed(sub) -> None:
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("what", choices=["all", "pretrain", "finetune", "coco", "ade20k", "inat", "places",
-                                    "inat2017", "inat2018", "inat2019", "places205", "places365"],
-                   help="which workload to measure; all: every workload in one table (and one --json); "
-                        "inat / places (2018 / 365) and the other dataset names: --data-only only")
-    p.add_argument("--tiny", action="store_true", help="all: micro models, a few steps (the code paths on a CPU, under a minute)")
-    p.add_argument("--data-only", action="store_true",
-                   help="coco / ade20k / inat / places: the data instead of the model: dataset build time and memory, "
-                        "one pass over the index in --workers DataLoader workers (their private memory before and "
-                        "after), and samples/s of the training pipeline (decode + transforms) per worker")
+    p.add_argument(
+        "what",
+        choices=[
+            "all",
+            "pretrain",
+            "finetune",
+            "coco",
+            "ade20k",
+            "inat",
+            "places",
+            "inat2017",
+            "inat2018",
+            "inat2019",
+            "places205",
+            "places365",
+        ],
+        help="which workload to measure; all: every workload in one table (and one --json); "
+        "inat / places (2018 / 365) and the other dataset names: --data-only only",
+    )
+    p.add_argument(
+        "--tiny", action="store_true", help="all: micro models, a few steps (the code paths on a CPU, under a minute)"
+    )
+    p.add_argument(
+        "--data-only",
+        action="store_true",
+        help="coco / ade20k / inat / places: the data instead of the model: dataset build time and memory, "
+        "one pass over the index in --workers DataLoader workers (their private memory before and "
+        "after), and samples/s of the training pipeline (decode + transforms) per worker",
+    )
     p.add_argument("--data", metavar="DIR", help="--data-only: the dataset (default: the built-in toy data)")
-    p.add_argument("--full-size", action="store_true",
-                   help="--data-only: annotation files with the official counts (COCO 2017, iNat 2018, Places365, "
-                        "ADE20K) pointing at a few real images, written once into the cache "
-                        "(or give --data DIR written by `mae-transfer toy-data --full-size KIND DIR`)")
+    p.add_argument(
+        "--full-size",
+        action="store_true",
+        help="--data-only: annotation files with the official counts (COCO 2017, iNat 2018, Places365, "
+        "ADE20K) pointing at a few real images, written once into the cache "
+        "(or give --data DIR written by `mae-transfer toy-data --full-size KIND DIR`)",
+    )
     p.add_argument("--workers", type=int, default=4, help="--data-only: DataLoader workers of the index pass (0: none)")
     p.add_argument("--samples", type=int, default=16, help="--data-only: samples to time")
-    p.add_argument("--split", metavar="NAME", help="--data-only: the split whose images go through the training transforms")
+    p.add_argument(
+        "--split", metavar="NAME", help="--data-only: the split whose images go through the training transforms"
+    )
     p.add_argument("--model", help="pretrain: the MAE model (default mae_vit_base_patch16)")
-    p.add_argument("--preset", help="coco / ade20k / finetune: the task preset (default vitdet_mask_rcnn_b, upernet_vit_b, "
-                                    "finetune_vit_base)")
-    p.add_argument("--batch-size", type=int, help="default: 256 on GPU, 8 on CPU (pretrain); 4 / 1 (coco); 8 (ade20k); 128 (finetune)")
-    p.add_argument("--steps", type=int, help="timed steps (default 20 for pretrain and coco, 10 for ade20k and finetune; "
-                                              "all: each workload's own)")
+    p.add_argument(
+        "--preset",
+        help="coco / ade20k / finetune: the task preset (default vitdet_mask_rcnn_b, upernet_vit_b, finetune_vit_base)",
+    )
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        help="default: 256 on GPU, 8 on CPU (pretrain); 4 / 1 (coco); 8 (ade20k); 128 (finetune)",
+    )
+    p.add_argument(
+        "--steps",
+        type=int,
+        help="timed steps (default 20 for pretrain and coco, 10 for ade20k and finetune; all: each workload's own)",
+    )
     p.add_argument("--warmup", type=int, help="untimed steps first (default 5, 3 for ade20k and finetune)")
-    p.add_argument("--precision", choices=["auto", "bf16", "fp16", "fp32"], default="auto",
-                   help="auto: bf16 on a GPU, fp32 on the CPU (all: for every workload; --tiny --precision bf16 runs "
-                        "the GPU's bf16 code paths on a CPU); fp16 (coco, GPU only) is ViTDet's AMP with loss scaling")
+    p.add_argument(
+        "--precision",
+        choices=["auto", "bf16", "fp16", "fp32"],
+        default="auto",
+        help="auto: bf16 on a GPU, fp32 on the CPU (all: for every workload; --tiny --precision bf16 runs "
+        "the GPU's bf16 code paths on a CPU); fp16 (coco, GPU only) is ViTDet's AMP with loss scaling",
+    )
     p.add_argument("--device", choices=["cuda", "cpu"], help="default: cuda when available")
     p.add_argument("--compile", action="store_true", help="pretrain / finetune: torch.compile the model")
     p.add_argument("--grad-checkpointing", action="store_true", help="pretrain / coco")
@@ -124,10 +175,31 @@ def _add_speed(sub) -> None:
 # Which `speed` options each workload takes (the rest would be silently ignored: refused instead).
 _SPEED_OPTIONS = {
     "all": {"tiny", "precision", "device", "json", "steps", "warmup"},
-    "pretrain": {"model", "batch_size", "steps", "warmup", "precision", "device", "compile", "grad_checkpointing", "img_size",
-                 "peak_tflops", "json"},
+    "pretrain": {
+        "model",
+        "batch_size",
+        "steps",
+        "warmup",
+        "precision",
+        "device",
+        "compile",
+        "grad_checkpointing",
+        "img_size",
+        "peak_tflops",
+        "json",
+    },
     "finetune": {"preset", "batch_size", "steps", "warmup", "precision", "device", "compile", "json"},
-    "coco": {"preset", "batch_size", "steps", "warmup", "precision", "device", "grad_checkpointing", "img_size", "json"},
+    "coco": {
+        "preset",
+        "batch_size",
+        "steps",
+        "warmup",
+        "precision",
+        "device",
+        "grad_checkpointing",
+        "img_size",
+        "json",
+    },
     "ade20k": {"preset", "batch_size", "steps", "warmup", "precision", "device", "json"},
     "data_only": {"data", "samples", "split", "preset", "json", "workers", "full_size"},
 }
@@ -144,14 +216,20 @@ def _check_speed_options(args) -> None:
     if args.workers < 0:
         raise ConfigError(f"--workers must be 0 or more, got {args.workers}")
     kind = "data_only" if args.data_only else args.what
-    unused = [f"--{name.replace('_', '-')}" for name, default in args.speed_defaults.items()
-              if getattr(args, name) != default and name not in _SPEED_OPTIONS[kind] and name != "data_only"]
+    unused = [
+        f"--{name.replace('_', '-')}"
+        for name, default in args.speed_defaults.items()
+        if getattr(args, name) != default and name not in _SPEED_OPTIONS[kind] and name != "data_only"
+    ]
     if unused:
         what = f"speed {args.what}" + (" --data-only" if args.data_only else "")
         takes = ", ".join(f"--{n.replace('_', '-')}" for n in sorted(_SPEED_OPTIONS[kind]))
         raise ConfigError(f"{what} does not use {', '.join(unused)}; it takes {takes}")
     if args.precision == "fp16" and args.what != "coco":
-        raise ConfigError(f"--precision fp16 is for speed coco (ViTDet's AMP with loss scaling); speed {args.what} takes auto, bf16 or fp32")
+        raise ConfigError(
+            "--precision fp16 is for speed coco (ViTDet's AMP with loss scaling); "
+            f"speed {args.what} takes auto, bf16 or fp32"
+        )
     for name in ("steps", "batch_size", "samples"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise ConfigError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
@@ -173,8 +251,15 @@ def _run_speed(args) -> int:
     if args.data_only:
         from mae_transfer.evaluation.data_speed import format_data_speed, run_data_speed
 
-        r = run_data_speed(args.what, args.data, workers=args.workers, samples=args.samples, split=args.split,
-                           preset=args.preset, full_size=args.full_size)
+        r = run_data_speed(
+            args.what,
+            args.data,
+            workers=args.workers,
+            samples=args.samples,
+            split=args.split,
+            preset=args.preset,
+            full_size=args.full_size,
+        )
         print(format_data_speed(r))
         if args.json:
             from mae_transfer.io import atomic_write_json
@@ -200,7 +285,13 @@ def _run_speed(args) -> int:
         kw = {"preset": args.preset} if args.preset else {}
         if args.what == "finetune":
             kw["compile"] = args.compile
-        r = run(device=args.device, precision=args.precision, **steps, **kw, **({"batch_size": args.batch_size} if args.batch_size else {}))
+        r = run(
+            device=args.device,
+            precision=args.precision,
+            **steps,
+            **kw,
+            **({"batch_size": args.batch_size} if args.batch_size else {}),
+        )
         print(json.dumps({k: v for k, v in r.items()}, indent=1, default=str))
         if args.json:
             from mae_transfer.io import atomic_write_json
@@ -211,10 +302,15 @@ def _run_speed(args) -> int:
         from mae_transfer.detection.speed import format_detection_speed, run_detection_speed
 
         result = run_detection_speed(
-            preset=args.preset or "vitdet_mask_rcnn_b", batch_size=args.batch_size or (4 if on_gpu else 1),
-            steps=args.steps or 20, warmup=5 if args.warmup is None else args.warmup,
-            device=args.device, precision=args.precision, grad_checkpointing=args.grad_checkpointing or None,
-            img_size=args.img_size, json_path=args.json,
+            preset=args.preset or "vitdet_mask_rcnn_b",
+            batch_size=args.batch_size or (4 if on_gpu else 1),
+            steps=args.steps or 20,
+            warmup=5 if args.warmup is None else args.warmup,
+            device=args.device,
+            precision=args.precision,
+            grad_checkpointing=args.grad_checkpointing or None,
+            img_size=args.img_size,
+            json_path=args.json,
         )
         print(format_detection_speed(result))
         if args.json:
@@ -222,10 +318,16 @@ def _run_speed(args) -> int:
         return 0
     batch = args.batch_size or (256 if on_gpu else 8)
     kwargs = dict(
-        model=args.model or "mae_vit_base_patch16", batch_size=batch, steps=args.steps or 20,
-        warmup=5 if args.warmup is None else args.warmup, device=args.device,
-        precision=args.precision, compile=args.compile, grad_checkpointing=args.grad_checkpointing,
-        img_size=args.img_size, json_path=args.json,
+        model=args.model or "mae_vit_base_patch16",
+        batch_size=batch,
+        steps=args.steps or 20,
+        warmup=5 if args.warmup is None else args.warmup,
+        device=args.device,
+        precision=args.precision,
+        compile=args.compile,
+        grad_checkpointing=args.grad_checkpointing,
+        img_size=args.img_size,
+        json_path=args.json,
     )
     if args.peak_tflops is not None:
         kwargs["peak_tflops"] = args.peak_tflops
@@ -284,45 +386,101 @@ examples:
 
 
 def _add_bench(sub) -> None:
-    p = sub.add_parser("bench", help="run backbones x transfer tasks and tabulate the results (resumable)",
-                       description=BENCH_HELP, epilog=BENCH_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--backbone", action="append", default=[], metavar="NAME=CKPT",
-                   help="a backbone to evaluate (repeatable); NAME=random for random weights of the same architecture")
+    p = sub.add_parser(
+        "bench",
+        help="run backbones x transfer tasks and tabulate the results (resumable)",
+        description=BENCH_HELP,
+        epilog=BENCH_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "--backbone",
+        action="append",
+        default=[],
+        metavar="NAME=CKPT",
+        help="a backbone to evaluate (repeatable); NAME=random for random weights of the same architecture",
+    )
     p.add_argument("--tasks", default="all", help="comma-separated tasks or 'all' (default)")
     p.add_argument("--results", default="results", metavar="DIR", help="results directory (default: results/)")
-    p.add_argument("--data", action="append", default=[], metavar="TASK=DIR", help="dataset root of a task (imagenet=DIR for finetune/linprobe/knn)")
-    p.add_argument("--preset", action="append", default=[], metavar="TASK=NAME", help="recipe preset of a task (see `mae-transfer presets`)")
-    p.add_argument("--set", action="append", default=[], metavar="TASK:KEY=VALUE", help="config override of a task ('*' for all tasks)")
-    p.add_argument("--random-model", metavar="NAME", help="architecture of random-init backbones (default: that of the first checkpoint)")
+    p.add_argument(
+        "--data",
+        action="append",
+        default=[],
+        metavar="TASK=DIR",
+        help="dataset root of a task (imagenet=DIR for finetune/linprobe/knn)",
+    )
+    p.add_argument(
+        "--preset",
+        action="append",
+        default=[],
+        metavar="TASK=NAME",
+        help="recipe preset of a task (see `mae-transfer presets`)",
+    )
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="TASK:KEY=VALUE",
+        help="config override of a task ('*' for all tasks)",
+    )
+    p.add_argument(
+        "--random-model",
+        metavar="NAME",
+        help="architecture of random-init backbones (default: that of the first checkpoint)",
+    )
     _add_flags(p, ["trust_checkpoint"])
-    p.add_argument("--launcher", choices=["local", "print", "slurm", "submitit-local"], default="local",
-                   help="local: run the jobs here (default); print: print their commands; slurm: submit them to SLURM "
-                        "through submitit; submitit-local: the slurm path with local processes (see above)")
-    p.add_argument("--nproc-per-node", type=int, default=1, help="processes (GPUs) per job; > 1 runs jobs under torchrun")
-    p.add_argument("--in-process", action="store_true", help="--launcher local: run jobs inside this process (faster for tiny jobs; no torchrun)")
-    p.add_argument("--verbose", action="store_true", help="--launcher local: show the jobs' own output instead of writing it to their bench.log")
+    p.add_argument(
+        "--launcher",
+        choices=["local", "print", "slurm", "submitit-local"],
+        default="local",
+        help="local: run the jobs here (default); print: print their commands; slurm: submit them to SLURM "
+        "through submitit; submitit-local: the slurm path with local processes (see above)",
+    )
+    p.add_argument(
+        "--nproc-per-node", type=int, default=1, help="processes (GPUs) per job; > 1 runs jobs under torchrun"
+    )
+    p.add_argument(
+        "--in-process",
+        action="store_true",
+        help="--launcher local: run jobs inside this process (faster for tiny jobs; no torchrun)",
+    )
+    p.add_argument(
+        "--verbose",
+        action="store_true",
+        help="--launcher local: show the jobs' own output instead of writing it to their bench.log",
+    )
     p.add_argument("--no-retry", action="store_true", help="do not run (or submit) failed jobs again")
-    p.add_argument("--baseline", metavar="NAME", help="backbone the deltas refer to (default: one named random/scratch)")
+    p.add_argument(
+        "--baseline", metavar="NAME", help="backbone the deltas refer to (default: one named random/scratch)"
+    )
     p.add_argument("--slurm-partition", metavar="NAME", help="--launcher slurm: the partition")
     p.add_argument("--slurm-account", metavar="NAME", help="--launcher slurm: the account to charge")
     p.add_argument("--slurm-qos", metavar="NAME", help="--launcher slurm: the quality of service")
-    p.add_argument("--slurm-time", type=int, metavar="MIN",
-                   help="--launcher slurm / submitit-local: time limit of each job in minutes (default 4320); the job is "
-                        "signalled before it (SLURM: 90 s, local: 30 s), saves, and is requeued")
+    p.add_argument(
+        "--slurm-time",
+        type=int,
+        metavar="MIN",
+        help="--launcher slurm / submitit-local: time limit of each job in minutes (default 4320); the job is "
+        "signalled before it (SLURM: 90 s, local: 30 s), saves, and is requeued",
+    )
     p.set_defaults(func=_run_bench)
 
 
 def _run_bench(args) -> int:
     from mae_transfer.config import ConfigError
     from mae_transfer.engine.logger import setup_logging
+    from mae_transfer.evaluation import cluster
     from mae_transfer.evaluation import runner as bench
     from mae_transfer.evaluation.registry import TASKS, benchmark_tasks, data_keys
     from mae_transfer.evaluation.report import write_report
 
-    from mae_transfer.evaluation import cluster
-
     setup_logging(0)
-    slurm = {"partition": args.slurm_partition, "account": args.slurm_account, "qos": args.slurm_qos, "time": args.slurm_time}
+    slurm = {
+        "partition": args.slurm_partition,
+        "account": args.slurm_account,
+        "qos": args.slurm_qos,
+        "time": args.slurm_time,
+    }
     cluster.check_options(args.launcher, slurm)  # before anything is planned: one line if the launcher can't run
     if args.launcher != "local":
         given = [f for f, on in (("--in-process", args.in_process), ("--verbose", args.verbose)) if on]
@@ -341,29 +499,49 @@ def _run_bench(args) -> int:
     if args.in_process and args.nproc_per_node > 1:
         raise ConfigError("--in-process runs jobs in this one process; it cannot use --nproc-per-node > 1")
     if args.baseline and args.baseline not in [b.name for b in backbones]:
-        raise ConfigError(f"--baseline {args.baseline!r} is not one of the backbones: {', '.join(b.name for b in backbones)}")
+        raise ConfigError(
+            f"--baseline {args.baseline!r} is not one of the backbones: {', '.join(b.name for b in backbones)}"
+        )
     results = Path(args.results)
-    jobs = bench.plan_jobs(backbones, tasks, results, data, presets, overrides, args.random_model, trust=args.trust_checkpoint)
-    print(f"{len(jobs)} jobs: {len(backbones)} backbone(s) x {len(tasks)} task(s); results: {results / 'results.jsonl'}")
+    jobs = bench.plan_jobs(
+        backbones, tasks, results, data, presets, overrides, args.random_model, trust=args.trust_checkpoint
+    )
+    print(
+        f"{len(jobs)} jobs: {len(backbones)} backbone(s) x {len(tasks)} task(s); results: {results / 'results.jsonl'}"
+    )
     if args.launcher == "print":
         bench.print_commands(jobs, results, args.nproc_per_node)
         return 0
     if args.launcher in cluster.LAUNCHERS:
-        outcomes = cluster.submit_jobs(jobs, results, args.launcher, args.nproc_per_node, slurm, retry_failed=not args.no_retry)
+        outcomes = cluster.submit_jobs(
+            jobs, results, args.launcher, args.nproc_per_node, slurm, retry_failed=not args.no_retry
+        )
         waiting = sum(o.status in ("submitted", "running") for o in outcomes)
         if waiting:
-            counts = {s: sum(o.status == s for o in outcomes) for s in ("submitted", "running", "recorded", "cached", "failed")}
-            print(f"\njobs: {counts['submitted']} submitted, {counts['running']} still queued or running, {counts['recorded']} recorded, "
-                  f"{counts['cached']} already done, {counts['failed']} failed; run the same `mae-transfer bench` again when they "
-                  f"have finished to record them (submitit logs: {results / 'slurm'})")
+            counts = {
+                s: sum(o.status == s for o in outcomes)
+                for s in ("submitted", "running", "recorded", "cached", "failed")
+            }
+            print(
+                f"\njobs: {counts['submitted']} submitted, {counts['running']} still queued or running, "
+                f"{counts['recorded']} recorded, {counts['cached']} already done, {counts['failed']} failed; "
+                "run the same `mae-transfer bench` again when they have finished to record them "
+                f"(submitit logs: {results / 'slurm'})"
+            )
             note = bench.elsewhere_note(outcomes, bench.latest_rows(results, jobs))
             if note:
                 print(note)
             return 1 if counts["failed"] else 0
     else:
         try:
-            outcomes = bench.run_jobs(jobs, results, nproc=args.nproc_per_node, in_process=args.in_process,
-                                      verbose=args.verbose, retry_failed=not args.no_retry)
+            outcomes = bench.run_jobs(
+                jobs,
+                results,
+                nproc=args.nproc_per_node,
+                in_process=args.in_process,
+                verbose=args.verbose,
+                retry_failed=not args.no_retry,
+            )
         except bench.BenchInterrupted as e:
             print(f"mae-transfer bench: {e}", file=sys.stderr)
             return EXIT_INTERRUPTED
@@ -372,7 +550,10 @@ def _run_bench(args) -> int:
     print()
     print(markdown)
     counts = {s: sum(o.status == s for o in outcomes) for s in ("done", "cached", "recorded", "failed")}
-    print(f"\njobs: {counts['done']} run, {counts['cached']} already done, {counts['recorded']} recorded, {counts['failed']} failed")
+    print(
+        f"\njobs: {counts['done']} run, {counts['cached']} already done, "
+        f"{counts['recorded']} recorded, {counts['failed']} failed"
+    )
     note = bench.elsewhere_note(outcomes, rows)  # jobs another bench into this store still runs
     if note:
         print(note)
@@ -388,22 +569,36 @@ def _run_bench(args) -> int:
 
 def _add_table(sub) -> None:
     p = sub.add_parser(
-        "table", help="the paper's tables (Markdown, LaTeX, CSV) from a results directory",
+        "table",
+        help="the paper's tables (Markdown, LaTeX, CSV) from a results directory",
         description="Render the results store as the MAE paper's tables: Table 4 (COCO APbox/APmask), Table 5 (ADE20K "
-                    "mIoU), Table 6 (iNaturalist/Places top-1) and ImageNet-style fine-tune / linear probe / k-NN top-1, "
-                    "with the paper's numbers in their own rows, deltas to a baseline backbone, and the best of your "
-                    "backbones in each column in bold (never a paper row).",
-        epilog="examples:\n  mae-transfer table --results results/\n  mae-transfer table --results results/ --format latex > tables.tex\n"
-               "  mae-transfer table --results results/ --output paper/ --paper-sizes B,L",
+        "mIoU), Table 6 (iNaturalist/Places top-1) and ImageNet-style fine-tune / linear probe / k-NN top-1, "
+        "with the paper's numbers in their own rows, deltas to a baseline backbone, and the best of your "
+        "backbones in each column in bold (never a paper row).",
+        epilog="examples:\n  mae-transfer table --results results/\n"
+        "  mae-transfer table --results results/ --format latex > tables.tex\n"
+        "  mae-transfer table --results results/ --output paper/ --paper-sizes B,L",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--results", default="results", metavar="DIR", help="results directory (holds results.jsonl)")
-    p.add_argument("--format", choices=["markdown", "latex", "csv"], default="markdown", help="what to print (default markdown)")
-    p.add_argument("--output", metavar="DIR", help="also write tables.md, tables.tex (standalone document) and table_*.csv here")
-    p.add_argument("--baseline", metavar="NAME", help="backbone the deltas refer to (default: one named random/scratch; 'none' for no deltas)")
+    p.add_argument(
+        "--format", choices=["markdown", "latex", "csv"], default="markdown", help="what to print (default markdown)"
+    )
+    p.add_argument(
+        "--output", metavar="DIR", help="also write tables.md, tables.tex (standalone document) and table_*.csv here"
+    )
+    p.add_argument(
+        "--baseline",
+        metavar="NAME",
+        help="backbone the deltas refer to (default: one named random/scratch; 'none' for no deltas)",
+    )
     p.add_argument("--backbones", metavar="A,B", help="only these backbones, in this order")
     p.add_argument("--no-paper", action="store_true", help="leave out the paper's rows")
-    p.add_argument("--paper-sizes", metavar="B,L", help="ViT sizes of the paper rows (default: the sizes of your backbones, else B)")
+    p.add_argument(
+        "--paper-sizes",
+        metavar="B,L",
+        help="ViT sizes of the paper rows (default: the sizes of your backbones, else B)",
+    )
     p.add_argument("--full", action="store_true", help="keep columns without results")
     p.set_defaults(func=_run_table)
 
@@ -414,14 +609,19 @@ def _table_rows(args) -> list:
 
     store = ResultStore(args.results)
     if not store.path.exists():
-        raise ConfigError(f"--results {args.results}: no {store.path.name} there; run `mae-transfer bench --results {args.results} ...` first")
+        raise ConfigError(
+            f"--results {args.results}: no {store.path.name} there; "
+            f"run `mae-transfer bench --results {args.results} ...` first"
+        )
     rows = store.read()
     if args.backbones:
         order = [b.strip() for b in args.backbones.split(",") if b.strip()]
         known = list(dict.fromkeys(r.get("backbone") for r in rows))
         missing = [b for b in order if b not in known]
         if missing:
-            raise ConfigError(f"--backbones: {', '.join(missing)} not in {store.path} (it has: {', '.join(map(str, known))})")
+            raise ConfigError(
+                f"--backbones: {', '.join(missing)} not in {store.path} (it has: {', '.join(map(str, known))})"
+            )
         rows = sorted((r for r in rows if r.get("backbone") in order), key=lambda r: order.index(r["backbone"]))
     return rows
 
@@ -433,9 +633,12 @@ def _run_table(args) -> int:
     if args.output:
         check_output_path(args.output, "--output")
     rows = _table_rows(args)
-    kw = {"baseline": None if (args.baseline or "").lower() == "none" else (args.baseline or "auto"),
-          "paper": not args.no_paper, "full": args.full,
-          "paper_sizes": [s.strip().upper() for s in args.paper_sizes.split(",")] if args.paper_sizes else None}
+    kw = {
+        "baseline": None if (args.baseline or "").lower() == "none" else (args.baseline or "auto"),
+        "paper": not args.no_paper,
+        "full": args.full,
+        "paper_sizes": [s.strip().upper() for s in args.paper_sizes.split(",")] if args.paper_sizes else None,
+    }
     try:
         print(render(rows, args.format, **kw))
     except ValueError as e:
@@ -449,9 +652,12 @@ def _run_table(args) -> int:
 
 
 def _add_plot(sub) -> None:
-    p = sub.add_parser("plot", help="training curves and per-task comparison bars (PNG) from a results directory",
-                       description="Draw the training-loss curves of every job (one panel per task, one line per backbone) "
-                                   "and a bar chart of the headline metric of every task per backbone.")
+    p = sub.add_parser(
+        "plot",
+        help="training curves and per-task comparison bars (PNG) from a results directory",
+        description="Draw the training-loss curves of every job (one panel per task, one line per backbone) "
+        "and a bar chart of the headline metric of every task per backbone.",
+    )
     p.add_argument("--results", default="results", metavar="DIR")
     p.add_argument("--output", metavar="DIR", help="where the PNGs go (default: RESULTS/plots)")
     p.add_argument("--pretrain", metavar="RUN_DIR", help="also plot this MAE pretraining run's loss")
@@ -478,12 +684,13 @@ def _run_plot(args) -> int:
 
 def _add_demo(sub) -> None:
     p = sub.add_parser(
-        "demo", help="the whole toolkit on built-in toy data: pretrain, every transfer task, tables (no data needed)",
+        "demo",
+        help="the whole toolkit on built-in toy data: pretrain, every transfer task, tables (no data needed)",
         description="Pretrain a tiny MAE on the built-in toy data, then run every transfer task (COCO Mask R-CNN, "
-                    "ADE20K UperNet, iNaturalist, Places, fine-tuning, linear probing, k-NN) on toy data in each "
-                    "dataset's real format, once from the MAE encoder and once from random weights, and print the "
-                    "paper-style tables. About 10-15 minutes on 2 CPU cores (--quick: under 3, shorter schedules "
-                    "whose numbers mean little). Run it again to continue or to see the tables; nothing is redone.",
+        "ADE20K UperNet, iNaturalist, Places, fine-tuning, linear probing, k-NN) on toy data in each "
+        "dataset's real format, once from the MAE encoder and once from random weights, and print the "
+        "paper-style tables. About 10-15 minutes on 2 CPU cores (--quick: under 3, shorter schedules "
+        "whose numbers mean little). Run it again to continue or to see the tables; nothing is redone.",
     )
     p.add_argument("--output", default="runs/demo", metavar="DIR", help="where everything goes (default: runs/demo)")
     p.add_argument("--quick", action="store_true", help="a 2-3 minute smoke run")
@@ -513,10 +720,16 @@ examples:
 def _add_check_data(sub) -> None:
     from mae_transfer.evaluation.check_data import DATA_TASKS
 
-    p = sub.add_parser("check-data", help="pre-flight check of a dataset before a long run (counts, missing and "
-                                          "unreadable files, skipped annotations, host memory)",
-                       description=CHECK_DATA_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--task", required=True, choices=DATA_TASKS, help="whose dataset (imagenet: an ImageNet-style folder)")
+    p = sub.add_parser(
+        "check-data",
+        help="pre-flight check of a dataset before a long run (counts, missing and "
+        "unreadable files, skipped annotations, host memory)",
+        description=CHECK_DATA_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "--task", required=True, choices=DATA_TASKS, help="whose dataset (imagenet: an ImageNet-style folder)"
+    )
     p.add_argument("--data", metavar="DIR", help="the dataset root (default: the built-in toy data)")
     p.add_argument("--preset", help="the task preset whose data settings are used (default: the task's)")
     p.add_argument("--full", action="store_true", help="decode every image instead of a random sample")
@@ -538,8 +751,15 @@ def _run_check_data(args) -> int:
     if args.workers < 0:
         raise ConfigError(f"--workers must be 0 or more, got {args.workers}")
     setup_logging(0)
-    r = run_check_data(args.task, args.data, full=args.full, sample=args.sample, gpus=args.gpus,
-                       workers=args.workers, preset=args.preset)
+    r = run_check_data(
+        args.task,
+        args.data,
+        full=args.full,
+        sample=args.sample,
+        gpus=args.gpus,
+        workers=args.workers,
+        preset=args.preset,
+    )
     text, stops = format_check_data(r)
     print(text)
     if args.json:
@@ -554,20 +774,28 @@ def _add_toy_data(sub) -> None:
 
     kinds = list(TOY_KINDS)
     p = sub.add_parser(
-        "toy-data", help="write a built-in toy dataset in a real on-disk format",
-        description="Write one of the built-in toy datasets (deterministic) in the exact on-disk format of the real dataset, to look at or to test a pipeline.",
+        "toy-data",
+        help="write a built-in toy dataset in a real on-disk format",
+        description="Write one of the built-in toy datasets (deterministic) in the exact on-disk format of the "
+        "real dataset, to look at or to test a pipeline.",
     )
     p.add_argument("kind", choices=kinds)
     p.add_argument("dir", nargs="?", metavar="DIR", help="where to write (same as --output)")
     p.add_argument("--output", metavar="DIR", help="where to write (default: the toolkit's cache)")
-    p.add_argument("--full-size", action="store_true",
-                   help="coco, inat2018, places365, ade20k: annotation files with the official counts (COCO 2017: "
-                        "118,287 + 5,000 images, 860,001 + 36,781 annotations; iNat 2018: 437,513 + 24,426 images; "
-                        "Places365: 1,803,460 + 36,500 lines; ADE20K: 20,210 + 2,000 pairs) pointing at a few real "
-                        "images, to rehearse index build time and memory at full size (`mae-transfer speed KIND "
-                        "--data-only --data DIR`); needs an empty DIR; COCO takes a few minutes and ~450 MB")
-    p.add_argument("--images-from", metavar="DIR", help="--full-size: a dataset of the same kind whose images are "
-                                                        "linked (default: the toy dataset's)")
+    p.add_argument(
+        "--full-size",
+        action="store_true",
+        help="coco, inat2018, places365, ade20k: annotation files with the official counts (COCO 2017: "
+        "118,287 + 5,000 images, 860,001 + 36,781 annotations; iNat 2018: 437,513 + 24,426 images; "
+        "Places365: 1,803,460 + 36,500 lines; ADE20K: 20,210 + 2,000 pairs) pointing at a few real "
+        "images, to rehearse index build time and memory at full size (`mae-transfer speed KIND "
+        "--data-only --data DIR`); needs an empty DIR; COCO takes a few minutes and ~450 MB",
+    )
+    p.add_argument(
+        "--images-from",
+        metavar="DIR",
+        help="--full-size: a dataset of the same kind whose images are linked (default: the toy dataset's)",
+    )
     p.add_argument("--scale", type=float, default=1.0, help="--full-size: shrink every count by this factor (0..1]")
     p.set_defaults(func=_run_toy_data)
 
@@ -636,17 +864,27 @@ no place for are refused before anything is written (exit 2, one line naming the
 
 
 def _add_export(sub) -> None:
-    p = sub.add_parser("export", help="write weights in another format (official MAE, timm, Hugging Face, detectron2 ViTDet, mmsegmentation)",
-                       description=EXPORT_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = sub.add_parser(
+        "export",
+        help="write weights in another format (official MAE, timm, Hugging Face, detectron2 ViTDet, mmsegmentation)",
+        description=EXPORT_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("checkpoint")
-    p.add_argument("--to", required=True, choices=["mae", "timm", "hf", "detectron2", "mmseg"], help="the format to write")
-    p.add_argument("--num-heads", type=int, help="attention heads of a ViT of no standard size (timm, hf; not stored in weights)")
+    p.add_argument(
+        "--to", required=True, choices=["mae", "timm", "hf", "detectron2", "mmseg"], help="the format to write"
+    )
+    p.add_argument(
+        "--num-heads", type=int, help="attention heads of a ViT of no standard size (timm, hf; not stored in weights)"
+    )
     p.add_argument("--output", required=True, metavar="PATH")
     _add_flags(p, ["trust_checkpoint"])
     p.set_defaults(func=_run_export)
     p = sub.add_parser(
-        "export-encoder", help="write the encoder of a pretraining checkpoint in the official MAE format (= export --to mae)",
-        description="Read a pretraining checkpoint (ours, official full MAE, Hugging Face ViTMAE) and write {'model': encoder} with the official parameter names.",
+        "export-encoder",
+        help="write the encoder of a pretraining checkpoint in the official MAE format (= export --to mae)",
+        description="Read a pretraining checkpoint (ours, official full MAE, Hugging Face ViTMAE) and write "
+        "{'model': encoder} with the official parameter names.",
     )
     p.add_argument("checkpoint")
     p.add_argument("--output", required=True, metavar="PATH")
@@ -684,8 +922,10 @@ def _run_export(args) -> int:
         else:
             from mae_transfer.checkpoint.hf_export import export_hf as export
         folder = export(state, args.output, num_heads=args.num_heads)
-        print(f"{folder}: model.safetensors + config.json for {'timm' if args.to == 'timm' else 'transformers ViTMAEModel'} "
-              "(read back and checked)")
+        print(
+            f"{folder}: model.safetensors + config.json for "
+            f"{'timm' if args.to == 'timm' else 'transformers ViTMAEModel'} (read back and checked)"
+        )
         return 0
     path = export_mae_encoder(state, args.output)
     print(path)
@@ -766,7 +1006,6 @@ def main(argv: list[str] | None = None) -> int:
     from mae_transfer.checkpoint import CheckpointError
     from mae_transfer.config import ConfigError
     from mae_transfer.engine.trainer import TrainingInterrupted
-
     from mae_transfer.io import OutputPathError
 
     user_errors: tuple[type[BaseException], ...] = (ConfigError, CheckpointError, OutputPathError, FloatingPointError)

@@ -165,8 +165,10 @@ def merge(cfg: T, updates: dict[str, Any]) -> T:
 def _section_error(where: str, value: Any, section: Any) -> ConfigError:
     keys = [f.name for f in dataclasses.fields(section)]
     shown = ", ".join(keys[:6]) + (", ..." if len(keys) > 6 else "")
-    return ConfigError(f"{where}={value}: {where} is a section of options, not a value; set its keys as "
-                       f"{where}.KEY=VALUE (its keys: {shown})")
+    return ConfigError(
+        f"{where}={value}: {where} is a section of options, not a value; set its keys as "
+        f"{where}.KEY=VALUE (its keys: {shown})"
+    )
 
 
 def check_sections(cfg: Any, overrides: dict[str, Any], prefix: str = "") -> None:

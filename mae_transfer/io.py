@@ -78,12 +78,15 @@ def atomic_write_json(path: str | os.PathLike, data: Any, indent: int | None = 2
     return atomic_write_text(path, json.dumps(json_safe(data), indent=indent, allow_nan=False) + "\n")
 
 
-def atomic_write_json_list(path: str | os.PathLike, items: Iterable[Any], chunk: int = 8192, all_finite: bool = False) -> Path:
+def atomic_write_json_list(
+    path: str | os.PathLike, items: Iterable[Any], chunk: int = 8192, all_finite: bool = False
+) -> Path:
     """The bytes of ``atomic_write_json(path, list(items), indent=None)``, atomically, encoded
     ``chunk`` items at a time: a long list (COCO's 500k detection results) is never held whole as
     JSON text, nor needs to be a list (any iterable, a generator included). ``all_finite``: the
     caller knows there is no NaN or infinity to write as null (skips that pass; one left would
     raise ValueError, not be written)."""
+
     def encode(block: list) -> str:
         return json.dumps(block if all_finite else json_safe(block), allow_nan=False)[1:-1]
 
@@ -159,32 +162,47 @@ def check_output_path(path: str | os.PathLike, option: str = "--output", folder:
     root would pass a permission check). Nothing is left behind; returns ``Path(path)``."""
     path = Path(path)
     if folder and path.exists() and not path.is_dir():
-        raise OutputPathError(f"{option} {path}: is a file, not a folder; give a folder (a new one or an existing folder)")
+        raise OutputPathError(
+            f"{option} {path}: is a file, not a folder; give a folder (a new one or an existing folder)"
+        )
     if not folder and path.is_dir():
-        raise OutputPathError(f"{option} {path}: is a folder; give the path of the file to write (a new name, or a file to replace)")
+        raise OutputPathError(
+            f"{option} {path}: is a folder; give the path of the file to write (a new name, or a file to replace)"
+        )
     here = path if path.is_dir() else path.parent
     while not here.exists() and here != here.parent:  # exists() is also False inside a file
         here = here.parent
     if here.exists() and not here.is_dir():
-        raise OutputPathError(f"{option} {path}: {here} is a file, so nothing can be written inside it; give a path outside it")
+        raise OutputPathError(
+            f"{option} {path}: {here} is a file, so nothing can be written inside it; give a path outside it"
+        )
     try:
         os.rmdir(tempfile.mkdtemp(prefix=".mae-transfer-write-test-", dir=here))
     except OSError as e:
-        raise OutputPathError(f"{option} {path}: cannot write in {here} ({e.strerror or e}); give a writable location") from None
+        raise OutputPathError(
+            f"{option} {path}: cannot write in {here} ({e.strerror or e}); give a writable location"
+        ) from None
     return path
 
 
-_OPEN_FLAGS = {"w": os.O_WRONLY | os.O_CREAT | os.O_TRUNC, "a": os.O_WRONLY | os.O_CREAT | os.O_APPEND,
-               "a+": os.O_RDWR | os.O_CREAT | os.O_APPEND}
+_OPEN_FLAGS = {
+    "w": os.O_WRONLY | os.O_CREAT | os.O_TRUNC,
+    "a": os.O_WRONLY | os.O_CREAT | os.O_APPEND,
+    "a+": os.O_RDWR | os.O_CREAT | os.O_APPEND,
+}
 
 
 def link_refused(path: str | os.PathLike) -> OutputPathError:
     """The error for a symbolic link found where the toolkit writes a file of its own."""
-    return OutputPathError(f"{path} is a symbolic link (to {os.readlink(path)}); the toolkit does not write through links "
-                           "in its output folders: remove the link (or choose another output folder)")
+    return OutputPathError(
+        f"{path} is a symbolic link (to {os.readlink(path)}); the toolkit does not write through links "
+        "in its output folders: remove the link (or choose another output folder)"
+    )
 
 
-def open_output(path: str | os.PathLike, mode: str = "a", encoding: str | None = "utf-8", newline: str | None = None) -> IO:
+def open_output(
+    path: str | os.PathLike, mode: str = "a", encoding: str | None = "utf-8", newline: str | None = None
+) -> IO:
     """``open(path, mode)`` for the files written in place in a run or results folder (``log.txt``,
     ``train.csv``/``.jsonl``, ``bench.log``, a store's ``results.jsonl``): ``"w"``, ``"a"``, ``"a+"``,
     with ``"b"`` for bytes. It never writes through a symbolic link at ``path`` (``O_NOFOLLOW``):

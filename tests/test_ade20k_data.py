@@ -81,7 +81,11 @@ def write_pair(root: Path, split: str, stem: str, image: np.ndarray, label: np.n
 def test_real_sample_gives_uint8_images_and_reduce_zero_label_labels(sample):
     ds = SegmentationFolder(sample)
     assert ds.root == sample and len(ds) == 3
-    assert [Path(p).name for p, _ in ds.samples] == ["ADE_val_00000001.jpg", "ADE_val_00000002.jpg", "ADE_val_00000003.jpg"]
+    assert [Path(p).name for p, _ in ds.samples] == [
+        "ADE_val_00000001.jpg",
+        "ADE_val_00000002.jpg",
+        "ADE_val_00000003.jpg",
+    ]
     assert len(ds.class_names) == NUM_CLASSES and ds.class_names[:4] == ["wall", "building", "sky", "floor"]
     assert ds.class_names[-1] == "flag"
     for i, (image_path, label_path) in enumerate(ds.samples):
@@ -253,7 +257,9 @@ def test_malformed_class_tables_are_data_errors_and_names_fall_back(tmp_path, to
     assert read_class_names(tmp_path / "spaces.txt") == ["street lamp", "sky"]
     user = tmp_path / "user"
     user.mkdir()
-    (user / "objectInfo150.txt").write_text("Idx\tRatio\tTrain\tVal\tName\n1\t0.5\t1\t1\troad, route\n2\t0.5\t1\t1\tcar\n")
+    (user / "objectInfo150.txt").write_text(
+        "Idx\tRatio\tTrain\tVal\tName\n1\t0.5\t1\t1\troad, route\n2\t0.5\t1\t1\tcar\n"
+    )
     assert class_names_for(user, 2) == ["road", "car"]
     assert class_names_for(user, 3) == ["class_0", "class_1", "class_2"]
     (user / "objectInfo150.txt").write_text("garbage")
@@ -272,7 +278,10 @@ def test_palette_is_mmsegmentations_ade20k_table_and_generated_otherwise():
     assert colours[0].tolist() == [120, 120, 120] and colours[1].tolist() == [180, 120, 120]
     assert colours[55].tolist() == [0, 0, 255] and colours[149].tolist() == [92, 0, 255]
     # Guards the table against accidental edits (sha256 of the 450 bytes as transcribed from mmseg).
-    assert hashlib.sha256(colours.tobytes()).hexdigest() == "ce475c9151035eff51f4cf27fd7d906959b1480f6d15b9423ae2417c1b23a0ed"
+    assert (
+        hashlib.sha256(colours.tobytes()).hexdigest()
+        == "ce475c9151035eff51f4cf27fd7d906959b1480f6d15b9423ae2417c1b23a0ed"
+    )
     colours[0] = 0
     assert palette()[0].tolist() == [120, 120, 120]  # a fresh copy each call
     small = palette(19)
@@ -344,7 +353,9 @@ def test_train_transform_pads_label_with_ignore_and_image_with_zero(sample):
 def test_flip_only_configuration_mirrors_image_and_label(toy):
     image, target = SegmentationFolder(toy)[0]
     _, h, w = image.shape
-    aug = TrainTransform(crop_size=64, scale=(max(h, w), min(h, w)), ratio_range=(1.0, 1.0), flip_prob=1.0, photometric=False)
+    aug = TrainTransform(
+        crop_size=64, scale=(max(h, w), min(h, w)), ratio_range=(1.0, 1.0), flip_prob=1.0, photometric=False
+    )
     out, new = aug(image, target)
     assert torch.equal(new["label"][:h, :w], target["label"].flip(-1))
     assert bool((new["label"][h:, :] == IGNORE_INDEX).all()) and bool((new["label"][:, w:] == IGNORE_INDEX).all())
@@ -366,8 +377,14 @@ def test_cat_max_ratio_retries_crops_dominated_by_one_class():
     image = torch.zeros(3, 64, 256, dtype=torch.uint8)
 
     def pass_rate(cat_max_ratio: float) -> float:
-        aug = TrainTransform(crop_size=64, scale=(256, 64), ratio_range=(1.0, 1.0), cat_max_ratio=cat_max_ratio,
-                             flip_prob=0.0, photometric=False)
+        aug = TrainTransform(
+            crop_size=64,
+            scale=(256, 64),
+            ratio_range=(1.0, 1.0),
+            cat_max_ratio=cat_max_ratio,
+            flip_prob=0.0,
+            photometric=False,
+        )
         passed = 0
         for seed in range(200):
             torch.manual_seed(seed)
@@ -445,7 +462,9 @@ def test_class_names_come_from_a_classes_txt_or_an_object_info_table_beside_the_
     assert class_names_for(tmp_path, 4) == ["class_0", "class_1", "class_2", "class_3"]  # a list of another length
     other = tmp_path / "other"
     other.mkdir()
-    (other / "objectInfo19.txt").write_text("Idx\tRatio\tTrain\tVal\tName\n1\t0.1\t1\t1\tperson, human\n2\t0.2\t1\t1\tbicycle\n")
+    (other / "objectInfo19.txt").write_text(
+        "Idx\tRatio\tTrain\tVal\tName\n1\t0.1\t1\t1\tperson, human\n2\t0.2\t1\t1\tbicycle\n"
+    )
     assert class_names_for(other, 2) == ["person", "bicycle"]
 
 

@@ -32,14 +32,26 @@ PRETRAIN = [
     (["pretrain", "--blr", "inf"], 2, "--blr inf: must be a finite number greater than 0"),
     (["pretrain", "--blr", "-0.5"], 2, "--blr -0.5: must be a finite number greater than 0"),
     (["pretrain", "optim.lr=nan"], 2, "optim.lr must be a finite number"),
-    (["pretrain", "--model", "vit_gigantic_patch3"], 2, "--model vit_gigantic_patch3: unknown model; choose one of mae_vit_base_patch16"),
-    (["pretrain", "model=5"], 2, "model=5: model is a section of options, not a value; set its keys as model.KEY=VALUE (its keys: name"),
+    (
+        ["pretrain", "--model", "vit_gigantic_patch3"],
+        2,
+        "--model vit_gigantic_patch3: unknown model; choose one of mae_vit_base_patch16",
+    ),
+    (
+        ["pretrain", "model=5"],
+        2,
+        "model=5: model is a section of options, not a value; set its keys as model.KEY=VALUE (its keys: name",
+    ),
     (["pretrain", "train=5"], 2, "train=5: train is a section of options"),
     (["pretrain", "data=/path"], 2, "data=/path: data is a section of options"),
     (["pretrain", "train.epoch=5"], 2, "unknown option train.epoch"),
     (["pretrain", "nosuch.key=5"], 2, "unknown option nosuch"),
     (["pretrain", "--device", "cuda"], 2, "--device cuda: no CUDA device is available here"),
-    (["pretrain", "--max-steps", "-5"], 2, "--max-steps -5: must be at least 1; leave --max-steps out for the whole schedule"),
+    (
+        ["pretrain", "--max-steps", "-5"],
+        2,
+        "--max-steps -5: must be at least 1; leave --max-steps out for the whole schedule",
+    ),
     (["pretrain", "--max-steps", "0"], 2, "--max-steps 0: must be at least 1"),
     (["pretrain", "train.max_steps=0"], 2, "train.max_steps must be at least 1"),
     (["pretrain", "--epochs", "0"], 2, "--epochs 0: must be at least 1"),
@@ -51,17 +63,29 @@ CLASSIFICATION = [
     *_outputs("finetune", "linprobe", "inat", "places"),
     (["finetune", "--blr", "inf"], 2, "--blr inf: must be a finite number greater than 0"),
     (["linprobe", "--blr", "nan"], 2, "--blr nan: must be a finite number greater than 0"),
-    (["finetune", "--trainable-blocks", "99"], 2, "--trainable-blocks 99: vit_micro_patch8 has 4 blocks; give k from 1 to 4"),
+    (
+        ["finetune", "--trainable-blocks", "99"],
+        2,
+        "--trainable-blocks 99: vit_micro_patch8 has 4 blocks; give k from 1 to 4",
+    ),
     (["finetune", "--trainable-blocks", "99", "--model", "vit_base_patch16"], 2, "vit_base_patch16 has 12 blocks"),
     (["finetune", "--trainable-blocks", "-1"], 2, "--trainable-blocks -1: must be at least 1"),
     (["finetune", "--trainable-blocks", "0"], 2, "--trainable-blocks 0: must be at least 1"),
-    (["finetune", "--model", "vit_gigantic_patch3"], 2, "--model vit_gigantic_patch3: unknown model; choose one of vit_tiny_patch16"),
+    (
+        ["finetune", "--model", "vit_gigantic_patch3"],
+        2,
+        "--model vit_gigantic_patch3: unknown model; choose one of vit_tiny_patch16",
+    ),
     (["inat", "--model", "vit_gigantic_patch3"], 2, "--model vit_gigantic_patch3: unknown model"),
     (["finetune", "model=5"], 2, "model=5: model is a section of options"),
     (["finetune", "train=5"], 2, "train=5: train is a section of options"),
     (["places", "data=/path"], 2, "data=/path: data is a section of options"),
     (["linprobe", "nosuch.key=5"], 2, "unknown option nosuch"),
-    (["finetune", "--device", "cuda"], 2, "--device cuda: no CUDA device is available here (torch.cuda.is_available() is False); use --device cpu"),
+    (
+        ["finetune", "--device", "cuda"],
+        2,
+        "--device cuda: no CUDA device is available here (torch.cuda.is_available() is False); use --device cpu",
+    ),
     (["finetune", "train.device=cuda"], 2, "train.device cuda: no CUDA device is available here"),
     (["finetune", "--max-steps", "-5"], 2, "--max-steps -5: must be at least 1"),
     (["linprobe", "--max-steps", "0"], 2, "--max-steps 0: must be at least 1"),
@@ -102,7 +126,11 @@ FROZEN = [
     (["knn", "--k", "ten"], 2, "--k ten: give neighbour counts"),
     (["knn", "--k", ""], 2, "--k '': give neighbour counts"),
     (["knn", "--k", "10,,20"], 2, "--k 10,,20: give neighbour counts"),
-    (["knn", "--model", "vit_gigantic_patch3"], 2, "--model vit_gigantic_patch3: unknown model; choose one of vit_tiny_patch16"),
+    (
+        ["knn", "--model", "vit_gigantic_patch3"],
+        2,
+        "--model vit_gigantic_patch3: unknown model; choose one of vit_tiny_patch16",
+    ),
     (["knn", "--img-size", "0"], 2, "--img-size 0: must be at least 1"),
     (["knn", "--device", "cuda"], 2, "--device cuda: no CUDA device is available here"),
 ]
@@ -115,24 +143,104 @@ TOOLS = [
     (["plot", "--results", "{tmp}", "--output", "{file}"], 2, "--output {file}: is a file, not a folder"),
     (["demo", "--output", "{file}"], 2, "--output {file}: is a file, not a folder"),
     (["toy-data", "imagefolder", "{file}"], 2, "DIR {file}: is a file, not a folder"),
-    (["export", "{tmp}/none.pth", "--to", "mae", "--output", "{dir}"], 2, "--output {dir}: is a folder; give the path of the file"),
+    (
+        ["export", "{tmp}/none.pth", "--to", "mae", "--output", "{dir}"],
+        2,
+        "--output {dir}: is a folder; give the path of the file",
+    ),
     (["export", "{tmp}/none.pth", "--to", "detectron2", "--output", "{dir}"], 2, "--output {dir}: is a folder"),
     (["export", "{tmp}/none.pth", "--to", "mmseg", "--output", "{dir}"], 2, "--output {dir}: is a folder"),
     (["export-encoder", "{tmp}/none.pth", "--output", "{dir}"], 2, "--output {dir}: is a folder"),
-    (["export", "{tmp}/none.pth", "--to", "mae", "--output", "{file}/x.pth"], 2, "is a file, so nothing can be written inside it"),
+    (
+        ["export", "{tmp}/none.pth", "--to", "mae", "--output", "{file}/x.pth"],
+        2,
+        "is a file, so nothing can be written inside it",
+    ),
     (["export", "{tmp}/none.pth", "--to", "timm", "--output", "{file}"], 2, "--output {file}: is a file, not a folder"),
     (["export", "{tmp}/none.pth", "--to", "hf", "--output", "{file}"], 2, "--output {file}: is a file, not a folder"),
     (["export", "{tmp}/none.pth", "--to", "hf", "--output", "{proc}"], 2, "cannot write in /proc"),
-    (["bench", "--backbone", "r=random", "--tasks", "knn", "--results", "{file}"], 2, "--results {file}: is a file, not a folder"),
+    (
+        ["bench", "--backbone", "r=random", "--tasks", "knn", "--results", "{file}"],
+        2,
+        "--results {file}: is a file, not a folder",
+    ),
     (["bench", "--backbone", "r=random", "--tasks", "knn", "--results", "{proc}"], 2, "cannot write in /proc"),
-    (["bench", "--backbone", "r=random", "--random-model", "vit_micro_patch8", "--tasks", "knn", "--results", "{out}",
-      "--set", "coco:train.epochs=5", "--launcher", "print"], 2, "--set coco:...: coco is not among the tasks run: knn"),
-    (["bench", "--backbone", "r=random", "--random-model", "vit_micro_patch8", "--tasks", "knn,linprobe", "--results", "{out}",
-      "--preset", "ade20k=upernet_vit_b", "--launcher", "print"], 2, "--preset ade20k=...: ade20k is not among the tasks run: knn,linprobe"),
-    (["bench", "--backbone", "r=random", "--random-model", "vit_micro_patch8", "--tasks", "linprobe", "--results", "{out}",
-      "--set", "linprobe:train=5", "--launcher", "print"], 2, "train=5: train is a section of options"),
-    (["bench", "--backbone", "r=random", "--random-model", "vit_micro_patch8", "--tasks", "linprobe", "--results", "{out}",
-      "--set", "*:train.max_steps=0", "--launcher", "print"], 2, "train.max_steps must be at least 1"),
+    (
+        [
+            "bench",
+            "--backbone",
+            "r=random",
+            "--random-model",
+            "vit_micro_patch8",
+            "--tasks",
+            "knn",
+            "--results",
+            "{out}",
+            "--set",
+            "coco:train.epochs=5",
+            "--launcher",
+            "print",
+        ],
+        2,
+        "--set coco:...: coco is not among the tasks run: knn",
+    ),
+    (
+        [
+            "bench",
+            "--backbone",
+            "r=random",
+            "--random-model",
+            "vit_micro_patch8",
+            "--tasks",
+            "knn,linprobe",
+            "--results",
+            "{out}",
+            "--preset",
+            "ade20k=upernet_vit_b",
+            "--launcher",
+            "print",
+        ],
+        2,
+        "--preset ade20k=...: ade20k is not among the tasks run: knn,linprobe",
+    ),
+    (
+        [
+            "bench",
+            "--backbone",
+            "r=random",
+            "--random-model",
+            "vit_micro_patch8",
+            "--tasks",
+            "linprobe",
+            "--results",
+            "{out}",
+            "--set",
+            "linprobe:train=5",
+            "--launcher",
+            "print",
+        ],
+        2,
+        "train=5: train is a section of options",
+    ),
+    (
+        [
+            "bench",
+            "--backbone",
+            "r=random",
+            "--random-model",
+            "vit_micro_patch8",
+            "--tasks",
+            "linprobe",
+            "--results",
+            "{out}",
+            "--set",
+            "*:train.max_steps=0",
+            "--launcher",
+            "print",
+        ],
+        2,
+        "train.max_steps must be at least 1",
+    ),
 ]
 
 
@@ -145,12 +253,20 @@ def refused(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # --device cuda is refused on a GPU machine too
     (tmp_path / "file").write_text("not a folder\n")
     (tmp_path / "dir").mkdir()
-    places = {"file": str(tmp_path / "file"), "dir": str(tmp_path / "dir"), "out": str(tmp_path / "run"),
-              "proc": "/proc/mae-transfer-test/run", "tmp": str(tmp_path)}
+    places = {
+        "file": str(tmp_path / "file"),
+        "dir": str(tmp_path / "dir"),
+        "out": str(tmp_path / "run"),
+        "proc": "/proc/mae-transfer-test/run",
+        "tmp": str(tmp_path),
+    }
 
     def check(argv: list[str], code: int, expected: str) -> None:
         argv = [a.format(**places) for a in argv]
-        if argv[0] in ("pretrain", "finetune", "linprobe", "inat", "places", "coco", "ade20k", "knn") and "--output" not in argv:
+        if (
+            argv[0] in ("pretrain", "finetune", "linprobe", "inat", "places", "coco", "ade20k", "knn")
+            and "--output" not in argv
+        ):
             argv += ["--output", places["out"]]
         rc = main(argv)
         err = capsys.readouterr().err

@@ -14,19 +14,21 @@ import pytest
 import torch
 from conftest import REPO
 
-from mae_transfer.evaluation import runner as bench
-from mae_transfer.evaluation.registry import benchmark_tasks
 from mae_transfer.checkpoint import export_mae_encoder
 from mae_transfer.cli import main
 from mae_transfer.config import ConfigError
-from mae_transfer.models.vit import create_vit
+from mae_transfer.evaluation import runner as bench
+from mae_transfer.evaluation.registry import benchmark_tasks
 from mae_transfer.evaluation.store import ResultStore
+from mae_transfer.models.vit import create_vit
 
 
 @pytest.fixture
 def encoder(tmp_path) -> Path:
     torch.manual_seed(0)
-    return export_mae_encoder(create_vit("vit_nano_patch8", img_size=64, num_classes=0, global_pool="token"), tmp_path / "weights" / "enc.pth")
+    return export_mae_encoder(
+        create_vit("vit_nano_patch8", img_size=64, num_classes=0, global_pool="token"), tmp_path / "weights" / "enc.pth"
+    )
 
 
 def test_bad_specifications_name_the_option(tmp_path, encoder):
@@ -64,12 +66,28 @@ def test_job_identity_follows_weights_and_config_not_file_names(tmp_path, encode
 
 
 def test_print_launcher_gives_torchrun_commands(tmp_path, encoder, capsys):
-    rc = main(["bench", "--backbone", f"mae={encoder}", "--tasks", "linprobe,knn", "--results", str(tmp_path / "res"),
-               "--launcher", "print", "--nproc-per-node", "4"])
+    rc = main(
+        [
+            "bench",
+            "--backbone",
+            f"mae={encoder}",
+            "--tasks",
+            "linprobe,knn",
+            "--results",
+            str(tmp_path / "res"),
+            "--launcher",
+            "print",
+            "--nproc-per-node",
+            "4",
+        ]
+    )
     out = capsys.readouterr().out
     assert rc == 0
     assert "--nproc_per_node=4 -m mae_transfer linprobe" in out
-    assert "-m mae_transfer knn" in out and "torch.distributed.run --standalone --nproc_per_node=4 -m mae_transfer knn" not in out
+    assert (
+        "-m mae_transfer knn" in out
+        and "torch.distributed.run --standalone --nproc_per_node=4 -m mae_transfer knn" not in out
+    )
     assert not (tmp_path / "res" / "results.jsonl").exists()
 
 
@@ -82,8 +100,22 @@ def test_bench_records_skips_and_survives_a_failing_job(tmp_path, encoder, cache
     broken.mkdir()
     (broken / "train2018.json").write_text("{not json")
     res = tmp_path / "res"
-    argv = ["bench", "--backbone", f"mae={encoder}", "--backbone", "scratch=random", "--tasks", "knn,linprobe,inat2018",
-            "--set", "linprobe:train.epochs=1", "--data", f"inat2018={broken}", "--results", str(res), "--in-process"]
+    argv = [
+        "bench",
+        "--backbone",
+        f"mae={encoder}",
+        "--backbone",
+        "scratch=random",
+        "--tasks",
+        "knn,linprobe,inat2018",
+        "--set",
+        "linprobe:train.epochs=1",
+        "--data",
+        f"inat2018={broken}",
+        "--results",
+        str(res),
+        "--in-process",
+    ]
     assert main(argv) == 1  # the inat jobs fail, the others finish
     out = capsys.readouterr().out
     rows = _rows(res)
@@ -91,9 +123,13 @@ def test_bench_records_skips_and_survives_a_failing_job(tmp_path, encoder, cache
     assert {(r["backbone"], r["task"]) for r in failed} == {("mae", "inat2018"), ("scratch", "inat2018")}
     assert all("train2018.json" in r["error"] for r in failed)
     good = [r for r in rows if r["metric"] != "job_failed"]
-    assert {(r["backbone"], r["task"]) for r in good} == {(b, t) for b in ("mae", "scratch") for t in ("knn", "linprobe")}
+    assert {(r["backbone"], r["task"]) for r in good} == {
+        (b, t) for b in ("mae", "scratch") for t in ("knn", "linprobe")
+    }
     for r in good:  # provenance on every row
-        assert r["backbone_sha256"] == (bench.parse_backbones([str(encoder)])[0].sha256 if r["backbone"] == "mae" else None)
+        assert r["backbone_sha256"] == (
+            bench.parse_backbones([str(encoder)])[0].sha256 if r["backbone"] == "mae" else None
+        )
         assert r["git_commit"] and r["versions"]["torch"] and r["hardware"] and r["date"] and r["job_key"]
         assert r["wall_time_s"] > 0 and r["model"] == "vit_nano_patch8"
     assert "failed" in out and "| mae" in out
@@ -115,8 +151,22 @@ def test_bench_records_skips_and_survives_a_failing_job(tmp_path, encoder, cache
 def test_killed_benchmark_redoes_only_the_interrupted_job(tmp_path, encoder, cache):
     res = tmp_path / "res"
     epochs = 10  # 60 steps of ~0.15 s on a CPU: the stop (after 3 logged steps) lands in the middle, not after the end
-    argv = [sys.executable, "-m", "mae_transfer", "bench", "--backbone", f"mae={encoder}", "--tasks", "knn,linprobe",
-            "--set", f"linprobe:train.epochs={epochs}", "--set", "linprobe:train.log_every=1", "--results", str(res)]
+    argv = [
+        sys.executable,
+        "-m",
+        "mae_transfer",
+        "bench",
+        "--backbone",
+        f"mae={encoder}",
+        "--tasks",
+        "knn,linprobe",
+        "--set",
+        f"linprobe:train.epochs={epochs}",
+        "--set",
+        "linprobe:train.log_every=1",
+        "--results",
+        str(res),
+    ]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     deadline = time.time() + 240

@@ -8,6 +8,7 @@ import logging
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import shared_root
 
 from mae_transfer.checkpoint import (
     EXPECTED_MISSING,
@@ -24,7 +25,6 @@ from mae_transfer.checkpoint import (
 from mae_transfer.models.pos_embed import resize_pos_embed
 from mae_transfer.models.vit import VisionTransformer, create_vit
 from mae_transfer.pretrain.model import MaskedAutoencoderViT, create_mae
-from conftest import shared_root
 
 SHARED = shared_root()
 OFFICIAL = SHARED / "reference" / "mae_official"
@@ -77,7 +77,9 @@ def test_official_full_checkpoint_names_and_shapes(official_keys, vit_name, mae_
     assert len(report.loaded) == len(encoder) - 2
 
     cfg = infer_vit_config(full)
-    size = {"vit_base_patch16": (768, 12, 16), "vit_large_patch16": (1024, 24, 16), "vit_huge_patch14": (1280, 32, 14)}[vit_name]
+    size = {"vit_base_patch16": (768, 12, 16), "vit_large_patch16": (1024, 24, 16), "vit_huge_patch14": (1280, 32, 14)}[
+        vit_name
+    ]
     assert (cfg["embed_dim"], cfg["depth"], cfg["patch_size"]) == size
     assert cfg["is_full_mae"] and cfg["decoder_embed_dim"] == 512 and cfg["decoder_depth"] == 8
     assert cfg["grid_size"] == (224 // size[2],) * 2 and cfg["img_size"] == 224
@@ -146,8 +148,12 @@ def test_export_from_a_checkpoint_dict_and_from_our_training_checkpoint(tmp_path
     torch.manual_seed(0)
     mae = create_mae("mae_vit_nano_patch8")
     ours = {
-        "format": "mae_transfer.train_checkpoint", "model": mae.state_dict(), "optimizer": {"state": {}, "param_groups": []},
-        "step": 10, "epoch": 0, "config": {"model": {"name": "mae_vit_nano_patch8"}},
+        "format": "mae_transfer.train_checkpoint",
+        "model": mae.state_dict(),
+        "optimizer": {"state": {}, "param_groups": []},
+        "step": 10,
+        "epoch": 0,
+        "config": {"model": {"name": "mae_vit_nano_patch8"}},
     }
     assert detect_format(ours) == "ours"
     ddp = {"model": {"module." + k: v for k, v in mae.state_dict().items()}, "optimizer": {}, "step": 3, "config": {}}
@@ -174,7 +180,9 @@ def test_official_full_mae_loads_into_vit_and_mae(reference, key, caplog):
     vit = VisionTransformer(img_size=64, patch_size=8, embed_dim=96, depth=3, num_heads=4, num_classes=10)
     assert detect_format(ref["state_dict"]) == "mae_full"
     with caplog.at_level(logging.INFO, logger="mae_transfer.checkpoint"):
-        report = load_backbone(vit, {"model": ref["state_dict"]}, expected_missing="finetune", expected_unexpected="finetune")
+        report = load_backbone(
+            vit, {"model": ref["state_dict"]}, expected_missing="finetune", expected_unexpected="finetune"
+        )
     assert sorted(report.missing) == ["fc_norm.bias", "fc_norm.weight", "head.bias", "head.weight"]
     assert set(report.unexpected) == {k for k in ref["state_dict"] if k.startswith(("decoder_", "mask_token", "norm."))}
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING]  # all expected: no warning
@@ -183,8 +191,15 @@ def test_official_full_mae_loads_into_vit_and_mae(reference, key, caplog):
 
     c = ref["config"]
     mae = MaskedAutoencoderViT(
-        img_size=64, patch_size=8, embed_dim=96, depth=3, num_heads=4, decoder_embed_dim=64, decoder_depth=2,
-        decoder_num_heads=4, norm_pix_loss=c["norm_pix_loss"],
+        img_size=64,
+        patch_size=8,
+        embed_dim=96,
+        depth=3,
+        num_heads=4,
+        decoder_embed_dim=64,
+        decoder_depth=2,
+        decoder_num_heads=4,
+        norm_pix_loss=c["norm_pix_loss"],
     ).eval()
     report = load_backbone(mae, ref["state_dict"])
     assert report.missing == [] and report.unexpected == []
@@ -198,8 +213,13 @@ def test_official_finetuned_vit_loads_with_nothing_missing(reference):
     ref = reference["vit_global_pool"]
     c = ref["config"]
     vit = VisionTransformer(
-        img_size=c["img_size"], patch_size=c["patch_size"], embed_dim=c["embed_dim"], depth=c["depth"],
-        num_heads=c["num_heads"], num_classes=c["num_classes"], global_pool="avg",
+        img_size=c["img_size"],
+        patch_size=c["patch_size"],
+        embed_dim=c["embed_dim"],
+        depth=c["depth"],
+        num_heads=c["num_heads"],
+        num_classes=c["num_classes"],
+        global_pool="avg",
     ).eval()
     assert detect_format(ref["state_dict"]) == "timm_vit"
     report = load_backbone(vit, ref["state_dict"])
@@ -228,9 +248,19 @@ def test_timm_vit_converts_and_gives_the_same_logits(pool):
 
 # ---------------------------------------------------------------------------- Hugging Face
 HF_SIZES = dict(
-    hidden_size=96, num_hidden_layers=3, num_attention_heads=4, intermediate_size=384, image_size=64, patch_size=8,
-    decoder_hidden_size=64, decoder_num_hidden_layers=2, decoder_num_attention_heads=4, decoder_intermediate_size=256,
-    mask_ratio=0.75, hidden_act="gelu", layer_norm_eps=1e-6,
+    hidden_size=96,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    intermediate_size=384,
+    image_size=64,
+    patch_size=8,
+    decoder_hidden_size=64,
+    decoder_num_hidden_layers=2,
+    decoder_num_attention_heads=4,
+    decoder_intermediate_size=256,
+    mask_ratio=0.75,
+    hidden_act="gelu",
+    layer_norm_eps=1e-6,
 )
 
 
@@ -245,9 +275,12 @@ def _legacy_hf_names(sd: dict) -> dict:
     for k, v in sd.items():
         k = re.sub(r"^(vit\.)?layers\.", r"\1encoder.layer.", k)
         for new, old in (
-            ("attention.q_proj", "attention.attention.query"), ("attention.k_proj", "attention.attention.key"),
-            ("attention.v_proj", "attention.attention.value"), ("attention.o_proj", "attention.output.dense"),
-            ("mlp.fc1", "intermediate.dense"), ("mlp.fc2", "output.dense"),
+            ("attention.q_proj", "attention.attention.query"),
+            ("attention.k_proj", "attention.attention.key"),
+            ("attention.v_proj", "attention.attention.value"),
+            ("attention.o_proj", "attention.output.dense"),
+            ("mlp.fc1", "intermediate.dense"),
+            ("mlp.fc2", "output.dense"),
         ):
             k = k.replace("." + new + ".", "." + old + ".")
         out[k] = v
@@ -267,8 +300,17 @@ def test_hf_vitmae_pretraining_matches_ours(norm_pix):
     sd = hf.state_dict()
     assert detect_format(sd) == "hf_vitmae_pretraining"
     ours = MaskedAutoencoderViT(
-        img_size=64, patch_size=8, embed_dim=96, depth=3, num_heads=4, decoder_embed_dim=64, decoder_depth=2,
-        decoder_num_heads=4, norm_eps=1e-6, mask_ratio=0.75, norm_pix_loss=norm_pix,
+        img_size=64,
+        patch_size=8,
+        embed_dim=96,
+        depth=3,
+        num_heads=4,
+        decoder_embed_dim=64,
+        decoder_depth=2,
+        decoder_num_heads=4,
+        norm_eps=1e-6,
+        mask_ratio=0.75,
+        norm_pix_loss=norm_pix,
     ).eval()
     for names in (sd, _legacy_hf_names(sd)):
         report = load_backbone(ours, names)
@@ -302,7 +344,9 @@ def test_hf_vitmae_model_loads_into_a_vit():
     with torch.no_grad():
         hf_tokens = hf(pixel_values=x, noise=torch.arange(64).expand(2, 64).float()).last_hidden_state
     for names in (sd, _legacy_hf_names(sd), {"vit." + k: v for k, v in sd.items()}):
-        vit = VisionTransformer(img_size=64, patch_size=8, embed_dim=96, depth=3, num_heads=4, num_classes=0, global_pool="token").eval()
+        vit = VisionTransformer(
+            img_size=64, patch_size=8, embed_dim=96, depth=3, num_heads=4, num_classes=0, global_pool="token"
+        ).eval()
         report = load_backbone(vit, names)
         assert report.missing == [] and report.unexpected == []
         with torch.no_grad():
@@ -327,13 +371,19 @@ def test_detectron2_vitdet_backbone_with_rel_pos_and_no_class_token():
     dst = _small_vit(img_size=64, class_token=False, global_pool="", use_rel_pos=True)
     report = load_backbone(dst, {"model": sd}, expected_missing="dense", expected_unexpected="dense")
     assert sorted(report.missing) == ["norm.bias", "norm.weight"]
-    assert set(report.unexpected) == {"backbone.simfp_2.0.weight", "roi_heads.box_predictor.cls_score.weight", "proposal_generator.rpn_head.conv.weight"}
+    assert set(report.unexpected) == {
+        "backbone.simfp_2.0.weight",
+        "roi_heads.box_predictor.cls_score.weight",
+        "proposal_generator.rpn_head.conv.weight",
+    }
     assert dst.pos_embed.shape == (1, 64, 32)
     want = resize_pos_embed(src.pos_embed.detach(), (8, 8), 1, old_grid=(4, 4), new_prefix_tokens=0)
     torch.testing.assert_close(dst.pos_embed.detach(), want)
     table = dst.blocks[0].attn.rel_pos_h.detach()
     assert table.shape == (15, 16)
-    want = F.interpolate(src.blocks[0].attn.rel_pos_h.detach().t()[None], size=15, mode="linear", align_corners=False)[0].t()
+    want = F.interpolate(src.blocks[0].attn.rel_pos_h.detach().t()[None], size=15, mode="linear", align_corners=False)[
+        0
+    ].t()
     torch.testing.assert_close(table, want)
     assert any("rel_pos_h" in n for n in report.adapted)
 
@@ -354,8 +404,10 @@ def _to_mm(sd: dict, prefix: str = "backbone.", beit: bool = False, in_proj: boo
         if k.startswith("blocks."):
             _, i, rest = k.split(".", 2)
             rest = (
-                rest.replace("norm1.", "ln1.").replace("norm2.", "ln2.")
-                .replace("mlp.fc1.", "ffn.layers.0.0.").replace("mlp.fc2.", "ffn.layers.1.")
+                rest.replace("norm1.", "ln1.")
+                .replace("norm2.", "ln2.")
+                .replace("mlp.fc1.", "ffn.layers.0.0.")
+                .replace("mlp.fc2.", "ffn.layers.1.")
             )
             if in_proj and rest.startswith("attn.qkv."):
                 rest = "attn.attn.in_proj_" + rest.rsplit(".", 1)[1]
@@ -404,10 +456,17 @@ def test_mmpretrain_mae_neck_maps_to_the_decoder():
     sd = src.state_dict()
     mm = _to_mm(src.encoder_state_dict())
     # MAEPretrainDecoder: the decoder layers are mm encoder layers under neck.decoder_blocks.N.
-    decoder_layers = {k[len("decoder_"):]: v for k, v in sd.items() if k.startswith("decoder_blocks.")}
+    decoder_layers = {k[len("decoder_") :]: v for k, v in sd.items() if k.startswith("decoder_blocks.")}
     for k, v in _to_mm(decoder_layers, prefix="neck.").items():
         mm[k.replace("neck.layers.", "neck.decoder_blocks.")] = v
-    for k in ("mask_token", "decoder_pos_embed", "decoder_embed.weight", "decoder_embed.bias", "decoder_pred.weight", "decoder_pred.bias"):
+    for k in (
+        "mask_token",
+        "decoder_pos_embed",
+        "decoder_embed.weight",
+        "decoder_embed.bias",
+        "decoder_pred.weight",
+        "decoder_pred.bias",
+    ):
         mm["neck." + k] = sd[k]
     mm["neck.ln1.weight"], mm["neck.ln1.bias"] = sd["decoder_norm.weight"], sd["decoder_norm.bias"]
     assert any(k.startswith("neck.decoder_blocks.0.ffn.layers.0.0.") for k in mm)
@@ -516,18 +575,28 @@ def test_pos_embed_224_interpolates_to_256():
     torch.testing.assert_close(dst.pos_embed[:, 0].detach(), src.pos_embed[:, 0].detach())  # class row kept
     assert any("pos_embed" in n and "bicubic" in n for n in report.adapted)
     with pytest.raises(CheckpointError, match="pos_embed.*interpolate_pos_embed"):
-        load_backbone(create_vit("vit_tiny_patch16", img_size=256, num_classes=0, global_pool="token"), src.state_dict(), interpolate_pos_embed=False)
+        load_backbone(
+            create_vit("vit_tiny_patch16", img_size=256, num_classes=0, global_pool="token"),
+            src.state_dict(),
+            interpolate_pos_embed=False,
+        )
 
 
 def test_patch14_checkpoint_into_patch16_model():
     torch.manual_seed(0)
-    src = VisionTransformer(img_size=224, patch_size=14, embed_dim=32, depth=1, num_heads=2, num_classes=0, global_pool="token")
-    dst = VisionTransformer(img_size=224, patch_size=16, embed_dim=32, depth=1, num_heads=2, num_classes=0, global_pool="token")
+    src = VisionTransformer(
+        img_size=224, patch_size=14, embed_dim=32, depth=1, num_heads=2, num_classes=0, global_pool="token"
+    )
+    dst = VisionTransformer(
+        img_size=224, patch_size=16, embed_dim=32, depth=1, num_heads=2, num_classes=0, global_pool="token"
+    )
     report = load_backbone(dst, {"model": src.state_dict()})
     assert report.missing == []
     w = dst.patch_embed.proj.weight.detach()
     assert w.shape == (32, 3, 16, 16)
-    torch.testing.assert_close(w, F.interpolate(src.patch_embed.proj.weight.detach(), size=(16, 16), mode="bicubic", align_corners=False))
+    torch.testing.assert_close(
+        w, F.interpolate(src.patch_embed.proj.weight.detach(), size=(16, 16), mode="bicubic", align_corners=False)
+    )
     assert dst.pos_embed.shape == (1, 1 + 14 * 14, 32)  # 16x16 grid of /14 -> 14x14 grid of /16
     assert any("kernel" in n for n in report.adapted)
     with torch.no_grad():
@@ -592,7 +661,9 @@ def test_detectron2_pickle_of_numpy_arrays(tmp_path):
     src = _small_vit(class_token=False, global_pool="")
     path = tmp_path / "model_final.pkl"
     with open(path, "wb") as f:
-        pickle.dump({"model": {"backbone.net." + k: v.numpy() for k, v in src.state_dict().items()}, "__author__": "x"}, f)
+        pickle.dump(
+            {"model": {"backbone.net." + k: v.numpy() for k, v in src.state_dict().items()}, "__author__": "x"}, f
+        )
     dst = _small_vit(class_token=False, global_pool="")
     with pytest.raises(CheckpointError, match="--trust-checkpoint"):  # a pickle can run code: only when trusted
         load_backbone(dst, path)

@@ -12,15 +12,23 @@ import time
 
 import pytest
 import torch
-
 from conftest import result_rows
+
 from mae_transfer.cli import main
 
 # A nano ViT (2 blocks x 64, patch 8) on 32 px toy images: a few seconds per run.
 SMALL = [
-    "--model", "vit_nano_patch8", "model.img_size=32", "train.batch_size=16", "train.effective_batch_size=16",
-    "train.num_workers=0", "train.progress=false", "train.log_every=1", "eval_every_epochs=1",
-    "optim.warmup_epochs=1", "eval_batch_size=32",
+    "--model",
+    "vit_nano_patch8",
+    "model.img_size=32",
+    "train.batch_size=16",
+    "train.effective_batch_size=16",
+    "train.num_workers=0",
+    "train.progress=false",
+    "train.log_every=1",
+    "eval_every_epochs=1",
+    "optim.warmup_epochs=1",
+    "eval_batch_size=32",
 ]
 
 
@@ -28,9 +36,23 @@ SMALL = [
 def encoder(tmp_path, cache):
     """A briefly pretrained nano MAE encoder in the official format."""
     out = tmp_path / "pre"
-    rc = main(["pretrain", "--output", str(out), "--epochs", "1", "model.name=mae_vit_nano_patch8", "model.img_size=32",
-               "data.toy_images_per_class=8", "train.batch_size=16", "train.effective_batch_size=16",
-               "train.num_workers=0", "train.progress=false", "vis.every_epochs=0"])
+    rc = main(
+        [
+            "pretrain",
+            "--output",
+            str(out),
+            "--epochs",
+            "1",
+            "model.name=mae_vit_nano_patch8",
+            "model.img_size=32",
+            "data.toy_images_per_class=8",
+            "train.batch_size=16",
+            "train.effective_batch_size=16",
+            "train.num_workers=0",
+            "train.progress=false",
+            "vis.every_epochs=0",
+        ]
+    )
     assert rc == 0
     return out / "encoder.pth"
 
@@ -56,7 +78,23 @@ def test_linear_probe_leaves_every_backbone_parameter_bit_identical(tmp_path, ca
 
 def test_partial_finetuning_trains_only_the_last_blocks(tmp_path, cache, encoder):
     out = tmp_path / "partial"
-    assert main(["finetune", "--backbone", str(encoder), "--trainable-blocks", "1", "--output", str(out), "--epochs", "1", *SMALL]) == 0
+    assert (
+        main(
+            [
+                "finetune",
+                "--backbone",
+                str(encoder),
+                "--trainable-blocks",
+                "1",
+                "--output",
+                str(out),
+                "--epochs",
+                "1",
+                *SMALL,
+            ]
+        )
+        == 0
+    )
     trained = torch.load(out / "checkpoint-last.pth", weights_only=False)["model"]
     pretrained = torch.load(encoder, weights_only=False)["model"]
     assert torch.equal(trained["blocks.0.attn.qkv.weight"], pretrained["blocks.0.attn.qkv.weight"])
@@ -74,7 +112,15 @@ def test_finetuning_from_scratch_says_so_and_writes_results(tmp_path, cache, cap
     assert len(evals) == 2
 
 
-@pytest.mark.parametrize("command,extra", [("inat", ["--year", "2017"]), ("inat", ["--year", "2019"]), ("places", ["--version", "205"]), ("places", ["--version", "365"])])
+@pytest.mark.parametrize(
+    "command,extra",
+    [
+        ("inat", ["--year", "2017"]),
+        ("inat", ["--year", "2019"]),
+        ("places", ["--version", "205"]),
+        ("places", ["--version", "365"]),
+    ],
+)
 def test_inat_and_places_commands_run_on_their_official_formats(tmp_path, cache, command, extra):
     out = tmp_path / command
     assert main([command, *extra, "--output", str(out), "--epochs", "1", *SMALL]) == 0
@@ -84,7 +130,10 @@ def test_inat_and_places_commands_run_on_their_official_formats(tmp_path, cache,
 
 def test_knn_and_sweep_on_frozen_features(tmp_path, cache, encoder, capsys):
     out = tmp_path / "knn"
-    assert main(["knn", "--backbone", str(encoder), "--output", str(out), "--k", "5,20", "--sweep", "--device", "cpu"]) == 0
+    assert (
+        main(["knn", "--backbone", str(encoder), "--output", str(out), "--k", "5,20", "--sweep", "--device", "cpu"])
+        == 0
+    )
     printed = capsys.readouterr().out
     assert "k-NN k=5" in printed and "linear sweep" in printed
     rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
@@ -102,7 +151,9 @@ def test_finetuning_resumes_after_a_kill(tmp_path, monkeypatch):
     monkeypatch.setenv("MAE_TRANSFER_CACHE", str(tmp_path / "cache"))
     assert main([*command, "--output", str(full)]) == 0
     run = tmp_path / "killed"
-    proc = subprocess.Popen([*args, "--output", str(run)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [*args, "--output", str(run)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     jl = run / "train.jsonl"
     start = time.monotonic()
     while time.monotonic() - start < 120 and proc.poll() is None:
@@ -157,9 +208,16 @@ def test_runs_round_trip_config_resume_and_eval_only(tmp_path, cache, encoder, c
     assert main(["finetune", "--preset", str(run / "config.yaml"), "--backbone", str(encoder), "--print-config"]) == 0
     assert yaml.safe_load(capsys.readouterr().out) == original
 
-    for weights in (run / "classifier.pth", run / "checkpoint-last.pth", run):  # a run directory: its checkpoint-last.pth
+    for weights in (
+        run / "classifier.pth",
+        run / "checkpoint-last.pth",
+        run,
+    ):  # a run directory: its checkpoint-last.pth
         out = tmp_path / f"eval-{weights.stem}"
-        assert main(["finetune", "--eval-only", "--weights", str(weights), "--output", str(out), "train.num_workers=0"]) == 0
+        assert (
+            main(["finetune", "--eval-only", "--weights", str(weights), "--output", str(out), "train.num_workers=0"])
+            == 0
+        )
         rows = {r["metric"]: r["value"] for r in map(json.loads, (out / "results.jsonl").read_text().splitlines())}
         assert rows["top1"] == end["top1"] and rows["top5"] == end["top5"]
         first = json.loads((out / "results.jsonl").read_text().splitlines()[0])
@@ -175,7 +233,23 @@ def test_runs_round_trip_config_resume_and_eval_only(tmp_path, cache, encoder, c
     # --resume PATH (a run directory or its checkpoint): a new run directory continues from there,
     # here with a longer schedule.
     more = tmp_path / "more"
-    assert main(["finetune", "--backbone", str(encoder), "--epochs", "3", *SMALL, "--output", str(more), "--resume", str(run / "checkpoint-last.pth")]) == 0
+    assert (
+        main(
+            [
+                "finetune",
+                "--backbone",
+                str(encoder),
+                "--epochs",
+                "3",
+                *SMALL,
+                "--output",
+                str(more),
+                "--resume",
+                str(run / "checkpoint-last.pth"),
+            ]
+        )
+        == 0
+    )
     steps_done = json.loads((run / "results.jsonl").read_text().splitlines()[0])["step"]
     assert f"resuming from {run / 'checkpoint-last.pth'} at step {steps_done}" in (more / "log.txt").read_text()
     assert json.loads((more / "results.jsonl").read_text().splitlines()[0])["step"] == steps_done * 3 // 2

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import shared_root
 from torch.utils.data import DataLoader, Subset
 from torchvision import transforms
 
@@ -30,7 +31,6 @@ from mae_transfer.data.toy import (
     write_inat,
     write_places,
 )
-from conftest import shared_root
 
 NUM_CATS = 3  # iNat writes one more, val-only, category
 TRAIN_PER, VAL_PER = 2, 2
@@ -50,7 +50,9 @@ def write_kind(kind: str, root: Path) -> Path:
         return write_inat(root, int(kind[4:]), num_categories=NUM_CATS, **sizes)
     if kind.startswith("places"):
         return write_places(root, int(kind[6:]), num_categories=NUM_CATS, **sizes)
-    return write_imagefolder(root, num_classes=NUM_CATS, train_per_class=TRAIN_PER, val_per_class=VAL_PER, image_size=SIZE)
+    return write_imagefolder(
+        root, num_classes=NUM_CATS, train_per_class=TRAIN_PER, val_per_class=VAL_PER, image_size=SIZE
+    )
 
 
 def listed(kind: str, root: Path, split: str) -> list[tuple[str, int]]:
@@ -65,8 +67,10 @@ def listed(kind: str, root: Path, split: str) -> list[tuple[str, int]]:
         name = "places365_train_standard.txt" if split == "train" else "places365_val.txt"
         lines = (root / name).read_text().split("\n")
     else:
-        return [(p.relative_to(root / split).as_posix(), imagefolder_class_names(NUM_CATS).index(p.parent.name))
-                for p in sorted((root / split).rglob("*.jpg"))]
+        return [
+            (p.relative_to(root / split).as_posix(), imagefolder_class_names(NUM_CATS).index(p.parent.name))
+            for p in sorted((root / split).rglob("*.jpg"))
+        ]
     return [(line.split()[0], int(line.split()[1])) for line in lines if line.strip()]
 
 
@@ -334,7 +338,9 @@ def test_places205_class_count_covers_both_lists(tmp_path):
     root = write_kind("places205", tmp_path)
     lists = root / "trainvalsplit_places205"
     # Drop the last class from train: the val list still gives its index and name.
-    train_lines = [ln for ln in (lists / "train_places205.csv").read_text().splitlines() if not ln.endswith(f" {NUM_CATS - 1}")]
+    train_lines = [
+        ln for ln in (lists / "train_places205.csv").read_text().splitlines() if not ln.endswith(f" {NUM_CATS - 1}")
+    ]
     (lists / "train_places205.csv").write_text("\n".join(train_lines) + "\n")
     train = places205(root, "train")
     assert train.num_classes == NUM_CATS and NUM_CATS - 1 not in train.targets

@@ -47,8 +47,6 @@ class DictDataset(Dataset):
         return item
 
 
-
-
 class PermutedSampler(Sampler[int]):
     def __init__(self, order):
         self.order = list(order)
@@ -82,7 +80,9 @@ def toy_classifier(num_classes: int = 3) -> nn.Module:
 
 def toy_vit() -> VisionTransformer:
     torch.manual_seed(2)
-    return VisionTransformer(img_size=16, patch_size=8, embed_dim=32, depth=1, num_heads=2, num_classes=0, global_pool="token")
+    return VisionTransformer(
+        img_size=16, patch_size=8, embed_dim=32, depth=1, num_heads=2, num_classes=0, global_pool="token"
+    )
 
 
 def gaussian_clusters(n: int, num_classes: int, dim: int, seed: int, spread: float = 0.3, centers=None):
@@ -195,7 +195,9 @@ def test_evaluate_classifier_matches_direct_and_restores_modes(capsys):
     model.train()
     model[2].eval()  # a submodule in another mode must come back as it was
     loader = DataLoader(DictDataset(images, labels), batch_size=4)
-    r = evaluate_classifier(model, loader, "cpu", 3, autocast=lambda: torch.autocast("cpu", dtype=torch.bfloat16, enabled=False))
+    r = evaluate_classifier(
+        model, loader, "cpu", 3, autocast=lambda: torch.autocast("cpu", dtype=torch.bfloat16, enabled=False)
+    )
     assert model.training and model[1].training and not model[2].training
     model.eval()
     with torch.no_grad():
@@ -242,7 +244,10 @@ def test_knn_on_the_toy_data_defaults_to_the_micro_vit_of_the_other_toy_runs():
     assert frozen_model({}, None, None, toy=True) == (toy.name, toy.img_size) == ("vit_micro_patch8", 64)
     assert frozen_model({}, None, 96, toy=True) == ("vit_micro_patch8", 96)
     assert frozen_model({}, None, None, toy=False) == ("vit_base_patch16", 224)  # real data: the paper's ViT-B
-    assert frozen_model({"name": "vit_large_patch16", "img_size": 224}, None, None, toy=True) == ("vit_large_patch16", 224)
+    assert frozen_model({"name": "vit_large_patch16", "img_size": 224}, None, None, toy=True) == (
+        "vit_large_patch16",
+        224,
+    )
     assert frozen_model({}, "vit_small_patch16", None, toy=True) == ("vit_small_patch16", 224)
 
 
@@ -326,8 +331,16 @@ def test_sweep_heads_equal_separate_runs(optimizer):
     xtr, ytr, centers = gaussian_clusters(500, 5, 12, seed=5, spread=1.0)
     xva, yva, _ = gaussian_clusters(200, 5, 12, seed=6, spread=1.0, centers=centers)
     lrs = (0.003, 0.03, 0.3, 3.0)
-    kw = dict(epochs=4, batch_size=32, weight_decay=1e-3, device="cpu", seed=11, optimizer=optimizer,
-              warmup_epochs=1, return_weights=True)
+    kw = dict(
+        epochs=4,
+        batch_size=32,
+        weight_decay=1e-3,
+        device="cpu",
+        seed=11,
+        optimizer=optimizer,
+        warmup_epochs=1,
+        return_weights=True,
+    )
     together = linear_probe_sweep(xtr, ytr, xva, yva, 5, lrs=lrs, **kw)
     for i, lr in enumerate(lrs):
         alone = linear_probe_sweep(xtr, ytr, xva, yva, 5, lrs=(lr,), **kw)
@@ -344,8 +357,20 @@ def test_sweep_matches_torch_reference_training():
     xtr, ytr, centers = gaussian_clusters(300, 3, 8, seed=7, spread=1.0)
     xva, yva, _ = gaussian_clusters(50, 3, 8, seed=8, spread=1.0, centers=centers)
     lr, wd, epochs, bs, seed = 0.2, 1e-2, 3, 40, 5
-    out = linear_probe_sweep(xtr, ytr, xva, yva, 3, lrs=(lr,), epochs=epochs, batch_size=bs, weight_decay=wd,
-                             device="cpu", seed=seed, return_weights=True)
+    out = linear_probe_sweep(
+        xtr,
+        ytr,
+        xva,
+        yva,
+        3,
+        lrs=(lr,),
+        epochs=epochs,
+        batch_size=bs,
+        weight_decay=wd,
+        device="cpu",
+        seed=seed,
+        return_weights=True,
+    )
 
     x64 = xtr.double()
     mean, var = x64.mean(0), x64.var(0, unbiased=False)
@@ -359,8 +384,11 @@ def test_sweep_matches_torch_reference_training():
     with torch.no_grad():
         head.weight.copy_(w0.T)
         head.bias.zero_()
-    opt = torch.optim.SGD([{"params": [head.weight], "weight_decay": wd}, {"params": [head.bias], "weight_decay": 0.0}],
-                          lr=lr, momentum=0.9)
+    opt = torch.optim.SGD(
+        [{"params": [head.weight], "weight_decay": wd}, {"params": [head.bias], "weight_decay": 0.0}],
+        lr=lr,
+        momentum=0.9,
+    )
     steps = len(xtr) // bs
     step = 0
     for _ in range(epochs):
@@ -391,13 +419,18 @@ def test_sweep_survives_a_diverging_head_and_is_deterministic():
     assert torch.isfinite(out["weight"]).all()  # dead heads are zeroed, never NaN
 
     # Same seed, same result; the diverging heads do not change the surviving one.
-    again = linear_probe_sweep(xtr, ytr, xva, yva, 4, lrs=(0.05,), epochs=3, batch_size=50, device="cpu", return_weights=True)
+    again = linear_probe_sweep(
+        xtr, ytr, xva, yva, 4, lrs=(0.05,), epochs=3, batch_size=50, device="cpu", return_weights=True
+    )
     assert torch.equal(again["weight"][0], out["weight"][0])
-    other = linear_probe_sweep(xtr, ytr, xva, yva, 4, lrs=(0.05,), epochs=3, batch_size=50, device="cpu", seed=1,
-                               return_weights=True)
+    other = linear_probe_sweep(
+        xtr, ytr, xva, yva, 4, lrs=(0.05,), epochs=3, batch_size=50, device="cpu", seed=1, return_weights=True
+    )
     assert not torch.equal(other["weight"][0], out["weight"][0])
 
-    everything_dies = linear_probe_sweep(xtr, ytr, xva, yva, 4, lrs=(float("inf"),), epochs=1, batch_size=50, device="cpu")
+    everything_dies = linear_probe_sweep(
+        xtr, ytr, xva, yva, 4, lrs=(float("inf"),), epochs=1, batch_size=50, device="cpu"
+    )
     assert everything_dies["best"] is None and everything_dies["best_lr"] is None
 
 
@@ -410,14 +443,17 @@ def _knn_inputs():
 
 def _gloo_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=60))
+    dist.init_process_group(
+        "gloo", init_method=f"file://{init_file}", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=60)
+    )
     try:
         images, labels = toy_images(7)
         out = {}
         # DistributedSampler pads 7 samples to 8: the repeat must not be counted.
         ds = DictDataset(images, labels)
-        loader = DataLoader(ds, batch_size=3, sampler=DistributedSampler(ds, num_replicas=world, rank=rank, shuffle=False))
+        loader = DataLoader(
+            ds, batch_size=3, sampler=DistributedSampler(ds, num_replicas=world, rank=rank, shuffle=False)
+        )
         out["eval"] = evaluate_classifier(toy_classifier(), loader, "cpu", 3)
 
         logits = torch.randn(13, 3, generator=torch.Generator().manual_seed(0))
@@ -430,8 +466,11 @@ def _gloo_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
         shard = DataLoader(ds, batch_size=2, sampler=ShardSampler(len(ds), rank, world))  # 4 and 3 samples
         out["shard"] = extract_features(vit, shard, "cpu")
         no_index = DictDataset(images, labels, with_index=False)
-        padded = DataLoader(no_index, batch_size=2,
-                            sampler=DistributedSampler(no_index, num_replicas=world, rank=rank, shuffle=True, seed=3))
+        padded = DataLoader(
+            no_index,
+            batch_size=2,
+            sampler=DistributedSampler(no_index, num_replicas=world, rank=rank, shuffle=True, seed=3),
+        )
         out["padded"] = extract_features(vit, padded, "cpu")
 
         xtr, ytr, xte, yte = _knn_inputs()

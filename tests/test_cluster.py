@@ -26,14 +26,24 @@ from mae_transfer.evaluation import cluster
 from mae_transfer.evaluation.store import ResultStore
 from mae_transfer.models.vit import create_vit
 
-submitit = pytest.importorskip("submitit", reason="the cluster launchers need submitit (pip install 'mae-transfer[test]')")
+submitit = pytest.importorskip(
+    "submitit", reason="the cluster launchers need submitit (pip install 'mae-transfer[test]')"
+)
 
 # A nano MAE on 32 px toy images (as tests/test_pretrain_cli.py): 7 steps per epoch, about a second
 # per step or less on one CPU core.
 TINY_PRETRAIN = [
-    "model.name=mae_vit_nano_patch8", "model.img_size=32", "data.toy_images_per_class=12",
-    "train.batch_size=8", "train.effective_batch_size=16", "train.log_every=1",
-    "train.num_workers=0", "train.progress=false", "vis.num_images=4", "vis.every_epochs=100", "optim.warmup_epochs=1",
+    "model.name=mae_vit_nano_patch8",
+    "model.img_size=32",
+    "data.toy_images_per_class=12",
+    "train.batch_size=8",
+    "train.effective_batch_size=16",
+    "train.log_every=1",
+    "train.num_workers=0",
+    "train.progress=false",
+    "vis.num_images=4",
+    "vis.every_epochs=100",
+    "optim.warmup_epochs=1",
 ]
 
 
@@ -53,7 +63,9 @@ def cache(shared_cache, monkeypatch) -> Path:
 @pytest.fixture
 def encoder(tmp_path) -> Path:
     torch.manual_seed(0)
-    return export_mae_encoder(create_vit("vit_nano_patch8", img_size=64, num_classes=0, global_pool="token"), tmp_path / "weights" / "enc.pth")
+    return export_mae_encoder(
+        create_vit("vit_nano_patch8", img_size=64, num_classes=0, global_pool="token"), tmp_path / "weights" / "enc.pth"
+    )
 
 
 @pytest.fixture
@@ -99,7 +111,9 @@ def _wait_until(predicate, timeout: float, what: str) -> None:
 
 
 # ------------------------------------------------------------------------------ options and errors
-def test_slurm_without_sbatch_and_slurm_options_without_slurm_are_one_clear_error(tmp_path, encoder, monkeypatch, capsys):
+def test_slurm_without_sbatch_and_slurm_options_without_slurm_are_one_clear_error(
+    tmp_path, encoder, monkeypatch, capsys
+):
     empty = tmp_path / "bin"
     empty.mkdir()
     monkeypatch.setenv("PATH", str(empty))  # no sbatch here, whatever the machine has
@@ -130,9 +144,11 @@ def _fake_slurm(bin_dir: Path, state_file: Path, calls: Path) -> None:
     parses "job N"); sacct reports the state written in ``state_file``."""
     bin_dir.mkdir()
     scripts = {
-        "sbatch": f'#!/bin/sh\necho "sbatch $*" >> {calls}\ncp "$1" {calls.parent}/job.sbatch\necho "Submitted batch job 4242"\n',
+        "sbatch": f'#!/bin/sh\necho "sbatch $*" >> {calls}\ncp "$1" {calls.parent}/job.sbatch\n'
+        'echo "Submitted batch job 4242"\n',
         "srun": "#!/bin/sh\nexit 0\n",
-        "sacct": f'#!/bin/sh\necho "sacct $*" >> {calls}\necho "JobID|State|NodeList"\necho "4242|$(cat {state_file})|node7"\n',
+        "sacct": f'#!/bin/sh\necho "sacct $*" >> {calls}\necho "JobID|State|NodeList"\n'
+        f'echo "4242|$(cat {state_file})|node7"\n',
     }
     for name, text in scripts.items():
         (bin_dir / name).write_text(text)
@@ -145,16 +161,37 @@ def test_slurm_launcher_submits_once_reports_running_and_records_the_end(tmp_pat
     monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}{os.pathsep}{os.environ['PATH']}")
     submitit.SlurmJob.watcher.clear()  # its cache is per process; job 4242 may be known from another test
     res = tmp_path / "res"
-    argv = ["bench", "--backbone", f"mae={encoder}", "--tasks", "knn", "--results", str(res), "--launcher", "slurm",
-            "--slurm-partition", "gpu", "--slurm-account", "vision", "--slurm-time", "30"]
+    argv = [
+        "bench",
+        "--backbone",
+        f"mae={encoder}",
+        "--tasks",
+        "knn",
+        "--results",
+        str(res),
+        "--launcher",
+        "slurm",
+        "--slurm-partition",
+        "gpu",
+        "--slurm-account",
+        "vision",
+        "--slurm-time",
+        "30",
+    ]
 
     assert main(argv) == 0
     out = capsys.readouterr().out
     run_dir = next((res / "runs" / "mae").glob("knn-*"))
     assert f"[1/1] knn · mae: submitted SLURM job 4242 (log: {run_dir / 'bench.log'})" in out
     script = (tmp_path / "job.sbatch").read_text()
-    for line in ("#SBATCH --partition=gpu", "#SBATCH --account=vision", "#SBATCH --time=30", "#SBATCH --signal=USR2@90",
-                 "#SBATCH --gpus-per-node=1", f"#SBATCH --output={res.resolve()}/slurm/%j/%j_0_log.out"):
+    for line in (
+        "#SBATCH --partition=gpu",
+        "#SBATCH --account=vision",
+        "#SBATCH --time=30",
+        "#SBATCH --signal=USR2@90",
+        "#SBATCH --gpus-per-node=1",
+        f"#SBATCH --output={res.resolve()}/slurm/%j/%j_0_log.out",
+    ):
         assert line in script, line
     assert "srun --unbuffered" in script and "submitit.core._submit" in script
     record = json.loads((run_dir / "slurm_job.json").read_text())
@@ -166,7 +203,10 @@ def test_slurm_launcher_submits_once_reports_running_and_records_the_end(tmp_pat
     assert main(argv) == 0
     out = capsys.readouterr().out
     assert "SLURM job 4242 is pending, not submitted again" in out and "1 still queued or running" in out
-    assert calls.read_text().count("sbatch ") == 1 and "sacct -o JobID,State,NodeList --parsable2 -j 4242" in calls.read_text()
+    assert (
+        calls.read_text().count("sbatch ") == 1
+        and "sacct -o JobID,State,NodeList --parsable2 -j 4242" in calls.read_text()
+    )
 
     # SLURM ended it without a result (cancelled): recorded as a failure, once, then submitted again.
     state.write_text("CANCELLED")
@@ -174,7 +214,9 @@ def test_slurm_launcher_submits_once_reports_running_and_records_the_end(tmp_pat
     out = capsys.readouterr().out
     assert "SLURM job 4242 FAILED: SLURM ended the job (CANCELLED) without a result" in out
     failed = [r for r in ResultStore(res).read() if r["metric"] == "job_failed"]
-    assert len(failed) == 1 and failed[0]["cluster_job"] == "SLURM 4242" and failed[0]["log"] == str(run_dir / "bench.log")
+    assert (
+        len(failed) == 1 and failed[0]["cluster_job"] == "SLURM 4242" and failed[0]["log"] == str(run_dir / "bench.log")
+    )
     assert json.loads((run_dir / "slurm_job.json").read_text())["recorded"]
     assert main([*argv, "--no-retry"]) == 1
     assert "failed before, not retried" in capsys.readouterr().out
@@ -191,8 +233,19 @@ def test_submitit_local_bench_runs_records_and_never_submits_twice(tmp_path, enc
     broken.mkdir()
     (broken / "train2018.json").write_text("{not json")
     res = tmp_path / "res"
-    argv = ["bench", "--backbone", f"mae={encoder}", "--tasks", "knn,inat2018", "--data", f"inat2018={broken}",
-            "--results", str(res), "--launcher", "submitit-local"]
+    argv = [
+        "bench",
+        "--backbone",
+        f"mae={encoder}",
+        "--tasks",
+        "knn,inat2018",
+        "--data",
+        f"inat2018={broken}",
+        "--results",
+        str(res),
+        "--launcher",
+        "submitit-local",
+    ]
 
     assert main(argv) == 0
     out = capsys.readouterr().out
@@ -256,7 +309,10 @@ def test_job_command_runs_logs_and_stops_its_command_for_a_requeue(tmp_path, mon
     monkeypatch.setenv("MAE_TRANSFER_REQUEUE", "1")
     monkeypatch.delenv("PET_SIGNALS_TO_HANDLE", raising=False)
     log = tmp_path / "run" / "bench.log"
-    show = "import os; print('requeue', os.environ.get('MAE_TRANSFER_REQUEUE'), 'torchrun', os.environ['PET_SIGNALS_TO_HANDLE'])"
+    show = (
+        "import os; print('requeue', os.environ.get('MAE_TRANSFER_REQUEUE'), "
+        "'torchrun', os.environ['PET_SIGNALS_TO_HANDLE'])"
+    )
     result = cluster.JobCommand([sys.executable, "-c", show], log, provenance=False)()
     assert result["returncode"] == 0 and result["attempts"] == 1 and result["wall_time_s"] > 0
     # submitit requeues the job: the command must not (MAE_TRANSFER_REQUEUE dropped); torchrun's
@@ -268,16 +324,31 @@ def test_job_command_runs_logs_and_stops_its_command_for_a_requeue(tmp_path, mon
     # checkpoint(), as submitit calls it: from its SIGUSR2 handler, in the thread that waits for the
     # command. The command is told to stop (SIGUSR2) and waited for; one that does not stop within
     # the grace time is killed. Either way the same command comes back for the requeue.
-    saves = "import signal, sys, time; signal.signal(signal.SIGUSR2, lambda *a: sys.exit(143)); print('re' + 'ady', flush=True); time.sleep(60)"
-    deaf = "import signal, time; signal.signal(signal.SIGUSR2, signal.SIG_IGN); print('re' + 'ady', flush=True); time.sleep(60)"
-    for code, how, rc in [(saves, "the command saved and stopped (exit 143)", 143),
-                          (deaf, "the command did not stop within 1 s and was killed (its last checkpoint is kept)", -9)]:
+    saves = (
+        "import signal, sys, time; signal.signal(signal.SIGUSR2, lambda *a: sys.exit(143)); "
+        "print('re' + 'ady', flush=True); time.sleep(60)"
+    )
+    deaf = (
+        "import signal, time; signal.signal(signal.SIGUSR2, signal.SIG_IGN); "
+        "print('re' + 'ady', flush=True); time.sleep(60)"
+    )
+    for code, how, rc in [
+        (saves, "the command saved and stopped (exit 143)", 143),
+        (deaf, "the command did not stop within 1 s and was killed (its last checkpoint is kept)", -9),
+    ]:
         log.write_text("")
         command = cluster.JobCommand([sys.executable, "-c", code], log, provenance=False, grace_s=1.0)
         delayed = []
-        previous = signal.signal(signal.SIGUSR2, lambda *a, command=command, delayed=delayed: delayed.append(command.checkpoint()))
-        notice = threading.Timer(0.0, lambda: (_wait_until(lambda: "\nready\n" in log.read_text(), 30, "the command to start"),
-                                               os.kill(os.getpid(), signal.SIGUSR2)))
+        previous = signal.signal(
+            signal.SIGUSR2, lambda *a, command=command, delayed=delayed: delayed.append(command.checkpoint())
+        )
+        notice = threading.Timer(
+            0.0,
+            lambda: (
+                _wait_until(lambda: "\nready\n" in log.read_text(), 30, "the command to start"),
+                os.kill(os.getpid(), signal.SIGUSR2),
+            ),
+        )
         notice.start()
         try:
             with pytest.raises(cluster.JobCommandFailed, match=rf"^exited {rc} "):
@@ -294,7 +365,10 @@ def test_job_command_runs_logs_and_stops_its_command_for_a_requeue(tmp_path, mon
     # saves and stops, and the job ends without a result (SystemExit: submitit writes none), so the
     # next `bench` asks SLURM instead of recording a failure for a job that will run again.
     log.write_text("")
-    stops = "import signal, sys, time; signal.signal(signal.SIGTERM, lambda *a: sys.exit(143)); print('re' + 'ady', flush=True); time.sleep(60)"
+    stops = (
+        "import signal, sys, time; signal.signal(signal.SIGTERM, lambda *a: sys.exit(143)); "
+        "print('re' + 'ady', flush=True); time.sleep(60)"
+    )
     command = cluster.JobCommand([sys.executable, "-c", stops], log, provenance=False)
     seen = []  # stands for submitit's own SIGTERM handler, which must still be called
     previous = signal.signal(signal.SIGTERM, lambda *a: seen.append(1))
@@ -313,7 +387,9 @@ def test_job_command_runs_logs_and_stops_its_command_for_a_requeue(tmp_path, mon
         notice.join(timeout=30)
         signal.signal(signal.SIGTERM, previous)
     assert stopped.value.code == 143 and seen == [1]
-    assert "# the job got SIGTERM (scancel or preemption) and its command stopped (exit 143); no result" in log.read_text()
+    assert (
+        "# the job got SIGTERM (scancel or preemption) and its command stopped (exit 143); no result" in log.read_text()
+    )
 
 
 # ------------------------------------------------------------------------------- preemption notices
@@ -322,14 +398,21 @@ def test_stop_signals_include_slurms_preemption_notices():
     try:
         trainer_module._ignore_stop_signals(0)  # what a DataLoader worker runs first
         assert {s.name for s in trainer_module.STOP_SIGNALS if signal.getsignal(s) == signal.SIG_IGN} == {
-            "SIGTERM", "SIGINT", "SIGUSR1", "SIGUSR2"}
+            "SIGTERM",
+            "SIGINT",
+            "SIGUSR1",
+            "SIGUSR2",
+        }
     finally:
         for s, h in old.items():
             signal.signal(s, h)
     # A notice repeated (SLURM signals every process, torchrun's agent passes it on) or followed by
     # SIGTERM keeps the graceful stop; the same for a SIGTERM that arrives twice at once.
-    for first, then in [(signal.SIGUSR1, (signal.SIGUSR1, signal.SIGTERM)), (signal.SIGUSR2, (signal.SIGUSR2,)),
-                        (signal.SIGTERM, (signal.SIGTERM,))]:
+    for first, then in [
+        (signal.SIGUSR1, (signal.SIGUSR1, signal.SIGTERM)),
+        (signal.SIGUSR2, (signal.SIGUSR2,)),
+        (signal.SIGTERM, (signal.SIGTERM,)),
+    ]:
         with trainer_module._StopSignals() as stop:
             stop.DUPLICATE_S = 600.0  # a slow machine must not turn the repeat into a kill of pytest
             os.kill(os.getpid(), first)
@@ -352,7 +435,8 @@ def test_requeue_needs_the_switch_a_slurm_job_and_scontrol(tmp_path, monkeypatch
     monkeypatch.setenv("MAE_TRANSFER_REQUEUE", "1")
     assert trainer_module.requeue_slurm_job() is None
     assert [r.getMessage() for r in caplog.records] == [
-        "MAE_TRANSFER_REQUEUE=1 but scontrol is not on PATH: SLURM job 777 is not requeued (resubmit it to resume)"]
+        "MAE_TRANSFER_REQUEUE=1 but scontrol is not on PATH: SLURM job 777 is not requeued (resubmit it to resume)"
+    ]
     caplog.clear()
     (bin_dir / "scontrol").write_text("#!/bin/sh\necho 'Invalid job id specified' >&2\nexit 1\n")
     (bin_dir / "scontrol").chmod(0o755)
@@ -463,13 +547,44 @@ def test_two_nodes_on_localhost_train_and_evaluate(tmp_path):
     for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(var, None)
     command = [
-        torchrun, "--nnodes", "2", "--nproc_per_node", "1", "--rdzv-backend", "c10d",
-        "--rdzv-endpoint", f"localhost:{port}", "--rdzv-id", f"two-nodes-{port}",
-        "-m", "mae_transfer", "finetune", "--data", str(data), "--preset", "toy_finetune", "--output", str(out), "--device", "cpu",
-        "train.epochs=1", "train.progress=false", "train.num_workers=0", "model.name=vit_nano_patch8", "model.img_size=32",
-        "train.batch_size=4", "train.effective_batch_size=16", "data.auto_augment=null", "data.reprob=0", "data.mixup=0", "data.cutmix=0",
+        torchrun,
+        "--nnodes",
+        "2",
+        "--nproc_per_node",
+        "1",
+        "--rdzv-backend",
+        "c10d",
+        "--rdzv-endpoint",
+        f"localhost:{port}",
+        "--rdzv-id",
+        f"two-nodes-{port}",
+        "-m",
+        "mae_transfer",
+        "finetune",
+        "--data",
+        str(data),
+        "--preset",
+        "toy_finetune",
+        "--output",
+        str(out),
+        "--device",
+        "cpu",
+        "train.epochs=1",
+        "train.progress=false",
+        "train.num_workers=0",
+        "model.name=vit_nano_patch8",
+        "model.img_size=32",
+        "train.batch_size=4",
+        "train.effective_batch_size=16",
+        "data.auto_augment=null",
+        "data.reprob=0",
+        "data.mixup=0",
+        "data.cutmix=0",
     ]
-    nodes = [subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for _ in range(2)]
+    nodes = [
+        subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for _ in range(2)
+    ]
     try:
         logs = [node.communicate(timeout=300)[0] for node in nodes]
     finally:

@@ -9,10 +9,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import shared_root
 
 from mae_transfer.data.errors import DataError
 from mae_transfer.data.toy import coco_category_ids, write_coco
-from mae_transfer.detection.masks import segments_to_masks
 from mae_transfer.detection.coco import (
     CocoDetection,
     drop_crowd,
@@ -20,7 +20,7 @@ from mae_transfer.detection.coco import (
     predictions_to_coco_results,
     save_results_json,
 )
-from conftest import shared_root
+from mae_transfer.detection.masks import segments_to_masks
 
 SHARED = shared_root()
 COCO_TINY = SHARED / "data" / "coco_tiny"
@@ -89,7 +89,15 @@ def test_shuffled_labels_score_much_lower(tiny_val, gt_predictions):
 def test_empty_predictions_score_zero(tiny_val):
     metrics = evaluate_coco(tiny_val.coco, [])
     assert metrics == {t: {k: 0.0 for k in ("AP", "AP50", "AP75", "APs", "APm", "APl")} for t in ("bbox", "segm")}
-    no_dets = [{"image_id": 1, "boxes": torch.zeros(0, 4), "scores": torch.zeros(0), "labels": torch.zeros(0, dtype=torch.int64), "masks": torch.zeros(0, 1, 5, 5)}]
+    no_dets = [
+        {
+            "image_id": 1,
+            "boxes": torch.zeros(0, 4),
+            "scores": torch.zeros(0),
+            "labels": torch.zeros(0, dtype=torch.int64),
+            "masks": torch.zeros(0, 1, 5, 5),
+        }
+    ]
     assert predictions_to_coco_results(no_dets, tiny_val.label_to_cat_id) == []
 
 
@@ -169,7 +177,7 @@ def test_toy_category_mapping_and_keep_empty(tmp_path):
         _, t = ds[i]
         image_id = int(t["image_id"])
         expected = sorted(a["category_id"] for a in anns if a["image_id"] == image_id)
-        assert sorted(ds.label_to_cat_id[int(l)] for l in t["labels"]) == expected
+        assert sorted(ds.label_to_cat_id[int(label)] for label in t["labels"]) == expected
     empty = [img["id"] for img in ds.coco.dataset["images"] if not any(a["image_id"] == img["id"] for a in anns)]
     assert len(empty) == 1
     assert empty[0] in ds.image_ids and len(ds) == 4
@@ -259,8 +267,15 @@ def test_faster_coco_eval_gives_pycocotools_numbers(tiny_val, gt_predictions):
         boxes = p["boxes"] + torch.randn(n, 4, generator=g) * 4.0
         labels = torch.where(torch.rand(n, generator=g) < 0.1, (p["labels"] + 1) % len(tiny_val.cat_ids), p["labels"])
         masks = torch.nn.functional.max_pool2d(-p["masks"], 5, stride=1, padding=2).neg()  # eroded
-        preds.append({**p, "boxes": boxes[keep], "scores": torch.rand(n, generator=g)[keep], "labels": labels[keep],
-                      "masks": masks[keep]})
+        preds.append(
+            {
+                **p,
+                "boxes": boxes[keep],
+                "scores": torch.rand(n, generator=g)[keep],
+                "labels": labels[keep],
+                "masks": masks[keep],
+            }
+        )
     results = predictions_to_coco_results(preds, tiny_val.label_to_cat_id)
     t0 = time.perf_counter()
     ref = evaluate_coco(tiny_val.coco, results)
@@ -268,7 +283,10 @@ def test_faster_coco_eval_gives_pycocotools_numbers(tiny_val, gt_predictions):
     fast = evaluate_coco(tiny_val.coco, results, backend="faster")
     t2 = time.perf_counter()
     diffs = [abs(ref[t][k] - fast[t][k]) for t in ref for k in ref[t] if not math.isnan(ref[t][k])]
-    print(f"pycocotools {t1 - t0:.3f} s, faster-coco-eval {t2 - t1:.3f} s, max difference {max(diffs):.2e} over {len(diffs)} numbers")
+    print(
+        f"pycocotools {t1 - t0:.3f} s, faster-coco-eval {t2 - t1:.3f} s, "
+        f"max difference {max(diffs):.2e} over {len(diffs)} numbers"
+    )
     assert 5 < ref["bbox"]["AP"] < 95 and 5 < ref["segm"]["AP"] < 95  # neither trivial nor perfect
     for iou_type in ("bbox", "segm"):
         for name, v in ref[iou_type].items():
@@ -317,9 +335,15 @@ def _old_results(target: dict, output: dict, label_to_cat_id) -> list[dict]:
     out = []
     for k in range(len(boxes)):
         x1, y1, x2, y2 = boxes[k]
-        out.append({"image_id": int(target["image_id"]), "category_id": int(label_to_cat_id[int(output["labels"][k])]),
-                    "bbox": [float(x1), float(y1), float(x2 - x1), float(y2 - y1)], "score": float(scores[k]),
-                    "segmentation": {"size": [int(v) for v in rles[k]["size"]], "counts": rles[k]["counts"]}})
+        out.append(
+            {
+                "image_id": int(target["image_id"]),
+                "category_id": int(label_to_cat_id[int(output["labels"][k])]),
+                "bbox": [float(x1), float(y1), float(x2 - x1), float(y2 - y1)],
+                "score": float(scores[k]),
+                "segmentation": {"size": [int(v) for v in rles[k]["size"]], "counts": rles[k]["counts"]},
+            }
+        )
     return out
 
 
@@ -379,7 +403,7 @@ def test_compact_evaluator_gives_the_dict_path_numbers_and_file(tiny_val_subset,
     for shard in shards:
         ev = COCOEvaluator(tiny_val, backend=backend)
         for b in range(0, len(shard), 3):
-            targets, outputs = zip(*(_fake_outputs(tiny_val, i) for i in shard[b:b + 3]))
+            targets, outputs = zip(*(_fake_outputs(tiny_val, i) for i in shard[b : b + 3]))
             ev.process((None, list(targets)), list(outputs))
             old += [r for t, o in zip(targets, outputs) for r in _old_results(t, o, tiny_val.label_to_cat_id)]
         evaluators.append(ev)
@@ -400,7 +424,9 @@ def test_compact_evaluator_gives_the_dict_path_numbers_and_file(tiny_val_subset,
     assert (tmp_path / "ours.json").read_bytes() == (tmp_path / "old.json").read_bytes()
     # evaluate_coco on dicts: leaves them as they are, and bbox first whatever the order asked.
     given = json.loads(json.dumps(old_sorted))
-    both = evaluate_coco(tiny_val.coco, given, iou_types=("segm", "bbox"), image_ids=tiny_val.image_ids, backend=backend)
+    both = evaluate_coco(
+        tiny_val.coco, given, iou_types=("segm", "bbox"), image_ids=tiny_val.image_ids, backend=backend
+    )
     assert list(both) == ["segm", "bbox"] and json.dumps(both, sort_keys=True) == json.dumps(reference, sort_keys=True)
     assert given == old_sorted
 
@@ -408,8 +434,12 @@ def test_compact_evaluator_gives_the_dict_path_numbers_and_file(tiny_val_subset,
 def test_merge_order_is_pythons_stable_sort():
     rng = np.random.default_rng(0)
     n = 5000
-    results = CocoResults(rng.integers(0, 60, n).astype(np.int64), np.ones(n, np.int64), np.zeros((n, 4), np.float32),
-                          (rng.integers(0, 8, n) / 8).astype(np.float32))
+    results = CocoResults(
+        rng.integers(0, 60, n).astype(np.int64),
+        np.ones(n, np.int64),
+        np.zeros((n, 4), np.float32),
+        (rng.integers(0, 8, n) / 8).astype(np.float32),
+    )
     image_order = [int(i) for i in rng.permutation(50)]  # ids 50..59 are not in it: position -1, first
     position = {image_id: i for i, image_id in enumerate(image_order)}
     rows = [(int(i), float(s)) for i, s in zip(results.image_ids, results.scores)]
@@ -418,18 +448,30 @@ def test_merge_order_is_pythons_stable_sort():
 
 
 def test_results_arrays_make_the_same_dicts_and_json(tmp_path):
-    pred = {"image_id": torch.tensor(7), "boxes": torch.tensor([[1.0, 2.0, 5.0, 10.5], [0.1, 0.2, 0.3, 0.7]]),
-            "scores": torch.tensor([0.5, 0.25]), "labels": torch.tensor([2, 1]),
-            "rles": [{"size": [12, 9], "counts": "abc"}, {"size": [12, 9], "counts": b"de"}]}
+    pred = {
+        "image_id": torch.tensor(7),
+        "boxes": torch.tensor([[1.0, 2.0, 5.0, 10.5], [0.1, 0.2, 0.3, 0.7]]),
+        "scores": torch.tensor([0.5, 0.25]),
+        "labels": torch.tensor([2, 1]),
+        "rles": [{"size": [12, 9], "counts": "abc"}, {"size": [12, 9], "counts": b"de"}],
+    }
     results = CocoResults.from_prediction(pred, {1: 1, 2: 3})
     assert results.boxes.dtype == np.float32 and len(results.counts) == 5
     two = CocoResults.concat([results, CocoResults.from_prediction({**pred, "rles": None, "image_id": 8}, [0, 1, 3])])
     dicts = two.to_dicts()
-    assert dicts[0] == {"image_id": 7, "category_id": 3, "bbox": [1.0, 2.0, 4.0, 8.5], "score": 0.5,
-                        "segmentation": {"size": [12, 9], "counts": "abc"}}
-    assert dicts[1]["bbox"] == [float(np.float32(0.1)), float(np.float32(0.2)),
-                                float(np.float64(np.float32(0.3)) - np.float64(np.float32(0.1))),
-                                float(np.float64(np.float32(0.7)) - np.float64(np.float32(0.2)))]
+    assert dicts[0] == {
+        "image_id": 7,
+        "category_id": 3,
+        "bbox": [1.0, 2.0, 4.0, 8.5],
+        "score": 0.5,
+        "segmentation": {"size": [12, 9], "counts": "abc"},
+    }
+    assert dicts[1]["bbox"] == [
+        float(np.float32(0.1)),
+        float(np.float32(0.2)),
+        float(np.float64(np.float32(0.3)) - np.float64(np.float32(0.1))),
+        float(np.float64(np.float32(0.7)) - np.float64(np.float32(0.2))),
+    ]
     assert dicts[1]["segmentation"]["counts"] == "de" and "segmentation" not in dicts[2]
     assert list(two) == dicts and pickle.loads(pickle.dumps(two)).to_dicts() == dicts
     assert two.take(np.array([3, 0])).to_dicts() == [dicts[3], dicts[0]]
@@ -477,5 +519,7 @@ def test_eval_backend_auto_is_faster_coco_eval_when_it_imports(monkeypatch):
     t = {"seconds": 2.0, "images": 4, "images_per_second": 2.0, "scoring_seconds": 0.5}
     line = format_metrics({"time": {**t, "backend": "faster", "backend_setting": "auto"}}, cfg).splitlines()[-1]
     assert line.endswith("scored in 0.5 s (faster-coco-eval, eval_backend=auto)")
-    line = format_metrics({"time": {**t, "backend": "pycocotools", "backend_setting": "pycocotools"}}, cfg).splitlines()[-1]
+    line = format_metrics(
+        {"time": {**t, "backend": "pycocotools", "backend_setting": "pycocotools"}}, cfg
+    ).splitlines()[-1]
     assert line.endswith("scored in 0.5 s (pycocotools)")

@@ -47,8 +47,19 @@ def test_coco_compile_compiles_the_backbone_only(tmp_path, cache, monkeypatch):
 
     monkeypatch.setattr(torch.nn.Module, "compile", record)
     monkeypatch.setattr(torch, "compile", whole_model)
-    small = ["--model", "vit_nano_patch8", "--img-size", "64", "model.window_size=4", "model.channels=16", "model.fc_dim=32",
-             "train.batch_size=8", "train.effective_batch_size=8", "train.num_workers=0", "train.progress=false"]
+    small = [
+        "--model",
+        "vit_nano_patch8",
+        "--img-size",
+        "64",
+        "model.window_size=4",
+        "model.channels=16",
+        "model.fc_dim=32",
+        "train.batch_size=8",
+        "train.effective_batch_size=8",
+        "train.num_workers=0",
+        "train.progress=false",
+    ]
     assert main(["coco", "--output", str(tmp_path / "det"), "--max-steps", "1", *small, "train.compile=true"]) == 0
     assert compiled == ["SimpleFeaturePyramid"]
     state = torch.load(tmp_path / "det" / "detector.pth", weights_only=True)["model"]

@@ -14,12 +14,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import shared_root
 from PIL import Image
 from torch.utils.data import DataLoader
 from torchvision import transforms
 
-from mae_transfer.data import DataError, ImageFolderDataset
-from mae_transfer.data import toy
+from mae_transfer.data import DataError, ImageFolderDataset, toy
 from mae_transfer.data.toy import (
     ensure_toy_dataset,
     make_scene,
@@ -29,8 +29,6 @@ from mae_transfer.data.toy import (
     write_inat,
     write_places,
 )
-from conftest import shared_root
-
 
 
 def shared_data() -> Path:
@@ -158,7 +156,9 @@ def test_coco_writer_matches_the_coco_format(tmp_path):
                 decoded = mask_utils.decode({"counts": seg["counts"].encode(), "size": seg["size"]})
                 assert decoded.sum() == ann["area"]
             else:
-                assert isinstance(ann["segmentation"], list) and all(len(p) >= 6 and len(p) % 2 == 0 for p in ann["segmentation"])
+                assert isinstance(ann["segmentation"], list) and all(
+                    len(p) >= 6 and len(p) % 2 == 0 for p in ann["segmentation"]
+                )
         assert crowds >= 1
 
 
@@ -192,12 +192,16 @@ def test_ade20k_writer_matches_the_scene_parsing_format(tmp_path):
 
 @pytest.mark.parametrize("year", [2017, 2018, 2019])
 def test_inat_writer_matches_each_year(tmp_path, year):
-    root = write_inat(tmp_path / "inat", year=year, num_categories=4, train_per_category=3, val_per_category=2, image_size=48)
+    root = write_inat(
+        tmp_path / "inat", year=year, num_categories=4, train_per_category=3, val_per_category=2, image_size=48
+    )
     train = json.loads((root / f"train{year}.json").read_text())
     val = json.loads((root / f"val{year}.json").read_text())
-    keys = {2017: {"id", "name", "supercategory"},
-            2018: {"id", "name", "supercategory", "kingdom", "phylum", "class", "order", "family", "genus"},
-            2019: {"id", "name", "kingdom", "phylum", "class", "order", "family", "genus"}}[year]
+    keys = {
+        2017: {"id", "name", "supercategory"},
+        2018: {"id", "name", "supercategory", "kingdom", "phylum", "class", "order", "family", "genus"},
+        2019: {"id", "name", "kingdom", "phylum", "class", "order", "family", "genus"},
+    }[year]
     folder = {2017: "train_val_images", 2018: "train_val2018", 2019: "train_val2019"}[year]
     for data in (train, val):
         assert all(set(c) == keys for c in data["categories"])
@@ -215,7 +219,9 @@ def test_inat_writer_matches_each_year(tmp_path, year):
     for img, ann in zip(val["images"], val["annotations"]):
         parts = Path(img["file_name"]).parts
         if year == 2017:
-            assert parts[1] == cats[ann["category_id"]]["supercategory"] and parts[2] == cats[ann["category_id"]]["name"]
+            assert (
+                parts[1] == cats[ann["category_id"]]["supercategory"] and parts[2] == cats[ann["category_id"]]["name"]
+            )
         else:
             assert parts[2] == str(ann["category_id"])
             if year == 2018:
@@ -229,10 +235,15 @@ def test_inat_writer_matches_each_year(tmp_path, year):
 
 @pytest.mark.parametrize("version", [205, 365])
 def test_places_writer_lists_parse_and_files_exist(tmp_path, version):
-    root = write_places(tmp_path / "places", version=version, num_categories=5, train_per_category=3, val_per_category=2, image_size=32)
+    root = write_places(
+        tmp_path / "places", version=version, num_categories=5, train_per_category=3, val_per_category=2, image_size=32
+    )
     if version == 205:
         image_root = root / "data/vision/torralba/deeplearning/images256"
-        lists = {"train": root / "trainvalsplit_places205/train_places205.csv", "val": root / "trainvalsplit_places205/val_places205.csv"}
+        lists = {
+            "train": root / "trainvalsplit_places205/train_places205.csv",
+            "val": root / "trainvalsplit_places205/val_places205.csv",
+        }
         bases = {"train": image_root, "val": image_root}
     else:
         cats = [line.rsplit(" ", 1) for line in (root / "categories_places365.txt").read_text().splitlines()]
@@ -351,7 +362,13 @@ def test_incomplete_folders_are_never_used(tmp_path, monkeypatch):
 
 
 def _ensure_in_child(root: str, queue) -> None:
-    queue.put(str(ensure_toy_dataset("imagefolder", root=Path(root), num_classes=3, train_per_class=8, val_per_class=2, image_size=32)))
+    queue.put(
+        str(
+            ensure_toy_dataset(
+                "imagefolder", root=Path(root), num_classes=3, train_per_class=8, val_per_class=2, image_size=32
+            )
+        )
+    )
 
 
 def test_two_processes_writing_at_once_agree(tmp_path):
@@ -388,7 +405,9 @@ def test_tiny_imagenet10_layout():
 
 
 def _small_folder(root: Path, classes: int = 2, per_class: int = 15) -> Path:
-    return write_imagefolder(root, num_classes=classes, train_per_class=per_class, val_per_class=1, image_size=32, seed=1)
+    return write_imagefolder(
+        root, num_classes=classes, train_per_class=per_class, val_per_class=1, image_size=32, seed=1
+    )
 
 
 def test_corrupt_images_are_skipped_counted_and_named(tmp_path, caplog):
@@ -437,6 +456,7 @@ def test_too_many_corrupt_images_is_a_data_error(tmp_path):
     ds = ImageFolderDataset(root, split="train", max_corrupt_fraction=1.0)
     with pytest.raises(DataError, match="none of the 6 images"):
         ds[0]
+
     # Raised in a worker, it still reaches the caller as a DataError with a clean message.
     def error_from_workers() -> tuple[str, str | None]:
         try:
@@ -502,7 +522,12 @@ def test_layouts_and_image_modes(tmp_path):
         Image.fromarray(rgb).save(classes / name / "y.jpg")
     ds = ImageFolderDataset(classes, split="train")
     assert ds.classes == ["a", "b"] and ds.targets == [0, 0, 1, 1]
-    assert [Path(p).relative_to(classes).as_posix() for p, _ in ds.samples] == ["a/deep/x.jpg", "a/y.jpg", "b/deep/x.jpg", "b/y.jpg"]
+    assert [Path(p).relative_to(classes).as_posix() for p, _ in ds.samples] == [
+        "a/deep/x.jpg",
+        "a/y.jpg",
+        "b/deep/x.jpg",
+        "b/y.jpg",
+    ]
     assert ImageFolderDataset(classes, split=None).samples == ds.samples
 
 
@@ -515,7 +540,12 @@ class _OtherRngs:
 
 def _random_pipeline():
     return transforms.Compose(
-        [transforms.RandomResizedCrop(16, scale=(0.2, 1.0)), transforms.RandomHorizontalFlip(), transforms.ToTensor(), _OtherRngs()]
+        [
+            transforms.RandomResizedCrop(16, scale=(0.2, 1.0)),
+            transforms.RandomHorizontalFlip(),
+            transforms.ToTensor(),
+            _OtherRngs(),
+        ]
     )
 
 
@@ -523,7 +553,9 @@ def test_per_sample_randomness_is_reproducible(tmp_path):
     root = _small_folder(tmp_path / "data", classes=2, per_class=6)
 
     def make():
-        return ImageFolderDataset(root, split="train", transform=_random_pipeline(), seed=3, extra_noise=("noise", (10,)))
+        return ImageFolderDataset(
+            root, split="train", transform=_random_pipeline(), seed=3, extra_noise=("noise", (10,))
+        )
 
     ds = make()
     ds.set_epoch(2)

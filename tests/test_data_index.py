@@ -60,7 +60,11 @@ def _scalar_reference(data: dict, min_box: float = 1.0) -> dict[int, list[int]]:
             continue
         im = imgs[ann["image_id"]]
         b = ann.get("bbox")
-        if not isinstance(b, list) or len(b) != 4 or not all(isinstance(v, (int, float)) and math.isfinite(v) for v in b):
+        if (
+            not isinstance(b, list)
+            or len(b) != 4
+            or not all(isinstance(v, (int, float)) and math.isfinite(v) for v in b)
+        ):
             continue
         x1, y1 = max(0.0, b[0]), max(0.0, b[1])
         x2, y2 = min(float(im["width"]), b[0] + b[2]), min(float(im["height"]), b[1] + b[3])
@@ -82,16 +86,20 @@ def test_vectorised_cleaning_decides_like_the_per_annotation_rules(tmp_path, cac
     data = json.loads((root / "annotations" / "instances_val2017.json").read_text())
     rng = random.Random(0)
     edits = [
-        lambda a: a.update(bbox=[1, 2, "x", 4]), lambda a: a.update(bbox=[1e9, 2, 3, 4]),
-        lambda a: a.update(bbox=[0.5, 0.5, 0.2, 100]), lambda a: a.update(bbox=[1, 2, 3]),
+        lambda a: a.update(bbox=[1, 2, "x", 4]),
+        lambda a: a.update(bbox=[1e9, 2, 3, 4]),
+        lambda a: a.update(bbox=[0.5, 0.5, 0.2, 100]),
+        lambda a: a.update(bbox=[1, 2, 3]),
         lambda a: a.update(segmentation=[[1, 1, 5, 5, 9, 9]]),
         lambda a: a.update(segmentation=[[1, 1, 5, 5]] + a["segmentation"]),
         lambda a: a.update(segmentation=[[1, None, 5, 5, 3, 4]]),
         lambda a: a.update(segmentation=[[1, 1, 5, 5, 3]] + a["segmentation"]),
-        lambda a: a.update(segmentation="bad"), lambda a: a.update(segmentation=[]),
+        lambda a: a.update(segmentation="bad"),
+        lambda a: a.update(segmentation=[]),
         lambda a: a.update(segmentation=[[0.1, 0.1, 0.1000000001, 0.1, 0.1, 0.1000000001]]),
         lambda a: a.update(segmentation=[[True, 1, 9, 1, 9, 9]]),
-        lambda a: a.pop("area"), lambda a: a.update(segmentation=[["1", 1, 9, 1, 9, 9]]),
+        lambda a: a.pop("area"),
+        lambda a: a.update(segmentation=[["1", 1, 9, 1, 9, 9]]),
     ]
     for ann in data["annotations"]:
         if not ann["iscrowd"] and rng.random() < 0.7:
@@ -111,8 +119,15 @@ def test_vectorised_cleaning_decides_like_the_per_annotation_rules(tmp_path, cac
             if "area" in a:
                 assert t["area"][k] == torch.tensor(float(a["area"]), dtype=torch.float32)
             if isinstance(a["segmentation"], list):
-                kept = [p for p in a["segmentation"] if isinstance(p, list) and len(p) >= 6 and not len(p) % 2
-                        and all(isinstance(v, (int, float)) for v in p) and _polygon_area(p) > 0]
+                kept = [
+                    p
+                    for p in a["segmentation"]
+                    if isinstance(p, list)
+                    and len(p) >= 6
+                    and not len(p) % 2
+                    and all(isinstance(v, (int, float)) for v in p)
+                    and _polygon_area(p) > 0
+                ]
                 assert [x.tolist() for x in t["segments"][k]] == [[float(v) for v in p] for p in kept]
 
 
@@ -140,7 +155,9 @@ def test_cached_and_in_memory_indexes_serve_the_same_targets(tmp_path, cache, mo
     assert b._coco is None and len(b.coco.getImgIds()) == len(b)
 
 
-@pytest.mark.parametrize("kind,task,counts", [("inat2018", "inat2018", (875, 49)), ("places365", "places365", (3607, 73))])
+@pytest.mark.parametrize(
+    "kind,task,counts", [("inat2018", "inat2018", (875, 49)), ("places365", "places365", (3607, 73))]
+)
 def test_full_size_lists_have_the_official_counts(tmp_path, cache, kind, task, counts):
     root = write_full_size(kind, tmp_path / kind, scale=0.002)
     train = build_dataset(task, root, "train")
@@ -156,13 +173,33 @@ def test_speed_data_only_full_size_reports_memory_and_build_time(tmp_path, cache
 
     root = write_full_size("places365", tmp_path / "p", scale=0.001)
     out = tmp_path / "r.json"
-    assert main(["speed", "places", "--data-only", "--data", str(root), "--workers", "2", "--samples", "2",
-                 "--json", str(out)]) == 0
+    assert (
+        main(
+            [
+                "speed",
+                "places",
+                "--data-only",
+                "--data",
+                str(root),
+                "--workers",
+                "2",
+                "--samples",
+                "2",
+                "--json",
+                str(out),
+            ]
+        )
+        == 0
+    )
     r = json.loads(out.read_text())
     assert r["train_images"] == 1803 and r["pass_samples"] == 1803 and len(r["worker_uss_end_mib"]) == 2
     assert r["build_seconds"] > 0 and r["samples_per_s"] > 0
     text = capsys.readouterr().out
-    assert "index pass over 1,803 samples with 2 workers" in text and len(r["worker_uss_start_mib"]) == 2 and "samples/s per worker" in text
+    assert (
+        "index pass over 1,803 samples with 2 workers" in text
+        and len(r["worker_uss_start_mib"]) == 2
+        and "samples/s per worker" in text
+    )
 
 
 def test_check_data_reports_missing_unreadable_and_memory(tmp_path, cache, capsys):
@@ -178,8 +215,22 @@ def test_check_data_reports_missing_unreadable_and_memory(tmp_path, cache, capsy
     corrupt = sorted((root / "train2017").glob("*.jpg"))[0]
     corrupt.write_bytes(corrupt.read_bytes()[:100])
     out = tmp_path / "report.json"
-    rc = main(["check-data", "--task", "coco", "--data", str(root), "--full", "--gpus", "2", "--workers", "3",
-               "--json", str(out)])
+    rc = main(
+        [
+            "check-data",
+            "--task",
+            "coco",
+            "--data",
+            str(root),
+            "--full",
+            "--gpus",
+            "2",
+            "--workers",
+            "3",
+            "--json",
+            str(out),
+        ]
+    )
     text = capsys.readouterr().out
     assert rc == 1 and "MISSING: 1 files" in text and corrupt.name in text and "STOPS" in text
     r = json.loads(out.read_text())

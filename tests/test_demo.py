@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from mae_transfer.cli import main
 from mae_transfer.evaluation.demo import MAE_NAME, RANDOM_NAME, demo_tasks
-
-QUICK_TASKS = demo_tasks(quick=True)
 from mae_transfer.evaluation.plots import comparison_data
 from mae_transfer.evaluation.store import ResultStore
+
+QUICK_TASKS = demo_tasks(quick=True)
 
 
 def test_quick_demo_runs_every_task_and_resumes_without_work(tmp_path, cache, capsys, monkeypatch):
@@ -45,5 +45,5 @@ def test_quick_demo_runs_every_task_and_resumes_without_work(tmp_path, cache, ca
     assert "[pretrain] done before" in again
     assert again.count("done before, skipped") == 2 * len(QUICK_TASKS)
     assert ResultStore(out_dir / "results").read() == rows
-    table = lambda text: text[text.index("**Table"):text.index("Does the MAE")]  # noqa: E731
+    table = lambda text: text[text.index("**Table") : text.index("Does the MAE")]  # noqa: E731
     assert table(again) == table(out)

@@ -10,7 +10,14 @@ import pytest
 import torch
 
 from mae_transfer.detection.boxes import BoxCoder, Matcher, assign_levels, cell_anchors, grid_anchors, subsample_labels
-from mae_transfer.detection.masks import clip_polygon, crop_segment, mask_targets, paste_masks, polygons_in_box, segment_box
+from mae_transfer.detection.masks import (
+    clip_polygon,
+    crop_segment,
+    mask_targets,
+    paste_masks,
+    polygons_in_box,
+    segment_box,
+)
 from mae_transfer.detection.model import build_mask_rcnn, build_pyramid, build_vit
 
 
@@ -19,17 +26,28 @@ def square(x0, y0, x1, y1):
 
 
 def targets(n_images: int):
-    return [{"boxes": torch.tensor([[10.0, 8.0, 40.0, 30.0], [5.0, 35.0, 25.0, 60.0]]), "labels": torch.tensor([0, 1 + i]),
-             "segments": [square(10, 8, 40, 30), square(5, 35, 25, 60)]} for i in range(n_images)]
+    return [
+        {
+            "boxes": torch.tensor([[10.0, 8.0, 40.0, 30.0], [5.0, 35.0, 25.0, 60.0]]),
+            "labels": torch.tensor([0, 1 + i]),
+            "segments": [square(10, 8, 40, 30), square(5, 35, 25, 60)],
+        }
+        for i in range(n_images)
+    ]
 
 
-@pytest.mark.parametrize("vit,pyramid,head_norm", [("vit_nano_patch8", "simple", "ln"), ("vit_micro_patch8", "fpn4", "bn")])
+@pytest.mark.parametrize(
+    "vit,pyramid,head_norm", [("vit_nano_patch8", "simple", "ln"), ("vit_micro_patch8", "fpn4", "bn")]
+)
 def test_mask_rcnn_trains_and_predicts_on_a_windowed_vit(vit, pyramid, head_norm):
     torch.manual_seed(0)
     net = build_vit(vit, 64, window_size=4, global_blocks=(1,), drop_path=0.0, pretrain_img_size=32)
     backbone = build_pyramid(net, pyramid, channels=32, fpn_norm="bn" if head_norm == "bn" else "none")
     model = build_mask_rcnn(backbone, num_classes=3, img_size=64, head_norm=head_norm, head_channels=32, fc_dim=64)
-    images = [torch.randint(0, 256, (3, 64, 48), dtype=torch.uint8), torch.randint(0, 256, (3, 40, 64), dtype=torch.uint8)]
+    images = [
+        torch.randint(0, 256, (3, 64, 48), dtype=torch.uint8),
+        torch.randint(0, 256, (3, 40, 64), dtype=torch.uint8),
+    ]
     model.train()
     losses = model(images, targets(2))
     assert set(losses) == {"loss_rpn_cls", "loss_rpn_loc", "loss_cls", "loss_box_reg", "loss_mask"}
@@ -103,8 +121,12 @@ def test_polygon_crop_box_and_mask_targets():
     # The target of a box that is the object's own box is all ones; of its left half, too.
     m = polygons_in_box(square(10, 10, 30, 20), [10, 10, 30, 20], 28)
     assert m.all()
-    t = mask_targets([square(10, 10, 30, 20), torch.ones(40, 40, dtype=torch.uint8)], torch.tensor([0, 1, 0]),
-                     torch.tensor([[10.0, 10.0, 30.0, 20.0], [0.0, 0.0, 20.0, 20.0], [20.0, 0.0, 40.0, 20.0]]), 28)
+    t = mask_targets(
+        [square(10, 10, 30, 20), torch.ones(40, 40, dtype=torch.uint8)],
+        torch.tensor([0, 1, 0]),
+        torch.tensor([[10.0, 10.0, 30.0, 20.0], [0.0, 0.0, 20.0, 20.0], [20.0, 0.0, 40.0, 20.0]]),
+        28,
+    )
     assert t.shape == (3, 28, 28) and bool(t[0].all()) and bool(t[1].all())
     assert t[2, :14].sum() == 0 and bool(t[2, 14:, :14].all()) and t[2, :, 14:].sum() == 0
 
@@ -126,8 +148,16 @@ def whole_image_paste(probs: torch.Tensor, boxes: torch.Tensor, h: int, w: int) 
 
 def test_paste_is_bilinear_at_pixel_centres_and_equals_whole_image_sampling():
     probs = torch.rand(6, 28, 28)
-    boxes = torch.tensor([[3.3, 4.7, 20.2, 30.9], [0.0, 0.0, 50.0, 40.0], [10.5, 2.25, 11.5, 3.0],
-                          [40.0, 30.0, 64.0, 48.0], [7.0, 7.0, 40.0, 9.0], [1.2, 0.4, 60.3, 47.9]])
+    boxes = torch.tensor(
+        [
+            [3.3, 4.7, 20.2, 30.9],
+            [0.0, 0.0, 50.0, 40.0],
+            [10.5, 2.25, 11.5, 3.0],
+            [40.0, 30.0, 64.0, 48.0],
+            [7.0, 7.0, 40.0, 9.0],
+            [1.2, 0.4, 60.3, 47.9],
+        ]
+    )
     local = paste_masks(probs, boxes, (48, 64))
     whole = whole_image_paste(probs, boxes, 48, 64)  # every pixel of the image
     assert torch.equal(local, whole)
@@ -150,7 +180,10 @@ def test_paste_to_rle_equals_pycocotools_encoding_of_the_pasted_masks():
     for trial in range(60):
         h, w = (int(v) for v in torch.randint(3, 70, (2,), generator=gen))
         n = int(torch.randint(1, 25, (1,), generator=gen))
-        a, b = torch.rand(n, 2, generator=gen) * torch.tensor([w, h]), torch.rand(n, 2, generator=gen) * torch.tensor([w, h])
+        a, b = (
+            torch.rand(n, 2, generator=gen) * torch.tensor([w, h]),
+            torch.rand(n, 2, generator=gen) * torch.tensor([w, h]),
+        )
         boxes = torch.cat([torch.minimum(a, b), torch.maximum(a, b)], dim=1)
         boxes[0] = torch.tensor([0.0, 0.0, float(w), float(h)])  # runs that continue from one column into the next
         if n > 1:
@@ -172,12 +205,22 @@ def test_paste_to_rle_equals_pycocotools_encoding_of_the_pasted_masks():
 
 def test_new_layers_start_as_in_detectron2():
     torch.manual_seed(0)
-    model = build_mask_rcnn(build_pyramid(build_vit("vit_nano_patch8", 64, window_size=4), channels=64), num_classes=80,
-                            img_size=64, head_channels=64, fc_dim=256)
+    model = build_mask_rcnn(
+        build_pyramid(build_vit("vit_nano_patch8", 64, window_size=4), channels=64),
+        num_classes=80,
+        img_size=64,
+        head_channels=64,
+        fc_dim=256,
+    )
     rh, rpn = model.roi_heads, model.proposal_generator.rpn_head
     std = lambda p: p.detach().std().item()  # noqa: E731
-    assert 0.009 < std(rh.box_predictor.cls_score.weight) < 0.011 and 0.0009 < std(rh.box_predictor.bbox_pred.weight) < 0.0011
+    assert (
+        0.009 < std(rh.box_predictor.cls_score.weight) < 0.011
+        and 0.0009 < std(rh.box_predictor.bbox_pred.weight) < 0.0011
+    )
     assert 0.0009 < std(rh.mask_head.predictor.weight) < 0.0011 and 0.009 < std(rpn.objectness_logits.weight) < 0.011
     # MSRA fill (fan out, ReLU) for the head convolutions: std sqrt(2 / (64 * 9)).
     assert abs(std(rh.box_head.conv1.weight) / (2 / (64 * 9)) ** 0.5 - 1) < 0.05
-    assert all(p.abs().sum() == 0 for n, p in model.named_parameters() if "rel_pos" in n or n.endswith("predictor.bias"))
+    assert all(
+        p.abs().sum() == 0 for n, p in model.named_parameters() if "rel_pos" in n or n.endswith("predictor.bias")
+    )

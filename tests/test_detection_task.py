@@ -7,8 +7,8 @@ import json
 import numpy as np
 import pytest
 import torch
-
 from conftest import result_rows
+
 from mae_transfer.cli import main
 from mae_transfer.detection.transforms import (
     LargeScaleJitter,
@@ -24,8 +24,13 @@ def one_object(h=40, w=60, box=(10, 5, 30, 25)):
     image = torch.randint(0, 256, (3, h, w), dtype=torch.uint8)
     x1, y1, x2, y2 = box
     poly = [np.array([x1, y1, x2, y1, x2, y2, x1, y2], dtype=np.float64)]
-    return image, {"boxes": torch.tensor([box], dtype=torch.float32), "labels": torch.tensor([3]), "segments": [poly],
-                   "iscrowd": torch.tensor([0]), "area": torch.tensor([400.0])}
+    return image, {
+        "boxes": torch.tensor([box], dtype=torch.float32),
+        "labels": torch.tensor([3]),
+        "segments": [poly],
+        "iscrowd": torch.tensor([0]),
+        "area": torch.tensor([400.0]),
+    }
 
 
 def test_lsj_without_scaling_keeps_the_size_fits_the_box_and_flips_polygons():
@@ -112,14 +117,20 @@ def test_optimizer_groups_follow_detectron2_vitdet():
     assert by_name[v + "pos_embed"]["lr_scale"] == pytest.approx(0.7 ** (depth + 1))
     assert by_name[v + "blocks.1.attn.qkv.weight"]["lr_scale"] == pytest.approx(0.7)
     assert by_name[v + "pos_embed"]["weight_decay"] == 0.0
-    assert by_name[v + "blocks.0.norm1.weight"]["weight_decay"] == 0.0 and by_name[v + "blocks.0.norm1.bias"]["weight_decay"] == 0.0
+    assert (
+        by_name[v + "blocks.0.norm1.weight"]["weight_decay"] == 0.0
+        and by_name[v + "blocks.0.norm1.bias"]["weight_decay"] == 0.0
+    )
     assert by_name[v + "blocks.0.attn.rel_pos_h"]["weight_decay"] == 0.1
     assert by_name[v + "blocks.0.attn.qkv.bias"]["weight_decay"] == 0.1
     x1 = model.backbone.level_names[2]  # the stride-8 level of this patch-8 ViT
     assert by_name[f"backbone.{x1}.0.norm.weight"]["weight_decay"] == 0.1  # channel LayerNorm: decayed
     assert by_name["roi_heads.box_head.conv1.norm.bias"]["weight_decay"] == 0.1
     assert by_name["roi_heads.box_head.fc1.bias"]["weight_decay"] == 0.1
-    assert by_name[f"backbone.{x1}.0.weight"]["lr_scale"] == 1.0 and by_name["roi_heads.mask_head.predictor.weight"]["lr_scale"] == 1.0
+    assert (
+        by_name[f"backbone.{x1}.0.weight"]["lr_scale"] == 1.0
+        and by_name["roi_heads.mask_head.predictor.weight"]["lr_scale"] == 1.0
+    )
     assert sum(len(g["params"]) for g in groups) == len([p for p in model.parameters() if p.requires_grad])
 
 
@@ -129,11 +140,22 @@ def test_official_mae_encoder_loads_into_mask_rcnn_with_only_new_parts_missing(s
 
     ref = torch.load(shared / "reference" / "mae_official" / "mae_reference.pt", weights_only=False)["norm_pix_True"]
     # The reference MAE: 96 wide, 3 blocks of 4 heads, patch 8 on 64 px (an 8x8 grid + class row).
-    vit = build_vit(None, 128, window_size=8, global_blocks=(2,), embed_dim=96, depth=3, num_heads=4, patch_size=8,
-                    pretrain_img_size=64)
+    vit = build_vit(
+        None,
+        128,
+        window_size=8,
+        global_blocks=(2,),
+        embed_dim=96,
+        depth=3,
+        num_heads=4,
+        patch_size=8,
+        pretrain_img_size=64,
+    )
     model = build_mask_rcnn(build_pyramid(vit, channels=32), num_classes=80, img_size=128, head_channels=32, fc_dim=64)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    report = load_backbone(model.vit, {"model": ref["state_dict"]}, expected_missing="dense", expected_unexpected="dense")
+    report = load_backbone(
+        model.vit, {"model": ref["state_dict"]}, expected_missing="dense", expected_unexpected="dense"
+    )
     assert sorted({k.rsplit(".", 1)[-1] for k in report.missing}) == ["rel_pos_h", "rel_pos_w"]
     assert not report.adapted  # the pretraining grid and class row are kept as they are (ViTDet)
     after = model.state_dict()
@@ -151,9 +173,22 @@ def test_official_mae_encoder_loads_into_mask_rcnn_with_only_new_parts_missing(s
 # ------------------------------------------------------------------------------- the command
 
 # A nano ViT (2 blocks x 64) with 16-channel heads on the 64 px toy COCO scenes.
-SMALL = ["--model", "vit_nano_patch8", "--img-size", "64", "model.window_size=4", "model.channels=16", "model.fc_dim=32",
-         "train.batch_size=8", "train.effective_batch_size=8", "train.num_workers=0", "train.progress=false",
-         "train.log_every=2", "optim.warmup_steps=2", "eval_batch_size=8"]
+SMALL = [
+    "--model",
+    "vit_nano_patch8",
+    "--img-size",
+    "64",
+    "model.window_size=4",
+    "model.channels=16",
+    "model.fc_dim=32",
+    "train.batch_size=8",
+    "train.effective_batch_size=8",
+    "train.num_workers=0",
+    "train.progress=false",
+    "train.log_every=2",
+    "optim.warmup_steps=2",
+    "eval_batch_size=8",
+]
 
 
 def test_coco_command_trains_evaluates_saves_and_reevaluates_the_same_numbers(tmp_path, cache, capsys):
@@ -179,17 +214,33 @@ def test_coco_command_trains_evaluates_saves_and_reevaluates_the_same_numbers(tm
     # demo's COCO comparison rests on it): a fresh run gives the same losses and the same AP.
     fresh = tmp_path / "fresh"
     assert main(["coco", "--output", str(fresh), "--epochs", "2", *SMALL, "train.num_workers=1"]) == 0
+
     def losses(lines):  # the loss and lr columns (the others are timings)
         head = lines[0].split(",")
         keep = [i for i, h in enumerate(head) if "loss" in h or h in ("step", "lr")]
         return [[row.split(",")[i] for i in keep] for row in lines[1:]]
 
-    assert len(losses(train_rows)[0]) >= 6 and losses((fresh / "train.csv").read_text().splitlines()) == losses(train_rows)
+    assert len(losses(train_rows)[0]) >= 6 and losses((fresh / "train.csv").read_text().splitlines()) == losses(
+        train_rows
+    )
     assert result_rows(fresh) == pytest.approx(r, nan_ok=True)
 
     again = tmp_path / "again"
-    assert main(["coco", "--eval-only", "--weights", str(out / "detector.pth"), "--output", str(again),
-                 "train.num_workers=0", "eval_batch_size=8"]) == 0
+    assert (
+        main(
+            [
+                "coco",
+                "--eval-only",
+                "--weights",
+                str(out / "detector.pth"),
+                "--output",
+                str(again),
+                "train.num_workers=0",
+                "eval_batch_size=8",
+            ]
+        )
+        == 0
+    )
     r2 = result_rows(again)
     for k, v in r.items():
         assert v == pytest.approx(r2[k], abs=1e-9, nan_ok=True), k
@@ -198,8 +249,22 @@ def test_coco_command_trains_evaluates_saves_and_reevaluates_the_same_numbers(tm
     except ImportError:
         return
     fast = tmp_path / "fast"
-    assert main(["coco", "--eval-only", "--weights", str(out / "detector.pth"), "--output", str(fast),
-                 "train.num_workers=0", "eval_batch_size=8", "eval_backend=faster"]) == 0
+    assert (
+        main(
+            [
+                "coco",
+                "--eval-only",
+                "--weights",
+                str(out / "detector.pth"),
+                "--output",
+                str(fast),
+                "train.num_workers=0",
+                "eval_batch_size=8",
+                "eval_backend=faster",
+            ]
+        )
+        == 0
+    )
     r3 = result_rows(fast)
     for k, v in r.items():
         assert v == pytest.approx(r3[k], abs=1e-4, nan_ok=True), k
@@ -207,9 +272,26 @@ def test_coco_command_trains_evaluates_saves_and_reevaluates_the_same_numbers(tm
 
 def test_coco_command_starts_from_a_pretrained_encoder(tmp_path, cache):
     pre = tmp_path / "pre"
-    assert main(["pretrain", "--output", str(pre), "--epochs", "1", "model.name=mae_vit_nano_patch8", "model.img_size=32",
-                 "data.toy_images_per_class=8", "train.batch_size=16", "train.effective_batch_size=16",
-                 "train.num_workers=0", "train.progress=false", "vis.every_epochs=0"]) == 0
+    assert (
+        main(
+            [
+                "pretrain",
+                "--output",
+                str(pre),
+                "--epochs",
+                "1",
+                "model.name=mae_vit_nano_patch8",
+                "model.img_size=32",
+                "data.toy_images_per_class=8",
+                "train.batch_size=16",
+                "train.effective_batch_size=16",
+                "train.num_workers=0",
+                "train.progress=false",
+                "vis.every_epochs=0",
+            ]
+        )
+        == 0
+    )
     out = tmp_path / "det"
     args = [a for a in SMALL if a not in ("--model", "vit_nano_patch8")]  # the size comes from the checkpoint
     assert main(["coco", "--backbone", str(pre / "encoder.pth"), "--output", str(out), "--max-steps", "1", *args]) == 0
@@ -240,13 +322,12 @@ def test_tiny_mask_rcnn_memorises_real_coco_images(shared, tmp_path):
     images from 0 (untrained) to well above it (8.0 / 4.9 on this CPU); the same command on the whole
     split is in the README."""
     import collections
-    from mae_transfer.engine.trainer import EvalContext
     import os
 
     from mae_transfer.detection.config import build_config
     from mae_transfer.detection.task import DetectionTask
     from mae_transfer.engine.distributed import DistInfo
-    from mae_transfer.engine.trainer import Trainer
+    from mae_transfer.engine.trainer import EvalContext, Trainer
 
     src = shared / "data" / "coco_tiny"
     root = tmp_path / "coco8"
@@ -259,13 +340,18 @@ def test_tiny_mask_rcnn_memorises_real_coco_images(shared, tmp_path):
     d["annotations"] = [a for a in d["annotations"] if a["image_id"] in keep]
     (root / "annotations" / "instances_train2017.json").write_text(json.dumps(d))
 
-    cfg = build_config("toy", {
-        "data": {"path": str(root), "val_split": "train2017", "scale_range": [0.8, 1.2]},
-        "model": {"img_size": 128},
-        "train": {"epochs": 20, "batch_size": 4, "effective_batch_size": 4, "num_workers": 0, "progress": False},
-        # From random init: every layer at the full lr (no layer decay).
-        "optim": {"lr": 8e-4, "warmup_steps": 8, "layer_decay": 1.0}, "eval_batch_size": 8, "visualize": 0,
-    })
+    cfg = build_config(
+        "toy",
+        {
+            "data": {"path": str(root), "val_split": "train2017", "scale_range": [0.8, 1.2]},
+            "model": {"img_size": 128},
+            "train": {"epochs": 20, "batch_size": 4, "effective_batch_size": 4, "num_workers": 0, "progress": False},
+            # From random init: every layer at the full lr (no layer decay).
+            "optim": {"lr": 8e-4, "warmup_steps": 8, "layer_decay": 1.0},
+            "eval_batch_size": 8,
+            "visualize": 0,
+        },
+    )
     task = DetectionTask(cfg)
     dist = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
     untrained = task.evaluate(task.build_model().eval(), EvalContext(dist.device, "fp32", dist, 0, None))

@@ -20,7 +20,7 @@ def official_lrd_scales(depth: int, decay: float) -> dict[str, float]:
     """The official rule (MAE-repo util/lr_decay.py): scale = decay ** (num_layers - layer_id),
     num_layers = depth + 1; embeddings are layer 0, block i is layer i + 1, the rest num_layers."""
     num_layers = depth + 1
-    scales = {"patch_embed": decay ** num_layers, "cls_token": decay ** num_layers, "pos_embed": decay ** num_layers}
+    scales = {"patch_embed": decay**num_layers, "cls_token": decay**num_layers, "pos_embed": decay**num_layers}
     for i in range(depth):
         scales[f"blocks.{i}"] = decay ** (num_layers - (i + 1))
     scales["head"] = scales["fc_norm"] = 1.0
@@ -40,7 +40,7 @@ def test_layer_decay_groups_match_the_official_rule():
             assert g["weight_decay"] == (0.0 if no_decay else 0.05), name
             seen.add(name)
     assert seen == {n for n, p in vit.named_parameters() if p.requires_grad}
-    assert expected["patch_embed"] == pytest.approx(0.75 ** 5)  # decay^(L+1) for L = 4 blocks
+    assert expected["patch_embed"] == pytest.approx(0.75**5)  # decay^(L+1) for L = 4 blocks
 
 
 def test_layer_decay_follows_the_backbone_wherever_it_sits():
@@ -51,7 +51,7 @@ def test_layer_decay_follows_the_backbone_wherever_it_sits():
     scales = {n: g["lr_scale"] for g in param_groups(model, 0.05, 0.75) for n in g["param_names"]}
     alone = {n: g["lr_scale"] for g in param_groups(vit, 0.05, 0.75) for n in g["param_names"]}
     assert all(scales["encoder." + n] == pytest.approx(v) for n, v in alone.items())
-    assert scales["neck.weight"] == 1.0 and scales["encoder.blocks.0.attn.qkv.weight"] == pytest.approx(0.75 ** 4)
+    assert scales["neck.weight"] == 1.0 and scales["encoder.blocks.0.attn.qkv.weight"] == pytest.approx(0.75**4)
     assert [f["reduction"] for f in vit.feature_info] == [8] * 4 and vit.feature_info[-1]["module"] == "blocks.3"
 
     class TwoStages(nn.Module):  # a hierarchical backbone: stage i is layer i + 1
@@ -66,7 +66,11 @@ def test_layer_decay_follows_the_backbone_wherever_it_sits():
 
     other = nn.ModuleDict({"backbone": TwoStages(), "head": nn.Linear(4, 2)})
     scales = {n: g["lr_scale"] for g in param_groups(other, 0.05, 0.5) for n in g["param_names"]}
-    assert scales["backbone.stem.weight"] == 0.5 ** 3 and scales["backbone.stages.1.weight"] == 0.5 and scales["head.weight"] == 1.0
+    assert (
+        scales["backbone.stem.weight"] == 0.5**3
+        and scales["backbone.stages.1.weight"] == 0.5
+        and scales["head.weight"] == 1.0
+    )
 
 
 def test_cosine_schedule_matches_the_official_formula():
@@ -84,7 +88,9 @@ def test_cosine_schedule_matches_the_official_formula():
 
 
 def test_step_and_poly_schedules():
-    s = Schedule(total_steps=100, warmup_steps=10, kind="step", peak_lr=1.0, milestones=(50, 80), warmup_start_factor=0.001)
+    s = Schedule(
+        total_steps=100, warmup_steps=10, kind="step", peak_lr=1.0, milestones=(50, 80), warmup_start_factor=0.001
+    )
     assert s.lr(0) == pytest.approx(0.001)
     assert s.lr(20) == 1.0 and s.lr(60) == pytest.approx(0.1) and s.lr(90) == pytest.approx(0.01)
     p = Schedule(total_steps=110, warmup_steps=10, kind="poly", peak_lr=1.0, power=1.0)
@@ -113,16 +119,19 @@ def test_sampler_gives_the_same_effective_batches_for_any_layout(world, accum):
     assert list(s) == per_rank[0][3 * b :]
 
 
-@pytest.mark.parametrize("batch, effective, world, layout", [
-    (8, 16, 1, (8, 2)),        # one process accumulates
-    (8, 16, 4, (4, 1)),        # a toy recipe on 4 processes keeps its batch (and lr): 4 each
-    (64, 64, 8, (8, 1)),
-    (6, 64, 4, (4, 4)),        # 6 does not divide 16 per process: the largest share that does
-    (96, 4096, 8, (64, 8)),    # 96 per GPU under 4096 on 8 GPUs: 64 x 8 accumulation steps
-    (8, None, 4, (8, 1)),      # no effective batch: whatever the processes make
-    (8, 16, 3, (8, 1)),        # 16 over 3 processes: impossible, the nearest multiple (24, said in the log)
-    (8, 1016, 8, (8, 16)),     # only a share of 1 divides 127: nearest multiple, not 8x slower steps
-])
+@pytest.mark.parametrize(
+    "batch, effective, world, layout",
+    [
+        (8, 16, 1, (8, 2)),  # one process accumulates
+        (8, 16, 4, (4, 1)),  # a toy recipe on 4 processes keeps its batch (and lr): 4 each
+        (64, 64, 8, (8, 1)),
+        (6, 64, 4, (4, 4)),  # 6 does not divide 16 per process: the largest share that does
+        (96, 4096, 8, (64, 8)),  # 96 per GPU under 4096 on 8 GPUs: 64 x 8 accumulation steps
+        (8, None, 4, (8, 1)),  # no effective batch: whatever the processes make
+        (8, 16, 3, (8, 1)),  # 16 over 3 processes: impossible, the nearest multiple (24, said in the log)
+        (8, 1016, 8, (8, 16)),  # only a share of 1 divides 127: nearest multiple, not 8x slower steps
+    ],
+)
 def test_the_effective_batch_survives_any_process_count(batch, effective, world, layout):
     from mae_transfer.engine.trainer import batch_layout
 
@@ -164,7 +173,17 @@ class Regression(TrainTask):
 
 
 def run(tmp_path, task=None, **train):
-    cfg = TrainConfig(**{"epochs": 4, "batch_size": 8, "effective_batch_size": 16, "log_every": 1, "num_workers": 0, "progress": False, **train})
+    cfg = TrainConfig(
+        **{
+            "epochs": 4,
+            "batch_size": 8,
+            "effective_batch_size": 16,
+            "log_every": 1,
+            "num_workers": 0,
+            "progress": False,
+            **train,
+        }
+    )
     optim = OptimConfig(lr=0.05, warmup_epochs=1, weight_decay=0.01, betas=(0.9, 0.99))
     tr = Trainer(task or Regression(), cfg, optim, tmp_path, DistInfo(), config={"test": True})
     return tr, tr.fit()
@@ -209,7 +228,14 @@ def test_resuming_with_another_model_is_refused(tmp_path):
         run(tmp_path, task=Regression(width=32))
     before = (tmp_path / "checkpoint-last.pth").read_bytes()
     with pytest.raises(CheckpointError):
-        Trainer(Regression(), TrainConfig(epochs=1, batch_size=8, num_workers=0), OptimConfig(lr=0.01), tmp_path, DistInfo(), resume="never").fit()
+        Trainer(
+            Regression(),
+            TrainConfig(epochs=1, batch_size=8, num_workers=0),
+            OptimConfig(lr=0.01),
+            tmp_path,
+            DistInfo(),
+            resume="never",
+        ).fit()
     assert (tmp_path / "checkpoint-last.pth").read_bytes() == before  # nothing overwritten
 
 
@@ -239,7 +265,10 @@ def test_nan_loss_stops_without_overwriting_the_checkpoint(tmp_path):
 def test_overrides_parse_and_type_check():
     from mae_transfer.pretrain.config import build_config
 
-    cfg = build_config(None, parse_overrides(["optim.blr=1e-3", "train.epochs=5", "model.norm_pix_loss=false", "optim.betas=[0.9, 0.999]"]))
+    cfg = build_config(
+        None,
+        parse_overrides(["optim.blr=1e-3", "train.epochs=5", "model.norm_pix_loss=false", "optim.betas=[0.9, 0.999]"]),
+    )
     assert cfg.optim.blr == 1e-3 and cfg.train.epochs == 5 and cfg.model.norm_pix_loss is False
     assert cfg.optim.betas == (0.9, 0.999)
     with pytest.raises(ConfigError, match="unknown option optim.bl"):
@@ -299,8 +328,9 @@ def _gather_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
     from mae_transfer.engine.evaluator import run_evaluator
 
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=60))
+    dist.init_process_group(
+        "gloo", init_method=f"file://{init_file}", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=60)
+    )
     try:
         batches = [rank * 10 + i for i in range(rank + 1)]  # rank 0: [0], rank 1: [10, 11]
         out = {
@@ -367,7 +397,10 @@ def test_the_loss_window_cut_by_a_stop_goes_on_after_resume(tmp_path, caplog):
 def test_warmup_longer_than_the_run_and_a_changed_schedule_on_resume_are_said(tmp_path, caplog):
     caplog.set_level("INFO", logger="mae_transfer")
     run(tmp_path / "short", epochs=1, max_steps=1)  # warmup_epochs=1 of run(): as long as the whole run
-    assert "the warmup (6 steps, optim.warmup_epochs 1) is not shorter than the run (6 steps, train.epochs 1)" in caplog.text
+    assert (
+        "the warmup (6 steps, optim.warmup_epochs 1) is not shorter than the run (6 steps, train.epochs 1)"
+        in caplog.text
+    )
     assert "never reaches its peak" in caplog.text
     caplog.clear()
     run(tmp_path / "r", max_steps=2)
@@ -415,8 +448,8 @@ def test_progress_bars_are_finished_before_an_error_or_a_log_line(tmp_path, caps
 def test_files_written_in_place_never_follow_a_planted_link(tmp_path):
     from mae_transfer.engine.locks import FileLock
     from mae_transfer.engine.logger import setup_logging
-    from mae_transfer.evaluation.store import ResultStore
     from mae_transfer.engine.results import ResultRow
+    from mae_transfer.evaluation.store import ResultStore
     from mae_transfer.io import OutputPathError, atomic_write_text
 
     outside = tmp_path / "outside.txt"

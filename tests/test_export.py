@@ -41,8 +41,13 @@ def test_timm_opens_the_export_and_computes_the_same_features(tmp_path, pool):
     x = _batch()
     with torch.no_grad():
         ours = vit.forward_features(x)
-        a = timm.create_model("vit_base_patch16_224", pretrained=True, num_classes=0,
-                              pretrained_cfg_overlay=dict(file=str(out / "model.safetensors")), **args).eval()
+        a = timm.create_model(
+            "vit_base_patch16_224",
+            pretrained=True,
+            num_classes=0,
+            pretrained_cfg_overlay=dict(file=str(out / "model.safetensors")),
+            **args,
+        ).eval()
         b = timm.create_model(f"local-dir:{out}", pretrained=True).eval()
         for model in (a, b):
             assert (model.forward_features(x) - ours).abs().max() <= 1e-5
@@ -87,7 +92,9 @@ def test_hf_opens_the_export_and_computes_the_same_features(tmp_path):
 
 
 def test_exports_refuse_what_the_formats_cannot_hold(tmp_path, capsys):
-    seg = create_vit("vit_micro_patch8", img_size=64, num_classes=0, use_rel_pos=True, rel_pos_type="table", layer_scale=1.0)
+    seg = create_vit(
+        "vit_micro_patch8", img_size=64, num_classes=0, use_rel_pos=True, rel_pos_type="table", layer_scale=1.0
+    )
     with pytest.raises(CheckpointError, match="plain timm/Hugging Face ViT"):
         encoder_state_dict(seg.state_dict(), tmp_path / "x")
     torch.save({"model": _vit("avg").state_dict()}, tmp_path / "avg.pth")

@@ -57,8 +57,21 @@ def test_names_resolve_from_the_cache_offline_and_load_as_the_same_weights(tmp_p
     rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
     assert rows and rows[0]["backbone"] == "hf-hub:someone/vit-mae-micro" and len(rows[0]["backbone_sha256"]) == 64
     res = tmp_path / "res"
-    assert main(["bench", "--backbone", "mae=timm:vit_base_patch16_224.mae", "--tasks", "knn", "--results", str(res),
-                 "--in-process"]) == 0
+    assert (
+        main(
+            [
+                "bench",
+                "--backbone",
+                "mae=timm:vit_base_patch16_224.mae",
+                "--tasks",
+                "knn",
+                "--results",
+                str(res),
+                "--in-process",
+            ]
+        )
+        == 0
+    )
     assert "knn" in capsys.readouterr().out
 
 

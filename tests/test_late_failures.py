@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader
 from mae_transfer.cli import main
 from mae_transfer.data.errors import DataError
 from mae_transfer.data.toy import write_ade20k, write_coco
-from mae_transfer.detection.coco import COCOEvaluator, CocoDetection
+from mae_transfer.detection.coco import CocoDetection, COCOEvaluator
 from mae_transfer.engine.trainer import Trainer
 
 
@@ -54,11 +54,34 @@ def coco(tmp_path) -> Path:
 
 
 # A nano Mask R-CNN; these commands never train (see no_training).
-COCO_ARGS = ["--model", "vit_nano_patch8", "--img-size", "64", "model.window_size=4", "model.channels=16", "model.fc_dim=32",
-             "train.batch_size=2", "train.effective_batch_size=2", "train.num_workers=0", "train.progress=false"]
-ADE_ARGS = ["--model", "vit_micro_patch8", "--img-size", "32", "model.tap_blocks=[0,1,2,3]", "model.channels=16",
-            "model.aux_channels=8", "data.scale=[64,32]", "test.stride=21", "train.batch_size=2", "train.effective_batch_size=2",
-            "train.num_workers=0", "train.progress=false"]
+COCO_ARGS = [
+    "--model",
+    "vit_nano_patch8",
+    "--img-size",
+    "64",
+    "model.window_size=4",
+    "model.channels=16",
+    "model.fc_dim=32",
+    "train.batch_size=2",
+    "train.effective_batch_size=2",
+    "train.num_workers=0",
+    "train.progress=false",
+]
+ADE_ARGS = [
+    "--model",
+    "vit_micro_patch8",
+    "--img-size",
+    "32",
+    "model.tap_blocks=[0,1,2,3]",
+    "model.channels=16",
+    "model.aux_channels=8",
+    "data.scale=[64,32]",
+    "test.stride=21",
+    "train.batch_size=2",
+    "train.effective_batch_size=2",
+    "train.num_workers=0",
+    "train.progress=false",
+]
 
 
 def _error_line(capsys) -> str:
@@ -150,8 +173,12 @@ def test_an_eval_image_unreadable_while_evaluating_is_left_out_of_the_metrics(co
         for i in shard:
             image, target = val[i]
             boxes = target["boxes"]
-            out = {"boxes": boxes, "scores": torch.ones(len(boxes)), "labels": target["labels"],
-                   "mask_probs": torch.ones(len(boxes), 28, 28)}
+            out = {
+                "boxes": boxes,
+                "scores": torch.ones(len(boxes)),
+                "labels": target["labels"],
+                "mask_probs": torch.ones(len(boxes), 28, 28),
+            }
             ev.process((None, [target]), [out])
         states.append(ev.state())
     assert isinstance(states[0], tuple) and not isinstance(states[1], tuple)
@@ -167,17 +194,39 @@ def test_eval_only_with_skip_bad_evaluates_the_readable_images_and_records_the_r
     from mae_transfer.detection.config import build_config
     from mae_transfer.detection.task import DetectionTask, save_detector
 
-    cfg = build_config("toy", {"data": {"path": str(coco)}, "model": {"name": "vit_nano_patch8", "img_size": 64, "window_size": 4,
-                                                                       "channels": 16, "fc_dim": 32, "detections_per_img": 5}})
+    cfg = build_config(
+        "toy",
+        {
+            "data": {"path": str(coco)},
+            "model": {
+                "name": "vit_nano_patch8",
+                "img_size": 64,
+                "window_size": 4,
+                "channels": 16,
+                "fc_dim": 32,
+                "detections_per_img": 5,
+            },
+        },
+    )
     task = DetectionTask(cfg, train=False)
     save_detector(task.build_model(load_backbone=False), cfg, task.class_names, tmp_path / "detector.pth")  # untrained
     bad = _truncate(sorted((coco / "val2017").glob("*.jpg"))[0])
-    run = ["coco", "--eval-only", "--weights", str(tmp_path / "detector.pth"), "--data", str(coco), "train.num_workers=0"]
+    run = [
+        "coco",
+        "--eval-only",
+        "--weights",
+        str(tmp_path / "detector.pth"),
+        "--data",
+        str(coco),
+        "train.num_workers=0",
+    ]
     assert main([*run, "--output", str(tmp_path / "strict")]) == 2
     assert main([*run, "--output", str(tmp_path / "lenient"), "--skip-bad"]) == 0
     metrics = json.loads((tmp_path / "lenient" / "metrics.json").read_text())
     assert metrics["unreadable_images_left_out"] == 1 and metrics["time"]["images"] == 2
-    assert int(bad.stem) not in {p["image_id"] for p in json.loads((tmp_path / "lenient" / "predictions_val2017.json").read_text())}
+    assert int(bad.stem) not in {
+        p["image_id"] for p in json.loads((tmp_path / "lenient" / "predictions_val2017.json").read_text())
+    }
 
 
 # ---------------------------------------------------------------------------- 1. ADE20K, up front
@@ -201,7 +250,12 @@ def test_a_bad_ade20k_val_label_stops_before_training_unless_ignored(ade, tmp_pa
     path = _set_label(ade, "validation", 200)
     assert main(["ade20k", "--data", str(ade), "--output", str(tmp_path / "run"), *ADE_ARGS]) == 2
     line = _error_line(capsys)
-    assert str(path) in line and "label values 200" in line and "--bad-labels ignore" in line and "bad_labels='ignore'" not in line
+    assert (
+        str(path) in line
+        and "label values 200" in line
+        and "--bad-labels ignore" in line
+        and "bad_labels='ignore'" not in line
+    )
     assert "trainer" not in no_training
     with pytest.raises(TrainingStarted):  # the escape: those pixels are ignored, training starts
         main(["ade20k", "--data", str(ade), "--output", str(tmp_path / "run2"), "--bad-labels", "ignore", *ADE_ARGS])
@@ -222,11 +276,32 @@ def test_check_data_reports_bad_ade20k_label_values_and_says_the_run_stops(ade):
     ds = SegmentationFolder(ade, "validation")
     report = _decode_check(ds, full=True, sample=0)
     assert report["unreadable"] == 1 and "label values 250" in report["examples"][0]
-    split = {"split": "val", "served": len(ds), "classes": 150, "missing_files": 0, "decode": report, "index_mib": 0.0,
-             "index": "in memory"}
-    text, stops = format_check_data({"task": "ade20k", "data": str(ade), "build_seconds": 0.0, "run_skips_bad_data": False,
-                                     "splits": [split], "memory": {"index_mib": 0, "rank_datasets_mib": 0, "worker_uss_mib": None,
-                                                                   "gpus": 1, "workers": 1, "node_data_mib": 0}})
+    split = {
+        "split": "val",
+        "served": len(ds),
+        "classes": 150,
+        "missing_files": 0,
+        "decode": report,
+        "index_mib": 0.0,
+        "index": "in memory",
+    }
+    text, stops = format_check_data(
+        {
+            "task": "ade20k",
+            "data": str(ade),
+            "build_seconds": 0.0,
+            "run_skips_bad_data": False,
+            "splits": [split],
+            "memory": {
+                "index_mib": 0,
+                "rank_datasets_mib": 0,
+                "worker_uss_mib": None,
+                "gpus": 1,
+                "workers": 1,
+                "node_data_mib": 0,
+            },
+        }
+    )
     assert stops and "a run stops on them" in text
 
 
@@ -342,7 +417,17 @@ def _fit(tmp_path, task, clip_grad=None, **train):
     from mae_transfer.engine.distributed import DistInfo
     from mae_transfer.engine.trainer import OptimConfig, TrainConfig
 
-    cfg = TrainConfig(**{"epochs": 2, "batch_size": 8, "log_every": 1, "num_workers": 0, "progress": False, "precision": "fp32", **train})
+    cfg = TrainConfig(
+        **{
+            "epochs": 2,
+            "batch_size": 8,
+            "log_every": 1,
+            "num_workers": 0,
+            "progress": False,
+            "precision": "fp32",
+            **train,
+        }
+    )
     return Trainer(task, cfg, OptimConfig(lr=0.01, clip_grad=clip_grad), tmp_path, DistInfo()).fit()
 
 
@@ -416,7 +501,22 @@ def test_ade20k_with_one_image_per_step_is_one_line_before_training(ade, tmp_pat
     """The decode head's BatchNorm cannot train on one image a step (torch raises at the first
     step); said before training, naming the flag to change."""
     args = [a for a in ADE_ARGS if not a.startswith("train.batch_size") and not a.startswith("train.effective")]
-    assert main(["ade20k", "--data", str(ade), "--output", str(tmp_path / "run"), *args, "--batch-size", "1",
-                 "--effective-batch-size", "2"]) == 2
+    assert (
+        main(
+            [
+                "ade20k",
+                "--data",
+                str(ade),
+                "--output",
+                str(tmp_path / "run"),
+                *args,
+                "--batch-size",
+                "1",
+                "--effective-batch-size",
+                "2",
+            ]
+        )
+        == 2
+    )
     line = _error_line(capsys)
     assert "--batch-size 2 or more" in line and "trainer" not in no_training

@@ -14,11 +14,17 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parents[1] / "mae_transfer"
 
 LAYER = {
-    "__init__": 0, "io": 0,
-    "config": 1, "models": 1, "data": 1,
+    "__init__": 0,
+    "io": 0,
+    "config": 1,
+    "models": 1,
+    "data": 1,
     "checkpoint": 2,
     "engine": 3,
-    "pretrain": 4, "classification": 4, "detection": 4, "segmentation": 4,
+    "pretrain": 4,
+    "classification": 4,
+    "detection": 4,
+    "segmentation": 4,
     "evaluation": 5,
     "cli": 6,
     "__main__": 7,
@@ -60,8 +66,12 @@ def _imported_modules(path: str, source: str) -> list[tuple[str, int]]:
     ones, and modules named in strings (importlib.import_module / registry.resolve targets)."""
     out = []
     tree = ast.parse(source, path)
-    logger_names = {id(a) for n in ast.walk(tree) if isinstance(n, ast.Call) and getattr(n.func, "attr", getattr(n.func, "id", "")) == "getLogger"
-                    for a in n.args}  # logging.getLogger("mae_transfer.cli") names a logger, not an import
+    logger_names = {
+        id(a)
+        for n in ast.walk(tree)
+        if isinstance(n, ast.Call) and getattr(n.func, "attr", getattr(n.func, "id", "")) == "getLogger"
+        for a in n.args
+    }  # logging.getLogger("mae_transfer.cli") names a logger, not an import
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
             out += [(a.name, node.lineno) for a in node.names if a.name.startswith("mae_transfer")]
@@ -71,15 +81,22 @@ def _imported_modules(path: str, source: str) -> list[tuple[str, int]]:
                 out += [(f"mae_transfer.{a.name}", node.lineno) for a in node.names]
             elif module.startswith("mae_transfer."):
                 out += [(f"{module}.{a.name}", node.lineno) for a in node.names]  # a submodule or a name in module
-        elif isinstance(node, ast.Constant) and isinstance(node.value, str) and MODULE_STRING.match(node.value) \
-                and id(node) not in logger_names:
+        elif (
+            isinstance(node, ast.Constant)
+            and isinstance(node.value, str)
+            and MODULE_STRING.match(node.value)
+            and id(node) not in logger_names
+        ):
             out.append((node.value.split(":")[0], node.lineno))
     return sorted(out, key=lambda item: item[1])
 
 
 def _imports(path: str, source: str) -> list[tuple[str, int]]:
     """(imported unit, line) of every mae_transfer import in a file (see :func:`_imported_modules`)."""
-    return [(u if (u := _unit(m)) in LAYER or m.count(".") > 1 else "__init__", line) for m, line in _imported_modules(path, source)]
+    return [
+        (u if (u := _unit(m)) in LAYER or m.count(".") > 1 else "__init__", line)
+        for m, line in _imported_modules(path, source)
+    ]
 
 
 def test_every_unit_has_a_layer():
@@ -106,15 +123,23 @@ def test_the_checker_sees_an_upward_import():
 def test_the_checker_sees_a_relative_upward_import():
     # `from ..evaluation import registry` inside engine/ is the same upward import.
     assert _imports("mae_transfer/engine/x.py", "from ..evaluation import registry\n") == [("evaluation", 1)]
-    assert _imports("mae_transfer/engine/__init__.py", "from ..evaluation.runner import run_jobs\n") == [("evaluation", 1)]
-    assert _imports("mae_transfer/engine/x.py", "from .locks import FileLock\n") == [("engine", 1)]  # inside the package
+    assert _imports("mae_transfer/engine/__init__.py", "from ..evaluation.runner import run_jobs\n") == [
+        ("evaluation", 1)
+    ]
+    assert _imports("mae_transfer/engine/x.py", "from .locks import FileLock\n") == [
+        ("engine", 1)
+    ]  # inside the package
 
 
 def test_the_checker_sees_modules_named_in_strings():
     # importlib.import_module("mae_transfer.evaluation.runner") or a resolve() target in engine/ is upward too.
-    source = 'import importlib\nm = importlib.import_module("mae_transfer.evaluation.runner")\nT = "mae_transfer.cli:main"\n'
+    source = (
+        'import importlib\nm = importlib.import_module("mae_transfer.evaluation.runner")\nT = "mae_transfer.cli:main"\n'
+    )
     assert _imports("mae_transfer/engine/x.py", source) == [("evaluation", 2), ("cli", 3)]
-    assert _imports("mae_transfer/engine/x.py", 'text = "see mae_transfer.cli for the options"\n') == []  # prose is not a module
+    assert (
+        _imports("mae_transfer/engine/x.py", 'text = "see mae_transfer.cli for the options"\n') == []
+    )  # prose is not a module
 
 
 def _module_graph(sources: dict[str, str]) -> dict[str, set[str]]:
@@ -178,9 +203,11 @@ def test_no_new_circle_inside_a_package():
 
 
 def test_the_checker_sees_a_circle_inside_a_package():
-    sources = {"mae_transfer/checkpoint/a.py": "def f():\n    from mae_transfer.checkpoint.b import g\n",
-               "mae_transfer/checkpoint/b.py": "from .a import f\n",
-               "mae_transfer/checkpoint/c.py": "from .a import f\n"}
+    sources = {
+        "mae_transfer/checkpoint/a.py": "def f():\n    from mae_transfer.checkpoint.b import g\n",
+        "mae_transfer/checkpoint/b.py": "from .a import f\n",
+        "mae_transfer/checkpoint/c.py": "from .a import f\n",
+    }
     assert _circles(_module_graph(sources)) == {frozenset({"mae_transfer.checkpoint.a", "mae_transfer.checkpoint.b"})}
 
 
@@ -220,7 +247,9 @@ def test_one_evaluation_and_run_glue():
     # setup and the run's log file by the engine and the one task front.
     for name in ("resolve_precision", "autocast_context", "default_num_workers"):
         assert {p.split("/")[1] for p in _where(name)} <= {"engine"}, (name, _where(name))
-    assert set(_where("init_distributed")) <= {"mae_transfer/evaluation/front.py"} | {p for p in _where("init_distributed") if "/engine/" in p}
+    assert set(_where("init_distributed")) <= {"mae_transfer/evaluation/front.py"} | {
+        p for p in _where("init_distributed") if "/engine/" in p
+    }
     assert set(_where("Trainer")) <= {"mae_transfer/evaluation/front.py"}, _where("Trainer")
 
 
@@ -229,9 +258,22 @@ def test_one_flag_table():
     from mae_transfer.evaluation.options import FAMILY_OPTIONS, FLAGS
 
     shared = {FLAGS[n].flags[0] for names in FAMILY_OPTIONS.values() for n in names}
-    only_tasks = shared - {"--data", "--backbone", "--preset", "--model", "--output", "--batch-size", "--device", "--img-size"}
-    spelled = [(p, m.group(1)) for p, s in _sources().items()
-               for m in re.finditer(r"add_argument\(\s*\"(--[a-z-]+)\"", s) if m.group(1) in only_tasks]
+    only_tasks = shared - {
+        "--data",
+        "--backbone",
+        "--preset",
+        "--model",
+        "--output",
+        "--batch-size",
+        "--device",
+        "--img-size",
+    }
+    spelled = [
+        (p, m.group(1))
+        for p, s in _sources().items()
+        for m in re.finditer(r"add_argument\(\s*\"(--[a-z-]+)\"", s)
+        if m.group(1) in only_tasks
+    ]
     assert not spelled, f"task options added outside the flag table: {spelled}"
 
 
@@ -244,13 +286,18 @@ def test_one_result_row():
 def test_distributed_code_lives_in_the_engine():
     # Task packages use the engine's reductions and evaluation loop; none talks to torch.distributed.
     tasks = ("pretrain", "classification", "detection", "segmentation")
+
     def talks_to_distributed(path: str, source: str) -> bool:
         for node in ast.walk(ast.parse(source, path)):
             if isinstance(node, ast.Import) and any(a.name.startswith("torch.distributed") for a in node.names):
                 return True
             if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("torch.distributed"):
                 return True
-            if isinstance(node, ast.Attribute) and node.attr == "distributed" and getattr(node.value, "id", None) == "torch":
+            if (
+                isinstance(node, ast.Attribute)
+                and node.attr == "distributed"
+                and getattr(node.value, "id", None) == "torch"
+            ):
                 return True
         return False
 

@@ -79,8 +79,17 @@ def test_stale_lock_file_of_a_dead_pid_is_taken_over(tmp_path, caplog):
     dead = subprocess.Popen(["true"])
     dead.wait()
     path = tmp_path / ".lock"
-    path.write_text(json.dumps({"host": socket.gethostname(), "pid": dead.pid, "command": "mae-transfer pretrain",
-                                "since": "2020-01-01T00:00:00+00:00", "token": "x"}))
+    path.write_text(
+        json.dumps(
+            {
+                "host": socket.gethostname(),
+                "pid": dead.pid,
+                "command": "mae-transfer pretrain",
+                "since": "2020-01-01T00:00:00+00:00",
+                "token": "x",
+            }
+        )
+    )
     with caplog.at_level(logging.WARNING, logger="mae_transfer.engine.locks"):
         with dir_lock(tmp_path).acquire() as lock:
             assert lock.previous.pid == dead.pid
@@ -92,7 +101,9 @@ def test_stale_lock_file_of_a_dead_pid_is_taken_over(tmp_path, caplog):
 def test_a_holder_on_another_host_is_named_and_its_workers_share_the_lock(holder):
     proc, path = holder
     # What a process on another node of a shared file system wrote (its flock is held).
-    path.write_text(json.dumps({"host": "node042", "pid": 4242, "command": "mae-transfer bench", "since": "today", "token": "t0"}))
+    path.write_text(
+        json.dumps({"host": "node042", "pid": 4242, "command": "mae-transfer bench", "since": "today", "token": "t0"})
+    )
     with pytest.raises(LockHeld) as e:
         FileLock(path).acquire()
     assert "host node042, pid 4242" in str(e.value) and f"delete {path}" in str(e.value)
@@ -116,7 +127,7 @@ def test_the_store_writes_a_jobs_rows_once(tmp_path):
     assert len(store.read()) == 1 and not (tmp_path / ResultStore.LOCK_FILE).exists()
 
 
-def test_bench_leaves_a_job_held_elsewhere_to_its_holder(tmp_path, encoder, cache):
+def test_bench_leaves_a_job_held_elsewhere_to_its_holder(tmp_path, encoder, cache):  # noqa: F811
     res = tmp_path / "res"
     [job] = bench.plan_jobs(bench.parse_backbones([f"mae={encoder}"]), ["knn"], res)
     lines: list[str] = []
@@ -125,24 +136,47 @@ def test_bench_leaves_a_job_held_elsewhere_to_its_holder(tmp_path, encoder, cach
         locks._HELD.clear()  # as if another process held it
         outcomes = bench.run_jobs(jobs=[job], results_dir=res, in_process=True, echo=lines.append)
     assert [o.status for o in outcomes] == ["elsewhere"]
-    assert lines == [f"[1/1] knn · mae: running in another process ({socket.gethostname()}, pid {os.getpid()}); not run here"]
-    assert "1 job(s) running in another bench or process are not in these tables yet" in bench.elsewhere_note(outcomes, [])
+    assert lines == [
+        f"[1/1] knn · mae: running in another process ({socket.gethostname()}, pid {os.getpid()}); not run here"
+    ]
+    assert "1 job(s) running in another bench or process are not in these tables yet" in bench.elsewhere_note(
+        outcomes, []
+    )
     assert not (res / "results.jsonl").exists() and not (job.run_dir / "bench.log").exists()
 
 
 def _env(tmp_path: Path) -> dict:
-    env = {**os.environ, "PYTHONPATH": str(REPO), "MAE_TRANSFER_CACHE": str(tmp_path / "cache"), "PYTHONUNBUFFERED": "1"}
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(REPO),
+        "MAE_TRANSFER_CACHE": str(tmp_path / "cache"),
+        "PYTHONUNBUFFERED": "1",
+    }
     for name in ("RANK", "WORLD_SIZE", ENV):
         env.pop(name, None)
     return env
 
 
-def test_two_benchmarks_into_one_store_run_each_job_once(tmp_path, encoder):
+def test_two_benchmarks_into_one_store_run_each_job_once(tmp_path, encoder):  # noqa: F811
     res = tmp_path / "res"
-    argv = [sys.executable, "-m", "mae_transfer", "bench", "--backbone", f"mae={encoder}", "--tasks", "knn,linprobe",
-            "--set", "linprobe:train.epochs=3", "--results", str(res)]
-    procs = [subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_env(tmp_path))
-             for _ in range(2)]
+    argv = [
+        sys.executable,
+        "-m",
+        "mae_transfer",
+        "bench",
+        "--backbone",
+        f"mae={encoder}",
+        "--tasks",
+        "knn,linprobe",
+        "--set",
+        "linprobe:train.epochs=3",
+        "--results",
+        str(res),
+    ]
+    procs = [
+        subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_env(tmp_path))
+        for _ in range(2)
+    ]
     outs = [p.communicate(timeout=400)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outs
     logs = sorted(res.glob("runs/mae/*/bench.log"))
@@ -167,13 +201,19 @@ def test_a_second_pretraining_into_the_same_directory_is_refused(tmp_path):
         deadline = time.time() + 120
         while time.time() < deadline and first.poll() is None and not condition():
             time.sleep(0.2)
-        assert first.poll() is None and condition(), f"{what}: {first.communicate()[0] if first.poll() is not None else ''}"
+        assert first.poll() is None and condition(), (
+            f"{what}: {first.communicate()[0] if first.poll() is not None else ''}"
+        )
 
     try:
-        wait_for(lambda: getattr(read_holder(out / ".lock", tries=1), "pid", None) == first.pid, "the first run never locked")
+        wait_for(
+            lambda: getattr(read_holder(out / ".lock", tries=1), "pid", None) == first.pid, "the first run never locked"
+        )
         second = subprocess.run(argv, capture_output=True, text=True, env=_env(tmp_path), timeout=120)
-        wait_for(lambda: (out / "train.csv").exists() and len((out / "train.csv").read_text().splitlines()) > 2,
-                 "the first run stopped or never trained")
+        wait_for(
+            lambda: (out / "train.csv").exists() and len((out / "train.csv").read_text().splitlines()) > 2,
+            "the first run stopped or never trained",
+        )
     finally:
         first.send_signal(signal.SIGTERM)  # while training: it saves and stops
         first_out = first.communicate(timeout=60)[0]
@@ -184,7 +224,9 @@ def test_a_second_pretraining_into_the_same_directory_is_refused(tmp_path):
     assert f"pid {first.pid}" in err[0] and "since" in err[0] and "pretrain" in err[0]
     assert err[0].endswith("wait for it to finish, or use another --output")
     assert first.returncode == 143, first_out
-    assert (out / "log.txt").read_text().count("WARNING mae_transfer.cli: no --data given") == 1  # the second wrote nothing
+    assert (out / "log.txt").read_text().count(
+        "WARNING mae_transfer.cli: no --data given"
+    ) == 1  # the second wrote nothing
     with open(out / "train.csv", newline="") as f:
         steps = [row["step"] for row in csv.DictReader(f)]
     assert steps and len(steps) == len(set(steps))  # one writer

@@ -26,10 +26,19 @@ def test_mae_reproduces_official_outputs(reference, key):
     ref = reference[key]
     c = ref["config"]
     model = MaskedAutoencoderViT(
-        img_size=c["img_size"], patch_size=c["patch_size"], in_chans=c["in_chans"], embed_dim=c["embed_dim"],
-        depth=c["depth"], num_heads=c["num_heads"], decoder_embed_dim=c["decoder_embed_dim"],
-        decoder_depth=c["decoder_depth"], decoder_num_heads=c["decoder_num_heads"], mlp_ratio=c["mlp_ratio"],
-        norm_eps=c["norm_eps"], mask_ratio=c["mask_ratio"], norm_pix_loss=c["norm_pix_loss"],
+        img_size=c["img_size"],
+        patch_size=c["patch_size"],
+        in_chans=c["in_chans"],
+        embed_dim=c["embed_dim"],
+        depth=c["depth"],
+        num_heads=c["num_heads"],
+        decoder_embed_dim=c["decoder_embed_dim"],
+        decoder_depth=c["decoder_depth"],
+        decoder_num_heads=c["decoder_num_heads"],
+        mlp_ratio=c["mlp_ratio"],
+        norm_eps=c["norm_eps"],
+        mask_ratio=c["mask_ratio"],
+        norm_pix_loss=c["norm_pix_loss"],
     )
     # The official names load as they are: strict loading, nothing renamed.
     model.load_state_dict(ref["state_dict"], strict=True)
@@ -54,8 +63,13 @@ def test_finetuning_vit_reproduces_official_logits(reference):
     ref = reference["vit_global_pool"]
     c = ref["config"]
     vit = VisionTransformer(
-        img_size=c["img_size"], patch_size=c["patch_size"], embed_dim=c["embed_dim"], depth=c["depth"],
-        num_heads=c["num_heads"], num_classes=c["num_classes"], global_pool="avg" if c["global_pool"] else "token",
+        img_size=c["img_size"],
+        patch_size=c["patch_size"],
+        embed_dim=c["embed_dim"],
+        depth=c["depth"],
+        num_heads=c["num_heads"],
+        num_classes=c["num_classes"],
+        global_pool="avg" if c["global_pool"] else "token",
     )
     vit.load_state_dict(ref["state_dict"], strict=True)
     vit.eval()
@@ -66,7 +80,16 @@ def test_finetuning_vit_reproduces_official_logits(reference):
 
 def test_masking_without_noise_keeps_a_quarter_per_sample():
     torch.manual_seed(0)
-    model = MaskedAutoencoderViT(img_size=32, patch_size=8, embed_dim=32, depth=1, num_heads=2, decoder_embed_dim=16, decoder_depth=1, decoder_num_heads=2)
+    model = MaskedAutoencoderViT(
+        img_size=32,
+        patch_size=8,
+        embed_dim=32,
+        depth=1,
+        num_heads=2,
+        decoder_embed_dim=16,
+        decoder_depth=1,
+        decoder_num_heads=2,
+    )
     out = model(torch.randn(3, 3, 32, 32))
     assert out.mask.shape == (3, 16)
     assert torch.all(out.mask.sum(1) == 12)

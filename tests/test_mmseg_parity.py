@@ -14,12 +14,17 @@ import json
 import numpy as np
 import pytest
 import torch
+from conftest import shared_root
 from PIL import Image
 
-from conftest import shared_root
 from mae_transfer.cli import main
 from mae_transfer.segmentation.config import build_config
-from mae_transfer.segmentation.task import SegmentationTask, build_segmenter, load_segmenter_weights, read_segmenter_weights
+from mae_transfer.segmentation.task import (
+    SegmentationTask,
+    build_segmenter,
+    load_segmenter_weights,
+    read_segmenter_weights,
+)
 
 REF = shared_root() / "reference" / "mmseg_upernet"
 SAMPLE = shared_root() / "data" / "ade20k_sample"
@@ -86,7 +91,9 @@ def test_test_resize_gives_mmsegs_input_bytes(segmenter, reference):
     for i, img in enumerate(reference["images"]):
         image, target = ds[i]
         assert target["path"].endswith(img["name"] + ".jpg")
-        assert list(target["resized_size"]) == list(img["img_shape"]) and list(target["label"].shape) == list(img["ori_shape"])
+        assert list(target["resized_size"]) == list(img["img_shape"]) and list(target["label"].shape) == list(
+            img["ori_shape"]
+        )
         assert torch.equal(image, ds.transform.normalise(_input(img["name"])))
 
 
@@ -122,8 +129,22 @@ def _no_autocast():
 
 def test_the_command_prints_mmsegs_numbers(tmp_path, capsys):
     out = tmp_path / "eval"
-    assert main(["ade20k", "--eval-only", "--weights", str(REF / "checkpoint.pth"), "--data", str(SAMPLE), "--output", str(out),
-                 "train.num_workers=0"]) == 0
+    assert (
+        main(
+            [
+                "ade20k",
+                "--eval-only",
+                "--weights",
+                str(REF / "checkpoint.pth"),
+                "--data",
+                str(SAMPLE),
+                "--output",
+                str(out),
+                "train.num_workers=0",
+            ]
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
     assert "34.45   40.22   88.95" in printed  # mIoU, mAcc, aAcc as mmsegmentation rounds them
     ours = json.loads((out / "metrics.json").read_text())
@@ -146,8 +167,23 @@ def test_export_to_mmseg_has_the_reference_layout_and_round_trips(tmp_path):
 def test_our_segmenter_exports_and_reimports_bit_identically(tmp_path):
     from mae_transfer.segmentation.task import save_segmenter
 
-    cfg = build_config(None, {"model": {"name": None, "embed_dim": 64, "depth": 4, "num_heads": 2, "patch_size": 16, "img_size": 128,
-                                        "channels": 32, "aux_channels": 16}, "data": {"num_classes": 9}, "test": {"stride": 85}})
+    cfg = build_config(
+        None,
+        {
+            "model": {
+                "name": None,
+                "embed_dim": 64,
+                "depth": 4,
+                "num_heads": 2,
+                "patch_size": 16,
+                "img_size": 128,
+                "channels": 32,
+                "aux_channels": 16,
+            },
+            "data": {"num_classes": 9},
+            "test": {"stride": 85},
+        },
+    )
     torch.manual_seed(1)
     model = build_segmenter(cfg)
     with torch.no_grad():  # tables and gammas away from their init, BN statistics too

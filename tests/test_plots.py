@@ -8,8 +8,15 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from mae_transfer.evaluation.plots import (backbone_colors, comparison_data, plot_all, plot_comparison,
-                                       plot_pretraining, plot_training_curves, read_curve)
+from mae_transfer.evaluation.plots import (
+    backbone_colors,
+    comparison_data,
+    plot_all,
+    plot_comparison,
+    plot_pretraining,
+    plot_training_curves,
+    read_curve,
+)
 
 BACKBONES = ("mae", "random init")
 
@@ -17,12 +24,16 @@ BACKBONES = ("mae", "random init")
 def write_run(d: Path, start: float, steps: int = 40, eval_rows: int = 2, partial: bool = False) -> Path:
     d.mkdir(parents=True, exist_ok=True)
     lines = ["step,epoch,loss,lr,images_per_second"]
-    lines += [f"{s},{s // 10},{start * math.exp(-s / 12) + 0.05 * (s % 3):.5f},{1e-3 * (1 - s / steps):.6g},"
-              for s in range(steps)]
+    lines += [
+        f"{s},{s // 10},{start * math.exp(-s / 12) + 0.05 * (s % 3):.5f},{1e-3 * (1 - s / steps):.6g},"
+        for s in range(steps)
+    ]
     text = "\r\n".join(lines) + "\r\n"
     (d / "train.csv").write_text(text + ("40,4,0.1" if partial else ""))
     if eval_rows:
-        (d / "eval.csv").write_text("step,epoch,top1\n" + "".join(f"{10 * (i + 1)},{i + 1},{50 + i}\n" for i in range(eval_rows)))
+        (d / "eval.csv").write_text(
+            "step,epoch,top1\n" + "".join(f"{10 * (i + 1)},{i + 1},{50 + i}\n" for i in range(eval_rows))
+        )
     return d
 
 
@@ -30,8 +41,14 @@ def make_rows(tmp_path: Path) -> list[dict]:
     rows: list[dict] = []
 
     def add(job, bb, metric, value, protocol, run=True, toy=True):
-        row = {"task": job, "backbone": bb, "metric": metric, "value": value, "protocol": protocol,
-               "dataset": f"{job} (toy)" if toy else job}
+        row = {
+            "task": job,
+            "backbone": bb,
+            "metric": metric,
+            "value": value,
+            "protocol": protocol,
+            "dataset": f"{job} (toy)" if toy else job,
+        }
         if run:
             row["run_dir"] = str(tmp_path / "runs" / f"{job}-{bb.replace(' ', '_')}")
         rows.append(row)
@@ -39,8 +56,12 @@ def make_rows(tmp_path: Path) -> list[dict]:
     for i, bb in enumerate(BACKBONES):
         off = 0.0 if bb == "mae" else -20.0
         for job in ("coco", "ade20k", "inat2018", "linprobe"):
-            write_run(tmp_path / "runs" / f"{job}-{bb.replace(' ', '_')}", start=5.0 + i, eval_rows=1 + i,
-                      partial=(job == "ade20k"))
+            write_run(
+                tmp_path / "runs" / f"{job}-{bb.replace(' ', '_')}",
+                start=5.0 + i,
+                eval_rows=1 + i,
+                partial=(job == "ade20k"),
+            )
         add("coco", bb, "bbox_AP", 30.0 + off, "mask_rcnn_toy")
         add("coco", bb, "segm_AP", 28.0 + off, "mask_rcnn_toy")
         add("ade20k", bb, "mIoU", 99.0, "upernet_ms")
@@ -92,8 +113,10 @@ def test_comparison_data_exact(tmp_path):
 
 
 def test_knn_falls_back_to_smallest_k_and_ade_to_any():
-    rows = [{"task": "knn", "backbone": "b", "metric": "top1", "value": v, "protocol": p}
-            for p, v in (("knn50", 5.0), ("knn10", 3.0), ("linprobe_sweep", 9.0))]
+    rows = [
+        {"task": "knn", "backbone": "b", "metric": "top1", "value": v, "protocol": p}
+        for p, v in (("knn50", 5.0), ("knn10", 3.0), ("linprobe_sweep", 9.0))
+    ]
     rows.append({"task": "ade20k", "backbone": "b", "metric": "mIoU", "value": 7.0, "protocol": "upernet_ms"})
     assert comparison_data(rows) == (["ADE20K mIoU", "k-NN top-1"], {"b": [7.0, 3.0]})
 
@@ -109,8 +132,10 @@ def test_plot_comparison_png_and_nothing_to_draw(tmp_path):
 
 
 def test_training_curves_and_pretraining(tmp_path):
-    runs = {"coco": {"mae": write_run(tmp_path / "a", 5.0), "random init": write_run(tmp_path / "b", 6.0)},
-            "knn": {"mae": tmp_path / "no-such-dir"}}
+    runs = {
+        "coco": {"mae": write_run(tmp_path / "a", 5.0), "random init": write_run(tmp_path / "b", 6.0)},
+        "knn": {"mae": tmp_path / "no-such-dir"},
+    }
     out = plot_training_curves(runs, tmp_path / "curves.png")
     check_png(out)
     (tmp_path / "empty").mkdir()
@@ -123,8 +148,16 @@ def test_training_curves_and_pretraining(tmp_path):
 
 def test_plot_all(tmp_path):
     rows = make_rows(tmp_path)
-    rows.append({"task": "coco", "backbone": "ghost", "metric": "bbox_AP", "value": 1.0, "protocol": "p",
-                 "run_dir": str(tmp_path / "gone")})
+    rows.append(
+        {
+            "task": "coco",
+            "backbone": "ghost",
+            "metric": "bbox_AP",
+            "value": 1.0,
+            "protocol": "p",
+            "run_dir": str(tmp_path / "gone"),
+        }
+    )
     pre = write_run(tmp_path / "pretrain", 1.0, steps=100, eval_rows=0)
     paths = plot_all(rows, tmp_path / "plots", pretrain_dir=pre)
     assert [p.name for p in paths] == ["training_curves.png", "comparison.png", "pretraining.png"]

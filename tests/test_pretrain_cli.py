@@ -18,9 +18,16 @@ from mae_transfer.cli import main
 
 # A nano MAE on 32 px toy images: seconds per epoch on one CPU core.
 TINY = [
-    "model.name=mae_vit_nano_patch8", "model.img_size=32", "data.toy_images_per_class=12",
-    "train.batch_size=8", "train.effective_batch_size=16", "train.log_every=1",
-    "train.num_workers=0", "train.progress=false", "vis.num_images=4", "optim.warmup_epochs=1",
+    "model.name=mae_vit_nano_patch8",
+    "model.img_size=32",
+    "data.toy_images_per_class=12",
+    "train.batch_size=8",
+    "train.effective_batch_size=16",
+    "train.log_every=1",
+    "train.num_workers=0",
+    "train.progress=false",
+    "vis.num_images=4",
+    "optim.warmup_epochs=1",
 ]
 
 
@@ -88,7 +95,9 @@ KILLED_ARGS = ["--epochs", "3", *TINY, "train.ckpt_every_minutes=0"]
 def uninterrupted(tmp_path_factory) -> Path:
     """The run every killed-and-resumed run must end as (one for all signals)."""
     base = tmp_path_factory.mktemp("uninterrupted")
-    subprocess.run(cli(base, "--output", str(base / "full"), *KILLED_ARGS), env=env(base), check=True, capture_output=True)
+    subprocess.run(
+        cli(base, "--output", str(base / "full"), *KILLED_ARGS), env=env(base), check=True, capture_output=True
+    )
     return base / "full"
 
 
@@ -98,9 +107,13 @@ def test_killed_run_resumes_to_the_same_result(tmp_path, sig, uninterrupted):
     full = uninterrupted
 
     run = tmp_path / "killed"
-    proc = subprocess.Popen(cli(tmp_path, "--output", str(run), *args), env=env(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(
+        cli(tmp_path, "--output", str(run), *args), env=env(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+    )
     # Kill it mid-epoch 2: after a few logged steps past the first epoch.
-    ok = _wait_for(lambda: (run / "train.jsonl").exists() and len((run / "train.jsonl").read_text().splitlines()) >= 9, proc)
+    ok = _wait_for(
+        lambda: (run / "train.jsonl").exists() and len((run / "train.jsonl").read_text().splitlines()) >= 9, proc
+    )
     assert ok, proc.communicate()[0].decode()[-3000:]
     proc.send_signal(sig)
     output = proc.communicate(timeout=60)[0].decode()
@@ -133,8 +146,22 @@ def test_two_process_ddp_matches_one_process_with_accumulation(tmp_path):
     e["OMP_NUM_THREADS"] = "1"
     subprocess.run(cli(tmp_path, "--output", str(one), *args), env=e, check=True, capture_output=True)
     r = subprocess.run(
-        [torchrun, "--nproc_per_node", "2", "--master_port", "29533", "-m", "mae_transfer", "pretrain", "--output", str(two), *args],
-        env=e, capture_output=True, text=True,
+        [
+            torchrun,
+            "--nproc_per_node",
+            "2",
+            "--master_port",
+            "29533",
+            "-m",
+            "mae_transfer",
+            "pretrain",
+            "--output",
+            str(two),
+            *args,
+        ],
+        env=e,
+        capture_output=True,
+        text=True,
     )
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
     cfg_one = (one / "config.yaml").read_text()
@@ -161,7 +188,9 @@ def test_missing_and_empty_data_folders_are_clear_errors(tmp_path, cache, capsys
 def test_corrupt_images_are_skipped_and_counted(tmp_path, cache, caplog):
     from mae_transfer.data.toy import write_imagefolder
 
-    root = write_imagefolder(tmp_path / "data", num_classes=2, train_per_class=16, val_per_class=1, image_size=32, seed=0)
+    root = write_imagefolder(
+        tmp_path / "data", num_classes=2, train_per_class=16, val_per_class=1, image_size=32, seed=0
+    )
     victim = sorted((root / "train").rglob("*.jpg"))[3]
     victim.write_bytes(victim.read_bytes()[:100])  # truncated JPEG
     (root / "train" / sorted(os.listdir(root / "train"))[0] / "empty.jpg").write_bytes(b"")
@@ -184,8 +213,20 @@ def test_a_checkpoint_of_another_model_is_refused(tmp_path, cache, capsys):
     assert "different model" in err and "mae_vit_micro_patch8" in err and str(out) in err
     assert (out / "checkpoint-last.pth").read_bytes() == before
     # --init with weights of another size names the file and both sizes.
-    rc = main(["pretrain", "--output", str(tmp_path / "other"), "--epochs", "1", *TINY,
-               "model.name=mae_vit_micro_patch8", "model.img_size=32", "--init", str(out / "checkpoint-last.pth")])
+    rc = main(
+        [
+            "pretrain",
+            "--output",
+            str(tmp_path / "other"),
+            "--epochs",
+            "1",
+            *TINY,
+            "model.name=mae_vit_micro_patch8",
+            "model.img_size=32",
+            "--init",
+            str(out / "checkpoint-last.pth"),
+        ]
+    )
     assert rc == 2
     err = capsys.readouterr().err
     assert "checkpoint-last.pth" in err and "Traceback" not in err
@@ -195,8 +236,17 @@ def test_print_config_and_help(capsys):
     assert main(["pretrain", "--print-config", "--data", "/x"]) == 0
     out = capsys.readouterr().out
     # The paper's recipe is the default when real data is given.
-    for line in ("name: mae_vit_base_patch16", "mask_ratio: 0.75", "norm_pix_loss: true", "blr: 0.00015",
-                 "weight_decay: 0.05", "warmup_epochs: 40.0", "epochs: 800", "effective_batch_size: 4096", "min_scale: 0.2"):
+    for line in (
+        "name: mae_vit_base_patch16",
+        "mask_ratio: 0.75",
+        "norm_pix_loss: true",
+        "blr: 0.00015",
+        "weight_decay: 0.05",
+        "warmup_epochs: 40.0",
+        "epochs: 800",
+        "effective_batch_size: 4096",
+        "min_scale: 0.2",
+    ):
         assert line in out, line
     with pytest.raises(SystemExit):
         main(["pretrain", "--help"])

@@ -5,13 +5,27 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mae_transfer.models.pyramid import VITDET_GLOBAL_BLOCKS, FourTapPyramid, SimpleFeaturePyramid, equal_interval_blocks
+from mae_transfer.models.pyramid import (
+    VITDET_GLOBAL_BLOCKS,
+    FourTapPyramid,
+    SimpleFeaturePyramid,
+    equal_interval_blocks,
+)
 from mae_transfer.models.vit import VisionTransformer, create_vit
 
 
 def vitdet_b(**kw):
-    return create_vit("vit_base_patch16", img_size=1024, num_classes=0, global_pool="", class_token=False,
-                      window_size=14, global_blocks=VITDET_GLOBAL_BLOCKS["vit_base_patch16"], use_rel_pos=True, **kw)
+    return create_vit(
+        "vit_base_patch16",
+        img_size=1024,
+        num_classes=0,
+        global_pool="",
+        class_token=False,
+        window_size=14,
+        global_blocks=VITDET_GLOBAL_BLOCKS["vit_base_patch16"],
+        use_rel_pos=True,
+        **kw,
+    )
 
 
 def test_simple_feature_pyramid_strides_and_channels_at_1024px():
@@ -19,7 +33,13 @@ def test_simple_feature_pyramid_strides_and_channels_at_1024px():
         sfp = SimpleFeaturePyramid(vitdet_b())
         out = sfp(torch.empty(1, 3, 1024, 1024))
     assert list(out) == ["p2", "p3", "p4", "p5", "p6"]
-    assert [tuple(v.shape) for v in out.values()] == [(1, 256, 256, 256), (1, 256, 128, 128), (1, 256, 64, 64), (1, 256, 32, 32), (1, 256, 16, 16)]
+    assert [tuple(v.shape) for v in out.values()] == [
+        (1, 256, 256, 256),
+        (1, 256, 128, 128),
+        (1, 256, 64, 64),
+        (1, 256, 32, 32),
+        (1, 256, 16, 16),
+    ]
     assert sfp.strides == [4, 8, 16, 32, 64] and sfp.out_channels == 256
     # ViTDet's deconvolutions halve the channels: 768 -> 384 -> 192 at stride 4.
     assert sfp.simfp_2[3].out_channels == 192 and sfp.simfp_3[0].out_channels == 384
@@ -27,16 +47,35 @@ def test_simple_feature_pyramid_strides_and_channels_at_1024px():
 
 def test_four_tap_pyramid_strides_and_channels_at_1024px():
     with torch.device("meta"):
-        vit = create_vit("vit_base_patch16", img_size=1024, num_classes=0, global_pool="", class_token=False,
-                         window_size=14, global_blocks=(2, 5, 8, 11), use_rel_pos=True)
+        vit = create_vit(
+            "vit_base_patch16",
+            img_size=1024,
+            num_classes=0,
+            global_pool="",
+            class_token=False,
+            window_size=14,
+            global_blocks=(2, 5, 8, 11),
+            use_rel_pos=True,
+        )
         plain = FourTapPyramid(vit, norm="gn")
         fpn = FourTapPyramid(vit, norm="gn", fpn_channels=256)
         x = torch.empty(2, 3, 1024, 1024)
         a, b = plain(x), fpn(x)
     assert plain.tap_blocks == [2, 5, 8, 11]
-    assert [tuple(v.shape) for v in a.values()] == [(2, 768, 256, 256), (2, 768, 128, 128), (2, 768, 64, 64), (2, 768, 32, 32)]
+    assert [tuple(v.shape) for v in a.values()] == [
+        (2, 768, 256, 256),
+        (2, 768, 128, 128),
+        (2, 768, 64, 64),
+        (2, 768, 32, 32),
+    ]
     assert list(b) == ["p2", "p3", "p4", "p5", "p6"] and fpn.out_channels == 256
-    assert [tuple(v.shape)[1:] for v in b.values()] == [(256, 256, 256), (256, 128, 128), (256, 64, 64), (256, 32, 32), (256, 16, 16)]
+    assert [tuple(v.shape)[1:] for v in b.values()] == [
+        (256, 256, 256),
+        (256, 128, 128),
+        (256, 64, 64),
+        (256, 32, 32),
+        (256, 16, 16),
+    ]
 
 
 def test_equal_interval_taps_of_the_recipes():
@@ -49,7 +88,9 @@ def test_equal_interval_taps_of_the_recipes():
 
 def test_pyramid_levels_are_the_tapped_blocks():
     torch.manual_seed(0)
-    vit = VisionTransformer(img_size=64, patch_size=8, embed_dim=32, depth=4, num_heads=2, num_classes=0, global_pool="", class_token=False)
+    vit = VisionTransformer(
+        img_size=64, patch_size=8, embed_dim=32, depth=4, num_heads=2, num_classes=0, global_pool="", class_token=False
+    )
     pyr = FourTapPyramid(vit, tap_blocks=[0, 1, 2, 3], norm="bn").eval()
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
@@ -71,8 +112,19 @@ def test_official_mae_weights_load_into_a_windowed_detection_backbone(shared):
     from mae_transfer.checkpoint import load_backbone
 
     ref = torch.load(shared / "reference" / "mae_official" / "mae_reference.pt", weights_only=False)["norm_pix_True"]
-    vit = VisionTransformer(img_size=128, patch_size=8, embed_dim=96, depth=3, num_heads=4, num_classes=0, global_pool="",
-                            class_token=False, window_size=8, global_blocks=(2,), use_rel_pos=True)
+    vit = VisionTransformer(
+        img_size=128,
+        patch_size=8,
+        embed_dim=96,
+        depth=3,
+        num_heads=4,
+        num_classes=0,
+        global_pool="",
+        class_token=False,
+        window_size=8,
+        global_blocks=(2,),
+        use_rel_pos=True,
+    )
     sfp = SimpleFeaturePyramid(vit, out_channels=32)
     report = load_backbone(sfp.vit, {"model": ref["state_dict"]}, expected_missing="dense", expected_unexpected="dense")
     # Only the new relative-position tables are missing; the class token and the decoder of the

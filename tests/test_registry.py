@@ -56,10 +56,24 @@ def test_a_task_added_through_the_registry_reaches_runner_cli_tables_and_plots(t
         main(["meanprobe", "--help"])
     assert e.value.code == 0 and "--backbone" in capsys.readouterr().out
 
-    encoder = export_mae_encoder(create_vit("vit_micro_patch8", img_size=64, num_classes=0, global_pool="token"), tmp_path / "enc.pth")
+    encoder = export_mae_encoder(
+        create_vit("vit_micro_patch8", img_size=64, num_classes=0, global_pool="token"), tmp_path / "enc.pth"
+    )
     results = tmp_path / "results"
-    argv = ["bench", "--backbone", f"mae={encoder}", "--backbone", "scratch=random", "--tasks", "meanprobe",
-            "--results", str(results), "--in-process", "--set", "meanprobe:train.epochs=2"]
+    argv = [
+        "bench",
+        "--backbone",
+        f"mae={encoder}",
+        "--backbone",
+        "scratch=random",
+        "--tasks",
+        "meanprobe",
+        "--results",
+        str(results),
+        "--in-process",
+        "--set",
+        "meanprobe:train.epochs=2",
+    ]
     assert main(argv) == 0
     out = capsys.readouterr().out
     rows = [r for r in ResultStore(results).read() if r["task"] == "meanprobe"]
@@ -90,11 +104,23 @@ def test_the_console_script_finds_task_modules_in_the_current_folder(tmp_path):
         name = re.match(r"# (\w+)\.py", block).group(1)
         (tmp_path / f"{name}.py").write_text(block)
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    ok = subprocess.run([str(script), "meanprobe", "--help"], cwd=tmp_path, env={**env, "MAE_TRANSFER_TASKS": "my_tasks"},
-                        capture_output=True, text=True, timeout=120)
+    ok = subprocess.run(
+        [str(script), "meanprobe", "--help"],
+        cwd=tmp_path,
+        env={**env, "MAE_TRANSFER_TASKS": "my_tasks"},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert ok.returncode == 0 and "meanprobe" in ok.stdout, ok.stderr[-2000:]
-    bad = subprocess.run([str(script), "--help"], cwd=tmp_path, env={**env, "MAE_TRANSFER_TASKS": "my_tasks,not_there"},
-                         capture_output=True, text=True, timeout=120)
+    bad = subprocess.run(
+        [str(script), "--help"],
+        cwd=tmp_path,
+        env={**env, "MAE_TRANSFER_TASKS": "my_tasks,not_there"},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     lines = bad.stderr.strip().splitlines()
     assert bad.returncode == 2 and len(lines) == 1, bad.stderr[-2000:]
     assert "'not_there'" in lines[0] and "PYTHONPATH" in lines[0] and str(tmp_path) in lines[0]

@@ -14,9 +14,19 @@ from mae_transfer.evaluation.store import ResultStore
 def test_rows_carry_provenance_and_read_back_in_order(tmp_path):
     store = ResultStore(tmp_path / "res")
     assert store.read() == []
-    common = dict(task="ade20k", dataset="ade20k", split="validation", protocol="upernet_ss", backbone="mae",
-                  backbone_sha256="ab" * 32, config_hash="123456789abc", wall_time_s=3.5)
-    n = store.append([ResultRow(metric="mIoU", value=48.1, **common), ResultRow(metric="mAcc", value=float("nan"), **common)])
+    common = dict(
+        task="ade20k",
+        dataset="ade20k",
+        split="validation",
+        protocol="upernet_ss",
+        backbone="mae",
+        backbone_sha256="ab" * 32,
+        config_hash="123456789abc",
+        wall_time_s=3.5,
+    )
+    n = store.append(
+        [ResultRow(metric="mIoU", value=48.1, **common), ResultRow(metric="mAcc", value=float("nan"), **common)]
+    )
     assert n == 2
     store.append([ResultRow(task="coco", metric="bbox_AP", value=50.3, backbone="mae")])
     rows = store.read()
@@ -44,7 +54,12 @@ def test_a_write_cut_off_by_a_crash_loses_nothing_else(tmp_path, caplog):
 def test_pandas_reads_the_store_as_a_table(tmp_path):
     pd = pytest.importorskip("pandas")
     store = ResultStore(tmp_path)
-    store.append([ResultRow(task="coco", metric="AP", value=1.5, backbone="b"), ResultRow(task="coco", metric="AP50", value=3.0, backbone="b")])
+    store.append(
+        [
+            ResultRow(task="coco", metric="AP", value=1.5, backbone="b"),
+            ResultRow(task="coco", metric="AP50", value=3.0, backbone="b"),
+        ]
+    )
     frame = pd.read_json(store.path, lines=True)
     assert list(frame["metric"]) == ["AP", "AP50"] and math.isclose(frame["value"].sum(), 4.5)
 

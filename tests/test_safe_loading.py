@@ -54,7 +54,10 @@ def test_a_malicious_pickle_is_refused_everywhere_by_default(tmp_path, cache, ev
         assert main(argv) == 2, argv
         err = capsys.readouterr().err
         last = err.strip().splitlines()[-1]
-        assert last.startswith("mae-transfer: error:") and "--trust-checkpoint" in last and "Traceback" not in err, (argv, err)
+        assert last.startswith("mae-transfer: error:") and "--trust-checkpoint" in last and "Traceback" not in err, (
+            argv,
+            err,
+        )
     assert not marker.exists(), "the pickled payload ran"
     assert not (tmp_path / "enc.pth").exists()
 
@@ -64,6 +67,8 @@ def test_trust_is_explicit_and_our_files_never_need_it(tmp_path, evil):
     read_checkpoint(path, trust=True)  # the switch really unpickles: the payload runs
     assert marker.exists()
     # Everything this toolkit writes loads with weights_only=True.
-    enc = export_mae_encoder(create_vit("vit_micro_patch8", img_size=64, num_classes=0, global_pool="token"), tmp_path / "e.pth")
+    enc = export_mae_encoder(
+        create_vit("vit_micro_patch8", img_size=64, num_classes=0, global_pool="token"), tmp_path / "e.pth"
+    )
     assert set(read_checkpoint(enc)) == {"model"}
     torch.load(enc, weights_only=True)

@@ -7,18 +7,25 @@ import json
 import numpy as np
 import pytest
 import torch
+from conftest import result_rows
 from PIL import Image
 
-from conftest import result_rows
-from mae_transfer.segmentation.metrics import SegmentationMeter
 from mae_transfer.models.vit import create_vit
+from mae_transfer.segmentation.metrics import SegmentationMeter
 from mae_transfer.segmentation.model import build_upernet, slide_inference
 
 
 def small_upernet(num_classes: int, img_size: int, **kw):
     """UperNet on a micro ViT in mmsegmentation's MAE form (class token, bias table, layer scale)."""
-    vit = create_vit("vit_micro_patch8", img_size=img_size, num_classes=0, global_pool="", use_rel_pos=True,
-                     rel_pos_type="table", layer_scale=1.0)
+    vit = create_vit(
+        "vit_micro_patch8",
+        img_size=img_size,
+        num_classes=0,
+        global_pool="",
+        use_rel_pos=True,
+        rel_pos_type="table",
+        layer_scale=1.0,
+    )
     with torch.no_grad():  # tables away from their zero init, so that they matter
         for blk in vit.blocks:
             blk.attn.relative_position_bias_table.normal_(std=0.3)
@@ -89,9 +96,15 @@ def test_upernet_levels_names_and_the_auxiliary_head():
     sd = model.state_dict()
     # mmsegmentation's MAE backbone: a bias table of (2 x 32 - 1)^2 + 3 entries per head, layer scale.
     assert sd["backbone.blocks.0.attn.relative_position_bias_table"].shape == (63 * 63 + 3, 12)
-    assert sd["backbone.blocks.11.gamma_2"].shape == (768,) and "backbone.pos_embed" in sd and "backbone.cls_token" in sd
-    assert {"neck.upsample_4x.1.running_var", "decode_head.psp_modules.3.1.bn.weight", "decode_head.fpn_bottleneck.conv.weight",
-            "auxiliary_head.convs.0.conv.weight"} <= set(sd)
+    assert (
+        sd["backbone.blocks.11.gamma_2"].shape == (768,) and "backbone.pos_embed" in sd and "backbone.cls_token" in sd
+    )
+    assert {
+        "neck.upsample_4x.1.running_var",
+        "decode_head.psp_modules.3.1.bn.weight",
+        "decode_head.fpn_bottleneck.conv.weight",
+        "auxiliary_head.convs.0.conv.weight",
+    } <= set(sd)
     assert not any(k.startswith(("backbone.norm", "backbone.fc_norm", "backbone.head")) for k in sd)
     torch.manual_seed(0)
     small = small_upernet(4, 32)
@@ -104,9 +117,23 @@ def test_upernet_levels_names_and_the_auxiliary_head():
 
 # ------------------------------------------------------------------------------- the command
 
-SMALL = ["--model", "vit_micro_patch8", "--img-size", "32", "model.tap_blocks=[0,1,2,3]", "model.channels=16",
-         "model.aux_channels=8", "data.scale=[64,32]", "test.stride=21", "train.batch_size=8", "train.effective_batch_size=8",
-         "train.num_workers=0", "train.progress=false", "train.log_every=2", "optim.warmup_steps=2"]
+SMALL = [
+    "--model",
+    "vit_micro_patch8",
+    "--img-size",
+    "32",
+    "model.tap_blocks=[0,1,2,3]",
+    "model.channels=16",
+    "model.aux_channels=8",
+    "data.scale=[64,32]",
+    "test.stride=21",
+    "train.batch_size=8",
+    "train.effective_batch_size=8",
+    "train.num_workers=0",
+    "train.progress=false",
+    "train.log_every=2",
+    "optim.warmup_steps=2",
+]
 
 
 def test_ade20k_command_trains_evaluates_and_reevaluates_the_same_numbers(tmp_path, cache, capsys):
@@ -121,11 +148,38 @@ def test_ade20k_command_trains_evaluates_and_reevaluates_the_same_numbers(tmp_pa
     assert len(metrics["per_class"]) == 150 and "wall" in metrics["per_class"]
     assert len(list((out / "visualize").glob("*.png"))) == 2
     again = tmp_path / "again"
-    assert main(["ade20k", "--eval-only", "--weights", str(out / "segmenter.pth"), "--output", str(again), "train.num_workers=0"]) == 0
+    assert (
+        main(
+            [
+                "ade20k",
+                "--eval-only",
+                "--weights",
+                str(out / "segmenter.pth"),
+                "--output",
+                str(again),
+                "train.num_workers=0",
+            ]
+        )
+        == 0
+    )
     assert result_rows(again) == pytest.approx(r)
     tta = tmp_path / "tta"
-    assert main(["ade20k", "--eval-only", "--weights", str(out / "segmenter.pth"), "--output", str(tta), "--flip", "--multi-scale",
-                 "train.num_workers=0"]) == 0
+    assert (
+        main(
+            [
+                "ade20k",
+                "--eval-only",
+                "--weights",
+                str(out / "segmenter.pth"),
+                "--output",
+                str(tta),
+                "--flip",
+                "--multi-scale",
+                "train.num_workers=0",
+            ]
+        )
+        == 0
+    )
     protocols = {json.loads(line)["protocol"] for line in (tta / "results.jsonl").read_text().splitlines()}
     assert protocols == {"toy_ms+flip"} and set(result_rows(tta)) == {"mIoU", "mAcc", "aAcc"}
 
@@ -136,25 +190,57 @@ def test_segmentation_can_take_the_simple_pyramid_of_detection(tmp_path, cache, 
     # full lr.
     from mae_transfer.cli import main
     from mae_transfer.engine.trainer import OptimConfig
-    from mae_transfer.segmentation.task import SegmentationTask, build_segmenter
     from mae_transfer.segmentation.config import build_config
+    from mae_transfer.segmentation.task import SegmentationTask, build_segmenter
 
     out = tmp_path / "simple"
-    assert main(["ade20k", "--output", str(out), "--epochs", "1", *SMALL, "model.pyramid=simple", "model.pyramid_channels=24"]) == 0
+    assert (
+        main(
+            [
+                "ade20k",
+                "--output",
+                str(out),
+                "--epochs",
+                "1",
+                *SMALL,
+                "model.pyramid=simple",
+                "model.pyramid_channels=24",
+            ]
+        )
+        == 0
+    )
     r = result_rows(out)
     assert set(r) == {"mIoU", "mAcc", "aAcc"}
     again = tmp_path / "again"
-    assert main(["ade20k", "--eval-only", "--weights", str(out / "segmenter.pth"), "--output", str(again), "train.num_workers=0"]) == 0
+    assert (
+        main(
+            [
+                "ade20k",
+                "--eval-only",
+                "--weights",
+                str(out / "segmenter.pth"),
+                "--output",
+                str(again),
+                "train.num_workers=0",
+            ]
+        )
+        == 0
+    )
     assert result_rows(again) == pytest.approx(r)
 
-    cfg = build_config("toy", {"model": {"name": "vit_micro_patch8", "img_size": 32, "pyramid": "simple", "pyramid_channels": 24},
-                               "test": {"stride": 21}})
+    cfg = build_config(
+        "toy",
+        {
+            "model": {"name": "vit_micro_patch8", "img_size": 32, "pyramid": "simple", "pyramid_channels": 24},
+            "test": {"stride": 21},
+        },
+    )
     model = build_segmenter(cfg)
     levels = model.features(torch.zeros(1, 3, 32, 32))
     assert [tuple(f.shape[1:]) for f in levels] == [(24, 16, 16), (24, 8, 8), (24, 4, 4), (24, 2, 2)]
     groups = SegmentationTask.param_groups(None, model, OptimConfig(weight_decay=0.05, layer_decay=0.5))
     scale = {n: g["lr_scale"] for g in groups for n in g["param_names"]}
-    assert scale["neck.simfp_2.0.weight"] == 1.0 and scale["backbone.blocks.0.attn.qkv.weight"] == 0.5 ** 4
+    assert scale["neck.simfp_2.0.weight"] == 1.0 and scale["backbone.blocks.0.attn.qkv.weight"] == 0.5**4
 
 
 def test_ade20k_errors_are_one_clear_line(tmp_path, cache, capsys):
@@ -166,27 +252,50 @@ def test_ade20k_errors_are_one_clear_line(tmp_path, cache, capsys):
     assert "--eval-only needs --weights" in capsys.readouterr().err
     assert main(["ade20k", "--img-size", "32", "--output", str(tmp_path / "x")]) == 2
     assert "test.stride must be in 1..model.img_size (32)" in capsys.readouterr().err
-    assert main(["ade20k", "--model", "vit_nano_patch8", "--img-size", "32", "test.stride=21", "--output", str(tmp_path / "x")]) == 2
+    assert (
+        main(
+            [
+                "ade20k",
+                "--model",
+                "vit_nano_patch8",
+                "--img-size",
+                "32",
+                "test.stride=21",
+                "--output",
+                str(tmp_path / "x"),
+            ]
+        )
+        == 2
+    )
     assert "4 tap blocks in 0..1" in capsys.readouterr().err
 
 
 def test_tiny_upernet_overfits_a_handful_of_toy_images(tmp_path):
     """Eight toy scenes: 40 steps make the loss fall and mIoU on those images rise far above the
     untrained model's (loss ratio 0.34, mIoU 0.001 -> 0.50 on this CPU)."""
-    from mae_transfer.engine.trainer import EvalContext
-
     from mae_transfer.data.toy import write_ade20k
     from mae_transfer.engine.distributed import DistInfo
-    from mae_transfer.engine.trainer import Trainer
+    from mae_transfer.engine.trainer import EvalContext, Trainer
     from mae_transfer.segmentation.config import build_config
     from mae_transfer.segmentation.task import SegmentationTask
 
     root = write_ade20k(tmp_path / "ade", train_images=8, val_images=3, image_size=64)
-    cfg = build_config("toy", {
-        "data": {"path": str(root), "val_split": "training", "ratio_range": [1.0, 1.0], "photometric": False},
-        "train": {"epochs": 40, "batch_size": 8, "effective_batch_size": 8, "num_workers": 0, "progress": False, "log_every": 10},
-        "optim": {"lr": 3e-3, "warmup_steps": 10}, "visualize": 0,
-    })
+    cfg = build_config(
+        "toy",
+        {
+            "data": {"path": str(root), "val_split": "training", "ratio_range": [1.0, 1.0], "photometric": False},
+            "train": {
+                "epochs": 40,
+                "batch_size": 8,
+                "effective_batch_size": 8,
+                "num_workers": 0,
+                "progress": False,
+                "log_every": 10,
+            },
+            "optim": {"lr": 3e-3, "warmup_steps": 10},
+            "visualize": 0,
+        },
+    )
     task = SegmentationTask(cfg)
     dist = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
     untrained = task.evaluate(task.build_model().eval(), EvalContext(dist.device, "fp32", dist, 0, None))
@@ -205,12 +314,28 @@ def test_official_mae_encoder_loads_into_upernet_with_only_tables_and_gammas_mis
     from mae_transfer.models.vit import VisionTransformer
 
     ref = torch.load(shared / "reference" / "mae_official" / "mae_reference.pt", weights_only=False)["norm_pix_True"]
-    vit = VisionTransformer(img_size=128, patch_size=8, embed_dim=96, depth=3, num_heads=4, num_classes=0, global_pool="",
-                            use_rel_pos=True, rel_pos_type="table", layer_scale=1.0)
+    vit = VisionTransformer(
+        img_size=128,
+        patch_size=8,
+        embed_dim=96,
+        depth=3,
+        num_heads=4,
+        num_classes=0,
+        global_pool="",
+        use_rel_pos=True,
+        rel_pos_type="table",
+        layer_scale=1.0,
+    )
     model = build_upernet(vit, 150, tap_blocks=[0, 1, 2, 2], channels=32, aux_channels=16)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    report = load_backbone(model.backbone, {"model": ref["state_dict"]}, expected_missing="dense", expected_unexpected="dense")
-    assert sorted({k.rsplit(".", 1)[-1] for k in report.missing}) == ["gamma_1", "gamma_2", "relative_position_bias_table"]
+    report = load_backbone(
+        model.backbone, {"model": ref["state_dict"]}, expected_missing="dense", expected_unexpected="dense"
+    )
+    assert sorted({k.rsplit(".", 1)[-1] for k in report.missing}) == [
+        "gamma_1",
+        "gamma_2",
+        "relative_position_bias_table",
+    ]
     assert {"mask_token", "decoder_pred.weight"} <= set(report.unexpected)
     assert any("pos_embed" in note and "bicubic" in note for note in report.adapted)
     for k, v in model.state_dict().items():
@@ -247,9 +372,17 @@ def test_loss_is_averaged_over_all_pixels_and_optimizer_groups_follow_mmseg():
     groups = SegmentationTask.param_groups(None, model, OptimConfig(weight_decay=0.05, layer_decay=0.65))
     by_name = {n: g for g in groups for n in g["param_names"]}
     depth = 4
-    assert by_name["backbone.pos_embed"]["weight_decay"] == 0.05 and by_name["backbone.cls_token"]["weight_decay"] == 0.05
+    assert (
+        by_name["backbone.pos_embed"]["weight_decay"] == 0.05 and by_name["backbone.cls_token"]["weight_decay"] == 0.05
+    )
     assert by_name["backbone.pos_embed"]["lr_scale"] == pytest.approx(0.65 ** (depth + 1))
     assert by_name["backbone.blocks.0.attn.relative_position_bias_table"]["weight_decay"] == 0.05
-    assert by_name["backbone.blocks.0.gamma_1"]["weight_decay"] == 0.0 and by_name["backbone.blocks.0.norm1.bias"]["weight_decay"] == 0.0
+    assert (
+        by_name["backbone.blocks.0.gamma_1"]["weight_decay"] == 0.0
+        and by_name["backbone.blocks.0.norm1.bias"]["weight_decay"] == 0.0
+    )
     assert by_name["backbone.blocks.3.attn.qkv.weight"]["lr_scale"] == pytest.approx(0.65)
-    assert by_name["decode_head.conv_seg.weight"]["lr_scale"] == 1.0 and by_name["neck.upsample_4x.0.weight"]["lr_scale"] == 1.0
+    assert (
+        by_name["decode_head.conv_seg.weight"]["lr_scale"] == 1.0
+        and by_name["neck.upsample_4x.0.weight"]["lr_scale"] == 1.0
+    )

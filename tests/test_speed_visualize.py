@@ -43,8 +43,11 @@ def exact_train_flops(model) -> float:
     attention = ne * 4 * (1 + keep) ** 2 * d + nd * 4 * (1 + length) ** 2 * dd
     patch_embed = 2 * length * p2c * d
     forward = (
-        vit_flops_per_image(d, ne, 1 + keep) + patch_embed + vit_flops_per_image(dd, nd, 1 + length)
-        + 2 * (1 + keep) * d * dd + 2 * (1 + length) * dd * p2c
+        vit_flops_per_image(d, ne, 1 + keep)
+        + patch_embed
+        + vit_flops_per_image(dd, nd, 1 + length)
+        + 2 * (1 + keep) * d * dd
+        + 2 * (1 + length) * dd * p2c
     )
     return 3 * forward - patch_embed + 0.5 * attention
 
@@ -84,8 +87,14 @@ def test_speed_micro_cpu_numbers_and_json(tmp_path):
 
 def test_speed_bf16_checkpointing_and_mfu(tmp_path):
     r = run_pretrain_speed(
-        "mae_vit_nano_patch8", batch_size=4, steps=2, warmup=1, device="cpu", precision="bf16",
-        grad_checkpointing=True, peak_tflops=1.0,
+        "mae_vit_nano_patch8",
+        batch_size=4,
+        steps=2,
+        warmup=1,
+        device="cpu",
+        precision="bf16",
+        grad_checkpointing=True,
+        peak_tflops=1.0,
     )
     assert r["precision"] == "bf16" and r["grad_checkpointing"]
     assert r["images_per_s"] > 0 and np.isfinite(r["final_loss"])

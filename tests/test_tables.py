@@ -13,43 +13,73 @@ from pathlib import Path
 import pytest
 
 from mae_transfer.evaluation.tables import (
-    NO_RESULTS, TOY_NOTE, build_tables, latex_document, load_paper, render, size_of, to_csv, to_latex,
-    to_markdown, write_tables,
+    NO_RESULTS,
+    TOY_NOTE,
+    build_tables,
+    latex_document,
+    load_paper,
+    render,
+    size_of,
+    to_csv,
+    to_latex,
+    to_markdown,
+    write_tables,
 )
 
 
 def row(backbone, job, protocol, metric, value, dataset, model="vit_micro_patch8"):
-    return {"task": job, "backbone": backbone, "model": model, "dataset": dataset, "protocol": protocol,
-            "metric": metric, "value": value, "git_commit": "abc", "wall_time_s": 1.0}
+    return {
+        "task": job,
+        "backbone": backbone,
+        "model": model,
+        "dataset": dataset,
+        "protocol": protocol,
+        "metric": metric,
+        "value": value,
+        "git_commit": "abc",
+        "wall_time_s": 1.0,
+    }
 
 
 def failure(backbone, job, model="vit_micro_patch8"):
-    return {"task": job, "backbone": backbone, "model": model, "metric": "job_failed", "value": None,
-            "error": "CUDA out of memory"}
+    return {
+        "task": job,
+        "backbone": backbone,
+        "model": model,
+        "metric": "job_failed",
+        "value": None,
+        "error": "CUDA out of memory",
+    }
 
 
 @pytest.fixture
 def toy_rows():
     """Two toy-data backbones: "mae" beats "random init" everywhere except a tie on COCO APmask."""
     rows = []
-    for bb, ap, mask, miou, inat, ft, knn in (("mae", 31.25, 20.0, 15.0, 40.0, 60.0, 33.0),
-                                             ("random init", 12.5, 20.0, 5.0, 30.0, 50.0, 23.0)):
-        rows += [row(bb, "coco", "mask_rcnn_toy", "bbox_AP", ap, "coco (toy)"),
-                 row(bb, "coco", "mask_rcnn_toy", "segm_AP", mask, "coco (toy)"),
-                 row(bb, "coco", "mask_rcnn_toy", "bbox_AP50", 99.0, "coco (toy)"),
-                 row(bb, "ade20k", "toy_ss", "mIoU", miou, "ade20k (toy)"),
-                 row(bb, "inat2018", "finetune", "top1", inat, "inat2018 (toy)"),
-                 row(bb, "finetune", "finetune", "top1", ft, "imagefolder (toy)"),
-                 row(bb, "knn", "knn20", "top1", knn, "imagefolder (toy)"),
-                 row(bb, "knn", "knn10", "top1", knn - 10, "imagefolder (toy)")]
+    for bb, ap, mask, miou, inat, ft, knn in (
+        ("mae", 31.25, 20.0, 15.0, 40.0, 60.0, 33.0),
+        ("random init", 12.5, 20.0, 5.0, 30.0, 50.0, 23.0),
+    ):
+        rows += [
+            row(bb, "coco", "mask_rcnn_toy", "bbox_AP", ap, "coco (toy)"),
+            row(bb, "coco", "mask_rcnn_toy", "segm_AP", mask, "coco (toy)"),
+            row(bb, "coco", "mask_rcnn_toy", "bbox_AP50", 99.0, "coco (toy)"),
+            row(bb, "ade20k", "toy_ss", "mIoU", miou, "ade20k (toy)"),
+            row(bb, "inat2018", "finetune", "top1", inat, "inat2018 (toy)"),
+            row(bb, "finetune", "finetune", "top1", ft, "imagefolder (toy)"),
+            row(bb, "knn", "knn20", "top1", knn, "imagefolder (toy)"),
+            row(bb, "knn", "knn10", "top1", knn - 10, "imagefolder (toy)"),
+        ]
     return rows
 
 
 @pytest.fixture
 def real_rows():
-    return [row("mae-800ep", "coco", "mask_rcnn_vitdet", "bbox_AP", 49.0, "coco", "vit_base_patch16"),
-            row("mae-800ep", "coco", "mask_rcnn_vitdet", "segm_AP", 43.5, "coco", "vit_base_patch16"),
-            row("mae-800ep", "ade20k", "upernet_ss", "mIoU", 47.0, "ade20k", "vit_base_patch16")]
+    return [
+        row("mae-800ep", "coco", "mask_rcnn_vitdet", "bbox_AP", 49.0, "coco", "vit_base_patch16"),
+        row("mae-800ep", "coco", "mask_rcnn_vitdet", "segm_AP", 43.5, "coco", "vit_base_patch16"),
+        row("mae-800ep", "ade20k", "upernet_ss", "mIoU", 47.0, "ade20k", "vit_base_patch16"),
+    ]
 
 
 def table(tables, key):
@@ -141,12 +171,19 @@ def test_bold_is_our_best_per_column_never_a_paper_row(toy_rows):
     assert "| **31.2** (+18.8) |" in md_row(md, "mae") and "**50.3**" not in md
     assert r"\textbf{31.2}" in to_latex(coco) and r"\textbf{50.3}" not in to_latex(coco)
     readme = " ".join((Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8").split())
-    assert "in each column the best of your backbones is in bold (the paper's rows are reference numbers: never bold" in readme
+    assert (
+        "in each column the best of your backbones is in bold (the paper's rows are reference numbers: never bold"
+        in readme
+    )
 
 
 def test_failed_and_missing(toy_rows):
-    toy_rows += [failure("mae", "ade20k"), failure("random init", "linprobe"),
-                 failure("random init", "coco"), row("random init", "coco", "mask_rcnn_toy", "bbox_AP", 1.0, "coco (toy)")]
+    toy_rows += [
+        failure("mae", "ade20k"),
+        failure("random init", "linprobe"),
+        failure("random init", "coco"),
+        row("random init", "coco", "mask_rcnn_toy", "bbox_AP", 1.0, "coco (toy)"),
+    ]
     tables = build_tables(toy_rows)
     ade = table(tables, "ade20k")
     assert csv_cells(ade)["mae"]["mIoU"] == "failed"  # failure newer than the result
@@ -182,8 +219,10 @@ def test_columns_dropped_unless_full(toy_rows):
 
 
 def test_knn_falls_back_to_smallest_k():
-    rows = [row("mae", "knn", "knn100", "top1", 40.0, "imagefolder (toy)"),
-            row("mae", "knn", "knn10", "top1", 30.0, "imagefolder (toy)")]
+    rows = [
+        row("mae", "knn", "knn100", "top1", 40.0, "imagefolder (toy)"),
+        row("mae", "knn", "knn10", "top1", 30.0, "imagefolder (toy)"),
+    ]
     t = table(build_tables(rows), "imagenet")
     assert t.columns == ["k-NN"] and csv_cells(t)["mae"]["k-NN"] == "30.0"
     assert any("k=10" in n for n in t.notes)
@@ -201,7 +240,10 @@ def test_paper_rows_for_requested_sizes(real_rows):
     transfer = table(build_tables(rows, paper_sizes=["H", "H448"]), "transfer")
     paper = [r for r in transfer.blocks["paper"]]
     assert [(r.label, r.size, r.cells[0].value) for r in paper] == [
-        ("MAE (paper)", "H", 59.8), ("MAE (paper)", "H448", 60.3), ("previous best (paper)", None, 58.0)]
+        ("MAE (paper)", "H", 59.8),
+        ("MAE (paper)", "H448", 60.3),
+        ("previous best (paper)", None, 58.0),
+    ]
     assert any("WSL, 3.5B images" in n for n in transfer.notes)
     assert "Table 6" in transfer.caption
     assert build_tables(real_rows, paper=False)[0].blocks.keys() == {"ours"}
@@ -211,8 +253,9 @@ def test_default_paper_sizes(toy_rows, real_rows):
     assert {r.size for r in table(build_tables(toy_rows), "coco").blocks["paper"]} == {"B"}  # micro -> B
     rows = real_rows + [row("big", "coco", "mask_rcnn_vitdet", "bbox_AP", 52.0, "coco", "vit_large_patch16")]
     assert [r.size for r in table(build_tables(rows), "coco").blocks["paper"]] == ["B", "L"] * 4
-    imagenet = table(build_tables([row("m", "linprobe", "linprobe", "top1", 70.0, "imagenet", "vit_large_patch16")]),
-                     "imagenet")
+    imagenet = table(
+        build_tables([row("m", "linprobe", "linprobe", "top1", 70.0, "imagenet", "vit_large_patch16")]), "imagenet"
+    )
     paper = csv_cells(imagenet)
     assert paper["MAE (paper)"]["linear probe"] == "75.8" and paper["MoCo v3 (paper)"]["linear probe"] == "77.6"
     assert imagenet.columns == ["linear probe"]
@@ -223,7 +266,10 @@ def test_imagenet_paper_finetune_and_knn_dash(toy_rows):
     by = {(r.label, r.size): r for r in t.blocks["paper"]}
     assert [c.value for c in by[("MAE (paper)", "B")].cells] == [83.6, 68.0, None]
     assert [c.value for c in by[("DINO (paper)", "B")].cells] == [82.8, None, None]
-    assert by[("MAE (paper)", "H")].cells[0].value == 86.9 and by[("scratch (our impl.) (paper)", "H")].cells[0].value == 83.1
+    assert (
+        by[("MAE (paper)", "H")].cells[0].value == 86.9
+        and by[("scratch (our impl.) (paper)", "H")].cells[0].value == 83.1
+    )
     assert by[("MAE (paper)", "B")].cells[2].status == "–"
 
 
@@ -262,7 +308,15 @@ def test_csv_render_and_no_results(toy_rows):
     out = render(toy_rows, "csv")
     assert out.startswith("# Table 4:") and "\n\n# Table 5:" in out
     assert next(csv.reader(io.StringIO(out.splitlines()[1]))) == [
-        "block", "method", "size", "data", "APbox", "APbox_delta", "APmask", "APmask_delta"]
+        "block",
+        "method",
+        "size",
+        "data",
+        "APbox",
+        "APbox_delta",
+        "APmask",
+        "APmask_delta",
+    ]
     assert build_tables([]) == [] and render([]) == NO_RESULTS and "\n" not in render([], "latex")
     assert build_tables([row("mae", "pretrain", None, "loss", 0.1, "x")]) == []
     with pytest.raises(ValueError):
@@ -271,8 +325,14 @@ def test_csv_render_and_no_results(toy_rows):
 
 def test_write_tables(toy_rows, tmp_path):
     paths = write_tables(toy_rows, tmp_path / "report")
-    assert set(paths) == {"tables.md", "tables.tex", "table_coco.csv", "table_ade20k.csv", "table_transfer.csv",
-                          "table_imagenet.csv"}
+    assert set(paths) == {
+        "tables.md",
+        "tables.tex",
+        "table_coco.csv",
+        "table_ade20k.csv",
+        "table_transfer.csv",
+        "table_imagenet.csv",
+    }
     assert all(p.is_file() for p in paths.values())
     assert paths["tables.md"].read_text() == render(toy_rows)
     assert paths["tables.tex"].read_text().startswith(r"\documentclass{article}")
@@ -287,8 +347,13 @@ def test_latex_document_compiles(toy_rows, tmp_path):
     toy_rows += [row("random_init & co", "coco", "mask_rcnn_toy", "bbox_AP", 3.0, "coco (toy)"), failure("mae", "knn")]
     for name, tables in (("full", build_tables(toy_rows, full=True)), ("empty", [])):
         (tmp_path / f"{name}.tex").write_text(latex_document(tables))
-        proc = subprocess.run(["pdflatex", "-interaction=nonstopmode", "-halt-on-error", f"{name}.tex"],
-                              cwd=tmp_path, capture_output=True, text=True, timeout=120)
+        proc = subprocess.run(
+            ["pdflatex", "-interaction=nonstopmode", "-halt-on-error", f"{name}.tex"],
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         assert proc.returncode == 0, proc.stdout[-3000:]
         assert (tmp_path / f"{name}.pdf").stat().st_size > 0
 

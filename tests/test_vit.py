@@ -61,7 +61,9 @@ def test_zero_initialised_relative_position_bias_changes_nothing_until_trained()
 
 
 def test_relative_position_tables_resize_to_other_inputs():
-    rel = small_vit(use_rel_pos=True, class_token=False, global_pool="", num_classes=0, window_size=4, global_blocks=(3,))
+    rel = small_vit(
+        use_rel_pos=True, class_token=False, global_pool="", num_classes=0, window_size=4, global_blocks=(3,)
+    )
     with torch.no_grad():
         out = rel.forward_features(torch.randn(1, 3, 96, 80))
     assert out.shape == (1, 12 * 10, 48)
@@ -72,7 +74,9 @@ def test_forward_intermediates_shapes_and_consistency():
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         feats = vit.forward_intermediates(x, indices=[0, 3, -2])
-        tokens, prefix = vit.forward_intermediates(x, indices=[3], output_fmt="NLC", norm=True, return_prefix_tokens=True)
+        tokens, prefix = vit.forward_intermediates(
+            x, indices=[3], output_fmt="NLC", norm=True, return_prefix_tokens=True
+        )
         full = vit.forward_features(x)
     assert [tuple(f.shape) for f in feats] == [(2, 48, 8, 8)] * 3
     torch.testing.assert_close(tokens[0], full[:, 1:])
@@ -119,8 +123,14 @@ def test_sizes_have_the_published_parameter_counts(name):
         vit = create_vit(name, num_classes=1000)
     params = sum(p.numel() for p in vit.parameters()) / 1e6
     # ViT paper Table 1 / DeiT: tiny 5.7M, small 22M, base 86M, large 304M, huge 632M.
-    expected = {"vit_tiny_patch16": 5.7, "vit_small_patch16": 22.1, "vit_base_patch16": 86.6,
-                "vit_large_patch16": 304.3, "vit_huge_patch14": 632.0, "vit_huge_patch16": 632.2}
+    expected = {
+        "vit_tiny_patch16": 5.7,
+        "vit_small_patch16": 22.1,
+        "vit_base_patch16": 86.6,
+        "vit_large_patch16": 304.3,
+        "vit_huge_patch14": 632.0,
+        "vit_huge_patch16": 632.2,
+    }
     if name in expected:
         assert abs(params - expected[name]) / expected[name] < 0.01, params
 

@@ -23,9 +23,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import shared_root
 from pycocotools import mask as mask_utils
 
-from conftest import shared_root
 from mae_transfer.cli import main
 from mae_transfer.detection.config import build_config
 from mae_transfer.detection.task import build_detector, load_detector_weights, read_detector_weights
@@ -64,7 +64,9 @@ def val_set():
 
 
 def _decode(rle: dict) -> np.ndarray:
-    return mask_utils.decode({"size": rle["size"], "counts": rle["counts"].encode() if isinstance(rle["counts"], str) else rle["counts"]})
+    return mask_utils.decode(
+        {"size": rle["size"], "counts": rle["counts"].encode() if isinstance(rle["counts"], str) else rle["counts"]}
+    )
 
 
 def _mask_iou(a: np.ndarray, b: np.ndarray) -> float:
@@ -117,7 +119,12 @@ def test_architecture_is_read_from_the_checkpoint():
     m = saved["model"]
     assert saved["num_classes"] == 80
     assert m["name"] is None and (m["embed_dim"], m["depth"], m["num_heads"], m["patch_size"]) == (96, 4, 3, 16)
-    assert m["img_size"] == 320 and m["window_size"] == 8 and m["global_blocks"] == [1, 3] and m["pretrain_img_size"] == 224
+    assert (
+        m["img_size"] == 320
+        and m["window_size"] == 8
+        and m["global_blocks"] == [1, 3]
+        and m["pretrain_img_size"] == 224
+    )
     assert (m["channels"], m["fc_dim"], m["rpn_convs"], m["box_head_convs"], m["mask_head_convs"]) == (64, 256, 2, 4, 4)
 
 
@@ -159,7 +166,7 @@ def test_proposals_match_detectron2(detector, reference):
     img = reference["images"][0]
     with torch.no_grad():
         x, sizes = model.preprocess([img["image_uint8_rgb"]])
-        (boxes, logits), = model.proposal_generator(model.backbone(x), sizes)[0]
+        ((boxes, logits),) = model.proposal_generator(model.backbone(x), sizes)[0]
     assert boxes.shape == img["proposals"].shape == (1000, 4)
     assert (boxes - img["proposals"]).abs().max() < 1e-3
     assert (logits - img["proposal_logits"]).abs().max() < 1e-4
@@ -180,7 +187,9 @@ def test_final_detections_of_every_reference_image_match_detectron2(detector, re
             out = model.inference([resized], [tuple(img["orig_hw"])])[0]
         # Before post-processing (in the resized frame) and after (original frame, pasted masks).
         assert len(raw["boxes"]) == len(img["roi_boxes"]) and torch.equal(raw["classes"], img["roi_classes"])
-        assert (raw["boxes"] - img["roi_boxes"]).abs().max() < 0.01 and (raw["scores"] - img["roi_scores"]).abs().max() < 1e-4
+        assert (raw["boxes"] - img["roi_boxes"]).abs().max() < 0.01 and (
+            raw["scores"] - img["roi_scores"]
+        ).abs().max() < 1e-4
         if n == 0:
             assert (raw["mask_probs"] - img["mask_probs"]).abs().max() < 1e-4
         assert len(out["boxes"]) == len(img["boxes"]), img["image_id"]
@@ -197,8 +206,22 @@ def test_final_detections_of_every_reference_image_match_detectron2(detector, re
 @pytest.fixture(scope="module")
 def val_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("d2_val")
-    assert main(["coco", "--eval-only", "--weights", str(REF / "model_final.pth"), "--data", str(COCO_TINY), "--output", str(out),
-                 "eval_batch_size=4"]) == 0
+    assert (
+        main(
+            [
+                "coco",
+                "--eval-only",
+                "--weights",
+                str(REF / "model_final.pth"),
+                "--data",
+                str(COCO_TINY),
+                "--output",
+                str(out),
+                "eval_batch_size=4",
+            ]
+        )
+        == 0
+    )
     return out
 
 
@@ -222,7 +245,9 @@ def test_eval_only_rows_name_detectron2s_file_and_the_table_shows_it(val_run, ca
     rows = [json.loads(line) for line in (val_run / "results.jsonl").read_text().splitlines()]
     weights = (REF / "model_final.pth").resolve()
     sha = hashlib.sha256(weights.read_bytes()).hexdigest()
-    assert {(r["backbone"], r["backbone_sha256"], r["weights_format"]) for r in rows} == {(str(weights), sha, "detectron2")}
+    assert {(r["backbone"], r["backbone_sha256"], r["weights_format"]) for r in rows} == {
+        (str(weights), sha, "detectron2")
+    }
     capsys.readouterr()
     assert main(["table", "--results", str(val_run)]) == 0
     table = capsys.readouterr().out
@@ -235,14 +260,36 @@ def test_coco_ap_matches_detectron2(split, val_run, tmp_path, capsys):
         run = val_run
     else:
         run = tmp_path / "train"
-        assert main(["coco", "--eval-only", "--weights", str(REF / "model_final.pth"), "--data", str(COCO_TINY),
-                     "--eval-split", "train2017", "--output", str(run), "eval_batch_size=4"]) == 0
+        assert (
+            main(
+                [
+                    "coco",
+                    "--eval-only",
+                    "--weights",
+                    str(REF / "model_final.pth"),
+                    "--data",
+                    str(COCO_TINY),
+                    "--eval-split",
+                    "train2017",
+                    "--output",
+                    str(run),
+                    "eval_batch_size=4",
+                ]
+            )
+            == 0
+        )
         assert "fp32" in capsys.readouterr().out  # evaluation says its precision
     ours, ref = json.loads((run / "metrics.json").read_text()), _reference_metrics(split)
     for kind in ("bbox", "segm"):
         for name in ("AP", "AP50", "AP75", "APs", "APm", "APl"):
             # The values are hundredths of a percent, so equal to float noise, not within 0.1 only.
-            assert abs(ours[kind][name] - ref[kind][name]) < 1e-6, (split, kind, name, ours[kind][name], ref[kind][name])
+            assert abs(ours[kind][name] - ref[kind][name]) < 1e-6, (
+                split,
+                kind,
+                name,
+                ours[kind][name],
+                ref[kind][name],
+            )
 
 
 # ------------------------------------------------------------------------- RoI scales regression
@@ -255,7 +302,9 @@ def _wide_first_subset(root: Path) -> tuple[Path, dict[int, int]]:
     new_id = {old: i + 1 for i, old in enumerate(order)}
     data = json.loads((COCO_TINY / "annotations" / "instances_val2017.json").read_text())
     data["images"] = [{**im, "id": new_id[im["id"]]} for im in data["images"] if im["id"] in new_id]
-    data["annotations"] = [{**a, "image_id": new_id[a["image_id"]]} for a in data["annotations"] if a["image_id"] in new_id]
+    data["annotations"] = [
+        {**a, "image_id": new_id[a["image_id"]]} for a in data["annotations"] if a["image_id"] in new_id
+    ]
     (root / "annotations").mkdir(parents=True)
     (root / "annotations" / "instances_val2017.json").write_text(json.dumps(data))
     os.symlink(COCO_TINY / "val2017", root / "val2017")
@@ -279,15 +328,47 @@ def test_wide_first_batches_give_the_same_detections_eval_only_visualize_and_pre
     wide images then made every scale twice too large. The pooler's scales here are the strides."""
     root, new_id = _wide_first_subset(tmp_path / "coco")
     out = tmp_path / "eval"
-    assert main(["coco", "--eval-only", "--weights", str(REF / "model_final.pth"), "--data", str(root), "--output", str(out),
-                 "--visualize", "2", "eval_batch_size=1", "train.num_workers=0"]) == 0
+    assert (
+        main(
+            [
+                "coco",
+                "--eval-only",
+                "--weights",
+                str(REF / "model_final.pth"),
+                "--data",
+                str(root),
+                "--output",
+                str(out),
+                "--visualize",
+                "2",
+                "eval_batch_size=1",
+                "train.num_workers=0",
+            ]
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
     assert "fp32" in printed
     _assert_matches_reference(json.loads((out / "predictions_val2017.json").read_text()), new_id)
     assert len(list((out / "visualize").glob("*.png"))) == 2
     # bf16 only on request, and then it says so.
-    assert main(["coco", "--eval-only", "--weights", str(REF / "model_final.pth"), "--data", str(root), "--output",
-                 str(tmp_path / "bf16"), "eval_precision=bf16", "train.num_workers=0"]) == 0
+    assert (
+        main(
+            [
+                "coco",
+                "--eval-only",
+                "--weights",
+                str(REF / "model_final.pth"),
+                "--data",
+                str(root),
+                "--output",
+                str(tmp_path / "bf16"),
+                "eval_precision=bf16",
+                "train.num_workers=0",
+            ]
+        )
+        == 0
+    )
     assert "bf16" in capsys.readouterr().out
 
 
@@ -302,7 +383,9 @@ def test_pictures_use_the_same_detections_when_the_first_image_is_wide(detector,
     for image_id in (417285, 338304):  # wide first, then portrait
         image, _ = val_set[val_set.image_ids.index(image_id)]
         pred = fresh.predict(image)
-        assert len(pred["boxes"]) == len(ref[image_id]["boxes"]) and torch.equal(pred["labels"], ref[image_id]["classes"])
+        assert len(pred["boxes"]) == len(ref[image_id]["boxes"]) and torch.equal(
+            pred["labels"], ref[image_id]["classes"]
+        )
         assert (pred["boxes"] - ref[image_id]["boxes"]).abs().max() < 0.01
 
 
@@ -315,10 +398,30 @@ def test_two_process_evaluation_gives_the_same_detections(tmp_path):
     out = tmp_path / "ddp"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(
-        [torchrun, "--nproc_per_node", "2", "--master_port", "29541", "-m", "mae_transfer", "coco", "--eval-only",
-         "--weights", str(REF / "model_final.pth"), "--data", str(root), "--output", str(out),
-         "eval_batch_size=1", "train.num_workers=0", "train.device=cpu"],
-        capture_output=True, text=True, env=env, timeout=600,
+        [
+            torchrun,
+            "--nproc_per_node",
+            "2",
+            "--master_port",
+            "29541",
+            "-m",
+            "mae_transfer",
+            "coco",
+            "--eval-only",
+            "--weights",
+            str(REF / "model_final.pth"),
+            "--data",
+            str(root),
+            "--output",
+            str(out),
+            "eval_batch_size=1",
+            "train.num_workers=0",
+            "train.device=cpu",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     _assert_matches_reference(json.loads((out / "predictions_val2017.json").read_text()), new_id)
@@ -343,9 +446,24 @@ def test_our_detector_exports_and_reimports_bit_identically(tmp_path):
     read back with the architecture inferred from it: every tensor identical."""
     from mae_transfer.detection.task import save_detector
 
-    cfg = build_config(None, {"model": {"name": None, "embed_dim": 64, "depth": 2, "num_heads": 2, "patch_size": 16,
-                                        "img_size": 128, "window_size": 4, "global_blocks": [1], "channels": 32,
-                                        "fc_dim": 64, "pretrain_img_size": 64}})
+    cfg = build_config(
+        None,
+        {
+            "model": {
+                "name": None,
+                "embed_dim": 64,
+                "depth": 2,
+                "num_heads": 2,
+                "patch_size": 16,
+                "img_size": 128,
+                "window_size": 4,
+                "global_blocks": [1],
+                "channels": 32,
+                "fc_dim": 64,
+                "pretrain_img_size": 64,
+            }
+        },
+    )
     torch.manual_seed(3)
     model = build_detector(cfg, num_classes=7)
     with torch.no_grad():  # zero-initialised tables would hide a transposition

@@ -17,17 +17,40 @@ reader and writer side by side:
 from __future__ import annotations
 
 from mae_transfer.checkpoint.checks import check_dtypes
-from mae_transfer.checkpoint.hub import weights_sha256
 from mae_transfer.checkpoint.formats import FORMATS, detect_format, infer_vit_config, to_vit_state_dict
+from mae_transfer.checkpoint.hub import weights_sha256
 from mae_transfer.checkpoint.io import CheckpointError, atomic_save, load_file, load_safely
-from mae_transfer.checkpoint.loading import EXPECTED_MISSING, EXPECTED_UNEXPECTED, LoadReport, init_backbone, load_backbone
+from mae_transfer.checkpoint.loading import (
+    EXPECTED_MISSING,
+    EXPECTED_UNEXPECTED,
+    LoadReport,
+    init_backbone,
+    load_backbone,
+)
 from mae_transfer.checkpoint.mae import export_mae_encoder
 from mae_transfer.checkpoint.reading import read_checkpoint
 from mae_transfer.checkpoint.trained import class_count_hint, load_trained_model, read_trained_model, save_trained_model
 
 __all__ = [
-    "EXPECTED_MISSING", "EXPECTED_UNEXPECTED", "check_dtypes", "class_count_hint", "FORMATS", "CheckpointError", "LoadReport",
-    "atomic_save", "detect_format",
-    "export_mae_encoder", "infer_vit_config", "init_backbone", "load_backbone", "load_file", "load_safely", "load_trained_model",
-    "read_checkpoint", "read_trained_model", "save_trained_model", "to_vit_state_dict", "weights_sha256",
+    "EXPECTED_MISSING",
+    "EXPECTED_UNEXPECTED",
+    "check_dtypes",
+    "class_count_hint",
+    "FORMATS",
+    "CheckpointError",
+    "LoadReport",
+    "atomic_save",
+    "detect_format",
+    "export_mae_encoder",
+    "infer_vit_config",
+    "init_backbone",
+    "load_backbone",
+    "load_file",
+    "load_safely",
+    "load_trained_model",
+    "read_checkpoint",
+    "read_trained_model",
+    "save_trained_model",
+    "to_vit_state_dict",
+    "weights_sha256",
 ]

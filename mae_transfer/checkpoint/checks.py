@@ -27,8 +27,20 @@ INTEGER_BUFFERS = ("num_batches_tracked", "relative_position_index")
 _INTEGER_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
 
 # The parameters of one plain ViT block in this toolkit's (= timm's, the official MAE's) names.
-VIT_BLOCK_PARAMS = ("norm1.weight", "norm1.bias", "attn.qkv.weight", "attn.qkv.bias", "attn.proj.weight", "attn.proj.bias",
-                    "norm2.weight", "norm2.bias", "mlp.fc1.weight", "mlp.fc1.bias", "mlp.fc2.weight", "mlp.fc2.bias")
+VIT_BLOCK_PARAMS = (
+    "norm1.weight",
+    "norm1.bias",
+    "attn.qkv.weight",
+    "attn.qkv.bias",
+    "attn.proj.weight",
+    "attn.proj.bias",
+    "norm2.weight",
+    "norm2.bias",
+    "mlp.fc1.weight",
+    "mlp.fc1.bias",
+    "mlp.fc2.weight",
+    "mlp.fc2.bias",
+)
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -123,5 +135,13 @@ def require(
         raise CheckpointError(f"{what}: {len(missing)} tensors are missing: {listed}")
 
 
-__all__ = ["INTEGER_BUFFERS", "VIT_BLOCK_PARAMS", "WEIGHT_DTYPES", "check_dtypes", "compact", "first_names", "require",
-           "required_names"]
+__all__ = [
+    "INTEGER_BUFFERS",
+    "VIT_BLOCK_PARAMS",
+    "WEIGHT_DTYPES",
+    "check_dtypes",
+    "compact",
+    "first_names",
+    "require",
+    "required_names",
+]

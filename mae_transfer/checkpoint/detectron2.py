@@ -32,21 +32,24 @@ from mae_transfer.checkpoint.io import CheckpointError, atomic_save, check_read_
 log = logging.getLogger(__name__)
 
 # Every name of a ViTDet Mask R-CNN with the simple feature pyramid, as patterns.
-_PATTERNS = [re.compile(p) for p in (
-    r"backbone\.net\.pos_embed",
-    r"backbone\.net\.patch_embed\.proj\.(weight|bias)",
-    r"backbone\.net\.blocks\.\d+\.(norm1|norm2|attn\.qkv|attn\.proj|mlp\.fc1|mlp\.fc2)\.(weight|bias)",
-    r"backbone\.net\.blocks\.\d+\.attn\.rel_pos_[hw]",
-    r"backbone\.simfp_[2-5]\.\d+\.(weight|bias)",
-    r"backbone\.simfp_[2-5]\.\d+\.norm\.(weight|bias)",
-    r"proposal_generator\.rpn_head\.conv(\.conv\d+)?\.(weight|bias)",
-    r"proposal_generator\.rpn_head\.(objectness_logits|anchor_deltas)\.(weight|bias)",
-    r"roi_heads\.box_head\.(conv\d+|fc\d+)\.(weight|bias)",
-    r"roi_heads\.box_head\.conv\d+\.norm\.(weight|bias)",
-    r"roi_heads\.box_predictor\.(cls_score|bbox_pred)\.(weight|bias)",
-    r"roi_heads\.mask_head\.(mask_fcn\d+|deconv|predictor)\.(weight|bias)",
-    r"roi_heads\.mask_head\.mask_fcn\d+\.norm\.(weight|bias)",
-)]
+_PATTERNS = [
+    re.compile(p)
+    for p in (
+        r"backbone\.net\.pos_embed",
+        r"backbone\.net\.patch_embed\.proj\.(weight|bias)",
+        r"backbone\.net\.blocks\.\d+\.(norm1|norm2|attn\.qkv|attn\.proj|mlp\.fc1|mlp\.fc2)\.(weight|bias)",
+        r"backbone\.net\.blocks\.\d+\.attn\.rel_pos_[hw]",
+        r"backbone\.simfp_[2-5]\.\d+\.(weight|bias)",
+        r"backbone\.simfp_[2-5]\.\d+\.norm\.(weight|bias)",
+        r"proposal_generator\.rpn_head\.conv(\.conv\d+)?\.(weight|bias)",
+        r"proposal_generator\.rpn_head\.(objectness_logits|anchor_deltas)\.(weight|bias)",
+        r"roi_heads\.box_head\.(conv\d+|fc\d+)\.(weight|bias)",
+        r"roi_heads\.box_head\.conv\d+\.norm\.(weight|bias)",
+        r"roi_heads\.box_predictor\.(cls_score|bbox_pred)\.(weight|bias)",
+        r"roi_heads\.mask_head\.(mask_fcn\d+|deconv|predictor)\.(weight|bias)",
+        r"roi_heads\.mask_head\.mask_fcn\d+\.norm\.(weight|bias)",
+    )
+]
 # Buffers older detectron2 files store; used for the input normalisation when present.
 _PIXEL_STATS = ("pixel_mean", "pixel_std")
 
@@ -60,12 +63,26 @@ def _wb(*modules: str) -> list[str]:
 # p4 = identity; p5 = max pool; each then a 1x1 and a 3x3 conv with LN), the RPN's outputs, the box
 # head's fc1 and predictor, the mask head's deconv and predictor.
 _VITDET_FIXED = (
-    "backbone.net.pos_embed", *_wb("backbone.net.patch_embed.proj"),
-    *_wb("backbone.simfp_2.0", "backbone.simfp_2.1", "backbone.simfp_2.3", "backbone.simfp_2.4.norm", "backbone.simfp_2.5.norm"),
-    "backbone.simfp_2.4.weight", "backbone.simfp_2.5.weight",
-    *_wb("backbone.simfp_3.0", "backbone.simfp_3.1.norm", "backbone.simfp_3.2.norm"), "backbone.simfp_3.1.weight", "backbone.simfp_3.2.weight",
-    *_wb("backbone.simfp_4.0.norm", "backbone.simfp_4.1.norm"), "backbone.simfp_4.0.weight", "backbone.simfp_4.1.weight",
-    *_wb("backbone.simfp_5.1.norm", "backbone.simfp_5.2.norm"), "backbone.simfp_5.1.weight", "backbone.simfp_5.2.weight",
+    "backbone.net.pos_embed",
+    *_wb("backbone.net.patch_embed.proj"),
+    *_wb(
+        "backbone.simfp_2.0",
+        "backbone.simfp_2.1",
+        "backbone.simfp_2.3",
+        "backbone.simfp_2.4.norm",
+        "backbone.simfp_2.5.norm",
+    ),
+    "backbone.simfp_2.4.weight",
+    "backbone.simfp_2.5.weight",
+    *_wb("backbone.simfp_3.0", "backbone.simfp_3.1.norm", "backbone.simfp_3.2.norm"),
+    "backbone.simfp_3.1.weight",
+    "backbone.simfp_3.2.weight",
+    *_wb("backbone.simfp_4.0.norm", "backbone.simfp_4.1.norm"),
+    "backbone.simfp_4.0.weight",
+    "backbone.simfp_4.1.weight",
+    *_wb("backbone.simfp_5.1.norm", "backbone.simfp_5.2.norm"),
+    "backbone.simfp_5.1.weight",
+    "backbone.simfp_5.2.weight",
     *_wb("proposal_generator.rpn_head.objectness_logits", "proposal_generator.rpn_head.anchor_deltas"),
     *_wb("roi_heads.box_head.fc1", "roi_heads.box_predictor.cls_score", "roi_heads.box_predictor.bbox_pred"),
     *_wb("roi_heads.mask_head.deconv", "roi_heads.mask_head.predictor"),
@@ -80,9 +97,14 @@ def required_keys(sd: Mapping[str, Any]) -> list[str]:
     rpn = "proposal_generator.rpn_head.conv."
     several = any(k.startswith(rpn + "conv") for k in sd)
     return required_names(
-        sd, (*_VITDET_FIXED, *(() if several else _wb(rpn[:-1]))),
-        ((r"backbone\.net\.blocks\.", 0, VIT_BLOCK_PARAMS), (r"proposal_generator\.rpn_head\.conv\.conv", 0, ()),
-         (r"roi_heads\.box_head\.conv", 1, ()), (r"roi_heads\.mask_head\.mask_fcn", 1, ())),
+        sd,
+        (*_VITDET_FIXED, *(() if several else _wb(rpn[:-1]))),
+        (
+            (r"backbone\.net\.blocks\.", 0, VIT_BLOCK_PARAMS),
+            (r"proposal_generator\.rpn_head\.conv\.conv", 0, ()),
+            (r"roi_heads\.box_head\.conv", 1, ()),
+            (r"roi_heads\.mask_head\.mask_fcn", 1, ()),
+        ),
     )
 
 
@@ -90,7 +112,7 @@ def vitdet_backbone_to_vit(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tenso
     """A ViTDet checkpoint's ViT (``backbone.net.*``) in our names, which it uses already (plus
     ``rel_pos_h/w``); the pyramid, RPN and RoI heads keep their names (unexpected in a ViT)."""
     p = "backbone.net."
-    return {(k[len(p):] if k.startswith(p) else k): v for k, v in sd.items()}
+    return {(k[len(p) :] if k.startswith(p) else k): v for k, v in sd.items()}
 
 
 def is_vitdet_state_dict(sd: Mapping[str, Any]) -> bool:
@@ -144,7 +166,9 @@ def read_vitdet(path: str | os.PathLike, trust: bool = False) -> tuple[dict[str,
         fmt = "detectron2 (DetectionCheckpointer)"
     model = obj.get("model") if isinstance(obj, Mapping) else None
     if not isinstance(model, Mapping):
-        raise CheckpointError(f"{path}: no 'model' state dict inside (a detectron2 checkpoint is {{'model': ..., 'iteration': ...}})")
+        raise CheckpointError(
+            f"{path}: no 'model' state dict inside (a detectron2 checkpoint is {{'model': ..., 'iteration': ...}})"
+        )
     sd = _to_tensors(model, path)
     check_dtypes(sd, str(path))
     if not is_vitdet_state_dict(sd):
@@ -207,8 +231,8 @@ def describe_vitdet(sd: Mapping[str, torch.Tensor], default_num_heads_dim: int =
     else:
         out["num_heads"] = max(1, embed // default_num_heads_dim)
         notes.append(
-            f"no relative position tables: num_heads {out['num_heads']} (head width {default_num_heads_dim}), the input "
-            "size, window size and global blocks cannot be read from the file; give them as model.* options"
+            f"no relative position tables: num_heads {out['num_heads']} (head width {default_num_heads_dim}), "
+            "the input size, window size and global blocks cannot be read from the file; give them as model.* options"
         )
     pos = sd.get("backbone.net.pos_embed")
     if pos is not None:
@@ -219,7 +243,9 @@ def describe_vitdet(sd: Mapping[str, torch.Tensor], default_num_heads_dim: int =
         elif math.isqrt(rows) ** 2 == rows:
             out["pos_embed_class_row"], out["pretrain_img_size"] = False, math.isqrt(rows) * patch
         else:
-            raise CheckpointError(f"backbone.net.pos_embed has {rows} rows: not a square grid (with or without a class row)")
+            raise CheckpointError(
+                f"backbone.net.pos_embed has {rows} rows: not a square grid (with or without a class row)"
+            )
     levels = _indices(sd, r"backbone\.simfp_(\d+)\.")
     if levels != [2, 3, 4, 5]:
         raise CheckpointError(f"the simple feature pyramid has levels p{levels}; the detector builds p2-p5 (+ p6)")
@@ -253,7 +279,10 @@ def save_vitdet(state_dict: Mapping[str, torch.Tensor], path: str | os.PathLike,
     sd = {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}
     bad = unmapped_keys(sd)
     if bad:
-        raise CheckpointError(f"cannot write a detectron2 ViTDet checkpoint: {len(bad)} tensors have no place in it, e.g. {', '.join(bad[:5])}")
+        raise CheckpointError(
+            f"cannot write a detectron2 ViTDet checkpoint: {len(bad)} tensors have no place in it, "
+            f"e.g. {', '.join(bad[:5])}"
+        )
     require(sd, required_keys(sd), f"cannot write {path}: not a complete ViTDet Mask R-CNN")
     path = atomic_save({"model": sd, "iteration": int(iteration)}, path)
     back = load_safely(path, "exported file")["model"]
@@ -262,4 +291,12 @@ def save_vitdet(state_dict: Mapping[str, torch.Tensor], path: str | os.PathLike,
     return path
 
 
-__all__ = ["describe_vitdet", "is_vitdet_state_dict", "read_vitdet", "required_keys", "save_vitdet", "unmapped_keys", "vitdet_backbone_to_vit"]
+__all__ = [
+    "describe_vitdet",
+    "is_vitdet_state_dict",
+    "read_vitdet",
+    "required_keys",
+    "save_vitdet",
+    "unmapped_keys",
+    "vitdet_backbone_to_vit",
+]

@@ -102,7 +102,7 @@ def _strip_wrapper_prefixes(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tens
         changed = False
         for p in _WRAPPER_PREFIXES:
             if all(k.startswith(p) for k in sd):
-                sd = {k[len(p):]: v for k, v in sd.items()}
+                sd = {k[len(p) :]: v for k, v in sd.items()}
                 changed = True
     return sd
 
@@ -118,7 +118,7 @@ def _strip_generic_prefix(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor
     for k in sd:
         if k.endswith(".patch_embed.proj.weight"):
             prefix = k[: -len("patch_embed.proj.weight")]
-            return {(n[len(prefix):] if n.startswith(prefix) else n): v for n, v in sd.items()}
+            return {(n[len(prefix) :] if n.startswith(prefix) else n): v for n, v in sd.items()}
     return sd
 
 
@@ -141,10 +141,14 @@ def _classify(sd: Mapping[str, Any]) -> str:
     if any(k.startswith(("backbone.layers.", "backbone.patch_embed.projection.")) for k in keys):
         return "mmseg"
     hf_enc = any(k.startswith(_HF_ENCODER_STARTS) for k in keys)
-    hf_dec = any(k.startswith(("decoder.decoder_layers.", "decoder.decoder_pred.", "decoder.decoder_embed.")) for k in keys)
+    hf_dec = any(
+        k.startswith(("decoder.decoder_layers.", "decoder.decoder_pred.", "decoder.decoder_embed.")) for k in keys
+    )
     if hf_enc or hf_dec:
         return "hf_vitmae_pretraining" if hf_dec else "hf_vitmae_model"
-    timm_like = any(k.endswith("patch_embed.proj.weight") for k in keys) or any(re.match(r"^blocks\.\d+\.", k) for k in keys)
+    timm_like = any(k.endswith("patch_embed.proj.weight") for k in keys) or any(
+        re.match(r"^blocks\.\d+\.", k) for k in keys
+    )
     if timm_like:
         if "mask_token" in sd or any(k.startswith("decoder_") for k in keys):
             return "mae_full"
@@ -262,9 +266,25 @@ def infer_vit_config(state_dict: Any) -> dict[str, Any]:
     sd = to_vit_state_dict(state_dict)
     cfg: dict[str, Any] = dict.fromkeys(
         (
-            "embed_dim", "depth", "num_heads", "mlp_ratio", "patch_size", "in_chans", "grid_size", "img_size",
-            "has_cls_token", "pos_embed_has_cls_row", "num_classes", "global_pool", "use_rel_pos", "qkv_bias",
-            "is_full_mae", "decoder_embed_dim", "decoder_depth", "decoder_num_heads", "name",
+            "embed_dim",
+            "depth",
+            "num_heads",
+            "mlp_ratio",
+            "patch_size",
+            "in_chans",
+            "grid_size",
+            "img_size",
+            "has_cls_token",
+            "pos_embed_has_cls_row",
+            "num_classes",
+            "global_pool",
+            "use_rel_pos",
+            "qkv_bias",
+            "is_full_mae",
+            "decoder_embed_dim",
+            "decoder_depth",
+            "decoder_num_heads",
+            "name",
         )
     )
     cfg["format"] = fmt
@@ -308,8 +328,8 @@ def infer_vit_config(state_dict: Any) -> dict[str, Any]:
     cfg["is_full_mae"] = "mask_token" in sd or bool(dec) or "decoder_pred.weight" in sd
     if cfg["is_full_mae"]:
         de = sd.get("decoder_embed.weight")
-        cfg["decoder_embed_dim"] = int(de.shape[0]) if de is not None else (
-            int(sd["mask_token"].shape[-1]) if "mask_token" in sd else None
+        cfg["decoder_embed_dim"] = (
+            int(de.shape[0]) if de is not None else (int(sd["mask_token"].shape[-1]) if "mask_token" in sd else None)
         )
         cfg["decoder_depth"] = len(dec)
     cfg["name"] = _standard_name(cfg["embed_dim"], cfg["depth"], cfg["patch_size"])

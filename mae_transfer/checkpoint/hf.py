@@ -53,7 +53,7 @@ def hf_to_vit(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     # (our block prefix, "weight"/"bias") -> {"q"/"k"/"v": (original name, tensor)}
     pending: dict[tuple[str, str], dict[str, tuple[str, torch.Tensor]]] = {}
     for key, v in sd.items():
-        name = key[len("vit."):] if key.startswith("vit.") else key
+        name = key[len("vit.") :] if key.startswith("vit.") else key
         m = re.match(r"^(?:encoder\.layer|layers)\.(\d+)\.(.+)$", name)
         dm = re.match(r"^decoder\.decoder_layers\.(\d+)\.(.+)$", key)
         if m or dm:
@@ -72,11 +72,11 @@ def hf_to_vit(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         elif key in _HF_DECODER_TOP:
             out[_HF_DECODER_TOP[key]] = v
             continue
-        elif key.startswith("decoder.") and _split_param(key[len("decoder."):])[0] in _HF_DECODER_MODULES:
-            out[key[len("decoder."):]] = v
+        elif key.startswith("decoder.") and _split_param(key[len("decoder.") :])[0] in _HF_DECODER_MODULES:
+            out[key[len("decoder.") :]] = v
             continue
         elif key.startswith("classifier."):  # ViTForImageClassification
-            out["head." + key[len("classifier."):]] = v
+            out["head." + key[len("classifier.") :]] = v
             continue
         out[key] = v  # not mapped: keeps its name and is reported unexpected
     for (block, param), parts in pending.items():
@@ -90,8 +90,13 @@ def hf_to_vit(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 # ---------------------------------------------------------------------------------------- writing
 _TO_HF_TOP = {ours: hf for hf, ours in _HF_TOP.items()}
-_TO_HF_LAYER = {"attn.proj": "attention.output.dense", "mlp.fc1": "intermediate.dense", "mlp.fc2": "output.dense",
-                "norm1": "layernorm_before", "norm2": "layernorm_after"}
+_TO_HF_LAYER = {
+    "attn.proj": "attention.output.dense",
+    "mlp.fc1": "intermediate.dense",
+    "mlp.fc2": "output.dense",
+    "norm1": "layernorm_before",
+    "norm2": "layernorm_after",
+}
 
 
 def vit_to_hf(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -23,18 +23,32 @@ def export_hf(state, out_dir, num_heads: int | None = None):
     out = Path(out_dir)
     enc = encoder_state_dict(state, out, "hf")  # a classifier head is refused: it would be lost
     if "norm.weight" not in enc:
-        raise CheckpointError(f"cannot write {out}: ViTMAEModel normalises every token (final norm), this encoder only pools "
-                              "through fc_norm; export a pretraining encoder (export --to mae / the run's encoder.pth)")
+        raise CheckpointError(
+            f"cannot write {out}: ViTMAEModel normalises every token (final norm), this encoder only pools "
+            "through fc_norm; export a pretraining encoder (export --to mae / the run's encoder.pth)"
+        )
     _, args = timm_model_args(enc, num_heads, out)
     complete_encoder(enc, args, 0, out)  # every tensor of the encoder, nothing it would lose
     hf = vit_to_hf(enc)
     config = {
-        "architectures": ["ViTMAEModel"], "model_type": "vit_mae", "hidden_size": args["embed_dim"],
-        "num_hidden_layers": args["depth"], "num_attention_heads": args["num_heads"],
-        "intermediate_size": int(args["embed_dim"] * args["mlp_ratio"]), "hidden_act": "gelu", "hidden_dropout_prob": 0.0,
-        "attention_probs_dropout_prob": 0.0, "initializer_range": 0.02, "layer_norm_eps": 1e-6, "image_size": args["img_size"],
-        "patch_size": args["patch_size"], "num_channels": 3, "qkv_bias": args["qkv_bias"], "mask_ratio": 0.0,
-        "norm_pix_loss": False, "torch_dtype": "float32",
+        "architectures": ["ViTMAEModel"],
+        "model_type": "vit_mae",
+        "hidden_size": args["embed_dim"],
+        "num_hidden_layers": args["depth"],
+        "num_attention_heads": args["num_heads"],
+        "intermediate_size": int(args["embed_dim"] * args["mlp_ratio"]),
+        "hidden_act": "gelu",
+        "hidden_dropout_prob": 0.0,
+        "attention_probs_dropout_prob": 0.0,
+        "initializer_range": 0.02,
+        "layer_norm_eps": 1e-6,
+        "image_size": args["img_size"],
+        "patch_size": args["patch_size"],
+        "num_channels": 3,
+        "qkv_bias": args["qkv_bias"],
+        "mask_ratio": 0.0,
+        "norm_pix_loss": False,
+        "torch_dtype": "float32",
     }
     return save_model_folder(out, hf, config)
 

@@ -43,7 +43,9 @@ def _download(repo: str, filename: str | None, source: str) -> Path:
     try:
         import huggingface_hub as hub
     except ImportError:  # pragma: no cover - comes with timm and transformers
-        raise CheckpointError(f"{source}: reading weights by name needs huggingface_hub (pip install huggingface_hub)") from None
+        raise CheckpointError(
+            f"{source}: reading weights by name needs huggingface_hub (pip install huggingface_hub)"
+        ) from None
     opts = _hub_options()
     try:
         if filename is None:
@@ -67,12 +69,12 @@ def resolve_weights(source: str | os.PathLike) -> Path:
     repository folder; ``timm:ARCH.TAG`` -> the cached weights file of timm's pretrained config."""
     text = str(source)
     if text.startswith("hf-hub:"):
-        repo = text[len("hf-hub:"):].strip("/")
+        repo = text[len("hf-hub:") :].strip("/")
         if repo.count("/") != 1:
             raise CheckpointError(f"{text}: give hf-hub:ORG/NAME (e.g. hf-hub:facebook/vit-mae-base)")
         return _download(repo, None, text)
     if text.startswith("timm:"):
-        name = text[len("timm:"):]
+        name = text[len("timm:") :]
         try:
             from timm.models import get_pretrained_cfg
 
@@ -80,8 +82,10 @@ def resolve_weights(source: str | os.PathLike) -> Path:
         except Exception:  # noqa: BLE001 - timm raises RuntimeError / KeyError for unknown names
             cfg = None
         if cfg is None or not getattr(cfg, "hf_hub_id", None):
-            raise CheckpointError(f"{text}: timm has no pretrained weights of that name on the Hugging Face Hub "
-                                  "(timm.list_pretrained('vit_*mae*') lists the MAE ones)")
+            raise CheckpointError(
+                f"{text}: timm has no pretrained weights of that name on the Hugging Face Hub "
+                "(timm.list_pretrained('vit_*mae*') lists the MAE ones)"
+            )
         repo = cfg.hf_hub_id
         last: CheckpointError | None = None
         for filename in WEIGHT_FILES:

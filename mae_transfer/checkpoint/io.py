@@ -62,10 +62,16 @@ def check_read_back(written: dict[str, torch.Tensor], back: Any, path: str | os.
     if bad:
         logging.getLogger(__name__).warning(
             "%s: %d tensors hold NaN or inf values (e.g. %s): the weights were written as they are, but the model "
-            "they come from diverged and is not usable", path, len(bad), ", ".join(bad[:3]))
+            "they come from diverged and is not usable",
+            path,
+            len(bad),
+            ", ".join(bad[:3]),
+        )
 
 
-def save_model_folder(out_dir: str | os.PathLike, tensors: dict[str, torch.Tensor], config: dict, required: Iterable[str] = ()) -> Path:
+def save_model_folder(
+    out_dir: str | os.PathLike, tensors: dict[str, torch.Tensor], config: dict, required: Iterable[str] = ()
+) -> Path:
     """A model folder as timm and Hugging Face keep them: ``model.safetensors`` and ``config.json``,
     each written atomically, then read back and compared (tensors bit for bit; the file must hold
     every ``required`` name, the complete set the target model has: the writer refuses an incomplete
@@ -136,5 +142,6 @@ def load_safely(path: str | os.PathLike, what: str = "checkpoint") -> Any:
         ) from None
     except Exception as e:  # torch raises many types for truncated / foreign files
         raise CheckpointError(
-            f"{what} {path} could not be read ({type(e).__name__}: {e}); the file is truncated or not a PyTorch checkpoint"
+            f"{what} {path} could not be read ({type(e).__name__}: {e}); "
+            "the file is truncated or not a PyTorch checkpoint"
         ) from None

@@ -15,7 +15,15 @@ import torch.nn.functional as F
 from mae_transfer.checkpoint.checks import check_dtypes
 from mae_transfer.checkpoint.checks import compact as _compact
 from mae_transfer.checkpoint.checks import first_names as _first
-from mae_transfer.checkpoint.formats import _describe, _grid_from_tokens, _suggest, _unwrap, detect_format, infer_vit_config, to_vit_state_dict
+from mae_transfer.checkpoint.formats import (
+    _describe,
+    _grid_from_tokens,
+    _suggest,
+    _unwrap,
+    detect_format,
+    infer_vit_config,
+    to_vit_state_dict,
+)
 from mae_transfer.checkpoint.io import CheckpointError
 from mae_transfer.checkpoint.reading import read_checkpoint
 from mae_transfer.models.pos_embed import resize_pos_embed
@@ -33,8 +41,14 @@ EXPECTED_MISSING: dict[str, tuple[str, ...]] = {
     # Detection / segmentation backbones: zero-initialised relative position tables (MAE A.3/A.4,
     # ViTDet's rel_pos_h/w or BEiT's bias table), layer scale (1.0, mmseg's MAE segmentation), no
     # classifier, and backbones without a final norm.
-    "dense": ("blocks.*.attn.rel_pos_*", "blocks.*.attn.relative_position_bias_table", "blocks.*.gamma_*", "head.*",
-              "fc_norm.*", "norm.*"),
+    "dense": (
+        "blocks.*.attn.rel_pos_*",
+        "blocks.*.attn.relative_position_bias_table",
+        "blocks.*.gamma_*",
+        "head.*",
+        "fc_norm.*",
+        "norm.*",
+    ),
     # Continuing pretraining from an encoder-only checkpoint: the decoder starts fresh.
     "pretrain": ("mask_token", "decoder_*"),
 }
@@ -44,7 +58,15 @@ EXPECTED_UNEXPECTED: dict[str, tuple[str, ...]] = {
     # A checkpoint that was fine-tuned with global pooling brings an fc_norm the probe may not use.
     "linprobe": ("fc_norm.*", "mask_token", "decoder_*"),
     # Dense backbones built without a class token (ViTDet) ignore it; no head or decoder either.
-    "dense": ("cls_token", "norm.*", "fc_norm.*", "head.*", "mask_token", "decoder_*", "blocks.*.attn.relative_position_index"),
+    "dense": (
+        "cls_token",
+        "norm.*",
+        "fc_norm.*",
+        "head.*",
+        "mask_token",
+        "decoder_*",
+        "blocks.*.attn.relative_position_index",
+    ),
     # A fine-tuned checkpoint used to initialise pretraining brings a classifier.
     "pretrain": ("head.*", "fc_norm.*"),
 }
@@ -149,7 +171,9 @@ def _adapt(
             continue
         src, want = sd[name], target[name]
         if src.dim() == 2 and want.dim() == 2 and src.shape[1] == want.shape[1] and src.shape[0] != want.shape[0]:
-            new = F.interpolate(src.t().unsqueeze(0).float(), size=int(want.shape[0]), mode="linear", align_corners=False)
+            new = F.interpolate(
+                src.t().unsqueeze(0).float(), size=int(want.shape[0]), mode="linear", align_corners=False
+            )
             sd[name] = new[0].t().to(src.dtype)
             notes.append(f"{name}: {src.shape[0]} -> {want.shape[0]} offsets (linear)")
     return sd
@@ -302,7 +326,9 @@ def load_backbone(
                 f"(patterns, or a preset: {', '.join(EXPECTED_MISSING)})"
             )
         else:
-            advice = f"Pass a checkpoint for this model, or choose --model {_suggest(ckpt_cfg, model)} to fit the checkpoint"
+            advice = (
+                f"Pass a checkpoint for this model, or choose --model {_suggest(ckpt_cfg, model)} to fit the checkpoint"
+            )
         raise CheckpointError(
             f"checkpoint {src_name} lacks {len(bad_missing)} parameters of the model that were not expected "
             f"to be missing: {_first(bad_missing)}. The checkpoint seems to hold {_describe(ckpt_cfg)} "
@@ -311,8 +337,13 @@ def load_backbone(
     unexpected = [k for k in sd if k not in target]
     model.load_state_dict(loadable, strict=False)  # loadable holds model keys of matching shapes only
     report = LoadReport(
-        loaded=list(loadable), missing=missing, unexpected=unexpected, format=fmt, source=src_name,
-        mismatched=mismatched, adapted=notes,
+        loaded=list(loadable),
+        missing=missing,
+        unexpected=unexpected,
+        format=fmt,
+        source=src_name,
+        mismatched=mismatched,
+        adapted=notes,
     )
     log.info("%s", report.summary())
     surprising = [k for k in unexpected if not _matches(k, exp_unexpected)]
@@ -322,9 +353,13 @@ def load_backbone(
             extra = f" (the checkpoint has {ckpt_cfg['depth']} blocks, the model {model_cfg['depth']})"
         log.warning(
             "%s: %d checkpoint tensors have no place in the model and are ignored%s: %s",
-            src_name, len(surprising), extra, ", ".join(_compact(surprising)),
+            src_name,
+            len(surprising),
+            extra,
+            ", ".join(_compact(surprising)),
         )
     return report
+
 
 def init_backbone(model: torch.nn.Module, source: str | os.PathLike | None, **load_kwargs: Any) -> LoadReport | None:
     """The one start of every transfer task's backbone: :func:`load_backbone` of ``source`` into
@@ -332,7 +367,8 @@ def init_backbone(model: torch.nn.Module, source: str | os.PathLike | None, **lo
     baseline). ``load_kwargs``: the task's ``expected_missing`` / ``expected_unexpected``."""
     if source:
         return load_backbone(model, source, **load_kwargs)
-    log.warning("NO --backbone: the ViT starts from RANDOM weights (the from-scratch baseline); pass --backbone ckpt.pth "
-                "to evaluate pretrained weights")
+    log.warning(
+        "NO --backbone: the ViT starts from RANDOM weights (the from-scratch baseline); pass --backbone ckpt.pth "
+        "to evaluate pretrained weights"
+    )
     return None
-

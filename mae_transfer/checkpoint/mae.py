@@ -10,9 +10,9 @@ from typing import Any, Mapping
 
 import torch
 
+from mae_transfer.checkpoint.checks import compact as _compact
 from mae_transfer.checkpoint.formats import _strip_wrapper_prefixes, to_vit_state_dict
 from mae_transfer.checkpoint.io import CheckpointError, atomic_save, check_read_back, load_safely
-from mae_transfer.checkpoint.checks import compact as _compact
 
 log = logging.getLogger(__name__)
 
@@ -47,9 +47,7 @@ def export_mae_encoder(model_or_state_dict: torch.nn.Module | Mapping[str, Any],
         raise CheckpointError(f"nothing to export to {path}: no ViT encoder weights found")
     if "cls_token" not in encoder:
         # The official fine-tuning code always has a class token and a class row in pos_embed.
-        raise CheckpointError(
-            f"cannot export to {path} in the official MAE format: the encoder has no class token"
-        )
+        raise CheckpointError(f"cannot export to {path} in the official MAE format: the encoder has no class token")
     dropped = [k for k in sd if k not in encoder]
     if dropped:
         log.info("export to %s leaves out %d non-encoder tensors: %s", path, len(dropped), ", ".join(_compact(dropped)))

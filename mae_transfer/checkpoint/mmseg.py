@@ -60,9 +60,9 @@ def _backbone_to_ours(name: str) -> str | None:
     if name in ("cls_token", "pos_embed"):
         return name
     if name.startswith("patch_embed.projection."):
-        return "patch_embed.proj." + name[len("patch_embed.projection."):]
+        return "patch_embed.proj." + name[len("patch_embed.projection.") :]
     if name.startswith("ln1."):  # mm's final norm
-        return "norm." + name[len("ln1."):]
+        return "norm." + name[len("ln1.") :]
     m = re.fullmatch(r"layers\.(\d+)\.(.+)", name)
     ours = _convert_mm_layer(m.group(2)) if m else None
     return f"blocks.{m.group(1)}.{ours}" if ours else None
@@ -75,9 +75,9 @@ def mmseg_backbone_to_vit(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor
     for key, v in sd.items():
         new = None
         if key.startswith("backbone."):
-            new = _backbone_to_ours(key[len("backbone."):])
+            new = _backbone_to_ours(key[len("backbone.") :])
         elif key.startswith("neck."):  # mmpretrain MAEPretrainDecoder
-            name = key[len("neck."):]
+            name = key[len("neck.") :]
             m = re.match(r"^decoder_blocks\.(\d+)\.(.+)$", name)
             if m:
                 rest = _convert_mm_layer(m.group(2))
@@ -87,7 +87,7 @@ def mmseg_backbone_to_vit(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor
             elif name.startswith(("decoder_embed.", "decoder_pred.")):
                 new = name
             elif name.startswith("ln1."):  # the decoder norm (build_norm_layer postfix 1)
-                new = "decoder_norm." + name[len("ln1."):]
+                new = "decoder_norm." + name[len("ln1.") :]
         out[new or key] = v
     return out
 
@@ -96,9 +96,13 @@ _HEADS = (
     re.compile(r"neck\.(upsample_4x\.[013]|upsample_2x\.0)\.(weight|bias)"),
     re.compile(r"neck\.upsample_4x\.1\.(weight|bias|running_mean|running_var|num_batches_tracked)"),
     re.compile(r"(decode_head|auxiliary_head)\.conv_seg\.(weight|bias)"),
-    re.compile(r"decode_head\.(psp_modules\.\d+\.1|bottleneck|lateral_convs\.\d+|fpn_convs\.\d+|fpn_bottleneck)"
-               r"\.(conv\.weight|bn\.(weight|bias|running_mean|running_var|num_batches_tracked))"),
-    re.compile(r"auxiliary_head\.convs\.\d+\.(conv\.weight|bn\.(weight|bias|running_mean|running_var|num_batches_tracked))"),
+    re.compile(
+        r"decode_head\.(psp_modules\.\d+\.1|bottleneck|lateral_convs\.\d+|fpn_convs\.\d+|fpn_bottleneck)"
+        r"\.(conv\.weight|bn\.(weight|bias|running_mean|running_var|num_batches_tracked))"
+    ),
+    re.compile(
+        r"auxiliary_head\.convs\.\d+\.(conv\.weight|bn\.(weight|bias|running_mean|running_var|num_batches_tracked))"
+    ),
 )
 
 
@@ -108,12 +112,25 @@ _CONV_BN = ("conv.weight", *(f"bn.{p}" for p in _BN))
 # the neck (x4: deconv, BN, GELU, deconv; x2: deconv), UperNet's four pooling branches, bottleneck,
 # three lateral and fpn convs (conv + BN each), fpn bottleneck and classifier.
 _SEGMENTER_FIXED = (
-    "backbone.cls_token", "backbone.pos_embed", "backbone.patch_embed.proj.weight", "backbone.patch_embed.proj.bias",
+    "backbone.cls_token",
+    "backbone.pos_embed",
+    "backbone.patch_embed.proj.weight",
+    "backbone.patch_embed.proj.bias",
     *(f"neck.{m}.{p}" for m in ("upsample_4x.0", "upsample_4x.3", "upsample_2x.0") for p in ("weight", "bias")),
     *(f"neck.upsample_4x.1.{p}" for p in _BN),
-    *(f"decode_head.{m}.{p}" for m in (*(f"psp_modules.{i}.1" for i in range(4)), "bottleneck", *(f"lateral_convs.{i}" for i in range(3)),
-                                        *(f"fpn_convs.{i}" for i in range(3)), "fpn_bottleneck") for p in _CONV_BN),
-    "decode_head.conv_seg.weight", "decode_head.conv_seg.bias",
+    *(
+        f"decode_head.{m}.{p}"
+        for m in (
+            *(f"psp_modules.{i}.1" for i in range(4)),
+            "bottleneck",
+            *(f"lateral_convs.{i}" for i in range(3)),
+            *(f"fpn_convs.{i}" for i in range(3)),
+            "fpn_bottleneck",
+        )
+        for p in _CONV_BN
+    ),
+    "decode_head.conv_seg.weight",
+    "decode_head.conv_seg.bias",
 )
 
 
@@ -123,7 +140,8 @@ def required_keys(sd: Mapping[str, Any]) -> list[str]:
     tables, layer scales), and the auxiliary head when it has one (classifier and ``convs.0..``)."""
     aux = any(k.startswith("auxiliary_head.") for k in sd)
     return required_names(
-        sd, (*_SEGMENTER_FIXED, *(("auxiliary_head.conv_seg.weight", "auxiliary_head.conv_seg.bias") if aux else ())),
+        sd,
+        (*_SEGMENTER_FIXED, *(("auxiliary_head.conv_seg.weight", "auxiliary_head.conv_seg.bias") if aux else ())),
         ((r"backbone\.blocks\.", 0, VIT_BLOCK_PARAMS), *(((r"auxiliary_head\.convs\.", 0, _CONV_BN),) if aux else ())),
     )
 
@@ -131,7 +149,7 @@ def required_keys(sd: Mapping[str, Any]) -> list[str]:
 def _mmseg_name(name: str) -> str:
     """One of our segmenter's names in mmsegmentation's (for messages about mmseg files)."""
     if name.startswith("backbone."):
-        return "backbone." + (_backbone_to_mmseg(name[len("backbone."):]) or name[len("backbone."):])
+        return "backbone." + (_backbone_to_mmseg(name[len("backbone.") :]) or name[len("backbone.") :])
     return name
 
 
@@ -149,7 +167,7 @@ def _backbone_to_mmseg(name: str) -> str | None:
     if name in ("cls_token", "pos_embed"):
         return name
     if name.startswith("patch_embed.proj."):
-        return "patch_embed.projection." + name[len("patch_embed.proj."):]
+        return "patch_embed.projection." + name[len("patch_embed.proj.") :]
     m = re.fullmatch(r"blocks\.(\d+)\.(.+)", name)
     if not m:
         return None
@@ -186,7 +204,7 @@ def to_segmenter_state_dict(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.T
     grid = _grid(sd["backbone.pos_embed"]) if "backbone.pos_embed" in sd else None
     for key, value in sd.items():
         if key.startswith("backbone."):
-            name = key[len("backbone."):]
+            name = key[len("backbone.") :]
             if re.fullmatch(r"layers\.\d+\.attn\.relative_position_index", name):
                 # (without pos_embed there is no grid to check against: the segmenter is incomplete, said below)
                 if grid is not None and not torch.equal(value.long(), relative_position_index(grid, grid, 1)):
@@ -249,7 +267,9 @@ def describe_segmentor(sd: Mapping[str, torch.Tensor]) -> dict[str, Any]:
     out["aux_convs"] = _count(sd, r"auxiliary_head\.convs\.(\d+)\.") if aux is not None else 1
     pools = _count(sd, r"decode_head\.psp_modules\.(\d+)\.")
     if pools != 4:
-        raise CheckpointError(f"the UperNet head has {pools} pooling branches; the segmenter builds the usual 4 (1, 2, 3, 6)")
+        raise CheckpointError(
+            f"the UperNet head has {pools} pooling branches; the segmenter builds the usual 4 (1, 2, 3, 6)"
+        )
     return out
 
 
@@ -261,7 +281,9 @@ def read_mmseg(path: str | os.PathLike, trust: bool = False) -> tuple[dict[str, 
     obj = torch.load(path, map_location="cpu", weights_only=False) if trust else load_safely(path, "--weights")
     sd = obj.get("state_dict", obj) if isinstance(obj, Mapping) else None
     if not isinstance(sd, Mapping) or not is_mmseg_segmentor(sd):
-        raise CheckpointError(f"{path} is not an mmsegmentation ViT segmentor (no backbone.layers.* and decode_head.* weights)")
+        raise CheckpointError(
+            f"{path} is not an mmsegmentation ViT segmentor (no backbone.layers.* and decode_head.* weights)"
+        )
     meta = obj.get("meta") if isinstance(obj.get("meta"), Mapping) else {}
     check_dtypes(sd, str(path))
     return {k: v for k, v in sd.items() if isinstance(v, torch.Tensor)}, dict(meta)
@@ -279,9 +301,25 @@ def to_mmseg_state_dict(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tenso
     # mmsegmentation's order: embeddings, then per layer gammas, ln1, attention (table, index,
     # qkv, proj), ln2, ffn; then the neck and heads in the order both models register them.
     order = ["cls_token", "pos_embed", "patch_embed.proj.weight", "patch_embed.proj.bias"]
-    per_block = ["gamma_1", "gamma_2", "norm1.weight", "norm1.bias", "attn.relative_position_bias_table", "attn.q_bias",
-                 "attn.v_bias", "attn.qkv.weight", "attn.qkv.bias", "attn.proj.weight", "attn.proj.bias", "norm2.weight",
-                 "norm2.bias", "mlp.fc1.weight", "mlp.fc1.bias", "mlp.fc2.weight", "mlp.fc2.bias"]
+    per_block = [
+        "gamma_1",
+        "gamma_2",
+        "norm1.weight",
+        "norm1.bias",
+        "attn.relative_position_bias_table",
+        "attn.q_bias",
+        "attn.v_bias",
+        "attn.qkv.weight",
+        "attn.qkv.bias",
+        "attn.proj.weight",
+        "attn.proj.bias",
+        "norm2.weight",
+        "norm2.bias",
+        "mlp.fc1.weight",
+        "mlp.fc1.bias",
+        "mlp.fc2.weight",
+        "mlp.fc2.bias",
+    ]
     for name in order + [f"blocks.{b}.{p}" for b in blocks for p in per_block]:
         key = "backbone." + name
         if key not in sd:
@@ -295,14 +333,19 @@ def to_mmseg_state_dict(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tenso
     bad = left + [k for k in rest if not any(p.fullmatch(k) for p in _HEADS)]
     if bad:
         raise CheckpointError(
-            f"cannot write an mmsegmentation MAE-UperNet checkpoint: {len(bad)} tensors have no place in it, e.g. {', '.join(bad[:5])}"
+            f"cannot write an mmsegmentation MAE-UperNet checkpoint: {len(bad)} tensors have no place in it, "
+            f"e.g. {', '.join(bad[:5])}"
         )
     out.update({k: sd[k] for k in rest})
     return out
 
 
-def save_mmseg(sd: Mapping[str, torch.Tensor], path: str | os.PathLike, class_names: Sequence[str] | None = None,
-               palette: Sequence[Sequence[int]] | None = None) -> Path:
+def save_mmseg(
+    sd: Mapping[str, torch.Tensor],
+    path: str | os.PathLike,
+    class_names: Sequence[str] | None = None,
+    palette: Sequence[Sequence[int]] | None = None,
+) -> Path:
     """Write our segmenter as mmsegmentation's ``{"meta", "state_dict"}`` (atomically), with the class
     names and palette in ``meta["dataset_meta"]``; read it back with ``weights_only=True`` and check
     every tensor. A segmenter that is not complete (:func:`required_keys`) is refused before anything
@@ -312,7 +355,10 @@ def save_mmseg(sd: Mapping[str, torch.Tensor], path: str | os.PathLike, class_na
     state = {k: v.detach().cpu().contiguous() for k, v in to_mmseg_state_dict(sd).items()}
     meta: dict[str, Any] = {"exported_by": "mae-transfer"}
     if class_names is not None:
-        meta["dataset_meta"] = {"classes": list(class_names), **({"palette": [list(map(int, c)) for c in palette]} if palette is not None else {})}
+        meta["dataset_meta"] = {
+            "classes": list(class_names),
+            **({"palette": [list(map(int, c)) for c in palette]} if palette is not None else {}),
+        }
     path = atomic_save({"meta": meta, "state_dict": state}, path)
     back = load_safely(path, "exported file")["state_dict"]
     require(back, required, f"{path}: the file read back is not a complete MAE-UperNet segmentor")
@@ -320,5 +366,13 @@ def save_mmseg(sd: Mapping[str, torch.Tensor], path: str | os.PathLike, class_na
     return path
 
 
-__all__ = ["describe_segmentor", "is_mmseg_segmentor", "mmseg_backbone_to_vit", "read_mmseg", "required_keys", "save_mmseg", "to_mmseg_state_dict",
-           "to_segmenter_state_dict"]
+__all__ = [
+    "describe_segmentor",
+    "is_mmseg_segmentor",
+    "mmseg_backbone_to_vit",
+    "read_mmseg",
+    "required_keys",
+    "save_mmseg",
+    "to_mmseg_state_dict",
+    "to_segmenter_state_dict",
+]

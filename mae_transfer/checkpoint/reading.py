@@ -35,8 +35,10 @@ def read_checkpoint(path: str | os.PathLike, trust: bool = False) -> Any:
                 path = path / name
                 break
         else:
-            raise CheckpointError(f"checkpoint {path} is a folder without model.safetensors, pytorch_model.bin (a model folder), "
-                                  "encoder.pth or checkpoint-last.pth (a run directory)")
+            raise CheckpointError(
+                f"checkpoint {path} is a folder without model.safetensors, pytorch_model.bin (a model folder), "
+                "encoder.pth or checkpoint-last.pth (a run directory)"
+            )
     state = _read_file(path, trust)
     check_dtypes(_unwrap(state)[0], f"checkpoint {path}")  # its model's tensors (not an optimizer's)
     return state
@@ -49,18 +51,21 @@ def _read_file(path: Path, trust: bool) -> Any:
         try:
             from safetensors.torch import load_file as st_load
         except ImportError:  # pragma: no cover - optional dependency
-            raise CheckpointError(f"checkpoint {path} is a .safetensors file: pip install safetensors to read it") from None
+            raise CheckpointError(
+                f"checkpoint {path} is a .safetensors file: pip install safetensors to read it"
+            ) from None
         try:
             return st_load(str(path), device="cpu")
         except Exception as e:
             raise CheckpointError(
-                f"checkpoint {path} could not be read ({type(e).__name__}: {e}); the file is truncated or not safetensors"
+                f"checkpoint {path} could not be read ({type(e).__name__}: {e}); "
+                "the file is truncated or not safetensors"
             ) from None
     if suffix == ".pkl" and path.is_file():
         if not trust:
             raise CheckpointError(
-                f"checkpoint {path} is a Python pickle (.pkl, e.g. a detectron2 model-zoo file): reading it runs whatever "
-                "code the file holds. If you trust its source, pass --trust-checkpoint"
+                f"checkpoint {path} is a Python pickle (.pkl, e.g. a detectron2 model-zoo file): "
+                "reading it runs whatever code the file holds. If you trust its source, pass --trust-checkpoint"
             )
         # detectron2 model-zoo files are plain pickles of numpy arrays, which torch.load rejects.
         try:

@@ -29,12 +29,18 @@ _ENCODER_KEY = re.compile(
 _LINEAR_HEAD = ("head.weight", "head.bias")
 _TARGETS = {"timm": "timm's ViT", "hf": "Hugging Face's ViTMAEModel"}
 # timm architectures of the standard sizes (their defaults are overridden by model_args anyway).
-_ARCH = {(768, 12, 16): "vit_base_patch16_224", (1024, 24, 16): "vit_large_patch16_224", (1280, 32, 14): "vit_huge_patch14_224"}
+_ARCH = {
+    (768, 12, 16): "vit_base_patch16_224",
+    (1024, 24, 16): "vit_large_patch16_224",
+    (1280, 32, 14): "vit_huge_patch14_224",
+}
 # ImageNet statistics, what every MAE recipe normalises with.
 _MEAN, _STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
-def encoder_state_dict(state: Mapping[str, Any], path: str | os.PathLike, target: str = "timm") -> dict[str, torch.Tensor]:
+def encoder_state_dict(
+    state: Mapping[str, Any], path: str | os.PathLike, target: str = "timm"
+) -> dict[str, torch.Tensor]:
     """The plain ViT encoder of any checkpoint :func:`to_vit_state_dict` reads, in our (= timm's)
     names, with a classifier's linear head when ``target`` (``"timm"``, ``"hf"``) holds it; refuses
     what a plain ViT cannot hold (relative position tables, layer scales) and a classifier head the
@@ -51,14 +57,22 @@ def encoder_state_dict(state: Mapping[str, Any], path: str | os.PathLike, target
     linear = all(k in _LINEAR_HEAD for k in heads)
     keep_head = linear and target == "timm"
     if heads and not keep_head:
-        where = ("--to timm keeps them" if linear else
-                 "no --to format keeps them (a linear probe's BatchNorm + Linear head): evaluate the file with --eval-only "
-                 "--weights, or write the encoder alone with --to mae")
-        raise CheckpointError(f"cannot write {path}: {_TARGETS[target]} has no place for the classifier {first_names(heads)}, "
-                              f"which would be lost; {where}")
+        where = (
+            "--to timm keeps them"
+            if linear
+            else "no --to format keeps them (a linear probe's BatchNorm + Linear head): "
+            "evaluate the file with --eval-only --weights, or write the encoder alone with --to mae"
+        )
+        raise CheckpointError(
+            f"cannot write {path}: {_TARGETS[target]} has no place for the classifier {first_names(heads)}, "
+            f"which would be lost; {where}"
+        )
     # (meta tensors stay where they are: the shapes of a model built on the meta device)
-    enc = {k: (v.detach() if v.is_meta else v.detach().cpu().contiguous()) for k, v in sd.items()
-           if _ENCODER_KEY.match(k) or (keep_head and k in _LINEAR_HEAD)}
+    enc = {
+        k: (v.detach() if v.is_meta else v.detach().cpu().contiguous())
+        for k, v in sd.items()
+        if _ENCODER_KEY.match(k) or (keep_head and k in _LINEAR_HEAD)
+    }
     if "patch_embed.proj.weight" not in enc or not any(k.startswith("blocks.") for k in enc):
         raise CheckpointError(f"nothing to export to {path}: no ViT encoder weights found")
     return enc
@@ -71,19 +85,31 @@ def _num_heads(info: dict, num_heads: int | None, path) -> int:
 
     if info.get("name"):
         return vit_size(info["name"])["num_heads"]
-    raise CheckpointError(f"cannot write {path}: the number of attention heads of a ViT of width {info['embed_dim']} "
-                          "is not in its weights; pass --num-heads")
+    raise CheckpointError(
+        f"cannot write {path}: the number of attention heads of a ViT of width {info['embed_dim']} "
+        "is not in its weights; pass --num-heads"
+    )
 
 
-def timm_model_args(enc: dict[str, torch.Tensor], num_heads: int | None = None, path: Any = "") -> tuple[str, dict[str, Any]]:
+def timm_model_args(
+    enc: dict[str, torch.Tensor], num_heads: int | None = None, path: Any = ""
+) -> tuple[str, dict[str, Any]]:
     """The timm architecture and the ``model_args`` that build exactly this encoder."""
     info = infer_vit_config(enc)
     if not info.get("has_cls_token") or not info.get("pos_embed_has_cls_row"):
         raise CheckpointError(f"cannot write {path}: timm's MAE ViTs have a class token and a class row in pos_embed")
     avg = "fc_norm.weight" in enc and "norm.weight" not in enc
-    args = {"img_size": int(info["img_size"]), "patch_size": int(info["patch_size"]), "embed_dim": int(info["embed_dim"]),
-            "depth": int(info["depth"]), "num_heads": _num_heads(info, num_heads, path), "mlp_ratio": float(info["mlp_ratio"]),
-            "global_pool": "avg" if avg else "token", "class_token": True, "qkv_bias": bool(info.get("qkv_bias", True))}
+    args = {
+        "img_size": int(info["img_size"]),
+        "patch_size": int(info["patch_size"]),
+        "embed_dim": int(info["embed_dim"]),
+        "depth": int(info["depth"]),
+        "num_heads": _num_heads(info, num_heads, path),
+        "mlp_ratio": float(info["mlp_ratio"]),
+        "global_pool": "avg" if avg else "token",
+        "class_token": True,
+        "qkv_bias": bool(info.get("qkv_bias", True)),
+    }
     arch = _ARCH.get((args["embed_dim"], args["depth"], args["patch_size"]), "vit_base_patch16_224")
     return arch, args
 
@@ -93,19 +119,30 @@ def timm_keys(args: Mapping[str, Any], num_classes: int = 0) -> list[str]:
     (:func:`timm_model_args`) and ``num_classes``: the complete set an export must hold."""
     block = [p for p in VIT_BLOCK_PARAMS if args["qkv_bias"] or p != "attn.qkv.bias"]
     norm = "fc_norm" if args["global_pool"] == "avg" else "norm"  # timm: fc_norm replaces norm when pooling the mean
-    return ["cls_token", "pos_embed", "patch_embed.proj.weight", "patch_embed.proj.bias",
-            *(f"blocks.{i}.{p}" for i in range(args["depth"]) for p in block), f"{norm}.weight", f"{norm}.bias",
-            *(_LINEAR_HEAD if num_classes else ())]
+    return [
+        "cls_token",
+        "pos_embed",
+        "patch_embed.proj.weight",
+        "patch_embed.proj.bias",
+        *(f"blocks.{i}.{p}" for i in range(args["depth"]) for p in block),
+        f"{norm}.weight",
+        f"{norm}.bias",
+        *(_LINEAR_HEAD if num_classes else ()),
+    ]
 
 
-def complete_encoder(enc: Mapping[str, torch.Tensor], args: Mapping[str, Any], num_classes: int, path: Any) -> list[str]:
+def complete_encoder(
+    enc: Mapping[str, torch.Tensor], args: Mapping[str, Any], num_classes: int, path: Any
+) -> list[str]:
     """The names timm's ViT of ``args`` needs (:func:`timm_keys`), after refusing an encoder that
     lacks some or holds tensors it has no place for (they would be lost)."""
     required = timm_keys(args, num_classes)
     lost = [k for k in enc if k not in required]
     if lost:
-        raise CheckpointError(f"cannot write {path}: a ViT with global_pool={args['global_pool']!r} has no place for "
-                              f"{first_names(lost)}, which would be lost")
+        raise CheckpointError(
+            f"cannot write {path}: a ViT with global_pool={args['global_pool']!r} has no place for "
+            f"{first_names(lost)}, which would be lost"
+        )
     require(enc, required, f"cannot write {path}: not a complete ViT")
     return required
 
@@ -130,9 +167,19 @@ def export_timm(state: Mapping[str, Any], out_dir: str | os.PathLike, num_heads:
         "global_pool": args["global_pool"],
         "model_args": args,
         "pretrained_cfg": {
-            "tag": "mae_transfer", "custom_load": False, "input_size": [3, size, size], "fixed_input_size": True,
-            "interpolation": "bicubic", "crop_pct": 0.875, "crop_mode": "center", "mean": list(_MEAN), "std": list(_STD),
-            "num_classes": num_classes, "pool_size": None, "first_conv": "patch_embed.proj", "classifier": "head",
+            "tag": "mae_transfer",
+            "custom_load": False,
+            "input_size": [3, size, size],
+            "fixed_input_size": True,
+            "interpolation": "bicubic",
+            "crop_pct": 0.875,
+            "crop_mode": "center",
+            "mean": list(_MEAN),
+            "std": list(_STD),
+            "num_classes": num_classes,
+            "pool_size": None,
+            "first_conv": "patch_embed.proj",
+            "classifier": "head",
         },
     }
     return save_model_folder(out, enc, config, required)

@@ -11,6 +11,7 @@ import torch
 from mae_transfer.checkpoint.checks import check_dtypes, first_names
 from mae_transfer.checkpoint.io import CheckpointError, atomic_save, load_file, load_safely
 
+
 def save_trained_model(model: torch.nn.Module, config: Any, path: str | os.PathLike, fmt: str, **extra: Any) -> Path:
     """A trained task model (detector, segmenter) with the config that builds it, written atomically."""
     from mae_transfer.config import to_dict
@@ -28,8 +29,14 @@ def trained_model_file(source: str | os.PathLike, expected: str) -> Path:
 
     path = weights_file(source)
     if path.is_dir():
-        found = sorted(p.name for p in path.iterdir() if p.suffix.lower() in (".pth", ".pt", ".pkl", ".bin", ".safetensors"))
-        holds = f" (it holds {', '.join(found[:4])}{' ...' if len(found) > 4 else ''})" if found else " (it holds no weights file)"
+        found = sorted(
+            p.name for p in path.iterdir() if p.suffix.lower() in (".pth", ".pt", ".pkl", ".bin", ".safetensors")
+        )
+        holds = (
+            f" (it holds {', '.join(found[:4])}{' ...' if len(found) > 4 else ''})"
+            if found
+            else " (it holds no weights file)"
+        )
         raise CheckpointError(f"--weights {source}: is a folder, not a weights file{holds}; give the file: {expected}")
     if not path.is_file():
         raise CheckpointError(f"--weights {source}: file not found; give {expected}")
@@ -50,10 +57,13 @@ def read_trained_model(
     path = trained_model_file(path, f"{artifact} or checkpoint-last.pth of a {command} run")
     state = load_file(path, map_location="cpu") if trust else load_safely(path, "--weights")
     if not isinstance(state, dict) or not isinstance(state.get("model"), dict):
-        raise CheckpointError(f"--weights {path}: not a trained model (expected {artifact} or checkpoint-last.pth of a {command} run)")
+        raise CheckpointError(
+            f"--weights {path}: not a trained model (expected {artifact} or checkpoint-last.pth of a {command} run)"
+        )
     if not any(k.startswith(head_prefix) for k in state["model"]):
         raise CheckpointError(
-            f"--weights {path} holds no {head_prefix}* weights: it looks like a backbone; pass it as --backbone to train a model"
+            f"--weights {path} holds no {head_prefix}* weights: it looks like a backbone; "
+            "pass it as --backbone to train a model"
         )
     check_dtypes(state["model"], f"--weights {path}")
     return state["model"], state.get("config")
@@ -75,7 +85,9 @@ def load_trained_model(
     parts = []
     if shapes:
         k = shapes[0]
-        parts.append(f"{len(shapes)} differ in shape (e.g. {k}: file {tuple(state[k].shape)} vs model {tuple(target[k].shape)})")
+        parts.append(
+            f"{len(shapes)} differ in shape (e.g. {k}: file {tuple(state[k].shape)} vs model {tuple(target[k].shape)})"
+        )
     if unexpected:
         parts.append(f"{len(unexpected)} have no place in the model ({first_names(unexpected, 3)})")
     if missing:
@@ -91,11 +103,12 @@ def class_count_hint(*keys: str, offset: int = 0, advice: str = ""):
     """An ``explain`` for :func:`load_trained_model`: when the classifier ``keys`` (the first that
     differs in shape) disagree, "The file predicts N classes, the data has M" (``offset``: outputs
     that are no class, e.g. detection's background) and ``advice``."""
+
     def explain(state: Mapping[str, Any], target: Mapping[str, Any], shapes: list[str]) -> str:
         key = next((k for k in keys if k in shapes), None)
         if key is None:
             return ""
         have, want = state[key].shape[0] - offset, target[key].shape[0] - offset
         return f"The file predicts {have} classes, the data has {want}{': ' + advice if advice else ''}."
-    return explain
 
+    return explain

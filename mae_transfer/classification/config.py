@@ -53,11 +53,19 @@ class ClassificationConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     # Official ViT-B/16 script: batch 1024 (32 x 32 GPUs), 100 epochs, 5 warmup epochs.
-    train: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=100, batch_size=32, effective_batch_size=1024, log_every=50))
+    train: TrainConfig = field(
+        default_factory=lambda: TrainConfig(epochs=100, batch_size=32, effective_batch_size=1024, log_every=50)
+    )
     # AdamW (0.9, 0.999), blr 5e-4, layer decay 0.65, wd 0.05, min lr 1e-6, cosine (official ViT-B).
     optim: OptimConfig = field(
         default_factory=lambda: OptimConfig(
-            optimizer="adamw", blr=5e-4, weight_decay=0.05, betas=(0.9, 0.999), layer_decay=0.65, warmup_epochs=5, min_lr=1e-6
+            optimizer="adamw",
+            blr=5e-4,
+            weight_decay=0.05,
+            betas=(0.9, 0.999),
+            layer_decay=0.65,
+            warmup_epochs=5,
+            min_lr=1e-6,
         )
     )
     eval_every_epochs: int = 1

@@ -138,14 +138,17 @@ class LabeledImageList(ImageFolderDataset):
         if not len(listed):
             raise DataError(f"no images are {self._source_text()}; check that the file is complete")
         if not isinstance(listed, PathLabels):
-            bad = next((lab for _, lab in listed if not isinstance(lab, (int, np.integer)) or isinstance(lab, bool)), None)
+            bad = next(
+                (lab for _, lab in listed if not isinstance(lab, (int, np.integer)) or isinstance(lab, bool)), None
+            )
             if bad is not None:
                 raise DataError(
                     f"label {bad!r} {self._source_text()} is not a class index in 0..{len(classes) - 1}; "
                     "the annotation and the class list do not match"
                 )
-            listed = PathLabels(PackedStrings.pack(rel for rel, _ in listed),
-                                np.array([lab for _, lab in listed], dtype=np.int64))
+            listed = PathLabels(
+                PackedStrings.pack(rel for rel, _ in listed), np.array([lab for _, lab in listed], dtype=np.int64)
+            )
         labels = np.asarray(listed.labels)
         out_of_range = np.flatnonzero((labels < 0) | (labels >= len(classes)))
         if len(out_of_range):
@@ -172,9 +175,13 @@ class LabeledImageList(ImageFolderDataset):
             hint = f" ({self.root / rel.parts[0]} does not exist: were the images extracted somewhere else?)"
         if self.missing == "error" or len(absent) == total:
             advice = (
-                "restore the files, point --data at the folder that holds them, or pass --missing skip "
-                "to leave the missing images out"
-            ) if len(absent) < total else "point --data at the folder that holds the images"
+                (
+                    "restore the files, point --data at the folder that holds them, or pass --missing skip "
+                    "to leave the missing images out"
+                )
+                if len(absent) < total
+                else "point --data at the folder that holds the images"
+            )
             raise DataError(
                 f"{len(absent)} of the {total} images {self._source_text()} are not on disk "
                 f"(first: {first}){hint}; {advice}"
@@ -182,7 +189,10 @@ class LabeledImageList(ImageFolderDataset):
         self.missing_files = absent
         log.warning(
             "%d of the %d images %s are not on disk and are left out (--missing skip): %s%s",
-            len(absent), total, self._source_text(), ", ".join(absent[:_EXAMPLES]),
+            len(absent),
+            total,
+            self._source_text(),
+            ", ".join(absent[:_EXAMPLES]),
             ", ..." if len(absent) > _EXAMPLES else "",
         )
 
@@ -344,25 +354,36 @@ def inaturalist(root: str | os.PathLike, year: int, split: str, **kw: Any) -> La
     if not other_path.is_file():
         log.warning(
             "%s not found: class indices cover only the categories of %s and may differ from a run that has both files",
-            other_path, path.name,
+            other_path,
+            path.name,
         )
     sources = [path] + ([other_path] if other_path.is_file() else [])
     cached = cached_index(f"inat{year}", sources, {"split": split}, lambda: _inat_index(path, other_path, year))
     meta = cached[1]
     if meta["conflicts"]:
-        log.warning("%s: %d images have several annotations with different categories; using the first of each",
-                    path, meta["conflicts"])
+        log.warning(
+            "%s: %d images have several annotations with different categories; using the first of each",
+            path,
+            meta["conflicts"],
+        )
     if meta["unlabelled"]:
-        log.warning("%s: %d of the %d images have no annotation and are left out (e.g. %s)",
-                    path, meta["unlabelled"], meta["images"], meta["unlabelled_example"])
+        log.warning(
+            "%s: %d of the %d images have no annotation and are left out (e.g. %s)",
+            path,
+            meta["unlabelled"],
+            meta["images"],
+            meta["unlabelled_example"],
+        )
     return _listed_dataset(root, cached, source=path, **kw)
 
 
 def _samples_index(samples: Sequence[tuple[str, int]], classes: Sequence[str]) -> dict[str, np.ndarray]:
     """The arrays of a cached sample list: relative paths, labels and class names."""
-    return {**PackedStrings.pack(rel for rel, _ in samples).arrays("path"),
-            "label": np.array([lab for _, lab in samples], dtype=np.int64),
-            **PackedStrings.pack(classes).arrays("class")}
+    return {
+        **PackedStrings.pack(rel for rel, _ in samples).arrays("path"),
+        "label": np.array([lab for _, lab in samples], dtype=np.int64),
+        **PackedStrings.pack(classes).arrays("class"),
+    }
 
 
 def _listed_dataset(images: Path, cached: tuple, source: Path, **kw: Any) -> LabeledImageList:
@@ -408,7 +429,9 @@ def _inat_index(path: Path, other_path: Path, year: int) -> tuple[dict[str, np.n
         if iid not in file_of:
             raise _inat_malformed(path, year, f"annotations[{i}] refers to image id {iid!r}, which is not in 'images'")
         if cid not in own:
-            raise _inat_malformed(path, year, f"annotations[{i}] refers to category id {cid!r}, which is not in 'categories'")
+            raise _inat_malformed(
+                path, year, f"annotations[{i}] refers to category id {cid!r}, which is not in 'categories'"
+            )
         if iid in label_of and label_of[iid] != index[cid]:
             conflicts += 1
             continue  # keep the first label: iNat has one label an image
@@ -417,8 +440,12 @@ def _inat_index(path: Path, other_path: Path, year: int) -> tuple[dict[str, np.n
     unlabelled = [iid for iid in file_of if iid not in label_of]
     samples = [(name.lstrip("/"), label_of[iid]) for iid, name in file_of.items() if iid in label_of]
     classes = [categories[cid] for cid in ids]
-    meta = {"conflicts": conflicts, "unlabelled": len(unlabelled), "images": len(file_of),
-            "unlabelled_example": file_of[unlabelled[0]] if unlabelled else None}
+    meta = {
+        "conflicts": conflicts,
+        "unlabelled": len(unlabelled),
+        "images": len(file_of),
+        "unlabelled_example": file_of[unlabelled[0]] if unlabelled else None,
+    }
     return _samples_index(samples, classes), meta
 
 
@@ -484,7 +511,9 @@ def _places365_categories(path: Path) -> list[str]:
         by_index[idx] = name
     gaps = [k for k in range(len(by_index)) if k not in by_index]
     if gaps:
-        raise DataError(f"{path}: no category has index {gaps[0]} (indices must be 0..{len(by_index) - 1}); download the file again")
+        raise DataError(
+            f"{path}: no category has index {gaps[0]} (indices must be 0..{len(by_index) - 1}); download the file again"
+        )
     return [by_index[k] for k in range(len(by_index))]
 
 
@@ -548,12 +577,16 @@ def image_folder(root: str | os.PathLike, split: str, missing: str = "error", **
     elif split != "train":
         log.warning("%s has no %s folder: evaluating on the same images as training", scanned.root, split)
     index = {name: k for k, name in enumerate(classes)}
-    extra = Counter(scanned.classes[label] for label in scanned.samples.label_array().tolist()
-                    if scanned.classes[label] not in index)
+    extra = Counter(
+        scanned.classes[label]
+        for label in scanned.samples.label_array().tolist()
+        if scanned.classes[label] not in index
+    )
     if extra:
         name, count = sorted(extra.items())[0]
         raise DataError(
-            f"{scanned.folder / name} is a class folder ({count} image{'s' if count > 1 else ''}) that {train_dir} lacks"
+            f"{scanned.folder / name} is a class folder ({count} image{'s' if count > 1 else ''}) "
+            f"that {train_dir} lacks"
             f"{f' ({len(extra)} such folders)' if len(extra) > 1 else ''}; the classifier has no output for it: "
             "add the class to train, or remove or rename the folder in val"
         )
@@ -590,7 +623,9 @@ def build_dataset(
         root = ensure_toy_dataset(kind)
         log.warning(
             "no --data given: using the built-in TOY %s dataset (synthetic shapes in the official layout) at %s; "
-            "its numbers say nothing about the real dataset", kind, root,
+            "its numbers say nothing about the real dataset",
+            kind,
+            root,
         )
     kw: dict[str, Any] = {"transform": transform, "seed": seed, "missing": missing}
     if kind == "imagefolder":
@@ -622,4 +657,6 @@ def num_classes_of(dataset: Dataset) -> int:
         targets = [int(t) for t in targets]
         if targets:
             return max(targets) + 1
-    raise TypeError(f"cannot tell the number of classes of {type(dataset).__name__}: it has no num_classes, classes or targets")
+    raise TypeError(
+        f"cannot tell the number of classes of {type(dataset).__name__}: it has no num_classes, classes or targets"
+    )

@@ -8,10 +8,10 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 
+from mae_transfer.checkpoint.hub import weights_sha256
 from mae_transfer.classification.config import ClassificationConfig, ModelConfig, build_config
 from mae_transfer.classification.task import eval_transform
 from mae_transfer.engine.results import ResultRow, dataset_name, write_run_results
-from mae_transfer.checkpoint.hub import weights_sha256
 from mae_transfer.models.vit import create_vit
 
 log = logging.getLogger(__name__)
@@ -65,7 +65,13 @@ def run_frozen_eval(
     num_classes = max(num_classes_of(train), num_classes_of(val))
     vit = create_vit(name, img_size=size, num_classes=0, global_pool="token")
     if backbone:
-        load_backbone(vit, backbone, expected_missing=(), expected_unexpected=["fc_norm.*", "head.*", "mask_token", "decoder_*"], trust=trust)
+        load_backbone(
+            vit,
+            backbone,
+            expected_missing=(),
+            expected_unexpected=["fc_norm.*", "head.*", "mask_token", "decoder_*"],
+            trust=trust,
+        )
     else:
         log.warning("NO --backbone: features of a RANDOMLY initialised ViT (the from-scratch baseline)")
     vit.to(dev).eval()
@@ -74,20 +80,36 @@ def run_frozen_eval(
     va_f, va_y, _ = extract_features(vit, loader(val), dev, feature_fn=_cls_features, desc="features of val")
     results = knn_evaluate(tr_f, tr_y, va_f, va_y, num_classes, ks=ks)
     rows, lines = [], [f"{'evaluation':22s} {'top-1':>7s} {'top-5':>7s} {'mean/cls':>9s}"]
-    common = dict(task="knn", dataset=dataset_name(dataset, data, num_classes), split="val", model=name,
-                  backbone=backbone or "random init", backbone_sha256=weights_sha256(backbone) if backbone else None)
+    common = dict(
+        task="knn",
+        dataset=dataset_name(dataset, data, num_classes),
+        split="val",
+        model=name,
+        backbone=backbone or "random init",
+        backbone_sha256=weights_sha256(backbone) if backbone else None,
+    )
     for k, m in results.items():
         lines.append(f"{'k-NN k=' + str(k):22s} {m['top1']:7.2f} {m['top5']:7.2f} {m['mean_per_class']:9.2f}")
-        rows += [ResultRow(protocol=f"knn{k}", metric=key, value=m[key], **common) for key in ("top1", "top5", "mean_per_class")]
+        rows += [
+            ResultRow(protocol=f"knn{k}", metric=key, value=m[key], **common)
+            for key in ("top1", "top5", "mean_per_class")
+        ]
     if sweep:
         from mae_transfer.classification.linear_sweep import linear_probe_sweep
 
         s = linear_probe_sweep(tr_f, tr_y, va_f, va_y, num_classes, device=dev)
         best = s["best"]
         if best is None:
-            raise FloatingPointError("every learning rate of the linear-probe sweep diverged; the features hold inf/NaN values")
-        lines.append(f"{'linear sweep lr=' + format(best['lr'], '.3g'):22s} {best['top1']:7.2f} {best['top5']:7.2f} {best['mean_per_class']:9.2f}")
-        rows += [ResultRow(protocol="linprobe_sweep", metric=key, value=best[key], extra={"lr": best["lr"]}, **common)
-                 for key in ("top1", "top5", "mean_per_class")]
+            raise FloatingPointError(
+                "every learning rate of the linear-probe sweep diverged; the features hold inf/NaN values"
+            )
+        lines.append(
+            f"{'linear sweep lr=' + format(best['lr'], '.3g'):22s} "
+            f"{best['top1']:7.2f} {best['top5']:7.2f} {best['mean_per_class']:9.2f}"
+        )
+        rows += [
+            ResultRow(protocol="linprobe_sweep", metric=key, value=best[key], extra={"lr": best["lr"]}, **common)
+            for key in ("top1", "top5", "mean_per_class")
+        ]
     path = write_run_results(output, rows)
     return "\n".join(lines + [f"results: {path}"])

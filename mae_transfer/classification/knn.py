@@ -111,7 +111,9 @@ def extract_features(
                             "extract_features under torch.distributed needs the dataset index of every "
                             "sample: let the dataset return an 'index' key or use a DistributedSampler"
                         )
-                idx = torch.tensor(order[pos : pos + b] if order is not None else list(range(pos, pos + b)), dtype=torch.int64)
+                idx = torch.tensor(
+                    order[pos : pos + b] if order is not None else list(range(pos, pos + b)), dtype=torch.int64
+                )
             pos += b
             if y.dim() != 1:
                 raise ValueError(f"labels must be class indices of shape (B,), got {tuple(y.shape)}")
@@ -165,7 +167,11 @@ def extract_features(
 
 # ---------------------------------------------------------------------- k-NN
 def _check_knn_inputs(
-    train_feats: torch.Tensor, train_labels: torch.Tensor, test_feats: torch.Tensor, num_classes: int, temperature: float
+    train_feats: torch.Tensor,
+    train_labels: torch.Tensor,
+    test_feats: torch.Tensor,
+    num_classes: int,
+    temperature: float,
 ) -> None:
     if train_feats.dim() != 2 or test_feats.dim() != 2:
         raise ValueError(f"features must be (N, D); got {tuple(train_feats.shape)} and {tuple(test_feats.shape)}")
@@ -366,7 +372,12 @@ def knn_evaluate(
         results[k] = meters[effective[k]].compute()
         log.info(
             "k-NN k=%d T=%g: top-1 %.3f  top-5 %.3f  mean per class %.3f (%d queries)",
-            k, temperature, results[k]["top1"], results[k]["top5"], results[k]["mean_per_class"], results[k]["num_samples"],
+            k,
+            temperature,
+            results[k]["top1"],
+            results[k]["top5"],
+            results[k]["mean_per_class"],
+            results[k]["num_samples"],
         )
     return results
 

@@ -64,7 +64,9 @@ def feature_stats(
     return mean, sq / n
 
 
-def _normalise(feats: torch.Tensor, mean: torch.Tensor, inv_std: torch.Tensor, device: torch.device, chunk_rows: int = 65536) -> torch.Tensor:
+def _normalise(
+    feats: torch.Tensor, mean: torch.Tensor, inv_std: torch.Tensor, device: torch.device, chunk_rows: int = 65536
+) -> torch.Tensor:
     """(N, D) -> standardised (N, D) float32 on ``device``, chunk by chunk (no float64 copy)."""
     out = torch.empty(feats.shape, dtype=torch.float32, device=device)
     for s in range(0, feats.shape[0], chunk_rows):
@@ -198,7 +200,15 @@ def linear_probe_sweep(
     step = 0
     log.info(
         "linear sweep: %d lrs x %d epochs x %d steps (batch %d, %s, wd %g) on %d x %d features, %d classes",
-        L, epochs, steps_per_epoch, bsz, optimizer, weight_decay, n, d, c,
+        L,
+        epochs,
+        steps_per_epoch,
+        bsz,
+        optimizer,
+        weight_decay,
+        n,
+        d,
+        c,
     )
     for epoch in range(epochs):
         perm = torch.randperm(n, generator=gen).to(device)
@@ -267,15 +277,27 @@ def linear_probe_sweep(
             results.append({"lr": lr, **m, "train_loss": train_loss[l_], "failed": False})
         else:
             results.append(
-                {"lr": lr, "top1": nan, "top5": nan, "mean_per_class": nan, "num_samples": int(val_feats.shape[0]),
-                 "num_classes_evaluated": 0, "train_loss": nan, "failed": True}
+                {
+                    "lr": lr,
+                    "top1": nan,
+                    "top5": nan,
+                    "mean_per_class": nan,
+                    "num_samples": int(val_feats.shape[0]),
+                    "num_classes_evaluated": 0,
+                    "train_loss": nan,
+                    "failed": True,
+                }
             )
     ok = [r for r in results if not r["failed"]]
     best = max(ok, key=lambda r: r["top1"]) if ok else None  # max keeps the first of equal values
     for r in results:
         log.info(
-            "linear sweep lr %-8g %s", r["lr"],
-            "FAILED (diverged)" if r["failed"] else f"top-1 {r['top1']:.3f}  top-5 {r['top5']:.3f}  mean/cls {r['mean_per_class']:.3f}  loss {r['train_loss']:.4f}",
+            "linear sweep lr %-8g %s",
+            r["lr"],
+            "FAILED (diverged)"
+            if r["failed"]
+            else f"top-1 {r['top1']:.3f}  top-5 {r['top5']:.3f}  mean/cls {r['mean_per_class']:.3f}  "
+            f"loss {r['train_loss']:.4f}",
         )
     if best is None:
         log.error("linear sweep: every learning rate diverged; no best head")

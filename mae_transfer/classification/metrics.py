@@ -321,7 +321,11 @@ class ClassificationEvaluator(DatasetEvaluator):
         result = self.meter.compute()
         log.info(
             "evaluated %d samples (%d classes): top-1 %.3f  top-5 %.3f  mean per class %.3f",
-            result["num_samples"], result["num_classes_evaluated"], result["top1"], result["top5"], result["mean_per_class"],
+            result["num_samples"],
+            result["num_classes_evaluated"],
+            result["top1"],
+            result["top5"],
+            result["mean_per_class"],
         )
         if result["num_samples"] == 0:
             log.warning("the evaluation loader yielded no samples (on any rank): accuracies are NaN")

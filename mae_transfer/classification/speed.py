@@ -13,14 +13,29 @@ import torch
 
 from mae_transfer.classification.config import build_config
 from mae_transfer.classification.task import build_classifier
-from mae_transfer.engine.bench import autocast_for, bench_precision, benchmark_training, device_name, resolve_device, tf32_enabled
+from mae_transfer.engine.bench import (
+    autocast_for,
+    bench_precision,
+    benchmark_training,
+    device_name,
+    resolve_device,
+    tf32_enabled,
+)
 from mae_transfer.engine.optim import param_groups
 
 log = logging.getLogger(__name__)
 
 
-def run_finetune_speed(preset: str = "finetune_vit_base", batch_size: int = 128, steps: int = 10, warmup: int = 3,
-                       device: str | None = None, precision: str = "auto", num_classes: int = 1000, compile: bool = False) -> dict:
+def run_finetune_speed(
+    preset: str = "finetune_vit_base",
+    batch_size: int = 128,
+    steps: int = 10,
+    warmup: int = 3,
+    device: str | None = None,
+    precision: str = "auto",
+    num_classes: int = 1000,
+    compile: bool = False,
+) -> dict:
     """Time ``steps`` fine-tuning steps after ``warmup`` untimed ones."""
     dev = resolve_device(device)
     on_cuda = dev.type == "cuda"
@@ -32,8 +47,12 @@ def run_finetune_speed(preset: str = "finetune_vit_base", batch_size: int = 128,
     g = torch.Generator(device="cpu").manual_seed(0)
     images = torch.randn(batch_size, 3, size, size, generator=g).to(dev)
     labels = torch.randint(0, num_classes, (batch_size,), generator=g).to(dev)
-    groups = [{k: v for k, v in grp.items() if k != "param_names"}
-              for grp in param_groups(net, cfg.optim.weight_decay, cfg.optim.layer_decay, no_weight_decay=net.no_weight_decay())]
+    groups = [
+        {k: v for k, v in grp.items() if k != "param_names"}
+        for grp in param_groups(
+            net, cfg.optim.weight_decay, cfg.optim.layer_decay, no_weight_decay=net.no_weight_decay()
+        )
+    ]
     opt = torch.optim.AdamW(groups, lr=1e-3, fused=True if on_cuda else None)
     runner = torch.compile(net) if compile else net
 
@@ -43,14 +62,40 @@ def run_finetune_speed(preset: str = "finetune_vit_base", batch_size: int = 128,
         loss.backward()
 
     with tf32_enabled(on_cuda):
-        timed = benchmark_training(forward_backward, opt, batch_size, steps, warmup, dev,
-                                   timed_forward_backward=lambda: forward_backward(runner))
+        timed = benchmark_training(
+            forward_backward,
+            opt,
+            batch_size,
+            steps,
+            warmup,
+            dev,
+            timed_forward_backward=lambda: forward_backward(runner),
+        )
     return {
-        "workload": "finetune", "preset": preset, "model": cfg.model.name, "img_size": size, "batch_size": batch_size,
-        "precision": precision, "compile": compile, "device": str(dev), "device_name": device_name(dev),
-        "torch_version": torch.__version__, "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        **{k: timed[k] for k in ("images_per_s", "step_ms_median", "first_step_s", "peak_memory_gib", "memory_kind",
-                                 "flops_per_image", "tflops", "attention_ops")},
+        "workload": "finetune",
+        "preset": preset,
+        "model": cfg.model.name,
+        "img_size": size,
+        "batch_size": batch_size,
+        "precision": precision,
+        "compile": compile,
+        "device": str(dev),
+        "device_name": device_name(dev),
+        "torch_version": torch.__version__,
+        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        **{
+            k: timed[k]
+            for k in (
+                "images_per_s",
+                "step_ms_median",
+                "first_step_s",
+                "peak_memory_gib",
+                "memory_kind",
+                "flops_per_image",
+                "tflops",
+                "attention_ops",
+            )
+        },
     }
 
 

@@ -10,7 +10,14 @@ import torch
 import torch.nn as nn
 from torchvision import transforms
 
-from mae_transfer.checkpoint import class_count_hint, init_backbone, load_trained_model, read_trained_model, save_trained_model, weights_sha256
+from mae_transfer.checkpoint import (
+    class_count_hint,
+    init_backbone,
+    load_trained_model,
+    read_trained_model,
+    save_trained_model,
+    weights_sha256,
+)
 from mae_transfer.classification.config import ClassificationConfig
 from mae_transfer.config import to_dict
 from mae_transfer.engine.optim import param_groups
@@ -59,7 +66,9 @@ def train_transform(cfg: ClassificationConfig):
     if cfg.protocol == "linprobe":
         return transforms.Compose(
             [
-                transforms.RandomResizedCrop(size, scale=(d.min_scale, 1.0), interpolation=transforms.InterpolationMode.BICUBIC),
+                transforms.RandomResizedCrop(
+                    size, scale=(d.min_scale, 1.0), interpolation=transforms.InterpolationMode.BICUBIC
+                ),
                 transforms.RandomHorizontalFlip(),
                 transforms.ToTensor(),
                 transforms.Normalize(d.mean, d.std),
@@ -69,9 +78,17 @@ def train_transform(cfg: ClassificationConfig):
 
     _posterize_zero_bits_compatible()
     return create_transform(
-        input_size=size, is_training=True, scale=(d.min_scale, 1.0), color_jitter=None,
-        auto_augment=d.auto_augment, interpolation="bicubic", re_prob=d.reprob, re_mode="pixel",
-        re_count=1, mean=d.mean, std=d.std,
+        input_size=size,
+        is_training=True,
+        scale=(d.min_scale, 1.0),
+        color_jitter=None,
+        auto_augment=d.auto_augment,
+        interpolation="bicubic",
+        re_prob=d.reprob,
+        re_mode="pixel",
+        re_count=1,
+        mean=d.mean,
+        std=d.std,
     )
 
 
@@ -79,7 +96,10 @@ def build_classifier(cfg: ClassificationConfig, num_classes: int) -> VisionTrans
     """The ViT with its head for the protocol (random weights; the backbone is loaded separately)."""
     m = cfg.model
     model = create_vit(
-        m.name, img_size=m.img_size, num_classes=num_classes, global_pool=m.global_pool,
+        m.name,
+        img_size=m.img_size,
+        num_classes=num_classes,
+        global_pool=m.global_pool,
         drop_path_rate=m.drop_path if cfg.protocol != "linprobe" else 0.0,
     )
     if cfg.protocol == "linprobe":
@@ -104,7 +124,10 @@ def freeze_for_protocol(model: VisionTransformer, cfg: ClassificationConfig) -> 
     names = []
     for name, p in model.named_parameters():
         parts = name.split(".")
-        train = name.startswith(("head.", "fc_norm.")) or (cfg.protocol == "partial" and (name.startswith("norm.") or (parts[0] == "blocks" and parts[1] in trainable_blocks)))
+        train = name.startswith(("head.", "fc_norm.")) or (
+            cfg.protocol == "partial"
+            and (name.startswith("norm.") or (parts[0] == "blocks" and parts[1] in trainable_blocks))
+        )
         p.requires_grad_(train)
         if train:
             names.append(name)
@@ -122,25 +145,42 @@ class ClassificationTask(TrainTask):
         self.cfg = cfg
         d = cfg.data
         # Evaluation only (--eval-only) reads the validation split alone.
-        self.train_set = build_dataset(d.dataset, d.path, "train", transform=train_transform(cfg), seed=cfg.train.seed,
-                                       missing=d.missing) if train else None
-        self.val_set = build_dataset(d.dataset, d.path, "val", transform=eval_transform(cfg), seed=None, missing=d.missing)
+        self.train_set = (
+            build_dataset(
+                d.dataset, d.path, "train", transform=train_transform(cfg), seed=cfg.train.seed, missing=d.missing
+            )
+            if train
+            else None
+        )
+        self.val_set = build_dataset(
+            d.dataset, d.path, "val", transform=eval_transform(cfg), seed=None, missing=d.missing
+        )
         self.num_classes = max(num_classes_of(self.train_set) if train else 0, num_classes_of(self.val_set))
         self.mixup = None
         if cfg.protocol != "linprobe" and (d.mixup > 0 or d.cutmix > 0):
             from timm.data import Mixup
 
             self.mixup = Mixup(
-                mixup_alpha=d.mixup, cutmix_alpha=d.cutmix, prob=1.0, switch_prob=0.5, mode="batch",
-                label_smoothing=d.smoothing, num_classes=self.num_classes,
+                mixup_alpha=d.mixup,
+                cutmix_alpha=d.cutmix,
+                prob=1.0,
+                switch_prob=0.5,
+                mode="batch",
+                label_smoothing=d.smoothing,
+                num_classes=self.num_classes,
             )
         self.backbone_sha256 = weights_sha256(cfg.backbone) if cfg.backbone else None
         self.last_eval: dict[str, float] = {}
         self.best_top1 = float("-inf")
 
     def signature(self) -> dict[str, Any]:
-        return {"model": self.cfg.model.name, "img_size": self.cfg.model.img_size, "protocol": self.cfg.protocol,
-                "num_classes": self.num_classes, "global_pool": self.cfg.model.global_pool}
+        return {
+            "model": self.cfg.model.name,
+            "img_size": self.cfg.model.img_size,
+            "protocol": self.cfg.protocol,
+            "num_classes": self.num_classes,
+            "global_pool": self.cfg.model.global_pool,
+        }
 
     def build_model(self, load_backbone: bool = True) -> nn.Module:
         torch.manual_seed(self.cfg.train.seed)
@@ -151,12 +191,29 @@ class ClassificationTask(TrainTask):
         # Official main_finetune.py: only the head (and fc_norm when it replaces norm) may be missing.
         missing = ["head.*"] + (["fc_norm.*"] if self.cfg.model.global_pool == "avg" else [])
         unexpected = ["norm.*", "mask_token", "decoder_*", "fc_norm.*", "head.*"]
-        init_backbone(model, self.cfg.backbone, expected_missing=missing, expected_unexpected=unexpected,
-                      trust=self.cfg.trust_checkpoint)
+        init_backbone(
+            model,
+            self.cfg.backbone,
+            expected_missing=missing,
+            expected_unexpected=unexpected,
+            trust=self.cfg.trust_checkpoint,
+        )
         trainable = freeze_for_protocol(model, self.cfg)
         if self.cfg.protocol != "finetune":
-            log.info("%s: training %d of %d parameter tensors (%s)", self.cfg.protocol, len(trainable),
-                     len(list(model.parameters())), ", ".join(sorted({n.split(".")[0] + (("." + n.split(".")[1]) if n.startswith("blocks") else "") for n in trainable})))
+            log.info(
+                "%s: training %d of %d parameter tensors (%s)",
+                self.cfg.protocol,
+                len(trainable),
+                len(list(model.parameters())),
+                ", ".join(
+                    sorted(
+                        {
+                            n.split(".")[0] + (("." + n.split(".")[1]) if n.startswith("blocks") else "")
+                            for n in trainable
+                        }
+                    )
+                ),
+            )
         return model
 
     def build_train_dataset(self):
@@ -195,14 +252,27 @@ class ClassificationTask(TrainTask):
     def evaluate(self, model: nn.Module, ctx: EvalContext) -> dict[str, float]:
         from mae_transfer.classification.metrics import evaluate_classifier
 
-        return evaluate_classifier(model, ctx.loader(self.val_set, self.cfg.eval_batch_size), ctx.device, self.num_classes,
-                                   autocast=ctx.autocast)
+        return evaluate_classifier(
+            model,
+            ctx.loader(self.val_set, self.cfg.eval_batch_size),
+            ctx.device,
+            self.num_classes,
+            autocast=ctx.autocast,
+        )
 
     def publish(self, model: nn.Module, ctx: EvalContext, metrics: dict, step: int) -> None:
         # --eval-only: the best top-1 of this evaluation is its top-1.
         self.best_top1 = max(self.best_top1, metrics["top1"])
-        write_result_rows(ctx.output_dir, self.cfg, metrics, self.best_top1, self.backbone_sha256, step, self.evaluated,
-                          num_classes=self.num_classes)
+        write_result_rows(
+            ctx.output_dir,
+            self.cfg,
+            metrics,
+            self.best_top1,
+            self.backbone_sha256,
+            step,
+            self.evaluated,
+            num_classes=self.num_classes,
+        )
 
     def on_epoch_end(self, trainer: Trainer, epoch: int) -> None:
         every = self.cfg.eval_every_epochs
@@ -212,15 +282,29 @@ class ClassificationTask(TrainTask):
         metrics = trainer.evaluate()
         self.best_top1 = max(self.best_top1, metrics["top1"])
         trainer.metrics.write("eval", {"step": trainer.step, "epoch": epoch + 1, **metrics})
-        log.info("epoch %d val: top-1 %.2f  top-5 %.2f  mean per class %.2f", epoch + 1, metrics["top1"], metrics["top5"], metrics["mean_per_class"])
+        log.info(
+            "epoch %d val: top-1 %.2f  top-5 %.2f  mean per class %.2f",
+            epoch + 1,
+            metrics["top1"],
+            metrics["top5"],
+            metrics["mean_per_class"],
+        )
 
     def on_train_end(self, trainer: Trainer) -> None:
         if not self.last_eval:
             self.best_top1 = max(self.best_top1, trainer.evaluate()["top1"])
         if trainer.dist.is_main:
             save_classifier(trainer.unwrapped, self.cfg, trainer.output_dir / "classifier.pth", trainer.step)
-            write_result_rows(trainer.output_dir, self.cfg, self.last_eval, self.best_top1, self.backbone_sha256, trainer.step,
-                              self.evaluated, num_classes=self.num_classes)
+            write_result_rows(
+                trainer.output_dir,
+                self.cfg,
+                self.last_eval,
+                self.best_top1,
+                self.backbone_sha256,
+                trainer.step,
+                self.evaluated,
+                num_classes=self.num_classes,
+            )
 
 
 CLASSIFIER_FORMAT = "mae_transfer.classifier"
@@ -237,8 +321,12 @@ def read_classifier_weights(path: str | Path, trust: bool = False) -> tuple[dict
 
 
 def load_classifier_weights(model: nn.Module, state: dict[str, torch.Tensor], path: str | Path) -> None:
-    load_trained_model(model, state, path, explain=class_count_hint("head.weight", "head.1.weight",
-                                                                     advice="evaluate on data with the same classes"))
+    load_trained_model(
+        model,
+        state,
+        path,
+        explain=class_count_hint("head.weight", "head.1.weight", advice="evaluate on data with the same classes"),
+    )
 
 
 def benchmark_task(dataset: str, protocol: str) -> str:
@@ -251,14 +339,24 @@ def benchmark_task(dataset: str, protocol: str) -> str:
     return "linprobe" if protocol == "linprobe" else "finetune"
 
 
-def write_result_rows(out_dir: Path, cfg: ClassificationConfig, metrics: dict, best_top1: float, backbone_sha: str | None, step: int,
-                      evaluated: dict | None = None, num_classes: int | None = None) -> Path:
+def write_result_rows(
+    out_dir: Path,
+    cfg: ClassificationConfig,
+    metrics: dict,
+    best_top1: float,
+    backbone_sha: str | None,
+    step: int,
+    evaluated: dict | None = None,
+    num_classes: int | None = None,
+) -> Path:
     """One row per metric in ``results.jsonl`` (rewritten whole, atomically) for the runner and the tables
     (``num_classes``: of the data evaluated, which names other data than the benchmark's, :func:`dataset_name`)."""
     common = dict(
         task=benchmark_task(cfg.data.dataset, cfg.protocol),
         dataset=dataset_name(cfg.data.dataset, cfg.data.path, num_classes),
-        split="val", protocol=cfg.protocol, step=step,
+        split="val",
+        protocol=cfg.protocol,
+        step=step,
         **row_identity(cfg, backbone_sha, ("data", "trust_checkpoint"), evaluated),
     )
     rows = [ResultRow(metric=metric, value=metrics[metric], **common) for metric in ("top1", "top5", "mean_per_class")]
@@ -275,6 +373,7 @@ def format_results(metrics: dict, best_top1: float, cfg: ClassificationConfig) -
     name = cfg.data.dataset + ("" if cfg.data.path else " (toy data)")
     lines = [
         f"{'dataset':28s} {'protocol':10s} {'top-1':>7s} {'top-5':>7s} {'mean/cls':>9s} {'best top-1':>11s}",
-        f"{name:28s} {cfg.protocol:10s} {metrics['top1']:7.2f} {metrics['top5']:7.2f} {metrics['mean_per_class']:9.2f} {best_top1:11.2f}",
+        f"{name:28s} {cfg.protocol:10s} {metrics['top1']:7.2f} {metrics['top5']:7.2f} "
+        f"{metrics['mean_per_class']:9.2f} {best_top1:11.2f}",
     ]
     return "\n".join(lines)

@@ -26,5 +26,5 @@ class DataError(Exception):
             self.worker_traceback = text
             cut = text.rfind("DataError: ")
             if cut >= 0:
-                text = text[cut + len("DataError: "):].strip()
+                text = text[cut + len("DataError: ") :].strip()
         super().__init__(text)

@@ -120,7 +120,9 @@ def decode_check(path: str | os.PathLike) -> tuple[int, int]:
         return size
 
 
-def find_problems(check: Callable[[int], str | None], indices: Sequence[int], threads: int = 1) -> list[tuple[int, str]]:
+def find_problems(
+    check: Callable[[int], str | None], indices: Sequence[int], threads: int = 1
+) -> list[tuple[int, str]]:
     """``[(index, problem), ...]`` of the ``indices`` whose ``check(index)`` names a problem, in
     ``indices`` order; ``threads`` run the checks side by side (image decoding releases the GIL)."""
     if threads <= 1 or len(indices) < 2:
@@ -256,7 +258,9 @@ class ImageFolderDataset(Dataset):
         if not root.exists():
             raise DataError(f"--data path {root} does not exist; pass a folder laid out as {_layout_help(root, split)}")
         if not root.is_dir():
-            raise DataError(f"--data path {root} is not a folder; pass a folder laid out as {_layout_help(root, split)}")
+            raise DataError(
+                f"--data path {root} is not a folder; pass a folder laid out as {_layout_help(root, split)}"
+            )
         folder = root
         if split:
             if (root / split).is_dir():
@@ -273,7 +277,11 @@ class ImageFolderDataset(Dataset):
         except OSError as e:
             raise DataError(f"cannot list {folder}: {e}; check that it is readable") from e
         subdirs = [e.name for e in entries if not _is_hidden(e.name) and e.is_dir()]
-        loose = [e.path for e in entries if not _is_hidden(e.name) and e.is_file() and e.name.lower().endswith(self.extensions)]
+        loose = [
+            e.path
+            for e in entries
+            if not _is_hidden(e.name) and e.is_file() and e.name.lower().endswith(self.extensions)
+        ]
         per_class = {d: _images_under(folder / d, self.extensions) for d in subdirs}
         if any(per_class.values()):
             # Empty class folders keep their index so that labels agree between splits.
@@ -331,7 +339,12 @@ class ImageFolderDataset(Dataset):
         path = self.samples[j][0]
         if not self._corrupt[j]:
             self._corrupt[j] = 1
-            log.warning("skipping unreadable image %s (%s: %s); using the next readable image instead", path, type(error).__name__, error)
+            log.warning(
+                "skipping unreadable image %s (%s: %s); using the next readable image instead",
+                path,
+                type(error).__name__,
+                error,
+            )
         n = len(self.samples)
         count = self.num_corrupt
         if count > self.max_corrupt_fraction * n:
@@ -339,8 +352,8 @@ class ImageFolderDataset(Dataset):
             raise DataError(
                 f"{count} of the {n} images in {self.folder} are corrupt or unreadable, more than the allowed "
                 f"{self.max_corrupt_fraction:.0%} (e.g. {examples}); re-copy or remove the bad files "
-                f"(`mae-transfer check-data --task TASK --data DIR --full` lists them), or for pretraining allow more with "
-                f"data.max_corrupt_fraction=<fraction>"
+                f"(`mae-transfer check-data --task TASK --data DIR --full` lists them), "
+                f"or for pretraining allow more with data.max_corrupt_fraction=<fraction>"
             )
 
     def _load_readable(self, index: int) -> tuple[Image.Image, int]:

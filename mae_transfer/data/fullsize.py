@@ -47,8 +47,22 @@ FULL_SIZE_KINDS = tuple(FULL_SIZE)
 
 _CROWD_FRACTION = 0.01  # COCO 2017 train: 9,085 of 860,001 annotations are crowd regions (~1 %)
 _POLY_POINTS = 25  # mean polygon size of COCO's annotations (points)
-_INAT_SUPER = ("Plantae", "Insecta", "Aves", "Reptilia", "Mammalia", "Fungi", "Amphibia", "Mollusca",
-               "Animalia", "Arachnida", "Actinopterygii", "Chromista", "Protozoa", "Bacteria")
+_INAT_SUPER = (
+    "Plantae",
+    "Insecta",
+    "Aves",
+    "Reptilia",
+    "Mammalia",
+    "Fungi",
+    "Amphibia",
+    "Mollusca",
+    "Animalia",
+    "Arachnida",
+    "Actinopterygii",
+    "Chromista",
+    "Protozoa",
+    "Bacteria",
+)
 
 
 def _fresh(folder: Path) -> Path:
@@ -88,14 +102,15 @@ def _jpegs(folder: Path, limit: int = 16) -> list[Path]:
 # ------------------------------------------------------------------------------------------ COCO
 
 
-def _coco_annotations(rng: np.random.Generator, num_images: int, num_anns: int,
-                      sizes: np.ndarray, cat_ids: Sequence[int], first_id: int) -> Iterator[str]:
+def _coco_annotations(
+    rng: np.random.Generator, num_images: int, num_anns: int, sizes: np.ndarray, cat_ids: Sequence[int], first_id: int
+) -> Iterator[str]:
     """JSON text of ``num_anns`` annotations spread over ``num_images`` images (~Poisson counts)."""
     per_image = rng.multinomial(num_anns, np.full(num_images, 1.0 / num_images))
     image_of = np.repeat(np.arange(num_images), per_image)
     ann_id = first_id
     for start in range(0, num_anns, 20_000):
-        idx = image_of[start:start + 20_000]
+        idx = image_of[start : start + 20_000]
         k = len(idx)
         hw = sizes[idx]
         cx = rng.uniform(0.2, 0.8, k) * hw[:, 1]
@@ -126,8 +141,10 @@ def _coco_annotations(rng: np.random.Generator, num_images: int, num_anns: int,
                 xy = np.round(np.stack([xs, ys], 1).reshape(-1), 2)
                 seg = "[[" + ",".join(map(str, xy.tolist())) + "]]"
                 area = float(0.5 * abs(np.dot(xs, np.roll(ys, -1)) - np.dot(ys, np.roll(xs, -1))))
-            yield (f'{{"segmentation":{seg},"area":{area:.2f},"iscrowd":{int(crowd[j])},"image_id":{int(idx[j]) + 1},'
-                   f'"bbox":{box},"category_id":{cat_ids[cats[j]]},"id":{ann_id}}}')
+            yield (
+                f'{{"segmentation":{seg},"area":{area:.2f},"iscrowd":{int(crowd[j])},"image_id":{int(idx[j]) + 1},'
+                f'"bbox":{box},"category_id":{cat_ids[cats[j]]},"id":{ann_id}}}'
+            )
             ann_id += 1
 
 
@@ -144,8 +161,9 @@ def _write_json_stream(path: Path, head: str, sections: Sequence[tuple[str, Iter
         f.write("}")
 
 
-def write_coco_full_size(out: str | os.PathLike, images_from: str | os.PathLike | None = None,
-                         scale: float = 1.0, seed: int = 0) -> Path:
+def write_coco_full_size(
+    out: str | os.PathLike, images_from: str | os.PathLike | None = None, scale: float = 1.0, seed: int = 0
+) -> Path:
     """COCO 2017 ``annotations/instances_{train,val}2017.json`` with the official counts (times
     ``scale``), and ``train2017/`` / ``val2017/`` of symlinks to a few real images."""
     from mae_transfer.data.toy import category_names, coco_category_ids
@@ -155,8 +173,9 @@ def write_coco_full_size(out: str | os.PathLike, images_from: str | os.PathLike 
     files = _jpegs(src / "train2017" if (src / "train2017").is_dir() else src)
     file_sizes = _image_sizes(files)
     cat_ids = coco_category_ids(80)
-    cats = ",".join(json.dumps({"supercategory": "object", "id": c, "name": n})
-                    for c, n in zip(cat_ids, category_names(80)))
+    cats = ",".join(
+        json.dumps({"supercategory": "object", "id": c, "name": n}) for c, n in zip(cat_ids, category_names(80))
+    )
     (root / "annotations").mkdir()
     rng = np.random.default_rng(seed)
     for split, (n_img, n_ann) in FULL_SIZE["coco"].items():
@@ -169,14 +188,28 @@ def write_coco_full_size(out: str | os.PathLike, images_from: str | os.PathLike 
             name = f"{i + 1:012d}.jpg"
             _link(files[which[i]], root / split / name)
             h, w = file_sizes[which[i]]
-            images.append(json.dumps({"license": 1, "file_name": name, "coco_url": "", "height": h, "width": w,
-                                      "date_captured": "2013-11-14 17:02:52", "flickr_url": "", "id": i + 1}))
+            images.append(
+                json.dumps(
+                    {
+                        "license": 1,
+                        "file_name": name,
+                        "coco_url": "",
+                        "height": h,
+                        "width": w,
+                        "date_captured": "2013-11-14 17:02:52",
+                        "flickr_url": "",
+                        "id": i + 1,
+                    }
+                )
+            )
         _write_json_stream(
             root / "annotations" / f"instances_{split}.json",
             '"info":{"description":"full-size rehearsal (real counts, few real images)"},"licenses":[]',
-            [("images", iter(images)),
-             ("annotations", _coco_annotations(rng, n_img, n_ann, sizes, cat_ids, 1)),
-             ("categories", iter([cats]))],
+            [
+                ("images", iter(images)),
+                ("annotations", _coco_annotations(rng, n_img, n_ann, sizes, cat_ids, 1)),
+                ("categories", iter([cats])),
+            ],
         )
     return root
 
@@ -184,8 +217,9 @@ def write_coco_full_size(out: str | os.PathLike, images_from: str | os.PathLike 
 # ------------------------------------------------------------------------------------------ iNaturalist
 
 
-def write_inat2018_full_size(out: str | os.PathLike, images_from: str | os.PathLike | None = None,
-                             scale: float = 1.0, seed: int = 0) -> Path:
+def write_inat2018_full_size(
+    out: str | os.PathLike, images_from: str | os.PathLike | None = None, scale: float = 1.0, seed: int = 0
+) -> Path:
     """iNaturalist 2018 ``train2018.json`` / ``val2018.json`` with the official counts; one image
     file per category on disk, which every entry of that category names."""
     counts = FULL_SIZE["inat2018"]
@@ -202,9 +236,22 @@ def write_inat2018_full_size(out: str | os.PathLike, images_from: str | os.PathL
         name = hashlib.md5(str(c).encode()).hexdigest() + ".jpg"
         _link(files[c % len(files)], folder / name)
         cat_files.append((f"train_val2018/{sup}/{c}/{name}", sizes[c % len(files)]))
-    cats = [json.dumps({"id": c, "name": f"Species {c:05d}", "supercategory": _INAT_SUPER[c % len(_INAT_SUPER)],
-                        "kingdom": "Animalia", "phylum": "Chordata", "class": "Aves", "order": "Order",
-                        "family": "Family", "genus": "Genus"}) for c in range(n_cls)]
+    cats = [
+        json.dumps(
+            {
+                "id": c,
+                "name": f"Species {c:05d}",
+                "supercategory": _INAT_SUPER[c % len(_INAT_SUPER)],
+                "kingdom": "Animalia",
+                "phylum": "Chordata",
+                "class": "Aves",
+                "order": "Order",
+                "family": "Family",
+                "genus": "Genus",
+            }
+        )
+        for c in range(n_cls)
+    ]
     next_id = 1
     for split in ("train", "val"):
         n = max(1, round(counts[split] * scale))
@@ -213,20 +260,34 @@ def write_inat2018_full_size(out: str | os.PathLike, images_from: str | os.PathL
         images, anns = [], []
         for i, c in enumerate(labels.tolist()):
             name, (h, w) = cat_files[c]
-            images.append(json.dumps({"id": next_id + i, "file_name": name, "width": w, "height": h,
-                                      "license": 3, "rights_holder": "rehearsal"}))
+            images.append(
+                json.dumps(
+                    {
+                        "id": next_id + i,
+                        "file_name": name,
+                        "width": w,
+                        "height": h,
+                        "license": 3,
+                        "rights_holder": "rehearsal",
+                    }
+                )
+            )
             anns.append(f'{{"id":{next_id + i},"image_id":{next_id + i},"category_id":{c}}}')
         next_id += n
-        _write_json_stream(root / f"{split}2018.json", '"info":{"year":2018},"licenses":[]',
-                           [("images", iter(images)), ("annotations", iter(anns)), ("categories", iter(cats))])
+        _write_json_stream(
+            root / f"{split}2018.json",
+            '"info":{"year":2018},"licenses":[]',
+            [("images", iter(images)), ("annotations", iter(anns)), ("categories", iter(cats))],
+        )
     return root
 
 
 # ------------------------------------------------------------------------------------------ Places365
 
 
-def write_places365_full_size(out: str | os.PathLike, images_from: str | os.PathLike | None = None,
-                              scale: float = 1.0, seed: int = 0) -> Path:
+def write_places365_full_size(
+    out: str | os.PathLike, images_from: str | os.PathLike | None = None, scale: float = 1.0, seed: int = 0
+) -> Path:
     """Places365-Standard file lists with the official line counts; 4 files per category in
     ``data_256/`` and 100 in ``val_256/``."""
     counts = FULL_SIZE["places365"]
@@ -259,8 +320,9 @@ def write_places365_full_size(out: str | os.PathLike, images_from: str | os.Path
 # ------------------------------------------------------------------------------------------ ADE20K
 
 
-def write_ade20k_full_size(out: str | os.PathLike, images_from: str | os.PathLike | None = None,
-                           scale: float = 1.0, seed: int = 0) -> Path:
+def write_ade20k_full_size(
+    out: str | os.PathLike, images_from: str | os.PathLike | None = None, scale: float = 1.0, seed: int = 0
+) -> Path:
     """ADE20K ``images/{training,validation}`` and ``annotations/...`` of symlinks (the official
     20,210 + 2,000 pairs) to a few real image/label pairs."""
     root = _fresh(Path(out))
@@ -298,8 +360,9 @@ WRITERS: dict[str, Callable[..., Path]] = {
 }
 
 
-def write_full_size(kind: str, out: str | os.PathLike, images_from: str | os.PathLike | None = None,
-                    scale: float = 1.0, seed: int = 0) -> Path:
+def write_full_size(
+    kind: str, out: str | os.PathLike, images_from: str | os.PathLike | None = None, scale: float = 1.0, seed: int = 0
+) -> Path:
     """Write the full-size rehearsal data of ``kind`` (one of :data:`FULL_SIZE_KINDS`) into ``out``.
 
     ``scale`` < 1 shrinks every count (for tests); ``images_from`` is a dataset of the same kind

@@ -104,13 +104,13 @@ class PackedStrings(Sequence[str]):
     def __iter__(self) -> Iterator[str]:
         data, offsets = self.data, self.offsets
         for i in range(len(self)):
-            yield bytes(data[offsets[i]:offsets[i + 1]]).decode("utf-8")
+            yield bytes(data[offsets[i] : offsets[i + 1]]).decode("utf-8")
 
     def decode_all(self) -> list[str]:
         """Every string, decoded in one go (a Python list: for one-off passes in the main process)."""
         blob = self.data.tobytes()
         offsets = self.offsets.tolist()
-        return [blob[offsets[i]:offsets[i + 1]].decode("utf-8") for i in range(len(offsets) - 1)]
+        return [blob[offsets[i] : offsets[i + 1]].decode("utf-8") for i in range(len(offsets) - 1)]
 
     def nbytes(self) -> int:
         return int(self.data.nbytes + self.offsets.nbytes)
@@ -244,8 +244,12 @@ def file_identity(path: str | os.PathLike) -> dict[str, Any]:
 
 def index_key(kind: str, sources: Sequence[str | os.PathLike], options: Mapping[str, Any] | None = None) -> str:
     """The cache key of ``kind``'s index of ``sources`` built with ``options``."""
-    what = {"version": INDEX_VERSION, "kind": kind, "sources": [file_identity(s) for s in sources],
-            "options": dict(options or {})}
+    what = {
+        "version": INDEX_VERSION,
+        "kind": kind,
+        "sources": [file_identity(s) for s in sources],
+        "options": dict(options or {}),
+    }
     return hashlib.blake2b(json.dumps(what, sort_keys=True, default=str).encode(), digest_size=12).hexdigest()
 
 
@@ -260,8 +264,9 @@ class IndexInfo:
 
     def describe(self) -> str:
         where = f" ({self.path})" if self.path else ""
-        return {"cache": "loaded from the index cache", "built": "built and cached",
-                "memory": "built in memory"}[self.source] + f" in {self.seconds:.1f} s{where}"
+        return {"cache": "loaded from the index cache", "built": "built and cached", "memory": "built in memory"}[
+            self.source
+        ] + f" in {self.seconds:.1f} s{where}"
 
 
 def _save(folder: Path, arrays: Mapping[str, np.ndarray], meta: Mapping[str, Any]) -> None:
@@ -419,5 +424,20 @@ def absent_files(paths: Iterable[str], root: str | os.PathLike | None = None) ->
     return absent
 
 
-__all__ = ["PackedStrings", "PathLabels", "StringPairs", "MappedArrays", "IndexInfo", "cached_index", "index_key", "index_cache_dir",
-           "file_identity", "cache_enabled", "release_memory", "freeze_heap_for_workers", "absent_files", "read_json", "INDEX_VERSION"]
+__all__ = [
+    "PackedStrings",
+    "PathLabels",
+    "StringPairs",
+    "MappedArrays",
+    "IndexInfo",
+    "cached_index",
+    "index_key",
+    "index_cache_dir",
+    "file_identity",
+    "cache_enabled",
+    "release_memory",
+    "freeze_heap_for_workers",
+    "absent_files",
+    "read_json",
+    "INDEX_VERSION",
+]

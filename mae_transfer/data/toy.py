@@ -49,12 +49,32 @@ UNLABELLED = 255
 """Semantic-map value of pixels that belong to no class (clutter)."""
 
 _SUPERCATEGORY = {
-    "ellipse": "round", "ring": "round", "semicircle": "round",
-    "rectangle": "polygon", "triangle": "polygon", "diamond": "polygon", "hexagon": "polygon",
-    "star": "pointed", "cross": "pointed", "arrow": "pointed",
+    "ellipse": "round",
+    "ring": "round",
+    "semicircle": "round",
+    "rectangle": "polygon",
+    "triangle": "polygon",
+    "diamond": "polygon",
+    "hexagon": "polygon",
+    "star": "pointed",
+    "cross": "pointed",
+    "arrow": "pointed",
 }
 
-_HUE_NAMES = ("red", "orange", "yellow", "chartreuse", "green", "spring", "cyan", "azure", "blue", "violet", "magenta", "rose")
+_HUE_NAMES = (
+    "red",
+    "orange",
+    "yellow",
+    "chartreuse",
+    "green",
+    "spring",
+    "cyan",
+    "azure",
+    "blue",
+    "violet",
+    "magenta",
+    "rose",
+)
 
 _GOLDEN = 0.6180339887498949
 
@@ -150,7 +170,9 @@ def _unit_shape(family: str, rng: np.random.Generator) -> np.ndarray:
         pts = np.concatenate([outer_pts, inner_pts])
     elif family == "cross":
         w = 0.3
-        pts = np.array([[-w, -1], [w, -1], [w, -w], [1, -w], [1, w], [w, w], [w, 1], [-w, 1], [-w, w], [-1, w], [-1, -w], [-w, -w]])
+        pts = np.array(
+            [[-w, -1], [w, -1], [w, -w], [1, -w], [1, w], [w, w], [w, 1], [-w, 1], [-w, w], [-1, w], [-1, -w], [-w, -w]]
+        )
     elif family == "diamond":
         pts = np.array([[0, -1], [0.6, 0], [0, 1], [-0.6, 0]])
     elif family == "hexagon":
@@ -181,7 +203,9 @@ def _rasterise(polygons: list[list[float]], height: int, width: int) -> tuple[np
     return mask.astype(bool), rle
 
 
-def _background(rng: np.random.Generator, width: int, height: int, num_categories: int) -> tuple[np.ndarray, np.ndarray]:
+def _background(
+    rng: np.random.Generator, width: int, height: int, num_categories: int
+) -> tuple[np.ndarray, np.ndarray]:
     """A smooth two-region background (wall/floor indoors, sky/grass-or-road outdoors)."""
     ys, xs = np.mgrid[0:height, 0:width].astype(np.float32)
     yn, xn = ys / height, xs / width
@@ -368,7 +392,9 @@ def write_imagefolder(
         for c, folder in enumerate(folders):
             (root / split / folder).mkdir(parents=True, exist_ok=True)
             for j in range(per_class):
-                scene = make_scene(_rng(seed, _TAG_IMAGEFOLDER, _SPLITS[split], c, j), image_size, num_classes, dominant=c)
+                scene = make_scene(
+                    _rng(seed, _TAG_IMAGEFOLDER, _SPLITS[split], c, j), image_size, num_classes, dominant=c
+                )
                 _save_jpeg(scene.image, root / split / folder / f"{folder}_{j:05d}.jpg")
     names = category_names(num_classes)
     _write_lines([f"{f}\t{n}" for f, n in zip(folders, names)], root / "classes.txt")
@@ -406,7 +432,8 @@ def write_coco(
     cat_ids = coco_category_ids(num_categories)
     names = category_names(num_categories)
     categories = [
-        {"supercategory": _SUPERCATEGORY[category_shape(c)], "id": cat_ids[c], "name": names[c]} for c in range(num_categories)
+        {"supercategory": _SUPERCATEGORY[category_shape(c)], "id": cat_ids[c], "name": names[c]}
+        for c in range(num_categories)
     ]
     ann_id = 1
     for split, count in (("train", train_images), ("val", val_images)):
@@ -468,168 +495,194 @@ def write_coco(
 
 # The 150 SceneParse150 class names (ids 1..150), as in the devkit's objectInfo150.txt.
 ADE20K_CLASSES = (
-    'wall',
-    'building, edifice',
-    'sky',
-    'floor, flooring',
-    'tree',
-    'ceiling',
-    'road, route',
-    'bed ',
-    'windowpane, window ',
-    'grass',
-    'cabinet',
-    'sidewalk, pavement',
-    'person, individual, someone, somebody, mortal, soul',
-    'earth, ground',
-    'door, double door',
-    'table',
-    'mountain, mount',
-    'plant, flora, plant life',
-    'curtain, drape, drapery, mantle, pall',
-    'chair',
-    'car, auto, automobile, machine, motorcar',
-    'water',
-    'painting, picture',
-    'sofa, couch, lounge',
-    'shelf',
-    'house',
-    'sea',
-    'mirror',
-    'rug, carpet, carpeting',
-    'field',
-    'armchair',
-    'seat',
-    'fence, fencing',
-    'desk',
-    'rock, stone',
-    'wardrobe, closet, press',
-    'lamp',
-    'bathtub, bathing tub, bath, tub',
-    'railing, rail',
-    'cushion',
-    'base, pedestal, stand',
-    'box',
-    'column, pillar',
-    'signboard, sign',
-    'chest of drawers, chest, bureau, dresser',
-    'counter',
-    'sand',
-    'sink',
-    'skyscraper',
-    'fireplace, hearth, open fireplace',
-    'refrigerator, icebox',
-    'grandstand, covered stand',
-    'path',
-    'stairs, steps',
-    'runway',
-    'case, display case, showcase, vitrine',
-    'pool table, billiard table, snooker table',
-    'pillow',
-    'screen door, screen',
-    'stairway, staircase',
-    'river',
-    'bridge, span',
-    'bookcase',
-    'blind, screen',
-    'coffee table, cocktail table',
-    'toilet, can, commode, crapper, pot, potty, stool, throne',
-    'flower',
-    'book',
-    'hill',
-    'bench',
-    'countertop',
-    'stove, kitchen stove, range, kitchen range, cooking stove',
-    'palm, palm tree',
-    'kitchen island',
-    'computer, computing machine, computing device, data processor, electronic computer, information processing system',
-    'swivel chair',
-    'boat',
-    'bar',
-    'arcade machine',
-    'hovel, hut, hutch, shack, shanty',
-    'bus, autobus, coach, charabanc, double-decker, jitney, motorbus, motorcoach, omnibus, passenger vehicle',
-    'towel',
-    'light, light source',
-    'truck, motortruck',
-    'tower',
-    'chandelier, pendant, pendent',
-    'awning, sunshade, sunblind',
-    'streetlight, street lamp',
-    'booth, cubicle, stall, kiosk',
-    'television, television receiver, television set, tv, tv set, idiot box, boob tube, telly, goggle box',
-    'airplane, aeroplane, plane',
-    'dirt track',
-    'apparel, wearing apparel, dress, clothes',
-    'pole',
-    'land, ground, soil',
-    'bannister, banister, balustrade, balusters, handrail',
-    'escalator, moving staircase, moving stairway',
-    'ottoman, pouf, pouffe, puff, hassock',
-    'bottle',
-    'buffet, counter, sideboard',
-    'poster, posting, placard, notice, bill, card',
-    'stage',
-    'van',
-    'ship',
-    'fountain',
-    'conveyer belt, conveyor belt, conveyer, conveyor, transporter',
-    'canopy',
-    'washer, automatic washer, washing machine',
-    'plaything, toy',
-    'swimming pool, swimming bath, natatorium',
-    'stool',
-    'barrel, cask',
-    'basket, handbasket',
-    'waterfall, falls',
-    'tent, collapsible shelter',
-    'bag',
-    'minibike, motorbike',
-    'cradle',
-    'oven',
-    'ball',
-    'food, solid food',
-    'step, stair',
-    'tank, storage tank',
-    'trade name, brand name, brand, marque',
-    'microwave, microwave oven',
-    'pot, flowerpot',
-    'animal, animate being, beast, brute, creature, fauna',
-    'bicycle, bike, wheel, cycle ',
-    'lake',
-    'dishwasher, dish washer, dishwashing machine',
-    'screen, silver screen, projection screen',
-    'blanket, cover',
-    'sculpture',
-    'hood, exhaust hood',
-    'sconce',
-    'vase',
-    'traffic light, traffic signal, stoplight',
-    'tray',
-    'ashcan, trash can, garbage can, wastebin, ash bin, ash-bin, ashbin, dustbin, trash barrel, trash bin',
-    'fan',
-    'pier, wharf, wharfage, dock',
-    'crt screen',
-    'plate',
-    'monitor, monitoring device',
-    'bulletin board, notice board',
-    'shower',
-    'radiator',
-    'glass, drinking glass',
-    'clock',
-    'flag',
+    "wall",
+    "building, edifice",
+    "sky",
+    "floor, flooring",
+    "tree",
+    "ceiling",
+    "road, route",
+    "bed ",
+    "windowpane, window ",
+    "grass",
+    "cabinet",
+    "sidewalk, pavement",
+    "person, individual, someone, somebody, mortal, soul",
+    "earth, ground",
+    "door, double door",
+    "table",
+    "mountain, mount",
+    "plant, flora, plant life",
+    "curtain, drape, drapery, mantle, pall",
+    "chair",
+    "car, auto, automobile, machine, motorcar",
+    "water",
+    "painting, picture",
+    "sofa, couch, lounge",
+    "shelf",
+    "house",
+    "sea",
+    "mirror",
+    "rug, carpet, carpeting",
+    "field",
+    "armchair",
+    "seat",
+    "fence, fencing",
+    "desk",
+    "rock, stone",
+    "wardrobe, closet, press",
+    "lamp",
+    "bathtub, bathing tub, bath, tub",
+    "railing, rail",
+    "cushion",
+    "base, pedestal, stand",
+    "box",
+    "column, pillar",
+    "signboard, sign",
+    "chest of drawers, chest, bureau, dresser",
+    "counter",
+    "sand",
+    "sink",
+    "skyscraper",
+    "fireplace, hearth, open fireplace",
+    "refrigerator, icebox",
+    "grandstand, covered stand",
+    "path",
+    "stairs, steps",
+    "runway",
+    "case, display case, showcase, vitrine",
+    "pool table, billiard table, snooker table",
+    "pillow",
+    "screen door, screen",
+    "stairway, staircase",
+    "river",
+    "bridge, span",
+    "bookcase",
+    "blind, screen",
+    "coffee table, cocktail table",
+    "toilet, can, commode, crapper, pot, potty, stool, throne",
+    "flower",
+    "book",
+    "hill",
+    "bench",
+    "countertop",
+    "stove, kitchen stove, range, kitchen range, cooking stove",
+    "palm, palm tree",
+    "kitchen island",
+    "computer, computing machine, computing device, data processor, electronic computer, information processing system",
+    "swivel chair",
+    "boat",
+    "bar",
+    "arcade machine",
+    "hovel, hut, hutch, shack, shanty",
+    "bus, autobus, coach, charabanc, double-decker, jitney, motorbus, motorcoach, omnibus, passenger vehicle",
+    "towel",
+    "light, light source",
+    "truck, motortruck",
+    "tower",
+    "chandelier, pendant, pendent",
+    "awning, sunshade, sunblind",
+    "streetlight, street lamp",
+    "booth, cubicle, stall, kiosk",
+    "television, television receiver, television set, tv, tv set, idiot box, boob tube, telly, goggle box",
+    "airplane, aeroplane, plane",
+    "dirt track",
+    "apparel, wearing apparel, dress, clothes",
+    "pole",
+    "land, ground, soil",
+    "bannister, banister, balustrade, balusters, handrail",
+    "escalator, moving staircase, moving stairway",
+    "ottoman, pouf, pouffe, puff, hassock",
+    "bottle",
+    "buffet, counter, sideboard",
+    "poster, posting, placard, notice, bill, card",
+    "stage",
+    "van",
+    "ship",
+    "fountain",
+    "conveyer belt, conveyor belt, conveyer, conveyor, transporter",
+    "canopy",
+    "washer, automatic washer, washing machine",
+    "plaything, toy",
+    "swimming pool, swimming bath, natatorium",
+    "stool",
+    "barrel, cask",
+    "basket, handbasket",
+    "waterfall, falls",
+    "tent, collapsible shelter",
+    "bag",
+    "minibike, motorbike",
+    "cradle",
+    "oven",
+    "ball",
+    "food, solid food",
+    "step, stair",
+    "tank, storage tank",
+    "trade name, brand name, brand, marque",
+    "microwave, microwave oven",
+    "pot, flowerpot",
+    "animal, animate being, beast, brute, creature, fauna",
+    "bicycle, bike, wheel, cycle ",
+    "lake",
+    "dishwasher, dish washer, dishwashing machine",
+    "screen, silver screen, projection screen",
+    "blanket, cover",
+    "sculpture",
+    "hood, exhaust hood",
+    "sconce",
+    "vase",
+    "traffic light, traffic signal, stoplight",
+    "tray",
+    "ashcan, trash can, garbage can, wastebin, ash bin, ash-bin, ashbin, dustbin, trash barrel, trash bin",
+    "fan",
+    "pier, wharf, wharfage, dock",
+    "crt screen",
+    "plate",
+    "monitor, monitoring device",
+    "bulletin board, notice board",
+    "shower",
+    "radiator",
+    "glass, drinking glass",
+    "clock",
+    "flag",
 )
 
 # Background regions map onto these ids (wall, sky, floor, grass, road).
 _ADE_BACKGROUND_IDS = (1, 3, 4, 10, 7)
 # Toy categories map onto thing-like ids, shape-matched where one comes to mind
 # (ball, painting, tent, flower, clock, chair, signboard, box, flag, awning), then others.
-_ADE_OBJECT_IDS_FIRST = (120, 23, 115, 67, 149, 20, 44, 42, 150, 87, 13, 16, 21, 24, 37, 58, 99, 113, 116, 126, 136, 143, 148)
+_ADE_OBJECT_IDS_FIRST = (
+    120,
+    23,
+    115,
+    67,
+    149,
+    20,
+    44,
+    42,
+    150,
+    87,
+    13,
+    16,
+    21,
+    24,
+    37,
+    58,
+    99,
+    113,
+    116,
+    126,
+    136,
+    143,
+    148,
+)
 
 
 def ade20k_category_ids(num_categories: int) -> list[int]:
     """The SceneParse150 id (1..150) that each toy category is labelled with."""
-    pool = list(_ADE_OBJECT_IDS_FIRST) + [i for i in range(1, 151) if i not in _ADE_OBJECT_IDS_FIRST and i not in _ADE_BACKGROUND_IDS]
+    pool = list(_ADE_OBJECT_IDS_FIRST) + [
+        i for i in range(1, 151) if i not in _ADE_OBJECT_IDS_FIRST and i not in _ADE_BACKGROUND_IDS
+    ]
     if num_categories > len(pool):
         raise ValueError(f"the ADE20K toy data holds at most {len(pool)} categories (got {num_categories})")
     return pool[:num_categories]
@@ -687,13 +740,30 @@ def write_ade20k(
 # ---------------------------------------------------------------------------------------- iNaturalist
 
 _INAT_GENUS = {
-    "ellipse": "Ovalis", "rectangle": "Quadrata", "triangle": "Trigona", "star": "Stellaria", "ring": "Anulus",
-    "cross": "Crux", "diamond": "Rhombus", "hexagon": "Hexagona", "arrow": "Sagitta", "semicircle": "Lunula",
+    "ellipse": "Ovalis",
+    "rectangle": "Quadrata",
+    "triangle": "Trigona",
+    "star": "Stellaria",
+    "ring": "Anulus",
+    "cross": "Crux",
+    "diamond": "Rhombus",
+    "hexagon": "Hexagona",
+    "arrow": "Sagitta",
+    "semicircle": "Lunula",
 }
 _INAT_EPITHET = {
-    "red": "rubra", "orange": "aurantia", "yellow": "flava", "chartreuse": "chlorina", "green": "viridis",
-    "spring": "prasina", "cyan": "cyanea", "azure": "caerulea", "blue": "azurea", "violet": "violacea",
-    "magenta": "purpurea", "rose": "rosea",
+    "red": "rubra",
+    "orange": "aurantia",
+    "yellow": "flava",
+    "chartreuse": "chlorina",
+    "green": "viridis",
+    "spring": "prasina",
+    "cyan": "cyanea",
+    "azure": "caerulea",
+    "blue": "azurea",
+    "violet": "violacea",
+    "magenta": "purpurea",
+    "rose": "rosea",
 }
 # supercategory: (kingdom, phylum, class, 2019 folder name)
 _INAT_TAXA = {
@@ -704,8 +774,16 @@ _INAT_TAXA = {
     "Aves": ("Animalia", "Chordata", "Aves", "Birds"),
 }
 _INAT_SUPER = {
-    "ellipse": "Fungi", "ring": "Fungi", "semicircle": "Mollusca", "rectangle": "Plantae", "hexagon": "Plantae",
-    "diamond": "Plantae", "triangle": "Insecta", "arrow": "Insecta", "star": "Aves", "cross": "Aves",
+    "ellipse": "Fungi",
+    "ring": "Fungi",
+    "semicircle": "Mollusca",
+    "rectangle": "Plantae",
+    "hexagon": "Plantae",
+    "diamond": "Plantae",
+    "triangle": "Insecta",
+    "arrow": "Insecta",
+    "star": "Aves",
+    "cross": "Aves",
 }
 
 
@@ -725,8 +803,18 @@ def _inat_categories(num_categories: int) -> list[dict]:
         sup = _INAT_SUPER[shape]
         kingdom, phylum, klass, folder2019 = _INAT_TAXA[sup]
         out.append(
-            {"id": c, "name": species, "supercategory": sup, "kingdom": kingdom, "phylum": phylum, "class": klass,
-             "order": f"{genus}ales", "family": f"{genus}aceae", "genus": genus, "_folder2019": folder2019}
+            {
+                "id": c,
+                "name": species,
+                "supercategory": sup,
+                "kingdom": kingdom,
+                "phylum": phylum,
+                "class": klass,
+                "order": f"{genus}ales",
+                "family": f"{genus}aceae",
+                "genus": genus,
+                "_folder2019": folder2019,
+            }
         )
     return out
 
@@ -752,16 +840,23 @@ def write_inat(
     """
     if year not in (2017, 2018, 2019):
         raise ValueError(f"iNaturalist year must be 2017, 2018 or 2019 (got {year})")
-    _check_counts(num_categories=num_categories, train_per_category=train_per_category, val_per_category=val_per_category)
+    _check_counts(
+        num_categories=num_categories, train_per_category=train_per_category, val_per_category=val_per_category
+    )
     root = Path(root)
     total = num_categories + 1  # + the val-only category
     cats = _inat_categories(total)
-    keys = {2017: ("id", "name", "supercategory"),
-            2018: ("id", "name", "supercategory", "kingdom", "phylum", "class", "order", "family", "genus"),
-            2019: ("id", "name", "kingdom", "phylum", "class", "order", "family", "genus")}[year]
+    keys = {
+        2017: ("id", "name", "supercategory"),
+        2018: ("id", "name", "supercategory", "kingdom", "phylum", "class", "order", "family", "genus"),
+        2019: ("id", "name", "kingdom", "phylum", "class", "order", "family", "genus"),
+    }[year]
     categories = [{k: c[k] for k in keys} for c in cats]
     image_id = 0
-    for split, per_cat, cat_range in (("train", train_per_category, range(num_categories)), ("val", val_per_category, range(total))):
+    for split, per_cat, cat_range in (
+        ("train", train_per_category, range(num_categories)),
+        ("val", val_per_category, range(total)),
+    ):
         images, annotations = [], []
         for c in cat_range:
             cat = cats[c]
@@ -778,8 +873,16 @@ def write_inat(
                 digest = hashlib.md5(f"{year}/{seed}/{split}/{c}/{j}".encode()).hexdigest()
                 rel = (folder / f"{digest}.jpg").as_posix()
                 _save_jpeg(scene.image, root / rel)
-                images.append({"id": image_id, "width": width, "height": height, "file_name": rel, "license": 1,
-                               "rights_holder": f"toy photographer {j % 7}"})
+                images.append(
+                    {
+                        "id": image_id,
+                        "width": width,
+                        "height": height,
+                        "file_name": rel,
+                        "license": 1,
+                        "rights_holder": f"toy photographer {j % 7}",
+                    }
+                )
                 annotations.append({"id": image_id, "image_id": image_id, "category_id": c})
                 image_id += 1
         _write_json(
@@ -792,7 +895,11 @@ def write_inat(
                     "date_created": f"{year}-01-01",
                 },
                 "licenses": [
-                    {"id": 1, "name": "Attribution-NonCommercial License", "url": "http://creativecommons.org/licenses/by-nc/4.0/"}
+                    {
+                        "id": 1,
+                        "name": "Attribution-NonCommercial License",
+                        "url": "http://creativecommons.org/licenses/by-nc/4.0/",
+                    }
                 ],
                 "images": images,
                 "annotations": annotations,
@@ -807,9 +914,26 @@ def write_inat(
 
 # Real Places365 category names (also valid Places205-style paths without the leading slash).
 _PLACES_NAMES = (
-    "/a/airfield", "/b/beach", "/b/bedroom", "/c/campsite", "/f/field/wild", "/f/forest/broadleaf", "/k/kitchen",
-    "/l/lighthouse", "/m/mountain", "/s/street", "/a/alley", "/b/bridge", "/c/canyon", "/d/desert/sand",
-    "/h/harbor", "/l/library/indoor", "/o/office", "/p/pasture", "/r/river", "/s/ski_slope",
+    "/a/airfield",
+    "/b/beach",
+    "/b/bedroom",
+    "/c/campsite",
+    "/f/field/wild",
+    "/f/forest/broadleaf",
+    "/k/kitchen",
+    "/l/lighthouse",
+    "/m/mountain",
+    "/s/street",
+    "/a/alley",
+    "/b/bridge",
+    "/c/canyon",
+    "/d/desert/sand",
+    "/h/harbor",
+    "/l/library/indoor",
+    "/o/office",
+    "/p/pasture",
+    "/r/river",
+    "/s/ski_slope",
 )
 
 
@@ -840,12 +964,16 @@ def write_places(
     """
     if version not in (205, 365):
         raise ValueError(f"Places version must be 205 or 365 (got {version})")
-    _check_counts(num_categories=num_categories, train_per_category=train_per_category, val_per_category=val_per_category)
+    _check_counts(
+        num_categories=num_categories, train_per_category=train_per_category, val_per_category=val_per_category
+    )
     root = Path(root)
     names = places_category_names(num_categories)
 
     def scene_for(split: str, c: int, j: int) -> Image.Image:
-        return make_scene(_rng(seed, _TAG_PLACES, version, _SPLITS[split], c, j), image_size, num_categories, dominant=c).image
+        return make_scene(
+            _rng(seed, _TAG_PLACES, version, _SPLITS[split], c, j), image_size, num_categories, dominant=c
+        ).image
 
     if version == 205:
         images = root / "data" / "vision" / "torralba" / "deeplearning" / "images256"
@@ -854,7 +982,9 @@ def write_places(
             # Interleave categories, as the official lists are not sorted by label.
             for j in range(per_cat):
                 for c, name in enumerate(names):
-                    rel = f"{name.lstrip('/')}/gsun_{hashlib.md5(f'205/{seed}/{split}/{c}/{j}'.encode()).hexdigest()}.jpg"
+                    rel = (
+                        f"{name.lstrip('/')}/gsun_{hashlib.md5(f'205/{seed}/{split}/{c}/{j}'.encode()).hexdigest()}.jpg"
+                    )
                     _save_jpeg(scene_for(split, c, j), images / rel)
                     lines.append(f"{rel} {c}")
             _write_lines(lines, root / "trainvalsplit_places205" / f"{split}_places205.csv")
@@ -946,8 +1076,13 @@ def _remove_stale_temps(final: Path) -> None:
         if not p.name.startswith(prefix):
             continue
         # Only this host's pids can be checked; a live writer's folder must never be removed.
-        parts = p.name[len(prefix):].split("-")
-        if len(parts) >= 3 and parts[0] == host.replace("-", "_") and parts[1].isdigit() and not _pid_alive(int(parts[1])):
+        parts = p.name[len(prefix) :].split("-")
+        if (
+            len(parts) >= 3
+            and parts[0] == host.replace("-", "_")
+            and parts[1].isdigit()
+            and not _pid_alive(int(parts[1]))
+        ):
             log.info("removing %s, left behind by an interrupted toy-data writer", p)
             shutil.rmtree(p, ignore_errors=True)
 
@@ -1022,7 +1157,11 @@ def ensure_toy_dataset(kind: str, root: str | os.PathLike | None = None, **kwarg
         writer(tmp, **fixed, **kwargs)
         # The marker is written last: a folder holding it is complete.
         (tmp / _MARKER).write_text(
-            json.dumps({"kind": kind, "hash": digest, "version": GENERATOR_VERSION, "params": params}, sort_keys=True, default=str)
+            json.dumps(
+                {"kind": kind, "hash": digest, "version": GENERATOR_VERSION, "params": params},
+                sort_keys=True,
+                default=str,
+            )
         )
         try:
             os.rename(tmp, final)

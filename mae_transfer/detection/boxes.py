@@ -39,7 +39,9 @@ class BoxCoder:
         th = targets[:, 3] - targets[:, 1]
         tcx = targets[:, 0] + 0.5 * tw
         tcy = targets[:, 1] + 0.5 * th
-        return torch.stack((wx * (tcx - cx) / w, wy * (tcy - cy) / h, ww * torch.log(tw / w), wh * torch.log(th / h)), dim=1)
+        return torch.stack(
+            (wx * (tcx - cx) / w, wy * (tcy - cy) / h, ww * torch.log(tw / w), wh * torch.log(th / h)), dim=1
+        )
 
     def decode(self, deltas: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
         """Boxes (N, 4k) from deltas (N, 4k) (k boxes per reference, e.g. one per class) and ``boxes`` (N, 4).
@@ -89,7 +91,9 @@ def pairwise_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     area_a, area_b = box_area(a), box_area(b)
     wh = (torch.min(a[:, None, 2:], b[:, 2:]) - torch.max(a[:, None, :2], b[:, :2])).clamp(min=0)
     inter = wh.prod(dim=2)
-    return torch.where(inter > 0, inter / (area_a[:, None] + area_b - inter), torch.zeros(1, dtype=inter.dtype, device=inter.device))
+    return torch.where(
+        inter > 0, inter / (area_a[:, None] + area_b - inter), torch.zeros(1, dtype=inter.dtype, device=inter.device)
+    )
 
 
 class Matcher:
@@ -125,7 +129,9 @@ class Matcher:
         return matches, labels
 
 
-def subsample_labels(labels: torch.Tensor, num_samples: int, positive_fraction: float, bg_label: int) -> tuple[torch.Tensor, torch.Tensor]:
+def subsample_labels(
+    labels: torch.Tensor, num_samples: int, positive_fraction: float, bg_label: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Random positives (label not -1 and not ``bg_label``) and negatives (``bg_label``).
 
     At most ``int(num_samples * positive_fraction)`` positives; negatives fill the rest of
@@ -165,7 +171,9 @@ def grid_anchors(cell: torch.Tensor, stride: int, grid_hw: tuple[int, int], offs
     return (shifts.view(-1, 1, 4) + cell.view(1, -1, 4)).reshape(-1, 4)
 
 
-def assign_levels(boxes: torch.Tensor, min_level: int, max_level: int, canonical_size: float = 224.0, canonical_level: int = 4) -> torch.Tensor:
+def assign_levels(
+    boxes: torch.Tensor, min_level: int, max_level: int, canonical_size: float = 224.0, canonical_level: int = 4
+) -> torch.Tensor:
     """Pyramid level (0 = ``min_level``) of each RoI (N, 4): ``floor(canonical_level + log2(sqrt(area) /
     canonical_size + 1e-8))`` clamped to [min_level, max_level] (FPN paper eq. 1)."""
     sizes = torch.sqrt(box_area(boxes))
@@ -174,6 +182,15 @@ def assign_levels(boxes: torch.Tensor, min_level: int, max_level: int, canonical
 
 
 __all__ = [
-    "BoxCoder", "Matcher", "SCALE_CLAMP", "assign_levels", "box_area", "cell_anchors", "clip_boxes", "grid_anchors",
-    "nonempty", "pairwise_iou", "subsample_labels",
+    "BoxCoder",
+    "Matcher",
+    "SCALE_CLAMP",
+    "assign_levels",
+    "box_area",
+    "cell_anchors",
+    "clip_boxes",
+    "grid_anchors",
+    "nonempty",
+    "pairwise_iou",
+    "subsample_labels",
 ]

@@ -193,8 +193,10 @@ def _build_coco_index(path: Path, min_box_size: float) -> tuple[dict[str, np.nda
     shaped = [b if isinstance(b, (list, tuple)) and len(b) == 4 else [math.nan] * 4 for b in raw_boxes]
     boxes = _numeric(shaped)
     if boxes is None:  # some entry is not a number: check those rows one by one
-        boxes = np.array([[float(v) for v in b] if all(_valid_number(v) for v in b) else [math.nan] * 4
-                          for b in shaped], dtype=np.float64)
+        boxes = np.array(
+            [[float(v) for v in b] if all(_valid_number(v) for v in b) else [math.nan] * 4 for b in shaped],
+            dtype=np.float64,
+        )
     boxes = boxes.reshape(n, 4)
     reason[~np.isfinite(boxes).all(axis=1)] = _REASON_CODE["malformed bbox"]
     h = heights[ann_img_a].astype(np.float64)
@@ -258,7 +260,7 @@ def _build_coco_index(path: Path, min_box_size: float) -> tuple[dict[str, np.nda
         # Near-zero areas are decided by the scalar rule (its summation order can differ by ulps).
         area_ok = area > 1e-6
         for p in np.flatnonzero(part_ok & ~area_ok).tolist():
-            area_ok[p] = _polygon_area(flat[starts[p]:starts[p + 1]]) > 0.0
+            area_ok[p] = _polygon_area(flat[starts[p] : starts[p + 1]]) > 0.0
         part_ok &= area_ok
     # A polygon annotation with no usable part is dropped.
     kept_parts = np.bincount(part_ann_a[part_ok], minlength=n) if num_parts else np.zeros(n, np.int64)
@@ -279,8 +281,14 @@ def _build_coco_index(path: Path, min_box_size: float) -> tuple[dict[str, np.nda
     sel = np.flatnonzero(use_part)
     sel = sel[np.argsort(new_pos[part_ann_a[sel]], kind="stable")]
     sel_len = part_len_a[sel]
-    point_idx = (np.repeat(starts[sel] - np.concatenate([[0], np.cumsum(sel_len)[:-1]]), sel_len)
-                 + np.arange(int(sel_len.sum()))) if len(sel) else np.zeros(0, np.int64)
+    point_idx = (
+        (
+            np.repeat(starts[sel] - np.concatenate([[0], np.cumsum(sel_len)[:-1]]), sel_len)
+            + np.arange(int(sel_len.sum()))
+        )
+        if len(sel)
+        else np.zeros(0, np.int64)
+    )
     poly_coords = flat[point_idx] if len(sel) else np.zeros(0, np.float64)
     poly_starts = np.zeros(len(sel) + 1, dtype=np.int64)
     np.cumsum(sel_len, out=poly_starts[1:])
@@ -330,8 +338,10 @@ def _read_instances(path: Path) -> dict:
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise DataError(f"{path}: not a readable JSON file ({exc})") from exc
     if not isinstance(dataset, dict):
-        raise DataError(f"{path}: not a COCO instances file (the top level is a JSON {type(dataset).__name__}, not an object "
-                        "with images, annotations and categories)")
+        raise DataError(
+            f"{path}: not a COCO instances file (the top level is a JSON {type(dataset).__name__}, not an object "
+            "with images, annotations and categories)"
+        )
     missing = [k for k in ("images", "annotations", "categories") if k not in dataset]
     if missing:
         raise DataError(f"{path}: not a COCO instances file (missing keys: {', '.join(missing)})")
@@ -435,7 +445,9 @@ class CocoDetection(Dataset):
         if not self.annotation_file.is_file():
             raise DataError(f"{self.annotation_file}: annotation file not found")
         arrays, meta, self.index_info = cached_index(
-            "coco", [self.annotation_file], {"min_box_size": self.min_box_size},
+            "coco",
+            [self.annotation_file],
+            {"min_box_size": self.min_box_size},
             lambda: _build_coco_index(self.annotation_file, self.min_box_size),
         )
         if self.index_info.source != "cache":
@@ -518,7 +530,8 @@ class CocoDetection(Dataset):
             if not self.skip_bad:
                 raise DataError(
                     f"{self.annotation_file}: {len(missing)} image file(s) listed in the annotations are missing "
-                    f"from {self.images_dir}: {named}{more}. Restore them, or pass --skip-bad (data.skip_bad=true) to skip them."
+                    f"from {self.images_dir}: {named}{more}. "
+                    "Restore them, or pass --skip-bad (data.skip_bad=true) to skip them."
                 )
             log.warning("%s: skipped %d missing image file(s): %s%s", self.annotation_file, len(missing), named, more)
         # Malformed annotations of images that are served (those of missing images are not looked at).
@@ -566,7 +579,7 @@ class CocoDetection(Dataset):
     def annotation_ids(self, index: int) -> list[int]:
         """COCO ids of the annotations served with the ``index``-th image (after cleaning)."""
         a, pos = self._a, self._position(index)
-        return [int(v) for v in a["ann_id"][a["ann_start"][pos]:a["ann_start"][pos + 1]]]
+        return [int(v) for v in a["ann_id"][a["ann_start"][pos] : a["ann_start"][pos + 1]]]
 
     def load_target(self, index: int) -> dict[str, Any]:
         """The ``index``-th image's target (as in ``__getitem__``, before transforms) and its file."""
@@ -581,9 +594,10 @@ class CocoDetection(Dataset):
                 segments.append(_segment(json.loads(self._rles[k]), height, width))
             else:
                 p0, p1 = int(a["ann_part_start"][k]), int(a["ann_part_start"][k + 1])
-                bounds = a["part_start"][p0:p1 + 1]
-                segments.append([np.array(a["coords"][bounds[j]:bounds[j + 1]], dtype=np.float64)
-                                 for j in range(p1 - p0)])
+                bounds = a["part_start"][p0 : p1 + 1]
+                segments.append(
+                    [np.array(a["coords"][bounds[j] : bounds[j + 1]], dtype=np.float64) for j in range(p1 - p0)]
+                )
         n = hi - lo
         return {
             "boxes": torch.from_numpy(np.array(a["ann_box"][lo:hi], dtype=np.float32)).reshape(n, 4),
@@ -620,9 +634,9 @@ class CocoDetection(Dataset):
         named = "; ".join(f"{path}: {why}" for path, why in problems[:_MAX_NAMED])
         more = f" (and {count - _MAX_NAMED} more)" if count > _MAX_NAMED else ""
         return DataError(
-            f"{named}{more}. Replace the file{'s' if count > 1 else ''}, or pass --skip-bad (data.skip_bad=true) to leave "
-            f"unreadable images out; `mae-transfer check-data --task coco --data {self.images_dir.parent} --full` lists every "
-            "bad file"
+            f"{named}{more}. Replace the file{'s' if count > 1 else ''}, "
+            "or pass --skip-bad (data.skip_bad=true) to leave unreadable images out; "
+            f"`mae-transfer check-data --task coco --data {self.images_dir.parent} --full` lists every bad file"
         )
 
     def _mark_unreadable(self, pos: int, path: Path, why: str) -> None:
@@ -661,7 +675,12 @@ class CocoDetection(Dataset):
         self._image_ids = None
         if not len(self._positions):
             raise DataError(f"{self.annotation_file}: no usable images in {self.images_dir}")
-        log.warning("%s: left out %d unreadable image(s) of %s (--skip-bad)", self.annotation_file, len(problems), self.images_dir)
+        log.warning(
+            "%s: left out %d unreadable image(s) of %s (--skip-bad)",
+            self.annotation_file,
+            len(problems),
+            self.images_dir,
+        )
 
     def _load_image(self, index: int) -> tuple[Any, int]:
         """The RGB image of item ``index``, or with ``skip_bad`` of the item that replaces it
@@ -779,7 +798,9 @@ class CocoResults:
 
     __slots__ = ("image_ids", "category_ids", "boxes", "scores", "mask_sizes", "counts", "counts_start", "counts_end")
 
-    def __init__(self, image_ids, category_ids, boxes, scores, mask_sizes=None, counts=b"", counts_start=None, counts_end=None):
+    def __init__(
+        self, image_ids, category_ids, boxes, scores, mask_sizes=None, counts=b"", counts_start=None, counts_end=None
+    ):
         self.image_ids, self.category_ids, self.boxes, self.scores = image_ids, category_ids, boxes, scores
         self.mask_sizes, self.counts = mask_sizes, counts
         n = len(image_ids)
@@ -791,7 +812,9 @@ class CocoResults:
         return cls(np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros((0, 4), np.float32), np.zeros(0, np.float32))
 
     @classmethod
-    def from_prediction(cls, pred: Mapping[str, Any], label_to_cat_id: Mapping[int, int] | Sequence[int]) -> "CocoResults":
+    def from_prediction(
+        cls, pred: Mapping[str, Any], label_to_cat_id: Mapping[int, int] | Sequence[int]
+    ) -> "CocoResults":
         """One image's prediction (see :func:`predictions_to_coco_results` for the keys)."""
         image_id = int(_to_numpy(pred["image_id"]).reshape(-1)[0])
         boxes = _float_copy(pred["boxes"]).reshape(-1, 4)
@@ -839,7 +862,8 @@ class CocoResults:
         )
         if any(p.mask_sizes is not None for p in parts):
             out.mask_sizes = np.concatenate(
-                [p.mask_sizes if p.mask_sizes is not None else np.zeros((len(p), 2), np.int64) for p in parts])
+                [p.mask_sizes if p.mask_sizes is not None else np.zeros((len(p), 2), np.int64) for p in parts]
+            )
             shift, starts, ends = 0, [], []
             for p in parts:
                 has = p.counts_start >= 0
@@ -852,14 +876,23 @@ class CocoResults:
 
     def take(self, index: np.ndarray) -> "CocoResults":
         """The rows ``index`` (the RLE strings are shared, only their slices are reordered)."""
-        return CocoResults(self.image_ids[index], self.category_ids[index], self.boxes[index], self.scores[index],
-                           None if self.mask_sizes is None else self.mask_sizes[index], self.counts,
-                           self.counts_start[index], self.counts_end[index])
+        return CocoResults(
+            self.image_ids[index],
+            self.category_ids[index],
+            self.boxes[index],
+            self.scores[index],
+            None if self.mask_sizes is None else self.mask_sizes[index],
+            self.counts,
+            self.counts_start[index],
+            self.counts_end[index],
+        )
 
     def __len__(self) -> int:
         return len(self.image_ids)
 
-    def to_dicts(self, start: int = 0, stop: int | None = None, share_sizes: bool = False, with_bbox: bool = True) -> list[dict[str, Any]]:
+    def to_dicts(
+        self, start: int = 0, stop: int | None = None, share_sizes: bool = False, with_bbox: bool = True
+    ) -> list[dict[str, Any]]:
         """Rows ``start:stop`` as COCO result dicts: ``image_id``, ``category_id``, ``bbox``
         ``[x, y, w, h]`` (float64 arithmetic; left out without ``with_bbox``), ``score`` and, with a
         mask, ``segmentation`` (``{"size": [H, W], "counts": str}``). ``share_sizes``: detections
@@ -870,13 +903,16 @@ class CocoResults:
         if with_bbox:
             boxes = self.boxes[rows].astype(np.float64)
             xywh = np.concatenate([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], axis=1).tolist()
-            out = [{"image_id": i, "category_id": c, "bbox": b, "score": s} for i, c, b, s in zip(ids, cats, xywh, scores)]
+            out = [
+                {"image_id": i, "category_id": c, "bbox": b, "score": s} for i, c, b, s in zip(ids, cats, xywh, scores)
+            ]
         else:
             out = [{"image_id": i, "category_id": c, "score": s} for i, c, s in zip(ids, cats, scores)]
         if self.mask_sizes is not None:
             counts, sizes = self.counts, {}
-            for res, a, e, (h, w) in zip(out, self.counts_start[rows].tolist(), self.counts_end[rows].tolist(),
-                                         self.mask_sizes[rows].tolist()):
+            for res, a, e, (h, w) in zip(
+                out, self.counts_start[rows].tolist(), self.counts_end[rows].tolist(), self.mask_sizes[rows].tolist()
+            ):
                 if a >= 0:
                     size = sizes.setdefault((h, w), [h, w]) if share_sizes else [h, w]
                     res["segmentation"] = {"size": size, "counts": counts[a:e].decode("utf-8")}
@@ -981,8 +1017,11 @@ def evaluate_coco(
             raise ValueError(f"iou_type must be 'bbox' or 'segm', got {iou_type!r}")
     compact = isinstance(results, CocoResults)
     if "segm" in iou_types:
-        unmasked = (len(results) and (results.mask_sizes is None or bool((results.counts_start < 0).any()))) if compact \
+        unmasked = (
+            (len(results) and (results.mask_sizes is None or bool((results.counts_start < 0).any())))
+            if compact
             else any("segmentation" not in d for d in results)
+        )
         if unmasked:
             raise ValueError("segm evaluation needs a 'segmentation' in every result")
     make_eval = COCOeval
@@ -1034,8 +1073,10 @@ def _faster_coco(coco_gt: COCO) -> tuple[Any, Callable]:
     except ImportError:
         from mae_transfer.config import ConfigError
 
-        raise ConfigError("eval_backend=faster needs faster-coco-eval: pip install faster-coco-eval "
-                          "(or pip install 'mae-transfer[faster]')") from None
+        raise ConfigError(
+            "eval_backend=faster needs faster-coco-eval: pip install faster-coco-eval "
+            "(or pip install 'mae-transfer[faster]')"
+        ) from None
     gt = FasterCOCO()
     gt.dataset = copy.deepcopy(coco_gt.dataset)
     with contextlib.redirect_stdout(io.StringIO()):
@@ -1089,9 +1130,13 @@ class COCOEvaluator(DatasetEvaluator):
             if t.get("unreadable"):
                 self.dropped_image_ids.append(int(t["image_id"]))
                 continue
-            pred = {"image_id": t["image_id"], "boxes": o["boxes"].float().cpu(), "scores": o["scores"].float().cpu(),
-                    "labels": o["labels"].cpu(),
-                    "rles": paste_masks_rle(o["mask_probs"], o["boxes"], tuple(int(v) for v in t["orig_size"]))}
+            pred = {
+                "image_id": t["image_id"],
+                "boxes": o["boxes"].float().cpu(),
+                "scores": o["scores"].float().cpu(),
+                "labels": o["labels"].cpu(),
+                "rles": paste_masks_rle(o["mask_probs"], o["boxes"], tuple(int(v) for v in t["orig_size"])),
+            }
             self._parts.append(CocoResults.from_prediction(pred, self.dataset.label_to_cat_id))
 
     def state(self) -> CocoResults | tuple[CocoResults, list[int]]:
@@ -1116,8 +1161,11 @@ class COCOEvaluator(DatasetEvaluator):
         if self.dropped_image_ids:
             left_out = set(self.dropped_image_ids)
             image_ids = [i for i in image_ids if i not in left_out]
-            log.warning("COCO evaluation: %d unreadable image(s) left out (--skip-bad), %d evaluated",
-                        len(left_out), len(image_ids))
+            log.warning(
+                "COCO evaluation: %d unreadable image(s) left out (--skip-bad), %d evaluated",
+                len(left_out),
+                len(image_ids),
+            )
         return evaluate_coco(self.dataset.coco, self.results, image_ids=image_ids, backend=self.backend_name)
 
 

@@ -86,13 +86,22 @@ class DetectionConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     # 100 epochs at batch 64 (one image per GPU on 64 GPUs in ViTDet).
-    train: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=100, batch_size=1, effective_batch_size=64, log_every=20))
+    train: TrainConfig = field(
+        default_factory=lambda: TrainConfig(epochs=100, batch_size=1, effective_batch_size=64, log_every=20)
+    )
     # AdamW (0.9, 0.999), lr 1e-4, wd 0.1, layer decay 0.7, step decay, 250 warmup iterations from
     # 0.001 x lr (ViTDet A.2; detectron2 common/optim.py and the ViTDet COCO configs).
     optim: OptimConfig = field(
         default_factory=lambda: OptimConfig(
-            optimizer="adamw", lr=1e-4, weight_decay=0.1, betas=(0.9, 0.999), layer_decay=0.7, schedule="step",
-            milestones=VITDET_MILESTONES, warmup_steps=250, warmup_start_factor=0.001,
+            optimizer="adamw",
+            lr=1e-4,
+            weight_decay=0.1,
+            betas=(0.9, 0.999),
+            layer_decay=0.7,
+            schedule="step",
+            milestones=VITDET_MILESTONES,
+            warmup_steps=250,
+            warmup_start_factor=0.001,
         )
     )
     eval_every_epochs: int = 0  # 0 = evaluate once, at the end
@@ -109,9 +118,13 @@ class DetectionConfig:
     def validate(self) -> None:
         m = self.model
         if m.name is None and None in (m.embed_dim, m.depth, m.num_heads, m.patch_size):
-            raise ConfigError("model.name is null: give model.embed_dim, model.depth, model.num_heads and model.patch_size")
+            raise ConfigError(
+                "model.name is null: give model.embed_dim, model.depth, model.num_heads and model.patch_size"
+            )
         if self.model.img_size % 32:
-            raise ConfigError(f"model.img_size must be a multiple of 32 (the coarsest stride), got {self.model.img_size}")
+            raise ConfigError(
+                f"model.img_size must be a multiple of 32 (the coarsest stride), got {self.model.img_size}"
+            )
         if self.optim.lr is None:
             raise ConfigError("detection recipes give an absolute learning rate: set optim.lr")
 

@@ -214,8 +214,15 @@ def _paste_windows(probs: torch.Tensor, boxes: torch.Tensor, image_hw: tuple[int
     dev = probs.device
     probs, boxes = probs.float(), boxes.float().to(dev)
     lo = (boxes[:, :2].floor() - 1).clamp(min=0)
-    win = torch.stack([lo[:, 0].clamp(max=w), lo[:, 1].clamp(max=h),
-                       (boxes[:, 2].ceil() + 1).clamp(max=w), (boxes[:, 3].ceil() + 1).clamp(max=h)], dim=1).to(torch.int64)
+    win = torch.stack(
+        [
+            lo[:, 0].clamp(max=w),
+            lo[:, 1].clamp(max=h),
+            (boxes[:, 2].ceil() + 1).clamp(max=w),
+            (boxes[:, 3].ceil() + 1).clamp(max=h),
+        ],
+        dim=1,
+    ).to(torch.int64)
     win[:, 2:] = torch.maximum(win[:, 2:], win[:, :2])
     win = win.cpu()
     size = (win[:, 2:] - win[:, :2]).tolist()  # (width, height) per mask
@@ -254,7 +261,9 @@ def _paste_windows(probs: torch.Tensor, boxes: torch.Tensor, image_hw: tuple[int
     return win, crops
 
 
-def paste_masks(probs: torch.Tensor, boxes: torch.Tensor, image_hw: tuple[int, int], threshold: float = 0.5) -> torch.Tensor:
+def paste_masks(
+    probs: torch.Tensor, boxes: torch.Tensor, image_hw: tuple[int, int], threshold: float = 0.5
+) -> torch.Tensor:
     """Masks (N, M, M) of probabilities pasted into an image of ``image_hw`` at float boxes (N, 4).
 
     Pixel (x, y) takes the bilinear sample at its centre ``(x + 0.5, y + 0.5)`` relative to the
@@ -297,18 +306,34 @@ def _rle_counts(crop: np.ndarray, x0: int, y0: int, h: int, w: int) -> np.ndarra
     return counts[:-1] if counts[-1] == 0 else counts  # no empty last run, as pycocotools encodes
 
 
-def paste_masks_rle(probs: torch.Tensor, boxes: torch.Tensor, image_hw: tuple[int, int], threshold: float = 0.5) -> list[dict]:
+def paste_masks_rle(
+    probs: torch.Tensor, boxes: torch.Tensor, image_hw: tuple[int, int], threshold: float = 0.5
+) -> list[dict]:
     """The masks of :func:`paste_masks` as COCO compressed RLEs (``{"size": [H, W], "counts": str}``),
     encoded from each mask's window: no full-image mask is made, only the windows leave the device."""
     h, w = int(image_hw[0]), int(image_hw[1])
     if probs.shape[0] == 0:
         return []
     win, crops = _paste_windows(probs, boxes, (h, w), threshold, to_cpu=True)
-    runs = [{"size": [h, w], "counts": _rle_counts(c.numpy(), x0, y0, h, w)} for c, (x0, y0, _, _) in zip(crops, win.tolist())]
+    runs = [
+        {"size": [h, w], "counts": _rle_counts(c.numpy(), x0, y0, h, w)}
+        for c, (x0, y0, _, _) in zip(crops, win.tolist())
+    ]
     return [{"size": [h, w], "counts": r["counts"].decode("ascii")} for r in mask_utils.frPyObjects(runs, h, w)]
 
 
 __all__ = [
-    "Segment", "clip_polygon", "crop_segment", "decode_rle", "flip_segment", "mask_targets", "paste_masks", "paste_masks_rle",
-    "polygons_in_box", "polygons_to_mask", "resize_segment", "segment_box", "segments_to_masks",
+    "Segment",
+    "clip_polygon",
+    "crop_segment",
+    "decode_rle",
+    "flip_segment",
+    "mask_targets",
+    "paste_masks",
+    "paste_masks_rle",
+    "polygons_in_box",
+    "polygons_to_mask",
+    "resize_segment",
+    "segment_box",
+    "segments_to_masks",
 ]

@@ -29,7 +29,12 @@ from mae_transfer.detection.boxes import clip_boxes, nonempty
 from mae_transfer.detection.masks import paste_masks
 from mae_transfer.detection.roi_heads import BoxHead, BoxPredictor, MaskHead, ROIHeads, ROIPooler
 from mae_transfer.detection.rpn import RPN, AnchorGenerator, RPNHead
-from mae_transfer.models.pyramid import VITDET_GLOBAL_BLOCKS, FourTapPyramid, SimpleFeaturePyramid, equal_interval_blocks
+from mae_transfer.models.pyramid import (
+    VITDET_GLOBAL_BLOCKS,
+    FourTapPyramid,
+    SimpleFeaturePyramid,
+    equal_interval_blocks,
+)
 from mae_transfer.models.vit import VIT_SIZES, VisionTransformer, vit_size
 
 # Anchor side per pyramid level, 8 x its stride: 32 px at stride 4 up to 512 px at stride 64 (FPN, ViTDet).
@@ -37,7 +42,9 @@ ANCHOR_SIZE_PER_STRIDE = 8
 ASPECT_RATIOS = (0.5, 1.0, 2.0)
 
 
-def pixel_stats(mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD) -> tuple[list[float], list[float]]:
+def pixel_stats(
+    mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD
+) -> tuple[list[float], list[float]]:
     """Mean and std in 0-255 units (ImageNet: 123.675, 116.28, 103.53 / 58.395, 57.12, 57.375)."""
     return [round(float(m) * 255, 6) for m in mean], [round(float(s) * 255, 6) for s in std]
 
@@ -73,9 +80,19 @@ def build_vit(
         else:  # small test models: quarters when the depth allows, else the last block
             global_blocks = equal_interval_blocks(size["depth"]) if size["depth"] % 4 == 0 else (size["depth"] - 1,)
     vit = VisionTransformer(
-        img_size=img_size, num_classes=0, global_pool="", class_token=False, window_size=window_size,
-        global_blocks=global_blocks, use_rel_pos=use_rel_pos, drop_path_rate=drop_path, grad_checkpointing=grad_checkpointing,
-        pos_embed_img_size=pretrain_img_size, pos_embed_class_row=True, mlp_ratio=mlp_ratio, **size,
+        img_size=img_size,
+        num_classes=0,
+        global_pool="",
+        class_token=False,
+        window_size=window_size,
+        global_blocks=global_blocks,
+        use_rel_pos=use_rel_pos,
+        drop_path_rate=drop_path,
+        grad_checkpointing=grad_checkpointing,
+        pos_embed_img_size=pretrain_img_size,
+        pos_embed_class_row=True,
+        mlp_ratio=mlp_ratio,
+        **size,
     )
     # The pyramids read block outputs directly (ViTDet and Benchmarking-ViT have no final norm); an
     # unused LayerNorm would also stop DDP, which requires every parameter to get a gradient.
@@ -83,14 +100,26 @@ def build_vit(
     return vit
 
 
-def build_pyramid(vit: VisionTransformer, pyramid: str = "simple", channels: int = 256, norm: str | None = None, fpn_norm: str = "none") -> nn.Module:
+def build_pyramid(
+    vit: VisionTransformer,
+    pyramid: str = "simple",
+    channels: int = 256,
+    norm: str | None = None,
+    fpn_norm: str = "none",
+) -> nn.Module:
     """``simple``: ViTDet's simple feature pyramid (LayerNorm by default); ``fpn4``: Benchmarking-ViT's
     four taps (GroupNorm in the x4 branch by default) into an FPN with ``fpn_norm``."""
     if pyramid == "simple":
         return SimpleFeaturePyramid(vit, out_channels=channels, norm=norm or "ln")
     if pyramid == "fpn4":
         # Taps at the end of each quarter of the blocks (Benchmarking-ViT: ViT-B 2, 5, 8, 11).
-        return FourTapPyramid(vit, tap_blocks=equal_interval_blocks(len(vit.blocks)), norm=norm or "gn", fpn_channels=channels, fpn_norm=fpn_norm)
+        return FourTapPyramid(
+            vit,
+            tap_blocks=equal_interval_blocks(len(vit.blocks)),
+            norm=norm or "gn",
+            fpn_channels=channels,
+            fpn_norm=fpn_norm,
+        )
     raise ValueError(f"unknown pyramid {pyramid!r}; use simple or fpn4")
 
 
@@ -111,8 +140,12 @@ class MaskRCNN(nn.Module):
         self.proposal_generator = proposal_generator
         self.roi_heads = roi_heads
         self.img_size = int(img_size)
-        self.register_buffer("pixel_mean", torch.tensor(list(pixel_mean), dtype=torch.float32).view(-1, 1, 1), persistent=False)
-        self.register_buffer("pixel_std", torch.tensor(list(pixel_std), dtype=torch.float32).view(-1, 1, 1), persistent=False)
+        self.register_buffer(
+            "pixel_mean", torch.tensor(list(pixel_mean), dtype=torch.float32).view(-1, 1, 1), persistent=False
+        )
+        self.register_buffer(
+            "pixel_std", torch.tensor(list(pixel_std), dtype=torch.float32).view(-1, 1, 1), persistent=False
+        )
 
     @property
     def vit(self) -> VisionTransformer:
@@ -182,7 +215,12 @@ class MaskRCNN(nn.Module):
             boxes[:, 1::2] *= oh / h
             boxes = clip_boxes(boxes, (oh, ow))
             keep = nonempty(boxes)
-            res = {"boxes": boxes[keep], "scores": d["scores"][keep], "labels": d["classes"][keep], "mask_probs": d["mask_probs"][keep]}
+            res = {
+                "boxes": boxes[keep],
+                "scores": d["scores"][keep],
+                "labels": d["classes"][keep],
+                "mask_probs": d["mask_probs"][keep],
+            }
             if paste:
                 res["masks"] = paste_masks(res["mask_probs"], res["boxes"], (oh, ow))
             out.append(res)
@@ -228,8 +266,11 @@ def build_mask_rcnn(
     c = backbone.out_channels
     anchors = AnchorGenerator([ANCHOR_SIZE_PER_STRIDE * s for s in strides], ASPECT_RATIOS, strides)
     rpn = RPN(
-        RPNHead(c, anchors.num_anchors, rpn_convs), anchors, levels,
-        pre_nms_topk=tuple(rpn_pre_nms_topk), post_nms_topk=tuple(rpn_post_nms_topk),
+        RPNHead(c, anchors.num_anchors, rpn_convs),
+        anchors,
+        levels,
+        pre_nms_topk=tuple(rpn_pre_nms_topk),
+        post_nms_topk=tuple(rpn_post_nms_topk),
     )
     # RoIs are pooled from the four rescaled levels, not the max-pooled top level (ViTDet: p2-p5).
     n_roi = len(levels) - 1 if getattr(backbone, "top_block", True) else len(levels)

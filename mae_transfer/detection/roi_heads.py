@@ -39,7 +39,14 @@ def _msra_fill(m: nn.Module) -> None:
 class ROIPooler(nn.Module):
     """RoIAlign (``aligned=True``) of boxes from the pyramid level their size selects."""
 
-    def __init__(self, output_size: int, strides: Sequence[int], sampling_ratio: int = 0, canonical_box_size: float = 224.0, canonical_level: int = 4):
+    def __init__(
+        self,
+        output_size: int,
+        strides: Sequence[int],
+        sampling_ratio: int = 0,
+        canonical_box_size: float = 224.0,
+        canonical_level: int = 4,
+    ):
         super().__init__()
         self.output_size = output_size
         self.scales = [1.0 / s for s in strides]
@@ -57,7 +64,9 @@ class ROIPooler(nn.Module):
         size = (self.output_size, self.output_size)
         if len(features) == 1:
             return roi_align(features[0], rois, size, self.scales[0], self.sampling_ratio, aligned=True)
-        levels = assign_levels(rois[:, 1:], self.min_level, self.max_level, self.canonical_box_size, self.canonical_level)
+        levels = assign_levels(
+            rois[:, 1:], self.min_level, self.max_level, self.canonical_box_size, self.canonical_level
+        )
         x0 = features[0]
         out = x0.new_zeros((len(rois), x0.shape[1], *size))
         for lvl, (x, scale) in enumerate(zip(features, self.scales)):
@@ -70,7 +79,9 @@ class ROIPooler(nn.Module):
 class BoxHead(nn.Module):
     """``conv1..convN`` (3x3, norm, ReLU) then ``fc1..fcM`` (+ ReLU) on pooled (R, C, S, S) features."""
 
-    def __init__(self, in_channels: int, pooler_size: int, conv_dims: Sequence[int], fc_dims: Sequence[int], norm: str = "ln"):
+    def __init__(
+        self, in_channels: int, pooler_size: int, conv_dims: Sequence[int], fc_dims: Sequence[int], norm: str = "ln"
+    ):
         super().__init__()
         c = in_channels
         self.num_convs, self.num_fcs = len(conv_dims), len(fc_dims)
@@ -196,15 +207,19 @@ class ROIHeads(nn.Module):
                 classes = torch.full_like(matched, self.num_classes)
             pos, neg = subsample_labels(classes, self.batch_size_per_image, self.positive_fraction, self.num_classes)
             idx = torch.cat([pos, neg])
-            out.append({
-                "boxes": boxes[idx],
-                "classes": classes[idx],
-                "gt_boxes": gt[matched[idx]] if len(gt) else boxes[idx],
-                "gt_index": matched[idx],
-            })
+            out.append(
+                {
+                    "boxes": boxes[idx],
+                    "classes": classes[idx],
+                    "gt_boxes": gt[matched[idx]] if len(gt) else boxes[idx],
+                    "gt_index": matched[idx],
+                }
+            )
         return out
 
-    def losses(self, features: list[torch.Tensor], samples: list[dict], targets: Sequence[dict]) -> dict[str, torch.Tensor]:
+    def losses(
+        self, features: list[torch.Tensor], samples: list[dict], targets: Sequence[dict]
+    ) -> dict[str, torch.Tensor]:
         scores, deltas = self.box_predictor(self.box_head(self.box_pooler(features, [s["boxes"] for s in samples])))
         classes = torch.cat([s["classes"] for s in samples])
         loss_cls = F.cross_entropy(scores.float(), classes, reduction="mean") if classes.numel() else scores.sum() * 0
@@ -225,13 +240,17 @@ class ROIHeads(nn.Module):
             return logits.sum() * 0
         size = logits.shape[-1]
         segments: list[Sequence[Segment]] = [t["segments"] for t in targets]
-        gt = torch.cat([mask_targets(seg, s["gt_index"][f], b, size) for seg, s, f, b in zip(segments, samples, fg, fg_boxes)])
+        gt = torch.cat(
+            [mask_targets(seg, s["gt_index"][f], b, size) for seg, s, f, b in zip(segments, samples, fg, fg_boxes)]
+        )
         classes = torch.cat([s["classes"][f] for s, f in zip(samples, fg)])
         picked = logits[torch.arange(len(classes), device=logits.device), classes]
         return F.binary_cross_entropy_with_logits(picked.float(), gt.to(picked.device), reduction="mean")
 
     # ------------------------------------------------------------------ inference
-    def detect(self, features: list[torch.Tensor], proposals: Sequence[torch.Tensor], image_sizes: Sequence[tuple[int, int]]) -> list[dict[str, torch.Tensor]]:
+    def detect(
+        self, features: list[torch.Tensor], proposals: Sequence[torch.Tensor], image_sizes: Sequence[tuple[int, int]]
+    ) -> list[dict[str, torch.Tensor]]:
         """Per image: ``boxes`` (N, 4) in the input frame, ``scores``, ``classes`` (0..K-1) and
         ``mask_probs`` (N, M, M) of the predicted class."""
         scores, deltas = self.box_predictor(self.box_head(self.box_pooler(features, proposals)))

@@ -19,7 +19,16 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torchvision.ops import batched_nms
 
-from mae_transfer.detection.boxes import BoxCoder, Matcher, cell_anchors, clip_boxes, grid_anchors, nonempty, pairwise_iou, subsample_labels
+from mae_transfer.detection.boxes import (
+    BoxCoder,
+    Matcher,
+    cell_anchors,
+    clip_boxes,
+    grid_anchors,
+    nonempty,
+    pairwise_iou,
+    subsample_labels,
+)
 from mae_transfer.models.pyramid import ConvNormAct
 
 
@@ -30,7 +39,9 @@ class RPNHead(nn.Module):
         super().__init__()
         if num_convs < 1:
             raise ValueError(f"the RPN head needs at least one convolution, got {num_convs}")
-        convs = [ConvNormAct(channels, channels, 3, padding=1, activation=nn.ReLU(inplace=True)) for _ in range(num_convs)]
+        convs = [
+            ConvNormAct(channels, channels, 3, padding=1, activation=nn.ReLU(inplace=True)) for _ in range(num_convs)
+        ]
         # One convolution is stored as ``conv``, several as ``conv.conv0``, ``conv.conv1`` (detectron2).
         self.conv = convs[0] if num_convs == 1 else nn.Sequential()
         if num_convs > 1:
@@ -56,7 +67,9 @@ class RPNHead(nn.Module):
 class AnchorGenerator:
     """Anchors of every level, cached per feature-map size and device (no parameters)."""
 
-    def __init__(self, sizes: Sequence[float], aspect_ratios: Sequence[float], strides: Sequence[int], offset: float = 0.0):
+    def __init__(
+        self, sizes: Sequence[float], aspect_ratios: Sequence[float], strides: Sequence[int], offset: float = 0.0
+    ):
         if len(sizes) != len(strides):
             raise ValueError(f"one anchor size per level: {len(sizes)} sizes for {len(strides)} strides")
         self.cells = [cell_anchors([s], aspect_ratios) for s in sizes]
@@ -68,7 +81,12 @@ class AnchorGenerator:
     def __call__(self, grid_sizes: Sequence[tuple[int, int]], device: torch.device) -> list[torch.Tensor]:
         key = (tuple(tuple(g) for g in grid_sizes), str(device))
         if key not in self._cache:
-            self._cache = {key: [grid_anchors(c.to(device), s, g, self.offset) for c, s, g in zip(self.cells, self.strides, grid_sizes)]}
+            self._cache = {
+                key: [
+                    grid_anchors(c.to(device), s, g, self.offset)
+                    for c, s, g in zip(self.cells, self.strides, grid_sizes)
+                ]
+            }
         return self._cache[key]
 
 

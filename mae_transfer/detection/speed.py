@@ -21,13 +21,23 @@ import torch
 from mae_transfer.detection.config import build_config
 from mae_transfer.detection.masks import paste_masks_rle
 from mae_transfer.detection.task import build_detector, detection_param_groups
-from mae_transfer.engine.bench import autocast_for, bench_precision, count_flops, device_name, resolve_device, tf32_enabled, time_steps
+from mae_transfer.engine.bench import (
+    autocast_for,
+    bench_precision,
+    count_flops,
+    device_name,
+    resolve_device,
+    tf32_enabled,
+    time_steps,
+)
 from mae_transfer.io import atomic_write_json
 
 log = logging.getLogger(__name__)
 
 
-def synthetic_batch(batch_size: int, img_size: int, instances: int, num_classes: int, device: torch.device, seed: int = 0):
+def synthetic_batch(
+    batch_size: int, img_size: int, instances: int, num_classes: int, device: torch.device, seed: int = 0
+):
     """Random uint8 images and targets with ``instances`` boxes (8-50 % of the side) and polygons."""
     import numpy as np
 
@@ -168,8 +178,15 @@ def run_detection_speed(
         "eval_peak_memory_gib": evaluation["peak_memory_gib"] if on_cuda else None,
         "final_loss": final_loss,
     }
-    log.info("%s bs %d %s on %s: train %.2f img/s, inference %.2f img/s", preset, batch_size, precision,
-             result["device_name"], result["train_images_per_s"], result["eval_images_per_s"])
+    log.info(
+        "%s bs %d %s on %s: train %.2f img/s, inference %.2f img/s",
+        preset,
+        batch_size,
+        precision,
+        result["device_name"],
+        result["train_images_per_s"],
+        result["eval_images_per_s"],
+    )
     if json_path is not None:
         atomic_write_json(json_path, result)
     return result
@@ -177,17 +194,36 @@ def run_detection_speed(
 
 def format_detection_speed(r: dict) -> str:
     rows = [
-        ("detector", f"Mask R-CNN, {r['model']} {r['pyramid']} pyramid ({r['params_m']:.1f} M params), {r['img_size']} px [{r['preset']}]"),
+        (
+            "detector",
+            f"Mask R-CNN, {r['model']} {r['pyramid']} pyramid ({r['params_m']:.1f} M params), "
+            f"{r['img_size']} px [{r['preset']}]",
+        ),
         ("device", f"{r['device_name']} [{r['device']}], torch {r['torch_version']}"),
         ("date", r["date"]),
-        ("setup", f"batch {r['batch_size']}, {r['instances_per_image']} instances/image, {r['precision']}, grad_ckpt={r['grad_checkpointing']}"),
-        ("train", f"{r['train_images_per_s']:.2f} images/s ({r['train_s_per_image']:.3f} s/image; median step {r['step_s_median']:.3f} s; "
-                  f"{r['steps']} timed after {r['warmup']} warm-up, first step {r['first_step_s']:.1f} s)"),
-        ("train FLOPs", f"{r['flops_per_image'] / 1e9:.1f} GFLOP/image (matmuls and convolutions), {r['tflops']:.2f} TFLOP/s"
-                        + (f"; attention: {', '.join(r['attention_ops'])}" if r.get("attention_ops") else "")),
+        (
+            "setup",
+            f"batch {r['batch_size']}, {r['instances_per_image']} instances/image, "
+            f"{r['precision']}, grad_ckpt={r['grad_checkpointing']}",
+        ),
+        (
+            "train",
+            f"{r['train_images_per_s']:.2f} images/s ({r['train_s_per_image']:.3f} s/image; "
+            f"median step {r['step_s_median']:.3f} s; "
+            f"{r['steps']} timed after {r['warmup']} warm-up, first step {r['first_step_s']:.1f} s)",
+        ),
+        (
+            "train FLOPs",
+            f"{r['flops_per_image'] / 1e9:.1f} GFLOP/image (matmuls and convolutions), {r['tflops']:.2f} TFLOP/s"
+            + (f"; attention: {', '.join(r['attention_ops'])}" if r.get("attention_ops") else ""),
+        ),
         ("train memory", f"{r['train_peak_memory_gib']:.2f} GiB ({r['memory_kind']})"),
-        ("inference", f"{r['eval_images_per_s']:.2f} images/s ({r['eval_ms_per_image']:.1f} ms/image, batch {r['eval_batch_size']})"
-                      + (f", peak {r['eval_peak_memory_gib']:.2f} GiB" if r.get("eval_peak_memory_gib") is not None else "")),
+        (
+            "inference",
+            f"{r['eval_images_per_s']:.2f} images/s "
+            f"({r['eval_ms_per_image']:.1f} ms/image, batch {r['eval_batch_size']})"
+            + (f", peak {r['eval_peak_memory_gib']:.2f} GiB" if r.get("eval_peak_memory_gib") is not None else ""),
+        ),
         ("final loss", f"{r['final_loss']:.4f}"),
     ]
     width = max(len(k) for k, _ in rows)

@@ -22,7 +22,14 @@ from typing import Any, Callable
 import torch
 import torch.nn as nn
 
-from mae_transfer.checkpoint import CheckpointError, class_count_hint, init_backbone, load_trained_model, save_trained_model, weights_sha256
+from mae_transfer.checkpoint import (
+    CheckpointError,
+    class_count_hint,
+    init_backbone,
+    load_trained_model,
+    save_trained_model,
+    weights_sha256,
+)
 from mae_transfer.config import ConfigError, to_dict
 from mae_transfer.data.errors import DataError
 from mae_transfer.data.seeded import SeededTransformDataset
@@ -50,23 +57,49 @@ def build_detector(cfg: DetectionConfig, num_classes: int) -> MaskRCNN:
     m = cfg.model
     try:
         vit = build_vit(
-            m.name, m.img_size, window_size=m.window_size, global_blocks=m.global_blocks, use_rel_pos=m.use_rel_pos,
-            drop_path=m.drop_path, grad_checkpointing=m.grad_checkpointing, pretrain_img_size=m.pretrain_img_size,
-            embed_dim=m.embed_dim, depth=m.depth, num_heads=m.num_heads, patch_size=m.patch_size, mlp_ratio=m.mlp_ratio,
+            m.name,
+            m.img_size,
+            window_size=m.window_size,
+            global_blocks=m.global_blocks,
+            use_rel_pos=m.use_rel_pos,
+            drop_path=m.drop_path,
+            grad_checkpointing=m.grad_checkpointing,
+            pretrain_img_size=m.pretrain_img_size,
+            embed_dim=m.embed_dim,
+            depth=m.depth,
+            num_heads=m.num_heads,
+            patch_size=m.patch_size,
+            mlp_ratio=m.mlp_ratio,
         )
         backbone = build_pyramid(vit, m.pyramid, m.channels, fpn_norm=m.head_norm if m.head_norm == "bn" else "none")
     except ValueError as e:
         raise ConfigError(f"cannot build the {m.pyramid} backbone of {m.vit_label()}: {e}") from None
     mean, std = pixel_stats(cfg.data.mean, cfg.data.std)
     model = build_mask_rcnn(
-        backbone, num_classes, img_size=m.img_size, head_norm=m.head_norm, head_channels=m.channels, fc_dim=m.fc_dim,
-        rpn_convs=m.rpn_convs, box_head_convs=m.box_head_convs, mask_head_convs=m.mask_head_convs,
-        box_batch_size_per_image=m.box_batch_size_per_image, rpn_pre_nms_topk=tuple(m.rpn_pre_nms_topk),
-        rpn_post_nms_topk=tuple(m.rpn_post_nms_topk), score_thresh=m.score_thresh, nms_thresh=m.nms_thresh,
-        detections_per_img=m.detections_per_img, pixel_mean=mean, pixel_std=std,
+        backbone,
+        num_classes,
+        img_size=m.img_size,
+        head_norm=m.head_norm,
+        head_channels=m.channels,
+        fc_dim=m.fc_dim,
+        rpn_convs=m.rpn_convs,
+        box_head_convs=m.box_head_convs,
+        mask_head_convs=m.mask_head_convs,
+        box_batch_size_per_image=m.box_batch_size_per_image,
+        rpn_pre_nms_topk=tuple(m.rpn_pre_nms_topk),
+        rpn_post_nms_topk=tuple(m.rpn_post_nms_topk),
+        score_thresh=m.score_thresh,
+        nms_thresh=m.nms_thresh,
+        detections_per_img=m.detections_per_img,
+        pixel_mean=mean,
+        pixel_std=std,
     )
     if m.predictor_init == "default":
-        for layer in (model.roi_heads.box_predictor.cls_score, model.roi_heads.box_predictor.bbox_pred, model.roi_heads.mask_head.predictor):
+        for layer in (
+            model.roi_heads.box_predictor.cls_score,
+            model.roi_heads.box_predictor.bbox_pred,
+            model.roi_heads.mask_head.predictor,
+        ):
             layer.reset_parameters()
     return model
 
@@ -77,7 +110,9 @@ def detection_param_groups(model: nn.Module, optim: OptimConfig) -> list[dict]:
     on everything but torch's norm layers and ``pos_embed``; lr x ``layer_decay ** (depth + 1 -
     layer)`` with the embeddings at layer 0, block i at i + 1 and everything else (pyramid, heads)
     at full lr."""
-    return param_groups(model, optim.weight_decay, optim.layer_decay, no_weight_decay=("pos_embed",), no_decay_modules=NO_DECAY_MODULES)
+    return param_groups(
+        model, optim.weight_decay, optim.layer_decay, no_weight_decay=("pos_embed",), no_decay_modules=NO_DECAY_MODULES
+    )
 
 
 def _resolve_root(cfg: DetectionConfig) -> Path:
@@ -124,9 +159,17 @@ class DetectionTask(TrainTask):
     # ------------------------------------------------------------------ engine interface
     def signature(self) -> dict[str, Any]:
         m = self.cfg.model
-        return {"model": m.vit_label(), "pyramid": m.pyramid, "img_size": m.img_size, "window_size": m.window_size,
-                "use_rel_pos": m.use_rel_pos, "head_norm": m.head_norm, "channels": m.channels, "fc_dim": m.fc_dim,
-                "num_classes": self.num_classes}
+        return {
+            "model": m.vit_label(),
+            "pyramid": m.pyramid,
+            "img_size": m.img_size,
+            "window_size": m.window_size,
+            "use_rel_pos": m.use_rel_pos,
+            "head_norm": m.head_norm,
+            "channels": m.channels,
+            "fc_dim": m.fc_dim,
+            "num_classes": self.num_classes,
+        }
 
     def build_model(self, load_backbone: bool = True) -> nn.Module:
         torch.manual_seed(self.cfg.train.seed)
@@ -134,8 +177,13 @@ class DetectionTask(TrainTask):
         if load_backbone:
             # New in a detection backbone: relative position tables (zero-init), pyramid and heads
             # (outside the ViT); unused: class token, final norm, any classifier or MAE decoder.
-            init_backbone(model.vit, self.cfg.backbone, expected_missing="dense", expected_unexpected="dense",
-                          trust=self.cfg.trust_checkpoint)
+            init_backbone(
+                model.vit,
+                self.cfg.backbone,
+                expected_missing="dense",
+                expected_unexpected="dense",
+                trust=self.cfg.trust_checkpoint,
+            )
         return convert_sync_batchnorm(model) if self.cfg.model.head_norm == "bn" else model  # Benchmarking-ViT: SyncBN
 
     def build_train_dataset(self):
@@ -169,8 +217,13 @@ class DetectionTask(TrainTask):
         unreadable one stops the run now, not at the evaluation after training; with --skip-bad it
         is left out of the evaluation instead. Training images are checked as they are read."""
         ds = self.val_set
-        problems = trainer.check_split(ds.find_unreadable, len(ds), self.cfg.data.val_split, "images (decoded)",
-                                       "mae-transfer check-data --task coco --data DIR --full")
+        problems = trainer.check_split(
+            ds.find_unreadable,
+            len(ds),
+            self.cfg.data.val_split,
+            "images (decoded)",
+            "mae-transfer check-data --task coco --data DIR --full",
+        )
         if problems is not None:
             ds.leave_out(problems)
 
@@ -183,9 +236,14 @@ class DetectionTask(TrainTask):
 
     def on_train_end(self, trainer: Trainer) -> None:
         if trainer.dist.is_main:
-            save_detector(trainer.unwrapped, self.cfg, self.class_names, trainer.output_dir / "detector.pth", step=trainer.step)
+            save_detector(
+                trainer.unwrapped, self.cfg, self.class_names, trainer.output_dir / "detector.pth", step=trainer.step
+            )
         metrics = trainer.evaluate(final=True)
-        trainer.metrics.write("eval", {"step": trainer.step, "epoch": math.ceil(trainer.step / trainer.steps_per_epoch), **flat_metrics(metrics)})
+        trainer.metrics.write(
+            "eval",
+            {"step": trainer.step, "epoch": math.ceil(trainer.step / trainer.steps_per_epoch), **flat_metrics(metrics)},
+        )
 
     def publish(self, model: nn.Module, ctx: EvalContext, metrics: dict, step: int) -> None:
         self.write_results(ctx.output_dir, metrics, step)
@@ -200,8 +258,11 @@ class DetectionTask(TrainTask):
         ds, split = self.val_set, self.cfg.data.val_split
         if ctx.dist.is_main:
             log.info("evaluating %d images of %s in %s", len(ds), split, ctx.precision)
-        loader = ctx.loader(SeededTransformDataset(ds, ResizeForTest(self.cfg.model.img_size)), self.cfg.eval_batch_size,
-                            collate_fn=collate_detection)
+        loader = ctx.loader(
+            SeededTransformDataset(ds, ResizeForTest(self.cfg.model.img_size)),
+            self.cfg.eval_batch_size,
+            collate_fn=collate_detection,
+        )
 
         def predict(batch) -> list[dict]:
             images, targets = batch
@@ -219,9 +280,14 @@ class DetectionTask(TrainTask):
         if evaluator.dropped_image_ids:  # --skip-bad: images found unreadable while evaluating
             metrics["unreadable_images_left_out"] = len(evaluator.dropped_image_ids)
         evaluated = len(ds) - len(evaluator.dropped_image_ids)
-        metrics["time"] = {"seconds": seconds, "images": evaluated, "images_per_second": evaluated / max(seconds, 1e-9),
-                           "scoring_seconds": time.monotonic() - start - seconds, "backend": evaluator.backend_name,
-                           "backend_setting": self.cfg.eval_backend}
+        metrics["time"] = {
+            "seconds": seconds,
+            "images": evaluated,
+            "images_per_second": evaluated / max(seconds, 1e-9),
+            "scoring_seconds": time.monotonic() - start - seconds,
+            "backend": evaluator.backend_name,
+            "backend_setting": self.cfg.eval_backend,
+        }
         metrics["precision"] = ctx.precision
         log.info("%s", format_metrics(metrics, self.cfg))
         if ctx.output_dir is not None:
@@ -233,12 +299,23 @@ class DetectionTask(TrainTask):
         """One row per metric in ``results.jsonl`` (rewritten whole, atomically) for the runner."""
         cfg = self.cfg
         common = dict(
-            task="coco", dataset=dataset_name("coco", cfg.data.path, self.num_classes, "categories"), split=cfg.data.val_split,
-            protocol=f"mask_rcnn_{cfg.recipe}", step=step,
-            **row_identity(cfg, self.backbone_sha256, ("data", "backbone", "visualize", "visualize_score", "trust_checkpoint", "eval_backend"),
-                           self.evaluated),
+            task="coco",
+            dataset=dataset_name("coco", cfg.data.path, self.num_classes, "categories"),
+            split=cfg.data.val_split,
+            protocol=f"mask_rcnn_{cfg.recipe}",
+            step=step,
+            **row_identity(
+                cfg,
+                self.backbone_sha256,
+                ("data", "backbone", "visualize", "visualize_score", "trust_checkpoint", "eval_backend"),
+                self.evaluated,
+            ),
         )
-        rows = [ResultRow(metric=f"{kind}_{name}", value=v, **common) for kind in ("bbox", "segm") for name, v in metrics[kind].items()]
+        rows = [
+            ResultRow(metric=f"{kind}_{name}", value=v, **common)
+            for kind in ("bbox", "segm")
+            for name, v in metrics[kind].items()
+        ]
         return write_run_results(out_dir, rows, to_dict(cfg))
 
     def visualize(self, model: nn.Module, device: torch.device, autocast: Callable, out_dir: Path) -> list[Path]:
@@ -256,7 +333,9 @@ class DetectionTask(TrainTask):
                     pred = model.predict(image.to(device))
                 pred = {k: v.float().cpu() if v.is_floating_point() else v.cpu() for k, v in pred.items()}
                 name = f"{int(target['image_id']):012d}.png"
-                paths.append(save_comparison(image, target, pred, self.class_names, out_dir / name, self.cfg.visualize_score))
+                paths.append(
+                    save_comparison(image, target, pred, self.class_names, out_dir / name, self.cfg.visualize_score)
+                )
         model.train(was_training)
         log.info("saved %d pictures (ground truth | prediction) to %s", len(paths), out_dir)
         return paths
@@ -285,8 +364,10 @@ def format_metrics(metrics: dict, cfg: DetectionConfig) -> str:
         if t.get("backend_setting") == "auto":
             backend += ", eval_backend=auto"
         scoring = f", scored in {t['scoring_seconds']:.1f} s ({backend})" if "scoring_seconds" in t else ""
-        lines.append(f"evaluated {t['images']} images in {t['seconds']:.1f} s ({t['images_per_second']:.2f} img/s, "
-                     f"{metrics.get('precision', 'fp32')}){scoring}")
+        lines.append(
+            f"evaluated {t['images']} images in {t['seconds']:.1f} s ({t['images_per_second']:.2f} img/s, "
+            f"{metrics.get('precision', 'fp32')}){scoring}"
+        )
     return "\n".join(lines)
 
 
@@ -313,34 +394,43 @@ def read_detector_weights(path: str | Path, trust: bool = False) -> tuple[dict[s
         read_vitdet,
         unmapped_keys,
     )
-
     from mae_transfer.checkpoint.trained import trained_model_file
 
     # A run directory reads its checkpoint-last.pth (the file the result rows then name).
-    path = trained_model_file(path, "detector.pth or checkpoint-last.pth of a coco run, or a detectron2 ViTDet model_final.pth")
+    path = trained_model_file(
+        path, "detector.pth or checkpoint-last.pth of a coco run, or a detectron2 ViTDet model_final.pth"
+    )
     if path.suffix.lower() == ".pkl":
         sd, meta = read_vitdet(path, trust=trust)
         saved = None
     else:
         state = load_file(path) if trust else load_safely(path, "--weights")
         if not isinstance(state, dict) or not isinstance(state.get("model"), dict):
-            raise CheckpointError(f"--weights {path}: not a trained model (expected detector.pth, checkpoint-last.pth of a coco run, "
-                                  "or a detectron2 ViTDet model_final.pth)")
+            raise CheckpointError(
+                f"--weights {path}: not a trained model (expected detector.pth, checkpoint-last.pth of a coco run, "
+                "or a detectron2 ViTDet model_final.pth)"
+            )
         sd = {k: v for k, v in state["model"].items()}
-        saved = state.get("config") if state.get("format") in (DETECTOR_FORMAT, "mae_transfer.train_checkpoint") else None
+        saved = (
+            state.get("config") if state.get("format") in (DETECTOR_FORMAT, "mae_transfer.train_checkpoint") else None
+        )
         if not any(k.startswith("roi_heads.") for k in sd):
             raise CheckpointError(
-                f"--weights {path} holds no roi_heads.* weights: it looks like a backbone; pass it as --backbone to train a model"
+                f"--weights {path} holds no roi_heads.* weights: it looks like a backbone; "
+                "pass it as --backbone to train a model"
             )
         meta = {"format": "mae-transfer" if saved is not None else "detectron2 (DetectionCheckpointer)"}
     check_dtypes(sd, f"--weights {path}")
     if saved is None:
         if not is_vitdet_state_dict(sd):
-            raise CheckpointError(f"--weights {path}: neither a detector of this toolkit nor a detectron2 ViTDet checkpoint")
+            raise CheckpointError(
+                f"--weights {path}: neither a detector of this toolkit nor a detectron2 ViTDet checkpoint"
+            )
         bad = unmapped_keys(sd)
         if bad:
             raise CheckpointError(
-                f"--weights {path}: {len(bad)} tensors have no place in a ViTDet Mask R-CNN (e.g. {', '.join(bad[:5])}); "
+                f"--weights {path}: {len(bad)} tensors have no place in a ViTDet Mask R-CNN "
+                f"(e.g. {', '.join(bad[:5])}); "
                 "only the simple-feature-pyramid Mask R-CNN of ViTDet is supported"
             )
         try:
@@ -350,7 +440,9 @@ def read_detector_weights(path: str | Path, trust: bool = False) -> tuple[dict[s
         for note in arch.pop("notes"):
             log.warning("%s: %s", path, note)
         if arch.pop("pyramid_norm") != "ln" or arch["num_anchors"] != 3:
-            raise CheckpointError(f"--weights {path}: only LayerNorm pyramids with 3 anchors per position are supported")
+            raise CheckpointError(
+                f"--weights {path}: only LayerNorm pyramids with 3 anchors per position are supported"
+            )
         arch.pop("num_anchors")
         arch.pop("pos_embed_class_row", None)
         num_classes = arch.pop("num_classes")
@@ -363,10 +455,18 @@ def read_detector_weights(path: str | Path, trust: bool = False) -> tuple[dict[s
                 model.pop(k)
         model["global_blocks"] = list(model["global_blocks"]) if "global_blocks" in model else None
         saved = {"model": model, "num_classes": num_classes}
-        log.info("%s: %s checkpoint, %s, %d classes, %d px input", path, meta["format"],
-                 ", ".join(f"{k}={v}" for k, v in model.items() if k in ("name", "embed_dim", "depth", "num_heads", "patch_size",
-                                                                            "window_size", "global_blocks")),
-                 num_classes, model.get("img_size", 0))
+        log.info(
+            "%s: %s checkpoint, %s, %d classes, %d px input",
+            path,
+            meta["format"],
+            ", ".join(
+                f"{k}={v}"
+                for k, v in model.items()
+                if k in ("name", "embed_dim", "depth", "num_heads", "patch_size", "window_size", "global_blocks")
+            ),
+            num_classes,
+            model.get("img_size", 0),
+        )
     for key in [k for k in sd if k in ("pixel_mean", "pixel_std")]:
         sd.pop(key)  # the input normalisation is the config's (data.mean / data.std)
     return sd, saved
@@ -374,11 +474,22 @@ def read_detector_weights(path: str | Path, trust: bool = False) -> tuple[dict[s
 
 def load_detector_weights(model: nn.Module, state: dict[str, torch.Tensor], path: str | Path) -> None:
     """Load a detector state dict, naming every tensor that does not fit (and a class-count mismatch)."""
-    load_trained_model(model, state, path, explain=class_count_hint("roi_heads.box_predictor.cls_score.weight", offset=1,
-                                                                     advice="evaluate on data with the same categories"))
+    load_trained_model(
+        model,
+        state,
+        path,
+        explain=class_count_hint(
+            "roi_heads.box_predictor.cls_score.weight", offset=1, advice="evaluate on data with the same categories"
+        ),
+    )
 
 
 __all__ = [
-    "DetectionTask", "build_detector", "detection_param_groups", "format_metrics", "load_detector_weights",
-    "read_detector_weights", "save_detector",
+    "DetectionTask",
+    "build_detector",
+    "detection_param_groups",
+    "format_metrics",
+    "load_detector_weights",
+    "read_detector_weights",
+    "save_detector",
 ]

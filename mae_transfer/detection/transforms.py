@@ -120,4 +120,12 @@ def collate_detection(batch: list[tuple[torch.Tensor, dict]]) -> tuple[list[torc
     return list(images), list(targets)
 
 
-__all__ = ["LargeScaleJitter", "SeededTransformDataset", "ResizeForTest", "collate_detection", "resize_for_test", "resize_uint8", "shortest_edge_size"]
+__all__ = [
+    "LargeScaleJitter",
+    "SeededTransformDataset",
+    "ResizeForTest",
+    "collate_detection",
+    "resize_for_test",
+    "resize_uint8",
+    "shortest_edge_size",
+]

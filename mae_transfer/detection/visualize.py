@@ -46,7 +46,9 @@ def draw_instances(
         m = masks.detach().cpu()
         if m.dim() == 4:
             m = m[:, 0]
-        canvas = draw_segmentation_masks(canvas, m.bool() if m.dtype == torch.bool else m > 0.5, alpha=0.45, colors=colors)
+        canvas = draw_segmentation_masks(
+            canvas, m.bool() if m.dtype == torch.bool else m > 0.5, alpha=0.45, colors=colors
+        )
     text = []
     for k in range(n):
         name = class_names[int(labels[k])] if 0 <= int(labels[k]) < len(class_names) else str(int(labels[k]))
@@ -96,12 +98,20 @@ def save_comparison(
         target = {**target, "masks": segments_to_masks(target["segments"], int(image.shape[-2]), int(image.shape[-1]))}
     factor = max(1, math.ceil(MIN_SIDE / max(image.shape[-2:])))
     if factor > 1:
-        image, target, prediction = _enlarge(image, factor), _enlarge_instances(target, factor), _enlarge_instances(prediction, factor)
+        image, target, prediction = (
+            _enlarge(image, factor),
+            _enlarge_instances(target, factor),
+            _enlarge_instances(prediction, factor),
+        )
     gt = draw_instances(image, target["boxes"], target["labels"], class_names, masks=target.get("masks"))
     keep = prediction["scores"] >= score_thresh
     pr = draw_instances(
-        image, prediction["boxes"][keep], prediction["labels"][keep], class_names,
-        masks=prediction["masks"][keep] if "masks" in prediction else None, scores=prediction["scores"][keep],
+        image,
+        prediction["boxes"][keep],
+        prediction["labels"][keep],
+        class_names,
+        masks=prediction["masks"][keep] if "masks" in prediction else None,
+        scores=prediction["scores"][keep],
     )
     left = _titled(gt, f"ground truth ({int(target['labels'].numel())})")
     right = _titled(pr, f"prediction, score >= {score_thresh:g} ({int(keep.sum())})")

@@ -86,9 +86,13 @@ def time_steps(step, steps: int, warmup: int, dev: torch.device) -> dict:
         times.append(time.perf_counter() - t)
     wall = time.perf_counter() - t_start
     peak = torch.cuda.max_memory_allocated(dev) if on_cuda else max(0, rss_peak_bytes() - rss_before)
-    return {"first_step_s": first, "wall_s": wall, "step_ms_median": statistics.median(times) * 1e3,
-            "peak_memory_gib": peak / 2**30,
-            "memory_kind": "cuda max_memory_allocated" if on_cuda else "cpu peak RSS growth (ru_maxrss)"}
+    return {
+        "first_step_s": first,
+        "wall_s": wall,
+        "step_ms_median": statistics.median(times) * 1e3,
+        "peak_memory_gib": peak / 2**30,
+        "memory_kind": "cuda max_memory_allocated" if on_cuda else "cpu peak RSS growth (ru_maxrss)",
+    }
 
 
 def _sdpa_forward_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
@@ -160,8 +164,15 @@ def count_flops(fn) -> tuple[float, list[str]]:
     return float(counter.get_total_flops()), fused or ([MATH_ATTENTION] if sdpa.calls else [])
 
 
-def benchmark_training(forward_backward, optimizer, batch_size: int, steps: int, warmup: int, dev: torch.device,
-                       timed_forward_backward=None) -> dict:
+def benchmark_training(
+    forward_backward,
+    optimizer,
+    batch_size: int,
+    steps: int,
+    warmup: int,
+    dev: torch.device,
+    timed_forward_backward=None,
+) -> dict:
     """A training benchmark: the FLOPs of one ``forward_backward()`` (counted once, eagerly, its
     gradients cleared), then ``steps`` timed steps of ``timed_forward_backward`` (default: the same;
     e.g. a compiled model's) + ``optimizer.step()`` + ``zero_grad`` (:func:`time_steps`).
@@ -177,8 +188,13 @@ def benchmark_training(forward_backward, optimizer, batch_size: int, steps: int,
 
     timed = time_steps(step, steps, warmup, dev)
     ips = batch_size * steps / timed["wall_s"]
-    return {**timed, "images_per_s": ips, "flops_per_image": flops / batch_size, "tflops": flops / batch_size * ips / 1e12,
-            "attention_ops": attention}
+    return {
+        **timed,
+        "images_per_s": ips,
+        "flops_per_image": flops / batch_size,
+        "tflops": flops / batch_size * ips / 1e12,
+        "attention_ops": attention,
+    }
 
 
 def bench_precision(precision: str, dev: torch.device) -> str:

@@ -73,14 +73,25 @@ class Holder:
 
     @classmethod
     def this_process(cls) -> "Holder":
-        return cls(socket.gethostname(), os.getpid(), _command_line(),
-                   _dt.datetime.now().astimezone().isoformat(timespec="seconds"), uuid.uuid4().hex)
+        return cls(
+            socket.gethostname(),
+            os.getpid(),
+            _command_line(),
+            _dt.datetime.now().astimezone().isoformat(timespec="seconds"),
+            uuid.uuid4().hex,
+        )
 
     @classmethod
     def parse(cls, text: str) -> "Holder | None":
         try:
             d = json.loads(text)
-            return cls(str(d["host"]), int(d["pid"]), str(d.get("command", "?")), str(d.get("since", "?")), str(d.get("token", "")))
+            return cls(
+                str(d["host"]),
+                int(d["pid"]),
+                str(d.get("command", "?")),
+                str(d.get("since", "?")),
+                str(d.get("token", "")),
+            )
         except (ValueError, TypeError, KeyError):
             return None
 
@@ -159,7 +170,11 @@ class FileLock:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         while True:
             try:  # never through a link planted at the lock's name: taking the lock truncates the file
-                fd = os.open(self.path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NOFOLLOW", 0), 0o644)
+                fd = os.open(
+                    self.path,
+                    os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NOFOLLOW", 0),
+                    0o644,
+                )
             except OSError:
                 if self.path.is_symlink():
                     raise link_refused(self.path) from None
@@ -195,8 +210,11 @@ class FileLock:
             old = os.pread(fd, 1 << 16, 0).decode("utf-8", "replace")
             self.previous = Holder.parse(old) if old.strip() else None
         if self.previous is not None:
-            state = {False: "stale: that process no longer exists", None: "its process ended or its host went down",
-                     True: "that process released it without removing the file"}[self.previous.alive()]
+            state = {
+                False: "stale: that process no longer exists",
+                None: "its process ended or its host went down",
+                True: "that process released it without removing the file",
+            }[self.previous.alive()]
             log.warning("%s: took over the lock left by %s (%s)", self.what, self.previous.describe(), state)
         self.holder = Holder.this_process()
         data = json.dumps(asdict(self.holder)).encode() + b"\n"

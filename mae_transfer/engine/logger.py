@@ -160,7 +160,11 @@ class MetricWriter:
                 header = next(csv.reader(f), [])
             if set(row) - set(header):
                 # A new column appeared: rewrite the CSV from the JSON-lines record.
-                rows = [json.loads(line) for line in (self.out_dir / f"{name}.jsonl").read_text().splitlines() if line.strip()]
+                rows = [
+                    json.loads(line)
+                    for line in (self.out_dir / f"{name}.jsonl").read_text().splitlines()
+                    if line.strip()
+                ]
                 self._rewrite_csv(name, rows)
                 return
         else:

@@ -56,7 +56,7 @@ def param_groups(
         if not p.requires_grad:
             continue
         inside = backbone is not None and name.startswith(prefix)
-        bare = name[len(prefix):] if inside else name
+        bare = name[len(prefix) :] if inside else name
         if no_decay_modules is None:
             no_decay = p.ndim == 1 or name.endswith(".bias") or bare in skip or name in skip
         else:
@@ -76,14 +76,18 @@ def param_groups(
     return sorted(groups.values(), key=lambda g: (g["layer_id"], g["weight_decay"]))
 
 
-def build_adamw(groups: list[dict], lr: float, betas: tuple[float, float], device: torch.device, eps: float = 1e-8) -> torch.optim.AdamW:
+def build_adamw(
+    groups: list[dict], lr: float, betas: tuple[float, float], device: torch.device, eps: float = 1e-8
+) -> torch.optim.AdamW:
     """AdamW, fused into one kernel on GPU (same maths, fewer launches)."""
     clean = [{k: v for k, v in g.items() if k != "param_names"} for g in groups]
     fused = device.type == "cuda"
     return torch.optim.AdamW(clean, lr=lr, betas=betas, eps=eps, fused=fused)
 
 
-def build_lars(groups: list[dict], lr: float, momentum: float = 0.9, trust_coeff: float = 0.001) -> torch.optim.Optimizer:
+def build_lars(
+    groups: list[dict], lr: float, momentum: float = 0.9, trust_coeff: float = 0.001
+) -> torch.optim.Optimizer:
     """LARS as in the official linear probe (MoCo v3's): weights (> 1-D) get the trust-ratio
     adaptation, biases and norm parameters (1-D) get plain momentum SGD and no weight decay.
 
@@ -103,7 +107,9 @@ def build_lars(groups: list[dict], lr: float, momentum: float = 0.9, trust_coeff
     return Lars(out, lr=lr, momentum=momentum, trust_coeff=trust_coeff, always_adapt=True)
 
 
-def build_optimizer(name: str, groups: list[dict], lr: float, betas: tuple[float, float], device: torch.device, momentum: float = 0.9) -> torch.optim.Optimizer:
+def build_optimizer(
+    name: str, groups: list[dict], lr: float, betas: tuple[float, float], device: torch.device, momentum: float = 0.9
+) -> torch.optim.Optimizer:
     """``adamw`` (fused on GPU), ``lars`` (linear probing) or ``sgd`` (momentum)."""
     if name == "adamw":
         return build_adamw(groups, lr, betas, device)

@@ -20,7 +20,9 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     if precision == "auto":
         return "bf16" if device.type == "cuda" else "fp32"
     if precision == "fp16" and device.type != "cuda":
-        raise ConfigError("precision fp16 needs a GPU (train.precision / the benchmark's precision); use bf16 or fp32 on a CPU")
+        raise ConfigError(
+            "precision fp16 needs a GPU (train.precision / the benchmark's precision); use bf16 or fp32 on a CPU"
+        )
     return precision
 
 

@@ -95,7 +95,9 @@ class ResultRow:
 COLUMNS = tuple(f.name for f in dataclasses.fields(ResultRow) if f.name != "extra")
 
 
-def row_identity(cfg: Any, backbone_sha256: str | None, exclude: tuple[str, ...], evaluated: dict | None = None) -> dict[str, Any]:
+def row_identity(
+    cfg: Any, backbone_sha256: str | None, exclude: tuple[str, ...], evaluated: dict | None = None
+) -> dict[str, Any]:
     """The "on what" fields of a task's result rows (``cfg``: its config, with ``backbone``).
 
     A trained or fine-tuned run: the pretrained backbone it started from (``"random init"`` without
@@ -111,17 +113,33 @@ def row_identity(cfg: Any, backbone_sha256: str | None, exclude: tuple[str, ...]
     m = getattr(cfg, "model", None)
     model = m.vit_label() if hasattr(m, "vit_label") else getattr(m, "name", None)
     if evaluated:
-        return dict(backbone=evaluated["path"], backbone_sha256=evaluated["sha256"], model=model,
-                    config_hash=config_hash(evaluated.get("config") or cfg, exclude),
-                    extra={"weights_format": evaluated["format"]})
-    return dict(backbone=getattr(cfg, "backbone", None) or "random init", backbone_sha256=backbone_sha256, model=model,
-                config_hash=config_hash(cfg, exclude))
+        return dict(
+            backbone=evaluated["path"],
+            backbone_sha256=evaluated["sha256"],
+            model=model,
+            config_hash=config_hash(evaluated.get("config") or cfg, exclude),
+            extra={"weights_format": evaluated["format"]},
+        )
+    return dict(
+        backbone=getattr(cfg, "backbone", None) or "random init",
+        backbone_sha256=backbone_sha256,
+        model=model,
+        config_hash=config_hash(cfg, exclude),
+    )
 
 
 # The class counts of the benchmarks' datasets (``imagefolder``: ImageNet-1k). Data read in a
 # benchmark's layout with another count is another dataset: its rows say so (:func:`dataset_name`).
-BENCHMARK_CLASSES = {"coco": 80, "ade20k": 150, "inat2017": 5089, "inat2018": 8142, "inat2019": 1010,
-                     "places205": 205, "places365": 365, "imagefolder": 1000}
+BENCHMARK_CLASSES = {
+    "coco": 80,
+    "ade20k": 150,
+    "inat2017": 5089,
+    "inat2018": 8142,
+    "inat2019": 1010,
+    "places205": 205,
+    "places365": 365,
+    "imagefolder": 1000,
+}
 
 
 def dataset_name(dataset: str, path: str | os.PathLike | None, num_classes: int | None, unit: str = "classes") -> str:
@@ -156,8 +174,10 @@ def write_run_results(out_dir: str | os.PathLike, rows: Iterable[ResultRow], con
     out = Path(out_dir)
     prov = provenance()
     model = ((config or {}).get("model") or {}).get("name") if isinstance((config or {}).get("model"), dict) else None
-    filled = [r.replace(**{k: v for k, v in {**prov, "model": model}.items() if getattr(r, k) is None and v is not None})
-              for r in rows]
+    filled = [
+        r.replace(**{k: v for k, v in {**prov, "model": model}.items() if getattr(r, k) is None and v is not None})
+        for r in rows
+    ]
     path = atomic_write_jsonl(out / RESULTS_FILE, [r.to_dict() for r in filled])
     if config is not None:
         atomic_write_json(out / "config_resolved.json", config)
@@ -190,7 +210,12 @@ def git_commit() -> str | None:
     if out.returncode != 0:
         return None
     commit = out.stdout.strip()
-    dirty = subprocess.run(["git", "-C", str(here), "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True, timeout=5)
+    dirty = subprocess.run(
+        ["git", "-C", str(here), "status", "--porcelain", "--untracked-files=no"],
+        capture_output=True,
+        text=True,
+        timeout=5,
+    )
     return commit + ("-dirty" if dirty.returncode == 0 and dirty.stdout.strip() else "")
 
 
@@ -222,9 +247,27 @@ def hardware() -> str:
 
 def provenance() -> dict[str, Any]:
     """The provenance fields of a row written now by this process."""
-    return {"git_commit": git_commit(), "versions": package_versions(), "hardware": hardware(),
-            "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
+    return {
+        "git_commit": git_commit(),
+        "versions": package_versions(),
+        "hardware": hardware(),
+        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+    }
 
 
-__all__ = ["ResultRow", "COLUMNS", "RESULTS_FILE", "FAILED", "BENCHMARK_CLASSES", "dataset_name", "is_custom_dataset", "row_identity", "write_run_results", "read_run_results", "provenance",
-           "git_commit", "package_versions", "hardware"]
+__all__ = [
+    "ResultRow",
+    "COLUMNS",
+    "RESULTS_FILE",
+    "FAILED",
+    "BENCHMARK_CLASSES",
+    "dataset_name",
+    "is_custom_dataset",
+    "row_identity",
+    "write_run_results",
+    "read_run_results",
+    "provenance",
+    "git_commit",
+    "package_versions",
+    "hardware",
+]

@@ -48,7 +48,9 @@ CHECKPOINT_NAME = "checkpoint-last.pth"
 # Signals that stop a run cleanly (save checkpoint-last.pth at the next step, then stop). SIGUSR1 and
 # SIGUSR2 are what SLURM sends ahead of a time limit or preemption (``#SBATCH --signal=USR1@90``;
 # submitit's default is USR2): a notice that the job will be killed soon, not a request from a user.
-PREEMPTION_SIGNALS = tuple(s for s in (getattr(signal, "SIGUSR1", None), getattr(signal, "SIGUSR2", None)) if s is not None)
+PREEMPTION_SIGNALS = tuple(
+    s for s in (getattr(signal, "SIGUSR1", None), getattr(signal, "SIGUSR2", None)) if s is not None
+)
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, *PREEMPTION_SIGNALS)
 # ``MAE_TRANSFER_REQUEUE=1`` in a hand-written SLURM batch script: after a preemption notice
 # (SIGUSR1/SIGUSR2) the main process saves and then runs ``scontrol requeue $SLURM_JOB_ID``, so the
@@ -116,7 +118,9 @@ class TrainConfig:
         if self.num_workers is not None and self.num_workers < 0:
             raise ConfigError("train.num_workers must be 0 (load in the main process) or more, or null for the default")
         if self.max_steps is not None and self.max_steps < 1:  # 0 or less would record an untrained model
-            raise ConfigError(f"train.max_steps must be at least 1, got {self.max_steps}; leave it out (null) for the whole schedule")
+            raise ConfigError(
+                f"train.max_steps must be at least 1, got {self.max_steps}; leave it out (null) for the whole schedule"
+            )
 
 
 class TrainTask:
@@ -135,7 +139,9 @@ class TrainTask:
     def build_train_dataset(self) -> Dataset:
         raise NotImplementedError
 
-    def training_step(self, model: nn.Module, batch: Any, device: torch.device) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def training_step(
+        self, model: nn.Module, batch: Any, device: torch.device
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Loss of one micro-batch (scalar) and extra scalar metrics to log."""
         raise NotImplementedError
 
@@ -198,8 +204,14 @@ class EvalContext:
         processes), in order, with this machine's workers."""
         from mae_transfer.engine.sampler import ShardSampler
 
-        return DataLoader(dataset, batch_size=batch_size, sampler=ShardSampler(len(dataset), self.dist.rank, self.dist.world_size),
-                          num_workers=self.num_workers, collate_fn=collate_fn, pin_memory=self.device.type == "cuda")
+        return DataLoader(
+            dataset,
+            batch_size=batch_size,
+            sampler=ShardSampler(len(dataset), self.dist.rank, self.dist.world_size),
+            num_workers=self.num_workers,
+            collate_fn=collate_fn,
+            pin_memory=self.device.type == "cuda",
+        )
 
 
 class TrainingInterrupted(Exception):
@@ -298,7 +310,9 @@ def requeue_slurm_job() -> str | None:
         return None
     scontrol = shutil.which("scontrol")
     if scontrol is None:
-        log.warning("%s=1 but scontrol is not on PATH: SLURM job %s is not requeued (resubmit it to resume)", REQUEUE_ENV, job)
+        log.warning(
+            "%s=1 but scontrol is not on PATH: SLURM job %s is not requeued (resubmit it to resume)", REQUEUE_ENV, job
+        )
         return None
     try:
         r = subprocess.run([scontrol, "requeue", job], capture_output=True, text=True, timeout=60)
@@ -306,8 +320,12 @@ def requeue_slurm_job() -> str | None:
         log.warning("scontrol requeue %s failed: %s (resubmit the job to resume)", job, e)
         return None
     if r.returncode != 0:
-        log.warning("scontrol requeue %s failed (exit %d): %s (resubmit the job to resume)", job, r.returncode,
-                    (r.stderr or r.stdout).strip()[-300:])
+        log.warning(
+            "scontrol requeue %s failed (exit %d): %s (resubmit the job to resume)",
+            job,
+            r.returncode,
+            (r.stderr or r.stdout).strip()[-300:],
+        )
         return None
     log.info("requeued SLURM job %s (scontrol requeue)", job)
     return job
@@ -353,11 +371,20 @@ def schedule_changes(state: dict, schedule: Schedule, effective_batch_size: int,
     old_spe = state.get("steps_per_epoch") or steps_per_epoch
     items = []
     if old.get("total_steps") not in (None, new["total_steps"]):
-        items.append(f"train.epochs {old['total_steps'] / old_spe:g} -> {new['total_steps'] / steps_per_epoch:g} "
-                     f"({old['total_steps']} -> {new['total_steps']} steps)")
-    for key, name in (("warmup_steps", "warmup steps"), ("peak_lr", "peak lr"), ("min_lr", "min lr"), ("kind", "schedule")):
+        items.append(
+            f"train.epochs {old['total_steps'] / old_spe:g} -> {new['total_steps'] / steps_per_epoch:g} "
+            f"({old['total_steps']} -> {new['total_steps']} steps)"
+        )
+    for key, name in (
+        ("warmup_steps", "warmup steps"),
+        ("peak_lr", "peak lr"),
+        ("min_lr", "min lr"),
+        ("kind", "schedule"),
+    ):
         a, b = old.get(key), new[key]
-        if a is not None and (a != b if not isinstance(b, float) else not math.isclose(a, b, rel_tol=1e-9, abs_tol=0.0)):
+        if a is not None and (
+            a != b if not isinstance(b, float) else not math.isclose(a, b, rel_tol=1e-9, abs_tol=0.0)
+        ):
             items.append(f"{name} {a:.4g} -> {b:.4g}" if isinstance(b, float) else f"{name} {a} -> {b}")
     if state.get("effective_batch_size") not in (None, effective_batch_size):
         items.append(f"effective batch {state['effective_batch_size']} -> {effective_batch_size}")
@@ -369,7 +396,9 @@ def schedule_changes(state: dict, schedule: Schedule, effective_batch_size: int,
         was = f" instead of {Schedule(**{k: v for k, v in old.items() if k in known}).lr(step):.3g}"
     except (TypeError, ValueError):  # a checkpoint that kept no (or an older) schedule record
         was = ""
-    return ", ".join(items) + f"; from step {step} on the lr follows the new schedule ({schedule.lr(step):.3g} there{was})"
+    return (
+        ", ".join(items) + f"; from step {step} on the lr follows the new schedule ({schedule.lr(step):.3g} there{was})"
+    )
 
 
 class Trainer:
@@ -432,12 +461,25 @@ class Trainer:
         from mae_transfer.engine.distributed import all_gather_list
 
         if size > UP_FRONT_CHECK_MAX:
-            log.info("%s has %d items, more than the %d checked before training: they are checked as they are read "
-                     "(%s checks them all now)", split, size, UP_FRONT_CHECK_MAX, full_check)
+            log.info(
+                "%s has %d items, more than the %d checked before training: they are checked as they are read "
+                "(%s checks them all now)",
+                split,
+                size,
+                UP_FRONT_CHECK_MAX,
+                full_check,
+            )
             return None
         start = time.monotonic()
         problems = sorted(all_gather_list(find(self.dist.rank, self.dist.world_size, max(1, self.num_workers()))))
-        log.info("checked the %d %s of %s in %.1f s: %d with problems", size, what, split, time.monotonic() - start, len(problems))
+        log.info(
+            "checked the %d %s of %s in %.1f s: %d with problems",
+            size,
+            what,
+            split,
+            time.monotonic() - start,
+            len(problems),
+        )
         return problems
 
     def evaluate(self, model: nn.Module | None = None, final: bool = False) -> dict[str, Any]:
@@ -519,9 +561,14 @@ class Trainer:
         if not params or bool(torch.stack([torch.isfinite(p).all() for p in params]).all()):
             self._finite_at_step = self.step
             return
-        bad = [n for n, p in self.unwrapped.named_parameters() if p.is_floating_point() and not bool(torch.isfinite(p).all())]
+        bad = [
+            n
+            for n, p in self.unwrapped.named_parameters()
+            if p.is_floating_point() and not bool(torch.isfinite(p).all())
+        ]
         raise FloatingPointError(
-            f"the weights became NaN or inf at step {self.step} ({len(bad)} tensors, e.g. {bad[0]}); {self._divergence_advice()}"
+            f"the weights became NaN or inf at step {self.step} ({len(bad)} tensors, e.g. {bad[0]}); "
+            f"{self._divergence_advice()}"
         )
 
     def _divergence_advice(self) -> str:
@@ -532,7 +579,10 @@ class Trainer:
         saved = getattr(self, "_saved_step", None)
         if self.checkpoint_path.is_file():
             at = f" (step {saved})" if saved is not None else ""
-            kept = f"the last good checkpoint {self.checkpoint_path}{at} is kept as it was; after a change below, the same command resumes from it"
+            kept = (
+                f"the last good checkpoint {self.checkpoint_path}{at} is kept as it was; "
+                "after a change below, the same command resumes from it"
+            )
         else:
             kept = f"no checkpoint was saved yet in {self.output_dir}"
         if peak is not None and not math.isfinite(peak):
@@ -556,7 +606,10 @@ class Trainer:
             if path.is_dir():
                 path = path / CHECKPOINT_NAME
             if not path.is_file():
-                raise CheckpointError(f"--resume {self.resume}: no training checkpoint there (give a {CHECKPOINT_NAME} or its run directory)")
+                raise CheckpointError(
+                    f"--resume {self.resume}: no training checkpoint there "
+                    f"(give a {CHECKPOINT_NAME} or its run directory)"
+                )
         else:
             path = self.checkpoint_path
             if not path.exists():
@@ -577,7 +630,9 @@ class Trainer:
         have = state.get("signature")
         if state.get("task") != self.task.name or have != want:
             diff = [k for k in sorted(set(want) | set(have or {})) if (have or {}).get(k) != want.get(k)]
-            details = ", ".join(f"{k}: checkpoint {(have or {}).get(k)!r} vs. this run {want.get(k)!r}" for k in diff[:4])
+            details = ", ".join(
+                f"{k}: checkpoint {(have or {}).get(k)!r} vs. this run {want.get(k)!r}" for k in diff[:4]
+            )
             raise CheckpointError(
                 f"{path} was written by a different model ({state.get('task')}; {details}); "
                 "use another --output for this run, or the same model settings to resume that one"
@@ -606,12 +661,23 @@ class Trainer:
         target = cfg.effective_batch_size or cfg.batch_size * world
         self.effective_batch_size = self.batch_size * world * self.accum_steps
         if self.batch_size != cfg.batch_size and self.effective_batch_size == target:
-            log.info("effective batch %d over %d processes: %d samples per process (train.batch_size %d would make %d)",
-                     target, world, self.batch_size, cfg.batch_size, cfg.batch_size * world)
+            log.info(
+                "effective batch %d over %d processes: %d samples per process (train.batch_size %d would make %d)",
+                target,
+                world,
+                self.batch_size,
+                cfg.batch_size,
+                cfg.batch_size * world,
+            )
         elif self.effective_batch_size != target:
             log.warning(
                 "effective batch %d is not a multiple of batch_size %d x %d processes; using %d "
-                "(gradient accumulation %d)", target, self.batch_size, world, self.effective_batch_size, self.accum_steps,
+                "(gradient accumulation %d)",
+                target,
+                self.batch_size,
+                world,
+                self.effective_batch_size,
+                self.accum_steps,
             )
         sampler = EpochBatchSampler(len(dataset), self.batch_size, world, dist.rank, self.accum_steps, cfg.seed)
         self.steps_per_epoch = sampler.steps_per_epoch
@@ -623,7 +689,9 @@ class Trainer:
         total_steps = cfg.epochs * self.steps_per_epoch
         last_step = min(total_steps, cfg.max_steps) if cfg.max_steps else total_steps
         self.peak_lr = ocfg.lr if ocfg.lr is not None else ocfg.blr * self.effective_batch_size / 256
-        warmup = ocfg.warmup_steps if ocfg.warmup_steps is not None else round(ocfg.warmup_epochs * self.steps_per_epoch)
+        warmup = (
+            ocfg.warmup_steps if ocfg.warmup_steps is not None else round(ocfg.warmup_epochs * self.steps_per_epoch)
+        )
         schedule = Schedule(
             total_steps=total_steps,
             warmup_steps=min(warmup, total_steps),
@@ -637,13 +705,22 @@ class Trainer:
         self.schedule = schedule
         if warmup > 0 and warmup >= total_steps:
             log.warning(
-                "the warmup (%d steps, optim.warmup_%s %g) is not shorter than the run (%d steps, train.epochs %d): the lr "
-                "rises the whole run, never reaches its peak %.3g and never decays; lower the warmup or raise train.epochs",
-                warmup, *(("steps", ocfg.warmup_steps) if ocfg.warmup_steps is not None else ("epochs", ocfg.warmup_epochs)),
-                total_steps, cfg.epochs, self.peak_lr,
+                "the warmup (%d steps, optim.warmup_%s %g) is not shorter than the run (%d steps, train.epochs %d): "
+                "the lr rises the whole run, never reaches its peak %.3g and never decays; "
+                "lower the warmup or raise train.epochs",
+                warmup,
+                *(("steps", ocfg.warmup_steps) if ocfg.warmup_steps is not None else ("epochs", ocfg.warmup_epochs)),
+                total_steps,
+                cfg.epochs,
+                self.peak_lr,
             )
         self.optimizer = build_optimizer(
-            ocfg.optimizer, self.task.param_groups(model, ocfg), self.peak_lr, tuple(ocfg.betas), self.device, ocfg.momentum
+            ocfg.optimizer,
+            self.task.param_groups(model, ocfg),
+            self.peak_lr,
+            tuple(ocfg.betas),
+            self.device,
+            ocfg.momentum,
         )
         self.scaler = torch.amp.GradScaler("cuda") if self.precision == "fp16" else None
 
@@ -671,7 +748,9 @@ class Trainer:
         for part in parts or ():
             part.compile()
         if world > 1:
-            self.model = DistributedDataParallel(model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+            self.model = DistributedDataParallel(
+                model, device_ids=[self.device.index] if self.device.type == "cuda" else None
+            )
         if cfg.compile and parts is None:
             self.model = torch.compile(self.model)
         self.dataset = dataset
@@ -694,8 +773,17 @@ class Trainer:
         log.info(
             "%s: %d samples, %d steps/epoch x %d epochs, effective batch %d (%d x %d processes x %d accumulation), "
             "peak lr %.3g, %s on %s",
-            self.task.name, len(dataset), self.steps_per_epoch, cfg.epochs, self.effective_batch_size,
-            self.batch_size, world, self.accum_steps, self.peak_lr, self.precision, self.device,
+            self.task.name,
+            len(dataset),
+            self.steps_per_epoch,
+            cfg.epochs,
+            self.effective_batch_size,
+            self.batch_size,
+            world,
+            self.accum_steps,
+            self.peak_lr,
+            self.precision,
+            self.device,
         )
         if self.step >= last_step:
             log.info("nothing to do: the run in %s is at step %d of %d", self.output_dir, self.step, last_step)
@@ -725,8 +813,13 @@ class Trainer:
             from tqdm.auto import tqdm
 
             progress = self._progress = tqdm(
-                total=last_step, initial=self.step, unit="step", dynamic_ncols=True, file=sys.stderr,
-                mininterval=1.0 if sys.stderr.isatty() else 30.0, leave=True,
+                total=last_step,
+                initial=self.step,
+                unit="step",
+                dynamic_ncols=True,
+                file=sys.stderr,
+                mininterval=1.0 if sys.stderr.isatty() else 30.0,
+                leave=True,
             )
         t_start = time.monotonic()
         start_step = self.step
@@ -807,8 +900,22 @@ class Trainer:
 
                     at_log = self.step % cfg.log_every == 0 or self.step == last_step
                     if at_log:
-                        self._log_window(sums, count, lr, grad_norm, epoch, window_t, window_steps, progress, t_start, start_step, last_step)
-                        if self.step % cfg.log_every == 0:  # a window cut short by the end (max_steps) goes on after a resume
+                        self._log_window(
+                            sums,
+                            count,
+                            lr,
+                            grad_norm,
+                            epoch,
+                            window_t,
+                            window_steps,
+                            progress,
+                            t_start,
+                            start_step,
+                            last_step,
+                        )
+                        if (
+                            self.step % cfg.log_every == 0
+                        ):  # a window cut short by the end (max_steps) goes on after a resume
                             sums, count = {}, 0
                         window_t, window_steps = time.monotonic(), 0
                     # A local flag needs no communication; with several processes agree every few steps.
@@ -827,7 +934,11 @@ class Trainer:
                     if progress is not None:
                         progress.close()
                     requeued = requeue_slurm_job() if (stop.preempted and dist.is_main) else None
-                    then = f"SLURM job {requeued} is requeued and resumes from it" if requeued else "run the same command again to resume"
+                    then = (
+                        f"SLURM job {requeued} is requeued and resumes from it"
+                        if requeued
+                        else "run the same command again to resume"
+                    )
                     raise TrainingInterrupted(
                         f"stopped by {stop.requested or 'a signal on another process'} at step {self.step}; "
                         f"the state is saved in {self.checkpoint_path}: {then}"
@@ -870,14 +981,18 @@ class Trainer:
         self._check_finite_weights()  # before the epoch's evaluation of a model that diverged
         corrupt = getattr(self.dataset, "num_corrupt", 0)
         if corrupt:
-            log.warning("epoch %d: %d corrupt or unreadable images were skipped (see warnings above)", epoch + 1, corrupt)
+            log.warning(
+                "epoch %d: %d corrupt or unreadable images were skipped (see warnings above)", epoch + 1, corrupt
+            )
         self.task.on_epoch_end(self, epoch)
         keep = self.train_cfg.save_every_epochs
         extra = f"checkpoint-epoch{epoch + 1}.pth" if keep and (epoch + 1) % keep == 0 else None
         self.save_checkpoint(epoch + 1, extra)
         self.metrics.write("epochs", {"step": self.step, "epoch": epoch + 1, "corrupt_images": int(corrupt)})
 
-    def _log_window(self, sums, count, lr, grad_norm, epoch, window_t, window_steps, progress, t_start, start_step, last_step) -> None:
+    def _log_window(
+        self, sums, count, lr, grad_norm, epoch, window_t, window_steps, progress, t_start, start_step, last_step
+    ) -> None:
         means = {k: all_reduce_mean(v / max(count, 1)).item() for k, v in sums.items()}
         loss = means.get("loss", float("nan"))
         if not math.isfinite(loss):
@@ -903,5 +1018,11 @@ class Trainer:
             progress.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", img_s=f"{ips:.1f}")
         log.info(
             "step %d/%d  epoch %d  loss %.4f  lr %.3e  %.1f img/s  eta %s",
-            self.step, last_step, epoch + 1, loss, lr, ips, _format_duration(eta),
+            self.step,
+            last_step,
+            epoch + 1,
+            loss,
+            lr,
+            ips,
+            _format_duration(eta),
         )

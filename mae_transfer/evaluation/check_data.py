@@ -58,10 +58,16 @@ def _split_report(name: str, ds: Any) -> dict[str, Any]:
     rep: dict[str, Any] = {"split": name, "served": len(ds)}
     if hasattr(ds, "load_target"):
         a = ds._a
-        rep.update({"listed_images": int(len(a["img_ids"])), "annotations": int(len(a["ann_id"])),
-                    "categories": len(ds.cat_ids), "missing_images": ds.num_missing_images,
-                    "skipped_annotations": dict(ds.skipped_reasons),
-                    "crowd_annotations": int(a["ann_crowd"].sum())})
+        rep.update(
+            {
+                "listed_images": int(len(a["img_ids"])),
+                "annotations": int(len(a["ann_id"])),
+                "categories": len(ds.cat_ids),
+                "missing_images": ds.num_missing_images,
+                "skipped_annotations": dict(ds.skipped_reasons),
+                "crowd_annotations": int(a["ann_crowd"].sum()),
+            }
+        )
     else:
         rep["classes"] = len(getattr(ds, "classes", None) or getattr(ds, "class_names", []) or [])
         rep["missing_files"] = int(getattr(ds, "num_missing", 0))
@@ -101,8 +107,14 @@ def _decode_check(ds: Any, full: bool, sample: int, seed: int = 0) -> dict[str, 
         checked += 1
         bar.update(1)
     bar.close()
-    return {"checked": checked, "of": n, "full": isinstance(chosen, range), "unreadable": len(bad),
-            "examples": bad[:10], "seconds": time.perf_counter() - t0}
+    return {
+        "checked": checked,
+        "of": n,
+        "full": isinstance(chosen, range),
+        "unreadable": len(bad),
+        "examples": bad[:10],
+        "seconds": time.perf_counter() - t0,
+    }
 
 
 def _worker_memory(ds: Any, records: int) -> float | None:
@@ -113,8 +125,9 @@ def _worker_memory(ds: Any, records: int) -> float | None:
 
     data = IndexPass(ds)
     n = min(records, len(data))
-    loader = DataLoader(Subset(data, list(range(n))), batch_size=256, num_workers=1, collate_fn=len,
-                        multiprocessing_context="fork")
+    loader = DataLoader(
+        Subset(data, list(range(n))), batch_size=256, num_workers=1, collate_fn=len, multiprocessing_context="fork"
+    )
     first = last = None
     iterator = iter(loader)
     pids = loader_worker_pids(iterator)
@@ -129,8 +142,17 @@ def _worker_memory(ds: Any, records: int) -> float | None:
     return last["uss"]
 
 
-def run_check_data(task: str, data: str | None, *, full: bool = False, sample: int = 200, gpus: int = 8,
-                   workers: int = 8, preset: str | None = None, records: int = 20000) -> dict[str, Any]:
+def run_check_data(
+    task: str,
+    data: str | None,
+    *,
+    full: bool = False,
+    sample: int = 200,
+    gpus: int = 8,
+    workers: int = 8,
+    preset: str | None = None,
+    records: int = 20000,
+) -> dict[str, Any]:
     """See the module docstring; returns every number (JSON-serialisable)."""
     from mae_transfer.data.index import release_memory
     from mae_transfer.evaluation.data_speed import _status_kib
@@ -157,8 +179,13 @@ def run_check_data(task: str, data: str | None, *, full: bool = False, sample: i
     release_memory()
     rss1 = _status_kib("VmRSS") or 0
     splits = {"train": _unwrap(task_obj.train_set), "val": _unwrap(task_obj.val_set)}
-    report: dict[str, Any] = {"task": task, "data": data or "toy", "build_seconds": build_s, "splits": [],
-                              "run_skips_bad_data": skips}
+    report: dict[str, Any] = {
+        "task": task,
+        "data": data or "toy",
+        "build_seconds": build_s,
+        "splits": [],
+        "run_skips_bad_data": skips,
+    }
     for name, ds in splits.items():
         rep = _split_report(name, ds)
         rep["decode"] = _decode_check(ds, full, sample)
@@ -170,8 +197,11 @@ def run_check_data(task: str, data: str | None, *, full: bool = False, sample: i
     index_mib = sum(s["index_mib"] for s in report["splits"])
     rank_mib = (rss1 - rss0) / 1024
     report["memory"] = {
-        "index_mib": index_mib, "rank_datasets_mib": rank_mib, "worker_uss_mib": worker_uss,
-        "gpus": gpus, "workers": workers,
+        "index_mib": index_mib,
+        "rank_datasets_mib": rank_mib,
+        "worker_uss_mib": worker_uss,
+        "gpus": gpus,
+        "workers": workers,
         "node_data_mib": index_mib + gpus * rank_mib + gpus * workers * (worker_uss or 0.0),
     }
     return report
@@ -185,21 +215,27 @@ def format_check_data(r: dict[str, Any]) -> tuple[str, bool]:
     for s in r["splits"]:
         head = f"  {s['split']}: {s['served']:,} samples served"
         if "listed_images" in s:
-            head += (f" of {s['listed_images']:,} images listed; {s['annotations']:,} annotations kept "
-                     f"({s['crowd_annotations']:,} crowd), {s['categories']} categories")
+            head += (
+                f" of {s['listed_images']:,} images listed; {s['annotations']:,} annotations kept "
+                f"({s['crowd_annotations']:,} crowd), {s['categories']} categories"
+            )
         else:
             head += f", {s['classes']} classes"
         lines.append(head)
         lines.append(f"    index: {s['index']}, {s['index_mib']:.1f} MiB")
         missing = s.get("missing_images", s.get("missing_files", 0))
         if missing:
-            lines.append(f"    MISSING: {missing:,} files listed but not on disk"
-                         + (" (a run stops on them unless told to skip them)" if not strict.get("skip") else " (skipped)"))
+            lines.append(
+                f"    MISSING: {missing:,} files listed but not on disk"
+                + (" (a run stops on them unless told to skip them)" if not strict.get("skip") else " (skipped)")
+            )
             stops = stops or not strict.get("skip")
         skipped = s.get("skipped_annotations") or {}
         if skipped:
-            lines.append(f"    annotations the run skips: {sum(skipped.values()):,} "
-                         f"({', '.join(f'{k}: {v:,}' for k, v in skipped.items())})")
+            lines.append(
+                f"    annotations the run skips: {sum(skipped.values()):,} "
+                f"({', '.join(f'{k}: {v:,}' for k, v in skipped.items())})"
+            )
             if any(k.startswith("unknown") for k in skipped) and not strict.get("skip"):
                 stops = True
                 lines.append("    (annotations with unknown category/image ids stop a run unless --skip-bad)")
@@ -209,7 +245,9 @@ def format_check_data(r: dict[str, Any]) -> tuple[str, bool]:
             # COCO and ADE20K runs stop on such files (COCO's --skip-bad leaves them out); the
             # classification and pretraining readers replace them (up to a share of the files).
             skipped = r["task"] not in ("coco", "ade20k") or (r["task"] == "coco" and strict.get("skip"))
-            then = "skipped" if skipped else "a run stops on them" + (" unless --skip-bad" if r["task"] == "coco" else "")
+            then = (
+                "skipped" if skipped else "a run stops on them" + (" unless --skip-bad" if r["task"] == "coco" else "")
+            )
             stops = stops or not skipped
             label = "UNREADABLE OR INVALID" if r["task"] == "ade20k" else "UNREADABLE"
             lines.append(f"    {label}: {d['unreadable']} of {what} ({d['seconds']:.1f} s; {then}):")
@@ -219,10 +257,12 @@ def format_check_data(r: dict[str, Any]) -> tuple[str, bool]:
     m = r["memory"]
     worker = "n/a" if m["worker_uss_mib"] is None else f"{m['worker_uss_mib']:.0f} MiB"
     lines.append(
-        f"  host memory for the data, {m['gpus']} GPUs x {m['workers']} workers per node: index {m['index_mib']:.0f} MiB "
+        f"  host memory for the data, {m['gpus']} GPUs x {m['workers']} workers per node: "
+        f"index {m['index_mib']:.0f} MiB "
         f"(memory-mapped, shared by the node) + {m['gpus']} x {m['rank_datasets_mib']:.0f} MiB per rank + "
         f"{m['gpus'] * m['workers']} x {worker} per worker (private memory after a pass over index records) "
-        f"= ~{m['node_data_mib'] / 1024:.1f} GiB, on top of what the model and CUDA take per rank")
+        f"= ~{m['node_data_mib'] / 1024:.1f} GiB, on top of what the model and CUDA take per rank"
+    )
     lines.append("  verdict: " + ("a run with these settings STOPS on this data (see above)" if stops else "ready"))
     return "\n".join(lines), stops
 

@@ -59,8 +59,20 @@ REQUEUE_ENV = "MAE_TRANSFER_REQUEUE"
 TORCHRUN_SIGNALS = ("PET_SIGNALS_TO_HANDLE", "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1,SIGUSR2")
 # SLURM states of a job that may still run (submitit's list, and COMPLETING / COMPLETED before the
 # result file is visible on a shared file system).
-_NOT_OVER = {"READY", "PENDING", "RUNNING", "UNKNOWN", "REQUEUED", "COMPLETING", "PREEMPTED", "CONFIGURING",
-             "RESIZING", "SUSPENDED", "REQUEUE_HOLD", "REQUEUE_FED"}
+_NOT_OVER = {
+    "READY",
+    "PENDING",
+    "RUNNING",
+    "UNKNOWN",
+    "REQUEUED",
+    "COMPLETING",
+    "PREEMPTED",
+    "CONFIGURING",
+    "RESIZING",
+    "SUSPENDED",
+    "REQUEUE_HOLD",
+    "REQUEUE_FED",
+}
 
 
 class JobCommandFailed(RuntimeError):
@@ -115,8 +127,14 @@ class JobCommand:
     job, which resumes from the run directory's checkpoint. Picklable (the running child is not
     part of the state)."""
 
-    def __init__(self, command: list[str], log_path: str | os.PathLike, cwd: str | os.PathLike | None = None,
-                 grace_s: float = 80.0, provenance: bool = True):
+    def __init__(
+        self,
+        command: list[str],
+        log_path: str | os.PathLike,
+        cwd: str | os.PathLike | None = None,
+        grace_s: float = 80.0,
+        provenance: bool = True,
+    ):
         self.command = [str(c) for c in command]
         self.log_path = str(log_path)
         self.cwd = str(cwd) if cwd is not None else None
@@ -177,11 +195,22 @@ class JobCommand:
             from mae_transfer.io import open_output
 
             with open_output(self.log_path, "ab") as logf:
-                logf.write(f"$ {shlex.join(self.command)}\n# job {job_id} on {socket.gethostname()}, attempt {self.attempt}\n".encode())
+                logf.write(
+                    (
+                        f"$ {shlex.join(self.command)}\n"
+                        f"# job {job_id} on {socket.gethostname()}, attempt {self.attempt}\n"
+                    ).encode()
+                )
                 logf.flush()
                 self._started = time.monotonic()
-                self._child = subprocess.Popen(self.command, stdout=logf, stderr=subprocess.STDOUT, cwd=self.cwd, env=env,
-                                               preexec_fn=_stop_with_parent if sys.platform.startswith("linux") else None)
+                self._child = subprocess.Popen(
+                    self.command,
+                    stdout=logf,
+                    stderr=subprocess.STDOUT,
+                    cwd=self.cwd,
+                    env=env,
+                    preexec_fn=_stop_with_parent if sys.platform.startswith("linux") else None,
+                )
                 rc = self._child.wait()
         finally:
             lock.release()
@@ -189,8 +218,10 @@ class JobCommand:
                 signal.signal(signal.SIGTERM, previous)
         seconds = self.seconds_before + time.monotonic() - self._started
         if rc != 0 and terminated:
-            self._note(f"the job got SIGTERM (scancel or preemption) and its command stopped (exit {rc}); no result: "
-                       "a requeued job resumes from the checkpoint, a cancelled one is recorded as failed by the next `bench`")
+            self._note(
+                f"the job got SIGTERM (scancel or preemption) and its command stopped (exit {rc}); no result: "
+                "a requeued job resumes from the checkpoint, a cancelled one is recorded as failed by the next `bench`"
+            )
             raise SystemExit(143)  # not an Exception: submitit writes no result file for it
         if rc != 0:
             raise JobCommandFailed(f"exited {rc} (log: {self.log_path})")
@@ -219,11 +250,16 @@ class JobCommand:
                 how = "the command saved and stopped" + (f" (exit {code})" if code is not None else "")
             else:
                 os.kill(child.pid, signal.SIGKILL)
-                how = f"the command did not stop within {self.grace_s:.0f} s and was killed (its last checkpoint is kept)"
+                how = (
+                    f"the command did not stop within {self.grace_s:.0f} s and was killed (its last checkpoint is kept)"
+                )
         if self._started is not None:
             self.seconds_before += time.monotonic() - self._started
         self.attempt += 1
-        self._note(f"time limit / preemption signal: {how}; the job is requeued, attempt {self.attempt} resumes from the checkpoint")
+        self._note(
+            f"time limit / preemption signal: {how}; "
+            f"the job is requeued, attempt {self.attempt} resumes from the checkpoint"
+        )
         return DelayedSubmission(self, *args, **kwargs)
 
 
@@ -275,7 +311,11 @@ def job_state(rec: dict[str, Any]) -> tuple[str, Any]:
     job = cls(folder=rec["folder"], job_id=str(rec["job_id"]))
     result = job.paths.result_pickle
     # A local job id is a pid, which the system reuses: a result older than the submission is another job's.
-    stale = rec["launcher"] == "submitit-local" and result.exists() and result.stat().st_mtime < rec.get("submitted_at", 0) - 1
+    stale = (
+        rec["launcher"] == "submitit-local"
+        and result.exists()
+        and result.stat().st_mtime < rec.get("submitted_at", 0) - 1
+    )
     if result.exists() and not stale:
         try:
             return "done", job.result()
@@ -304,7 +344,9 @@ def _failure_text(message: str, log_path: Path) -> tuple[str, int | None]:
         return error, rc
     lines = [ln.strip() for ln in message.splitlines() if ln.strip() and not ln.strip().startswith("-----")]
     # submitit's own errors end with a line naming the cause ("Job not requeued because: ...").
-    cause = next((ln for ln in reversed(lines) if "Error" in ln or "because" in ln), lines[-1] if lines else "no result")
+    cause = next(
+        (ln for ln in reversed(lines) if "Error" in ln or "because" in ln), lines[-1] if lines else "no result"
+    )
     return cause[-500:], None
 
 
@@ -321,8 +363,10 @@ def check_options(launcher: str, slurm: dict[str, Any]) -> None:
         raise ConfigError(f"{', '.join(given)} only applies to --launcher slurm (this is --launcher {launcher})")
     if slurm.get("time") is not None:
         if launcher not in LAUNCHERS:
-            raise ConfigError(f"--slurm-time is the time limit of submitted jobs (--launcher slurm or submitit-local), "
-                              f"not of --launcher {launcher}")
+            raise ConfigError(
+                f"--slurm-time is the time limit of submitted jobs (--launcher slurm or submitit-local), "
+                f"not of --launcher {launcher}"
+            )
         if slurm["time"] < 1:
             raise ConfigError(f"--slurm-time must be at least 1 minute, got {slurm['time']}")
     if launcher not in LAUNCHERS:
@@ -336,7 +380,9 @@ def check_options(launcher: str, slurm: dict[str, Any]) -> None:
     try:
         import submitit  # noqa: F401
     except ImportError:
-        raise ConfigError(f"--launcher {launcher} needs submitit: pip install 'mae-transfer[slurm]' (or pip install submitit)") from None
+        raise ConfigError(
+            f"--launcher {launcher} needs submitit: pip install 'mae-transfer[slurm]' (or pip install submitit)"
+        ) from None
 
 
 def _executor(launcher: str, results_dir: Path, nproc: int, slurm: dict[str, Any]):
@@ -351,30 +397,53 @@ def _executor(launcher: str, results_dir: Path, nproc: int, slurm: dict[str, Any
             executor = submitit.AutoExecutor(folder=folder, cluster="slurm")
         except RuntimeError as e:  # sbatch without srun
             raise ConfigError(f"--launcher slurm: {e}") from None
-        params: dict[str, Any] = {"nodes": 1, "tasks_per_node": 1, "gpus_per_node": nproc, "cpus_per_task": max(8, 8 * nproc),
-                                  "timeout_min": minutes}
+        params: dict[str, Any] = {
+            "nodes": 1,
+            "tasks_per_node": 1,
+            "gpus_per_node": nproc,
+            "cpus_per_task": max(8, 8 * nproc),
+            "timeout_min": minutes,
+        }
         params.update({f"slurm_{k}": slurm[k] for k in SLURM_ONLY if slurm.get(k)})
     else:
         import torch
 
         executor = submitit.AutoExecutor(folder=folder, cluster="local")
         # The local executor sets CUDA_VISIBLE_DEVICES to its GPUs: none on a machine without one.
-        params = {"nodes": 1, "tasks_per_node": 1, "timeout_min": minutes,
-                  "gpus_per_node": min(nproc, torch.cuda.device_count()) if torch.cuda.is_available() else 0}
+        params = {
+            "nodes": 1,
+            "tasks_per_node": 1,
+            "timeout_min": minutes,
+            "gpus_per_node": min(nproc, torch.cuda.device_count()) if torch.cuda.is_available() else 0,
+        }
     executor.update_parameters(**params)
     return executor
 
 
-def submit_jobs(jobs: list, results_dir: str | os.PathLike, launcher: str, nproc: int = 1,
-                slurm: dict[str, Any] | None = None, retry_failed: bool = True,
-                echo: Callable[[str], None] = print) -> list:
+def submit_jobs(
+    jobs: list,
+    results_dir: str | os.PathLike,
+    launcher: str,
+    nproc: int = 1,
+    slurm: dict[str, Any] | None = None,
+    retry_failed: bool = True,
+    echo: Callable[[str], None] = print,
+) -> list:
     """``bench --launcher slurm / submitit-local``: record what finished, report what runs, submit
     the rest. Returns one ``runner.JobOutcome`` per job; its status is "cached", "recorded",
     "failed", "running" or "submitted" (``cluster_job`` names the job)."""
     from mae_transfer.config import ConfigError
     from mae_transfer.engine.results import FAILED, ResultRow, read_run_results
-    from mae_transfer.evaluation.runner import (JobOutcome, _slug, _tag_rows, cached_outcome, claim_run_dir, job_done,
-                                                settled_outcome, shell_command)
+    from mae_transfer.evaluation.runner import (
+        JobOutcome,
+        _slug,
+        _tag_rows,
+        cached_outcome,
+        claim_run_dir,
+        job_done,
+        settled_outcome,
+        shell_command,
+    )
     from mae_transfer.evaluation.store import ResultStore
 
     slurm = dict(slurm or {})
@@ -398,34 +467,66 @@ def submit_jobs(jobs: list, results_dir: str | os.PathLike, launcher: str, nproc
             state, info = job_state(rec)
             if state == "running":
                 outcomes.append(JobOutcome(job, "running", cluster_job=str(rec["job_id"])))
-                unknown = (f"; sacct does not know it: if the job is gone, delete {job.run_dir / RECORD_FILE} to submit it again"
-                           if info == "UNKNOWN" else "")
+                unknown = (
+                    f"; sacct does not know it: if the job is gone, "
+                    f"delete {job.run_dir / RECORD_FILE} to submit it again"
+                    if info == "UNKNOWN"
+                    else ""
+                )
                 echo(f"{head}: {what} is {info.lower()}, not submitted again (log: {log_path}{unknown})")
                 continue
             rows = read_run_results(job.run_dir) if state == "done" else []
             if rows:
                 rows = _tag_rows(job, rows, info.get("wall_time_s"))
                 prov = info.get("provenance") or {}  # the machine that ran the job, not this one
-                rows = [r.replace(**{k: v for k, v in prov.items() if getattr(r, k, None) is None},
-                                  extra={**r.extra, "cluster_job": what.replace(" job ", " ")}) for r in rows]
+                rows = [
+                    r.replace(
+                        **{k: v for k, v in prov.items() if getattr(r, k, None) is None},
+                        extra={**r.extra, "cluster_job": what.replace(" job ", " ")},
+                    )
+                    for r in rows
+                ]
                 store.append(rows, unless=lambda stored: job_done(stored, job.key))  # once, if two benches record it
                 _write_record(job.run_dir, {**rec, "recorded": _now(), "state": "done"})
-                outcomes.append(JobOutcome(job, "recorded", info.get("wall_time_s"), rows=rows, cluster_job=str(rec["job_id"])))
+                outcomes.append(
+                    JobOutcome(job, "recorded", info.get("wall_time_s"), rows=rows, cluster_job=str(rec["job_id"]))
+                )
                 attempts = info.get("attempts", 1)
-                echo(f"{head}: {what} finished{f' after {attempts} attempts' if attempts > 1 else ''}, recorded: {_headline(rows)}")
+                echo(
+                    f"{head}: {what} finished{f' after {attempts} attempts' if attempts > 1 else ''}, "
+                    f"recorded: {_headline(rows)}"
+                )
                 continue
             if state == "done":
                 error, rc = f"exited 0 but wrote no {job.run_dir / 'results.jsonl'}", 0
             else:
                 error, rc = _failure_text(info, log_path)
-            failure = ResultRow(task=job.task, metric=FAILED, value=None,
-                                extra={"error": error, "returncode": rc, "log": str(log_path), "cluster_job": what.replace(" job ", " ")})
-            store.append(_tag_rows(job, [failure], None), unless=lambda stored: any(
-                r.get("job_key") == job.key and (r.get("extra") or {}).get("cluster_job") == failure.extra["cluster_job"] for r in stored))
+            failure = ResultRow(
+                task=job.task,
+                metric=FAILED,
+                value=None,
+                extra={
+                    "error": error,
+                    "returncode": rc,
+                    "log": str(log_path),
+                    "cluster_job": what.replace(" job ", " "),
+                },
+            )
+            store.append(
+                _tag_rows(job, [failure], None),
+                unless=lambda stored: any(
+                    r.get("job_key") == job.key
+                    and (r.get("extra") or {}).get("cluster_job") == failure.extra["cluster_job"]
+                    for r in stored
+                ),
+            )
             _write_record(job.run_dir, {**rec, "recorded": _now(), "state": "failed"})
             outcomes.append(JobOutcome(job, "failed", error=error, cluster_job=str(rec["job_id"])))
             again = "not submitted again (--no-retry)" if not retry_failed else "the next `bench` submits it again"
-            echo(f"{head}: {what} FAILED{f' (exit {rc})' if rc is not None else ''}: {error}\n    log: {log_path}; {again}")
+            echo(
+                f"{head}: {what} FAILED{f' (exit {rc})' if rc is not None else ''}: {error}"
+                f"\n    log: {log_path}; {again}"
+            )
             continue
         # Submitting: this bench holds the run directory meanwhile (another bench waits, then finds
         # the record); the job's JobCommand takes the lock over for the run.
@@ -455,13 +556,25 @@ def submit_jobs(jobs: list, results_dir: str | os.PathLike, launcher: str, nproc
             started = time.time()
             try:
                 # A local job runs on this machine: the store fills in the same provenance when recording.
-                submitted = executor.submit(JobCommand(command, log_path, cwd=os.getcwd(), provenance=launcher == "slurm"))
+                submitted = executor.submit(
+                    JobCommand(command, log_path, cwd=os.getcwd(), provenance=launcher == "slurm")
+                )
             except Exception as e:  # noqa: BLE001 - sbatch refused (unknown partition, account...)
                 text = " ".join(str(e).split())[-500:]
                 raise ConfigError(f"submitting the {job.label} job failed: {text}") from None
-            _write_record(job.run_dir, {"launcher": launcher, "job_id": str(submitted.job_id), "folder": str(executor.folder),
-                                        "submitted": _now(), "submitted_at": started, "command": command, "log": str(log_path),
-                                        "recorded": None})
+            _write_record(
+                job.run_dir,
+                {
+                    "launcher": launcher,
+                    "job_id": str(submitted.job_id),
+                    "folder": str(executor.folder),
+                    "submitted": _now(),
+                    "submitted_at": started,
+                    "command": command,
+                    "log": str(log_path),
+                    "recorded": None,
+                },
+            )
             resuming = " (resumes from its checkpoint)" if (job.run_dir / "checkpoint-last.pth").exists() else ""
             outcomes.append(JobOutcome(job, "submitted", cluster_job=str(submitted.job_id)))
             echo(f"{head}: submitted {kind} job {submitted.job_id}{resuming} (log: {log_path})")
@@ -474,4 +587,13 @@ def _headline(rows) -> str:
     return headline(rows)
 
 
-__all__ = ["LAUNCHERS", "RECORD_FILE", "JobCommand", "JobCommandFailed", "check_options", "submit_jobs", "read_record", "job_state"]
+__all__ = [
+    "LAUNCHERS",
+    "RECORD_FILE",
+    "JobCommand",
+    "JobCommandFailed",
+    "check_options",
+    "submit_jobs",
+    "read_record",
+    "job_state",
+]

@@ -57,9 +57,12 @@ def process_memory(pid: int | str = "self") -> dict[str, float] | None:
                     fields[parts[0][:-1]] = int(parts[1])
     except OSError:
         return None
-    return {"rss": fields.get("Rss", 0) / 1024, "pss": fields.get("Pss", 0) / 1024,
-            "uss": (fields.get("Private_Clean", 0) + fields.get("Private_Dirty", 0)) / 1024,
-            "dirty": fields.get("Private_Dirty", 0) / 1024}
+    return {
+        "rss": fields.get("Rss", 0) / 1024,
+        "pss": fields.get("Pss", 0) / 1024,
+        "uss": (fields.get("Private_Clean", 0) + fields.get("Private_Dirty", 0)) / 1024,
+        "dirty": fields.get("Private_Dirty", 0) / 1024,
+    }
 
 
 def loader_worker_pids(iterator: Any) -> list[int]:
@@ -106,10 +109,8 @@ def _count(batch: list[int]) -> int:
 
 def full_size_root(kind: str) -> Path:
     """The full-size rehearsal data of ``kind`` in the toolkit's cache, written on first use."""
-    from mae_transfer.data.fullsize import write_full_size
+    from mae_transfer.data.fullsize import FULL_SIZE_KINDS, write_full_size
     from mae_transfer.data.toy import toy_cache_dir
-
-    from mae_transfer.data.fullsize import FULL_SIZE_KINDS
 
     writer_kind = kind
     if writer_kind not in FULL_SIZE_KINDS:
@@ -126,8 +127,17 @@ def full_size_root(kind: str) -> Path:
     return root
 
 
-def run_data_speed(what: str, data: str | None = None, *, workers: int = 4, samples: int = 16, preset: str | None = None,
-                   split: str | None = None, full_size: bool = False, index_pass: bool = True) -> dict[str, Any]:
+def run_data_speed(
+    what: str,
+    data: str | None = None,
+    *,
+    workers: int = 4,
+    samples: int = 16,
+    preset: str | None = None,
+    split: str | None = None,
+    full_size: bool = False,
+    index_pass: bool = True,
+) -> dict[str, Any]:
     """See the module docstring. Returns a JSON-serialisable dict of every number."""
     from mae_transfer.data.index import release_memory
     from mae_transfer.evaluation.registry import TASKS
@@ -157,10 +167,16 @@ def run_data_speed(what: str, data: str | None = None, *, workers: int = 4, samp
     inner = unwrap_dataset(train)
     index_info = getattr(inner, "index_info", None)
     out: dict[str, Any] = {
-        "task": task, "data": data or "toy", "preset": preset, "train_images": len(train),
-        "build_seconds": build_s, "index": index_info.source if index_info else "n/a",
-        "main_rss_before_mib": rss0 / 1024, "main_rss_after_mib": rss1 / 1024,
-        "main_rss_growth_mib": (rss1 - rss0) / 1024, "main_peak_rss_mib": (_status_kib("VmHWM") or 0) / 1024,
+        "task": task,
+        "data": data or "toy",
+        "preset": preset,
+        "train_images": len(train),
+        "build_seconds": build_s,
+        "index": index_info.source if index_info else "n/a",
+        "main_rss_before_mib": rss0 / 1024,
+        "main_rss_after_mib": rss1 / 1024,
+        "main_rss_growth_mib": (rss1 - rss0) / 1024,
+        "main_peak_rss_mib": (_status_kib("VmHWM") or 0) / 1024,
     }
     if index_pass:
         out.update(_index_pass(train, workers))
@@ -170,8 +186,14 @@ def run_data_speed(what: str, data: str | None = None, *, workers: int = 4, samp
     for i in range(n):
         train[i % len(train)]
     seconds = time.perf_counter() - t1
-    out.update({"samples": n, "pipeline_seconds": seconds, "samples_per_s": n / seconds,
-                "img_size": getattr(getattr(cfg, "model", None), "img_size", None)})
+    out.update(
+        {
+            "samples": n,
+            "pipeline_seconds": seconds,
+            "samples_per_s": n / seconds,
+            "img_size": getattr(getattr(cfg, "model", None), "img_size", None),
+        }
+    )
     return out
 
 
@@ -182,8 +204,14 @@ def _index_pass(train: Any, workers: int) -> dict[str, Any]:
     batch = 512
     if workers:
         freeze_heap_for_workers()  # what the trainer does before its workers fork
-    loader = DataLoader(data, batch_size=batch, shuffle=False, num_workers=workers, collate_fn=_count,
-                        multiprocessing_context="fork" if workers else None)
+    loader = DataLoader(
+        data,
+        batch_size=batch,
+        shuffle=False,
+        num_workers=workers,
+        collate_fn=_count,
+        multiprocessing_context="fork" if workers else None,
+    )
     first: dict[int, dict] = {}
     last: dict[int, dict] = {}
     seen = 0
@@ -211,10 +239,14 @@ def _index_pass(train: Any, workers: int) -> dict[str, Any]:
     main = process_memory() or {}
     growth = [last[p]["uss"] - first[p]["uss"] for p in last]
     return {
-        "workers": workers, "pass_samples": seen, "pass_seconds": seconds,
+        "workers": workers,
+        "pass_samples": seen,
+        "pass_seconds": seconds,
         "records_per_s": seen / max(seconds, 1e-9),
-        "main_pss_mib": main.get("pss"), "main_uss_mib": main.get("uss"),
-        "worker_uss_start_mib": [first[p]["uss"] for p in last], "worker_uss_end_mib": [last[p]["uss"] for p in last],
+        "main_pss_mib": main.get("pss"),
+        "main_uss_mib": main.get("uss"),
+        "worker_uss_start_mib": [first[p]["uss"] for p in last],
+        "worker_uss_end_mib": [last[p]["uss"] for p in last],
         "worker_pss_end_mib": [last[p]["pss"] for p in last],
         "worker_uss_growth_mib": growth,
         "worker_dirty_start_mib": [first[p]["dirty"] for p in last],
@@ -224,24 +256,44 @@ def _index_pass(train: Any, workers: int) -> dict[str, Any]:
 
 
 def format_data_speed(r: dict[str, Any]) -> str:
-    lines = [f"{r['task']} data on {r['data']} ({r['preset']}): {r['train_images']:,} training images",
-             f"  datasets built in {r['build_seconds']:.1f} s (index: {r['index']}); main RSS "
-             f"{r['main_rss_before_mib']:.0f} -> {r['main_rss_after_mib']:.0f} MiB (+{r['main_rss_growth_mib']:.0f}), "
-             f"peak {r['main_peak_rss_mib']:.0f} MiB"]
+    lines = [
+        f"{r['task']} data on {r['data']} ({r['preset']}): {r['train_images']:,} training images",
+        f"  datasets built in {r['build_seconds']:.1f} s (index: {r['index']}); main RSS "
+        f"{r['main_rss_before_mib']:.0f} -> {r['main_rss_after_mib']:.0f} MiB (+{r['main_rss_growth_mib']:.0f}), "
+        f"peak {r['main_peak_rss_mib']:.0f} MiB",
+    ]
     if "workers" in r:
         if r["workers"]:
             growth = r["worker_uss_growth_mib"]
+            uss = ", ".join(f"{a:.0f}->{b:.0f}" for a, b in zip(r["worker_uss_start_mib"], r["worker_uss_end_mib"]))
+            dirty = ", ".join(
+                f"{a:.0f}->{b:.0f}" for a, b in zip(r["worker_dirty_start_mib"], r["worker_dirty_end_mib"])
+            )
             lines.append(
-                f"  index pass over {r['pass_samples']:,} samples with {r['workers']} workers in {r['pass_seconds']:.1f} s: "
-                f"worker USS {', '.join(f'{a:.0f}->{b:.0f}' for a, b in zip(r['worker_uss_start_mib'], r['worker_uss_end_mib']))} MiB "
+                f"  index pass over {r['pass_samples']:,} samples with {r['workers']} workers "
+                f"in {r['pass_seconds']:.1f} s: "
+                f"worker USS {uss} MiB "
                 f"(growth max {max(growth) if growth else 0:.0f} MiB), private dirty "
-                f"{', '.join(f'{a:.0f}->{b:.0f}' for a, b in zip(r['worker_dirty_start_mib'], r['worker_dirty_end_mib']))} MiB; "
-                f"main PSS {r['main_pss_mib']:.0f} MiB, total PSS {r['total_pss_end_mib']:.0f} MiB")
+                f"{dirty} MiB; "
+                f"main PSS {r['main_pss_mib']:.0f} MiB, total PSS {r['total_pss_end_mib']:.0f} MiB"
+            )
         else:
-            lines.append(f"  index pass over {r['pass_samples']:,} samples in the main process in {r['pass_seconds']:.1f} s")
-    lines.append(f"  training pipeline (decode + transforms, {r['img_size']} px): {r['samples_per_s']:.2f} samples/s per worker "
-                 f"({r['samples']} samples in {r['pipeline_seconds']:.2f} s)")
+            lines.append(
+                f"  index pass over {r['pass_samples']:,} samples in the main process in {r['pass_seconds']:.1f} s"
+            )
+    lines.append(
+        f"  training pipeline (decode + transforms, {r['img_size']} px): {r['samples_per_s']:.2f} samples/s per worker "
+        f"({r['samples']} samples in {r['pipeline_seconds']:.2f} s)"
+    )
     return "\n".join(lines)
 
 
-__all__ = ["run_data_speed", "format_data_speed", "process_memory", "full_size_root", "IndexPass", "ALIASES", "DATA_TASKS"]
+__all__ = [
+    "run_data_speed",
+    "format_data_speed",
+    "process_memory",
+    "full_size_root",
+    "IndexPass",
+    "ALIASES",
+    "DATA_TASKS",
+]

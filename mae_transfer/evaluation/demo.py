@@ -62,8 +62,12 @@ def run_demo(output: Path, quick: bool = False, verbose: bool = False, echo=prin
         pre_dir.mkdir(parents=True, exist_ok=True)
         t = time.perf_counter()
         pretrain = TASKS["pretrain"]
-        rc = runner.run_in_process(pretrain, {"overrides": pretrain.demo["quick" if quick else "full"], "output": str(pre_dir)},
-                                   pre_dir / "bench.log", verbose)
+        rc = runner.run_in_process(
+            pretrain,
+            {"overrides": pretrain.demo["quick" if quick else "full"], "output": str(pre_dir)},
+            pre_dir / "bench.log",
+            verbose,
+        )
         if rc in (130, 143):
             echo("[pretrain] interrupted; run the demo again to resume")
             return rc
@@ -74,7 +78,10 @@ def run_demo(output: Path, quick: bool = False, verbose: bool = False, echo=prin
 
     # 2. Every transfer task from the MAE encoder and from random weights.
     results = output / "results"
-    backbones = [runner.Backbone(MAE_NAME, str(encoder.resolve()), file_sha256(encoder)), runner.Backbone(RANDOM_NAME, None)]
+    backbones = [
+        runner.Backbone(MAE_NAME, str(encoder.resolve()), file_sha256(encoder)),
+        runner.Backbone(RANDOM_NAME, None),
+    ]
     from mae_transfer.data.toy import ensure_toy_dataset
 
     larger = {t: TASKS[t] for t in tasks if TASKS[t].demo.get("toy_data") and not quick}
@@ -108,7 +115,9 @@ def run_demo(output: Path, quick: bool = False, verbose: bool = False, echo=prin
     echo(f"  {wins} of {len(labels)} metrics{' (--quick schedules are too short to mean much)' if quick else ''}")
     echo("")
     echo("Pictures:")
-    echo(f"  MAE reconstructions (original | masked | prediction | prediction + visible): {pre_dir / 'reconstructions'}")
+    echo(
+        f"  MAE reconstructions (original | masked | prediction | prediction + visible): {pre_dir / 'reconstructions'}"
+    )
     for job in jobs:
         if (job.run_dir / "visualize").is_dir():
             what = job.spec.dense.get("what", "pictures")

@@ -31,7 +31,12 @@ def option_names(spec: TaskSpec) -> tuple[str, ...]:
 
 def complete(spec: TaskSpec, options: dict[str, Any]) -> dict[str, Any]:
     """``options`` with the command's defaults filled in and the task's fixed options applied."""
-    return {**defaults(option_names(spec)), "overrides": [], **{k: v for k, v in options.items() if v is not None}, **spec.fixed}
+    return {
+        **defaults(option_names(spec)),
+        "overrides": [],
+        **{k: v for k, v in options.items() if v is not None},
+        **spec.fixed,
+    }
 
 
 def validate_options(spec: TaskSpec, opts: dict[str, Any]) -> None:
@@ -48,8 +53,12 @@ def validate_options(spec: TaskSpec, opts: dict[str, Any]) -> None:
 
 
 # The model names a family's --model (model.name) takes; the ``train`` family's tasks name their own.
-_MODELS = {"pretrain": "mae_transfer.pretrain.model:MAE_PRESETS", "classification": "mae_transfer.models.vit:VIT_SIZES",
-           "dense": "mae_transfer.models.vit:VIT_SIZES", "frozen": "mae_transfer.models.vit:VIT_SIZES"}
+_MODELS = {
+    "pretrain": "mae_transfer.pretrain.model:MAE_PRESETS",
+    "classification": "mae_transfer.models.vit:VIT_SIZES",
+    "dense": "mae_transfer.models.vit:VIT_SIZES",
+    "frozen": "mae_transfer.models.vit:VIT_SIZES",
+}
 
 
 def _check_model(spec: TaskSpec, name: str | None, trainable_blocks: int | None = None) -> None:
@@ -62,8 +71,10 @@ def _check_model(spec: TaskSpec, name: str | None, trainable_blocks: int | None 
         raise ConfigError(f"--model {name}: unknown model; choose one of {', '.join(known)}")
     depth = getattr(known[name], "depth", None)
     if trainable_blocks is not None and depth and not 1 <= trainable_blocks <= depth:
-        raise ConfigError(f"--trainable-blocks {trainable_blocks}: {name} has {depth} blocks; give k from 1 to {depth} "
-                          f"(the last k blocks are trained)")
+        raise ConfigError(
+            f"--trainable-blocks {trainable_blocks}: {name} has {depth} blocks; give k from 1 to {depth} "
+            f"(the last k blocks are trained)"
+        )
 
 
 def _check_device(device: str | None, option: str = "--device") -> None:
@@ -71,8 +82,10 @@ def _check_device(device: str | None, option: str = "--device") -> None:
         import torch
 
         if not torch.cuda.is_available():
-            raise ConfigError(f"{option} {device}: no CUDA device is available here (torch.cuda.is_available() is False); "
-                              "use --device cpu, or --device auto to take a GPU when there is one")
+            raise ConfigError(
+                f"{option} {device}: no CUDA device is available here (torch.cuda.is_available() is False); "
+                "use --device cpu, or --device auto to take a GPU when there is one"
+            )
 
 
 def _device_or_none(device: str | None) -> str | None:
@@ -102,11 +115,21 @@ class Prepared:
         """What decides the numbers of this run besides the data and the backbone's bytes (the
         runner hashes it): the resolved config without paths, or the options of a frozen evaluation."""
         if self.cfg is None:
-            return {k: v for k, v in self.options.items() if k not in ("backbone", "data", "output", "overrides", "trust_checkpoint")}
-        return {k: v for k, v in to_dict(self.cfg).items() if k not in ("backbone", "init", "visualize", "trust_checkpoint", "eval_backend")}
+            return {
+                k: v
+                for k, v in self.options.items()
+                if k not in ("backbone", "data", "output", "overrides", "trust_checkpoint")
+            }
+        return {
+            k: v
+            for k, v in to_dict(self.cfg).items()
+            if k not in ("backbone", "init", "visualize", "trust_checkpoint", "eval_backend")
+        }
 
 
-def _model_from_backbone(opts: dict, overrides: dict, rename: dict[str, str] | None = None, pos_size_key: str | None = None) -> None:
+def _model_from_backbone(
+    opts: dict, overrides: dict, rename: dict[str, str] | None = None, pos_size_key: str | None = None
+) -> None:
     """Read the --backbone checkpoint before anything is written (a file that cannot be used, e.g.
     weights that are not floating point, ends the command here); without --model, take the ViT size
     from it (``rename`` maps sizes); with ``pos_size_key``, also the image size its position table
@@ -139,7 +162,10 @@ def _trained_weights(spec: TaskSpec, opts: dict, overrides: dict) -> tuple[dict 
     """``--eval-only --weights``: the trained model's state dict; the sections of its saved config
     that build it go into ``overrides`` unless the command line sets them (the data path never)."""
     if opts.get("eval_only") and not opts.get("weights"):
-        raise ConfigError(f"--eval-only needs --weights PATH (a {spec.weights['artifact']} or checkpoint-last.pth of a {spec.command} run)")
+        raise ConfigError(
+            f"--eval-only needs --weights PATH "
+            f"(a {spec.weights['artifact']} or checkpoint-last.pth of a {spec.command} run)"
+        )
     if opts.get("weights") and not opts.get("eval_only"):
         raise ConfigError("--weights is for --eval-only; to start training from a pretrained ViT use --backbone")
     if not opts.get("weights"):
@@ -153,9 +179,12 @@ def _trained_weights(spec: TaskSpec, opts: dict, overrides: dict) -> tuple[dict 
     # section); for another project's file (detectron2, mmsegmentation) the reader gives only the
     # architecture it inferred from the tensors.
     ours = isinstance(saved, dict) and isinstance(saved.get("train"), dict)
-    evaluated = {"path": str(weights_file(opts["weights"]).resolve()), "sha256": weights_sha256(opts["weights"]),
-                 "format": "mae-transfer" if ours else spec.weights.get("foreign", "unknown"),
-                 "config": saved if ours else None}
+    evaluated = {
+        "path": str(weights_file(opts["weights"]).resolve()),
+        "sha256": weights_sha256(opts["weights"]),
+        "format": "mae-transfer" if ours else spec.weights.get("foreign", "unknown"),
+        "config": saved if ours else None,
+    }
     # Build and test the model as it was trained (architecture, test settings, resize scale),
     # unless the command line says otherwise; where the data is comes from the command line.
     for section in spec.weights.get("sections", ()):
@@ -179,8 +208,9 @@ def prepare(spec: TaskSpec, options: dict[str, Any]) -> Prepared:
             opts["protocol"] = "partial"  # fine-tuning only the last k blocks (paper Figure 9)
         # The linear probe has its own recipe whatever the data (the official MAE linprobe script).
         linprobe = opts.get("protocol") == "linprobe"
-        preset = opts.get("preset") or (("toy_linprobe" if toy else "linprobe") if linprobe else
-                                        (spec.toy_preset if toy else spec.default_preset))
+        preset = opts.get("preset") or (
+            ("toy_linprobe" if toy else "linprobe") if linprobe else (spec.toy_preset if toy else spec.default_preset)
+        )
         overrides = _overrides(spec, opts)
         weights, evaluated = _trained_weights(spec, opts, overrides)
         _model_from_backbone(opts, overrides)
@@ -213,9 +243,14 @@ def prepare(spec: TaskSpec, options: dict[str, Any]) -> Prepared:
     weights, evaluated = _trained_weights(spec, opts, overrides)
     _model_from_backbone(opts, overrides, rename=dense.get("rename"), pos_size_key=dense.get("pos_size_key"))
     cfg = spec.load("config")(preset, overrides)
-    _check_model(spec, getattr(getattr(cfg, "model", None), "name", None))  # a dense task of a plugin may name its model otherwise
+    _check_model(
+        spec, getattr(getattr(cfg, "model", None), "name", None)
+    )  # a dense task of a plugin may name its model otherwise
     name = Path(preset).stem if preset else spec.default_preset
-    out = Path(opts.get("output") or (f"runs/{spec.command}-eval-{name}" if opts.get("eval_only") else f"runs/{spec.command}-{name}"))
+    out = Path(
+        opts.get("output")
+        or (f"runs/{spec.command}-eval-{name}" if opts.get("eval_only") else f"runs/{spec.command}-{name}")
+    )
     return Prepared(spec, opts, cfg, preset, out, toy, weights, evaluated)
 
 
@@ -254,10 +289,20 @@ def run(spec: TaskSpec, options: dict[str, Any], echo: Callable[[str], None] = p
     if spec.family == "frozen":
         setup_logging(0)
         with hold_run_dir(prep.output):
-            echo(spec.load("task")(dataset=opts.get("dataset") or "imagefolder", data=opts.get("data"), backbone=opts.get("backbone"),
-                                 model=opts.get("model"), img_size=opts.get("img_size"), ks=tuple(int(k) for k in str(opts["k"]).split(",")),
-                                 sweep=bool(opts.get("sweep")), output=prep.output, device=_device_or_none(opts.get("device")),
-                                 trust=bool(opts.get("trust_checkpoint"))))
+            echo(
+                spec.load("task")(
+                    dataset=opts.get("dataset") or "imagefolder",
+                    data=opts.get("data"),
+                    backbone=opts.get("backbone"),
+                    model=opts.get("model"),
+                    img_size=opts.get("img_size"),
+                    ks=tuple(int(k) for k in str(opts["k"]).split(",")),
+                    sweep=bool(opts.get("sweep")),
+                    output=prep.output,
+                    device=_device_or_none(opts.get("device")),
+                    trust=bool(opts.get("trust_checkpoint")),
+                )
+            )
         return 0
 
     from mae_transfer.engine.distributed import cleanup, init_distributed
@@ -281,8 +326,12 @@ def _train_or_evaluate(spec: TaskSpec, prep: Prepared, dist_info: Any, echo: Cal
     opts, cfg, output = prep.options, prep.cfg, prep.output
     setup_logging(dist_info.rank, output / "log.txt")
     if not cfg.data.path:
-        log.warning("no --data given: using the built-in toy %s data%s (a demo, not a paper recipe); pass --data DIR for the "
-                    "real dataset", spec.title, f" and the {prep.preset!r} preset" if prep.preset else "")
+        log.warning(
+            "no --data given: using the built-in toy %s data%s (a demo, not a paper recipe); pass --data DIR for the "
+            "real dataset",
+            spec.title,
+            f" and the {prep.preset!r} preset" if prep.preset else "",
+        )
     resume = opts.get("resume") or ("never" if opts.get("no_resume") else "auto")
     task_cls = spec.load("task")
     try:
@@ -302,14 +351,18 @@ def _train_or_evaluate(spec: TaskSpec, prep: Prepared, dist_info: Any, echo: Cal
     if not dist_info.is_main:
         return 0
     if spec.family == "pretrain":
-        echo(f"pretraining {'finished' if summary['finished'] else 'stopped'} at step {summary['step']} of "
-             f"{summary['total_steps']}; run directory: {output}")
+        echo(
+            f"pretraining {'finished' if summary['finished'] else 'stopped'} at step {summary['step']} of "
+            f"{summary['total_steps']}; run directory: {output}"
+        )
         if (output / "encoder.pth").exists():
             echo(f"encoder (official MAE format): {output / 'encoder.pth'}")
         if (output / "reconstructions").is_dir():
             echo(f"reconstruction pictures: {output / 'reconstructions'}")
         return 0
-    echo(spec.load("report")(task, cfg) if spec.report else "  ".join(f"{k} {v:.2f}" for k, v in task.last_eval.items()))
+    echo(
+        spec.load("report")(task, cfg) if spec.report else "  ".join(f"{k} {v:.2f}" for k, v in task.last_eval.items())
+    )
     line = f"results: {output / 'results.jsonl'}"
     if spec.family == "dense":
         line += f"; metrics: {output / 'metrics.json'}"

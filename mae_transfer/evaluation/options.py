@@ -55,76 +55,347 @@ _COUNT = _at_least(1)
 _DEVICE = ["auto", "cuda", "cpu"]
 _DATASETS = ["imagefolder", "inat2017", "inat2018", "inat2019", "places205", "places365"]
 
-FLAGS: dict[str, Flag] = {f.name: f for f in [
-    # where things are
-    Flag("data", ("--data",), "data.path", dict(metavar="DIR", help="dataset root in its official layout; default: built-in toy data in that layout")),
-    Flag("backbone", ("--backbone",), "backbone", dict(metavar="CKPT", help="pretrained weights (official MAE, timm, Hugging Face, ours); none = random init")),
-    Flag("init", ("--init",), "init", dict(metavar="CKPT", help="start from these weights (official MAE, timm, Hugging Face, ours)")),
-    Flag("output", ("--output",), None, dict(metavar="DIR", help="run directory (default: runs/<command>-<preset or dataset>)")),
-    Flag("preset", ("--preset",), None, dict(metavar="NAME", help="recipe preset (see `mae-transfer presets`), a YAML file, or a run's config.yaml")),
-    Flag("model", ("--model",), "model.name", dict(metavar="NAME", help="ViT size, e.g. vit_base_patch16 (default: from the backbone checkpoint)")),
-    # schedule
-    Flag("epochs", ("--epochs",), "train.epochs", dict(type=int, help="train.epochs"), check=_COUNT),
-    Flag("batch_size", ("--batch-size",), "train.batch_size", dict(type=int, help="images per process per step (train.batch_size)"),
-         check=_COUNT),
-    Flag("effective_batch_size", ("--effective-batch-size",), "train.effective_batch_size",
-         dict(type=int, help="global batch; gradient accumulation makes up the rest"), check=_COUNT),
-    Flag("blr", ("--blr",), "optim.blr", dict(type=float, help="base lr; lr = blr x effective batch / 256"), check=_rate("1.5e-4")),
-    Flag("lr", ("--lr",), "optim.lr", dict(type=float, help="peak learning rate (absolute, for the effective batch)"), check=_rate("1e-4")),
-    Flag("device", ("--device",), "train.device", dict(choices=_DEVICE, help="default: cuda when available")),
-    Flag("max_steps", ("--max-steps",), "train.max_steps", dict(type=int, help="stop after this many optimizer steps (the schedule still spans all epochs)"),
-         check=_at_least(1, "; leave --max-steps out for the whole schedule")),
-    Flag("resume", ("--resume",), None, dict(metavar="CKPT", help="resume from this training checkpoint (checkpoint-last.pth, or its run "
-                                                               "directory) instead of the --output directory's")),
-    Flag("no_resume", ("--no-resume",), None, dict(action="store_true", help="refuse to continue a run already in --output")),
-    Flag("print_config", ("--print-config",), None, dict(action="store_true", help="print the resolved config and exit")),
-    # classification
-    Flag("dataset", ("--dataset",), "data.dataset", dict(default="imagefolder", choices=_DATASETS,
-                                                         help="dataset format of --data (default: imagefolder = ImageNet layout)")),
-    Flag("year", ("--year",), None, dict(type=int, choices=[2017, 2018, 2019], default=2018, help="iNaturalist edition (default 2018)")),
-    Flag("version", ("--version",), None, dict(type=int, choices=[205, 365], default=365, help="Places edition (default 365)")),
-    Flag("protocol", ("--protocol",), "protocol", dict(choices=["finetune", "linprobe", "partial"], default="finetune",
-                                                       help="end-to-end fine-tuning (default), linear probing, or partial fine-tuning")),
-    Flag("trainable_blocks", ("--trainable-blocks",), "model.trainable_blocks", dict(type=int, help="partial fine-tuning: train the last k blocks"),
-         check=_at_least(1, " (and at most the ViT's depth)")),
-    Flag("missing", ("--missing",), "data.missing", dict(choices=["error", "skip"], help="images listed in the annotations but absent on disk: stop (default) or skip them")),
-    # dense tasks
-    Flag("img_size", ("--img-size",), "model.img_size", dict(type=int, help="input size (model.img_size: 1024 for COCO, 512 for ADE20K in the recipes)"),
-         check=_COUNT),
-    Flag("eval_only", ("--eval-only",), None, dict(action="store_true", help="only evaluate --weights (no training)")),
-    Flag("weights", ("--weights",), None, dict(metavar="PATH", help="trained model (classifier.pth / detector.pth / segmenter.pth, checkpoint-last.pth, "
-                                                                     "or the reference project's checkpoint) for --eval-only")),
-    Flag("trust_checkpoint", ("--trust-checkpoint",), "trust_checkpoint", dict(
-        action="store_true", help="allow checkpoints that need full unpickling (detectron2 model-zoo .pkl, pickled Python objects); "
-                                  "this can run code stored in the file, so only for files from a source you trust")),
-    Flag("visualize", ("--visualize",), "visualize", dict(type=int, metavar="N", help="save N evaluation images with predictions next to the ground truth"),
-         check=_at_least(0, " (0: none)")),
-    Flag("train_split", ("--train-split",), "data.train_split", dict(metavar="NAME", help="folder and annotations/instances_NAME.json to train on (default train2017)")),
-    Flag("eval_split", ("--eval-split",), "data.val_split", dict(metavar="NAME", help="split to evaluate on (default val2017)")),
-    Flag("skip_bad", ("--skip-bad",), "data.skip_bad", dict(action="store_true", help="skip unknown category ids, missing image files and unreadable images (counted) instead of stopping")),
-    Flag("num_classes", ("--num-classes",), "data.num_classes", dict(type=int, help="classes of your own data in the same layout (data.num_classes; 150)")),
-    Flag("bad_labels", ("--bad-labels",), "data.bad_labels", dict(choices=["error", "ignore"], help="label values outside the classes: stop (default) or ignore those pixels")),
-    Flag("flip", ("--flip",), "test.flip", dict(action="store_true", help="test with horizontal flips too")),
-    Flag("multi_scale", ("--multi-scale",), "test.scales", dict(
-        action="store_true", help="test at 0.5, 0.75, 1.0, 1.25, 1.5, 1.75 x the original image (mmsegmentation 1.x TTA; with --flip: ms+flip)"),
-         convert=lambda on: list(TTA_SCALES)),
-    # frozen features
-    Flag("k", ("--k",), None, dict(default="10,20,100,200", help="comma-separated neighbour counts"), check=_neighbour_counts),
-    Flag("sweep", ("--sweep",), None, dict(action="store_true", help="also run the linear-probe lr sweep")),
-]}
+FLAGS: dict[str, Flag] = {
+    f.name: f
+    for f in [
+        # where things are
+        Flag(
+            "data",
+            ("--data",),
+            "data.path",
+            dict(metavar="DIR", help="dataset root in its official layout; default: built-in toy data in that layout"),
+        ),
+        Flag(
+            "backbone",
+            ("--backbone",),
+            "backbone",
+            dict(
+                metavar="CKPT", help="pretrained weights (official MAE, timm, Hugging Face, ours); none = random init"
+            ),
+        ),
+        Flag(
+            "init",
+            ("--init",),
+            "init",
+            dict(metavar="CKPT", help="start from these weights (official MAE, timm, Hugging Face, ours)"),
+        ),
+        Flag(
+            "output",
+            ("--output",),
+            None,
+            dict(metavar="DIR", help="run directory (default: runs/<command>-<preset or dataset>)"),
+        ),
+        Flag(
+            "preset",
+            ("--preset",),
+            None,
+            dict(
+                metavar="NAME", help="recipe preset (see `mae-transfer presets`), a YAML file, or a run's config.yaml"
+            ),
+        ),
+        Flag(
+            "model",
+            ("--model",),
+            "model.name",
+            dict(metavar="NAME", help="ViT size, e.g. vit_base_patch16 (default: from the backbone checkpoint)"),
+        ),
+        # schedule
+        Flag("epochs", ("--epochs",), "train.epochs", dict(type=int, help="train.epochs"), check=_COUNT),
+        Flag(
+            "batch_size",
+            ("--batch-size",),
+            "train.batch_size",
+            dict(type=int, help="images per process per step (train.batch_size)"),
+            check=_COUNT,
+        ),
+        Flag(
+            "effective_batch_size",
+            ("--effective-batch-size",),
+            "train.effective_batch_size",
+            dict(type=int, help="global batch; gradient accumulation makes up the rest"),
+            check=_COUNT,
+        ),
+        Flag(
+            "blr",
+            ("--blr",),
+            "optim.blr",
+            dict(type=float, help="base lr; lr = blr x effective batch / 256"),
+            check=_rate("1.5e-4"),
+        ),
+        Flag(
+            "lr",
+            ("--lr",),
+            "optim.lr",
+            dict(type=float, help="peak learning rate (absolute, for the effective batch)"),
+            check=_rate("1e-4"),
+        ),
+        Flag("device", ("--device",), "train.device", dict(choices=_DEVICE, help="default: cuda when available")),
+        Flag(
+            "max_steps",
+            ("--max-steps",),
+            "train.max_steps",
+            dict(type=int, help="stop after this many optimizer steps (the schedule still spans all epochs)"),
+            check=_at_least(1, "; leave --max-steps out for the whole schedule"),
+        ),
+        Flag(
+            "resume",
+            ("--resume",),
+            None,
+            dict(
+                metavar="CKPT",
+                help="resume from this training checkpoint (checkpoint-last.pth, or its run "
+                "directory) instead of the --output directory's",
+            ),
+        ),
+        Flag(
+            "no_resume",
+            ("--no-resume",),
+            None,
+            dict(action="store_true", help="refuse to continue a run already in --output"),
+        ),
+        Flag(
+            "print_config",
+            ("--print-config",),
+            None,
+            dict(action="store_true", help="print the resolved config and exit"),
+        ),
+        # classification
+        Flag(
+            "dataset",
+            ("--dataset",),
+            "data.dataset",
+            dict(
+                default="imagefolder",
+                choices=_DATASETS,
+                help="dataset format of --data (default: imagefolder = ImageNet layout)",
+            ),
+        ),
+        Flag(
+            "year",
+            ("--year",),
+            None,
+            dict(type=int, choices=[2017, 2018, 2019], default=2018, help="iNaturalist edition (default 2018)"),
+        ),
+        Flag(
+            "version",
+            ("--version",),
+            None,
+            dict(type=int, choices=[205, 365], default=365, help="Places edition (default 365)"),
+        ),
+        Flag(
+            "protocol",
+            ("--protocol",),
+            "protocol",
+            dict(
+                choices=["finetune", "linprobe", "partial"],
+                default="finetune",
+                help="end-to-end fine-tuning (default), linear probing, or partial fine-tuning",
+            ),
+        ),
+        Flag(
+            "trainable_blocks",
+            ("--trainable-blocks",),
+            "model.trainable_blocks",
+            dict(type=int, help="partial fine-tuning: train the last k blocks"),
+            check=_at_least(1, " (and at most the ViT's depth)"),
+        ),
+        Flag(
+            "missing",
+            ("--missing",),
+            "data.missing",
+            dict(
+                choices=["error", "skip"],
+                help="images listed in the annotations but absent on disk: stop (default) or skip them",
+            ),
+        ),
+        # dense tasks
+        Flag(
+            "img_size",
+            ("--img-size",),
+            "model.img_size",
+            dict(type=int, help="input size (model.img_size: 1024 for COCO, 512 for ADE20K in the recipes)"),
+            check=_COUNT,
+        ),
+        Flag(
+            "eval_only", ("--eval-only",), None, dict(action="store_true", help="only evaluate --weights (no training)")
+        ),
+        Flag(
+            "weights",
+            ("--weights",),
+            None,
+            dict(
+                metavar="PATH",
+                help="trained model (classifier.pth / detector.pth / segmenter.pth, checkpoint-last.pth, "
+                "or the reference project's checkpoint) for --eval-only",
+            ),
+        ),
+        Flag(
+            "trust_checkpoint",
+            ("--trust-checkpoint",),
+            "trust_checkpoint",
+            dict(
+                action="store_true",
+                help="allow checkpoints that need full unpickling (detectron2 model-zoo .pkl, pickled Python objects); "
+                "this can run code stored in the file, so only for files from a source you trust",
+            ),
+        ),
+        Flag(
+            "visualize",
+            ("--visualize",),
+            "visualize",
+            dict(type=int, metavar="N", help="save N evaluation images with predictions next to the ground truth"),
+            check=_at_least(0, " (0: none)"),
+        ),
+        Flag(
+            "train_split",
+            ("--train-split",),
+            "data.train_split",
+            dict(metavar="NAME", help="folder and annotations/instances_NAME.json to train on (default train2017)"),
+        ),
+        Flag(
+            "eval_split",
+            ("--eval-split",),
+            "data.val_split",
+            dict(metavar="NAME", help="split to evaluate on (default val2017)"),
+        ),
+        Flag(
+            "skip_bad",
+            ("--skip-bad",),
+            "data.skip_bad",
+            dict(
+                action="store_true",
+                help="skip unknown category ids, missing image files and unreadable images (counted) "
+                "instead of stopping",
+            ),
+        ),
+        Flag(
+            "num_classes",
+            ("--num-classes",),
+            "data.num_classes",
+            dict(type=int, help="classes of your own data in the same layout (data.num_classes; 150)"),
+        ),
+        Flag(
+            "bad_labels",
+            ("--bad-labels",),
+            "data.bad_labels",
+            dict(
+                choices=["error", "ignore"],
+                help="label values outside the classes: stop (default) or ignore those pixels",
+            ),
+        ),
+        Flag("flip", ("--flip",), "test.flip", dict(action="store_true", help="test with horizontal flips too")),
+        Flag(
+            "multi_scale",
+            ("--multi-scale",),
+            "test.scales",
+            dict(
+                action="store_true",
+                help="test at 0.5, 0.75, 1.0, 1.25, 1.5, 1.75 x the original image "
+                "(mmsegmentation 1.x TTA; with --flip: ms+flip)",
+            ),
+            convert=lambda on: list(TTA_SCALES),
+        ),
+        # frozen features
+        Flag(
+            "k",
+            ("--k",),
+            None,
+            dict(default="10,20,100,200", help="comma-separated neighbour counts"),
+            check=_neighbour_counts,
+        ),
+        Flag("sweep", ("--sweep",), None, dict(action="store_true", help="also run the linear-probe lr sweep")),
+    ]
+}
 
 # The options of each family of task commands (a task adds its own in TaskSpec.options).
 FAMILY_OPTIONS: dict[str, tuple[str, ...]] = {
-    "pretrain": ("data", "output", "preset", "model", "epochs", "batch_size", "effective_batch_size", "blr", "device", "init",
-                 "max_steps", "resume", "no_resume", "trust_checkpoint", "print_config"),
-    "classification": ("data", "backbone", "trainable_blocks", "preset", "model", "output", "epochs", "batch_size",
-                       "effective_batch_size", "blr", "missing", "device", "max_steps", "eval_only", "weights", "resume", "no_resume",
-                       "trust_checkpoint", "print_config"),
-    "dense": ("backbone", "data", "preset", "model", "img_size", "output", "epochs", "batch_size", "effective_batch_size", "lr",
-              "device", "max_steps", "eval_only", "weights", "trust_checkpoint", "visualize", "resume", "no_resume", "print_config"),
-    "frozen": ("dataset", "data", "backbone", "model", "img_size", "k", "sweep", "output", "device", "trust_checkpoint"),
-    "train": ("data", "backbone", "preset", "model", "output", "epochs", "batch_size", "effective_batch_size", "lr", "device",
-              "max_steps", "resume", "no_resume", "print_config"),
+    "pretrain": (
+        "data",
+        "output",
+        "preset",
+        "model",
+        "epochs",
+        "batch_size",
+        "effective_batch_size",
+        "blr",
+        "device",
+        "init",
+        "max_steps",
+        "resume",
+        "no_resume",
+        "trust_checkpoint",
+        "print_config",
+    ),
+    "classification": (
+        "data",
+        "backbone",
+        "trainable_blocks",
+        "preset",
+        "model",
+        "output",
+        "epochs",
+        "batch_size",
+        "effective_batch_size",
+        "blr",
+        "missing",
+        "device",
+        "max_steps",
+        "eval_only",
+        "weights",
+        "resume",
+        "no_resume",
+        "trust_checkpoint",
+        "print_config",
+    ),
+    "dense": (
+        "backbone",
+        "data",
+        "preset",
+        "model",
+        "img_size",
+        "output",
+        "epochs",
+        "batch_size",
+        "effective_batch_size",
+        "lr",
+        "device",
+        "max_steps",
+        "eval_only",
+        "weights",
+        "trust_checkpoint",
+        "visualize",
+        "resume",
+        "no_resume",
+        "print_config",
+    ),
+    "frozen": (
+        "dataset",
+        "data",
+        "backbone",
+        "model",
+        "img_size",
+        "k",
+        "sweep",
+        "output",
+        "device",
+        "trust_checkpoint",
+    ),
+    "train": (
+        "data",
+        "backbone",
+        "preset",
+        "model",
+        "output",
+        "epochs",
+        "batch_size",
+        "effective_batch_size",
+        "lr",
+        "device",
+        "max_steps",
+        "resume",
+        "no_resume",
+        "print_config",
+    ),
 }
 EXCLUSIVE = (("resume", "no_resume"),)  # options that cannot be given together
 
@@ -151,7 +422,9 @@ def to_overrides(options: dict[str, Any], names: tuple[str, ...] | list[str]) ->
     return out
 
 
-def to_argv(command: str, options: dict[str, Any], names: tuple[str, ...] | list[str], always: tuple[str, ...] = ()) -> list[str]:
+def to_argv(
+    command: str, options: dict[str, Any], names: tuple[str, ...] | list[str], always: tuple[str, ...] = ()
+) -> list[str]:
     """The ``mae-transfer`` command line of ``options`` (``overrides`` last, as ``KEY=VALUE``);
     options at their default are left out unless named in ``always``."""
     argv = [command]

@@ -23,6 +23,8 @@ log = logging.getLogger(__name__)
 
 DPI = 120
 TOY_NOTE = "toy data: pipeline check, not comparable with the paper"
+
+
 def backbone_colors(names: Iterable[str]) -> dict[str, str]:
     """A colour per backbone name, in the given order, from the tab10 palette (cycled)."""
     palette = [f"tab:{c}" for c in "blue orange green red purple brown pink gray olive cyan".split()]
@@ -95,6 +97,7 @@ def _draw_loss(ax: Any, x: list[float], y: list[float], color: str, label: str |
 
 class _PlainLog(LogFormatter):
     """Log-axis labels as plain numbers ("0.3", not "3e-01"), on the ticks matplotlib would label."""
+
     def __call__(self, x: float, pos: int | None = None) -> str:
         return f"{x:g}" if super().__call__(x, pos) else ""
 
@@ -122,14 +125,17 @@ def _task_order(tasks: Iterable[str]) -> list[str]:
     return sorted(dict.fromkeys(tasks), key=lambda t: (order.index(t) if t in order else len(order), t))
 
 
-def plot_training_curves(runs: dict[str, dict[str, Path]], out: Path, title: str | None = None,
-                         colors: dict[str, str] | None = None) -> Path | None:
+def plot_training_curves(
+    runs: dict[str, dict[str, Path]], out: Path, title: str | None = None, colors: dict[str, str] | None = None
+) -> Path | None:
     """Training loss vs step: one subplot per job, one line (EMA, raw faint behind) per backbone.
 
     ``runs`` maps a task to ``{backbone: run dir}``. Returns None and writes nothing if no curve
     could be read. ``colors`` (from :func:`backbone_colors`) keeps colours in step with other plots.
     """
-    curves = {job: {bb: _xy(c, "loss") for bb, d in runs[job].items() if (c := _train_log(d))} for job in _task_order(runs)}
+    curves = {
+        job: {bb: _xy(c, "loss") for bb, d in runs[job].items() if (c := _train_log(d))} for job in _task_order(runs)
+    }
     curves = {job: c for job, c in curves.items() if c}
     if not curves:
         return None
@@ -204,8 +210,9 @@ def comparison_data(rows: list[dict]) -> tuple[list[str], dict[str, list[float |
     return labels, values
 
 
-def plot_comparison(rows: list[dict], out: Path, title: str | None = None,
-                    colors: dict[str, str] | None = None) -> Path | None:
+def plot_comparison(
+    rows: list[dict], out: Path, title: str | None = None, colors: dict[str, str] | None = None
+) -> Path | None:
     """Grouped bars of each job's headline metric, one bar per backbone; None if nothing to draw."""
     labels, values, fails = _comparison(rows)
     if not labels:
@@ -219,8 +226,13 @@ def plot_comparison(rows: list[dict], out: Path, title: str | None = None,
     ax = fig.add_subplot()
     for i, (bb, vs) in enumerate(values.items()):
         xs = [g + (i - (n - 1) / 2) * width for g in range(len(labels))]
-        bars = ax.bar([x for x, v in zip(xs, vs) if v is not None], [v for v in vs if v is not None],
-                      width * 0.92, color=colors[bb], label=bb)
+        bars = ax.bar(
+            [x for x, v in zip(xs, vs) if v is not None],
+            [v for v in vs if v is not None],
+            width * 0.92,
+            color=colors[bb],
+            label=bb,
+        )
         ax.bar_label(bars, fmt="%.1f", padding=2, fontsize=8, rotation=90 if rotate else 0)
         for x, f in zip(xs, fails[bb]):
             if f:
@@ -256,11 +268,21 @@ def plot_all(rows: list[dict], out_dir: Path, pretrain_dir: Path | None = None) 
             runs.setdefault(job, {})[bb] = d
         else:
             log.warning("run directory of %s / %s not found: %s", job, bb, d)
-    written = [plot_training_curves(runs, out_dir / "training_curves.png", colors=colors),
-               plot_comparison(rows, out_dir / "comparison.png", colors=colors)]
+    written = [
+        plot_training_curves(runs, out_dir / "training_curves.png", colors=colors),
+        plot_comparison(rows, out_dir / "comparison.png", colors=colors),
+    ]
     if pretrain_dir is not None:
         written.append(plot_pretraining(Path(pretrain_dir), out_dir / "pretraining.png"))
     return [p for p in written if p is not None]
 
 
-__all__ = ["backbone_colors", "comparison_data", "plot_all", "plot_comparison", "plot_pretraining", "plot_training_curves", "read_curve"]
+__all__ = [
+    "backbone_colors",
+    "comparison_data",
+    "plot_all",
+    "plot_comparison",
+    "plot_pretraining",
+    "plot_training_curves",
+    "read_curve",
+]

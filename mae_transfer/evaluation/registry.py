@@ -21,8 +21,8 @@ from __future__ import annotations
 
 import importlib
 import os
-import sys
 import re
+import sys
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -71,7 +71,8 @@ class TaskSpec:
     of those families; ``train`` is any other ``TrainTask`` with the common options; ``frozen``
     extracts features; ``pretrain`` is no benchmark task). ``config``/``task``/``report``: ``"module:attribute"`` of
     the config builder ``(preset, overrides) -> config``, the engine task class (for ``frozen``:
-    the function that evaluates) and the function that formats its results for the terminal. ``data_group``: the ``--data`` key of a benchmark
+    the function that evaluates) and the function that formats its results for the terminal.
+    ``data_group``: the ``--data`` key of a benchmark
     it shares with other tasks (``imagenet``). ``toy_kind``: its built-in toy dataset.
     ``toy_preset``/``default_preset``: the preset on toy data and on real data.
     ``native_resolution``: random-init runs also take the reference checkpoint's image size.
@@ -266,22 +267,49 @@ TABLES: dict[str, TableSpec] = {
 }
 
 _FT = "finetune|"  # fine-tuning rows (partial fine-tuning reports protocol "partial": not this column)
-_CLS = dict(epilog=CLASSIFY_EPILOG, family="classification",
-            weights=dict(read="mae_transfer.classification.task:read_classifier_weights",
-                         load="mae_transfer.classification.task:load_classifier_weights", artifact="classifier.pth", sections=("model",)), config="mae_transfer.classification.config:build_config",
-            task="mae_transfer.classification.task:ClassificationTask", report="mae_transfer.classification.task:report",
-            toy_preset="toy_finetune")
-_DET_WEIGHTS = dict(read="mae_transfer.detection.task:read_detector_weights", load="mae_transfer.detection.task:load_detector_weights",
-                    artifact="detector.pth", sections=("model", "test", "data"), foreign="detectron2")
-_SEG_WEIGHTS = dict(read="mae_transfer.segmentation.task:read_segmenter_weights", load="mae_transfer.segmentation.task:load_segmenter_weights",
-                    artifact="segmenter.pth", sections=("model", "test", "data"), foreign="mmsegmentation")
-_DET = dict(data="COCO", pictures="ground truth | prediction", what="detections",
-            # ViTDet runs ViT-H with 16 px patches (the 14 px kernel is resized on load, ViTDet A.2).
-            rename={"vit_huge_patch14": "vit_huge_patch16"}, pos_size_key="pretrain_img_size")
+_CLS = dict(
+    epilog=CLASSIFY_EPILOG,
+    family="classification",
+    weights=dict(
+        read="mae_transfer.classification.task:read_classifier_weights",
+        load="mae_transfer.classification.task:load_classifier_weights",
+        artifact="classifier.pth",
+        sections=("model",),
+    ),
+    config="mae_transfer.classification.config:build_config",
+    task="mae_transfer.classification.task:ClassificationTask",
+    report="mae_transfer.classification.task:report",
+    toy_preset="toy_finetune",
+)
+_DET_WEIGHTS = dict(
+    read="mae_transfer.detection.task:read_detector_weights",
+    load="mae_transfer.detection.task:load_detector_weights",
+    artifact="detector.pth",
+    sections=("model", "test", "data"),
+    foreign="detectron2",
+)
+_SEG_WEIGHTS = dict(
+    read="mae_transfer.segmentation.task:read_segmenter_weights",
+    load="mae_transfer.segmentation.task:load_segmenter_weights",
+    artifact="segmenter.pth",
+    sections=("model", "test", "data"),
+    foreign="mmsegmentation",
+)
+_DET = dict(
+    data="COCO",
+    pictures="ground truth | prediction",
+    what="detections",
+    # ViTDet runs ViT-H with 16 px patches (the 14 px kernel is resized on load, ViTDet A.2).
+    rename={"vit_huge_patch14": "vit_huge_patch16"},
+    pos_size_key="pretrain_img_size",
+)
 _SEG = dict(data="ADE20K", pictures="image | ground truth | prediction", what="segmentations", rename={})
 
 
-_TRANSFER_HELP = {"inat": "iNaturalist 2017/2018/2019 transfer (MAE paper Table 6)", "places": "Places205/365 transfer (MAE paper Table 6)"}
+_TRANSFER_HELP = {
+    "inat": "iNaturalist 2017/2018/2019 transfer (MAE paper Table 6)",
+    "places": "Places205/365 transfer (MAE paper Table 6)",
+}
 
 
 def _transfer(name: str, title: str, command: str, fixed: dict, quick: bool) -> TaskSpec:
@@ -289,68 +317,167 @@ def _transfer(name: str, title: str, command: str, fixed: dict, quick: bool) -> 
     # splits with 20 validation images per class instead of 5, so that the comparison with random
     # weights is not decided by one or two images.
     demo = {"full": ["train.epochs=25"], "toy_data": {"val_per_category": 20}, **({"quick": []} if quick else {})}
-    return TaskSpec(name=name, title=title, command=command, fixed={**fixed, "dataset": name}, options=(*fixed, "protocol"),
-                    toy_kind=name, default_preset="finetune_paper_table9", table="transfer", demo=demo,
-                    help=_TRANSFER_HELP[command], description=_TRANSFER_HELP[command] + ".",
-                    columns=(Column(name, title, "top1", _FT, bar="top-1"),), **_CLS)
+    return TaskSpec(
+        name=name,
+        title=title,
+        command=command,
+        fixed={**fixed, "dataset": name},
+        options=(*fixed, "protocol"),
+        toy_kind=name,
+        default_preset="finetune_paper_table9",
+        table="transfer",
+        demo=demo,
+        help=_TRANSFER_HELP[command],
+        description=_TRANSFER_HELP[command] + ".",
+        columns=(Column(name, title, "top1", _FT, bar="top-1"),),
+        **_CLS,
+    )
 
 
 TASKS: dict[str, TaskSpec] = {
     "coco": TaskSpec(
-        name="coco", title="COCO", command="coco", family="dense", config="mae_transfer.detection.config:build_config",
-        task="mae_transfer.detection.task:DetectionTask", report="mae_transfer.detection.task:report",
-        toy_kind="coco", default_preset="vitdet_mask_rcnn_b", table="coco", dense=_DET, weights=_DET_WEIGHTS,
-        help="COCO detection transfer: Mask R-CNN on a ViT (ViTDet / MAE Table 4)", description=COCO_HELP, epilog=COCO_EPILOG,
-        option_help={"data": "COCO root with train2017/, val2017/, annotations/; default: built-in toy COCO",
-                     "img_size": "training and test size (model.img_size; 1024 in the recipes)",
-                     "weights": "trained model (detector.pth, checkpoint-last.pth, or a detectron2 ViTDet checkpoint) for --eval-only"}, options=("train_split", "eval_split", "skip_bad"),
+        name="coco",
+        title="COCO",
+        command="coco",
+        family="dense",
+        config="mae_transfer.detection.config:build_config",
+        task="mae_transfer.detection.task:DetectionTask",
+        report="mae_transfer.detection.task:report",
+        toy_kind="coco",
+        default_preset="vitdet_mask_rcnn_b",
+        table="coco",
+        dense=_DET,
+        weights=_DET_WEIGHTS,
+        help="COCO detection transfer: Mask R-CNN on a ViT (ViTDet / MAE Table 4)",
+        description=COCO_HELP,
+        epilog=COCO_EPILOG,
+        option_help={
+            "data": "COCO root with train2017/, val2017/, annotations/; default: built-in toy COCO",
+            "img_size": "training and test size (model.img_size; 1024 in the recipes)",
+            "weights": "trained model (detector.pth, checkpoint-last.pth, or a detectron2 ViTDet checkpoint) "
+            "for --eval-only",
+        },
+        options=("train_split", "eval_split", "skip_bad"),
         # The demo: 64 px, the pretraining size, with windows as large as the pretraining grid
         # (ViTDet's rule: window = the global attention size of pretraining), and 64 toy validation
         # scenes instead of 16 (AP on 16 scenes moves by points between runs).
-        demo={"full": ["model.img_size=64", "model.window_size=8"], "quick": ["model.img_size=64", "model.window_size=8"],
-              "toy_data": {"val_images": 64}},
-        columns=(Column("APbox", "APbox", "bbox_AP", keep="always", bar="APbox"),
-                 Column("APmask", "APmask", "segm_AP", keep="always", bar="APmask"))),
+        demo={
+            "full": ["model.img_size=64", "model.window_size=8"],
+            "quick": ["model.img_size=64", "model.window_size=8"],
+            "toy_data": {"val_images": 64},
+        },
+        columns=(
+            Column("APbox", "APbox", "bbox_AP", keep="always", bar="APbox"),
+            Column("APmask", "APmask", "segm_AP", keep="always", bar="APmask"),
+        ),
+    ),
     "ade20k": TaskSpec(
-        name="ade20k", title="ADE20K", command="ade20k", family="dense", config="mae_transfer.segmentation.config:build_config",
-        task="mae_transfer.segmentation.task:SegmentationTask", report="mae_transfer.segmentation.task:report",
-        toy_kind="ade20k", default_preset="upernet_vit_b", table="ade20k", dense=_SEG, weights=_SEG_WEIGHTS,
-        help="ADE20K segmentation transfer: UperNet on a ViT (MAE Table 5)", description=ADE20K_HELP, epilog=ADE20K_EPILOG,
-        option_help={"data": "ADEChallengeData2016 folder (or the folder holding it); default: built-in toy ADE20K",
-                     "img_size": "training crop and sliding-window size (model.img_size; 512 in the recipes)",
-                     "weights": "trained model (segmenter.pth, checkpoint-last.pth, or an mmsegmentation checkpoint) for --eval-only",
-                     "missing": "images without a label map: stop (default) or skip them"},
-        options=("num_classes", "bad_labels", "missing", "flip", "multi_scale"), demo={"full": ["train.epochs=12"], "quick": []},
-        columns=(Column("mIoU", "mIoU", "mIoU", r".*_ss", keep="always", bar="mIoU", bar_fallback=True),
-                 Column("mIoU_msflip", "mIoU (ms+flip)", "mIoU", r".*_ms\+flip", keep="present"))),
-    **{f"inat{y}": _transfer(f"inat{y}", f"iNat {y}", "inat", {"year": y}, quick=y == 2018) for y in (2017, 2018, 2019)},
-    **{f"places{v}": _transfer(f"places{v}", f"Places{v}", "places", {"version": v}, quick=v == 365) for v in (205, 365)},
+        name="ade20k",
+        title="ADE20K",
+        command="ade20k",
+        family="dense",
+        config="mae_transfer.segmentation.config:build_config",
+        task="mae_transfer.segmentation.task:SegmentationTask",
+        report="mae_transfer.segmentation.task:report",
+        toy_kind="ade20k",
+        default_preset="upernet_vit_b",
+        table="ade20k",
+        dense=_SEG,
+        weights=_SEG_WEIGHTS,
+        help="ADE20K segmentation transfer: UperNet on a ViT (MAE Table 5)",
+        description=ADE20K_HELP,
+        epilog=ADE20K_EPILOG,
+        option_help={
+            "data": "ADEChallengeData2016 folder (or the folder holding it); default: built-in toy ADE20K",
+            "img_size": "training crop and sliding-window size (model.img_size; 512 in the recipes)",
+            "weights": "trained model (segmenter.pth, checkpoint-last.pth, or an mmsegmentation checkpoint) "
+            "for --eval-only",
+            "missing": "images without a label map: stop (default) or skip them",
+        },
+        options=("num_classes", "bad_labels", "missing", "flip", "multi_scale"),
+        demo={"full": ["train.epochs=12"], "quick": []},
+        columns=(
+            Column("mIoU", "mIoU", "mIoU", r".*_ss", keep="always", bar="mIoU", bar_fallback=True),
+            Column("mIoU_msflip", "mIoU (ms+flip)", "mIoU", r".*_ms\+flip", keep="present"),
+        ),
+    ),
+    **{
+        f"inat{y}": _transfer(f"inat{y}", f"iNat {y}", "inat", {"year": y}, quick=y == 2018) for y in (2017, 2018, 2019)
+    },
+    **{
+        f"places{v}": _transfer(f"places{v}", f"Places{v}", "places", {"version": v}, quick=v == 365)
+        for v in (205, 365)
+    },
     "finetune": TaskSpec(
         help="fine-tune a ViT end to end on an image-classification dataset",
         description="Fine-tune a ViT end to end on an image-classification dataset.",
-        name="finetune", title="ImageNet fine-tune", command="finetune", fixed={"protocol": "finetune"}, options=("dataset",), data_group="imagenet", toy_kind="imagefolder",
-        default_preset="finetune_vit_base", table="imagenet", demo={"full": ["train.epochs=15"], "quick": []}, columns=(Column("finetune", "fine-tune", "top1", _FT, bar="top-1"),), **_CLS),
+        name="finetune",
+        title="ImageNet fine-tune",
+        command="finetune",
+        fixed={"protocol": "finetune"},
+        options=("dataset",),
+        data_group="imagenet",
+        toy_kind="imagefolder",
+        default_preset="finetune_vit_base",
+        table="imagenet",
+        demo={"full": ["train.epochs=15"], "quick": []},
+        columns=(Column("finetune", "fine-tune", "top1", _FT, bar="top-1"),),
+        **_CLS,
+    ),
     "linprobe": TaskSpec(
         help="linear probing of a frozen ViT (the official MAE protocol)",
         description="Linear probing of a frozen ViT (the official MAE protocol).",
-        name="linprobe", title="linear probe", command="linprobe", fixed={"protocol": "linprobe"}, options=("dataset",), data_group="imagenet", toy_kind="imagefolder",
-        default_preset="linprobe", table="imagenet", demo={"full": ["train.epochs=15"], "quick": []}, columns=(Column("linprobe", "linear probe", "top1", "linprobe|", bar="top-1"),),
-        **{**_CLS, "toy_preset": "toy_linprobe"}),
+        name="linprobe",
+        title="linear probe",
+        command="linprobe",
+        fixed={"protocol": "linprobe"},
+        options=("dataset",),
+        data_group="imagenet",
+        toy_kind="imagefolder",
+        default_preset="linprobe",
+        table="imagenet",
+        demo={"full": ["train.epochs=15"], "quick": []},
+        columns=(Column("linprobe", "linear probe", "top1", "linprobe|", bar="top-1"),),
+        **{**_CLS, "toy_preset": "toy_linprobe"},
+    ),
     "knn": TaskSpec(
         help="k-NN and linear-probe-sweep evaluation of frozen features",
-        description="Evaluate frozen features: weighted k-NN (cosine, T=0.07) and, with --sweep, a linear probe that trains "
-                    "several learning rates at once on the extracted features.",
-        name="knn", title="k-NN", command="knn", family="frozen", task="mae_transfer.classification.frozen:run_frozen_eval", fixed={"sweep": True}, data_group="imagenet",
-        toy_kind="imagefolder", toy_preset=None, table="imagenet", trains=False, parallel=False, native_resolution=True,
+        description="Evaluate frozen features: weighted k-NN (cosine, T=0.07) and, with --sweep, "
+        "a linear probe that trains several learning rates at once on the extracted features.",
+        name="knn",
+        title="k-NN",
+        command="knn",
+        family="frozen",
+        task="mae_transfer.classification.frozen:run_frozen_eval",
+        fixed={"sweep": True},
+        data_group="imagenet",
+        toy_kind="imagefolder",
+        toy_preset=None,
+        table="imagenet",
+        trains=False,
+        parallel=False,
+        native_resolution=True,
         demo={"full": [], "quick": []},
-        columns=(Column("knn", "k-NN", "top1", r"knn\d+", bar="top-1", prefer="knn"),)),
+        columns=(Column("knn", "k-NN", "top1", r"knn\d+", bar="top-1", prefer="knn"),),
+    ),
     "pretrain": TaskSpec(
-        help="pretrain an MAE (paper recipe; toy data when no --data)", description=PRETRAIN_HELP, epilog=PRETRAIN_EPILOG,
-        option_help={"data": "ImageFolder/ImageNet root (train/<class>/*.JPEG or <class>/*); default: built-in toy data",
-                     "model": "MAE model, e.g. mae_vit_base_patch16, mae_vit_large_patch16, mae_vit_huge_patch14"},
-        name="pretrain", title="MAE pretraining", command="pretrain", family="pretrain", config="mae_transfer.pretrain.config:build_config",
-        task="mae_transfer.pretrain.task:PretrainTask", toy_kind="imagefolder", benchmark=False,
-        demo={"full": ["train.epochs=30"], "quick": ["train.epochs=3"]}),
+        help="pretrain an MAE (paper recipe; toy data when no --data)",
+        description=PRETRAIN_HELP,
+        epilog=PRETRAIN_EPILOG,
+        option_help={
+            "data": "ImageFolder/ImageNet root (train/<class>/*.JPEG or <class>/*); default: built-in toy data",
+            "model": "MAE model, e.g. mae_vit_base_patch16, mae_vit_large_patch16, mae_vit_huge_patch14",
+        },
+        name="pretrain",
+        title="MAE pretraining",
+        command="pretrain",
+        family="pretrain",
+        config="mae_transfer.pretrain.config:build_config",
+        task="mae_transfer.pretrain.task:PretrainTask",
+        toy_kind="imagefolder",
+        benchmark=False,
+        demo={"full": ["train.epochs=30"], "quick": ["train.epochs=3"]},
+    ),
 }
 
 
@@ -395,6 +522,7 @@ def spec_for(command: str, options: dict[str, Any]) -> TaskSpec:
 # Options that select among the tasks of one command (the others in ``fixed`` are only set).
 _SELECTORS = ("year", "version")
 
+
 class PluginError(ImportError):
     """A module named in ``MAE_TRANSFER_TASKS`` cannot be imported (the message says what to do)."""
 
@@ -422,13 +550,27 @@ def _load_plugins() -> None:
             importlib.import_module(name)
             continue
         raise PluginError(
-            f"MAE_TRANSFER_TASKS names the module {name!r}, which is neither importable nor a {name.split('.')[0]}.py / "
-            f"package in the current folder ({cwd}); run the command from the folder that holds it, or add that folder to "
+            f"MAE_TRANSFER_TASKS names the module {name!r}, which is neither importable "
+            f"nor a {name.split('.')[0]}.py / package in the current folder ({cwd}); "
+            "run the command from the folder that holds it, or add that folder to "
             "PYTHONPATH (PYTHONPATH=/path/to/folder mae-transfer ...)"
         ) from None
 
 
 _load_plugins()
 
-__all__ = ["Column", "TableSpec", "TaskSpec", "TASKS", "TABLES", "FAMILIES", "resolve", "benchmark_tasks", "data_keys",
-           "table_columns", "headline_columns", "commands", "spec_for"]
+__all__ = [
+    "Column",
+    "TableSpec",
+    "TaskSpec",
+    "TASKS",
+    "TABLES",
+    "FAMILIES",
+    "resolve",
+    "benchmark_tasks",
+    "data_keys",
+    "table_columns",
+    "headline_columns",
+    "commands",
+    "spec_for",
+]

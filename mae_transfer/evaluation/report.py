@@ -8,7 +8,9 @@ from mae_transfer.evaluation.plots import plot_all
 from mae_transfer.evaluation.tables import render, write_tables
 
 
-def write_report(rows: list[dict], results: Path, baseline: str | None, pretrain_dir: Path | None = None) -> tuple[str, dict, list]:
+def write_report(
+    rows: list[dict], results: Path, baseline: str | None, pretrain_dir: Path | None = None
+) -> tuple[str, dict, list]:
     """Write the tables and plots of ``rows`` into ``results``; return the Markdown tables and the
     paths written (tables by file name, plots)."""
     kw = {"baseline": baseline or "auto"}

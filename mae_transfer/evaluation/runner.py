@@ -6,7 +6,8 @@ run directory, so everything the task commands do (resume after a kill, clear er
 per-run ``results.jsonl``) holds for every job. The runner adds:
 
 * **planning**: the job's identity (``job_key``) hashes the task, the fully resolved config (from
-  ``front.prepare``, minus paths of the weights), the data path and the backbone's sha256, so the same weights under another file name are the same job, and another preset,
+  ``front.prepare``, minus paths of the weights), the data path and the backbone's sha256, so the same
+  weights under another file name are the same job, and another preset,
   override or checkpoint is a new one;
 * **skipping**: a job whose rows are already in ``<results>/results.jsonl`` is not run again; a job
   whose run directory already holds its final ``results.jsonl`` (run by hand from the printed
@@ -125,7 +126,9 @@ def parse_backbones(specs: Iterable[str]) -> list[Backbone]:
             name, path = (spec, "") if spec.lower() in RANDOM else (Path(spec).stem, spec)
         name = name.strip()
         if not name:
-            raise ConfigError(f"--backbone {spec!r}: give NAME=PATH (e.g. mae=runs/pretrain/encoder.pth or scratch=random)")
+            raise ConfigError(
+                f"--backbone {spec!r}: give NAME=PATH (e.g. mae=runs/pretrain/encoder.pth or scratch=random)"
+            )
         if any(b.name == name for b in out):
             raise ConfigError(f"--backbone: the name {name!r} is given twice; every backbone needs its own name")
         if path.strip().lower() in RANDOM:
@@ -133,12 +136,16 @@ def parse_backbones(specs: Iterable[str]) -> list[Backbone]:
             continue
         from mae_transfer.checkpoint.hub import is_named, weights_sha256
 
-        if is_named(path.strip()):  # hf-hub:ORG/NAME, timm:ARCH.TAG: resolved (and cached) now, identified by their file
+        if is_named(
+            path.strip()
+        ):  # hf-hub:ORG/NAME, timm:ARCH.TAG: resolved (and cached) now, identified by their file
             out.append(Backbone(name, path.strip(), weights_sha256(path.strip())))
             continue
         p = Path(path).expanduser()
         if not p.is_file():
-            raise ConfigError(f"--backbone {name}={path}: no such file (give a checkpoint, or {name}=random for random weights)")
+            raise ConfigError(
+                f"--backbone {name}={path}: no such file (give a checkpoint, or {name}=random for random weights)"
+            )
         out.append(Backbone(name, str(p.resolve()), file_sha256(p)))
     if not out:
         raise ConfigError("give at least one --backbone NAME=PATH")
@@ -153,7 +160,9 @@ def parse_tasks(text: str | Iterable[str]) -> list[str]:
         return tasks
     bad = [t for t in items if t not in tasks]
     if bad or not items:
-        raise ConfigError(f"--tasks: unknown task(s) {', '.join(bad) or '(none)'}; choose from {','.join(tasks)} or all")
+        raise ConfigError(
+            f"--tasks: unknown task(s) {', '.join(bad) or '(none)'}; choose from {','.join(tasks)} or all"
+        )
     return list(dict.fromkeys(items))
 
 
@@ -177,7 +186,9 @@ def parse_overrides(specs: Iterable[str]) -> dict[str, list[str]]:
         task, sep, kv = spec.partition(":")
         task = task.strip().lower()
         if not sep or "=" not in kv or (task != "*" and task not in benchmark_tasks()):
-            raise ConfigError(f"--set {spec!r}: expected TASK:KEY=VALUE (e.g. coco:train.epochs=10, *:train.device=cpu)")
+            raise ConfigError(
+                f"--set {spec!r}: expected TASK:KEY=VALUE (e.g. coco:train.epochs=10, *:train.device=cpu)"
+            )
         out.setdefault(task, []).append(kv)
     return out
 
@@ -212,8 +223,10 @@ def plan_jobs(
     for option, sep, given in (("--set", ":", overrides), ("--preset", "=", presets)):
         stray = [t for t in given if t != "*" and t not in tasks]
         if stray:  # it would be ignored without a word
-            raise ConfigError(f"{option} {stray[0]}{sep}...: {stray[0]} is not among the tasks run: {','.join(tasks)}; "
-                              f"add it to --tasks or leave the {option} out")
+            raise ConfigError(
+                f"{option} {stray[0]}{sep}...: {stray[0]} is not among the tasks run: {','.join(tasks)}; "
+                f"add it to --tasks or leave the {option} out"
+            )
     models: dict[str, tuple[str | None, int | None]] = {}
     for b in backbones:
         if b.path:
@@ -248,9 +261,14 @@ def plan_jobs(
             except ConfigError as e:
                 raise ConfigError(f"{task} job of {b.name}: {e}") from None
             if prepared.cfg is not None:
-                job.model = (getattr(prepared.cfg, "model", None) and getattr(prepared.cfg.model, "name", None)) or model
-            blob = json.dumps({"task": task, "config": prepared.identity(), "data": job.data, "backbone": b.sha256},
-                              sort_keys=True, default=str)
+                job.model = (
+                    getattr(prepared.cfg, "model", None) and getattr(prepared.cfg.model, "name", None)
+                ) or model
+            blob = json.dumps(
+                {"task": task, "config": prepared.identity(), "data": job.data, "backbone": b.sha256},
+                sort_keys=True,
+                default=str,
+            )
             job.key = hashlib.sha256(blob.encode()).hexdigest()[:16]
             job.run_dir = Path(results_dir) / "runs" / _slug(b.name) / f"{task}-{job.key[:8]}"
             jobs.append(job)
@@ -272,9 +290,19 @@ def _tag_rows(job: Job, rows: list[ResultRow], wall: float | None) -> list[Resul
         dataset = r.dataset
         if toy and dataset and "(toy)" not in dataset:
             dataset += " (toy)"
-        out.append(r.replace(dataset=dataset, backbone=job.backbone.name, backbone_path=job.backbone.path,
-                             backbone_sha256=job.backbone.sha256, model=model, preset=job.preset, job_key=job.key,
-                             run_dir=str(job.run_dir), wall_time_s=wall))
+        out.append(
+            r.replace(
+                dataset=dataset,
+                backbone=job.backbone.name,
+                backbone_path=job.backbone.path,
+                backbone_sha256=job.backbone.sha256,
+                model=model,
+                preset=job.preset,
+                job_key=job.key,
+                run_dir=str(job.run_dir),
+                wall_time_s=wall,
+            )
+        )
     return out
 
 
@@ -336,8 +364,9 @@ class _StopRequest:
         return False
 
 
-def _run_subprocess(job: Job, nproc: int, log_path: Path, verbose: bool, stop: _StopRequest,
-                    env: dict[str, str] | None = None) -> int:
+def _run_subprocess(
+    job: Job, nproc: int, log_path: Path, verbose: bool, stop: _StopRequest, env: dict[str, str] | None = None
+) -> int:
     cmd = shell_command(job, nproc)
     from mae_transfer.io import open_output
 
@@ -345,8 +374,13 @@ def _run_subprocess(job: Job, nproc: int, log_path: Path, verbose: bool, stop: _
         logf.write(f"$ {shlex.join(cmd)}\n".encode())
         logf.flush()
         out = None if verbose else logf
-        child = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT if out else None, env={**os.environ, **(env or {})},
-                                 preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None)
+        child = subprocess.Popen(
+            cmd,
+            stdout=out,
+            stderr=subprocess.STDOUT if out else None,
+            env={**os.environ, **(env or {})},
+            preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None,
+        )
         stop.child = child
         try:
             while True:
@@ -454,14 +488,21 @@ def run_jobs(
                 error = _last_error(log_path) if rc != 0 else f"exited 0 but wrote no {job.run_dir / 'results.jsonl'}"
                 if rc in (130, 143):
                     error = f"interrupted by a signal from outside the runner (exit {rc}); {error}"
-                failure = ResultRow(task=job.task, metric=FAILED, value=None, extra={"error": error, "returncode": rc, "log": str(log_path)})
+                failure = ResultRow(
+                    task=job.task,
+                    metric=FAILED,
+                    value=None,
+                    extra={"error": error, "returncode": rc, "log": str(log_path)},
+                )
                 store.append(_tag_rows(job, [failure], wall))
                 outcomes.append(JobOutcome(job, "failed", wall, error=error))
                 echo(f"{head}: FAILED after {wall:.0f} s (exit {rc}): {error}\n    log: {log_path}")
     return outcomes
 
 
-def claim_run_dir(job: Job, head: str, echo: Callable[[str], None], verb: str = "run", wait: float = 0.0) -> FileLock | None:
+def claim_run_dir(
+    job: Job, head: str, echo: Callable[[str], None], verb: str = "run", wait: float = 0.0
+) -> FileLock | None:
     """The lock of ``job``'s run directory, taken for this bench; None after saying in one line who
     holds it (another bench running the job: this one leaves it to that one)."""
     lock = dir_lock(job.run_dir, f"the run directory {job.run_dir}")
@@ -469,7 +510,10 @@ def claim_run_dir(job: Job, head: str, echo: Callable[[str], None], verb: str = 
         return lock.acquire(wait)
     except LockHeld as e:
         h = e.holder
-        who = f"another {'bench' if h and ' bench ' in f' {h.command} ' else 'process'} ({h.short if h else 'details not readable'})"
+        who = (
+            f"another {'bench' if h and ' bench ' in f' {h.command} ' else 'process'} "
+            f"({h.short if h else 'details not readable'})"
+        )
         echo(f"{head}: running in {who}; not {verb} here")
         return None
 
@@ -480,12 +524,15 @@ def elsewhere_note(outcomes: list[JobOutcome], rows: list[dict]) -> str | None:
     n = sum(o.status == "elsewhere" and not job_done(rows, o.job.key) for o in outcomes)
     if not n:
         return None
-    return (f"{n} job(s) running in another bench or process are not in these tables yet; run the same "
-            "`mae-transfer bench` again when they have finished")
+    return (
+        f"{n} job(s) running in another bench or process are not in these tables yet; run the same "
+        "`mae-transfer bench` again when they have finished"
+    )
 
 
-def cached_outcome(job: Job, stored: list[dict], store: ResultStore, head: str,
-                   echo: Callable[[str], None]) -> JobOutcome | None:
+def cached_outcome(
+    job: Job, stored: list[dict], store: ResultStore, head: str, echo: Callable[[str], None]
+) -> JobOutcome | None:
     """The outcome of a job whose rows are already in the store (said in one line), else None."""
     if not job_done(stored, job.key):
         return None
@@ -494,8 +541,9 @@ def cached_outcome(job: Job, stored: list[dict], store: ResultStore, head: str,
     return JobOutcome(job, "cached", rows=rows)
 
 
-def settled_outcome(job: Job, store: ResultStore, head: str, echo: Callable[[str], None],
-                    retry_failed: bool) -> JobOutcome | None:
+def settled_outcome(
+    job: Job, store: ResultStore, head: str, echo: Callable[[str], None], retry_failed: bool
+) -> JobOutcome | None:
     """The outcome of a job that needs no run although the store has no rows for it: its run
     directory holds results (it ran to the end by hand, or the launcher stopped before recording
     them: recorded now), or it failed before and ``retry_failed`` is off. Else None."""
@@ -525,11 +573,16 @@ def headline(rows: list[ResultRow]) -> str:
     return ", ".join(parts) or "no metric"
 
 
-def print_commands(jobs: list[Job], results_dir: str | os.PathLike, nproc: int, echo: Callable[[str], None] = print) -> int:
+def print_commands(
+    jobs: list[Job], results_dir: str | os.PathLike, nproc: int, echo: Callable[[str], None] = print
+) -> int:
     """``launcher="print"``: the commands of the jobs that have no results yet."""
     stored = ResultStore(results_dir).read()
     todo = [j for j in jobs if not job_done(stored, j.key) and not read_run_results(j.run_dir)]
-    echo(f"# {len(todo)} of {len(jobs)} jobs to run; afterwards run the same `mae-transfer bench` to record and tabulate them")
+    echo(
+        f"# {len(todo)} of {len(jobs)} jobs to run; "
+        "afterwards run the same `mae-transfer bench` to record and tabulate them"
+    )
     for j in todo:
         echo(f"# {j.label}")
         echo(shlex.join(shell_command(j, nproc, python="python")))
@@ -546,6 +599,22 @@ def latest_rows(results_dir: str | os.PathLike, jobs: list[Job] | None = None) -
 
 
 __all__ = [
-    "Backbone", "Job", "JobOutcome", "BenchInterrupted", "parse_backbones", "parse_tasks", "parse_task_map",
-    "parse_overrides", "plan_jobs", "run_jobs", "claim_run_dir", "elsewhere_note", "cached_outcome", "run_in_process", "print_commands", "shell_command", "latest_rows", "headline",
+    "Backbone",
+    "Job",
+    "JobOutcome",
+    "BenchInterrupted",
+    "parse_backbones",
+    "parse_tasks",
+    "parse_task_map",
+    "parse_overrides",
+    "plan_jobs",
+    "run_jobs",
+    "claim_run_dir",
+    "elsewhere_note",
+    "cached_outcome",
+    "run_in_process",
+    "print_commands",
+    "shell_command",
+    "latest_rows",
+    "headline",
 ]

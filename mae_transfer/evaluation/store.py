@@ -1,6 +1,7 @@
 """The results store: one JSON line per metric, with provenance, in an append-only file.
 
-Every row (a :class:`~mae_transfer.engine.results.ResultRow`) says what was measured (task, dataset, split, protocol, metric, value), on what
+Every row (a :class:`~mae_transfer.engine.results.ResultRow`) says what was measured (task, dataset, split,
+protocol, metric, value), on what
 (backbone name and sha256, config hash) and how (git commit, package versions, hardware, wall
 time, date). The file is ``<results dir>/results.jsonl``; ``pandas.read_json(path, lines=True)``
 reads it as a table.
@@ -27,6 +28,7 @@ from mae_transfer.engine.results import COLUMNS, RESULTS_FILE, ResultRow, proven
 from mae_transfer.io import json_safe, open_output
 
 log = logging.getLogger(__name__)
+
 
 class ResultStore:
     """Append-only ``results.jsonl`` in ``root`` (created on the first append)."""
@@ -92,7 +94,9 @@ class ResultStore:
                 else:
                     bad += 1
         if bad:
-            log.warning("%s: skipped %d unreadable line(s) (an interrupted write); the other rows are intact", self.path, bad)
+            log.warning(
+                "%s: skipped %d unreadable line(s) (an interrupted write); the other rows are intact", self.path, bad
+            )
         return rows
 
     def find(self, **match: Any) -> list[dict[str, Any]]:

@@ -31,10 +31,13 @@ from mae_transfer.io import atomic_write_text
 
 MISSING = "–"
 NO_RESULTS = "no results yet: the results store holds no rows for the paper's tables"
-TOY_NOTE = ("Our rows ran on the built-in toy data: they check the pipeline and are not comparable "
-            "with the paper's rows.")
-CUSTOM_NOTE = ("{dataset} is not the benchmark's dataset (another class count in its layout): these rows are "
-               "not comparable with the paper's, which are left out.")
+TOY_NOTE = (
+    "Our rows ran on the built-in toy data: they check the pipeline and are not comparable with the paper's rows."
+)
+CUSTOM_NOTE = (
+    "{dataset} is not the benchmark's dataset (another class count in its layout): these rows are "
+    "not comparable with the paper's, which are left out."
+)
 FORMATS = ("markdown", "latex", "csv")
 
 
@@ -133,9 +136,15 @@ class RowIndex:
         """The newest row of ``bb`` for the column (any matching protocol; for k-NN columns the
         k of :meth:`knn_protocol`); with ``fallback`` and ``col.bar_fallback``, any protocol when
         none matches."""
-        hits = [v for (b, t, p, m), v in self.latest.items()
-                if b == bb and t == spec.name and m == col.metric and col.matches(p)
-                and (col.prefer != "knn" or p == self.knn_protocol(spec.name))]
+        hits = [
+            v
+            for (b, t, p, m), v in self.latest.items()
+            if b == bb
+            and t == spec.name
+            and m == col.metric
+            and col.matches(p)
+            and (col.prefer != "knn" or p == self.knn_protocol(spec.name))
+        ]
         if not hits and fallback and col.bar_fallback:
             hits = [v for (b, t, p, m), v in self.latest.items() if b == bb and t == spec.name and m == col.metric]
         return max(hits, key=lambda h: h[0])[1] if hits else None
@@ -152,8 +161,10 @@ def _resolve_baseline(baseline: str | None, backbones: list[str]) -> str | None:
     if baseline == "auto":
         return next((b for b in backbones if re.search("random|scratch", b, re.IGNORECASE)), None)
     if baseline not in backbones:
-        raise ValueError(f"baseline {baseline!r} is not a backbone of the results; backbones: "
-                         f"{', '.join(map(repr, backbones)) or 'none'}")
+        raise ValueError(
+            f"baseline {baseline!r} is not a backbone of the results; backbones: "
+            f"{', '.join(map(repr, backbones)) or 'none'}"
+        )
     return baseline
 
 
@@ -168,7 +179,9 @@ def _mark_best(rows: list[Row]) -> None:
             c.bold = bool(vals) and c.value is not None and round(c.value, 1) == max(vals)
 
 
-def _paper_block(paper: dict, keys: tuple[str, ...], cols: list[Column], sizes: list[str]) -> tuple[list[Row], list[str], list[str]]:
+def _paper_block(
+    paper: dict, keys: tuple[str, ...], cols: list[Column], sizes: list[str]
+) -> tuple[list[Row], list[str], list[str]]:
     """The paper's rows for ``sizes`` (merged across the paper tables ``keys``), their sources and notes."""
     merged: dict[tuple[str, str], tuple[str, dict]] = {}
     sources, notes = [], []
@@ -191,13 +204,21 @@ def _paper_block(paper: dict, keys: tuple[str, ...], cols: list[Column], sizes: 
                 notes.append(f"{r['method']} (paper): " + "; ".join(by) + ".")
         if used:
             sources.append(t["source"])
-    rows = [Row(f"{m} (paper)", None if s == "-" else s, pre, [Cell(_num(v.get(i))) for i in ids])
-            for (m, s), (pre, v) in merged.items() if any(_num(v.get(i)) is not None for i in ids)]
+    rows = [
+        Row(f"{m} (paper)", None if s == "-" else s, pre, [Cell(_num(v.get(i))) for i in ids])
+        for (m, s), (pre, v) in merged.items()
+        if any(_num(v.get(i)) is not None for i in ids)
+    ]
     return rows, sources, notes
 
 
-def build_tables(rows: Iterable[dict], baseline: str | None = "auto", paper: bool = True,
-                 paper_sizes: list[str] | None = None, full: bool = False) -> list[Table]:
+def build_tables(
+    rows: Iterable[dict],
+    baseline: str | None = "auto",
+    paper: bool = True,
+    paper_sizes: list[str] | None = None,
+    full: bool = False,
+) -> list[Table]:
     """The paper's tables (COCO, ADE20K, transfer, ImageNet) that our ``rows`` have results for.
 
     ``baseline``: the backbone that deltas are taken to ("auto": the first backbone whose name holds
@@ -229,8 +250,9 @@ def build_tables(rows: Iterable[dict], baseline: str | None = "auto", paper: boo
     return tables
 
 
-def _build_tables(rows: Iterable[dict], baseline: str | None, paper: bool, paper_sizes: list[str] | None,
-                  full: bool) -> list[Table]:
+def _build_tables(
+    rows: Iterable[dict], baseline: str | None, paper: bool, paper_sizes: list[str] | None, full: bool
+) -> list[Table]:
     idx = RowIndex(rows)
     bbs = idx.backbones
     base = _resolve_baseline(baseline, bbs)
@@ -240,19 +262,28 @@ def _build_tables(rows: Iterable[dict], baseline: str | None, paper: bool, paper
         title, paper_keys = table_spec.title, table_spec.paper
         pairs = table_columns(key)
         hits = {(b, c.id): idx.hit(b, t, c) for b in bbs for t, c in pairs}
-        has = {c.id: any(idx.failed(b, t.name) or (hits[b, c.id] and _num(hits[b, c.id].get("value")) is not None)
-                         for b in bbs) for t, c in pairs}
+        has = {
+            c.id: any(
+                idx.failed(b, t.name) or (hits[b, c.id] and _num(hits[b, c.id].get("value")) is not None) for b in bbs
+            )
+            for t, c in pairs
+        }
         if not any(has.values()):
             continue
-        keep = {"always": lambda c: True, "optional": lambda c: full or has[c.id],
-                "present": lambda c: any(hits[b, c.id] for b in bbs)}
+        keep = {
+            "always": lambda c: True,
+            "optional": lambda c: full or has[c.id],
+            "present": lambda c: any(hits[b, c.id] for b in bbs),
+        }
         pairs = [(t, c) for t, c in pairs if keep[c.keep](c)]
         cols = [c for _, c in pairs]
         ours, toy, protocols = [], False, []
         for b in bbs:
             found = [hits[b, c.id] for c in cols]
-            cells = [Cell(status="failed") if idx.failed(b, t.name) else Cell(_num(h.get("value")) if h else None)
-                     for (t, c), h in zip(pairs, found)]
+            cells = [
+                Cell(status="failed") if idx.failed(b, t.name) else Cell(_num(h.get("value")) if h else None)
+                for (t, c), h in zip(pairs, found)
+            ]
             model = next((h["model"] for h in found if h and h.get("model")), idx.models.get(b))
             data = []
             for h in found:
@@ -294,6 +325,7 @@ def _build_tables(rows: Iterable[dict], baseline: str | None, paper: bool, paper
 
 # ---------------------------------------------------------------- rendering
 
+
 def _fmt(v: float) -> str:
     return f"{v:.1f}"
 
@@ -317,18 +349,39 @@ def _md_cell(c: Cell) -> str:
 def to_markdown(table: Table) -> str:
     """A GitHub-flavoured Markdown table: title line, our rows then the paper's, caption and notes below."""
     line = lambda cells: "| " + " | ".join(cells) + " |"  # noqa: E731
-    out = [f"**{_md_escape(table.title)}**", "", line(["method", "ViT", "data", *map(_md_escape, table.columns)]),
-           "|" + "|".join([":---"] * 3 + ["---:"] * len(table.columns)) + "|"]
+    out = [
+        f"**{_md_escape(table.title)}**",
+        "",
+        line(["method", "ViT", "data", *map(_md_escape, table.columns)]),
+        "|" + "|".join([":---"] * 3 + ["---:"] * len(table.columns)) + "|",
+    ]
     for rows in table.blocks.values():
-        out += [line([_md_escape(r.label), _md_escape(r.size or MISSING), _md_escape(r.data), *map(_md_cell, r.cells)])
-                for r in rows]
+        out += [
+            line([_md_escape(r.label), _md_escape(r.size or MISSING), _md_escape(r.data), *map(_md_cell, r.cells)])
+            for r in rows
+        ]
     text = " ".join([table.caption, *table.notes]).strip()
     return "\n".join(out + (["", _md_escape(text)] if text else []))
 
 
-_TEX = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_", "{": r"\{",
-        "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}", "<": r"\textless{}",
-        ">": r"\textgreater{}", "|": r"\textbar{}", "–": "--", "−": "$-$", "±": r"$\pm$"}
+_TEX = {
+    "\\": r"\textbackslash{}",
+    "&": r"\&",
+    "%": r"\%",
+    "$": r"\$",
+    "#": r"\#",
+    "_": r"\_",
+    "{": r"\{",
+    "}": r"\}",
+    "~": r"\textasciitilde{}",
+    "^": r"\textasciicircum{}",
+    "<": r"\textless{}",
+    ">": r"\textgreater{}",
+    "|": r"\textbar{}",
+    "–": "--",
+    "−": "$-$",
+    "±": r"$\pm$",
+}
 
 
 def _tex(s: str) -> str:
@@ -348,14 +401,23 @@ def to_latex(table: Table) -> str:
     """A booktabs ``table`` environment (caption, our block, paper block, notes)."""
     title = re.sub(r"^Table (\d+): (.*)$", r"\2, as in Table \1 of the MAE paper", table.title)
     caption = _tex(f"{title}. {table.caption}".strip())
-    out = [r"\begin{table}[htbp]", r"\centering", r"\small", rf"\caption{{{caption}}}", rf"\label{{tab:{table.key}}}",
-           r"\begin{tabular}{lll" + "r" * len(table.columns) + "}", r"\toprule",
-           " & ".join(["method", "ViT", "data", *map(_tex, table.columns)]) + r" \\"]
+    out = [
+        r"\begin{table}[htbp]",
+        r"\centering",
+        r"\small",
+        rf"\caption{{{caption}}}",
+        rf"\label{{tab:{table.key}}}",
+        r"\begin{tabular}{lll" + "r" * len(table.columns) + "}",
+        r"\toprule",
+        " & ".join(["method", "ViT", "data", *map(_tex, table.columns)]) + r" \\",
+    ]
     for rows in table.blocks.values():
         if rows:
             out.append(r"\midrule")
-            out += [" & ".join([_tex(r.label), _tex(r.size or MISSING), _tex(r.data), *map(_tex_cell, r.cells)]) + r" \\"
-                    for r in rows]
+            out += [
+                " & ".join([_tex(r.label), _tex(r.size or MISSING), _tex(r.data), *map(_tex_cell, r.cells)]) + r" \\"
+                for r in rows
+            ]
     out += [r"\bottomrule", r"\end{tabular}"]
     if table.notes:
         out.append(r"\par\footnotesize " + _tex(" ".join(table.notes)))
@@ -373,8 +435,14 @@ def to_csv(table: Table) -> str:
     w.writerow(["block", "method", "size", "data", *[x for c in table.columns for x in (c, f"{c}_delta")]])
     for block, rows in table.blocks.items():
         for r in rows:
-            vals = [x for c in r.cells for x in
-                    (_plain(c.value) if c.value is not None else ("" if c.status == MISSING else c.status), _plain(c.delta))]
+            vals = [
+                x
+                for c in r.cells
+                for x in (
+                    _plain(c.value) if c.value is not None else ("" if c.status == MISSING else c.status),
+                    _plain(c.delta),
+                )
+            ]
             w.writerow([block, r.label, r.size or "", "" if r.data == MISSING else r.data, *vals])
     return buf.getvalue()
 
@@ -394,9 +462,17 @@ def render(rows: Iterable[dict], fmt: str = "markdown", **build_kwargs: Any) -> 
 def latex_document(tables: list[Table]) -> str:
     """A standalone LaTeX document (article, booktabs) with ``tables``; compiles with pdflatex."""
     body = "\n\n".join(map(to_latex, tables)) if tables else _tex(NO_RESULTS) + "."
-    return "\n".join([r"\documentclass{article}",
-                      r"\usepackage{booktabs}", r"\usepackage[margin=2cm]{geometry}", r"\begin{document}",
-                      body, r"\end{document}", ""])
+    return "\n".join(
+        [
+            r"\documentclass{article}",
+            r"\usepackage{booktabs}",
+            r"\usepackage[margin=2cm]{geometry}",
+            r"\begin{document}",
+            body,
+            r"\end{document}",
+            "",
+        ]
+    )
 
 
 def write_tables(rows: Iterable[dict], out_dir: str | os.PathLike, **build_kwargs: Any) -> dict[str, Path]:
@@ -411,5 +487,20 @@ def write_tables(rows: Iterable[dict], out_dir: str | os.PathLike, **build_kwarg
     return {name: atomic_write_text(out / name, text) for name, text in files.items()}
 
 
-__all__ = ["Cell", "Row", "Table", "RowIndex", "load_paper", "size_of", "build_tables", "to_markdown", "to_latex", "to_csv",
-           "render", "latex_document", "write_tables", "NO_RESULTS", "TOY_NOTE"]
+__all__ = [
+    "Cell",
+    "Row",
+    "Table",
+    "RowIndex",
+    "load_paper",
+    "size_of",
+    "build_tables",
+    "to_markdown",
+    "to_latex",
+    "to_csv",
+    "render",
+    "latex_document",
+    "write_tables",
+    "NO_RESULTS",
+    "TOY_NOTE",
+]

@@ -56,8 +56,12 @@ def _rescale(dim: int, scale: float, norm: str) -> list[nn.Module]:
     """ViTDet's layers that rescale a stride-16 map by ``scale``, each deconvolution halving the
     channels (the output has ``dim / scale`` channels for scale >= 1, ``dim`` for 0.5)."""
     if scale == 4.0:
-        return [nn.ConvTranspose2d(dim, dim // 2, 2, stride=2), make_norm(norm, dim // 2), nn.GELU(),
-                nn.ConvTranspose2d(dim // 2, dim // 4, 2, stride=2)]
+        return [
+            nn.ConvTranspose2d(dim, dim // 2, 2, stride=2),
+            make_norm(norm, dim // 2),
+            nn.GELU(),
+            nn.ConvTranspose2d(dim // 2, dim // 4, 2, stride=2),
+        ]
     if scale == 2.0:
         return [nn.ConvTranspose2d(dim, dim // 2, 2, stride=2)]
     if scale == 1.0:
@@ -84,7 +88,9 @@ class ConvNormAct(nn.Conv2d):
         activation: nn.Module | None = None,
         bias: bool | None = None,
     ):
-        super().__init__(in_channels, out_channels, kernel_size, padding=padding, bias=(norm == "none") if bias is None else bias)
+        super().__init__(
+            in_channels, out_channels, kernel_size, padding=padding, bias=(norm == "none") if bias is None else bias
+        )
         self.norm = None if norm == "none" else make_norm(norm, out_channels)
         self.activation = activation
 
@@ -95,7 +101,9 @@ class ConvNormAct(nn.Conv2d):
         return x if self.activation is None else self.activation(x)
 
 
-def simple_level(dim: int, patch_size: int, scale: float, out_channels: int, norm: str) -> tuple[str, int, nn.Sequential]:
+def simple_level(
+    dim: int, patch_size: int, scale: float, out_channels: int, norm: str
+) -> tuple[str, int, nn.Sequential]:
     """One level of ViTDet's simple pyramid: ``(name, stride, layers)``; the layers rescale the
     ViT's map by ``scale`` (:func:`_rescale`) and apply a 1x1 and a 3x3 convolution with ``norm``."""
     ch = int(dim / scale) if scale >= 1 else dim
@@ -112,8 +120,14 @@ class SimpleNeck(nn.Module):
     patch/4 .. patch*2) of ``out_channels`` each; the levels of :class:`SimpleFeaturePyramid`
     without the ViT inside (for models that own their backbone, e.g. UperNet)."""
 
-    def __init__(self, dim: int, patch_size: int, out_channels: int = 256, scales: Sequence[float] = (4.0, 2.0, 1.0, 0.5),
-                 norm: str = "ln"):
+    def __init__(
+        self,
+        dim: int,
+        patch_size: int,
+        out_channels: int = 256,
+        scales: Sequence[float] = (4.0, 2.0, 1.0, 0.5),
+        norm: str = "ln",
+    ):
         super().__init__()
         self.level_names = []
         for scale in scales:
@@ -198,7 +212,10 @@ class RescaleNeck(nn.Module):
     def __init__(self, dim: int, norm: str = "bn"):
         super().__init__()
         self.upsample_4x = nn.Sequential(
-            nn.ConvTranspose2d(dim, dim, 2, stride=2), make_norm(norm, dim), nn.GELU(), nn.ConvTranspose2d(dim, dim, 2, stride=2)
+            nn.ConvTranspose2d(dim, dim, 2, stride=2),
+            make_norm(norm, dim),
+            nn.GELU(),
+            nn.ConvTranspose2d(dim, dim, 2, stride=2),
         )
         self.upsample_2x = nn.Sequential(nn.ConvTranspose2d(dim, dim, 2, stride=2))
         self.identity = nn.Identity()
@@ -245,7 +262,9 @@ class FourTapPyramid(nn.Module):
             from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
             norm_layer = None if fpn_norm == "none" else (lambda c: make_norm(fpn_norm, c))
-            self.fpn = FeaturePyramidNetwork([dim] * 4, fpn_channels, extra_blocks=LastLevelMaxPool(), norm_layer=norm_layer)
+            self.fpn = FeaturePyramidNetwork(
+                [dim] * 4, fpn_channels, extra_blocks=LastLevelMaxPool(), norm_layer=norm_layer
+            )
             self.strides.append(self.strides[-1] * 2)
             self.out_channels = fpn_channels
         else:

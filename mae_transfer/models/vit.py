@@ -47,9 +47,7 @@ class PatchEmbed(nn.Module):
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
         ph, pw = self.patch_size
         if x.shape[-2] % ph or x.shape[-1] % pw:
-            raise ValueError(
-                f"input size {tuple(x.shape[-2:])} is not divisible by the patch size {self.patch_size}"
-            )
+            raise ValueError(f"input size {tuple(x.shape[-2:])} is not divisible by the patch size {self.patch_size}")
         x = self.proj(x)
         grid = (x.shape[-2], x.shape[-1])
         return x.flatten(2).transpose(1, 2), grid
@@ -64,9 +62,11 @@ def relative_position_table(q_size: int, k_size: int, rel_pos: torch.Tensor) -> 
     """
     max_dist = 2 * max(q_size, k_size) - 1
     if rel_pos.shape[0] != max_dist:
-        rel_pos = F.interpolate(
-            rel_pos.t().unsqueeze(0).float(), size=max_dist, mode="linear", align_corners=False
-        )[0].t().to(rel_pos.dtype)
+        rel_pos = (
+            F.interpolate(rel_pos.t().unsqueeze(0).float(), size=max_dist, mode="linear", align_corners=False)[0]
+            .t()
+            .to(rel_pos.dtype)
+        )
     q_scale = max(k_size / q_size, 1.0)
     k_scale = max(q_size / k_size, 1.0)
     q_coords = torch.arange(q_size, device=rel_pos.device)[:, None] * q_scale
@@ -98,7 +98,9 @@ def decomposed_rel_pos_bias(
     return bias.reshape(b, nh, qh * qw, kh * kw)
 
 
-def relative_position_index(grid: tuple[int, int], table_grid: tuple[int, int], num_prefix_tokens: int = 0) -> torch.Tensor:
+def relative_position_index(
+    grid: tuple[int, int], table_grid: tuple[int, int], num_prefix_tokens: int = 0
+) -> torch.Tensor:
     """BEiT's index (T, T) into a relative position bias table made for ``table_grid`` (Wh, Ww), for
     the tokens of ``grid`` (h, w) <= (Wh, Ww) after ``num_prefix_tokens`` class tokens.
 
@@ -123,7 +125,9 @@ def relative_position_index(grid: tuple[int, int], table_grid: tuple[int, int], 
     return index
 
 
-def resize_relative_position_table(table: torch.Tensor, old_grid: tuple[int, int], new_grid: tuple[int, int], extra: int = 3) -> torch.Tensor:
+def resize_relative_position_table(
+    table: torch.Tensor, old_grid: tuple[int, int], new_grid: tuple[int, int], extra: int = 3
+) -> torch.Tensor:
     """A BEiT table ((2Wh-1)(2Ww-1) + extra, heads) for another token grid: the offset plane of each
     head resized bicubically (``align_corners=False``); the class-token entries are kept."""
     (oh, ow), (nh, nw) = old_grid, new_grid
@@ -203,9 +207,7 @@ class Attention(nn.Module):
         t = index.shape[0]
         return table[index.reshape(-1)].view(t, t, -1).permute(2, 0, 1)
 
-    def forward(
-        self, x: torch.Tensor, hw: tuple[int, int] | None = None, num_prefix_tokens: int = 0
-    ) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, hw: tuple[int, int] | None = None, num_prefix_tokens: int = 0) -> torch.Tensor:
         """x: (B, T, D) with T = num_prefix_tokens + H*W. Returns (B, T, D)."""
         b, t, d = x.shape
         qkv = self.qkv(x).reshape(b, t, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
@@ -278,7 +280,9 @@ class Block(nn.Module):
     ):
         super().__init__()
         if window_size > 0 and use_rel_pos and rel_pos_type == "table":
-            raise ValueError("the table form of relative positions is for global attention (BEiT); use 'decomposed' with windows")
+            raise ValueError(
+                "the table form of relative positions is for global attention (BEiT); use 'decomposed' with windows"
+            )
         self.window_size = window_size
         self.norm1 = nn.LayerNorm(dim, eps=norm_eps)
         self.attn = Attention(
@@ -408,7 +412,9 @@ class VisionTransformer(nn.Module):
 
         pos_size = self.img_size if pos_embed_img_size is None else _pair(pos_embed_img_size)
         self.pos_embed_grid = (pos_size[0] // patch_size, pos_size[1] // patch_size)
-        self.pos_embed_prefix = self.num_prefix_tokens if pos_embed_class_row is None else int(bool(pos_embed_class_row))
+        self.pos_embed_prefix = (
+            self.num_prefix_tokens if pos_embed_class_row is None else int(bool(pos_embed_class_row))
+        )
         if self.pos_embed_prefix < self.num_prefix_tokens:
             raise ValueError("a class token needs a class row in pos_embed (pos_embed_class_row=True)")
 
@@ -499,7 +505,10 @@ class VisionTransformer(nn.Module):
     def feature_info(self) -> list[dict[str, Any]]:
         """One entry per block output that ``forward_intermediates`` can return: its module name,
         channels and stride (reduction) relative to the input."""
-        return [{"module": f"blocks.{i}", "num_chs": self.embed_dim, "reduction": self.patch_size} for i in range(self.depth)]
+        return [
+            {"module": f"blocks.{i}", "num_chs": self.embed_dim, "reduction": self.patch_size}
+            for i in range(self.depth)
+        ]
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.grad_checkpointing = enable
@@ -523,7 +532,11 @@ class VisionTransformer(nn.Module):
         if tuple(grid) == self.pos_embed_grid and self.pos_embed_prefix == self.num_prefix_tokens:
             return self.pos_embed
         return resize_pos_embed(
-            self.pos_embed, grid, self.pos_embed_prefix, old_grid=self.pos_embed_grid, new_prefix_tokens=self.num_prefix_tokens
+            self.pos_embed,
+            grid,
+            self.pos_embed_prefix,
+            old_grid=self.pos_embed_grid,
+            new_prefix_tokens=self.num_prefix_tokens,
         )
 
     def embed(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:

@@ -16,7 +16,6 @@ from mae_transfer.engine.trainer import OptimConfig, TrainConfig
 PRESET_DIR = Path(__file__).parent / "presets"
 
 
-
 @dataclass
 class ModelConfig:
     name: str = "mae_vit_base_patch16"
@@ -60,10 +59,14 @@ class PretrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     # Paper: batch 4096, 800 epochs (ablations) / 1600 (released models), 40 warmup epochs.
-    train: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=800, batch_size=64, effective_batch_size=4096))
+    train: TrainConfig = field(
+        default_factory=lambda: TrainConfig(epochs=800, batch_size=64, effective_batch_size=4096)
+    )
     # Paper Table 8: AdamW (0.9, 0.95), base lr 1.5e-4 (lr = blr x batch / 256), wd 0.05, cosine.
     optim: OptimConfig = field(
-        default_factory=lambda: OptimConfig(blr=1.5e-4, weight_decay=0.05, betas=(0.9, 0.95), warmup_epochs=40, schedule="cosine")
+        default_factory=lambda: OptimConfig(
+            blr=1.5e-4, weight_decay=0.05, betas=(0.9, 0.95), warmup_epochs=40, schedule="cosine"
+        )
     )
     vis: VisConfig = field(default_factory=VisConfig)
     init: str | None = None  # start from these weights (any format mae_transfer.checkpoint reads)

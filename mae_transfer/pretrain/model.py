@@ -93,7 +93,10 @@ class MaskedAutoencoderViT(VisionTransformer):
         self.mask_token = nn.Parameter(torch.zeros(1, 1, decoder_embed_dim))
         self.decoder_pos_embed = nn.Parameter(torch.zeros(1, num_patches + 1, decoder_embed_dim), requires_grad=False)
         self.decoder_blocks = nn.ModuleList(
-            [Block(decoder_embed_dim, decoder_num_heads, mlp_ratio, qkv_bias=True, norm_eps=norm_eps) for _ in range(decoder_depth)]
+            [
+                Block(decoder_embed_dim, decoder_num_heads, mlp_ratio, qkv_bias=True, norm_eps=norm_eps)
+                for _ in range(decoder_depth)
+            ]
         )
         self.decoder_norm = nn.LayerNorm(decoder_embed_dim, eps=norm_eps)
         self.decoder_pred = nn.Linear(decoder_embed_dim, patch_size * patch_size * in_chans)
@@ -223,11 +226,7 @@ class MaskedAutoencoderViT(VisionTransformer):
 
     def encoder_state_dict(self) -> dict[str, torch.Tensor]:
         """The encoder's parameters under the official names (no ``mask_token``, ``decoder_*``)."""
-        return {
-            k: v
-            for k, v in self.state_dict().items()
-            if not (k.startswith("decoder_") or k == "mask_token")
-        }
+        return {k: v for k, v in self.state_dict().items() if not (k.startswith("decoder_") or k == "mask_token")}
 
     def flops_per_image(self) -> dict[str, float]:
         """Analytic forward FLOPs per image (2 x MACs) of the Transformer parts.
@@ -253,12 +252,24 @@ class MaskedAutoencoderViT(VisionTransformer):
 # The paper's models (MAE paper section 3 / A.1; MAE-repo models_mae.py) and small ones for tests
 # and CPU demos.
 MAE_PRESETS: dict[str, dict] = {
-    "mae_vit_base_patch16": dict(encoder="vit_base_patch16", img_size=224, decoder_embed_dim=512, decoder_depth=8, decoder_num_heads=16),
-    "mae_vit_large_patch16": dict(encoder="vit_large_patch16", img_size=224, decoder_embed_dim=512, decoder_depth=8, decoder_num_heads=16),
-    "mae_vit_huge_patch14": dict(encoder="vit_huge_patch14", img_size=224, decoder_embed_dim=512, decoder_depth=8, decoder_num_heads=16),
-    "mae_vit_tiny_patch16": dict(encoder="vit_tiny_patch16", img_size=224, decoder_embed_dim=128, decoder_depth=2, decoder_num_heads=4),
-    "mae_vit_micro_patch8": dict(encoder="vit_micro_patch8", img_size=64, decoder_embed_dim=64, decoder_depth=2, decoder_num_heads=4),
-    "mae_vit_nano_patch8": dict(encoder="vit_nano_patch8", img_size=32, decoder_embed_dim=32, decoder_depth=1, decoder_num_heads=2),
+    "mae_vit_base_patch16": dict(
+        encoder="vit_base_patch16", img_size=224, decoder_embed_dim=512, decoder_depth=8, decoder_num_heads=16
+    ),
+    "mae_vit_large_patch16": dict(
+        encoder="vit_large_patch16", img_size=224, decoder_embed_dim=512, decoder_depth=8, decoder_num_heads=16
+    ),
+    "mae_vit_huge_patch14": dict(
+        encoder="vit_huge_patch14", img_size=224, decoder_embed_dim=512, decoder_depth=8, decoder_num_heads=16
+    ),
+    "mae_vit_tiny_patch16": dict(
+        encoder="vit_tiny_patch16", img_size=224, decoder_embed_dim=128, decoder_depth=2, decoder_num_heads=4
+    ),
+    "mae_vit_micro_patch8": dict(
+        encoder="vit_micro_patch8", img_size=64, decoder_embed_dim=64, decoder_depth=2, decoder_num_heads=4
+    ),
+    "mae_vit_nano_patch8": dict(
+        encoder="vit_nano_patch8", img_size=32, decoder_embed_dim=32, decoder_depth=1, decoder_num_heads=2
+    ),
 }
 
 

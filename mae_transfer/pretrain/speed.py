@@ -30,8 +30,8 @@ from typing import Callable
 
 import torch
 
-from mae_transfer.engine.bench import device_name as _device_name
 from mae_transfer.engine.bench import autocast_for, bench_precision, count_flops
+from mae_transfer.engine.bench import device_name as _device_name
 from mae_transfer.engine.bench import resolve_device as _resolve_device
 from mae_transfer.engine.bench import rss_peak_bytes as _rss_peak_bytes
 from mae_transfer.engine.bench import tf32_enabled as _tf32_enabled
@@ -170,7 +170,9 @@ def run_pretrain_speed(
         groups = [{k: v for k, v in g.items() if k != "param_names"} for g in groups]
         lr = 1.5e-4 * batch_size / 256  # the MAE recipe's lr rule; the value does not affect speed
         # fused=None (not False) off the GPU lets torch pick its default foreach implementation.
-        opt = torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), weight_decay=0.05, fused=True if fused_adamw else None)
+        opt = torch.optim.AdamW(
+            groups, lr=lr, betas=(0.9, 0.95), weight_decay=0.05, fused=True if fused_adamw else None
+        )
         runner = torch.compile(net) if compile else net
 
         def step() -> torch.Tensor:
@@ -279,7 +281,13 @@ def run_pretrain_speed(
     }
     log.info(
         "%s bs %d %s on %s: %.1f images/s, %.2f ms/step, %.2f TFLOP/s",
-        model, batch_size, precision, device_name, images_per_s, result["step_ms_mean"], tflops,
+        model,
+        batch_size,
+        precision,
+        device_name,
+        images_per_s,
+        result["step_ms_mean"],
+        tflops,
     )
     if json_path is not None:
         atomic_write_json(json_path, result)
@@ -302,16 +310,22 @@ def format_speed_report(result: dict) -> str:
         ("device", f"{r['device_name']} [{r['device']}]"),
         ("torch", r["torch_version"]),
         ("date", r["date"]),
-        ("setup", (
-            f"batch {r['batch_size']}, {r['precision']}, compile={r['compile']}, "
-            f"grad_ckpt={r['grad_checkpointing']}, fused_adamw={r['fused_adamw']}"
-        )),
+        (
+            "setup",
+            (
+                f"batch {r['batch_size']}, {r['precision']}, compile={r['compile']}, "
+                f"grad_ckpt={r['grad_checkpointing']}, fused_adamw={r['fused_adamw']}"
+            ),
+        ),
         ("steps", f"{r['steps']} timed after {r['warmup']} warm-up ({r['timer']})"),
         ("images/s", f"{r['images_per_s']:.1f}"),
-        ("step time", (
-            f"mean {r['step_ms_mean']:.2f} ms, median {r['step_ms_median']:.2f} ms "
-            f"(min {r['step_ms_min']:.2f}, max {r['step_ms_max']:.2f})"
-        )),
+        (
+            "step time",
+            (
+                f"mean {r['step_ms_mean']:.2f} ms, median {r['step_ms_median']:.2f} ms "
+                f"(min {r['step_ms_min']:.2f}, max {r['step_ms_max']:.2f})"
+            ),
+        ),
     ]
     if r.get("first_step_s") is not None and math.isfinite(r["first_step_s"]):
         rows.append(("first step", f"{r['first_step_s']:.2f} s (incl. compile / allocator warm-up)"))
@@ -319,14 +333,19 @@ def format_speed_report(result: dict) -> str:
     if r.get("peak_memory_reserved_gib") is not None:
         mem += f"; reserved {r['peak_memory_reserved_gib']:.2f} GiB"
     rows.append(("peak memory", mem))
-    rows.append(("FLOPs/img/step", (
-        f"{_fmt_flops(r['flops_per_image_analytic'])} analytic (model.flops_per_image, 3 x fwd); "
-        f"{_fmt_flops(r['flops_per_image_measured'])} FlopCounterMode "
-        f"(x{r['flops_measured_over_analytic']:.3f})"
-    )))
-    rows.append(("TFLOP/s", (
-        f"{r['tflops']:.3g} (analytic FLOPs; {r['tflops_measured_flops']:.3g} with counted FLOPs)"
-    )))
+    rows.append(
+        (
+            "FLOPs/img/step",
+            (
+                f"{_fmt_flops(r['flops_per_image_analytic'])} analytic (model.flops_per_image, 3 x fwd); "
+                f"{_fmt_flops(r['flops_per_image_measured'])} FlopCounterMode "
+                f"(x{r['flops_measured_over_analytic']:.3f})"
+            ),
+        )
+    )
+    rows.append(
+        ("TFLOP/s", (f"{r['tflops']:.3g} (analytic FLOPs; {r['tflops_measured_flops']:.3g} with counted FLOPs)"))
+    )
     if r.get("mfu") is not None:
         rows.append(("MFU", f"{100 * r['mfu']:.1f} % vs {r['peak_tflops_source']}"))
     else:

@@ -21,7 +21,9 @@ log = logging.getLogger(__name__)
 def build_mae(cfg: PretrainConfig) -> MaskedAutoencoderViT:
     """The MAE described by ``cfg.model`` (preset name + overrides)."""
     m = cfg.model
-    overrides: dict[str, Any] = dict(mask_ratio=m.mask_ratio, norm_pix_loss=m.norm_pix_loss, grad_checkpointing=m.grad_checkpointing)
+    overrides: dict[str, Any] = dict(
+        mask_ratio=m.mask_ratio, norm_pix_loss=m.norm_pix_loss, grad_checkpointing=m.grad_checkpointing
+    )
     if m.img_size is not None:
         overrides["img_size"] = m.img_size
     if m.decoder_embed_dim is not None:
@@ -35,7 +37,9 @@ def pretrain_transform(cfg: PretrainConfig, img_size: int) -> transforms.Compose
     """RandomResizedCrop(scale 0.2-1, bicubic) + flip + normalise: the official pipeline, no colour jitter."""
     d = cfg.data
     steps: list = [
-        transforms.RandomResizedCrop(img_size, scale=(d.min_scale, d.max_scale), interpolation=transforms.InterpolationMode.BICUBIC)
+        transforms.RandomResizedCrop(
+            img_size, scale=(d.min_scale, d.max_scale), interpolation=transforms.InterpolationMode.BICUBIC
+        )
     ]
     if d.hflip:
         steps.append(transforms.RandomHorizontalFlip())
@@ -84,7 +88,9 @@ class PretrainTask(TrainTask):
         if self.cfg.init:
             from mae_transfer.checkpoint import load_backbone
 
-            load_backbone(model, self.cfg.init, expected_missing=("mask_token", "decoder_*"), trust=self.cfg.trust_checkpoint)
+            load_backbone(
+                model, self.cfg.init, expected_missing=("mask_token", "decoder_*"), trust=self.cfg.trust_checkpoint
+            )
         return model
 
     def build_train_dataset(self):
@@ -128,7 +134,13 @@ class PretrainTask(TrainTask):
                     transforms.Normalize(d.mean, d.std),
                 ]
             )
-            ds = ImageFolderDataset(self.data_root, split=self.cfg.data.split, transform=tf, seed=12345, extra_noise=("noise", (self.num_patches,)))
+            ds = ImageFolderDataset(
+                self.data_root,
+                split=self.cfg.data.split,
+                transform=tf,
+                seed=12345,
+                extra_noise=("noise", (self.num_patches,)),
+            )
             n = min(self.cfg.vis.num_images, len(ds))
             # Spread the picks over the classes rather than taking the first class only.
             picks = [int(i * len(ds) / n) for i in range(n)]
@@ -152,11 +164,18 @@ class PretrainTask(TrainTask):
         imgs, noise = batch["image"].to(dev), batch["noise"].to(dev)
         path = trainer.output_dir / "reconstructions" / f"epoch{epoch + 1:04d}.png"
         save_reconstruction_grid(
-            model, imgs, path, mean=self.cfg.data.mean, std=self.cfg.data.std, noise=noise,
+            model,
+            imgs,
+            path,
+            mean=self.cfg.data.mean,
+            std=self.cfg.data.std,
+            noise=noise,
             title=f"epoch {epoch + 1}  step {trainer.step}",
         )
         err = reconstruction_error(model, imgs, noise)
-        trainer.metrics.write("reconstruction", {"step": trainer.step, "epoch": epoch + 1, "masked_pixel_mse": float(err)})
+        trainer.metrics.write(
+            "reconstruction", {"step": trainer.step, "epoch": epoch + 1, "masked_pixel_mse": float(err)}
+        )
         log.info("epoch %d: reconstruction picture %s (masked-patch pixel MSE %.4f)", epoch + 1, path, err)
 
     def on_train_end(self, trainer: Trainer) -> None:

@@ -115,9 +115,7 @@ def reconstruction_panels(
 
 
 @torch.no_grad()
-def reconstruction_error(
-    model: MaskedAutoencoderViT, images: torch.Tensor, noise: torch.Tensor | None = None
-) -> float:
+def reconstruction_error(model: MaskedAutoencoderViT, images: torch.Tensor, noise: torch.Tensor | None = None) -> float:
     """Mean squared error over the masked patches' pixels, in the images' normalisation.
 
     Unlike the training loss this is in pixel units also for ``norm_pix_loss`` models (the

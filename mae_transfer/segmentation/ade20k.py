@@ -50,8 +50,8 @@ import torch
 from PIL import Image
 
 from mae_transfer.data.errors import DataError
-from mae_transfer.data.index import StringPairs
 from mae_transfer.data.folder import load_rgb
+from mae_transfer.data.index import StringPairs
 from mae_transfer.data.stats import IMAGENET_MEAN, IMAGENET_STD
 
 log = logging.getLogger(__name__)
@@ -110,11 +110,15 @@ def find_root(root: str | os.PathLike) -> Path:
     """
     root = Path(root).expanduser()
     if not root.is_dir():
-        raise DataError(f"{root} does not exist or is not a folder; pass the ADEChallengeData2016 folder: {_layout(root)}")
+        raise DataError(
+            f"{root} does not exist or is not a folder; pass the ADEChallengeData2016 folder: {_layout(root)}"
+        )
     for folder in (root, root / ADE_FOLDER):
         if (folder / "images").is_dir() and (folder / "annotations").is_dir():
             return folder
-    raise DataError(f"{root} is not an ADE20K-style dataset (no images/ and annotations/ folders); expected {_layout(root)}")
+    raise DataError(
+        f"{root} is not an ADE20K-style dataset (no images/ and annotations/ folders); expected {_layout(root)}"
+    )
 
 
 def _first_synonym(name: str, separator: str) -> str:
@@ -176,7 +180,8 @@ def read_class_names(path: str | os.PathLike) -> list[str]:
     if sorted(names) != list(range(1, len(names) + 1)):
         gaps = sorted(set(range(1, max(names) + 1)) - set(names))[:5]
         raise DataError(
-            f"{path}: class indices must run 1..N without gaps (missing e.g. {gaps}, found {min(names)}..{max(names)}); {fix}"
+            f"{path}: class indices must run 1..N without gaps "
+            f"(missing e.g. {gaps}, found {min(names)}..{max(names)}); {fix}"
         )
     return [names[i] for i in range(1, len(names) + 1)]
 
@@ -197,9 +202,13 @@ def read_class_list(path: str | os.PathLike) -> list[str]:
     try:
         names = [line.strip() for line in path.read_text(encoding="utf-8-sig").splitlines() if line.strip()]
     except (OSError, UnicodeDecodeError) as e:
-        raise DataError(f"cannot read the class list {path} ({e}); fix it or remove it (class names then default to class_0, ...)") from None
+        raise DataError(
+            f"cannot read the class list {path} ({e}); fix it or remove it (class names then default to class_0, ...)"
+        ) from None
     if not names:
-        raise DataError(f"the class list {path} is empty; fix it or remove it (class names then default to class_0, ...)")
+        raise DataError(
+            f"the class list {path} is empty; fix it or remove it (class names then default to class_0, ...)"
+        )
     return names
 
 
@@ -219,7 +228,10 @@ def class_names_for(root: str | os.PathLike, num_classes: int) -> list[str]:
         if len(names) == num_classes:
             return names
         log.warning(
-            "%s lists %d classes but num_classes is %d: using the names class_0, class_1, ...", path, len(names), num_classes
+            "%s lists %d classes but num_classes is %d: using the names class_0, class_1, ...",
+            path,
+            len(names),
+            num_classes,
         )
     return [f"class_{k}" for k in range(num_classes)]
 
@@ -309,9 +321,10 @@ class SegmentationFolder(torch.utils.data.Dataset):
         top = 254 if reduce_zero_label else 255  # the stored value 255 must stay free for "ignore"
         if not 1 <= int(num_classes) <= top:
             raise DataError(
-                f"num_classes={num_classes} does not fit label maps of {root}: with reduce_zero_label={bool(reduce_zero_label)} "
-                f"the classes are stored as {'1..num_classes' if reduce_zero_label else '0..num_classes-1'} in uint8 with 255 "
-                f"meaning ignore, so num_classes must be within 1..{top}; change data.num_classes or data.reduce_zero_label"
+                f"num_classes={num_classes} does not fit label maps of {root}: "
+                f"with reduce_zero_label={bool(reduce_zero_label)} the classes are stored as "
+                f"{'1..num_classes' if reduce_zero_label else '0..num_classes-1'} in uint8 with 255 meaning ignore, "
+                f"so num_classes must be within 1..{top}; change data.num_classes or data.reduce_zero_label"
             )
         self.root = find_root(root)
         self.split = str(split)
@@ -367,8 +380,8 @@ class SegmentationFolder(torch.utils.data.Dataset):
         if clashes:
             examples = "; ".join(", ".join(sorted(by_stem[s])) for s in clashes[:5])
             raise DataError(
-                f"{len(clashes)} names in {image_dir} exist with several extensions ({examples}): each image needs its own "
-                f"<name>.png label map, so keep one file per name"
+                f"{len(clashes)} names in {image_dir} exist with several extensions ({examples}): "
+                f"each image needs its own <name>.png label map, so keep one file per name"
             )
         labels = set(os.listdir(label_dir)) if label_dir.is_dir() else set()
         samples, absent = [], []
@@ -389,11 +402,15 @@ class SegmentationFolder(torch.utils.data.Dataset):
                 )
             log.warning(
                 "%d of %d images in %s have no label map in %s: left out (--missing skip)",
-                len(absent), len(by_stem), image_dir, label_dir,
+                len(absent),
+                len(by_stem),
+                image_dir,
+                label_dir,
             )
         if not samples:
             raise DataError(
-                f"none of the {len(by_stem)} images in {image_dir} has a label map in {label_dir}; expected {_layout(self.root)}"
+                f"none of the {len(by_stem)} images in {image_dir} has a label map in {label_dir}; "
+                f"expected {_layout(self.root)}"
             )
         return samples
 
@@ -450,8 +467,9 @@ class SegmentationFolder(torch.utils.data.Dataset):
     def _bad_values_message(self, path: str, shown: str, count: int) -> str:
         return (
             f"{path}: label values {shown} ({count} pixels) are outside the valid range {self.valid_range()} for "
-            f"num_classes={self.num_classes}, reduce_zero_label={self.reduce_zero_label}; check those settings (--num-classes, "
-            "data.reduce_zero_label), or pass --bad-labels ignore (data.bad_labels=ignore) to ignore such pixels"
+            f"num_classes={self.num_classes}, reduce_zero_label={self.reduce_zero_label}; "
+            "check those settings (--num-classes, data.reduce_zero_label), "
+            "or pass --bad-labels ignore (data.bad_labels=ignore) to ignore such pixels"
         )
 
     @staticmethod
@@ -509,7 +527,9 @@ class SegmentationFolder(torch.utils.data.Dataset):
             if path not in self.bad_label_files:  # count and warn once per file, however often it is read
                 self.bad_label_files.add(path)
                 self.num_bad_label_pixels += count
-                log.warning("%s: %d pixels with label values %s outside %s are ignored", path, count, shown, self.valid_range())
+                log.warning(
+                    "%s: %d pixels with label values %s outside %s are ignored", path, count, shown, self.valid_range()
+                )
         return codes.astype(np.int64)
 
     def __getitem__(self, index: int):
@@ -566,7 +586,9 @@ def resize_image(image: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     ``imresize`` computes."""
     if tuple(image.shape[-2:]) == tuple(size):
         return image
-    out = _cv2().resize(image.permute(1, 2, 0).contiguous().numpy(), (int(size[1]), int(size[0])), interpolation=_cv2().INTER_LINEAR)
+    out = _cv2().resize(
+        image.permute(1, 2, 0).contiguous().numpy(), (int(size[1]), int(size[0])), interpolation=_cv2().INTER_LINEAR
+    )
     return torch.from_numpy(out).permute(2, 0, 1).contiguous()
 
 

@@ -94,11 +94,21 @@ class SegmentationConfig:
     data: DataConfig = field(default_factory=DataConfig)
     test: TestConfig = field(default_factory=TestConfig)
     # 100 epochs at batch 16 (MAE A.4): 126,300 iterations of the 20,210 training images.
-    train: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=100, batch_size=2, effective_batch_size=16, log_every=50))
+    train: TrainConfig = field(
+        default_factory=lambda: TrainConfig(epochs=100, batch_size=2, effective_batch_size=16, log_every=50)
+    )
     optim: OptimConfig = field(
         default_factory=lambda: OptimConfig(
-            optimizer="adamw", lr=1e-4, weight_decay=0.05, betas=(0.9, 0.999), layer_decay=0.65, schedule="poly",
-            poly_power=1.0, min_lr=0.0, warmup_steps=1500, warmup_start_factor=1e-6,
+            optimizer="adamw",
+            lr=1e-4,
+            weight_decay=0.05,
+            betas=(0.9, 0.999),
+            layer_decay=0.65,
+            schedule="poly",
+            poly_power=1.0,
+            min_lr=0.0,
+            warmup_steps=1500,
+            warmup_start_factor=1e-6,
         )
     )
     eval_every_epochs: int = 0  # 0 = once, at the end
@@ -110,13 +120,19 @@ class SegmentationConfig:
     def validate(self) -> None:
         m = self.model
         if m.name is None and None in (m.embed_dim, m.depth, m.num_heads, m.patch_size):
-            raise ConfigError("model.name is null: give model.embed_dim, model.depth, model.num_heads and model.patch_size")
+            raise ConfigError(
+                "model.name is null: give model.embed_dim, model.depth, model.num_heads and model.patch_size"
+            )
         if self.optim.lr is None:
             raise ConfigError("segmentation recipes give an absolute learning rate: set optim.lr")
         if self.test.stride <= 0 or self.test.stride > self.model.img_size:
-            raise ConfigError(f"test.stride must be in 1..model.img_size ({self.model.img_size}), got {self.test.stride}")
+            raise ConfigError(
+                f"test.stride must be in 1..model.img_size ({self.model.img_size}), got {self.test.stride}"
+            )
         if self.data.num_classes < 1 or self.data.num_classes > 255:
-            raise ConfigError(f"data.num_classes must be in 1..255 (255 marks ignored pixels), got {self.data.num_classes}")
+            raise ConfigError(
+                f"data.num_classes must be in 1..255 (255 marks ignored pixels), got {self.data.num_classes}"
+            )
 
 
 def available_presets() -> list[str]:

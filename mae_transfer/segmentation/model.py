@@ -68,11 +68,20 @@ class _ClassifierHead(nn.Module):
 class UPerHead(_ClassifierHead):
     """UperNet decode head over ``len(in_channels)`` levels, finest first -> logits at the finest stride."""
 
-    def __init__(self, in_channels: Sequence[int], channels: int, num_classes: int, pool_scales=(1, 2, 3, 6), dropout: float = 0.1):
+    def __init__(
+        self,
+        in_channels: Sequence[int],
+        channels: int,
+        num_classes: int,
+        pool_scales=(1, 2, 3, 6),
+        dropout: float = 0.1,
+    ):
         super().__init__(channels, num_classes, dropout)
         top = in_channels[-1]
         self.pool_scales = tuple(pool_scales)
-        self.psp_modules = nn.ModuleList([nn.Sequential(nn.AdaptiveAvgPool2d(s), ConvBNReLU(top, channels, 1)) for s in self.pool_scales])
+        self.psp_modules = nn.ModuleList(
+            [nn.Sequential(nn.AdaptiveAvgPool2d(s), ConvBNReLU(top, channels, 1)) for s in self.pool_scales]
+        )
         self.bottleneck = ConvBNReLU(top + len(self.pool_scales) * channels, channels, 3)
         self.lateral_convs = nn.ModuleList([ConvBNReLU(c, channels, 1) for c in in_channels[:-1]])
         self.fpn_convs = nn.ModuleList([ConvBNReLU(channels, channels, 3) for _ in in_channels[:-1]])
@@ -95,7 +104,9 @@ class FCNHead(_ClassifierHead):
 
     def __init__(self, in_channels: int, channels: int, num_classes: int, num_convs: int = 1, dropout: float = 0.1):
         super().__init__(channels, num_classes, dropout)
-        self.convs = nn.Sequential(*[ConvBNReLU(in_channels if i == 0 else channels, channels, 3) for i in range(num_convs)])
+        self.convs = nn.Sequential(
+            *[ConvBNReLU(in_channels if i == 0 else channels, channels, 3) for i in range(num_convs)]
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.classify(self.convs(x))
@@ -110,9 +121,20 @@ class UperNetViT(nn.Module):
     ``(logits, aux_logits)``.
     """
 
-    def __init__(self, backbone: VisionTransformer, tap_blocks: Sequence[int], num_classes: int, channels: int = 768,
-                 aux_channels: int = 256, aux_level: int = 2, aux_convs: int = 1, dropout: float = 0.1, neck_norm: str = "bn",
-                 pyramid: str = "taps", pyramid_channels: int = 256):
+    def __init__(
+        self,
+        backbone: VisionTransformer,
+        tap_blocks: Sequence[int],
+        num_classes: int,
+        channels: int = 768,
+        aux_channels: int = 256,
+        aux_level: int = 2,
+        aux_convs: int = 1,
+        dropout: float = 0.1,
+        neck_norm: str = "bn",
+        pyramid: str = "taps",
+        pyramid_channels: int = 256,
+    ):
         super().__init__()
         depth = len(backbone.blocks)
         dim = backbone.embed_dim
@@ -121,7 +143,9 @@ class UperNetViT(nn.Module):
         if pyramid == "taps":  # BEiT / MAE / mmsegmentation: four blocks, rescaled
             tap_blocks = tuple(int(b) for b in tap_blocks)
             if len(tap_blocks) != 4 or not all(0 <= b < depth for b in tap_blocks):
-                raise ValueError(f"UperNet needs 4 tap blocks in 0..{depth - 1}, got {tap_blocks}: set model.tap_blocks")
+                raise ValueError(
+                    f"UperNet needs 4 tap blocks in 0..{depth - 1}, got {tap_blocks}: set model.tap_blocks"
+                )
             self.tap_blocks = tap_blocks
             self.neck = RescaleNeck(dim, neck_norm)
         elif pyramid == "simple":  # ViTDet: the last block alone, rescaled by deconvolutions
@@ -132,7 +156,9 @@ class UperNetViT(nn.Module):
             raise ValueError(f"model.pyramid must be 'taps' or 'simple', got {pyramid!r}")
         self.decode_head = UPerHead([dim] * 4, channels, num_classes, dropout=dropout)
         self.aux_level = aux_level
-        self.auxiliary_head = FCNHead(dim, aux_channels, num_classes, num_convs=aux_convs, dropout=dropout) if aux_channels else None
+        self.auxiliary_head = (
+            FCNHead(dim, aux_channels, num_classes, num_convs=aux_convs, dropout=dropout) if aux_channels else None
+        )
         self.num_classes = num_classes
         self.size_divisor = backbone.patch_size * 2  # the coarsest level is half the token grid
 
@@ -180,12 +206,22 @@ def build_upernet(
     norm would stop DDP, which needs a gradient for every parameter)."""
     vit.norm = nn.Identity()
     taps = tuple(tap_blocks) if tap_blocks is not None else default_tap_blocks(len(vit.blocks))
-    return UperNetViT(vit, taps, num_classes, channels=channels, aux_channels=aux_channels, aux_convs=aux_convs,
-                      pyramid=pyramid, pyramid_channels=pyramid_channels)
+    return UperNetViT(
+        vit,
+        taps,
+        num_classes,
+        channels=channels,
+        aux_channels=aux_channels,
+        aux_convs=aux_convs,
+        pyramid=pyramid,
+        pyramid_channels=pyramid_channels,
+    )
 
 
 @torch.no_grad()
-def slide_inference(model: nn.Module, image: torch.Tensor, num_classes: int, crop: int = 512, stride: int = 341) -> torch.Tensor:
+def slide_inference(
+    model: nn.Module, image: torch.Tensor, num_classes: int, crop: int = 512, stride: int = 341
+) -> torch.Tensor:
     """Logits (B, C, H, W) of ``image`` (B, 3, H, W) from ``crop x crop`` windows ``stride`` apart,
     averaged where they overlap (BEiT / mmsegmentation's ``slide`` mode). Windows are shifted back
     inside the image at the borders; an image smaller than the window is one window of its own

@@ -14,7 +14,15 @@ import logging
 
 import torch
 
-from mae_transfer.engine.bench import autocast_for, bench_precision, benchmark_training, device_name, resolve_device, tf32_enabled, time_steps
+from mae_transfer.engine.bench import (
+    autocast_for,
+    bench_precision,
+    benchmark_training,
+    device_name,
+    resolve_device,
+    tf32_enabled,
+    time_steps,
+)
 from mae_transfer.segmentation.config import build_config
 from mae_transfer.segmentation.model import slide_inference
 from mae_transfer.segmentation.task import SegmentationTask, build_segmenter, segmentation_loss
@@ -22,8 +30,15 @@ from mae_transfer.segmentation.task import SegmentationTask, build_segmenter, se
 log = logging.getLogger(__name__)
 
 
-def run_segmentation_speed(preset: str = "upernet_vit_b", batch_size: int = 8, steps: int = 10, warmup: int = 3,
-                           device: str | None = None, precision: str = "auto", eval_steps: int | None = None) -> dict:
+def run_segmentation_speed(
+    preset: str = "upernet_vit_b",
+    batch_size: int = 8,
+    steps: int = 10,
+    warmup: int = 3,
+    device: str | None = None,
+    precision: str = "auto",
+    eval_steps: int | None = None,
+) -> dict:
     """Time ``steps`` training steps after ``warmup`` and ``eval_steps`` sliding-window inferences."""
     dev = resolve_device(device)
     on_cuda = dev.type == "cuda"
@@ -37,7 +52,10 @@ def run_segmentation_speed(preset: str = "upernet_vit_b", batch_size: int = 8, s
     labels = torch.randint(0, classes, (batch_size, size, size), generator=g)
     labels[:, : size // 8] = 255  # some ignored pixels, as in real label maps
     labels = labels.to(dev)
-    groups = [{k: v for k, v in grp.items() if k != "param_names"} for grp in SegmentationTask.param_groups(None, net, cfg.optim)]
+    groups = [
+        {k: v for k, v in grp.items() if k != "param_names"}
+        for grp in SegmentationTask.param_groups(None, net, cfg.optim)
+    ]
     opt = torch.optim.AdamW(groups, lr=cfg.optim.lr or 1e-4, fused=True if on_cuda else None)
 
     def forward_backward():
@@ -59,11 +77,32 @@ def run_segmentation_speed(preset: str = "upernet_vit_b", batch_size: int = 8, s
 
         evaluation = time_steps(infer, eval_steps or max(1, steps // 2), max(1, warmup // 2), dev)
     return {
-        "workload": "segmentation", "preset": preset, "model": cfg.model.vit_label(), "img_size": size, "batch_size": batch_size,
-        "precision": precision, "device": str(dev), "device_name": device_name(dev), "torch_version": torch.__version__,
-        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), **{k: train[k] for k in ("images_per_s", "step_ms_median", "first_step_s", "peak_memory_gib", "memory_kind",
-                                 "flops_per_image", "tflops", "attention_ops")}, "eval_images_per_s": (eval_steps or max(1, steps // 2)) / evaluation["wall_s"],
-        "eval_image_size": [size, size * 4 // 3], "eval_peak_memory_gib": evaluation["peak_memory_gib"],
+        "workload": "segmentation",
+        "preset": preset,
+        "model": cfg.model.vit_label(),
+        "img_size": size,
+        "batch_size": batch_size,
+        "precision": precision,
+        "device": str(dev),
+        "device_name": device_name(dev),
+        "torch_version": torch.__version__,
+        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        **{
+            k: train[k]
+            for k in (
+                "images_per_s",
+                "step_ms_median",
+                "first_step_s",
+                "peak_memory_gib",
+                "memory_kind",
+                "flops_per_image",
+                "tflops",
+                "attention_ops",
+            )
+        },
+        "eval_images_per_s": (eval_steps or max(1, steps // 2)) / evaluation["wall_s"],
+        "eval_image_size": [size, size * 4 // 3],
+        "eval_peak_memory_gib": evaluation["peak_memory_gib"],
     }
 
 

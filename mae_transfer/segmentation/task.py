@@ -18,7 +18,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from mae_transfer.checkpoint import CheckpointError, class_count_hint, init_backbone, load_trained_model, save_trained_model, weights_sha256
+from mae_transfer.checkpoint import (
+    CheckpointError,
+    class_count_hint,
+    init_backbone,
+    load_trained_model,
+    save_trained_model,
+    weights_sha256,
+)
 from mae_transfer.config import ConfigError, to_dict
 from mae_transfer.data.errors import DataError
 from mae_transfer.data.seeded import SeededTransformDataset
@@ -29,7 +36,14 @@ from mae_transfer.engine.results import ResultRow, dataset_name, row_identity, w
 from mae_transfer.engine.trainer import EvalContext, OptimConfig, Trainer, TrainTask
 from mae_transfer.io import atomic_write, atomic_write_json
 from mae_transfer.models.vit import VisionTransformer, named_size, vit_size
-from mae_transfer.segmentation.ade20k import IGNORE_INDEX, EvalTransform, SegmentationFolder, TrainTransform, collate_eval, palette
+from mae_transfer.segmentation.ade20k import (
+    IGNORE_INDEX,
+    EvalTransform,
+    SegmentationFolder,
+    TrainTransform,
+    collate_eval,
+    palette,
+)
 from mae_transfer.segmentation.config import SegmentationConfig
 from mae_transfer.segmentation.metrics import SegmentationEvaluator
 from mae_transfer.segmentation.model import build_upernet, slide_inference
@@ -46,12 +60,27 @@ def build_segmenter(cfg: SegmentationConfig) -> nn.Module:
     try:
         size = vit_size(m.name, embed_dim=m.embed_dim, depth=m.depth, num_heads=m.num_heads, patch_size=m.patch_size)
         vit = VisionTransformer(
-            img_size=m.img_size, num_classes=0, global_pool="", use_rel_pos=m.use_rel_pos, rel_pos_type=m.rel_pos_type,
-            layer_scale=m.layer_scale, drop_path_rate=m.drop_path, grad_checkpointing=m.grad_checkpointing, mlp_ratio=m.mlp_ratio,
+            img_size=m.img_size,
+            num_classes=0,
+            global_pool="",
+            use_rel_pos=m.use_rel_pos,
+            rel_pos_type=m.rel_pos_type,
+            layer_scale=m.layer_scale,
+            drop_path_rate=m.drop_path,
+            grad_checkpointing=m.grad_checkpointing,
+            mlp_ratio=m.mlp_ratio,
             **size,
         )
-        model = build_upernet(vit, cfg.data.num_classes, tap_blocks=m.tap_blocks, channels=m.channels,
-                              aux_channels=m.aux_channels, aux_convs=m.aux_convs, pyramid=m.pyramid, pyramid_channels=m.pyramid_channels)
+        model = build_upernet(
+            vit,
+            cfg.data.num_classes,
+            tap_blocks=m.tap_blocks,
+            channels=m.channels,
+            aux_channels=m.aux_channels,
+            aux_convs=m.aux_convs,
+            pyramid=m.pyramid,
+            pyramid_channels=m.pyramid_channels,
+        )
     except ValueError as e:
         raise ConfigError(f"cannot build UperNet on {m.vit_label()}: {e}") from None
     if m.predictor_init == "default":
@@ -84,17 +113,29 @@ class SegmentationTask(TrainTask):
         self.cfg = cfg
         d = cfg.data
         self.root = _resolve_root(cfg)
-        common = dict(num_classes=d.num_classes, reduce_zero_label=d.reduce_zero_label, bad_labels=d.bad_labels, missing=d.missing)
+        common = dict(
+            num_classes=d.num_classes, reduce_zero_label=d.reduce_zero_label, bad_labels=d.bad_labels, missing=d.missing
+        )
         t = cfg.test
-        ratios = tuple(t.scales) if tuple(t.scales) != (1.0,) else None  # several scales: mmseg 1.x test-time augmentation
-        self.val_set = SegmentationFolder(self.root, d.val_split, transform=EvalTransform(tuple(d.scale), d.mean, d.std, ratios), **common)
+        ratios = (
+            tuple(t.scales) if tuple(t.scales) != (1.0,) else None
+        )  # several scales: mmseg 1.x test-time augmentation
+        self.val_set = SegmentationFolder(
+            self.root, d.val_split, transform=EvalTransform(tuple(d.scale), d.mean, d.std, ratios), **common
+        )
         self.class_names = list(self.val_set.class_names)
         self.train_set = None
         if train:
             base = SegmentationFolder(self.root, d.train_split, **common)
             aug = TrainTransform(
-                crop_size=cfg.model.img_size, scale=tuple(d.scale), ratio_range=tuple(d.ratio_range), cat_max_ratio=d.cat_max_ratio,
-                flip_prob=d.flip_prob, photometric=d.photometric, mean=d.mean, std=d.std,
+                crop_size=cfg.model.img_size,
+                scale=tuple(d.scale),
+                ratio_range=tuple(d.ratio_range),
+                cat_max_ratio=d.cat_max_ratio,
+                flip_prob=d.flip_prob,
+                photometric=d.photometric,
+                mean=d.mean,
+                std=d.std,
             )
             self.train_set = SeededTransformDataset(base, aug, seed=cfg.train.seed)
         self.backbone_sha256 = weights_sha256(cfg.backbone) if cfg.backbone else None
@@ -103,10 +144,18 @@ class SegmentationTask(TrainTask):
     # ------------------------------------------------------------------ engine interface
     def signature(self) -> dict[str, Any]:
         m = self.cfg.model
-        return {"model": m.vit_label(), "img_size": m.img_size, "tap_blocks": m.tap_blocks, "use_rel_pos": m.use_rel_pos,
-                "rel_pos_type": m.rel_pos_type, "layer_scale": m.layer_scale is not None, "channels": m.channels,
-                "aux_channels": m.aux_channels, "num_classes": self.cfg.data.num_classes,
-                **({"pyramid": m.pyramid, "pyramid_channels": m.pyramid_channels} if m.pyramid != "taps" else {})}
+        return {
+            "model": m.vit_label(),
+            "img_size": m.img_size,
+            "tap_blocks": m.tap_blocks,
+            "use_rel_pos": m.use_rel_pos,
+            "rel_pos_type": m.rel_pos_type,
+            "layer_scale": m.layer_scale is not None,
+            "channels": m.channels,
+            "aux_channels": m.aux_channels,
+            "num_classes": self.cfg.data.num_classes,
+            **({"pyramid": m.pyramid, "pyramid_channels": m.pyramid_channels} if m.pyramid != "taps" else {}),
+        }
 
     def build_model(self, load_backbone: bool = True) -> nn.Module:
         torch.manual_seed(self.cfg.train.seed)
@@ -114,8 +163,13 @@ class SegmentationTask(TrainTask):
         if load_backbone:
             # New: the zero-initialised relative position tables (MAE A.4), layer scales at 1.0, the
             # neck and the heads; the 224 px position grid is resized to the crop once, as mmseg does.
-            init_backbone(model.backbone, self.cfg.backbone, expected_missing="dense", expected_unexpected="dense",
-                          trust=self.cfg.trust_checkpoint)
+            init_backbone(
+                model.backbone,
+                self.cfg.backbone,
+                expected_missing="dense",
+                expected_unexpected="dense",
+                trust=self.cfg.trust_checkpoint,
+            )
         return convert_sync_batchnorm(model)  # BEiT / mmsegmentation: SyncBN
 
     def build_train_dataset(self):
@@ -159,14 +213,26 @@ class SegmentationTask(TrainTask):
         if trainer.batch_size * trainer.dist.world_size < 2:  # else a traceback from torch at the first step
             raise ConfigError(
                 "train.batch_size 1 on 1 process: the decode head's BatchNorm needs at least 2 images per step (SyncBN "
-                "counts every process's); give --batch-size 2 or more (gradient accumulation keeps --effective-batch-size)"
+                "counts every process's); give --batch-size 2 or more "
+                "(gradient accumulation keeps --effective-batch-size)"
             )
         ds, split = self.val_set, self.cfg.data.val_split
-        problems = trainer.check_split(ds.find_bad_samples, len(ds), split, "images and label maps",
-                                       "mae-transfer check-data --task ade20k --data DIR --full")
+        problems = trainer.check_split(
+            ds.find_bad_samples,
+            len(ds),
+            split,
+            "images and label maps",
+            "mae-transfer check-data --task ade20k --data DIR --full",
+        )
         if problems:
-            others = ", ".join(Path(ds.samples[i][0]).name for i, _ in problems[1:4]) + (" ..." if len(problems) > 4 else "")
-            more = f" (and {len(problems) - 1} more item(s) of {split} with problems: {others})" if len(problems) > 1 else ""
+            others = ", ".join(Path(ds.samples[i][0]).name for i, _ in problems[1:4]) + (
+                " ..." if len(problems) > 4 else ""
+            )
+            more = (
+                f" (and {len(problems) - 1} more item(s) of {split} with problems: {others})"
+                if len(problems) > 1
+                else ""
+            )
             raise DataError(f"{problems[0][1]}{more}")
 
     def on_epoch_end(self, trainer: Trainer, epoch: int) -> None:
@@ -182,7 +248,10 @@ class SegmentationTask(TrainTask):
             save_segmenter(trainer.unwrapped, self.cfg, self.class_names, trainer.output_dir / "segmenter.pth")
         metrics = trainer.evaluate(final=True)
         if trainer.dist.is_main:
-            trainer.metrics.write("eval", {"step": trainer.step, "epoch": math.ceil(trainer.step / trainer.steps_per_epoch), **summary(metrics)})
+            trainer.metrics.write(
+                "eval",
+                {"step": trainer.step, "epoch": math.ceil(trainer.step / trainer.steps_per_epoch), **summary(metrics)},
+            )
 
     def publish(self, model: nn.Module, ctx: EvalContext, metrics: dict, step: int) -> None:
         self.write_results(ctx.output_dir, metrics, step)
@@ -190,14 +259,20 @@ class SegmentationTask(TrainTask):
             self.visualize(model, ctx.device, ctx.autocast, ctx.output_dir / "visualize")
 
     # ------------------------------------------------------------------ evaluation
-    def logits(self, model: nn.Module, image: torch.Tensor, out_size, autocast: Callable, flip: bool = False) -> torch.Tensor:
+    def logits(
+        self, model: nn.Module, image: torch.Tensor, out_size, autocast: Callable, flip: bool = False
+    ) -> torch.Tensor:
         """Logits (1, C, H, W) at ``out_size`` of one normalised image (3, h, w): sliding-window (or
         whole-image) inference, flipped back when ``flip``, resized bilinearly to ``out_size``."""
         t = self.cfg.test
         x = image.unsqueeze(0)
         x = x.flip(-1) if flip else x
         with autocast():
-            out = slide_inference(model, x, self.cfg.data.num_classes, self.cfg.model.img_size, t.stride) if t.mode == "slide" else model(x)
+            out = (
+                slide_inference(model, x, self.cfg.data.num_classes, self.cfg.model.img_size, t.stride)
+                if t.mode == "slide"
+                else model(x)
+            )
         out = out.float().flip(-1) if flip else out.float()
         return F.interpolate(out, size=tuple(out_size), mode="bilinear", align_corners=False)
 
@@ -209,7 +284,7 @@ class SegmentationTask(TrainTask):
         images = image if isinstance(image, (list, tuple)) else [image]
         probs = None
         for x in images:
-            for flip in ([False, True] if self.cfg.test.flip else [False]):
+            for flip in [False, True] if self.cfg.test.flip else [False]:
                 p = self.logits(model, x, out_size, autocast, flip).softmax(1)
                 probs = p if probs is None else probs + p
         return probs[0]
@@ -227,7 +302,9 @@ class SegmentationTask(TrainTask):
             return self.predict_logits(model, image, label.shape[-2:], ctx.autocast).argmax(0).cpu(), label
 
         evaluator = SegmentationEvaluator(self.cfg.data.num_classes, self.class_names)
-        metrics = run_evaluator(evaluator, loader, predict, main=ctx.dist.is_main, desc=f"evaluating {self.cfg.data.val_split}", unit="img")
+        metrics = run_evaluator(
+            evaluator, loader, predict, main=ctx.dist.is_main, desc=f"evaluating {self.cfg.data.val_split}", unit="img"
+        )
         if not ctx.dist.is_main:
             return {}
         seconds = evaluator.seconds
@@ -242,9 +319,14 @@ class SegmentationTask(TrainTask):
         cfg = self.cfg
         test = "ms" if len(cfg.test.scales) > 1 else "ss"
         common = dict(
-            task="ade20k", dataset=dataset_name("ade20k", cfg.data.path, cfg.data.num_classes), split=cfg.data.val_split,
-            protocol=f"{cfg.recipe}_{test}{'+flip' if cfg.test.flip else ''}", step=step,
-            **row_identity(cfg, self.backbone_sha256, ("data", "backbone", "visualize", "trust_checkpoint"), self.evaluated),
+            task="ade20k",
+            dataset=dataset_name("ade20k", cfg.data.path, cfg.data.num_classes),
+            split=cfg.data.val_split,
+            protocol=f"{cfg.recipe}_{test}{'+flip' if cfg.test.flip else ''}",
+            step=step,
+            **row_identity(
+                cfg, self.backbone_sha256, ("data", "backbone", "visualize", "trust_checkpoint"), self.evaluated
+            ),
         )
         rows = [ResultRow(metric=k, value=v, **common) for k, v in summary(metrics).items()]
         return write_run_results(out_dir, rows, to_dict(cfg))
@@ -272,7 +354,9 @@ class SegmentationTask(TrainTask):
                 panels = [original, lut[label.numpy().clip(0, 255)], lut[pred.numpy()]]
                 k = max(1, math.ceil(256 / max(original.shape[:2])))  # enlarge small images to be seen
                 panels = [p.repeat(k, axis=0).repeat(k, axis=1) for p in panels]
-                sheet = np.concatenate([np.pad(p, ((0, 0), (0, 6), (0, 0)), constant_values=255) for p in panels], axis=1)
+                sheet = np.concatenate(
+                    [np.pad(p, ((0, 0), (0, 6), (0, 0)), constant_values=255) for p in panels], axis=1
+                )
                 path = out_dir / f"{Path(self.val_set.samples[i][0]).stem}.png"
                 with atomic_write(path, "wb") as f:
                     Image.fromarray(sheet).save(f, format="PNG")
@@ -295,8 +379,10 @@ def report(task, cfg: SegmentationConfig) -> str:
 def format_metrics(metrics: dict, cfg: SegmentationConfig) -> str:
     s = summary(metrics)
     where = f"{'ADE20K' if cfg.data.path else 'toy ADE20K'} {cfg.data.val_split}"
-    lines = [f"{where:28s} {'mIoU':>7s} {'mAcc':>7s} {'aAcc':>7s}",
-             f"{'':28s} {s.get('mIoU', math.nan):7.2f} {s.get('mAcc', math.nan):7.2f} {s.get('aAcc', math.nan):7.2f}"]
+    lines = [
+        f"{where:28s} {'mIoU':>7s} {'mAcc':>7s} {'aAcc':>7s}",
+        f"{'':28s} {s.get('mIoU', math.nan):7.2f} {s.get('mAcc', math.nan):7.2f} {s.get('aAcc', math.nan):7.2f}",
+    ]
     t = metrics.get("time")
     if t:
         lines.append(f"evaluated {t['images']} images in {t['seconds']:.1f} s ({t['images_per_second']:.2f} img/s)")
@@ -330,15 +416,18 @@ def read_segmenter_weights(path: str | Path, trust: bool = False) -> tuple[dict[
 def read_segmenter_file(path: str | Path, trust: bool = False) -> dict:
     """The contents of a trained segmenter's file, ``weights_only`` unless ``trust``."""
     from mae_transfer.checkpoint import load_file, load_safely
-
     from mae_transfer.checkpoint.trained import trained_model_file
 
     # A run directory reads its checkpoint-last.pth (the file the result rows then name).
-    path = trained_model_file(path, "segmenter.pth or checkpoint-last.pth of an ade20k run, or an mmsegmentation segmentor .pth")
+    path = trained_model_file(
+        path, "segmenter.pth or checkpoint-last.pth of an ade20k run, or an mmsegmentation segmentor .pth"
+    )
     state = load_file(path) if trust else load_safely(path, "--weights")
     if not isinstance(state, dict):
-        raise CheckpointError(f"--weights {path}: not a trained model (expected segmenter.pth, checkpoint-last.pth of an ade20k run, "
-                              "or an mmsegmentation segmentor)")
+        raise CheckpointError(
+            f"--weights {path}: not a trained model (expected segmenter.pth, checkpoint-last.pth of an ade20k run, "
+            "or an mmsegmentation segmentor)"
+        )
     return state
 
 
@@ -352,18 +441,26 @@ def segmenter_weights(state: dict, path: str | Path) -> tuple[dict[str, torch.Te
         to_segmenter_state_dict,
     )
 
-    ours = state.get("format") in (SEGMENTER_FORMAT, "mae_transfer.train_checkpoint") and isinstance(state.get("model"), dict)
+    ours = state.get("format") in (SEGMENTER_FORMAT, "mae_transfer.train_checkpoint") and isinstance(
+        state.get("model"), dict
+    )
     if ours:
         sd = state["model"]
         if not any(k.startswith("decode_head.") for k in sd):
-            raise CheckpointError(f"--weights {path} holds no decode_head.* weights: it looks like a backbone; pass it as --backbone")
+            raise CheckpointError(
+                f"--weights {path} holds no decode_head.* weights: it looks like a backbone; pass it as --backbone"
+            )
         check_dtypes(sd, f"--weights {path}")
         return sd, state.get("config")
     raw = state.get("state_dict", state.get("model", state))
     if not isinstance(raw, dict) or not is_mmseg_segmentor(raw):
         if isinstance(raw, dict) and not any(k.startswith("decode_head.") for k in raw):
-            raise CheckpointError(f"--weights {path} holds no decode_head.* weights: it looks like a backbone; pass it as --backbone")
-        raise CheckpointError(f"--weights {path}: neither a segmenter of this toolkit nor an mmsegmentation MAE/BEiT UperNet checkpoint")
+            raise CheckpointError(
+                f"--weights {path} holds no decode_head.* weights: it looks like a backbone; pass it as --backbone"
+            )
+        raise CheckpointError(
+            f"--weights {path}: neither a segmenter of this toolkit nor an mmsegmentation MAE/BEiT UperNet checkpoint"
+        )
     check_dtypes(raw, f"--weights {path}")
     try:
         sd = to_segmenter_state_dict({k: v for k, v in raw.items() if torch.is_tensor(v)})
@@ -377,10 +474,20 @@ def segmenter_weights(state: dict, path: str | Path) -> tuple[dict[str, torch.Te
         for k in ("embed_dim", "depth", "num_heads", "patch_size"):
             model.pop(k)
     crop = int(arch["img_size"])
-    saved = {"model": model, "data": {"num_classes": num_classes, "scale": [4 * crop, crop]}, "test": {"stride": int(crop * 2 / 3)}}
-    log.info("%s: mmsegmentation segmentor, %s, %d classes, %d px windows every %d px, test resize %s",
-             path, model.get("name") or f"ViT {arch['embed_dim']}x{arch['depth']}, {arch['num_heads']} heads",
-             num_classes, crop, saved["test"]["stride"], saved["data"]["scale"])
+    saved = {
+        "model": model,
+        "data": {"num_classes": num_classes, "scale": [4 * crop, crop]},
+        "test": {"stride": int(crop * 2 / 3)},
+    }
+    log.info(
+        "%s: mmsegmentation segmentor, %s, %d classes, %d px windows every %d px, test resize %s",
+        path,
+        model.get("name") or f"ViT {arch['embed_dim']}x{arch['depth']}, {arch['num_heads']} heads",
+        num_classes,
+        crop,
+        saved["test"]["stride"],
+        saved["data"]["scale"],
+    )
     return sd, saved
 
 
@@ -406,11 +513,20 @@ def segmenter_class_names(state: dict) -> tuple[list[str] | None, list | None]:
 
 def load_segmenter_weights(model: nn.Module, state: dict[str, torch.Tensor], path: str | Path) -> None:
     """Load a segmenter state dict, naming every tensor that does not fit (and a class-count mismatch)."""
-    load_trained_model(model, state, path, explain=class_count_hint("decode_head.conv_seg.weight", advice="set --num-classes"))
+    load_trained_model(
+        model, state, path, explain=class_count_hint("decode_head.conv_seg.weight", advice="set --num-classes")
+    )
 
 
 __all__ = [
-    "SegmentationTask", "build_segmenter", "format_metrics", "load_segmenter_weights", "read_segmenter_file",
-    "read_segmenter_weights", "segmenter_class_names", "segmenter_weights",
-    "segmentation_loss", "summary",
+    "SegmentationTask",
+    "build_segmenter",
+    "format_metrics",
+    "load_segmenter_weights",
+    "read_segmenter_file",
+    "read_segmenter_weights",
+    "segmenter_class_names",
+    "segmenter_weights",
+    "segmentation_loss",
+    "summary",
 ]
