@@ -239,12 +239,43 @@ def save_config(cfg: Any, path: str | Path, extra: dict[str, Any] | None = None)
     return atomic_write_text(path, yaml.safe_dump(data, sort_keys=False))
 
 
-def config_hash(cfg: Any, exclude: tuple[str, ...] = ()) -> str:
-    """Short stable hash of a config, ignoring top-level keys in ``exclude`` (e.g. paths)."""
-    data = to_dict(cfg)
-    if isinstance(data, dict):
-        data = {k: v for k, v in data.items() if k not in exclude}
-    blob = json.dumps(data, sort_keys=True, default=str).encode()
+# What changes no number of a run, left out of its identity (the benchmark's job key and the
+# config_hash of result rows): where files are (the weights are identified by their sha256, the data
+# by the dataset name), how results are shown, and trust. One list for every task and hash.
+IDENTITY_EXCLUDE = frozenset(
+    {
+        "backbone",  # pretrained weights: their sha256 is in the identity instead
+        "init",  # pretraining's starting weights (a path; pretraining is no benchmark job)
+        "path",  # a data section's folder (any depth)
+        "output",
+        "overrides",  # already applied to the config
+        "visualize",
+        "visualize_score",
+        "trust_checkpoint",
+        "eval_backend",  # pycocotools and faster-coco-eval give the same numbers
+    }
+)
+
+
+def identity(cfg: Any) -> Any:
+    """``cfg`` (a config or a mapping of options) without what changes no number: the keys in
+    :data:`IDENTITY_EXCLUDE` at any depth, and ``data`` when it is a folder rather than a section."""
+
+    def strip(value: Any) -> Any:
+        if isinstance(value, dict):
+            return {
+                k: strip(v)
+                for k, v in value.items()
+                if k not in IDENTITY_EXCLUDE and not (k == "data" and (v is None or isinstance(v, str)))
+            }
+        return value
+
+    return strip(to_dict(cfg))
+
+
+def config_hash(cfg: Any) -> str:
+    """Short stable hash of a config's :func:`identity`."""
+    blob = json.dumps(identity(cfg), sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:12]
 
 

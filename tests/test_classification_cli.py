@@ -12,7 +12,7 @@ import time
 
 import pytest
 import torch
-from conftest import result_rows
+from conftest import REPO, result_rows
 
 from mae_transfer.cli import main
 
@@ -141,6 +141,23 @@ def test_knn_and_sweep_on_frozen_features(tmp_path, cache, encoder, capsys):
     # A standalone run's rows are fully described (issue 23, 9): the ViT evaluated and the provenance.
     assert {r["model"] for r in rows} == {"vit_nano_patch8"}  # read from the nano encoder
     assert all(r["git_commit"] is not None and r["versions"] and r["hardware"] and r["date"] for r in rows)
+
+
+def test_knn_under_torchrun_shards_the_features_and_gives_the_same_numbers(tmp_path, cache, encoder, capsys):
+    """k-NN runs on the engine's EvalContext: under `torchrun --nproc_per_node 2` (gloo) each process
+    extracts its shard of each split, the features are gathered and the main process scores them."""
+    single = tmp_path / "one"
+    assert main(["knn", "--backbone", str(encoder), "--output", str(single), "--k", "5,20", "--device", "cpu"]) == 0
+    capsys.readouterr()
+    two = tmp_path / "two"
+    argv = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m"]
+    argv += ["mae_transfer", "knn", "--backbone", str(encoder), "--output", str(two), "--k", "5,20", "--device", "cpu"]
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("k-NN k=5") == 1  # the main process reports
+    values = lambda d: {(r["protocol"], r["metric"]): r["value"] for r in map(json.loads, (d / "results.jsonl").open())}  # noqa: E731
+    assert values(two) == values(single) and len(values(single)) == 9  # k=5, k=20 and the sweep, 3 metrics each
 
 
 def test_finetuning_resumes_after_a_kill(tmp_path, monkeypatch):

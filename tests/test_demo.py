@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from mae_transfer.cli import main
 from mae_transfer.evaluation.demo import MAE_NAME, RANDOM_NAME, demo_tasks
 from mae_transfer.evaluation.plots import comparison_data
@@ -16,7 +18,8 @@ def test_quick_demo_runs_every_task_and_resumes_without_work(tmp_path, cache, ca
     from mae_transfer.evaluation.registry import TASKS
 
     monkeypatch.setattr(demo, "QUICK_ALL", ["train.epochs=1"])
-    monkeypatch.setitem(TASKS["pretrain"].demo, "quick", ["train.epochs=1"])
+    pretrain = TASKS["pretrain"]
+    monkeypatch.setitem(TASKS, "pretrain", replace(pretrain, demo=replace(pretrain.demo, quick=("train.epochs=1",))))
     out_dir = tmp_path / "demo"
     assert main(["demo", "--quick", "--output", str(out_dir)]) == 0
     out = capsys.readouterr().out

@@ -7,6 +7,7 @@ of the tables and a bar of the plots.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -14,6 +15,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import REPO
 
 from mae_transfer.checkpoint import export_mae_encoder
 from mae_transfer.cli import main
@@ -124,3 +126,40 @@ def test_the_console_script_finds_task_modules_in_the_current_folder(tmp_path):
     lines = bad.stderr.strip().splitlines()
     assert bad.returncode == 2 and len(lines) == 1, bad.stderr[-2000:]
     assert "'not_there'" in lines[0] and "PYTHONPATH" in lines[0] and str(tmp_path) in lines[0]
+
+
+def test_the_readme_task_evaluates_sharded_under_torchrun(tmp_path, cache):
+    """The README's example under `torchrun --nproc_per_node 2` (gloo): the engine evaluates after
+    training with every process on its shard (``ctx.loader``) and the example sums the counts
+    (``ctx.all_sum``), so the top-1 equals one process's and every image is counted once. The
+    learning rate is too small to move the weights, so both runs evaluate the same (seeded) model: a
+    process scoring only its own half would print another number, one scoring all of them would count
+    every image twice."""
+    for block in readme_example():
+        name = re.match(r"# (\w+)\.py", block).group(1)
+        (tmp_path / f"{name}.py").write_text(block)
+    encoder = export_mae_encoder(
+        create_vit("vit_micro_patch8", img_size=64, num_classes=0, global_pool="token"), tmp_path / "enc.pth"
+    )
+    env = {**os.environ, "MAE_TRANSFER_TASKS": "my_tasks", "PYTHONPATH": f"{tmp_path}{os.pathsep}{REPO}"}
+    common = ["-m", "mae_transfer", "meanprobe", "--backbone", str(encoder), "train.epochs=1", "optim.lr=1e-12"]
+    launchers = {
+        1: [sys.executable],
+        2: [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"],
+    }
+    from mae_transfer.classification.datasets import build_dataset
+
+    val = build_dataset("imagefolder", None, "val")
+    top1, images = {}, {}
+    for procs, launcher in launchers.items():
+        out = tmp_path / f"run{procs}"
+        argv = [*launcher, *common, "--output", str(out), "train.device=cpu"]
+        done = subprocess.run(argv, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
+        rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+        assert [r["metric"] for r in rows] == ["top1"]
+        top1[procs] = rows[0]["value"]
+        # Every image scored once over all processes (not once per process, not half of them).
+        [final] = [json.loads(line) for line in (out / "eval.jsonl").read_text().splitlines()]
+        images[procs] = final["images"]
+    assert top1[1] == top1[2] and images[1] == images[2] == len(val), (top1, images)

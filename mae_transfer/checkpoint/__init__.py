@@ -10,6 +10,7 @@ reader and writer side by side:
   ViTMAEModel export), timm (model folder export), mmsegmentation / mmpretrain (whole segmentors
   too), detectron2 ViTDet (whole detectors too), the official MAE release (the encoder export);
 * :mod:`.hub`: weights by name (``hf-hub:ORG/NAME``, ``timm:ARCH.TAG``) through the Hugging Face cache;
+* :mod:`.describe`: what a backbone file holds (size name, image size), read once per process;
 * :mod:`.loading`: pretrained weights into a ViT with shape adaptation and a report of every key;
 * :mod:`.trained`: trained task models with their config.
 """
@@ -17,6 +18,7 @@ reader and writer side by side:
 from __future__ import annotations
 
 from mae_transfer.checkpoint.checks import check_dtypes
+from mae_transfer.checkpoint.describe import describe_checkpoint
 from mae_transfer.checkpoint.formats import FORMATS, detect_format, infer_vit_config, to_vit_state_dict
 from mae_transfer.checkpoint.hub import weights_sha256
 from mae_transfer.checkpoint.io import CheckpointError, atomic_save, load_file, load_safely
@@ -36,6 +38,7 @@ __all__ = [
     "EXPECTED_UNEXPECTED",
     "check_dtypes",
     "class_count_hint",
+    "describe_checkpoint",
     "FORMATS",
     "CheckpointError",
     "LoadReport",

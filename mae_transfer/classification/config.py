@@ -13,15 +13,16 @@ from typing import Literal
 from mae_transfer.config import ConfigError, build_with_preset, preset_names
 from mae_transfer.data.stats import IMAGENET_MEAN, IMAGENET_STD
 from mae_transfer.engine.trainer import OptimConfig, TrainConfig
+from mae_transfer.models.backbone import BackboneConfig
 
 PRESET_DIR = Path(__file__).parent / "presets"
 
 
 @dataclass
-class ModelConfig:
-    name: str = "vit_base_patch16"
+class ModelConfig(BackboneConfig):
+    # The backbone (family, size name and/or explicit sizes, mlp_ratio, drop_path: ViT-B 0.1, ViT-L 0.2,
+    # ViT-H 0.3 in the official scripts) is the shared BackboneConfig. Below: how classification uses it.
     img_size: int = 224
-    drop_path: float = 0.1  # ViT-B 0.1, ViT-L 0.2, ViT-H 0.3 (official scripts)
     global_pool: Literal["avg", "token"] = "avg"  # official fine-tuning: mean of patch tokens + fc_norm
     trainable_blocks: int | None = None  # partial fine-tuning: train only the last k blocks (Figure 9)
 

@@ -5,14 +5,14 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-import torch
-from torch.utils.data import DataLoader
-
 from mae_transfer.checkpoint.hub import weights_sha256
 from mae_transfer.classification.config import ClassificationConfig, ModelConfig, build_config
 from mae_transfer.classification.task import eval_transform
+from mae_transfer.engine.bench import resolve_device
+from mae_transfer.engine.distributed import DistInfo
 from mae_transfer.engine.results import ResultRow, dataset_name, write_run_results
-from mae_transfer.models.vit import create_vit
+from mae_transfer.engine.trainer import EvalContext
+from mae_transfer.models.backbone import create_backbone
 
 log = logging.getLogger(__name__)
 
@@ -45,17 +45,27 @@ def run_frozen_eval(
     device: str | None = None,
     batch_size: int = 128,
     trust: bool = False,
+    dist: DistInfo | None = None,
 ) -> str:
     """Extract class-token features of train and val (no augmentation), run k-NN (and the sweep),
-    write ``results.jsonl`` rows into ``output`` and return a small table."""
-    from mae_transfer.checkpoint import infer_vit_config, load_backbone, read_checkpoint, to_vit_state_dict
+    write ``results.jsonl`` rows into ``output`` and return a small table (empty on processes other
+    than the main one).
+
+    Runs on the engine's :class:`EvalContext` like every evaluation: the device and DataLoader
+    workers of the engine's rules, each process of a torchrun group (``dist``) extracting its shard
+    of each split (the features are gathered, every process holds them all), the backbone from the
+    one ``init_backbone`` (its random-weights warning included)."""
+    from mae_transfer.checkpoint import describe_checkpoint, init_backbone
     from mae_transfer.classification.datasets import build_dataset, num_classes_of
     from mae_transfer.classification.knn import extract_features, knn_evaluate
 
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if dist is None:
+        dist = DistInfo(device=resolve_device(device))
+    dev = dist.device
+    ctx = EvalContext.for_process(dist, "fp32", Path(output))
     inferred = {}
     if backbone:
-        inferred = infer_vit_config(to_vit_state_dict(read_checkpoint(backbone, trust=trust)))
+        inferred = describe_checkpoint(backbone, trust=trust)
     name, size = frozen_model(inferred, model, img_size, toy=not data)
     cfg = ClassificationConfig(model=ModelConfig(name=name, img_size=size, global_pool="token"))
     cfg.data.dataset, cfg.data.path = dataset, data
@@ -63,22 +73,25 @@ def run_frozen_eval(
     train = build_dataset(dataset, data, "train", transform=tf)
     val = build_dataset(dataset, data, "val", transform=tf)
     num_classes = max(num_classes_of(train), num_classes_of(val))
-    vit = create_vit(name, img_size=size, num_classes=0, global_pool="token")
-    if backbone:
-        load_backbone(
-            vit,
-            backbone,
-            expected_missing=(),
-            expected_unexpected=["fc_norm.*", "head.*", "mask_token", "decoder_*"],
-            trust=trust,
-        )
-    else:
-        log.warning("NO --backbone: features of a RANDOMLY initialised ViT (the from-scratch baseline)")
+    vit = create_backbone(cfg.model, img_size=size, num_classes=0, global_pool="token", drop_path_rate=0.0)
+    init_backbone(
+        vit,
+        backbone,
+        expected_missing=(),
+        expected_unexpected=["fc_norm.*", "head.*", "mask_token", "decoder_*"],
+        trust=trust,
+    )
     vit.to(dev).eval()
-    loader = lambda ds: DataLoader(ds, batch_size=batch_size, num_workers=0 if dev.type == "cpu" else 8)  # noqa: E731
-    tr_f, tr_y, _ = extract_features(vit, loader(train), dev, feature_fn=_cls_features, desc="features of train")
-    va_f, va_y, _ = extract_features(vit, loader(val), dev, feature_fn=_cls_features, desc="features of val")
-    results = knn_evaluate(tr_f, tr_y, va_f, va_y, num_classes, ks=ks)
+    main = dist.is_main
+    tr_f, tr_y, _ = extract_features(
+        vit, ctx.loader(train, batch_size), dev, feature_fn=_cls_features, desc="features of train" if main else None
+    )
+    va_f, va_y, _ = extract_features(
+        vit, ctx.loader(val, batch_size), dev, feature_fn=_cls_features, desc="features of val" if main else None
+    )
+    results = knn_evaluate(tr_f, tr_y, va_f, va_y, num_classes, ks=ks)  # every process scores its share of queries
+    if not main:  # the main process runs the sweep and writes the results
+        return ""
     rows, lines = [], [f"{'evaluation':22s} {'top-1':>7s} {'top-5':>7s} {'mean/cls':>9s}"]
     common = dict(
         task="knn",

@@ -23,7 +23,8 @@ from mae_transfer.config import to_dict
 from mae_transfer.engine.optim import param_groups
 from mae_transfer.engine.results import ResultRow, dataset_name, row_identity, write_run_results
 from mae_transfer.engine.trainer import EvalContext, OptimConfig, Trainer, TrainTask
-from mae_transfer.models.vit import VisionTransformer, create_vit
+from mae_transfer.models.backbone import create_backbone
+from mae_transfer.models.vit import VisionTransformer
 
 log = logging.getLogger(__name__)
 
@@ -93,10 +94,10 @@ def train_transform(cfg: ClassificationConfig):
 
 
 def build_classifier(cfg: ClassificationConfig, num_classes: int) -> VisionTransformer:
-    """The ViT with its head for the protocol (random weights; the backbone is loaded separately)."""
+    """The backbone with its head for the protocol (random weights; the backbone is loaded separately)."""
     m = cfg.model
-    model = create_vit(
-        m.name,
+    model = create_backbone(
+        m,
         img_size=m.img_size,
         num_classes=num_classes,
         global_pool=m.global_pool,
@@ -261,7 +262,7 @@ class ClassificationTask(TrainTask):
         )
 
     def publish(self, model: nn.Module, ctx: EvalContext, metrics: dict, step: int) -> None:
-        # --eval-only: the best top-1 of this evaluation is its top-1.
+        # The best top-1 over the run's evaluations, this final one included (--eval-only: its top-1).
         self.best_top1 = max(self.best_top1, metrics["top1"])
         write_result_rows(
             ctx.output_dir,
@@ -274,37 +275,26 @@ class ClassificationTask(TrainTask):
             num_classes=self.num_classes,
         )
 
-    def on_epoch_end(self, trainer: Trainer, epoch: int) -> None:
-        every = self.cfg.eval_every_epochs
-        last = epoch + 1 == self.cfg.train.epochs
-        if not last and (every <= 0 or (epoch + 1) % every):
-            return
-        metrics = trainer.evaluate()
+    # The evaluation policy (every eval_every_epochs, the final evaluation, publishing) is the
+    # engine's; these say what it means for classification.
+    def eval_every(self) -> int:
+        return self.cfg.eval_every_epochs
+
+    def save_trained(self, model: nn.Module, out_dir: Path, step: int) -> None:
+        save_classifier(model, self.cfg, out_dir / "classifier.pth", step)
+
+    def eval_record(self, metrics: dict) -> dict:
+        return dict(metrics)
+
+    def on_eval(self, trainer: Trainer, metrics: dict, epoch: int, final: bool) -> None:
         self.best_top1 = max(self.best_top1, metrics["top1"])
-        trainer.metrics.write("eval", {"step": trainer.step, "epoch": epoch + 1, **metrics})
         log.info(
             "epoch %d val: top-1 %.2f  top-5 %.2f  mean per class %.2f",
-            epoch + 1,
+            epoch,
             metrics["top1"],
             metrics["top5"],
             metrics["mean_per_class"],
         )
-
-    def on_train_end(self, trainer: Trainer) -> None:
-        if not self.last_eval:
-            self.best_top1 = max(self.best_top1, trainer.evaluate()["top1"])
-        if trainer.dist.is_main:
-            save_classifier(trainer.unwrapped, self.cfg, trainer.output_dir / "classifier.pth", trainer.step)
-            write_result_rows(
-                trainer.output_dir,
-                self.cfg,
-                self.last_eval,
-                self.best_top1,
-                self.backbone_sha256,
-                trainer.step,
-                self.evaluated,
-                num_classes=self.num_classes,
-            )
 
 
 CLASSIFIER_FORMAT = "mae_transfer.classifier"
@@ -357,7 +347,7 @@ def write_result_rows(
         split="val",
         protocol=cfg.protocol,
         step=step,
-        **row_identity(cfg, backbone_sha, ("data", "trust_checkpoint"), evaluated),
+        **row_identity(cfg, backbone_sha, evaluated),
     )
     rows = [ResultRow(metric=metric, value=metrics[metric], **common) for metric in ("top1", "top5", "mean_per_class")]
     rows.append(ResultRow(metric="top1_best_epoch", value=best_top1, **common))

@@ -15,7 +15,7 @@ from typing import Literal
 from mae_transfer.config import ConfigError, build_with_preset, preset_names
 from mae_transfer.data.stats import IMAGENET_MEAN, IMAGENET_STD
 from mae_transfer.engine.trainer import OptimConfig, TrainConfig
-from mae_transfer.models.vit import SIZE_FIELDS, vit_size_label
+from mae_transfer.models.backbone import BackboneConfig
 
 PRESET_DIR = Path(__file__).parent / "presets"
 
@@ -25,22 +25,16 @@ VITDET_MILESTONES = (163889 / 184375, 177546 / 184375)
 
 
 @dataclass
-class ModelConfig:
-    # The ViT: a size name (``vit_base_patch16`` ...), and/or explicit sizes that override it (a ViT
-    # of any other size, e.g. one read from a detectron2 checkpoint, has name None and all four).
-    name: str | None = "vit_base_patch16"
-    embed_dim: int | None = None
-    depth: int | None = None
-    num_heads: int | None = None
-    patch_size: int | None = None
-    mlp_ratio: float = 4.0
+class ModelConfig(BackboneConfig):
+    # The backbone (family, size name and/or explicit sizes, mlp_ratio, drop_path 0.1 as ViTDet,
+    # grad_checkpointing) is the shared BackboneConfig; a ViT of no standard size, e.g. one read from
+    # a detectron2 checkpoint, has name None and all four sizes. Below: how detection uses it.
     pyramid: Literal["simple", "fpn4"] = "simple"  # ViTDet simple pyramid / Benchmarking-ViT taps + FPN
     img_size: int = 1024  # LSJ crop, test resize (longer side) and the square every batch is padded to
     pretrain_img_size: int = 224  # the pos_embed table's grid (ViTDet keeps it and resizes it at every forward)
     window_size: int = 14  # the pre-training token grid (224 / 16); global blocks see everything
     global_blocks: tuple[int, ...] | None = None  # None = ViTDet's (the last block of each quarter)
     use_rel_pos: bool = True  # zero-initialised decomposed relative position bias
-    drop_path: float = 0.1
     head_norm: Literal["ln", "bn"] = "ln"  # ViTDet LayerNorm, Benchmarking-ViT BatchNorm
     channels: int = 256  # pyramid / FPN and head convolution channels
     fc_dim: int = 1024  # the box head's fully connected layer
@@ -50,17 +44,12 @@ class ModelConfig:
     box_batch_size_per_image: int = 512  # sampled RoIs per image for the box and mask heads
     rpn_pre_nms_topk: tuple[int, int] = (2000, 1000)  # per level (training, test)
     rpn_post_nms_topk: tuple[int, int] = (1000, 1000)  # per image (training, test)
-    grad_checkpointing: bool = False  # activation checkpointing of the ViT blocks (less memory)
     # detectron2: class scores N(0, 0.01), box deltas and mask logits N(0, 0.001) (ViTDet). "default":
     # PyTorch's layer defaults, which learn much faster in runs of a few hundred steps (toy preset).
     predictor_init: Literal["detectron2", "default"] = "detectron2"
     score_thresh: float = 0.05
     nms_thresh: float = 0.5
     detections_per_img: int = 100
-
-    def vit_label(self) -> str:
-        """The size name, or ``vit_<width>x<depth>_patch<p>`` for a ViT of any other size."""
-        return vit_size_label(self.name, **{k: getattr(self, k) for k in SIZE_FIELDS})
 
 
 @dataclass

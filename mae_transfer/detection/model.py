@@ -29,13 +29,16 @@ from mae_transfer.detection.boxes import clip_boxes, nonempty
 from mae_transfer.detection.masks import paste_masks
 from mae_transfer.detection.roi_heads import BoxHead, BoxPredictor, MaskHead, ROIHeads, ROIPooler
 from mae_transfer.detection.rpn import RPN, AnchorGenerator, RPNHead
+from mae_transfer.models.backbone import BackboneConfig, create_backbone
 from mae_transfer.models.pyramid import (
     VITDET_GLOBAL_BLOCKS,
     FourTapPyramid,
     SimpleFeaturePyramid,
+    drop_unused_stages,
     equal_interval_blocks,
+    is_hierarchical,
 )
-from mae_transfer.models.vit import VIT_SIZES, VisionTransformer, vit_size
+from mae_transfer.models.vit import VIT_SIZES, VisionTransformer
 
 # Anchor side per pyramid level, 8 x its stride: 32 px at stride 4 up to 512 px at stride 64 (FPN, ViTDet).
 ANCHOR_SIZE_PER_STRIDE = 8
@@ -47,6 +50,47 @@ def pixel_stats(
 ) -> tuple[list[float], list[float]]:
     """Mean and std in 0-255 units (ImageNet: 123.675, 116.28, 103.53 / 58.395, 57.12, 57.375)."""
     return [round(float(m) * 255, 6) for m in mean], [round(float(s) * 255, 6) for s in std]
+
+
+def detection_backbone(
+    cfg: BackboneConfig,
+    img_size: int,
+    window_size: int = 14,
+    global_blocks: Sequence[int] | None = None,
+    use_rel_pos: bool = True,
+    pretrain_img_size: int = 224,
+) -> nn.Module:
+    """The network ``cfg`` describes as detection uses it (no class token or classifier, no final
+    norm), through :func:`~mae_transfer.models.backbone.create_backbone`.
+
+    For the ViT: ViTDet's windowed ViT. The absolute position table keeps the ``pretrain_img_size``
+    grid and its class row (ViTDet) and is resized to the input grid at every forward; the relative
+    position tables of the global blocks are made for ``img_size``, those of window blocks for the
+    window. ``global_blocks`` default: ViTDet's for the standard sizes, else the last block of each
+    quarter (or the last block). Other families ignore the ViT's options.
+    """
+    if global_blocks is None and cfg.family == "vit":
+        depth = cfg.size()["depth"]
+        if cfg.name in VITDET_GLOBAL_BLOCKS and depth == VIT_SIZES[cfg.name].depth:
+            global_blocks = VITDET_GLOBAL_BLOCKS[cfg.name]
+        else:  # small test models: quarters when the depth allows, else the last block
+            global_blocks = equal_interval_blocks(depth) if depth % 4 == 0 else (depth - 1,)
+    net = create_backbone(
+        cfg,
+        img_size=img_size,
+        num_classes=0,
+        global_pool="",
+        class_token=False,
+        window_size=window_size,
+        global_blocks=global_blocks or (),
+        use_rel_pos=use_rel_pos,
+        pos_embed_img_size=pretrain_img_size,
+        pos_embed_class_row=True,
+    )
+    # The pyramids read block outputs directly (ViTDet and Benchmarking-ViT have no final norm); an
+    # unused LayerNorm would also stop DDP, which requires every parameter to get a gradient.
+    net.norm = nn.Identity()
+    return net
 
 
 def build_vit(
@@ -64,58 +108,45 @@ def build_vit(
     patch_size: int | None = None,
     mlp_ratio: float = 4.0,
 ) -> VisionTransformer:
-    """The windowed ViT of a detection backbone (no class token, no final norm).
-
-    Size from ``name`` (see ``VIT_SIZES``), each of ``embed_dim``/``depth``/``num_heads``/
-    ``patch_size`` overriding it; with ``name=None`` all four are needed. The absolute position
-    table keeps the ``pretrain_img_size`` grid and its class row (ViTDet) and is resized to the
-    input grid at every forward; the relative position tables of the global blocks are made for
-    ``img_size``, those of window blocks for the window. ``global_blocks`` default: ViTDet's for the
-    standard sizes, else the last block of each quarter (or the last block).
-    """
-    size = vit_size(name, embed_dim=embed_dim, depth=depth, num_heads=num_heads, patch_size=patch_size)
-    if global_blocks is None:
-        if name in VITDET_GLOBAL_BLOCKS and size["depth"] == VIT_SIZES[name].depth:
-            global_blocks = VITDET_GLOBAL_BLOCKS[name]
-        else:  # small test models: quarters when the depth allows, else the last block
-            global_blocks = equal_interval_blocks(size["depth"]) if size["depth"] % 4 == 0 else (size["depth"] - 1,)
-    vit = VisionTransformer(
-        img_size=img_size,
-        num_classes=0,
-        global_pool="",
-        class_token=False,
-        window_size=window_size,
-        global_blocks=global_blocks,
-        use_rel_pos=use_rel_pos,
-        drop_path_rate=drop_path,
-        grad_checkpointing=grad_checkpointing,
-        pos_embed_img_size=pretrain_img_size,
-        pos_embed_class_row=True,
+    """:func:`detection_backbone` of a ViT given by size name (see ``VIT_SIZES``), each of
+    ``embed_dim``/``depth``/``num_heads``/``patch_size`` overriding it; with ``name=None`` all four
+    are needed."""
+    cfg = BackboneConfig(
+        name=name,
+        embed_dim=embed_dim,
+        depth=depth,
+        num_heads=num_heads,
+        patch_size=patch_size,
         mlp_ratio=mlp_ratio,
-        **size,
+        drop_path=drop_path,
+        grad_checkpointing=grad_checkpointing,
     )
-    # The pyramids read block outputs directly (ViTDet and Benchmarking-ViT have no final norm); an
-    # unused LayerNorm would also stop DDP, which requires every parameter to get a gradient.
-    vit.norm = nn.Identity()
-    return vit
+    return detection_backbone(cfg, img_size, window_size, global_blocks, use_rel_pos, pretrain_img_size)
 
 
 def build_pyramid(
-    vit: VisionTransformer,
+    vit: nn.Module,
     pyramid: str = "simple",
     channels: int = 256,
     norm: str | None = None,
     fpn_norm: str = "none",
 ) -> nn.Module:
     """``simple``: ViTDet's simple feature pyramid (LayerNorm by default); ``fpn4``: Benchmarking-ViT's
-    four taps (GroupNorm in the x4 branch by default) into an FPN with ``fpn_norm``."""
+    four taps (GroupNorm in the x4 branch by default) into an FPN with ``fpn_norm``.
+
+    ``vit`` may be a hierarchical backbone (its ``feature_info`` lists several strides): ``simple``
+    then rescales its stride-16 stage and drops the stages after it (unused: DDP needs a gradient for
+    every parameter), ``fpn4`` feeds its four stages to the FPN as they are."""
     if pyramid == "simple":
-        return SimpleFeaturePyramid(vit, out_channels=channels, norm=norm or "ln")
+        fp = SimpleFeaturePyramid(vit, out_channels=channels, norm=norm or "ln")
+        drop_unused_stages(vit, [fp.source_index])  # a no-op for a ViT
+        return fp
     if pyramid == "fpn4":
-        # Taps at the end of each quarter of the blocks (Benchmarking-ViT: ViT-B 2, 5, 8, 11).
+        # Taps at the end of each quarter of the blocks (Benchmarking-ViT: ViT-B 2, 5, 8, 11); a
+        # hierarchical backbone's four stages.
         return FourTapPyramid(
             vit,
-            tap_blocks=equal_interval_blocks(len(vit.blocks)),
+            tap_blocks=None if is_hierarchical(vit) else equal_interval_blocks(len(vit.blocks)),
             norm=norm or "gn",
             fpn_channels=channels,
             fpn_norm=fpn_norm,
@@ -294,4 +325,4 @@ def build_mask_rcnn(
     return MaskRCNN(backbone, rpn, roi_heads, img_size, pixel_mean, pixel_std)
 
 
-__all__ = ["MaskRCNN", "build_mask_rcnn", "build_pyramid", "build_vit", "pixel_stats"]
+__all__ = ["MaskRCNN", "build_mask_rcnn", "build_pyramid", "build_vit", "detection_backbone", "pixel_stats"]

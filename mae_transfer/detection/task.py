@@ -14,7 +14,6 @@ results and scores them with pycocotools. Outputs in the run directory:
 from __future__ import annotations
 
 import logging
-import math
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -35,7 +34,7 @@ from mae_transfer.data.errors import DataError
 from mae_transfer.data.seeded import SeededTransformDataset
 from mae_transfer.detection.coco import CocoDetection, COCOEvaluator, drop_crowd, save_results_json
 from mae_transfer.detection.config import DetectionConfig
-from mae_transfer.detection.model import MaskRCNN, build_mask_rcnn, build_pyramid, build_vit, pixel_stats
+from mae_transfer.detection.model import MaskRCNN, build_mask_rcnn, build_pyramid, detection_backbone, pixel_stats
 from mae_transfer.detection.transforms import LargeScaleJitter, ResizeForTest, collate_detection
 from mae_transfer.engine.distributed import convert_sync_batchnorm
 from mae_transfer.engine.evaluator import run_evaluator
@@ -56,20 +55,13 @@ def build_detector(cfg: DetectionConfig, num_classes: int) -> MaskRCNN:
     """Mask R-CNN for ``num_classes`` object classes as ``cfg.model`` describes (random weights)."""
     m = cfg.model
     try:
-        vit = build_vit(
-            m.name,
+        vit = detection_backbone(
+            m,
             m.img_size,
             window_size=m.window_size,
             global_blocks=m.global_blocks,
             use_rel_pos=m.use_rel_pos,
-            drop_path=m.drop_path,
-            grad_checkpointing=m.grad_checkpointing,
             pretrain_img_size=m.pretrain_img_size,
-            embed_dim=m.embed_dim,
-            depth=m.depth,
-            num_heads=m.num_heads,
-            patch_size=m.patch_size,
-            mlp_ratio=m.mlp_ratio,
         )
         backbone = build_pyramid(vit, m.pyramid, m.channels, fpn_norm=m.head_norm if m.head_norm == "bn" else "none")
     except ValueError as e:
@@ -227,23 +219,16 @@ class DetectionTask(TrainTask):
         if problems is not None:
             ds.leave_out(problems)
 
-    def on_epoch_end(self, trainer: Trainer, epoch: int) -> None:
-        every = self.cfg.eval_every_epochs
-        if every <= 0 or (epoch + 1) % every or epoch + 1 == self.cfg.train.epochs:
-            return  # the last epoch is evaluated by on_train_end
-        metrics = trainer.evaluate()
-        trainer.metrics.write("eval", {"step": trainer.step, "epoch": epoch + 1, **flat_metrics(metrics)})
+    # The evaluation policy (every eval_every_epochs, the final evaluation, publishing) is the
+    # engine's; these say what it means for detection.
+    def eval_every(self) -> int:
+        return self.cfg.eval_every_epochs
 
-    def on_train_end(self, trainer: Trainer) -> None:
-        if trainer.dist.is_main:
-            save_detector(
-                trainer.unwrapped, self.cfg, self.class_names, trainer.output_dir / "detector.pth", step=trainer.step
-            )
-        metrics = trainer.evaluate(final=True)
-        trainer.metrics.write(
-            "eval",
-            {"step": trainer.step, "epoch": math.ceil(trainer.step / trainer.steps_per_epoch), **flat_metrics(metrics)},
-        )
+    def save_trained(self, model: nn.Module, out_dir: Path, step: int) -> None:
+        save_detector(model, self.cfg, self.class_names, out_dir / "detector.pth", step=step)
+
+    def eval_record(self, metrics: dict) -> dict:
+        return flat_metrics(metrics)
 
     def publish(self, model: nn.Module, ctx: EvalContext, metrics: dict, step: int) -> None:
         self.write_results(ctx.output_dir, metrics, step)
@@ -304,12 +289,7 @@ class DetectionTask(TrainTask):
             split=cfg.data.val_split,
             protocol=f"mask_rcnn_{cfg.recipe}",
             step=step,
-            **row_identity(
-                cfg,
-                self.backbone_sha256,
-                ("data", "backbone", "visualize", "visualize_score", "trust_checkpoint", "eval_backend"),
-                self.evaluated,
-            ),
+            **row_identity(cfg, self.backbone_sha256, self.evaluated),
         )
         rows = [
             ResultRow(metric=f"{kind}_{name}", value=v, **common)

@@ -10,9 +10,24 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from mae_transfer.io import json_safe, link_refused, open_output
+from mae_transfer.io import atomic_write, json_safe, link_refused, open_output
 
 log = logging.getLogger(__name__)
+
+
+def _read_rows(path: Path) -> tuple[list[dict], bool]:
+    """The rows of a JSON-lines stream, and whether its last line was torn (a crash in the middle of
+    an append); a torn last line is left out, any other bad line is an error naming the file."""
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    rows = []
+    for i, line in enumerate(lines):
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            if i == len(lines) - 1:
+                return rows, True
+            raise ValueError(f"{path}: line {i + 1} is not JSON; the file was edited or damaged") from None
+    return rows, False
 
 
 class RankFilter(logging.Filter):
@@ -98,6 +113,13 @@ class MetricWriter:
 
     Only the main process writes. On resume, rows past the checkpoint's step are dropped first
     (``truncate_after``) so that a killed-and-resumed run leaves one clean curve.
+
+    How each write survives a crash: a whole file (a new CSV header, a CSV rewritten for a new
+    column, the streams cut back on resume) goes through ``io.atomic_write``, so it is the old file or
+    the new one. A row is appended in place (``open_output`` with ``"a"``: one short write at the
+    end of the file, rewriting the whole curve for every logged step would cost O(steps^2)); a crash
+    can at worst leave the last line torn, which the next resume drops (``truncate_after`` reads a
+    torn last line as absent and rewrites the stream).
     """
 
     STREAMS = ("train", "epochs", "eval", "reconstruction")  # the streams the tasks write
@@ -128,11 +150,11 @@ class MetricWriter:
             jl = self.out_dir / f"{name}.jsonl"
             if not jl.exists():
                 continue
-            rows = [json.loads(line) for line in jl.read_text().splitlines() if line.strip()]
+            rows, torn = _read_rows(jl)
             keep = [r for r in rows if r.get("step", 0) <= step]
-            if len(keep) == len(rows):
+            if len(keep) == len(rows) and not torn:
                 continue
-            with open_output(jl, "w") as f:
+            with atomic_write(jl, "w") as f:
                 f.write("".join(json.dumps(r) + "\n" for r in keep))
             self._rewrite_csv(name, keep)
 
@@ -142,7 +164,7 @@ class MetricWriter:
             path.unlink(missing_ok=True)
             return
         fields = list(dict.fromkeys(k for r in rows for k in r))
-        with open_output(path, "w", newline="") as f:
+        with atomic_write(path, "w") as f:
             w = csv.DictWriter(f, fieldnames=fields)
             w.writeheader()
             w.writerows(rows)
@@ -160,16 +182,11 @@ class MetricWriter:
                 header = next(csv.reader(f), [])
             if set(row) - set(header):
                 # A new column appeared: rewrite the CSV from the JSON-lines record.
-                rows = [
-                    json.loads(line)
-                    for line in (self.out_dir / f"{name}.jsonl").read_text().splitlines()
-                    if line.strip()
-                ]
-                self._rewrite_csv(name, rows)
+                self._rewrite_csv(name, _read_rows(self.out_dir / f"{name}.jsonl")[0])
                 return
         else:
             header = list(row)
-            with open_output(path, "w", newline="") as f:
+            with atomic_write(path, "w") as f:
                 csv.DictWriter(f, fieldnames=header).writeheader()
         with open_output(path, "a", newline="") as f:
             csv.DictWriter(f, fieldnames=header).writerow(row)

@@ -95,13 +95,12 @@ class ResultRow:
 COLUMNS = tuple(f.name for f in dataclasses.fields(ResultRow) if f.name != "extra")
 
 
-def row_identity(
-    cfg: Any, backbone_sha256: str | None, exclude: tuple[str, ...], evaluated: dict | None = None
-) -> dict[str, Any]:
+def row_identity(cfg: Any, backbone_sha256: str | None, evaluated: dict | None = None) -> dict[str, Any]:
     """The "on what" fields of a task's result rows (``cfg``: its config, with ``backbone``).
 
     A trained or fine-tuned run: the pretrained backbone it started from (``"random init"`` without
-    one) and the hash of its config. An evaluation of trained weights (``evaluated``, from
+    one) and the hash of its config (``config.config_hash``: without paths and display options). An
+    evaluation of trained weights (``evaluated``, from
     ``--eval-only --weights``: ``path``, ``sha256``, ``format`` and the ``config`` saved with them,
     None for another project's file): those weights, named by their path and sha256, their format
     (``weights_format``), and the hash of the config they were trained with, so that a run and the
@@ -117,14 +116,14 @@ def row_identity(
             backbone=evaluated["path"],
             backbone_sha256=evaluated["sha256"],
             model=model,
-            config_hash=config_hash(evaluated.get("config") or cfg, exclude),
+            config_hash=config_hash(evaluated.get("config") or cfg),
             extra={"weights_format": evaluated["format"]},
         )
     return dict(
         backbone=getattr(cfg, "backbone", None) or "random init",
         backbone_sha256=backbone_sha256,
         model=model,
-        config_hash=config_hash(cfg, exclude),
+        config_hash=config_hash(cfg),
     )
 
 

@@ -165,12 +165,30 @@ class TrainTask:
         share and gather the findings). Raise a ``DataError`` to stop before training."""
 
     def on_epoch_end(self, trainer: "Trainer", epoch: int) -> None:
-        """Called on every process after each full epoch (pictures, evaluation)."""
+        """Called on every process after each full epoch (pictures), before the epoch's evaluation."""
 
     def on_train_end(self, trainer: "Trainer") -> None:
-        """Called on every process after the last step (exports, the final evaluation)."""
+        """Called on every process after the last step (exports), before the final evaluation."""
 
-    # Evaluation (tasks that evaluate; see Trainer.evaluate).
+    # Evaluation (tasks that evaluate). The policy is the engine's (Trainer's evaluation hook): every
+    # ``eval_every()`` epochs an evaluation whose metrics go to the "eval" stream, and after the last
+    # step the trained model saved (``save_trained``) and the final evaluation published
+    # (``publish``). A task supplies ``evaluate`` (and ``publish``); the rest is optional.
+    def eval_every(self) -> int:
+        """Evaluate after every this many epochs during training (0: only after the last step)."""
+        return 0
+
+    def save_trained(self, model: nn.Module, out_dir: Path, step: int) -> None:
+        """Main process, after the last step and before the final evaluation: the trained model
+        (e.g. ``detector.pth``, which ``--eval-only --weights`` reads back)."""
+
+    def eval_record(self, metrics: dict[str, Any]) -> dict[str, Any]:
+        """The scalars of ``metrics`` that go to the "eval" stream (train-curve plots, TensorBoard)."""
+        return {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+    def on_eval(self, trainer: "Trainer", metrics: dict[str, Any], epoch: int, final: bool) -> None:
+        """Every process, after each evaluation during training (metrics complete on the main one)."""
+
     def eval_precision(self) -> str | None:
         """The precision evaluation runs in (None: the training precision). Detection and
         segmentation evaluate in fp32 unless told otherwise, as their reference code does."""
@@ -178,7 +196,8 @@ class TrainTask:
 
     def evaluate(self, model: nn.Module, ctx: "EvalContext") -> dict[str, Any]:
         """Metrics of ``model`` on the evaluation split, computed on every process (each evaluates
-        its shard); the returned metrics are complete on the main process."""
+        its shard: ``ctx.loader``, then ``ctx.all_sum`` or a gather); the returned metrics are
+        complete on the main process."""
         raise NotImplementedError(f"{type(self).__name__} does not evaluate")
 
     def publish(self, model: nn.Module, ctx: "EvalContext", metrics: dict[str, Any], step: int) -> None:
@@ -196,8 +215,27 @@ class EvalContext:
     num_workers: int
     output_dir: Path | None
 
+    @classmethod
+    def for_process(cls, dist: DistInfo, precision: str = "fp32", output_dir: Path | None = None) -> "EvalContext":
+        """The context of an evaluation outside training (frozen features): this process's device,
+        the precision resolved for it and the engine's DataLoader workers."""
+        dev = dist.device
+        return cls(dev, resolve_precision(precision, dev), dist, default_num_workers(None, dev), output_dir)
+
     def autocast(self):
         return autocast_context(self.precision, self.device)
+
+    def all_sum(self, *values: float) -> list[float]:
+        """``values`` summed over all processes (counts of a sharded evaluation: hits, totals ...);
+        the values themselves on one process."""
+        if self.dist.world_size <= 1:
+            return [float(v) for v in values]
+        import torch.distributed as tdist
+
+        dev = self.device if tdist.get_backend() == "nccl" else torch.device("cpu")
+        t = torch.tensor([float(v) for v in values], dtype=torch.float64, device=dev)
+        tdist.all_reduce(t)
+        return t.tolist()
 
     def loader(self, dataset: Dataset, batch_size: int, collate_fn: Any = None) -> DataLoader:
         """This process's shard of ``dataset`` (contiguous, no padding: every sample once over all
@@ -787,7 +825,7 @@ class Trainer:
         )
         if self.step >= last_step:
             log.info("nothing to do: the run in %s is at step %d of %d", self.output_dir, self.step, last_step)
-            self.task.on_train_end(self)
+            self._end_training()
             return {"step": self.step, "total_steps": total_steps, "finished": True}
 
         self.task.check_data(self)
@@ -951,7 +989,7 @@ class Trainer:
 
         if progress is not None:
             progress.close()
-        self.task.on_train_end(self)
+        self._end_training()
         elapsed = time.monotonic() - t_start
         return {
             "step": self.step,
@@ -985,10 +1023,45 @@ class Trainer:
                 "epoch %d: %d corrupt or unreadable images were skipped (see warnings above)", epoch + 1, corrupt
             )
         self.task.on_epoch_end(self, epoch)
+        self._evaluate_after_epoch(epoch)
         keep = self.train_cfg.save_every_epochs
         extra = f"checkpoint-epoch{epoch + 1}.pth" if keep and (epoch + 1) % keep == 0 else None
         self.save_checkpoint(epoch + 1, extra)
         self.metrics.write("epochs", {"step": self.step, "epoch": epoch + 1, "corrupt_images": int(corrupt)})
+
+    # ------------------------------------------------------------------ the evaluation hook
+    # A task need not subclass TrainTask: what it leaves out means "no evaluation during training",
+    # "nothing to save", "every scalar of the metrics" and "nothing to do" (TrainTask's defaults).
+    def _task_evaluates(self) -> bool:
+        evaluate = getattr(type(self.task), "evaluate", None)
+        return evaluate is not None and evaluate is not TrainTask.evaluate
+
+    def _task_hook(self, name: str):
+        return getattr(self.task, name, None) or getattr(TrainTask(), name)
+
+    def _evaluate_after_epoch(self, epoch: int) -> None:
+        """Every ``task.eval_every()`` epochs, except after the last one (the final evaluation
+        follows in :meth:`_end_training`)."""
+        every = self._task_hook("eval_every")() if self._task_evaluates() else 0
+        if every <= 0 or (epoch + 1) % every or epoch + 1 == self.train_cfg.epochs:
+            return
+        self._record_eval(self.evaluate(), epoch + 1, final=False)
+
+    def _end_training(self) -> None:
+        """After the last step (also when a resumed run finds nothing to do): the task's exports,
+        then the trained model saved and the final evaluation, published on the main process."""
+        self.task.on_train_end(self)
+        if not self._task_evaluates():
+            return
+        if self.dist.is_main:
+            self._task_hook("save_trained")(self.unwrapped, self.output_dir, self.step)
+        metrics = self.evaluate(final=True)
+        self._record_eval(metrics, math.ceil(self.step / max(self.steps_per_epoch, 1)), final=True)
+
+    def _record_eval(self, metrics: dict[str, Any], epoch: int, final: bool) -> None:
+        if self.dist.is_main:
+            self.metrics.write("eval", {"step": self.step, "epoch": epoch, **self._task_hook("eval_record")(metrics)})
+        self._task_hook("on_eval")(self, metrics, epoch, final)
 
     def _log_window(
         self, sums, count, lr, grad_norm, epoch, window_t, window_steps, progress, t_start, start_step, last_step

@@ -31,7 +31,8 @@ QUICK_ALL = ["train.epochs=2"]
 
 def demo_tasks(quick: bool = False) -> list[str]:
     """The benchmark tasks the demo runs (``--quick``: those whose entry has quick settings)."""
-    return [t for t in benchmark_tasks() if "full" in TASKS[t].demo and (not quick or "quick" in TASKS[t].demo)]
+    plans = {t: TASKS[t].demo for t in benchmark_tasks()}
+    return [t for t, plan in plans.items() if plan is not None and (not quick or plan.quick is not None)]
 
 
 def _overrides(tasks: list[str], quick: bool) -> dict[str, list[str]]:
@@ -39,7 +40,7 @@ def _overrides(tasks: list[str], quick: bool) -> dict[str, list[str]]:
     for task in tasks:
         spec = TASKS[task]
         if spec.trains:  # k-NN trains nothing
-            out[task] = (QUICK_ALL + spec.demo["quick"]) if quick else list(spec.demo["full"])
+            out[task] = (QUICK_ALL + list(spec.demo.quick or ())) if quick else list(spec.demo.full)
     return out
 
 
@@ -64,7 +65,7 @@ def run_demo(output: Path, quick: bool = False, verbose: bool = False, echo=prin
         pretrain = TASKS["pretrain"]
         rc = runner.run_in_process(
             pretrain,
-            {"overrides": pretrain.demo["quick" if quick else "full"], "output": str(pre_dir)},
+            {"overrides": list(pretrain.demo.quick if quick else pretrain.demo.full), "output": str(pre_dir)},
             pre_dir / "bench.log",
             verbose,
         )
@@ -84,8 +85,8 @@ def run_demo(output: Path, quick: bool = False, verbose: bool = False, echo=prin
     ]
     from mae_transfer.data.toy import ensure_toy_dataset
 
-    larger = {t: TASKS[t] for t in tasks if TASKS[t].demo.get("toy_data") and not quick}
-    data = {t: str(ensure_toy_dataset(spec.toy_kind, **spec.demo["toy_data"])) for t, spec in larger.items()}
+    larger = {t: TASKS[t] for t in tasks if TASKS[t].demo.toy_data and not quick}
+    data = {t: str(ensure_toy_dataset(spec.toy_kind, **spec.demo.toy_data)) for t, spec in larger.items()}
     # A --data folder means real data to the task commands, so name the toy preset explicitly.
     presets = {t: spec.toy_preset for t, spec in larger.items()}
     jobs = runner.plan_jobs(backbones, tasks, results, data=data, presets=presets, overrides=_overrides(tasks, quick))
@@ -120,7 +121,7 @@ def run_demo(output: Path, quick: bool = False, verbose: bool = False, echo=prin
     )
     for job in jobs:
         if (job.run_dir / "visualize").is_dir():
-            what = job.spec.dense.get("what", "pictures")
+            what = job.spec.dense.what if job.spec.dense else "pictures"
             echo(f"  {job.task} {what} ({job.backbone.name}): {job.run_dir / 'visualize'}")
     for path in plots:
         echo(f"  plot: {path}")

@@ -16,9 +16,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from mae_transfer.config import ConfigError, check_sections, deep_update, parse_overrides, to_dict
+from mae_transfer.config import ConfigError, check_sections, deep_update, identity, parse_overrides, to_dict
 from mae_transfer.evaluation.options import FAMILY_OPTIONS, FLAGS, defaults, to_argv, to_overrides
-from mae_transfer.evaluation.registry import TaskSpec, resolve
+from mae_transfer.evaluation.registry import DenseRules, TaskSpec, resolve
 from mae_transfer.io import check_output_path
 
 log = logging.getLogger("mae_transfer.cli")
@@ -113,18 +113,9 @@ class Prepared:
 
     def identity(self) -> Any:
         """What decides the numbers of this run besides the data and the backbone's bytes (the
-        runner hashes it): the resolved config without paths, or the options of a frozen evaluation."""
-        if self.cfg is None:
-            return {
-                k: v
-                for k, v in self.options.items()
-                if k not in ("backbone", "data", "output", "overrides", "trust_checkpoint")
-            }
-        return {
-            k: v
-            for k, v in to_dict(self.cfg).items()
-            if k not in ("backbone", "init", "visualize", "trust_checkpoint", "eval_backend")
-        }
+        runner hashes it): the resolved config, or the options of a frozen evaluation, without paths
+        and display options (``config.identity``, the one rule result rows use too)."""
+        return identity(self.cfg if self.cfg is not None else self.options)
 
 
 def _model_from_backbone(
@@ -136,15 +127,15 @@ def _model_from_backbone(
     was pretrained at (detection keeps that table and resizes it at every forward, as ViTDet does)."""
     if not opts.get("backbone"):
         return
-    from mae_transfer.checkpoint import infer_vit_config, read_checkpoint, to_vit_state_dict
+    from mae_transfer.checkpoint import describe_checkpoint
 
-    state = read_checkpoint(opts["backbone"], trust=bool(opts.get("trust_checkpoint")))
+    # Read (once per process and file: a benchmark plans every task of a backbone from one read).
+    info = describe_checkpoint(opts["backbone"], trust=bool(opts.get("trust_checkpoint")))
     model = overrides.get("model", {})
     want_name = "name" not in model
     want_pos = pos_size_key is not None and pos_size_key not in model
     if not (want_name or want_pos):
         return
-    info = infer_vit_config(to_vit_state_dict(state))
     if want_name and info.get("name"):
         overrides.setdefault("model", {})["name"] = (rename or {}).get(info["name"], info["name"])
     if want_pos and info.get("img_size"):
@@ -161,10 +152,14 @@ def _overrides(spec: TaskSpec, opts: dict) -> dict:
 def _trained_weights(spec: TaskSpec, opts: dict, overrides: dict) -> tuple[dict | None, dict | None]:
     """``--eval-only --weights``: the trained model's state dict; the sections of its saved config
     that build it go into ``overrides`` unless the command line sets them (the data path never)."""
+    if spec.weights is None:
+        if opts.get("eval_only") or opts.get("weights"):
+            raise ConfigError(f"{spec.command} does not evaluate trained weights (no --eval-only / --weights)")
+        return None, None
     if opts.get("eval_only") and not opts.get("weights"):
         raise ConfigError(
             f"--eval-only needs --weights PATH "
-            f"(a {spec.weights['artifact']} or checkpoint-last.pth of a {spec.command} run)"
+            f"(a {spec.weights.artifact} or checkpoint-last.pth of a {spec.command} run)"
         )
     if opts.get("weights") and not opts.get("eval_only"):
         raise ConfigError("--weights is for --eval-only; to start training from a pretrained ViT use --backbone")
@@ -182,12 +177,12 @@ def _trained_weights(spec: TaskSpec, opts: dict, overrides: dict) -> tuple[dict 
     evaluated = {
         "path": str(weights_file(opts["weights"]).resolve()),
         "sha256": weights_sha256(opts["weights"]),
-        "format": "mae-transfer" if ours else spec.weights.get("foreign", "unknown"),
+        "format": "mae-transfer" if ours else spec.weights.foreign,
         "config": saved if ours else None,
     }
     # Build and test the model as it was trained (architecture, test settings, resize scale),
     # unless the command line says otherwise; where the data is comes from the command line.
-    for section in spec.weights.get("sections", ()):
+    for section in spec.weights.sections:
         if isinstance((saved or {}).get(section), dict):
             kept = {k: v for k, v in saved[section].items() if k != "path"}
             overrides[section] = {**kept, **overrides.get(section, {})}
@@ -237,11 +232,11 @@ def prepare(spec: TaskSpec, options: dict[str, Any]) -> Prepared:
         out = Path(opts.get("output") or f"runs/{spec.command}-{Path(preset).stem if preset else cfg.model.name}")
         return Prepared(spec, opts, cfg, preset, out, toy and not cfg.data.path)
     # dense (detection, segmentation)
-    dense = spec.dense
+    dense = spec.dense or DenseRules(data=spec.title, pictures="pictures")
     preset = opts.get("preset") or (spec.toy_preset if toy else None)
     overrides = _overrides(spec, opts)
     weights, evaluated = _trained_weights(spec, opts, overrides)
-    _model_from_backbone(opts, overrides, rename=dense.get("rename"), pos_size_key=dense.get("pos_size_key"))
+    _model_from_backbone(opts, overrides, rename=dense.rename, pos_size_key=dense.pos_size_key)
     cfg = spec.load("config")(preset, overrides)
     _check_model(
         spec, getattr(getattr(cfg, "model", None), "name", None)
@@ -281,16 +276,19 @@ def run(spec: TaskSpec, options: dict[str, Any], echo: Callable[[str], None] = p
     check_output_path(prep.output, "--output")
     device = opts.get("device") if prep.cfg is None else prep.cfg.train.device
     _check_device(device, "--device" if opts.get("device") == device else "train.device")
+    from mae_transfer.engine.distributed import cleanup, init_distributed
     from mae_transfer.engine.locks import LockHeld, hold_run_dir
     from mae_transfer.engine.logger import setup_logging
 
     # The run directory is this run's alone while it runs (a second command on it: one line, exit 2);
     # it is locked before anything is written there.
-    if spec.family == "frozen":
-        setup_logging(0)
-        with hold_run_dir(prep.output):
-            echo(
-                spec.load("task")(
+
+    if spec.family == "frozen":  # under torchrun, every process extracts its shard of the features
+        dist_info = init_distributed(_device_or_none(opts.get("device")))
+        setup_logging(dist_info.rank)
+        try:
+            with hold_run_dir(prep.output, dist_info):
+                text = spec.load("task")(
                     dataset=opts.get("dataset") or "imagefolder",
                     data=opts.get("data"),
                     backbone=opts.get("backbone"),
@@ -299,13 +297,14 @@ def run(spec: TaskSpec, options: dict[str, Any], echo: Callable[[str], None] = p
                     ks=tuple(int(k) for k in str(opts["k"]).split(",")),
                     sweep=bool(opts.get("sweep")),
                     output=prep.output,
-                    device=_device_or_none(opts.get("device")),
                     trust=bool(opts.get("trust_checkpoint")),
+                    dist=dist_info,
                 )
-            )
+        finally:
+            cleanup()
+        if dist_info.is_main:
+            echo(text)
         return 0
-
-    from mae_transfer.engine.distributed import cleanup, init_distributed
 
     dist_info = init_distributed(None if prep.cfg.train.device == "auto" else prep.cfg.train.device)
     try:
@@ -367,10 +366,10 @@ def _train_or_evaluate(spec: TaskSpec, prep: Prepared, dist_info: Any, echo: Cal
     if spec.family == "dense":
         line += f"; metrics: {output / 'metrics.json'}"
     if spec.weights and not opts.get("eval_only"):
-        line += f"; weights: {output / spec.weights['artifact']}"
+        line += f"; weights: {output / spec.weights.artifact}"
     echo(line)
     if getattr(cfg, "visualize", None):
-        echo(f"pictures ({spec.dense['pictures']}): {output / 'visualize'}")
+        echo(f"pictures ({spec.dense.pictures if spec.dense else 'pictures'}): {output / 'visualize'}")
     return 0
 
 

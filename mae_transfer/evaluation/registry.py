@@ -61,6 +61,39 @@ class TableSpec:
 
 
 @dataclass(frozen=True)
+class TrainedWeights:
+    """How ``--eval-only --weights`` reads and loads a trained model of a task."""
+
+    read: str  # "module:attr": (path, trust=) -> (state dict, the config saved with it or None)
+    load: str  # "module:attr": (model, state dict, path) -> None
+    artifact: str  # the file a training run writes (``detector.pth``)
+    sections: tuple[str, ...] = ("model",)  # sections of the saved config that rebuild the model
+    foreign: str = "unknown"  # the format of another project's file (``detectron2``)
+
+
+@dataclass(frozen=True)
+class DenseRules:
+    """What only the dense tasks have: pictures of predictions and how a backbone file sets sizes."""
+
+    data: str  # the dataset's name in messages (``COCO``)
+    pictures: str  # what one picture shows (``ground truth | prediction``)
+    what: str = "pictures"  # what the pictures are of (``detections``)
+    rename: dict[str, str] = field(default_factory=dict)  # size name of the file -> the task's model name
+    pos_size_key: str | None = None  # model option that takes the file's position-table image size
+
+
+@dataclass(frozen=True)
+class DemoPlan:
+    """How ``mae-transfer demo`` runs a task: config overrides of the full demo and of ``--quick``
+    (``quick=None``: left out of ``--quick``), and a larger toy split than the default
+    (``ensure_toy_dataset`` options)."""
+
+    full: tuple[str, ...] = ()
+    quick: tuple[str, ...] | None = None
+    toy_data: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
 class TaskSpec:
     """What the toolkit needs to know of one task.
 
@@ -77,11 +110,9 @@ class TaskSpec:
     ``toy_preset``/``default_preset``: the preset on toy data and on real data.
     ``native_resolution``: random-init runs also take the reference checkpoint's image size.
     ``trains``: whether it has a config to override (k-NN has none). ``parallel``: may run under
-    torchrun. ``weights``: how ``--eval-only --weights`` reads and loads a trained model (``read``,
-    ``load``: ``"module:attr"``; ``artifact``: the file a run writes; ``sections``: the saved config
-    sections that rebuild the model). ``dense``: what only the dense tasks have (pictures, size rules).
-    ``demo``: how ``mae-transfer demo`` runs it: ``full``/``quick`` config overrides (no ``quick``:
-    left out of ``--quick``) and ``toy_data`` (a larger toy split than the default).
+    torchrun. ``weights``: how ``--eval-only --weights`` reads and loads a trained model
+    (:class:`TrainedWeights`). ``dense``: what only the dense tasks have (:class:`DenseRules`).
+    ``demo``: how ``mae-transfer demo`` runs it (:class:`DemoPlan`; None: not in the demo).
     ``help``/``description``/``epilog``: what ``mae-transfer --help`` and ``COMMAND --help`` say
     (the first task of a command speaks for it); ``option_help``: option texts of this command."""
 
@@ -104,9 +135,9 @@ class TaskSpec:
     trains: bool = True
     parallel: bool = True
     native_resolution: bool = False
-    weights: dict[str, Any] = field(default_factory=dict)
-    dense: dict[str, Any] = field(default_factory=dict)
-    demo: dict[str, Any] = field(default_factory=dict)
+    weights: TrainedWeights | None = None
+    dense: DenseRules | None = None
+    demo: DemoPlan | None = None  # None: not in the demo
     help: str = ""
     description: str = ""
     epilog: str = ""
@@ -120,7 +151,9 @@ class TaskSpec:
         """Import the ``"module:attribute"`` named by field ``what`` (``config``, ``task``, ``report``)."""
         if what in ("config", "task", "report"):
             return resolve(getattr(self, what))
-        return resolve(self.weights[what] if what in self.weights else self.dense[what])
+        if what in ("read", "load") and self.weights is not None:
+            return resolve(getattr(self.weights, what))
+        raise KeyError(f"task {self.name!r} has no {what!r} to load")
 
     @property
     def headline(self) -> tuple[Column, ...]:
@@ -270,7 +303,7 @@ _FT = "finetune|"  # fine-tuning rows (partial fine-tuning reports protocol "par
 _CLS = dict(
     epilog=CLASSIFY_EPILOG,
     family="classification",
-    weights=dict(
+    weights=TrainedWeights(
         read="mae_transfer.classification.task:read_classifier_weights",
         load="mae_transfer.classification.task:load_classifier_weights",
         artifact="classifier.pth",
@@ -281,21 +314,21 @@ _CLS = dict(
     report="mae_transfer.classification.task:report",
     toy_preset="toy_finetune",
 )
-_DET_WEIGHTS = dict(
+_DET_WEIGHTS = TrainedWeights(
     read="mae_transfer.detection.task:read_detector_weights",
     load="mae_transfer.detection.task:load_detector_weights",
     artifact="detector.pth",
     sections=("model", "test", "data"),
     foreign="detectron2",
 )
-_SEG_WEIGHTS = dict(
+_SEG_WEIGHTS = TrainedWeights(
     read="mae_transfer.segmentation.task:read_segmenter_weights",
     load="mae_transfer.segmentation.task:load_segmenter_weights",
     artifact="segmenter.pth",
     sections=("model", "test", "data"),
     foreign="mmsegmentation",
 )
-_DET = dict(
+_DET = DenseRules(
     data="COCO",
     pictures="ground truth | prediction",
     what="detections",
@@ -303,7 +336,7 @@ _DET = dict(
     rename={"vit_huge_patch14": "vit_huge_patch16"},
     pos_size_key="pretrain_img_size",
 )
-_SEG = dict(data="ADE20K", pictures="image | ground truth | prediction", what="segmentations", rename={})
+_SEG = DenseRules(data="ADE20K", pictures="image | ground truth | prediction", what="segmentations")
 
 
 _TRANSFER_HELP = {
@@ -316,7 +349,7 @@ def _transfer(name: str, title: str, command: str, fixed: dict, quick: bool) -> 
     # iNaturalist and Places follow the paper's Table 9 setting (appendix A.5). The demo uses toy
     # splits with 20 validation images per class instead of 5, so that the comparison with random
     # weights is not decided by one or two images.
-    demo = {"full": ["train.epochs=25"], "toy_data": {"val_per_category": 20}, **({"quick": []} if quick else {})}
+    demo = DemoPlan(full=("train.epochs=25",), quick=() if quick else None, toy_data={"val_per_category": 20})
     return TaskSpec(
         name=name,
         title=title,
@@ -361,11 +394,11 @@ TASKS: dict[str, TaskSpec] = {
         # The demo: 64 px, the pretraining size, with windows as large as the pretraining grid
         # (ViTDet's rule: window = the global attention size of pretraining), and 64 toy validation
         # scenes instead of 16 (AP on 16 scenes moves by points between runs).
-        demo={
-            "full": ["model.img_size=64", "model.window_size=8"],
-            "quick": ["model.img_size=64", "model.window_size=8"],
-            "toy_data": {"val_images": 64},
-        },
+        demo=DemoPlan(
+            full=("model.img_size=64", "model.window_size=8"),
+            quick=("model.img_size=64", "model.window_size=8"),
+            toy_data={"val_images": 64},
+        ),
         columns=(
             Column("APbox", "APbox", "bbox_AP", keep="always", bar="APbox"),
             Column("APmask", "APmask", "segm_AP", keep="always", bar="APmask"),
@@ -395,7 +428,7 @@ TASKS: dict[str, TaskSpec] = {
             "missing": "images without a label map: stop (default) or skip them",
         },
         options=("num_classes", "bad_labels", "missing", "flip", "multi_scale"),
-        demo={"full": ["train.epochs=12"], "quick": []},
+        demo=DemoPlan(full=("train.epochs=12",), quick=()),
         columns=(
             Column("mIoU", "mIoU", "mIoU", r".*_ss", keep="always", bar="mIoU", bar_fallback=True),
             Column("mIoU_msflip", "mIoU (ms+flip)", "mIoU", r".*_ms\+flip", keep="present"),
@@ -420,7 +453,7 @@ TASKS: dict[str, TaskSpec] = {
         toy_kind="imagefolder",
         default_preset="finetune_vit_base",
         table="imagenet",
-        demo={"full": ["train.epochs=15"], "quick": []},
+        demo=DemoPlan(full=("train.epochs=15",), quick=()),
         columns=(Column("finetune", "fine-tune", "top1", _FT, bar="top-1"),),
         **_CLS,
     ),
@@ -436,7 +469,7 @@ TASKS: dict[str, TaskSpec] = {
         toy_kind="imagefolder",
         default_preset="linprobe",
         table="imagenet",
-        demo={"full": ["train.epochs=15"], "quick": []},
+        demo=DemoPlan(full=("train.epochs=15",), quick=()),
         columns=(Column("linprobe", "linear probe", "top1", "linprobe|", bar="top-1"),),
         **{**_CLS, "toy_preset": "toy_linprobe"},
     ),
@@ -455,9 +488,8 @@ TASKS: dict[str, TaskSpec] = {
         toy_preset=None,
         table="imagenet",
         trains=False,
-        parallel=False,
         native_resolution=True,
-        demo={"full": [], "quick": []},
+        demo=DemoPlan(full=(), quick=()),
         columns=(Column("knn", "k-NN", "top1", r"knn\d+", bar="top-1", prefer="knn"),),
     ),
     "pretrain": TaskSpec(
@@ -476,7 +508,7 @@ TASKS: dict[str, TaskSpec] = {
         task="mae_transfer.pretrain.task:PretrainTask",
         toy_kind="imagefolder",
         benchmark=False,
-        demo={"full": ["train.epochs=30"], "quick": ["train.epochs=3"]},
+        demo=DemoPlan(full=("train.epochs=30",), quick=("train.epochs=3",)),
     ),
 }
 

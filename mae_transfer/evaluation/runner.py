@@ -194,9 +194,9 @@ def parse_overrides(specs: Iterable[str]) -> dict[str, list[str]]:
 
 
 def _infer_model(path: str, trust: bool = False) -> tuple[str | None, int | None]:
-    from mae_transfer.checkpoint import infer_vit_config, read_checkpoint, to_vit_state_dict
+    from mae_transfer.checkpoint import describe_checkpoint
 
-    info = infer_vit_config(to_vit_state_dict(read_checkpoint(path, trust=trust)))
+    info = describe_checkpoint(path, trust=trust)
     return info.get("name"), info.get("img_size")
 
 

@@ -10,6 +10,11 @@
 
 Both return ``OrderedDict[str, Tensor]`` of (B, C, H / stride, W / stride) maps, finest first,
 and expose ``out_channels`` and ``strides``, which is what torchvision's detection models take.
+
+Both also take a hierarchical backbone (stages at several strides, e.g. ``mae_transfer.models.convnet``):
+they read its ``feature_info`` (:func:`is_hierarchical`), the simple pyramid rescales its stride-16
+stage exactly as the ViT's map, and the four-tap pyramid takes its four stages as they are (their
+strides are already 4 .. 32), each with its own width, into the FPN. For a ViT nothing differs.
 """
 
 from __future__ import annotations
@@ -21,8 +26,6 @@ from typing import Sequence
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-
-from mae_transfer.models.vit import VisionTransformer
 
 
 class LayerNorm2d(nn.Module):
@@ -36,6 +39,37 @@ class LayerNorm2d(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.layer_norm(x.permute(0, 2, 3, 1), x.shape[1:2], self.weight, self.bias, self.eps).permute(0, 3, 1, 2)
+
+
+def is_hierarchical(backbone: nn.Module) -> bool:
+    """Whether ``backbone`` is hierarchical: its ``feature_info`` (one entry per output
+    ``forward_intermediates`` can return) lists several strides (a ConvNeXt's stages), where a
+    plain ViT's blocks all share the patch stride."""
+    return len({int(f["reduction"]) for f in backbone.feature_info}) > 1
+
+
+def simple_source(backbone: nn.Module) -> tuple[int, int, int]:
+    """``(index, channels, stride)`` of the map the simple pyramid rescales: a plain ViT's last block,
+    a hierarchical backbone's (last) stride-16 stage (ViTDet's pyramid is made for stride 16)."""
+    info = backbone.feature_info
+    if is_hierarchical(backbone):
+        found = [i for i, f in enumerate(info) if int(f["reduction"]) == 16]
+        if not found:
+            strides = sorted({int(f["reduction"]) for f in info})
+            raise ValueError(f"the simple pyramid rescales a stride-16 map; the backbone's strides are {strides}")
+        index = found[-1]
+    else:
+        index = len(info) - 1
+    return index, int(info[index]["num_chs"]), int(info[index]["reduction"])
+
+
+def drop_unused_stages(backbone: nn.Module, indices: Sequence[int]) -> None:
+    """Remove what a dense model never runs: the stages of a hierarchical backbone after the last
+    of ``indices``, and its classifier (``prune_intermediate_layers``, timm's method, where the
+    backbone has one). DDP needs a gradient for every parameter. A ViT (no such method) is kept."""
+    prune = getattr(backbone, "prune_intermediate_layers", None)
+    if callable(prune) and is_hierarchical(backbone):
+        prune(list(indices), prune_head=True)
 
 
 def make_norm(kind: str, channels: int) -> nn.Module:
@@ -153,22 +187,26 @@ class SimpleFeaturePyramid(nn.Module):
     activation). Module names are detectron2's (``net`` for the ViT, ``simfp_<level>`` for the
     levels, registered before ``net``), so a detectron2 ViTDet state dict has exactly this
     module's names and order.
+
+    A hierarchical backbone (:func:`is_hierarchical`) gives its stride-16 stage instead of the last
+    block (:func:`simple_source`); the levels are then made as for a ViT-B/16's map of that width.
     """
 
     def __init__(
         self,
-        vit: VisionTransformer,
+        vit: nn.Module,
         out_channels: int = 256,
         scales: Sequence[float] = (4.0, 2.0, 1.0, 0.5),
         norm: str = "ln",
         top_block: bool = True,
     ):
         super().__init__()
-        dim = vit.embed_dim
+        # ViT: the last block, embed_dim channels at the patch stride; hierarchical: the stride-16 stage.
+        self.source_index, dim, source_stride = simple_source(vit)
         self.strides: list[int] = []
         self.level_names: list[str] = []
         for scale in scales:
-            name, stride, level = simple_level(dim, vit.patch_size, scale, out_channels, norm)
+            name, stride, level = simple_level(dim, source_stride, scale, out_channels, norm)
             self.add_module(name, level)
             self.strides.append(stride)
             self.level_names.append(name)
@@ -180,12 +218,12 @@ class SimpleFeaturePyramid(nn.Module):
         self.out_channels = out_channels
 
     @property
-    def vit(self) -> VisionTransformer:
+    def vit(self) -> nn.Module:
         return self.net
 
     def forward(self, x: torch.Tensor) -> "OrderedDict[str, torch.Tensor]":
         """(B, 3, H, W) -> OrderedDict of (B, out_channels, H / s, W / s) for each stride s."""
-        feat = self.net.forward_intermediates(x, indices=[len(self.net.blocks) - 1], output_fmt="NCHW")[0]
+        feat = self.net.forward_intermediates(x, indices=[self.source_index], output_fmt="NCHW")[0]
         outs = [getattr(self, name)(feat) for name in self.level_names]
         if self.top_block:
             outs.append(F.max_pool2d(outs[-1], kernel_size=1, stride=2))
@@ -232,9 +270,14 @@ class RescaleNeck(nn.Module):
 class FourTapPyramid(nn.Module):
     """Four blocks of ``vit`` rescaled x4, x2, x1, x0.5 (strides 4, 8, 16, 32), ViT width each.
 
+    A hierarchical backbone (:func:`is_hierarchical`, e.g. a ConvNeXt) is tapped at four stages
+    instead, taken as they are (no rescaling: ``neck`` is Identity), each with its own width
+    (``level_channels``) and stride (its ``feature_info``); the backbone stays under ``vit``.
+
     Args:
         tap_blocks: 0-based block indices; default equal intervals (Benchmarking-ViT detection:
-            ViT-B 2, 5, 8, 11). BEiT/MAE segmentation uses 3, 5, 7, 11 for ViT-B.
+            ViT-B 2, 5, 8, 11). BEiT/MAE segmentation uses 3, 5, 7, 11 for ViT-B. For a
+            hierarchical backbone: stage indices, default all four stages.
         norm: norm between the two x4 deconvolutions (``bn`` BEiT, ``gn`` Benchmarking-ViT).
         fpn_channels: if set, a standard FPN (torchvision) maps the four levels to this many
             channels and adds a stride-64 level, as Mask R-CNN expects.
@@ -242,7 +285,7 @@ class FourTapPyramid(nn.Module):
 
     def __init__(
         self,
-        vit: VisionTransformer,
+        vit: nn.Module,
         tap_blocks: Sequence[int] | None = None,
         norm: str = "bn",
         fpn_channels: int | None = None,
@@ -250,12 +293,23 @@ class FourTapPyramid(nn.Module):
     ):
         super().__init__()
         self.vit = vit
-        dim = vit.embed_dim
-        self.tap_blocks = list(tap_blocks) if tap_blocks is not None else equal_interval_blocks(len(vit.blocks))
-        if len(self.tap_blocks) != 4:
-            raise ValueError(f"FourTapPyramid needs 4 tap blocks, got {self.tap_blocks}")
-        self.neck = RescaleNeck(dim, norm)
-        self.strides = [vit.patch_size // 4, vit.patch_size // 2, vit.patch_size, vit.patch_size * 2]
+        hierarchical = is_hierarchical(vit)
+        if hierarchical:
+            info = vit.feature_info
+            self.tap_blocks = list(tap_blocks) if tap_blocks is not None else list(range(len(info)))
+            if len(self.tap_blocks) != 4 or not all(0 <= int(i) < len(info) for i in self.tap_blocks):
+                raise ValueError(f"FourTapPyramid needs 4 stage indices in 0..{len(info) - 1}, got {self.tap_blocks}")
+            self.neck = nn.Identity()  # the stages already are at strides 4 .. 32
+            self.level_channels = [int(info[i]["num_chs"]) for i in self.tap_blocks]
+            self.strides = [int(info[i]["reduction"]) for i in self.tap_blocks]
+        else:
+            dim = vit.embed_dim
+            self.tap_blocks = list(tap_blocks) if tap_blocks is not None else equal_interval_blocks(len(vit.blocks))
+            if len(self.tap_blocks) != 4:
+                raise ValueError(f"FourTapPyramid needs 4 tap blocks, got {self.tap_blocks}")
+            self.neck = RescaleNeck(dim, norm)
+            self.level_channels = [dim] * 4
+            self.strides = [vit.patch_size // 4, vit.patch_size // 2, vit.patch_size, vit.patch_size * 2]
         self.fpn = None
         if fpn_channels:
             from torchvision.ops import FeaturePyramidNetwork
@@ -263,12 +317,13 @@ class FourTapPyramid(nn.Module):
 
             norm_layer = None if fpn_norm == "none" else (lambda c: make_norm(fpn_norm, c))
             self.fpn = FeaturePyramidNetwork(
-                [dim] * 4, fpn_channels, extra_blocks=LastLevelMaxPool(), norm_layer=norm_layer
+                list(self.level_channels), fpn_channels, extra_blocks=LastLevelMaxPool(), norm_layer=norm_layer
             )
             self.strides.append(self.strides[-1] * 2)
             self.out_channels = fpn_channels
-        else:
-            self.out_channels = dim
+        else:  # one width (a ViT's), or the list of the stages' widths
+            widths = set(self.level_channels)
+            self.out_channels = self.level_channels[0] if len(widths) == 1 else list(self.level_channels)
         self.names = [f"p{int(math.log2(s))}" for s in self.strides]
 
     def forward(self, x: torch.Tensor) -> "OrderedDict[str, torch.Tensor]":

@@ -14,21 +14,16 @@ from typing import Literal
 from mae_transfer.config import ConfigError, build_with_preset, preset_names
 from mae_transfer.data.stats import IMAGENET_MEAN, IMAGENET_STD
 from mae_transfer.engine.trainer import OptimConfig, TrainConfig
-from mae_transfer.models.vit import SIZE_FIELDS, vit_size_label
+from mae_transfer.models.backbone import BackboneConfig
 
 PRESET_DIR = Path(__file__).parent / "presets"
 
 
 @dataclass
-class ModelConfig:
-    # The ViT: a size name, and/or explicit sizes that override it (a ViT of any other size, e.g. one
-    # read from an mmsegmentation checkpoint, has name None and all four).
-    name: str | None = "vit_base_patch16"
-    embed_dim: int | None = None
-    depth: int | None = None
-    num_heads: int | None = None
-    patch_size: int | None = None
-    mlp_ratio: float = 4.0
+class ModelConfig(BackboneConfig):
+    # The backbone (family, size name and/or explicit sizes, mlp_ratio, drop_path 0.1 as MAE A.4,
+    # grad_checkpointing) is the shared BackboneConfig; a ViT of no standard size, e.g. one read from
+    # an mmsegmentation checkpoint, has name None and all four sizes. Below: how segmentation uses it.
     img_size: int = 512  # the training crop and sliding window; the position table is made for it
     # The pyramid from the ViT: "taps" = four blocks rescaled x4 x2 x1 x0.5 (BEiT / MAE / mmsegmentation,
     # the paper's A.4 setup); "simple" = ViTDet's simple feature pyramid from the last block alone
@@ -40,19 +35,13 @@ class ModelConfig:
     # "table": BEiT's per-head bias table (mmsegmentation's MAE backbone); "decomposed": ViTDet's form.
     rel_pos_type: Literal["table", "decomposed"] = "table"
     layer_scale: float | None = 1.0  # gamma_1 / gamma_2 of each block (mmsegmentation's MAE: init_values 1.0)
-    drop_path: float = 0.1
     channels: int = 768  # UperNet channels (BEiT: 768 for ViT-B, 1024 for ViT-L)
     aux_channels: int = 256  # auxiliary FCN head on the stride-16 level (0 = none)
     aux_convs: int = 1
     aux_weight: float = 0.4
-    grad_checkpointing: bool = False
     # mmseg: the classifiers (conv_seg) start from N(0, 0.01). "default": PyTorch's layer default, which
     # learns much faster in runs of a few hundred steps (toy preset).
     predictor_init: Literal["mmseg", "default"] = "mmseg"
-
-    def vit_label(self) -> str:
-        """The size name, or ``vit_<width>x<depth>_patch<p>`` for a ViT of any other size."""
-        return vit_size_label(self.name, **{k: getattr(self, k) for k in SIZE_FIELDS})
 
 
 @dataclass

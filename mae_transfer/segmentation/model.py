@@ -28,8 +28,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from mae_transfer.models.pyramid import RescaleNeck, SimpleNeck
-from mae_transfer.models.vit import VisionTransformer
+from mae_transfer.models.pyramid import RescaleNeck, SimpleNeck, drop_unused_stages, is_hierarchical, simple_source
 
 
 def _resize(x: torch.Tensor, size) -> torch.Tensor:
@@ -119,11 +118,16 @@ class UperNetViT(nn.Module):
     ``forward(images)`` returns logits at the input size (an input that is not a multiple of the
     coarsest stride is padded and the padding cut from the logits). In training mode it returns
     ``(logits, aux_logits)``.
+
+    A hierarchical backbone (its ``feature_info`` lists several strides, e.g. a ConvNeXt) is read
+    from its ``feature_info`` instead: ``taps`` are stage indices taken as they are (no rescaling,
+    ``neck`` is Identity; each level keeps its stage's width into the head), ``simple`` rescales the
+    stride-16 stage as the ViT's last block.
     """
 
     def __init__(
         self,
-        backbone: VisionTransformer,
+        backbone: nn.Module,
         tap_blocks: Sequence[int],
         num_classes: int,
         channels: int = 768,
@@ -136,34 +140,45 @@ class UperNetViT(nn.Module):
         pyramid_channels: int = 256,
     ):
         super().__init__()
-        depth = len(backbone.blocks)
-        dim = backbone.embed_dim
+        info = backbone.feature_info  # ViT: one entry per block; hierarchical: one per stage
+        depth = len(info)
+        hierarchical = is_hierarchical(backbone)
         self.backbone = backbone
         self.pyramid = pyramid
         if pyramid == "taps":  # BEiT / MAE / mmsegmentation: four blocks, rescaled
             tap_blocks = tuple(int(b) for b in tap_blocks)
             if len(tap_blocks) != 4 or not all(0 <= b < depth for b in tap_blocks):
-                raise ValueError(
-                    f"UperNet needs 4 tap blocks in 0..{depth - 1}, got {tap_blocks}: set model.tap_blocks"
-                )
+                what = "stage indices" if hierarchical else "tap blocks"
+                raise ValueError(f"UperNet needs 4 {what} in 0..{depth - 1}, got {tap_blocks}: set model.tap_blocks")
             self.tap_blocks = tap_blocks
-            self.neck = RescaleNeck(dim, neck_norm)
-        elif pyramid == "simple":  # ViTDet: the last block alone, rescaled by deconvolutions
-            self.tap_blocks = (depth - 1,)
-            self.neck = SimpleNeck(dim, backbone.patch_size, pyramid_channels)
-            dim = pyramid_channels
+            if hierarchical:  # stages at strides 4 .. 32 already: no rescaling
+                self.neck = nn.Identity()
+                dims = [int(info[b]["num_chs"]) for b in tap_blocks]
+                self.size_divisor = max(int(info[b]["reduction"]) for b in tap_blocks)
+            else:
+                dim = backbone.embed_dim
+                self.neck = RescaleNeck(dim, neck_norm)
+                dims = [dim] * 4
+                self.size_divisor = backbone.patch_size * 2  # the coarsest level is half the token grid
+        elif pyramid == "simple":  # ViTDet: the last block (a hierarchical one's stride-16 stage), rescaled
+            index, dim, stride = simple_source(backbone)
+            self.tap_blocks = (index,)
+            self.neck = SimpleNeck(dim, stride, pyramid_channels)
+            dims = [pyramid_channels] * 4
+            self.size_divisor = stride * 2  # the coarsest level is half the source map
         else:
             raise ValueError(f"model.pyramid must be 'taps' or 'simple', got {pyramid!r}")
-        self.decode_head = UPerHead([dim] * 4, channels, num_classes, dropout=dropout)
+        self.decode_head = UPerHead(dims, channels, num_classes, dropout=dropout)
         self.aux_level = aux_level
         self.auxiliary_head = (
-            FCNHead(dim, aux_channels, num_classes, num_convs=aux_convs, dropout=dropout) if aux_channels else None
+            FCNHead(dims[aux_level], aux_channels, num_classes, num_convs=aux_convs, dropout=dropout)
+            if aux_channels
+            else None
         )
         self.num_classes = num_classes
-        self.size_divisor = backbone.patch_size * 2  # the coarsest level is half the token grid
 
     @property
-    def vit(self) -> VisionTransformer:
+    def vit(self) -> nn.Module:
         return self.backbone
 
     def features(self, x: torch.Tensor) -> list[torch.Tensor]:
@@ -193,7 +208,7 @@ def default_tap_blocks(depth: int) -> tuple[int, ...]:
 
 
 def build_upernet(
-    vit: VisionTransformer,
+    vit: nn.Module,
     num_classes: int,
     tap_blocks: Sequence[int] | None = None,
     channels: int = 768,
@@ -203,10 +218,17 @@ def build_upernet(
     pyramid_channels: int = 256,
 ) -> UperNetViT:
     """UperNet on ``vit`` (its final norm is dropped: the taps are block outputs, and an unused
-    norm would stop DDP, which needs a gradient for every parameter)."""
+    norm would stop DDP, which needs a gradient for every parameter). On a hierarchical backbone
+    (e.g. a ConvNeXt) ``tap_blocks`` are stage indices, default all four, and the stages after the
+    last one read are dropped for the same reason."""
     vit.norm = nn.Identity()
-    taps = tuple(tap_blocks) if tap_blocks is not None else default_tap_blocks(len(vit.blocks))
-    return UperNetViT(
+    if tap_blocks is not None:
+        taps = tuple(tap_blocks)
+    elif is_hierarchical(vit):
+        taps = tuple(range(len(vit.feature_info)))
+    else:
+        taps = default_tap_blocks(len(vit.blocks))
+    model = UperNetViT(
         vit,
         taps,
         num_classes,
@@ -216,6 +238,8 @@ def build_upernet(
         pyramid=pyramid,
         pyramid_channels=pyramid_channels,
     )
+    drop_unused_stages(vit, model.tap_blocks)  # a no-op for a ViT
+    return model
 
 
 @torch.no_grad()

@@ -35,7 +35,8 @@ from mae_transfer.engine.optim import param_groups
 from mae_transfer.engine.results import ResultRow, dataset_name, row_identity, write_run_results
 from mae_transfer.engine.trainer import EvalContext, OptimConfig, Trainer, TrainTask
 from mae_transfer.io import atomic_write, atomic_write_json
-from mae_transfer.models.vit import VisionTransformer, named_size, vit_size
+from mae_transfer.models.backbone import create_backbone
+from mae_transfer.models.vit import named_size
 from mae_transfer.segmentation.ade20k import (
     IGNORE_INDEX,
     EvalTransform,
@@ -58,18 +59,14 @@ def build_segmenter(cfg: SegmentationConfig) -> nn.Module:
     (class token, BEiT relative position table, layer scale, no final norm) by default."""
     m = cfg.model
     try:
-        size = vit_size(m.name, embed_dim=m.embed_dim, depth=m.depth, num_heads=m.num_heads, patch_size=m.patch_size)
-        vit = VisionTransformer(
+        vit = create_backbone(
+            m,
             img_size=m.img_size,
             num_classes=0,
             global_pool="",
             use_rel_pos=m.use_rel_pos,
             rel_pos_type=m.rel_pos_type,
             layer_scale=m.layer_scale,
-            drop_path_rate=m.drop_path,
-            grad_checkpointing=m.grad_checkpointing,
-            mlp_ratio=m.mlp_ratio,
-            **size,
         )
         model = build_upernet(
             vit,
@@ -235,23 +232,16 @@ class SegmentationTask(TrainTask):
             )
             raise DataError(f"{problems[0][1]}{more}")
 
-    def on_epoch_end(self, trainer: Trainer, epoch: int) -> None:
-        every = self.cfg.eval_every_epochs
-        if every <= 0 or (epoch + 1) % every or epoch + 1 == self.cfg.train.epochs:
-            return  # the last epoch is evaluated by on_train_end
-        metrics = trainer.evaluate()
-        if trainer.dist.is_main:
-            trainer.metrics.write("eval", {"step": trainer.step, "epoch": epoch + 1, **summary(metrics)})
+    # The evaluation policy (every eval_every_epochs, the final evaluation, publishing) is the
+    # engine's; these say what it means for segmentation.
+    def eval_every(self) -> int:
+        return self.cfg.eval_every_epochs
 
-    def on_train_end(self, trainer: Trainer) -> None:
-        if trainer.dist.is_main:
-            save_segmenter(trainer.unwrapped, self.cfg, self.class_names, trainer.output_dir / "segmenter.pth")
-        metrics = trainer.evaluate(final=True)
-        if trainer.dist.is_main:
-            trainer.metrics.write(
-                "eval",
-                {"step": trainer.step, "epoch": math.ceil(trainer.step / trainer.steps_per_epoch), **summary(metrics)},
-            )
+    def save_trained(self, model: nn.Module, out_dir: Path, step: int) -> None:
+        save_segmenter(model, self.cfg, self.class_names, out_dir / "segmenter.pth")
+
+    def eval_record(self, metrics: dict) -> dict:
+        return summary(metrics)
 
     def publish(self, model: nn.Module, ctx: EvalContext, metrics: dict, step: int) -> None:
         self.write_results(ctx.output_dir, metrics, step)
@@ -324,9 +314,7 @@ class SegmentationTask(TrainTask):
             split=cfg.data.val_split,
             protocol=f"{cfg.recipe}_{test}{'+flip' if cfg.test.flip else ''}",
             step=step,
-            **row_identity(
-                cfg, self.backbone_sha256, ("data", "backbone", "visualize", "trust_checkpoint"), self.evaluated
-            ),
+            **row_identity(cfg, self.backbone_sha256, self.evaluated),
         )
         rows = [ResultRow(metric=k, value=v, **common) for k, v in summary(metrics).items()]
         return write_run_results(out_dir, rows, to_dict(cfg))
