@@ -366,10 +366,26 @@ and resumes a job that was interrupted from its checkpoint. A failing job is rec
 error and the benchmark goes on. At the end the tables (Markdown, LaTeX, CSV) and plots are
 written to RESULTS/ and the Markdown tables printed.
 
-Tasks: coco, ade20k, inat2017, inat2018, inat2019, places205, places365, finetune, linprobe, knn
-(finetune, linprobe and knn read --data imagenet=DIR). With no --data for a task it runs on the
-built-in toy data in that dataset's format with the task's toy preset.
+{tasks}
 """
+
+
+def _bench_help() -> str:
+    """BENCH_HELP with the registry's tasks (plug-in tasks included) and their shared --data keys."""
+    from mae_transfer.evaluation.registry import TASKS, benchmark_tasks
+
+    tasks = benchmark_tasks()
+    shared: dict[str, list[str]] = {}
+    for name in tasks:
+        if TASKS[name].data_group:
+            shared.setdefault(TASKS[name].data_group, []).append(name)
+    groups = "".join(f"({', '.join(names)} read --data {key}=DIR.) " for key, names in shared.items())
+    text = (
+        f"Tasks: {', '.join(tasks)}. {groups}With no --data for a task it runs on the built-in toy data in "
+        "that dataset's format with the task's toy preset."
+    )
+    return BENCH_HELP.format(tasks=textwrap.fill(text, 99, break_on_hyphens=False))
+
 
 BENCH_EPILOG = """\
 examples:
@@ -389,7 +405,7 @@ def _add_bench(sub) -> None:
     p = sub.add_parser(
         "bench",
         help="run backbones x transfer tasks and tabulate the results (resumable)",
-        description=BENCH_HELP,
+        description=_bench_help(),
         epilog=BENCH_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

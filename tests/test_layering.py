@@ -17,6 +17,7 @@ LAYER = {
     "__init__": 0,
     "io": 0,
     "config": 1,
+    "spec": 1,
     "models": 1,
     "data": 1,
     "checkpoint": 2,

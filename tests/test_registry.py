@@ -163,3 +163,17 @@ def test_the_readme_task_evaluates_sharded_under_torchrun(tmp_path, cache):
         [final] = [json.loads(line) for line in (out / "eval.jsonl").read_text().splitlines()]
         images[procs] = final["images"]
     assert top1[1] == top1[2] and images[1] == images[2] == len(val), (top1, images)
+
+
+def test_one_knn_column_rule_for_tables_and_the_runner():
+    from mae_transfer.engine.results import ResultRow
+    from mae_transfer.spec import preferred_knn_protocol
+
+    assert preferred_knn_protocol(["knn10", "knn20", "knn200", "linprobe_sweep"]) == "knn20"
+    assert preferred_knn_protocol(["knn100", "knn10", None]) == "knn10"  # no k=20: the smallest k
+    assert preferred_knn_protocol(["linprobe_sweep", None]) is None
+    rows = [
+        ResultRow(task="knn", protocol=f"knn{k}", metric="top1", value=float(k), dataset="d", split="val")
+        for k in (100, 10)
+    ]
+    assert runner.headline(rows) == "top-1 10.00"

@@ -99,7 +99,7 @@ def test_rows_on_other_data_in_a_benchmark_layout_name_it(tmp_path):
         return {r.dataset for r in read_run_results(out)}
 
     seg = seg_config(None, {"data": {"path": str(tmp_path / "mydata"), "num_classes": 11}})
-    task = SimpleNamespace(cfg=seg, backbone_sha256=None, evaluated=None)
+    task = SimpleNamespace(name="ade20k", cfg=seg, backbone_sha256=None, evaluated=None)
     SegmentationTask.write_results(task, tmp_path / "seg", {"mIoU": 0.5, "mAcc": 0.6, "aAcc": 0.7}, 3)
     assert dataset_of(tmp_path / "seg") == {"ade20k-layout:mydata (11 classes)"}
     seg.data.num_classes = 150
@@ -107,7 +107,7 @@ def test_rows_on_other_data_in_a_benchmark_layout_name_it(tmp_path):
     assert dataset_of(tmp_path / "seg") == {"ade20k"}
 
     det = det_config(None, {"data": {"path": str(tmp_path / "shapes")}})
-    task = SimpleNamespace(cfg=det, backbone_sha256=None, evaluated=None, num_classes=3)
+    task = SimpleNamespace(name="coco", cfg=det, backbone_sha256=None, evaluated=None, num_classes=3)
     DetectionTask.write_results(task, tmp_path / "det", {"bbox": {"AP": 1.0}, "segm": {"AP": 2.0}}, 3)
     assert dataset_of(tmp_path / "det") == {"coco-layout:shapes (3 categories)"}
 

@@ -45,6 +45,8 @@ def run_frozen_eval(
     device: str | None = None,
     batch_size: int = 128,
     trust: bool = False,
+    *,
+    task: str,
     dist: DistInfo | None = None,
 ) -> str:
     """Extract class-token features of train and val (no augmentation), run k-NN (and the sweep),
@@ -54,7 +56,8 @@ def run_frozen_eval(
     Runs on the engine's :class:`EvalContext` like every evaluation: the device and DataLoader
     workers of the engine's rules, each process of a torchrun group (``dist``) extracting its shard
     of each split (the features are gathered, every process holds them all), the backbone from the
-    one ``init_backbone`` (its random-weights warning included)."""
+    one ``init_backbone`` (its random-weights warning included). ``task``: the registry entry that runs
+    it, the ``task`` of the result rows."""
     from mae_transfer.checkpoint import describe_checkpoint, init_backbone
     from mae_transfer.classification.datasets import build_dataset, num_classes_of
     from mae_transfer.classification.knn import extract_features, knn_evaluate
@@ -94,7 +97,7 @@ def run_frozen_eval(
         return ""
     rows, lines = [], [f"{'evaluation':22s} {'top-1':>7s} {'top-5':>7s} {'mean/cls':>9s}"]
     common = dict(
-        task="knn",
+        task=task,
         dataset=dataset_name(dataset, data, num_classes),
         split="val",
         model=name,

@@ -284,7 +284,7 @@ class DetectionTask(TrainTask):
         """One row per metric in ``results.jsonl`` (rewritten whole, atomically) for the runner."""
         cfg = self.cfg
         common = dict(
-            task="coco",
+            task=self.name,  # the registry entry that runs it (front sets it)
             dataset=dataset_name("coco", cfg.data.path, self.num_classes, "categories"),
             split=cfg.data.val_split,
             protocol=f"mask_rcnn_{cfg.recipe}",

@@ -299,6 +299,7 @@ def run(spec: TaskSpec, options: dict[str, Any], echo: Callable[[str], None] = p
                     output=prep.output,
                     trust=bool(opts.get("trust_checkpoint")),
                     dist=dist_info,
+                    task=spec.name,
                 )
         finally:
             cleanup()
@@ -336,6 +337,7 @@ def _train_or_evaluate(spec: TaskSpec, prep: Prepared, dist_info: Any, echo: Cal
     try:
         if opts.get("eval_only"):
             task = task_cls(cfg, train=False)
+            task.name = spec.name
             task.evaluated = prep.evaluated
             model = task.build_model(load_backbone=False)
             spec.load("load")(model, prep.weights, opts["weights"])
@@ -343,6 +345,7 @@ def _train_or_evaluate(spec: TaskSpec, prep: Prepared, dist_info: Any, echo: Cal
             trainer.evaluate(model, final=True)
         else:
             task = task_cls(cfg)
+            task.name = spec.name
             trainer = Trainer(task, cfg.train, cfg.optim, output, dist_info, config=cfg, resume=resume)
             summary = trainer.fit()
     finally:

@@ -13,6 +13,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+from mae_transfer.classification.spec import DATASETS, INAT_YEARS, PLACES_VERSIONS, PROTOCOLS
+
 # mmsegmentation 1.x's ADE20K test-time scales (configs/_base_/datasets/ade20k.py, ``img_ratios``).
 TTA_SCALES = [0.5, 0.75, 1.0, 1.25, 1.5, 1.75]
 
@@ -53,7 +55,6 @@ def _neighbour_counts(text: Any) -> str | None:
 
 _COUNT = _at_least(1)
 _DEVICE = ["auto", "cuda", "cpu"]
-_DATASETS = ["imagefolder", "inat2017", "inat2018", "inat2019", "places205", "places365"]
 
 FLAGS: dict[str, Flag] = {
     f.name: f
@@ -166,7 +167,7 @@ FLAGS: dict[str, Flag] = {
             "data.dataset",
             dict(
                 default="imagefolder",
-                choices=_DATASETS,
+                choices=DATASETS,
                 help="dataset format of --data (default: imagefolder = ImageNet layout)",
             ),
         ),
@@ -174,21 +175,21 @@ FLAGS: dict[str, Flag] = {
             "year",
             ("--year",),
             None,
-            dict(type=int, choices=[2017, 2018, 2019], default=2018, help="iNaturalist edition (default 2018)"),
+            dict(type=int, choices=INAT_YEARS, default=2018, help="iNaturalist edition (default 2018)"),
         ),
         Flag(
             "version",
             ("--version",),
             None,
-            dict(type=int, choices=[205, 365], default=365, help="Places edition (default 365)"),
+            dict(type=int, choices=PLACES_VERSIONS, default=365, help="Places edition (default 365)"),
         ),
         Flag(
             "protocol",
             ("--protocol",),
             "protocol",
             dict(
-                choices=["finetune", "linprobe", "partial"],
-                default="finetune",
+                choices=PROTOCOLS,
+                default=PROTOCOLS[0],
                 help="end-to-end fine-tuning (default), linear probing, or partial fine-tuning",
             ),
         ),

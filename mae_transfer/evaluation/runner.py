@@ -52,6 +52,7 @@ from mae_transfer.engine.results import FAILED, ResultRow, read_run_results
 from mae_transfer.evaluation import front
 from mae_transfer.evaluation.registry import TASKS, TaskSpec, benchmark_tasks
 from mae_transfer.evaluation.store import ResultStore
+from mae_transfer.spec import preferred_knn_protocol
 
 log = logging.getLogger(__name__)
 
@@ -567,7 +568,8 @@ def headline(rows: list[ResultRow]) -> str:
     for col in TASKS[rows[0].task].headline if rows[0].task in TASKS else ():
         hits = [r for r in rows if r.metric == col.metric and col.matches(r.protocol or "") and r.value is not None]
         if col.prefer == "knn":
-            hits = [r for r in hits if r.protocol == "knn20"] or hits[:1]
+            want = preferred_knn_protocol(r.protocol for r in hits)
+            hits = [r for r in hits if r.protocol == want]
         if hits:
             parts.append(f"{col.bar} {hits[-1].value:.2f}")
     return ", ".join(parts) or "no metric"

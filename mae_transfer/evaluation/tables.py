@@ -28,6 +28,7 @@ import yaml
 from mae_transfer.engine.results import FAILED, is_custom_dataset
 from mae_transfer.evaluation.registry import TABLES, Column, TaskSpec, table_columns
 from mae_transfer.io import atomic_write_text
+from mae_transfer.spec import preferred_knn_protocol
 
 MISSING = "–"
 NO_RESULTS = "no results yet: the results store holds no rows for the paper's tables"
@@ -149,10 +150,10 @@ class RowIndex:
             hits = [v for (b, t, p, m), v in self.latest.items() if b == bb and t == spec.name and m == col.metric]
         return max(hits, key=lambda h: h[0])[1] if hits else None
 
-    def knn_protocol(self, task: str = "knn") -> str:
-        """``knn20`` when any backbone has k=20 (the paper's choice), else the smallest k measured."""
-        ks = {int(p[3:]) for (_, t, p, m) in self.latest if t == task and m == "top1" and re.fullmatch(r"knn\d+", p)}
-        return f"knn{20 if 20 in ks or not ks else min(ks)}"
+    def knn_protocol(self, task: str) -> str:
+        """The k-NN protocol of ``task``'s column over every backbone (``spec.preferred_knn_protocol``)."""
+        measured = (p for (_, t, p, m) in self.latest if t == task and m == "top1")
+        return preferred_knn_protocol(measured) or "knn20"
 
 
 def _resolve_baseline(baseline: str | None, backbones: list[str]) -> str | None:

@@ -309,7 +309,7 @@ class SegmentationTask(TrainTask):
         cfg = self.cfg
         test = "ms" if len(cfg.test.scales) > 1 else "ss"
         common = dict(
-            task="ade20k",
+            task=self.name,  # the registry entry that runs it (front sets it)
             dataset=dataset_name("ade20k", cfg.data.path, cfg.data.num_classes),
             split=cfg.data.val_split,
             protocol=f"{cfg.recipe}_{test}{'+flip' if cfg.test.flip else ''}",

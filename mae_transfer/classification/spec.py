@@ -1,0 +1,138 @@
+"""The classification tasks' entries in the registry (fine-tuning, linear probing, iNaturalist, Places, k-NN)."""
+
+from __future__ import annotations
+
+from mae_transfer.spec import Column, DemoPlan, TaskSpec, TrainedWeights
+
+CLASSIFY_EPILOG = """\
+protocols (MAE paper section 4 and appendix A):
+  finetune   end-to-end, global average pool + fc_norm, layer-wise lr decay, RandAugment, mixup,
+             cutmix, label smoothing, random erasing, AdamW, cosine with warmup (official scripts)
+  linprobe   frozen encoder, class token, BatchNorm (no affine) + linear head, LARS
+  partial    fine-tune only the last k blocks (paper Figure 9): --protocol partial --trainable-blocks k
+
+examples:
+  mae-transfer finetune --data /datasets/imagenet --backbone mae_pretrain_vit_base.pth
+  mae-transfer linprobe --data /datasets/imagenet --backbone runs/pretrain-toy/encoder.pth
+  mae-transfer inat --year 2018 --data /datasets/inat2018 --backbone ckpt.pth --preset finetune_paper_table9
+  mae-transfer places --version 365 --data /datasets/places365 --backbone ckpt.pth
+  mae-transfer finetune --backbone runs/pretrain-toy/encoder.pth      # toy data, a few minutes on CPU
+With no --backbone the ViT starts from random weights (the from-scratch baseline), and says so.
+Results: <output>/results.jsonl (one row per metric), eval.csv per evaluated epoch, and a table.
+"""
+
+
+_FT = "finetune|"  # fine-tuning rows (partial fine-tuning reports protocol "partial": not this column)
+_CLS = dict(
+    epilog=CLASSIFY_EPILOG,
+    family="classification",
+    weights=TrainedWeights(
+        read="mae_transfer.classification.task:read_classifier_weights",
+        load="mae_transfer.classification.task:load_classifier_weights",
+        artifact="classifier.pth",
+        sections=("model",),
+    ),
+    config="mae_transfer.classification.config:build_config",
+    task="mae_transfer.classification.task:ClassificationTask",
+    report="mae_transfer.classification.task:report",
+    toy_preset="toy_finetune",
+)
+_TRANSFER_HELP = {
+    "inat": "iNaturalist 2017/2018/2019 transfer (MAE paper Table 6)",
+    "places": "Places205/365 transfer (MAE paper Table 6)",
+}
+
+
+def _transfer(name: str, title: str, command: str, fixed: dict, quick: bool) -> TaskSpec:
+    # iNaturalist and Places follow the paper's Table 9 setting (appendix A.5). The demo uses toy
+    # splits with 20 validation images per class instead of 5, so that the comparison with random
+    # weights is not decided by one or two images.
+    demo = DemoPlan(full=("train.epochs=25",), quick=() if quick else None, toy_data={"val_per_category": 20})
+    return TaskSpec(
+        name=name,
+        title=title,
+        command=command,
+        fixed={**fixed, "dataset": name},
+        options=(*fixed, "protocol"),
+        toy_kind=name,
+        default_preset="finetune_paper_table9",
+        table="transfer",
+        demo=demo,
+        help=_TRANSFER_HELP[command],
+        description=_TRANSFER_HELP[command] + ".",
+        columns=(Column(name, title, "top1", _FT, bar="top-1"),),
+        **_CLS,
+    )
+
+
+SPECS: dict[str, TaskSpec] = {
+    **{
+        f"inat{y}": _transfer(f"inat{y}", f"iNat {y}", "inat", {"year": y}, quick=y == 2018) for y in (2017, 2018, 2019)
+    },
+    **{
+        f"places{v}": _transfer(f"places{v}", f"Places{v}", "places", {"version": v}, quick=v == 365)
+        for v in (205, 365)
+    },
+    "finetune": TaskSpec(
+        help="fine-tune a ViT end to end on an image-classification dataset",
+        description="Fine-tune a ViT end to end on an image-classification dataset.",
+        name="finetune",
+        title="ImageNet fine-tune",
+        command="finetune",
+        fixed={"protocol": "finetune"},
+        options=("dataset",),
+        data_group="imagenet",
+        toy_kind="imagefolder",
+        default_preset="finetune_vit_base",
+        table="imagenet",
+        demo=DemoPlan(full=("train.epochs=15",), quick=()),
+        columns=(Column("finetune", "fine-tune", "top1", _FT, bar="top-1"),),
+        **_CLS,
+    ),
+    "linprobe": TaskSpec(
+        help="linear probing of a frozen ViT (the official MAE protocol)",
+        description="Linear probing of a frozen ViT (the official MAE protocol).",
+        name="linprobe",
+        title="linear probe",
+        command="linprobe",
+        fixed={"protocol": "linprobe"},
+        options=("dataset",),
+        data_group="imagenet",
+        toy_kind="imagefolder",
+        default_preset="linprobe",
+        table="imagenet",
+        demo=DemoPlan(full=("train.epochs=15",), quick=()),
+        columns=(Column("linprobe", "linear probe", "top1", "linprobe|", bar="top-1"),),
+        **{**_CLS, "toy_preset": "toy_linprobe"},
+    ),
+    "knn": TaskSpec(
+        help="k-NN and linear-probe-sweep evaluation of frozen features",
+        description="Evaluate frozen features: weighted k-NN (cosine, T=0.07) and, with --sweep, "
+        "a linear probe that trains several learning rates at once on the extracted features.",
+        name="knn",
+        title="k-NN",
+        command="knn",
+        family="frozen",
+        task="mae_transfer.classification.frozen:run_frozen_eval",
+        fixed={"sweep": True},
+        data_group="imagenet",
+        toy_kind="imagefolder",
+        toy_preset=None,
+        table="imagenet",
+        trains=False,
+        native_resolution=True,
+        demo=DemoPlan(full=(), quick=()),
+        columns=(Column("knn", "k-NN", "top1", r"knn\d+", bar="top-1", prefer="knn"),),
+    ),
+}
+
+
+def _fixed(key: str) -> list:
+    return sorted({s.fixed[key] for s in SPECS.values() if key in s.fixed})
+
+
+# The choices of the classification options, from the entries above (one place names the datasets).
+DATASETS = ["imagefolder", *_fixed("dataset")]  # imagefolder: an ImageNet-style folder, any classes
+INAT_YEARS = _fixed("year")
+PLACES_VERSIONS = _fixed("version")
+PROTOCOLS = ["finetune", "linprobe", "partial"]  # partial: fine-tuning of the last k blocks (Figure 9)
