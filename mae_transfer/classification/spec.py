@@ -136,3 +136,18 @@ DATASETS = ["imagefolder", *_fixed("dataset")]  # imagefolder: an ImageNet-style
 INAT_YEARS = _fixed("year")
 PLACES_VERSIONS = _fixed("version")
 PROTOCOLS = ["finetune", "linprobe", "partial"]  # partial: fine-tuning of the last k blocks (Figure 9)
+
+
+def protocol_and_preset(spec: TaskSpec, opts: dict, toy: bool) -> tuple[str | None, str | None]:
+    """The protocol and preset of a classification run: fine-tuning with ``--trainable-blocks`` is
+    partial fine-tuning (the paper's Figure 9); the linear probe has its own recipe whatever the data
+    (the official MAE linprobe script: ``linprobe``, ``toy_linprobe`` on toy data); otherwise the
+    task's presets. ``--preset`` wins."""
+    protocol = opts.get("protocol")
+    if protocol == "finetune" and opts.get("trainable_blocks"):
+        protocol = "partial"
+    if opts.get("preset"):
+        return protocol, opts["preset"]
+    if protocol == "linprobe":
+        return protocol, "toy_linprobe" if toy else "linprobe"
+    return protocol, spec.toy_preset if toy else spec.default_preset

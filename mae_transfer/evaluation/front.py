@@ -190,63 +190,84 @@ def _trained_weights(spec: TaskSpec, opts: dict, overrides: dict) -> tuple[dict 
 
 
 def prepare(spec: TaskSpec, options: dict[str, Any]) -> Prepared:
-    """Resolve a run of ``spec`` with ``options`` (nothing is run or written)."""
+    """Resolve a run of ``spec`` with ``options`` (nothing is run or written): the options checked,
+    then the family's own resolution (:data:`PREPARE`)."""
     opts = complete(spec, options)
     validate_options(spec, opts)
-    toy = not opts.get("data")
-    if spec.family == "frozen":
-        _check_model(spec, opts.get("model"))
-        out = Path(opts.get("output") or f"runs/{spec.command}-{opts.get('dataset') or 'imagefolder'}")
-        return Prepared(spec, opts, None, None, out, toy)
-    if spec.family == "classification":
-        if opts.get("protocol") == "finetune" and opts.get("trainable_blocks"):
-            opts["protocol"] = "partial"  # fine-tuning only the last k blocks (paper Figure 9)
-        # The linear probe has its own recipe whatever the data (the official MAE linprobe script).
-        linprobe = opts.get("protocol") == "linprobe"
-        preset = opts.get("preset") or (
-            ("toy_linprobe" if toy else "linprobe") if linprobe else (spec.toy_preset if toy else spec.default_preset)
-        )
-        overrides = _overrides(spec, opts)
-        weights, evaluated = _trained_weights(spec, opts, overrides)
-        _model_from_backbone(opts, overrides)
-        cfg = spec.load("config")(preset, overrides)
-        _check_model(spec, cfg.model.name, cfg.model.trainable_blocks)
-        kind = "eval-" if opts.get("eval_only") else ""
-        out = Path(opts.get("output") or f"runs/{spec.command}-{kind}{cfg.data.dataset}-{cfg.protocol}")
-        return Prepared(spec, opts, cfg, preset, out, toy, weights, evaluated)
-    if spec.family == "train":
-        preset = opts.get("preset") or (spec.toy_preset if toy else spec.default_preset)
-        overrides = _overrides(spec, opts)
-        _model_from_backbone(opts, overrides)
-        cfg = spec.load("config")(preset, overrides)
-        out = Path(opts.get("output") or f"runs/{spec.command}-{Path(preset).stem if preset else spec.name}")
-        return Prepared(spec, opts, cfg, preset, out, toy)
-    if spec.family == "pretrain":
-        preset = opts.get("preset") or (spec.toy_preset if toy and not _given(opts, "data", "path") else None)
-        cfg = spec.load("config")(preset, _overrides(spec, opts))
-        _check_model(spec, cfg.model.name)
-        if cfg.init:  # read before anything is written: a file that cannot be used ends the command here
-            from mae_transfer.checkpoint import read_checkpoint
+    return PREPARE[spec.family](spec, opts, not opts.get("data"))
 
-            read_checkpoint(cfg.init, trust=cfg.trust_checkpoint)
-        out = Path(opts.get("output") or f"runs/{spec.command}-{Path(preset).stem if preset else cfg.model.name}")
-        return Prepared(spec, opts, cfg, preset, out, toy and not cfg.data.path)
-    # dense (detection, segmentation)
+
+def _prepare_frozen(spec: TaskSpec, opts: dict, toy: bool) -> Prepared:
+    """Frozen-feature evaluations: no config, the options are the run."""
+    _check_model(spec, opts.get("model"))
+    out = Path(opts.get("output") or f"runs/{spec.command}-{opts.get('dataset') or 'imagefolder'}")
+    return Prepared(spec, opts, None, None, out, toy)
+
+
+def _prepare_classification(spec: TaskSpec, opts: dict, toy: bool) -> Prepared:
+    """The classification protocols: the protocol and its preset by the package's rule, trained
+    weights for --eval-only, the ViT size from --backbone."""
+    from mae_transfer.classification.spec import protocol_and_preset
+
+    opts["protocol"], preset = protocol_and_preset(spec, opts, toy)
+    overrides = _overrides(spec, opts)
+    weights, evaluated = _trained_weights(spec, opts, overrides)
+    _model_from_backbone(opts, overrides)
+    cfg = spec.load("config")(preset, overrides)
+    _check_model(spec, cfg.model.name, cfg.model.trainable_blocks)
+    kind = "eval-" if opts.get("eval_only") else ""
+    out = Path(opts.get("output") or f"runs/{spec.command}-{kind}{cfg.data.dataset}-{cfg.protocol}")
+    return Prepared(spec, opts, cfg, preset, out, toy, weights, evaluated)
+
+
+def _prepare_train(spec: TaskSpec, opts: dict, toy: bool) -> Prepared:
+    """Any other TrainTask (plug-in tasks): its presets and the common options."""
+    preset = opts.get("preset") or (spec.toy_preset if toy else spec.default_preset)
+    overrides = _overrides(spec, opts)
+    _model_from_backbone(opts, overrides)
+    cfg = spec.load("config")(preset, overrides)
+    out = Path(opts.get("output") or f"runs/{spec.command}-{Path(preset).stem if preset else spec.name}")
+    return Prepared(spec, opts, cfg, preset, out, toy)
+
+
+def _prepare_pretrain(spec: TaskSpec, opts: dict, toy: bool) -> Prepared:
+    """Pretraining: the toy preset unless data is given (also as data.path=...), --init read first."""
+    preset = opts.get("preset") or (spec.toy_preset if toy and not _given(opts, "data", "path") else None)
+    cfg = spec.load("config")(preset, _overrides(spec, opts))
+    _check_model(spec, cfg.model.name)
+    if cfg.init:  # read before anything is written: a file that cannot be used ends the command here
+        from mae_transfer.checkpoint import read_checkpoint
+
+        read_checkpoint(cfg.init, trust=cfg.trust_checkpoint)
+    out = Path(opts.get("output") or f"runs/{spec.command}-{Path(preset).stem if preset else cfg.model.name}")
+    return Prepared(spec, opts, cfg, preset, out, toy and not cfg.data.path)
+
+
+def _prepare_dense(spec: TaskSpec, opts: dict, toy: bool) -> Prepared:
+    """Detection and segmentation: trained weights for --eval-only, sizes from --backbone by the
+    task's DenseRules (renamed sizes, the position table's image size)."""
     dense = spec.dense or DenseRules(data=spec.title, pictures="pictures")
     preset = opts.get("preset") or (spec.toy_preset if toy else None)
     overrides = _overrides(spec, opts)
     weights, evaluated = _trained_weights(spec, opts, overrides)
     _model_from_backbone(opts, overrides, rename=dense.rename, pos_size_key=dense.pos_size_key)
     cfg = spec.load("config")(preset, overrides)
-    _check_model(
-        spec, getattr(getattr(cfg, "model", None), "name", None)
-    )  # a dense task of a plugin may name its model otherwise
+    # A dense task of a plug-in may name its model otherwise.
+    _check_model(spec, getattr(getattr(cfg, "model", None), "name", None))
     name = Path(preset).stem if preset else spec.default_preset
-    out = Path(
-        opts.get("output")
-        or (f"runs/{spec.command}-eval-{name}" if opts.get("eval_only") else f"runs/{spec.command}-{name}")
-    )
+    kind = "eval-" if opts.get("eval_only") else ""
+    out = Path(opts.get("output") or f"runs/{spec.command}-{kind}{name}")
     return Prepared(spec, opts, cfg, preset, out, toy, weights, evaluated)
+
+
+# family -> how a run of it is resolved (spec.FAMILIES names them).
+PREPARE: dict[str, Callable[[TaskSpec, dict, bool], Prepared]] = {
+    "frozen": _prepare_frozen,
+    "classification": _prepare_classification,
+    "train": _prepare_train,
+    "pretrain": _prepare_pretrain,
+    "dense": _prepare_dense,
+}
 
 
 def _given(opts: dict, *key: str) -> bool:
