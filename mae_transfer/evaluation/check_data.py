@@ -19,9 +19,24 @@ import time
 from typing import Any, Iterator
 
 from mae_transfer.data.errors import DataError
-from mae_transfer.evaluation.data_speed import unwrap_dataset as _unwrap
 
-DATA_TASKS = ("coco", "ade20k", "inat2017", "inat2018", "inat2019", "places205", "places365", "imagenet")
+
+def data_tasks() -> dict[str, str]:
+    """What ``check-data --task`` takes -> the task whose dataset class and presets check it: every
+    benchmark task with data of its own, and each shared ``--data`` group (``imagenet``) by its first
+    task (from the registry; importing it costs no torch)."""
+    from mae_transfer.evaluation.registry import TASKS, benchmark_tasks
+
+    out: dict[str, str] = {}
+    for name in benchmark_tasks():
+        spec = TASKS[name]
+        if spec.family in ("frozen", "train"):
+            continue
+        out.setdefault(spec.data_group or name, name)
+    return out
+
+
+DATA_TASKS = tuple(data_tasks())
 
 
 def _files(ds: Any) -> Iterator[tuple[int, list[tuple[str, tuple[int, int] | None]]]]:
@@ -156,11 +171,13 @@ def run_check_data(
     """See the module docstring; returns every number (JSON-serialisable)."""
     from mae_transfer.data.index import release_memory
     from mae_transfer.evaluation.data_speed import _status_kib
+    from mae_transfer.evaluation.data_speed import unwrap_dataset as _unwrap
     from mae_transfer.evaluation.registry import TASKS
 
-    if task not in DATA_TASKS:
-        raise DataError(f"check-data knows {', '.join(DATA_TASKS)}, not {task}")
-    spec = TASKS["finetune" if task == "imagenet" else task]
+    known = data_tasks()
+    if task not in known:
+        raise DataError(f"check-data knows {', '.join(known)}, not {task}")
+    spec = TASKS[known[task]]
     overrides: dict[str, Any] = {"data": {"path": data}} if data else {}
     if "dataset" in spec.fixed:
         overrides.setdefault("data", {})["dataset"] = spec.fixed["dataset"]
