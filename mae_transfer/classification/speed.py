@@ -6,7 +6,6 @@ on the layer-decay groups (augmentation and mixup are data-side and not part of 
 
 from __future__ import annotations
 
-import datetime as _dt
 import logging
 
 import torch
@@ -17,8 +16,8 @@ from mae_transfer.engine.bench import (
     autocast_for,
     bench_precision,
     benchmark_training,
-    device_name,
     resolve_device,
+    run_environment,
     tf32_enabled,
 )
 from mae_transfer.engine.optim import param_groups
@@ -79,10 +78,7 @@ def run_finetune_speed(
         "batch_size": batch_size,
         "precision": precision,
         "compile": compile,
-        "device": str(dev),
-        "device_name": device_name(dev),
-        "torch_version": torch.__version__,
-        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        **run_environment(dev),
         **{
             k: timed[k]
             for k in (

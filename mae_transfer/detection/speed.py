@@ -13,7 +13,6 @@ Library code only logs; the CLI prints :func:`format_detection_speed`.
 
 from __future__ import annotations
 
-import datetime as _dt
 import logging
 
 import torch
@@ -25,8 +24,8 @@ from mae_transfer.engine.bench import (
     autocast_for,
     bench_precision,
     count_flops,
-    device_name,
     resolve_device,
+    run_environment,
     tf32_enabled,
     time_steps,
 )
@@ -158,10 +157,7 @@ def run_detection_speed(
         "warmup": warmup,
         "precision": precision,
         "grad_checkpointing": bool(cfg.model.grad_checkpointing),
-        "device": str(dev),
-        "device_name": device_name(dev),
-        "torch_version": torch.__version__,
-        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        **run_environment(dev),
         "train_images_per_s": batch_size * steps / train["wall_s"],
         # Matmuls and convolutions (2 FLOPs per multiply-add); RoIAlign, NMS and mask rasterising not counted.
         "flops_per_image": flops / batch_size,

@@ -30,6 +30,18 @@ def device_name(dev: torch.device) -> str:
     return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
 
 
+def run_environment(dev: torch.device) -> dict[str, str]:
+    """Where and when a speed measurement ran (the same four fields in every workload's result)."""
+    import datetime
+
+    return {
+        "device": str(dev),
+        "device_name": device_name(dev),
+        "torch_version": torch.__version__,
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
 def rss_peak_bytes() -> int:
     """The process's high-water resident set size (ru_maxrss: KiB on Linux, bytes on macOS)."""
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss

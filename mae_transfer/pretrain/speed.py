@@ -20,7 +20,6 @@ Library code only logs; the CLI prints :func:`format_speed_report`.
 from __future__ import annotations
 
 import contextlib
-import datetime as _dt
 import logging
 import math
 import os
@@ -30,7 +29,7 @@ from typing import Callable
 
 import torch
 
-from mae_transfer.engine.bench import autocast_for, bench_precision, count_flops
+from mae_transfer.engine.bench import autocast_for, bench_precision, count_flops, run_environment
 from mae_transfer.engine.bench import device_name as _device_name
 from mae_transfer.engine.bench import resolve_device as _resolve_device
 from mae_transfer.engine.bench import rss_peak_bytes as _rss_peak_bytes
@@ -254,10 +253,7 @@ def run_pretrain_speed(
         "compile": bool(compile),
         "grad_checkpointing": bool(grad_checkpointing),
         "fused_adamw": bool(fused_adamw),
-        "device": str(dev),
-        "device_name": device_name,
-        "torch_version": torch.__version__,
-        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        **run_environment(dev),
         "timer": timer,
         "images_per_s": images_per_s,
         "step_ms_mean": wall * 1e3 / steps,

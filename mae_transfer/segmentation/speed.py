@@ -9,7 +9,6 @@ image of ``img_size`` x 4/3 ``img_size`` (ADE20K's typical 512 x 683 after the t
 
 from __future__ import annotations
 
-import datetime as _dt
 import logging
 
 import torch
@@ -18,8 +17,8 @@ from mae_transfer.engine.bench import (
     autocast_for,
     bench_precision,
     benchmark_training,
-    device_name,
     resolve_device,
+    run_environment,
     tf32_enabled,
     time_steps,
 )
@@ -83,10 +82,7 @@ def run_segmentation_speed(
         "img_size": size,
         "batch_size": batch_size,
         "precision": precision,
-        "device": str(dev),
-        "device_name": device_name(dev),
-        "torch_version": torch.__version__,
-        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        **run_environment(dev),
         **{
             k: train[k]
             for k in (
