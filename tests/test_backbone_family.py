@@ -67,9 +67,9 @@ def test_an_unknown_family_or_size_is_one_clear_error():
 def _toy_images(cfg, per_class: int, classes: int) -> tuple[torch.Tensor, torch.Tensor]:
     from PIL import Image
 
-    from mae_transfer.data.toy import ensure_toy_dataset
+    from mae_transfer.data.toy import ensure_toy_dataset, write_imagefolder
 
-    root = ensure_toy_dataset("imagefolder", train_per_class=per_class, val_per_class=1)
+    root = ensure_toy_dataset("imagefolder", write_imagefolder, train_per_class=per_class, val_per_class=1)
     tf = eval_transform(cfg)
     folders = sorted(p for p in (root / "train").iterdir() if p.is_dir())[:classes]
     images, labels = [], []
@@ -194,3 +194,74 @@ def test_segmentation_on_a_convnet(pyramid):
     model.eval()
     with torch.no_grad():
         assert model(x).shape == (2, 5, 64, 48)
+
+
+# ---------------------------------------------------------------------------- checkpoints of the family
+
+
+def _official_layout(timm_sd: dict) -> dict:
+    """timm's ConvNeXt names -> the official repository's (``downsample_layers``, ``stages.S.B``,
+    ``dwconv`` / ``pwconv``, ``norm`` and ``head`` after pooling); checked against timm's own
+    official -> timm conversion below."""
+    import re
+
+    out = {}
+    for k, v in timm_sd.items():
+        k = re.sub(r"^stem\.", "downsample_layers.0.", k)
+        k = re.sub(r"^stages\.(\d+)\.downsample\.", r"downsample_layers.\1.", k)
+        k = re.sub(r"^stages\.(\d+)\.blocks\.(\d+)\.", r"stages.\1.\2.", k)
+        k = k.replace("conv_dw", "dwconv").replace("mlp.fc", "pwconv")
+        k = k.replace("head.norm.", "norm.").replace("head.fc.", "head.")
+        out[k] = v
+    return out
+
+
+@pytest.mark.parametrize("layout", ["timm", "official"])
+def test_convnext_checkpoints_of_timm_and_the_official_repository_load_to_the_same_function(tmp_path, layout, cache):
+    """The family reads its own checkpoints (its model's ``checkpoint_filter_fn``, beside the builder):
+    a ConvNeXt saved by timm or in the official repository's names loads into ``convnet_nano`` with
+    every tensor placed, and the network computes what timm's computes, stage by stage."""
+    from timm.models.convnext import ConvNeXt as TimmConvNeXt
+    from timm.models.convnext import checkpoint_filter_fn
+
+    from mae_transfer.checkpoint import load_backbone
+
+    torch.manual_seed(0)
+    ref = TimmConvNeXt(depths=(1, 1, 2, 1), dims=(16, 32, 64, 128), num_classes=7, ls_init_value=0.5).eval()
+    with torch.no_grad():  # non-trivial norms, so a swapped or missing norm shows
+        for name, p in ref.named_parameters():
+            if "norm" in name:
+                p.add_(0.3 * torch.randn_like(p))
+    sd = ref.state_dict()
+    if layout == "official":
+        sd = _official_layout(sd)
+        back = checkpoint_filter_fn({"model": sd}, ref)  # timm's reading of the official names
+        assert back.keys() == ref.state_dict().keys()
+        assert all(torch.equal(back[k], v) for k, v in ref.state_dict().items())
+    path = tmp_path / "convnext.pth"
+    torch.save({"model": sd}, path)
+
+    ours = create_backbone(BackboneConfig(**CONVNET, drop_path=0.0), img_size=64, num_classes=7).eval()
+    report = load_backbone(ours, path)
+    assert report.format == {"timm": "timm-convnext", "official": "convnext-official"}[layout]
+    assert not report.missing and not report.unexpected and not report.mismatched
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), ref(x), rtol=1e-5, atol=1e-5)
+        theirs = ref.forward_intermediates(x, indices=[0, 1, 2, 3], intermediates_only=True)
+        for a, b in zip(ours.forward_intermediates(x, indices=[0, 1, 2, 3]), theirs):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+    # A checkpoint of another size is refused with both sizes named.
+    small = create_backbone(BackboneConfig(family="convnet", name="convnet_tiny"), img_size=64).eval()
+    with pytest.raises(Exception, match=r"convnet_nano: convnet dims \(16, 32, 64, 128\).*convnet_tiny"):
+        load_backbone(small, path)
+
+    if layout == "official":  # the command reads it too: fine-tuning starts from it, a new head for 10 classes
+        from mae_transfer.cli import main
+
+        out = tmp_path / "run"
+        argv = ["finetune", "--backbone", str(path), "--output", str(out), "model.family=convnet"]
+        assert main([*argv, "model.name=convnet_nano", "train.epochs=1", "train.num_workers=0"]) == 0
+        log = (out / "log.txt").read_text()
+        assert f"loaded {path} (format convnext-official)" in log and "missing: head.weight, head.bias" in log

@@ -352,8 +352,12 @@ def test_sweep_heads_equal_separate_runs(optimizer):
     assert not torch.allclose(together["weight"][0], together["weight"][-1])
 
 
-def test_sweep_matches_torch_reference_training():
-    """The hand-written batched update equals BN(affine=False) + nn.Linear + torch.optim.SGD."""
+@pytest.mark.parametrize("optimizer", ["sgd", "lars"])
+def test_sweep_matches_torch_reference_training(optimizer):
+    """The hand-written batched update equals BN(affine=False) + nn.Linear + torch.optim.SGD, or the
+    engine's LARS (the one the linprobe command trains with), under the engine's warm-up + cosine."""
+    from mae_transfer.engine.optim import Schedule, build_lars
+
     xtr, ytr, centers = gaussian_clusters(300, 3, 8, seed=7, spread=1.0)
     xva, yva, _ = gaussian_clusters(50, 3, 8, seed=8, spread=1.0, centers=centers)
     lr, wd, epochs, bs, seed = 0.2, 1e-2, 3, 40, 5
@@ -369,6 +373,8 @@ def test_sweep_matches_torch_reference_training():
         weight_decay=wd,
         device="cpu",
         seed=seed,
+        optimizer=optimizer,
+        warmup_epochs=1,
         return_weights=True,
     )
 
@@ -384,19 +390,16 @@ def test_sweep_matches_torch_reference_training():
     with torch.no_grad():
         head.weight.copy_(w0.T)
         head.bias.zero_()
-    opt = torch.optim.SGD(
-        [{"params": [head.weight], "weight_decay": wd}, {"params": [head.bias], "weight_decay": 0.0}],
-        lr=lr,
-        momentum=0.9,
-    )
+    groups = [{"params": [head.weight], "weight_decay": wd}, {"params": [head.bias], "weight_decay": 0.0}]
+    opt = torch.optim.SGD(groups, lr=lr, momentum=0.9) if optimizer == "sgd" else build_lars(groups, lr)
     steps = len(xtr) // bs
+    schedule = Schedule(total_steps=epochs * steps, warmup_steps=steps, peak_lr=lr)
     step = 0
     for _ in range(epochs):
         perm = torch.randperm(len(xtr), generator=gen)
         for it in range(steps):
             idx = perm[it * bs : (it + 1) * bs]
-            for group in opt.param_groups:
-                group["lr"] = lr * 0.5 * (1 + math.cos(math.pi * step / (epochs * steps)))
+            schedule.apply(opt, step)
             loss = nn.functional.cross_entropy(head(xn[idx]), ytr[idx])
             opt.zero_grad()
             loss.backward()

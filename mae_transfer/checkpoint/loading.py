@@ -1,4 +1,8 @@
-"""Loading pretrained weights of any format into a ViT: shape adaptation and a report of every key."""
+"""Loading pretrained weights of any format into a backbone: shape adaptation and a report of every key.
+
+The ViT reads every format :mod:`mae_transfer.checkpoint.formats` knows; another family reads its own
+checkpoints through its model's ``checkpoint_filter_fn`` (beside its builder, e.g.
+:func:`mae_transfer.models.convnet.convnet_checkpoint_filter`)."""
 
 from __future__ import annotations
 
@@ -228,6 +232,30 @@ def _matches(key: str, patterns: Sequence[str]) -> bool:
     return any(fnmatch.fnmatchcase(key, p) for p in patterns)
 
 
+@dataclass(frozen=True)
+class _Sizes:
+    """What the messages of :func:`load_backbone` say of the checkpoint's and the model's sizes."""
+
+    ckpt: str
+    model: str
+    same: bool  # same width and depth (a shape mismatch is then not a size mismatch)
+    suggest: str  # a --model value that fits the checkpoint
+    depths: tuple[int | None, int | None] = (None, None)  # blocks of the checkpoint and of the model
+
+    @classmethod
+    def of_vit(cls, ckpt: Mapping[str, Any], model_cfg: Mapping[str, Any], model: torch.nn.Module) -> "_Sizes":
+        same = (ckpt["embed_dim"], ckpt["depth"]) == (model_cfg["embed_dim"], model_cfg["depth"])
+        return cls(
+            _describe(ckpt), _describe(model_cfg), same, _suggest(ckpt, model), (ckpt["depth"], model_cfg["depth"])
+        )
+
+    @classmethod
+    def of_family(cls, ckpt: str, model: str) -> "_Sizes":
+        # A description starts with the size name when the size has one ("convnet_nano: ...").
+        name = ckpt.split(":")[0] if ":" in ckpt else "a model of the checkpoint's size"
+        return cls(ckpt, model, ckpt == model, name)
+
+
 def load_backbone(
     model: torch.nn.Module,
     source: str | os.PathLike | Mapping[str, Any],
@@ -271,20 +299,25 @@ def load_backbone(
     else:
         src_name = str(source)
         raw = read_checkpoint(source, trust=trust)
-    fmt = detect_format(raw)
-    sd = to_vit_state_dict(raw)
     target = model.state_dict()
-    # Described before adaptation, so messages give the checkpoint's own grid and patch size.
-    ckpt_cfg = infer_vit_config(sd)
-    model_cfg = infer_vit_config(target)
     notes: list[str] = []
-    sd = _adapt(sd, model, target, interpolate_pos_embed, notes)
+    family_filter = getattr(model, "checkpoint_filter_fn", None)
+    if family_filter is None:  # the ViT: every format of mae_transfer.checkpoint.formats
+        fmt = detect_format(raw)
+        sd = to_vit_state_dict(raw)
+        # Described before adaptation, so messages give the checkpoint's own grid and patch size.
+        sizes = _Sizes.of_vit(infer_vit_config(sd), infer_vit_config(target), model)
+        sd = _adapt(sd, model, target, interpolate_pos_embed, notes)
+    else:  # another family reads its own checkpoints (models/backbone.py: beside its builder)
+        sd, fmt = family_filter(_unwrap(raw)[0])
+        sizes = _Sizes.of_family(model.describe_state_dict(sd), model.describe_state_dict(target))
 
     common = [k for k in sd if k in target]
     if not common:
         raise CheckpointError(
             f"no backbone weights found in {src_name} (format detected: {fmt}; "
-            f"{len(sd)} tensors, e.g. {_first(list(sd), 4) or 'none'}): pass a ViT / MAE checkpoint"
+            f"{len(sd)} tensors, e.g. {_first(list(sd), 4) or 'none'}): pass a checkpoint of the model's family "
+            f"({type(model).__name__})"
         )
     loadable: dict[str, torch.Tensor] = {}
     mismatched: list[tuple[str, tuple[int, ...], tuple[int, ...]]] = []
@@ -296,14 +329,13 @@ def load_backbone(
     bad_shapes = [m for m in mismatched if not _matches(m[0], exp_missing)]
     if bad_shapes and strict_shapes:
         k, a, b = bad_shapes[0]
-        if ckpt_cfg["embed_dim"] != model_cfg["embed_dim"] or ckpt_cfg["depth"] != model_cfg["depth"]:
+        if not sizes.same:
             why = (
-                f"checkpoint {src_name} holds {_describe(ckpt_cfg)}; the model is "
-                f"{_describe(model_cfg)}: pass a checkpoint of the same size or choose --model "
-                f"{_suggest(ckpt_cfg, model)}"
+                f"checkpoint {src_name} holds {sizes.ckpt}; the model is "
+                f"{sizes.model}: pass a checkpoint of the same size or choose --model {sizes.suggest}"
             )
         else:
-            why = f"checkpoint {src_name} ({_describe(ckpt_cfg)}) does not fit the model ({_describe(model_cfg)})"
+            why = f"checkpoint {src_name} ({sizes.ckpt}) does not fit the model ({sizes.model})"
         hint = ""
         if k in ("pos_embed", "decoder_pos_embed") and not interpolate_pos_embed:
             hint = "; allow interpolate_pos_embed to resize the position grid"
@@ -319,20 +351,17 @@ def load_backbone(
     skipped = {m[0] for m in mismatched}
     bad_missing = [k for k in missing if not _matches(k, exp_missing) and k not in skipped]
     if bad_missing:
-        same_size = (ckpt_cfg["embed_dim"], ckpt_cfg["depth"]) == (model_cfg["embed_dim"], model_cfg["depth"])
-        if same_size:
+        if sizes.same:
             advice = (
                 "If they are meant to start from their initial values, name them in expected_missing "
                 f"(patterns, or a preset: {', '.join(EXPECTED_MISSING)})"
             )
         else:
-            advice = (
-                f"Pass a checkpoint for this model, or choose --model {_suggest(ckpt_cfg, model)} to fit the checkpoint"
-            )
+            advice = f"Pass a checkpoint for this model, or choose --model {sizes.suggest} to fit the checkpoint"
         raise CheckpointError(
             f"checkpoint {src_name} lacks {len(bad_missing)} parameters of the model that were not expected "
-            f"to be missing: {_first(bad_missing)}. The checkpoint seems to hold {_describe(ckpt_cfg)} "
-            f"(format detected: {fmt}); the model is {_describe(model_cfg)}. {advice}"
+            f"to be missing: {_first(bad_missing)}. The checkpoint seems to hold {sizes.ckpt} "
+            f"(format detected: {fmt}); the model is {sizes.model}. {advice}"
         )
     unexpected = [k for k in sd if k not in target]
     model.load_state_dict(loadable, strict=False)  # loadable holds model keys of matching shapes only
@@ -349,8 +378,8 @@ def load_backbone(
     surprising = [k for k in unexpected if not _matches(k, exp_unexpected)]
     if surprising:
         extra = ""
-        if ckpt_cfg["depth"] and model_cfg["depth"] and ckpt_cfg["depth"] > model_cfg["depth"]:
-            extra = f" (the checkpoint has {ckpt_cfg['depth']} blocks, the model {model_cfg['depth']})"
+        if sizes.depths[0] and sizes.depths[1] and sizes.depths[0] > sizes.depths[1]:
+            extra = f" (the checkpoint has {sizes.depths[0]} blocks, the model {sizes.depths[1]})"
         log.warning(
             "%s: %d checkpoint tensors have no place in the model and are ignored%s: %s",
             src_name,

@@ -29,17 +29,16 @@ the best number optimistic; it is a sweep, not a held-out result.
 from __future__ import annotations
 
 import logging
-import math
 from typing import Sequence
 
 import torch
 
 from mae_transfer.classification.metrics import ClassificationMeter
+from mae_transfer.engine.optim import LARS_TRUST, Schedule, lars_trust_ratio
 
 log = logging.getLogger(__name__)
 
 BN_EPS = 1e-6  # official linear probe: BatchNorm1d(affine=False, eps=1e-6)
-LARS_TRUST = 0.001  # official LARS trust coefficient (MAE-repo util/lars.py)
 DEFAULT_LRS = (0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0)
 
 
@@ -73,15 +72,6 @@ def _normalise(
         x = feats[s : s + chunk_rows].to(device=device, dtype=torch.float32)
         out[s : s + chunk_rows] = (x - mean) * inv_std
     return out
-
-
-def _lr_factor(step: int, steps_per_epoch: int, epochs: int, warmup_epochs: float) -> float:
-    """MAE's per-iteration schedule (util/lr_sched.py): linear warm-up from 0, then half-cosine to 0."""
-    epoch = step / steps_per_epoch
-    if epoch < warmup_epochs:
-        return epoch / warmup_epochs
-    span = max(epochs - warmup_epochs, 1e-12)
-    return 0.5 * (1.0 + math.cos(math.pi * (epoch - warmup_epochs) / span))
 
 
 def _check_inputs(feats: torch.Tensor, labels: torch.Tensor, num_classes: int, what: str) -> None:
@@ -198,6 +188,8 @@ def linear_probe_sweep(
     rows = torch.arange(bsz, device=device)
     epoch_loss = torch.zeros(L, dtype=torch.float64, device=device)
     step = 0
+    # MAE's per-iteration schedule (util/lr_sched.py): linear warm-up from 0, then half-cosine to 0.
+    schedule = Schedule(total_steps=epochs * steps_per_epoch, warmup_steps=warmup_epochs * steps_per_epoch)
     log.info(
         "linear sweep: %d lrs x %d epochs x %d steps (batch %d, %s, wd %g) on %d x %d features, %d classes",
         L,
@@ -229,14 +221,11 @@ def linear_probe_sweep(
             if weight_decay:
                 g_w = g_w + weight_decay * weight
             if optimizer == "lars":
-                p_norm = weight.flatten(1).norm(dim=1)
-                u_norm = g_w.flatten(1).norm(dim=1)
-                one = torch.ones_like(p_norm)
-                q = torch.where(p_norm > 0, torch.where(u_norm > 0, LARS_TRUST * p_norm / u_norm, one), one)
+                q = lars_trust_ratio(weight.flatten(1).norm(dim=1), g_w.flatten(1).norm(dim=1), LARS_TRUST)
                 g_w = g_w * q[:, None, None]
             buf_w.mul_(momentum).add_(g_w)
             buf_b.mul_(momentum).add_(g_b)
-            lr = base_lr * _lr_factor(step, steps_per_epoch, epochs, warmup_epochs)  # (L,)
+            lr = base_lr * schedule.lr(step)  # (L,)
             weight -= lr[:, None, None] * buf_w
             bias -= lr[:, None] * buf_b
             # Divergence check on the device (no sync): a head with a non-finite loss or weight is

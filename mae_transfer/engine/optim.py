@@ -85,26 +85,56 @@ def build_adamw(
     return torch.optim.AdamW(clean, lr=lr, betas=betas, eps=eps, fused=fused)
 
 
-def build_lars(
-    groups: list[dict], lr: float, momentum: float = 0.9, trust_coeff: float = 0.001
-) -> torch.optim.Optimizer:
-    """LARS as in the official linear probe (MoCo v3's): weights (> 1-D) get the trust-ratio
-    adaptation, biases and norm parameters (1-D) get plain momentum SGD and no weight decay.
+LARS_TRUST = 0.001  # the official LARS trust coefficient (MAE repository, util/lars.py)
 
-    Built on timm's ``Lars``: ``always_adapt`` adapts the > 1-D groups even with zero weight decay,
-    which is what the official optimizer does.
-    """
-    from timm.optim import Lars
 
-    out = []
-    for g in groups:
-        clean = {k: v for k, v in g.items() if k != "param_names"}
-        one_d = all(p.ndim <= 1 for p in clean["params"])
-        clean["always_adapt"] = not one_d
-        if one_d:
-            clean["weight_decay"] = 0.0
-        out.append(clean)
-    return Lars(out, lr=lr, momentum=momentum, trust_coeff=trust_coeff, always_adapt=True)
+def lars_trust_ratio(param_norm: torch.Tensor, update_norm: torch.Tensor, trust: float = LARS_TRUST) -> torch.Tensor:
+    """LARS's per-tensor factor ``trust * ||w|| / ||g + wd w||``, and 1 where either norm is 0 (the
+    official rule). Elementwise, so one call serves one tensor or a stack of linear-sweep heads."""
+    one = torch.ones_like(param_norm)
+    ratio = torch.where(update_norm > 0, trust * param_norm / update_norm, one)
+    return torch.where(param_norm > 0, ratio, one)
+
+
+class LARS(torch.optim.Optimizer):
+    """LARS as the official linear probe uses it (MAE repository's util/lars.py, MoCo v3's): for every
+    tensor of more than one dimension the update is ``g + wd * w``, scaled by
+    :func:`lars_trust_ratio`; tensors of one dimension (biases, norms) get neither weight decay nor
+    the scaling. Then momentum (no dampening) and ``w -= lr * buffer``. The linear-probe sweep
+    (:mod:`mae_transfer.classification.linear_sweep`) runs the same update on stacked heads."""
+
+    def __init__(
+        self, params, lr: float = 0.0, weight_decay: float = 0.0, momentum: float = 0.9, trust: float = LARS_TRUST
+    ):
+        super().__init__(params, dict(lr=lr, weight_decay=weight_decay, momentum=momentum, trust=trust))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for g in self.param_groups:
+            for p in g["params"]:
+                if p.grad is None:
+                    continue
+                dp = p.grad
+                if p.ndim > 1:
+                    dp = dp.add(p, alpha=g["weight_decay"])
+                    dp = dp.mul(lars_trust_ratio(torch.norm(p), torch.norm(dp), g["trust"]))
+                state = self.state[p]
+                if "mu" not in state:
+                    state["mu"] = torch.zeros_like(p)
+                mu = state["mu"]
+                mu.mul_(g["momentum"]).add_(dp)
+                p.add_(mu, alpha=-g["lr"])
+        return loss
+
+
+def build_lars(groups: list[dict], lr: float, momentum: float = 0.9, trust: float = LARS_TRUST) -> LARS:
+    """:class:`LARS` over ``groups`` (their ``weight_decay`` applies to the > 1-D tensors only)."""
+    clean = [{k: v for k, v in g.items() if k != "param_names"} for g in groups]
+    return LARS(clean, lr=lr, momentum=momentum, trust=trust)
 
 
 def build_optimizer(

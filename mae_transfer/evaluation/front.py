@@ -61,10 +61,11 @@ _MODELS = {
 }
 
 
-def _check_model(spec: TaskSpec, name: str | None, trainable_blocks: int | None = None) -> None:
+def _check_model(spec: TaskSpec, name: str | None, trainable_blocks: int | None = None, family: str = "vit") -> None:
     """An unknown model name, or ``--trainable-blocks`` beyond the model's depth, ends the command
-    here, before data is read or a model built (they would fail deep inside, or mid-run)."""
-    if name is None or spec.family not in _MODELS:
+    here, before data is read or a model built (they would fail deep inside, or mid-run). Names of
+    another backbone family are checked by its builder (``create_backbone``: one error, listing them)."""
+    if name is None or spec.family not in _MODELS or family != "vit":
         return
     known = resolve(_MODELS[spec.family])
     if name not in known:
@@ -214,7 +215,7 @@ def _prepare_classification(spec: TaskSpec, opts: dict, toy: bool) -> Prepared:
     weights, evaluated = _trained_weights(spec, opts, overrides)
     _model_from_backbone(opts, overrides)
     cfg = spec.load("config")(preset, overrides)
-    _check_model(spec, cfg.model.name, cfg.model.trainable_blocks)
+    _check_model(spec, cfg.model.name, cfg.model.trainable_blocks, cfg.model.family)
     kind = "eval-" if opts.get("eval_only") else ""
     out = Path(opts.get("output") or f"runs/{spec.command}-{kind}{cfg.data.dataset}-{cfg.protocol}")
     return Prepared(spec, opts, cfg, preset, out, toy, weights, evaluated)
@@ -253,7 +254,8 @@ def _prepare_dense(spec: TaskSpec, opts: dict, toy: bool) -> Prepared:
     _model_from_backbone(opts, overrides, rename=dense.rename, pos_size_key=dense.pos_size_key)
     cfg = spec.load("config")(preset, overrides)
     # A dense task of a plug-in may name its model otherwise.
-    _check_model(spec, getattr(getattr(cfg, "model", None), "name", None))
+    model = getattr(cfg, "model", None)
+    _check_model(spec, getattr(model, "name", None), family=getattr(model, "family", "vit"))
     name = Path(preset).stem if preset else spec.default_preset
     kind = "eval-" if opts.get("eval_only") else ""
     out = Path(opts.get("output") or f"runs/{spec.command}-{kind}{name}")

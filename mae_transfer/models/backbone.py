@@ -22,7 +22,11 @@ ignored by that family's builder. Register a family by adding one entry::
     from mae_transfer.models.backbone import BACKBONES
     BACKBONES["my_net"] = build_my_net   # (cfg, **use) -> nn.Module
 
-Checkpoint reading per family sits beside its builder (the ViT's: :mod:`mae_transfer.checkpoint`).
+Checkpoint reading per family sits beside its builder: the ViT's is :mod:`mae_transfer.checkpoint`
+(every format it knows); another family's model offers ``checkpoint_filter_fn(state_dict) -> (state
+dict in its names, format)`` and ``describe_state_dict(state_dict) -> str``, which
+:func:`mae_transfer.checkpoint.load_backbone` uses instead (the convnet's:
+:func:`mae_transfer.models.convnet.convnet_checkpoint_filter`).
 """
 
 from __future__ import annotations

@@ -12,8 +12,11 @@ Parameter names follow the ViT's where the roles agree, so the tasks' name rules
 ``stem.*`` (layer 0), one flat ``blocks.N.*`` list over all stages (layer N + 1; linear probing and
 partial fine-tuning train the last k of them), ``downsamples.i.*`` (in front of stage i + 1; the
 layer of that stage's first block), ``norm`` (no norm before pooling in ConvNeXt: Identity),
-``fc_norm`` and ``head``. They are not the official repository's (``downsample_layers``, ``stages``),
-so its checkpoints would need a renaming map; nothing here loads them.
+``fc_norm`` and ``head``. Checkpoints of the official repository (``downsample_layers``,
+``stages.S.B``) and of timm (``stages.S.downsample``, ``stages.S.blocks.B.conv_dw`` / ``mlp.fc1``,
+``head.norm``) are renamed to these by :func:`convnet_checkpoint_filter`, which
+:func:`mae_transfer.checkpoint.load_backbone` finds as the model's ``checkpoint_filter_fn`` (timm's
+``checkpoint_filter_fn`` idea: each family reads its own checkpoints, beside its builder).
 
 ``feature_info`` has one entry per STAGE (the ViT's has one per block): ``forward_intermediates``
 indices are stage indices, and a consumer tells the two apart by the strides (several here, one
@@ -22,8 +25,9 @@ in a ViT); see :func:`mae_transfer.models.pyramid.is_hierarchical`.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 import torch.nn as nn
@@ -157,6 +161,15 @@ class ConvNet(nn.Module):
                     nn.init.zeros_(m.bias)
 
     # ------------------------------------------------------------------ structure
+    @staticmethod
+    def checkpoint_filter_fn(state_dict: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], str]:
+        """How :func:`mae_transfer.checkpoint.load_backbone` reads this family's checkpoints."""
+        return convnet_checkpoint_filter(state_dict)
+
+    @staticmethod
+    def describe_state_dict(state_dict: Mapping[str, torch.Tensor]) -> str:
+        return describe_convnet_state_dict(state_dict)
+
     @property
     def stage_ends(self) -> list[int]:
         """One past the index of each stage's last block in ``blocks``."""
@@ -332,6 +345,75 @@ class ConvNet(nn.Module):
         return feats
 
 
+# timm's names inside a block -> the official ones used here.
+_TIMM_BLOCK = {"conv_dw": "dwconv", "mlp.fc1": "pwconv1", "mlp.fc2": "pwconv2"}
+
+
+def convnet_checkpoint_filter(state_dict: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], str]:
+    """``(state dict in this module's names, format)`` of a ConvNeXt checkpoint's tensors: the official
+    repository's (``downsample_layers.0`` = the stem, ``stages.S.B.*``, ``norm`` after pooling),
+    timm's (``stem``, ``stages.S.downsample``, ``stages.S.blocks.B.{conv_dw,mlp.fc1,mlp.fc2}``,
+    ``head.norm`` / ``head.fc``) or ours (unchanged). A stage's blocks are numbered on from the
+    blocks of the stages before it, as counted in the checkpoint itself; tensors no rule names keep
+    their names (the loader reports them as unexpected)."""
+    keys = list(state_dict)
+    if any(k.startswith("downsample_layers.") for k in keys):
+        fmt, block = "convnext-official", re.compile(r"stages\.(\d+)\.(\d+)\.(.+)")
+    elif any(re.match(r"stages\.\d+\.blocks\.", k) for k in keys):
+        fmt, block = "timm-convnext", re.compile(r"stages\.(\d+)\.blocks\.(\d+)\.(.+)")
+    else:
+        return dict(state_dict), "mae-transfer"
+    per_stage: dict[int, int] = {}
+    for k in keys:
+        m = block.match(k)
+        if m:
+            per_stage[int(m[1])] = max(per_stage.get(int(m[1]), 0), int(m[2]) + 1)
+    offset = {s: sum(per_stage.get(t, 0) for t in range(s)) for s in per_stage}
+    out: dict[str, torch.Tensor] = {}
+    for k, v in state_dict.items():
+        m = block.match(k)
+        if m:
+            rest = m[3]
+            for theirs, ours in _TIMM_BLOCK.items():
+                rest = re.sub(rf"^{re.escape(theirs)}\.", ours + ".", rest)
+            name = f"blocks.{offset[int(m[1])] + int(m[2])}.{rest}"
+        elif m := re.match(r"downsample_layers\.(\d+)\.(.+)", k):
+            i = int(m[1])
+            name = f"stem.{m[2]}" if i == 0 else f"downsamples.{i - 1}.{m[2]}"
+        elif m := re.match(r"stages\.(\d+)\.downsample\.(.+)", k):
+            name = f"downsamples.{int(m[1]) - 1}.{m[2]}"
+        elif k.startswith("norm."):  # the official norm after pooling
+            name = "fc_norm." + k[len("norm.") :]
+        elif k.startswith("head.norm."):
+            name = "fc_norm." + k[len("head.norm.") :]
+        elif k.startswith("head.fc."):
+            name = "head." + k[len("head.fc.") :]
+        else:
+            name = k
+        out[name] = v
+    return out, fmt
+
+
+def describe_convnet_state_dict(state_dict: Mapping[str, torch.Tensor]) -> str:
+    """``convnet dims (96, 192, 384, 768), depths (3, 3, 9, 3)`` of a state dict in this module's
+    names (for messages), the size name too when it is one of :data:`CONVNET_SIZES`."""
+    dims = [int(state_dict["stem.0.weight"].shape[0])] if "stem.0.weight" in state_dict else []
+    dims += [int(v.shape[0]) for k, v in sorted(state_dict.items()) if re.fullmatch(r"downsamples\.\d+\.1\.weight", k)]
+    widths = [int(v.shape[0]) for k, v in sorted(state_dict.items(), key=lambda kv: _block_index(kv[0])) if _is_dw(k)]
+    depths = [sum(1 for w in widths if w == d) for d in dims]
+    names = [n for n, size in CONVNET_SIZES.items() if list(size.dims) == dims and list(size.depths) == depths]
+    return f"{names[0] + ': ' if names else ''}convnet dims {tuple(dims)}, depths {tuple(depths)}"
+
+
+def _is_dw(key: str) -> bool:
+    return re.fullmatch(r"blocks\.\d+\.dwconv\.weight", key) is not None
+
+
+def _block_index(key: str) -> int:
+    m = re.match(r"blocks\.(\d+)\.", key)
+    return int(m[1]) if m else -1
+
+
 def convnet_size(name: str | None) -> ConvNetSize:
     if name not in CONVNET_SIZES:
         raise ValueError(f"unknown convnet {name!r}; choose one of: {', '.join(CONVNET_SIZES)}")
@@ -365,4 +447,13 @@ def build_convnet(cfg: Any, **use: Any) -> ConvNet:  # cfg: a models.backbone.Ba
     )
 
 
-__all__ = ["CONVNET_SIZES", "ConvNeXtBlock", "ConvNet", "ConvNetSize", "build_convnet", "convnet_size"]
+__all__ = [
+    "CONVNET_SIZES",
+    "ConvNeXtBlock",
+    "ConvNet",
+    "ConvNetSize",
+    "build_convnet",
+    "convnet_checkpoint_filter",
+    "convnet_size",
+    "describe_convnet_state_dict",
+]
