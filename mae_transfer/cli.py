@@ -98,20 +98,7 @@ def _add_speed(sub) -> None:
     )
     p.add_argument(
         "what",
-        choices=[
-            "all",
-            "pretrain",
-            "finetune",
-            "coco",
-            "ade20k",
-            "inat",
-            "places",
-            "inat2017",
-            "inat2018",
-            "inat2019",
-            "places205",
-            "places365",
-        ],
+        choices=_speed_choices(),
         help="which workload to measure; all: every workload in one table (and one --json); "
         "inat / places (2018 / 365) and the other dataset names: --data-only only",
     )
@@ -172,35 +159,18 @@ def _add_speed(sub) -> None:
     p.set_defaults(func=_run_speed, speed_defaults=defaults)
 
 
-# Which `speed` options each workload takes (the rest would be silently ignored: refused instead).
+def _speed_choices() -> list[str]:
+    """What ``speed`` measures, from the registry: all, every task with a speed workload (its
+    ``SpeedPlan``), then the data-only ones (the short command names, then the tasks)."""
+    from mae_transfer.evaluation.speed import data_aliases, data_workloads, workloads
+
+    return list(dict.fromkeys(["all", *workloads(), *data_aliases(), *data_workloads()]))
+
+
+# Which `speed` options `all` and `--data-only` take; a task's workload declares its own
+# (SpeedPlan.options). The rest would be silently ignored: refused instead.
 _SPEED_OPTIONS = {
     "all": {"tiny", "precision", "device", "json", "steps", "warmup"},
-    "pretrain": {
-        "model",
-        "batch_size",
-        "steps",
-        "warmup",
-        "precision",
-        "device",
-        "compile",
-        "grad_checkpointing",
-        "img_size",
-        "peak_tflops",
-        "json",
-    },
-    "finetune": {"preset", "batch_size", "steps", "warmup", "precision", "device", "compile", "json"},
-    "coco": {
-        "preset",
-        "batch_size",
-        "steps",
-        "warmup",
-        "precision",
-        "device",
-        "grad_checkpointing",
-        "img_size",
-        "json",
-    },
-    "ade20k": {"preset", "batch_size", "steps", "warmup", "precision", "device", "json"},
     "data_only": {"data", "samples", "split", "preset", "json", "workers", "full_size"},
 }
 
@@ -208,28 +178,33 @@ _SPEED_OPTIONS = {
 def _check_speed_options(args) -> None:
     """One clear error for an option the chosen measurement does not use, instead of ignoring it."""
     from mae_transfer.config import ConfigError
+    from mae_transfer.evaluation.registry import TASKS
+    from mae_transfer.evaluation.speed import data_aliases, data_workloads, workloads
 
-    if args.data_only and args.what in ("all", "pretrain", "finetune"):
-        raise ConfigError(f"--data-only measures the data of coco, ade20k, inat or places, not {args.what}")
-    if not args.data_only and args.what not in ("all", "pretrain", "finetune", "coco", "ade20k"):
+    tasks = workloads()
+    if args.data_only and args.what not in (*data_aliases(), *data_workloads()):
+        commands = list(dict.fromkeys(TASKS[t].command for t in data_workloads()))
+        raise ConfigError(
+            f"--data-only measures the data of {', '.join(commands[:-1])} or {commands[-1]}, not {args.what}"
+        )
+    if not args.data_only and args.what not in ("all", *tasks):
         raise ConfigError(f"speed {args.what} measures data only: add --data-only")
     if args.workers < 0:
         raise ConfigError(f"--workers must be 0 or more, got {args.workers}")
     kind = "data_only" if args.data_only else args.what
+    takes_options = _SPEED_OPTIONS[kind] if kind in _SPEED_OPTIONS else set(tasks[kind].speed.options)
     unused = [
         f"--{name.replace('_', '-')}"
         for name, default in args.speed_defaults.items()
-        if getattr(args, name) != default and name not in _SPEED_OPTIONS[kind] and name != "data_only"
+        if getattr(args, name) != default and name not in takes_options and name != "data_only"
     ]
     if unused:
         what = f"speed {args.what}" + (" --data-only" if args.data_only else "")
-        takes = ", ".join(f"--{n.replace('_', '-')}" for n in sorted(_SPEED_OPTIONS[kind]))
+        takes = ", ".join(f"--{n.replace('_', '-')}" for n in sorted(takes_options))
         raise ConfigError(f"{what} does not use {', '.join(unused)}; it takes {takes}")
-    if args.precision == "fp16" and args.what != "coco":
-        raise ConfigError(
-            "--precision fp16 is for speed coco (ViTDet's AMP with loss scaling); "
-            f"speed {args.what} takes auto, bf16 or fp32"
-        )
+    if args.precision == "fp16" and (args.what not in tasks or tasks[args.what].speed.fp16 is None):
+        fp16 = " / ".join(f"speed {s.name} ({s.speed.fp16})" for s in tasks.values() if s.speed.fp16)
+        raise ConfigError(f"--precision fp16 is for {fp16}; speed {args.what} takes auto, bf16 or fp32")
     for name in ("steps", "batch_size", "samples"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise ConfigError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
@@ -241,7 +216,6 @@ def _run_speed(args) -> int:
     import torch
 
     from mae_transfer.engine.logger import setup_logging
-    from mae_transfer.pretrain.speed import format_speed_report, run_pretrain_speed
 
     setup_logging(0)
     _check_speed_options(args)
@@ -275,66 +249,32 @@ def _run_speed(args) -> int:
         if args.json:
             print(f"written to {args.json}")
         return 1 if any("error" in r for r in rows) else 0
-    if args.what in ("finetune", "ade20k"):
-        import json
+    return _run_speed_workload(args, on_gpu)
 
-        if args.what == "finetune":
-            from mae_transfer.classification.speed import run_finetune_speed as run
-        else:
-            from mae_transfer.segmentation.speed import run_segmentation_speed as run
-        kw = {"preset": args.preset} if args.preset else {}
-        if args.what == "finetune":
-            kw["compile"] = args.compile
-        r = run(
-            device=args.device,
-            precision=args.precision,
-            **steps,
-            **kw,
-            **({"batch_size": args.batch_size} if args.batch_size else {}),
-        )
-        print(json.dumps({k: v for k, v in r.items()}, indent=1, default=str))
-        if args.json:
-            from mae_transfer.io import atomic_write_json
 
-            atomic_write_json(args.json, r)
-        return 0
-    if args.what == "coco":
-        from mae_transfer.detection.speed import format_detection_speed, run_detection_speed
+def _run_speed_workload(args, on_gpu: bool) -> int:
+    """``speed NAME``: the task's speed function (its ``SpeedPlan``) with the options given, over
+    the plan's defaults; the result printed by the plan's report (else as JSON) and written to --json."""
+    import json
 
-        result = run_detection_speed(
-            preset=args.preset or "vitdet_mask_rcnn_b",
-            batch_size=args.batch_size or (4 if on_gpu else 1),
-            steps=args.steps or 20,
-            warmup=5 if args.warmup is None else args.warmup,
-            device=args.device,
-            precision=args.precision,
-            grad_checkpointing=args.grad_checkpointing or None,
-            img_size=args.img_size,
-            json_path=args.json,
-        )
-        print(format_detection_speed(result))
-        if args.json:
-            print(f"written to {args.json}")
-        return 0
-    batch = args.batch_size or (256 if on_gpu else 8)
-    kwargs = dict(
-        model=args.model or "mae_vit_base_patch16",
-        batch_size=batch,
-        steps=args.steps or 20,
-        warmup=5 if args.warmup is None else args.warmup,
-        device=args.device,
-        precision=args.precision,
-        compile=args.compile,
-        grad_checkpointing=args.grad_checkpointing,
-        img_size=args.img_size,
-        json_path=args.json,
-    )
-    if args.peak_tflops is not None:
-        kwargs["peak_tflops"] = args.peak_tflops
-    result = run_pretrain_speed(**kwargs)
-    print(format_speed_report(result))
-    if args.json:
+    from mae_transfer.evaluation.speed import workloads
+    from mae_transfer.spec import resolve
+
+    plan = workloads()[args.what].speed
+    kwargs = {**plan.defaults, **({} if on_gpu else plan.cpu_defaults)}
+    for name in plan.options:
+        value = getattr(args, name)
+        if value is None or value is False or value == "" or (name == "json" and not plan.writes_json):
+            continue  # not given (the function's or the plan's default), or the result is written here
+        kwargs["json_path" if name == "json" else name] = value
+    result = resolve(plan.run)(**kwargs)
+    print(resolve(plan.report)(result) if plan.report else json.dumps(result, indent=1, default=str))
+    if args.json and plan.writes_json:
         print(f"written to {args.json}")
+    elif args.json:
+        from mae_transfer.io import atomic_write_json
+
+        atomic_write_json(args.json, result)
     return 0
 
 
@@ -786,9 +726,9 @@ def _run_check_data(args) -> int:
 
 
 def _add_toy_data(sub) -> None:
-    from mae_transfer.data.toy import TOY_KINDS
+    from mae_transfer.evaluation.registry import toy_datasets
 
-    kinds = list(TOY_KINDS)
+    kinds = list(toy_datasets())
     p = sub.add_parser(
         "toy-data",
         help="write a built-in toy dataset in a real on-disk format",
@@ -819,7 +759,10 @@ def _add_toy_data(sub) -> None:
 def _run_toy_data(args) -> int:
     from mae_transfer.config import ConfigError
     from mae_transfer.data.toy import ensure_toy_dataset
+    from mae_transfer.evaluation.registry import toy_datasets
 
+    toys = toy_datasets()
+    toy = toys[args.kind]
     if args.dir and args.output and args.dir != args.output:
         raise ConfigError(f"give the folder once: DIR {args.dir} or --output {args.output}")
     out = args.dir or args.output
@@ -830,13 +773,12 @@ def _run_toy_data(args) -> int:
     if not args.full_size:
         if args.images_from or args.scale != 1.0:
             raise ConfigError("--images-from and --scale go with --full-size")
-        root = ensure_toy_dataset(args.kind, root=Path(out) if out else None)
+        root = ensure_toy_dataset(**toy.arguments(), root=Path(out) if out else None)
         print(root)
         return 0
-    from mae_transfer.data.fullsize import FULL_SIZE_KINDS, write_full_size
-
-    if args.kind not in FULL_SIZE_KINDS:
-        raise ConfigError(f"--full-size writes {', '.join(FULL_SIZE_KINDS)}, not {args.kind}")
+    if toy.full_size is None:
+        kinds = ", ".join(name for name, t in toys.items() if t.full_size)
+        raise ConfigError(f"--full-size writes {kinds}, not {args.kind}")
     if not out:
         raise ConfigError("--full-size needs the folder to write: mae-transfer toy-data --full-size KIND DIR")
     if not 0 < args.scale <= 1:
@@ -845,6 +787,8 @@ def _run_toy_data(args) -> int:
     if target.exists() and (not target.is_dir() or any(target.iterdir())):
         raise ConfigError(f"{target} is not an empty folder; choose a new one for the full-size data")
     print(f"writing full-size {args.kind} annotation files into {target} ...", flush=True)
+    from mae_transfer.evaluation.data_speed import write_full_size
+
     root = write_full_size(args.kind, target, images_from=args.images_from, scale=args.scale)
     print(root)
     return 0

@@ -48,6 +48,50 @@ class TableSpec:
 
 
 @dataclass(frozen=True)
+class ToyData:
+    """A task's built-in toy dataset (what it reads without ``--data``), written in the real on-disk
+    format by ``mae_transfer.data.toy.ensure_toy_dataset``.
+
+    ``name``: the dataset's name (``mae-transfer toy-data NAME``, its cache folder, the ``dataset``
+    of result rows; tasks that share a dataset declare the same record). ``writer``:
+    ``"module:attribute"`` of the data layer's writer of its format, ``(root, **options) -> root``;
+    ``options``: the writer arguments this dataset fixes (``year=2018``); ``subdir``: the folder
+    under the written root that ``--data`` takes (ADE20K's ``ADEChallengeData2016``).
+    ``full_size``: ``"module:attribute"`` of the writer of its full-size rehearsal data
+    (``toy-data --full-size``), None where there is none.
+
+    A task's code reads its toy dataset too (without ``--data``) but cannot import its ``spec``,
+    which names that code; so a package declares these records in a ``data_spec`` module that both
+    import (``mae_transfer/detection/data_spec.py``)."""
+
+    name: str
+    writer: str
+    options: dict[str, Any] = field(default_factory=dict)
+    subdir: str | None = None
+    full_size: str | None = None
+
+    def arguments(self) -> dict[str, Any]:
+        """The arguments of ``ensure_toy_dataset`` that write this dataset (imports the writer):
+        ``ensure_toy_dataset(**toy.arguments(), root=..., **larger_split)``."""
+        return {"kind": self.name, "writer": resolve(self.writer), "fixed": self.options, "subdir": self.subdir}
+
+
+@dataclass(frozen=True)
+class BadData:
+    """What a task's run does with bad data items, for ``mae-transfer check-data``.
+
+    ``skip``: the option (a name in ``evaluation.options.FLAGS``) and value with which a run leaves
+    bad items out instead of stopping (check-data builds the data with it, to count every problem).
+    ``unreadable``: what a run does with an image that cannot be decoded: ``replaced`` (another is
+    read in its place, as the classification and pretraining readers do), ``stop``, or ``skip``
+    (stop unless the ``skip`` option is given). ``label``: how the report heads such items."""
+
+    skip: tuple[str, Any] = ("missing", "skip")
+    unreadable: str = "replaced"
+    label: str = "UNREADABLE"
+
+
+@dataclass(frozen=True)
 class TrainedWeights:
     """How ``--eval-only --weights`` reads and loads a trained model of a task."""
 
@@ -81,6 +125,44 @@ class DemoPlan:
 
 
 @dataclass(frozen=True)
+class SpeedRun:
+    """One row of ``mae-transfer speed all``: its label, its target (README "Speed") and the keyword
+    arguments of the task's speed function (``SpeedPlan.run``) beside ``device``, ``precision``,
+    ``steps`` and ``warmup``."""
+
+    label: str
+    target: str
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class SpeedPlan:
+    """How ``mae-transfer speed`` measures a task's training step on synthetic data.
+
+    ``run``: ``"module:attribute"`` of the function that measures and returns a dict of numbers
+    (keyword arguments: the options below, ``json`` as ``json_path``). ``options``: the ``speed``
+    options (argparse names) it takes; the others are refused. ``defaults`` / ``cpu_defaults``:
+    keyword arguments where the command's defaults differ from the function's (``cpu_defaults``
+    when it runs on the CPU). ``report``: ``"module:attribute"`` formatting the result for the
+    terminal (None: the result is printed as JSON). ``writes_json``: ``run`` writes ``--json``
+    itself (``json_path=``); otherwise the command writes the result. ``fp16``: what ``--precision
+    fp16`` means for it (None: refused). ``order``: its place among the workloads (``speed``'s
+    choices, ``speed all``'s rows). ``bench`` / ``tiny``: its rows of ``speed all`` (GPU sizes /
+    micro models for CPUs and CI)."""
+
+    run: str
+    options: tuple[str, ...]
+    order: int
+    defaults: dict[str, Any] = field(default_factory=dict)
+    cpu_defaults: dict[str, Any] = field(default_factory=dict)
+    report: str | None = None
+    writes_json: bool = False
+    fp16: str | None = None
+    bench: tuple[SpeedRun, ...] = ()
+    tiny: tuple[SpeedRun, ...] = ()
+
+
+@dataclass(frozen=True)
 class TaskSpec:
     """What the toolkit needs to know of one task.
 
@@ -93,13 +175,17 @@ class TaskSpec:
     the config builder ``(preset, overrides) -> config``, the engine task class (for ``frozen``:
     the function that evaluates) and the function that formats its results for the terminal.
     ``data_group``: the ``--data`` key of a benchmark
-    it shares with other tasks (``imagenet``). ``toy_kind``: its built-in toy dataset.
+    it shares with other tasks (``imagenet``). ``toy_data``: its built-in toy dataset
+    (:class:`ToyData`). ``num_classes``: the class count of the benchmark's dataset (ImageNet-1k:
+    1000); data read in its layout with another count is other data, and its result rows say so.
+    ``bad_data``: what a run does with bad data items (:class:`BadData`, for ``check-data``).
     ``toy_preset``/``default_preset``: the preset on toy data and on real data.
     ``native_resolution``: random-init runs also take the reference checkpoint's image size.
     ``trains``: whether it has a config to override (k-NN has none). ``parallel``: may run under
     torchrun. ``weights``: how ``--eval-only --weights`` reads and loads a trained model
     (:class:`TrainedWeights`). ``dense``: what only the dense tasks have (:class:`DenseRules`).
     ``demo``: how ``mae-transfer demo`` runs it (:class:`DemoPlan`; None: not in the demo).
+    ``speed``: how ``mae-transfer speed`` measures it (:class:`SpeedPlan`; None: no speed workload).
     ``help``/``description``/``epilog``: what ``mae-transfer --help`` and ``COMMAND --help`` say
     (the first task of a command speaks for it); ``option_help``: option texts of this command."""
 
@@ -113,7 +199,9 @@ class TaskSpec:
     fixed: dict[str, Any] = field(default_factory=dict)
     options: tuple[str, ...] = ()
     data_group: str | None = None
-    toy_kind: str | None = None
+    toy_data: ToyData | None = None
+    num_classes: int | None = None
+    bad_data: BadData = field(default_factory=BadData)
     toy_preset: str | None = "toy"
     default_preset: str | None = None
     table: str | None = None
@@ -125,6 +213,7 @@ class TaskSpec:
     weights: TrainedWeights | None = None
     dense: DenseRules | None = None
     demo: DemoPlan | None = None  # None: not in the demo
+    speed: SpeedPlan | None = None  # None: no `mae-transfer speed` workload
     help: str = ""
     description: str = ""
     epilog: str = ""
@@ -166,11 +255,15 @@ def resolve(ref: str) -> Any:
 
 __all__ = [
     "FAMILIES",
+    "BadData",
     "Column",
     "DemoPlan",
     "DenseRules",
+    "SpeedPlan",
+    "SpeedRun",
     "TableSpec",
     "TaskSpec",
+    "ToyData",
     "TrainedWeights",
     "preferred_knn_protocol",
     "resolve",

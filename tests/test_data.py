@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -290,47 +291,85 @@ def test_writers_are_deterministic(tmp_path):
 
 def test_ensure_toy_dataset_writes_once_then_reuses(tmp_path, monkeypatch):
     calls = []
-    real_writer, fixed = toy.TOY_KINDS["imagefolder"]
 
+    @functools.wraps(write_imagefolder)  # the same signature, so the same arguments name the dataset
     def counting_writer(root, **kw):
         calls.append(root)
-        return real_writer(root, **kw)
+        return write_imagefolder(root, **kw)
 
-    monkeypatch.setitem(toy.TOY_KINDS, "imagefolder", (counting_writer, fixed))
     root = tmp_path / "ds"
     small = dict(num_classes=2, train_per_class=3, val_per_class=1, image_size=32)
-    assert ensure_toy_dataset("imagefolder", root=root, **small) == root.absolute()
+    assert ensure_toy_dataset("imagefolder", counting_writer, root=root, **small) == root.absolute()
     before = {p: p.stat().st_mtime_ns for p in root.rglob("*")}
-    assert ensure_toy_dataset("imagefolder", root=root, **small) == root.absolute()
+    assert ensure_toy_dataset("imagefolder", counting_writer, root=root, **small) == root.absolute()
     assert len(calls) == 1
     assert {p: p.stat().st_mtime_ns for p in root.rglob("*")} == before
     assert len(list(root.rglob("*.jpg"))) == 8
     assert [p.name for p in tmp_path.iterdir()] == ["ds"]  # no temp folder left behind
     # The same folder with other settings, or a foreign non-empty folder, is refused.
     with pytest.raises(DataError, match="other settings"):
-        ensure_toy_dataset("imagefolder", root=root, **{**small, "seed": 1})
+        ensure_toy_dataset("imagefolder", write_imagefolder, root=root, **{**small, "seed": 1})
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "notes.txt").write_text("keep me")
     with pytest.raises(DataError, match="not a toy dataset"):
-        ensure_toy_dataset("imagefolder", root=tmp_path / "mine", **small)
+        ensure_toy_dataset("imagefolder", write_imagefolder, root=tmp_path / "mine", **small)
     assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
     # An existing empty folder (e.g. made by the user for --output) is filled.
     (tmp_path / "empty").mkdir()
-    assert ensure_toy_dataset("imagefolder", root=tmp_path / "empty", **small) == (tmp_path / "empty").absolute()
+    empty = tmp_path / "empty"
+    assert ensure_toy_dataset("imagefolder", write_imagefolder, root=empty, **small) == empty.absolute()
     assert len(list((tmp_path / "empty").rglob("*.jpg"))) == 8
 
 
 def test_ensure_toy_dataset_cache_folder(tmp_path, monkeypatch):
     monkeypatch.setenv("MAE_TRANSFER_CACHE", str(tmp_path / "cache"))
     small = dict(train_images=3, val_images=3, image_size=32)
-    ade = ensure_toy_dataset("ade20k", **small)
+    ade_args = dict(kind="ade20k", writer=write_ade20k, subdir="ADEChallengeData2016")
+    ade = ensure_toy_dataset(**ade_args, **small)
     assert ade.name == "ADEChallengeData2016" and ade.parent.parent == tmp_path / "cache" / "toy"
     assert ade.parent.name.startswith("ade20k-") and (ade / "objectInfo150.txt").is_file()
-    assert ensure_toy_dataset("ade20k", **small) == ade
-    other = ensure_toy_dataset("ade20k", **{**small, "seed": 3})
+    assert ensure_toy_dataset(**ade_args, **small) == ade
+    other = ensure_toy_dataset(**ade_args, **{**small, "seed": 3})
     assert other != ade and other.is_dir()
     # Explicit defaults name the same dataset as omitted ones.
-    assert ensure_toy_dataset("ade20k", num_categories=10, **small) == ade
+    assert ensure_toy_dataset(**ade_args, num_categories=10, **small) == ade
+    # What the dataset fixes is not given again.
+    with pytest.raises(ValueError, match="fixes year"):
+        ensure_toy_dataset("inat2018", write_inat, fixed={"year": 2018}, year=2019)
+
+
+def test_the_specs_name_the_toy_datasets_as_before(tmp_path, monkeypatch):
+    """Every task's toy dataset (its spec's ToyData) keeps its name, writer, options and sub-folder,
+    so the cached copies (named by a hash of these) and their bytes stay what they were."""
+    from mae_transfer.evaluation.registry import TASKS, toy_datasets
+
+    toys = toy_datasets()
+    assert list(toys) == [
+        "imagefolder",
+        "coco",
+        "ade20k",
+        "inat2017",
+        "inat2018",
+        "inat2019",
+        "places205",
+        "places365",
+    ]
+    expected = {
+        "imagefolder": (write_imagefolder, {}, None),
+        "coco": (write_coco, {}, None),
+        "ade20k": (write_ade20k, {}, "ADEChallengeData2016"),
+        **{f"inat{y}": (write_inat, {"year": y}, None) for y in (2017, 2018, 2019)},
+        **{f"places{v}": (write_places, {"version": v}, None) for v in (205, 365)},
+    }
+    for name, toy_data in toys.items():
+        args = toy_data.arguments()
+        assert (args["kind"], args["writer"], args["fixed"], args["subdir"]) == (name, *expected[name])
+    assert [n for n, t in toys.items() if t.full_size] == ["coco", "ade20k", "inat2018", "places365"]
+    assert {n: s.toy_data.name for n, s in TASKS.items()}["knn"] == "imagefolder"
+    # The cache folder's hash is the one the name-keyed table gave (a fixed value: not rewritten).
+    monkeypatch.setenv("MAE_TRANSFER_CACHE", str(tmp_path / "cache"))
+    small = dict(num_categories=2, train_per_category=1, val_per_category=1, image_size=32)
+    assert ensure_toy_dataset(**toys["inat2018"].arguments(), **small).name == "inat2018-abaaf2712d7d"
 
 
 def test_incomplete_folders_are_never_used(tmp_path, monkeypatch):
@@ -347,16 +386,16 @@ def test_incomplete_folders_are_never_used(tmp_path, monkeypatch):
     dead_pid = 2**22 + 12345
     mine = tmp_path / f".ds.tmp-{socket.gethostname().replace('-', '_')}-{dead_pid}-cafebabe"
     (mine / "train").mkdir(parents=True)
-    out = ensure_toy_dataset("imagefolder", root=root, **small)
+    out = ensure_toy_dataset("imagefolder", write_imagefolder, root=root, **small)
     assert len(list(out.rglob("*.jpg"))) == 6 and not list(out.rglob("half.jpg"))
     assert foreign.is_dir() and not mine.exists()
 
     # A cache entry without the completion marker (e.g. a half-deleted copy) is rewritten.
-    first = ensure_toy_dataset("imagefolder", **small)
+    first = ensure_toy_dataset("imagefolder", write_imagefolder, **small)
     (first / ".mae_transfer_toy.json").unlink()
     for p in list(first.rglob("*.jpg"))[:3]:
         p.unlink()
-    again = ensure_toy_dataset("imagefolder", **small)
+    again = ensure_toy_dataset("imagefolder", write_imagefolder, **small)
     assert again == first and len(list(again.rglob("*.jpg"))) == 6
     assert (again / ".mae_transfer_toy.json").is_file()
 
@@ -365,7 +404,13 @@ def _ensure_in_child(root: str, queue) -> None:
     queue.put(
         str(
             ensure_toy_dataset(
-                "imagefolder", root=Path(root), num_classes=3, train_per_class=8, val_per_class=2, image_size=32
+                "imagefolder",
+                write_imagefolder,
+                root=Path(root),
+                num_classes=3,
+                train_per_class=8,
+                val_per_class=2,
+                image_size=32,
             )
         )
     )

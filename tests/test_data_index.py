@@ -12,10 +12,10 @@ import pytest
 import torch
 
 from mae_transfer.classification.datasets import build_dataset
-from mae_transfer.data.fullsize import write_full_size
 from mae_transfer.data.index import PackedStrings, PathLabels, cached_index, index_key
 from mae_transfer.data.toy import write_coco
 from mae_transfer.detection.coco import CocoDetection, _clean_segmentation, _polygon_area
+from mae_transfer.evaluation.data_speed import write_full_size
 
 
 def test_packed_strings_and_path_labels_round_trip():

@@ -119,8 +119,8 @@ def test_rows_on_other_data_in_a_benchmark_layout_name_it(tmp_path):
     write_result_rows(tmp_path / "cls", cls, metrics, 1.0, None, 3, num_classes=10)
     assert dataset_of(tmp_path / "cls") == {"imagefolder (toy)"}
     # The toy data passed as --data (the demo's larger toy splits) is still the toy data, not other data.
-    from mae_transfer.data.toy import ensure_toy_dataset
+    from mae_transfer.data.toy import ensure_toy_dataset, write_imagefolder
 
-    cls.data.path = str(ensure_toy_dataset("imagefolder", root=tmp_path / "toy"))
+    cls.data.path = str(ensure_toy_dataset("imagefolder", write_imagefolder, root=tmp_path / "toy"))
     write_result_rows(tmp_path / "cls", cls, metrics, 1.0, None, 3, num_classes=10)
     assert dataset_of(tmp_path / "cls") == {"imagefolder (toy)"}

@@ -360,13 +360,17 @@ def test_latex_document_compiles(toy_rows, tmp_path):
 
 def test_other_data_in_a_benchmark_layout_gets_its_own_table_without_paper_rows(real_rows):
     from mae_transfer.engine.results import dataset_name, is_custom_dataset
+    from mae_transfer.evaluation.registry import TASKS
 
-    name = dataset_name("ade20k", "/data/mydata", 11)
+    ade20k, coco, imagenet = (TASKS[t].num_classes for t in ("ade20k", "coco", "finetune"))  # the specs' counts
+    assert (ade20k, coco, imagenet) == (150, 80, 1000)
+    name = dataset_name("ade20k", "/data/mydata", 11, benchmark_classes=ade20k)
     assert name == "ade20k-layout:mydata (11 classes)" and is_custom_dataset(name)
-    assert dataset_name("ade20k", "/data/ADEChallengeData2016", 150) == "ade20k"
-    assert dataset_name("ade20k", None, 11) == "ade20k (toy)"
-    assert dataset_name("coco", "/d/shapes", 3, "categories") == "coco-layout:shapes (3 categories)"
-    assert dataset_name("imagefolder", "/d/in100", 100) == "imagefolder:in100 (100 classes)"
+    assert dataset_name("ade20k", "/data/ADEChallengeData2016", 150, benchmark_classes=ade20k) == "ade20k"
+    assert dataset_name("ade20k", None, 11, benchmark_classes=ade20k) == "ade20k (toy)"
+    shapes = dataset_name("coco", "/d/shapes", 3, "categories", benchmark_classes=coco)
+    assert shapes == "coco-layout:shapes (3 categories)"
+    assert dataset_name("imagefolder", "/d/in100", 100, benchmark_classes=imagenet) == "imagefolder:in100 (100 classes)"
     rows = real_rows + [row("mae-800ep", "ade20k", "upernet_ss", "mIoU", 71.0, name, "vit_base_patch16")]
     tables = build_tables(rows)
     ade = table(tables, "ade20k")  # the benchmark's table: the ADE20K-150 row beside the paper's

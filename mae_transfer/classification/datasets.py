@@ -32,6 +32,7 @@ import numpy as np
 from PIL import Image
 from torch.utils.data import Dataset
 
+from mae_transfer.classification.data_spec import TOY_DATA
 from mae_transfer.data.errors import DataError
 from mae_transfer.data.folder import ImageFolderDataset
 from mae_transfer.data.index import PackedStrings, PathLabels, absent_files, cached_index, read_json
@@ -39,8 +40,8 @@ from mae_transfer.data.toy import ensure_toy_dataset
 
 log = logging.getLogger(__name__)
 
-DATASET_KINDS = ("imagefolder", "inat2017", "inat2018", "inat2019", "places205", "places365")
-"""Dataset kinds :func:`build_dataset` reads."""
+DATASET_KINDS = tuple(TOY_DATA)
+"""Dataset kinds :func:`build_dataset` reads (``imagefolder``, ``inat2017``... from the task specs)."""
 
 SPLITS = ("train", "val")
 """Splits every reader provides."""
@@ -620,7 +621,7 @@ def build_dataset(
         raise DataError(f"unknown classification dataset {kind!r}; choose one of {', '.join(DATASET_KINDS)}")
     _check_split(split)
     if root is None:
-        root = ensure_toy_dataset(kind)
+        root = ensure_toy_dataset(**TOY_DATA[kind].arguments())
         log.warning(
             "no --data given: using the built-in TOY %s dataset (synthetic shapes in the official layout) at %s; "
             "its numbers say nothing about the real dataset",

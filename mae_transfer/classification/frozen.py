@@ -7,6 +7,7 @@ from pathlib import Path
 
 from mae_transfer.checkpoint.hub import weights_sha256
 from mae_transfer.classification.config import ClassificationConfig, ModelConfig, build_config
+from mae_transfer.classification.data_spec import NUM_CLASSES
 from mae_transfer.classification.task import eval_transform
 from mae_transfer.engine.bench import resolve_device
 from mae_transfer.engine.distributed import DistInfo
@@ -98,7 +99,7 @@ def run_frozen_eval(
     rows, lines = [], [f"{'evaluation':22s} {'top-1':>7s} {'top-5':>7s} {'mean/cls':>9s}"]
     common = dict(
         task=task,
-        dataset=dataset_name(dataset, data, num_classes),
+        dataset=dataset_name(dataset, data, num_classes, benchmark_classes=NUM_CLASSES.get(dataset)),
         split="val",
         model=name,
         backbone=backbone or "random init",

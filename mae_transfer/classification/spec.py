@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from mae_transfer.spec import Column, DemoPlan, TaskSpec, TrainedWeights
+from mae_transfer.classification.data_spec import NUM_CLASSES, TOY_DATA
+from mae_transfer.spec import Column, DemoPlan, SpeedPlan, SpeedRun, TaskSpec, TrainedWeights
 
 CLASSIFY_EPILOG = """\
 protocols (MAE paper section 4 and appendix A):
@@ -54,7 +55,8 @@ def _transfer(name: str, title: str, command: str, fixed: dict, quick: bool) -> 
         command=command,
         fixed={**fixed, "dataset": name},
         options=(*fixed, "protocol"),
-        toy_kind=name,
+        toy_data=TOY_DATA[name],
+        num_classes=NUM_CLASSES[name],
         default_preset="finetune_paper_table9",
         table="transfer",
         demo=demo,
@@ -82,10 +84,20 @@ SPECS: dict[str, TaskSpec] = {
         fixed={"protocol": "finetune"},
         options=("dataset",),
         data_group="imagenet",
-        toy_kind="imagefolder",
+        toy_data=TOY_DATA["imagefolder"],
+        num_classes=NUM_CLASSES["imagefolder"],
         default_preset="finetune_vit_base",
         table="imagenet",
         demo=DemoPlan(full=("train.epochs=15",), quick=()),
+        speed=SpeedPlan(
+            run="mae_transfer.classification.speed:run_finetune_speed",
+            options=("preset", "batch_size", "steps", "warmup", "precision", "device", "compile", "json"),
+            order=1,
+            bench=(
+                SpeedRun("fine-tune ViT-B/16", ">= 3000 img/s", {"preset": "finetune_vit_base", "batch_size": 128}),
+            ),
+            tiny=(SpeedRun("fine-tune micro/8", "-", {"preset": "toy_finetune", "batch_size": 8, "num_classes": 10}),),
+        ),
         columns=(Column("finetune", "fine-tune", "top1", _FT, bar="top-1"),),
         **_CLS,
     ),
@@ -98,7 +110,8 @@ SPECS: dict[str, TaskSpec] = {
         fixed={"protocol": "linprobe"},
         options=("dataset",),
         data_group="imagenet",
-        toy_kind="imagefolder",
+        toy_data=TOY_DATA["imagefolder"],
+        num_classes=NUM_CLASSES["imagefolder"],
         default_preset="linprobe",
         table="imagenet",
         demo=DemoPlan(full=("train.epochs=15",), quick=()),
@@ -116,7 +129,8 @@ SPECS: dict[str, TaskSpec] = {
         task="mae_transfer.classification.frozen:run_frozen_eval",
         fixed={"sweep": True},
         data_group="imagenet",
-        toy_kind="imagefolder",
+        toy_data=TOY_DATA["imagefolder"],
+        num_classes=NUM_CLASSES["imagefolder"],
         toy_preset=None,
         table="imagenet",
         trains=False,
@@ -132,7 +146,7 @@ def _fixed(key: str) -> list:
 
 
 # The choices of the classification options, from the entries above (one place names the datasets).
-DATASETS = ["imagefolder", *_fixed("dataset")]  # imagefolder: an ImageNet-style folder, any classes
+DATASETS = list(TOY_DATA)  # imagefolder: an ImageNet-style folder, any classes; then iNat and Places
 INAT_YEARS = _fixed("year")
 PLACES_VERSIONS = _fixed("version")
 PROTOCOLS = ["finetune", "linprobe", "partial"]  # partial: fine-tuning of the last k blocks (Figure 9)

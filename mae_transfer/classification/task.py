@@ -19,6 +19,7 @@ from mae_transfer.checkpoint import (
     weights_sha256,
 )
 from mae_transfer.classification.config import ClassificationConfig
+from mae_transfer.classification.data_spec import NUM_CLASSES
 from mae_transfer.config import to_dict
 from mae_transfer.engine.optim import param_groups
 from mae_transfer.engine.results import ResultRow, dataset_name, row_identity, write_run_results
@@ -343,7 +344,9 @@ def write_result_rows(
     (``num_classes``: of the data evaluated, which names other data than the benchmark's, :func:`dataset_name`)."""
     common = dict(
         task=benchmark_task(cfg.data.dataset, cfg.protocol),
-        dataset=dataset_name(cfg.data.dataset, cfg.data.path, num_classes),
+        dataset=dataset_name(
+            cfg.data.dataset, cfg.data.path, num_classes, benchmark_classes=NUM_CLASSES.get(cfg.data.dataset)
+        ),
         split="val",
         protocol=cfg.protocol,
         step=step,

@@ -16,7 +16,6 @@ _EXPORTS = {
     "load_rgb": "mae_transfer.data.folder",
     "Scene": "mae_transfer.data.toy",
     "ToyInstance": "mae_transfer.data.toy",
-    "TOY_KINDS": "mae_transfer.data.toy",
     "make_scene": "mae_transfer.data.toy",
     "category_names": "mae_transfer.data.toy",
     "write_imagefolder": "mae_transfer.data.toy",

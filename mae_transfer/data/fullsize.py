@@ -17,6 +17,9 @@ Counts (the official releases):
   36,500; 365 categories); 4 files per category on disk.
 * ADE20K (SceneParse150: 20,210 training and 2,000 validation image/label pairs), symlinks.
 
+Each writer takes the dataset whose images it links (``images_from``, of the same format); a task's
+registry entry names its writer (``ToyData.full_size``), and
+:func:`mae_transfer.evaluation.data_speed.write_full_size` passes the task's toy dataset by default.
 ``mae-transfer toy-data --full-size KIND DIR`` writes them; ``mae-transfer speed KIND --data-only
 --full-size`` measures index build time and memory on them.
 """
@@ -28,22 +31,18 @@ import json
 import os
 import shutil
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
 from PIL import Image
 
 from mae_transfer.io import atomic_write
 
-FULL_SIZE = {
-    "coco": {"train2017": (118_287, 860_001), "val2017": (5_000, 36_781)},
-    "inat2018": {"train": 437_513, "val": 24_426, "classes": 8_142},
-    "places365": {"train": 1_803_460, "val": 36_500, "classes": 365},
-    "ade20k": {"training": 20_210, "validation": 2_000},
-}
-"""The official counts the writers reproduce (images, annotations or list lines per split)."""
-
-FULL_SIZE_KINDS = tuple(FULL_SIZE)
+# The official counts the writers reproduce (images, annotations or list lines per split).
+COCO_2017 = {"train2017": (118_287, 860_001), "val2017": (5_000, 36_781)}  # (images, annotations)
+INAT_2018 = {"train": 437_513, "val": 24_426, "classes": 8_142}
+PLACES365 = {"train": 1_803_460, "val": 36_500, "classes": 365}
+ADE20K = {"training": 20_210, "validation": 2_000}
 
 _CROWD_FRACTION = 0.01  # COCO 2017 train: 9,085 of 860,001 annotations are crowd regions (~1 %)
 _POLY_POINTS = 25  # mean polygon size of COCO's annotations (points)
@@ -84,12 +83,9 @@ def _image_sizes(files: Sequence[Path]) -> list[tuple[int, int]]:
     return sizes
 
 
-def _source_images(kind: str, images_from: str | os.PathLike | None) -> Path:
-    if images_from is not None:
-        return Path(images_from)
-    from mae_transfer.data.toy import ensure_toy_dataset
-
-    return ensure_toy_dataset(kind)
+def _check_scale(scale: float) -> None:
+    if not 0 < scale <= 1:
+        raise ValueError(f"scale must be in (0, 1], got {scale}")
 
 
 def _jpegs(folder: Path, limit: int = 16) -> list[Path]:
@@ -162,14 +158,15 @@ def _write_json_stream(path: Path, head: str, sections: Sequence[tuple[str, Iter
 
 
 def write_coco_full_size(
-    out: str | os.PathLike, images_from: str | os.PathLike | None = None, scale: float = 1.0, seed: int = 0
+    out: str | os.PathLike, images_from: str | os.PathLike, scale: float = 1.0, seed: int = 0
 ) -> Path:
     """COCO 2017 ``annotations/instances_{train,val}2017.json`` with the official counts (times
     ``scale``), and ``train2017/`` / ``val2017/`` of symlinks to a few real images."""
     from mae_transfer.data.toy import category_names, coco_category_ids
 
     root = _fresh(Path(out))
-    src = _source_images("coco", images_from)
+    _check_scale(scale)
+    src = Path(images_from)
     files = _jpegs(src / "train2017" if (src / "train2017").is_dir() else src)
     file_sizes = _image_sizes(files)
     cat_ids = coco_category_ids(80)
@@ -178,7 +175,7 @@ def write_coco_full_size(
     )
     (root / "annotations").mkdir()
     rng = np.random.default_rng(seed)
-    for split, (n_img, n_ann) in FULL_SIZE["coco"].items():
+    for split, (n_img, n_ann) in COCO_2017.items():
         n_img, n_ann = max(1, round(n_img * scale)), max(1, round(n_ann * scale))
         (root / split).mkdir()
         which = np.arange(n_img) % len(files)
@@ -218,13 +215,14 @@ def write_coco_full_size(
 
 
 def write_inat2018_full_size(
-    out: str | os.PathLike, images_from: str | os.PathLike | None = None, scale: float = 1.0, seed: int = 0
+    out: str | os.PathLike, images_from: str | os.PathLike, scale: float = 1.0, seed: int = 0
 ) -> Path:
     """iNaturalist 2018 ``train2018.json`` / ``val2018.json`` with the official counts; one image
     file per category on disk, which every entry of that category names."""
-    counts = FULL_SIZE["inat2018"]
+    counts = INAT_2018
     root = _fresh(Path(out))
-    files = _jpegs(_source_images("inat2018", images_from))
+    _check_scale(scale)
+    files = _jpegs(Path(images_from))
     sizes = _image_sizes(files)
     n_cls = max(2, round(counts["classes"] * min(1.0, scale)))
     rng = np.random.default_rng(seed)
@@ -286,13 +284,14 @@ def write_inat2018_full_size(
 
 
 def write_places365_full_size(
-    out: str | os.PathLike, images_from: str | os.PathLike | None = None, scale: float = 1.0, seed: int = 0
+    out: str | os.PathLike, images_from: str | os.PathLike, scale: float = 1.0, seed: int = 0
 ) -> Path:
     """Places365-Standard file lists with the official line counts; 4 files per category in
     ``data_256/`` and 100 in ``val_256/``."""
-    counts = FULL_SIZE["places365"]
+    counts = PLACES365
     root = _fresh(Path(out))
-    files = _jpegs(_source_images("places365", images_from))
+    _check_scale(scale)
+    files = _jpegs(Path(images_from))
     n_cls = counts["classes"]
     rng = np.random.default_rng(seed)
     names = [f"/{chr(ord('a') + c % 26)}/category_{c:03d}" for c in range(n_cls)]
@@ -321,12 +320,13 @@ def write_places365_full_size(
 
 
 def write_ade20k_full_size(
-    out: str | os.PathLike, images_from: str | os.PathLike | None = None, scale: float = 1.0, seed: int = 0
+    out: str | os.PathLike, images_from: str | os.PathLike, scale: float = 1.0, seed: int = 0
 ) -> Path:
     """ADE20K ``images/{training,validation}`` and ``annotations/...`` of symlinks (the official
     20,210 + 2,000 pairs) to a few real image/label pairs."""
     root = _fresh(Path(out))
-    src = _source_images("ade20k", images_from)
+    _check_scale(scale)
+    src = Path(images_from)
     pairs = []
     for split in ("validation", "training"):
         for img in sorted((src / "images" / split).glob("*.jpg")):
@@ -339,7 +339,7 @@ def write_ade20k_full_size(
     for name in ("objectInfo150.txt", "objectInfo150.csv"):
         if (src / name).is_file():
             shutil.copy(src / name, root / name)
-    for split, n in FULL_SIZE["ade20k"].items():
+    for split, n in ADE20K.items():
         n = max(1, round(n * scale))
         tag = "train" if split == "training" else "val"
         (root / "images" / split).mkdir(parents=True)
@@ -352,26 +352,13 @@ def write_ade20k_full_size(
     return root
 
 
-WRITERS: dict[str, Callable[..., Path]] = {
-    "coco": write_coco_full_size,
-    "inat2018": write_inat2018_full_size,
-    "places365": write_places365_full_size,
-    "ade20k": write_ade20k_full_size,
-}
-
-
-def write_full_size(
-    kind: str, out: str | os.PathLike, images_from: str | os.PathLike | None = None, scale: float = 1.0, seed: int = 0
-) -> Path:
-    """Write the full-size rehearsal data of ``kind`` (one of :data:`FULL_SIZE_KINDS`) into ``out``.
-
-    ``scale`` < 1 shrinks every count (for tests); ``images_from`` is a dataset of the same kind
-    whose images are linked (default: the built-in toy dataset)."""
-    if kind not in WRITERS:
-        raise ValueError(f"no full-size writer for {kind!r}; choose one of {', '.join(WRITERS)}")
-    if not 0 < scale <= 1:
-        raise ValueError(f"scale must be in (0, 1], got {scale}")
-    return WRITERS[kind](out, images_from=images_from, scale=scale, seed=seed)
-
-
-__all__ = ["FULL_SIZE", "FULL_SIZE_KINDS", "write_full_size", *[f.__name__ for f in WRITERS.values()]]
+__all__ = [
+    "ADE20K",
+    "COCO_2017",
+    "INAT_2018",
+    "PLACES365",
+    "write_ade20k_full_size",
+    "write_coco_full_size",
+    "write_inat2018_full_size",
+    "write_places365_full_size",
+]

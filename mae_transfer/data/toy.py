@@ -26,7 +26,7 @@ import uuid
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, NamedTuple, Sequence
+from typing import Any, Callable, Mapping, NamedTuple, Sequence
 
 import numpy as np
 from PIL import Image
@@ -1012,18 +1012,6 @@ def write_places(
 
 # ---------------------------------------------------------------------------------------- cache
 
-TOY_KINDS: dict[str, tuple[Callable[..., Path], dict[str, Any]]] = {
-    "imagefolder": (write_imagefolder, {}),
-    "coco": (write_coco, {}),
-    "ade20k": (write_ade20k, {}),
-    "inat2017": (write_inat, {"year": 2017}),
-    "inat2018": (write_inat, {"year": 2018}),
-    "inat2019": (write_inat, {"year": 2019}),
-    "places205": (write_places, {"version": 205}),
-    "places365": (write_places, {"version": 365}),
-}
-"""Every kind :func:`ensure_toy_dataset` knows: its writer and the arguments the kind fixes."""
-
 _MARKER = ".mae_transfer_toy.json"
 _TMP_TAG = ".tmp-"
 
@@ -1087,18 +1075,31 @@ def _remove_stale_temps(final: Path) -> None:
             shutil.rmtree(p, ignore_errors=True)
 
 
-def ensure_toy_dataset(kind: str, root: str | os.PathLike | None = None, **kwargs: Any) -> Path:
-    """Write the toy dataset ``kind`` once and return the path to pass as ``--data``.
+def ensure_toy_dataset(
+    kind: str,
+    writer: Callable[..., Path],
+    root: str | os.PathLike | None = None,
+    *,
+    fixed: Mapping[str, Any] | None = None,
+    subdir: str | None = None,
+    **kwargs: Any,
+) -> Path:
+    """Write the toy dataset ``kind`` with ``writer`` once and return the path to pass as ``--data``.
+
+    The tasks declare their toy datasets (``TaskSpec.toy_data``: name, writer, fixed options,
+    sub-folder); their callers pass them here.
 
     Args:
-        kind: one of :data:`TOY_KINDS` (``imagefolder``, ``coco``, ``ade20k``, ``inat2017``,
-            ``inat2018``, ``inat2019``, ``places205``, ``places365``).
+        kind: the dataset's name (``coco``, ``inat2018``...): its cache folder, its marker, the messages.
+        writer: one of this module's writers, ``writer(root, **fixed, **kwargs)`` (``write_inat``).
         root: folder to hold the dataset. Default: ``toy_cache_dir() / f"{kind}-{hash}"``, the hash
             covering the writer's arguments (defaults included) and :data:`GENERATOR_VERSION`.
-        **kwargs: arguments of the writer (e.g. ``train_per_class=12`` for ``imagefolder``).
+        fixed: the writer arguments the dataset fixes (``year=2018`` for ``inat2018``).
+        subdir: the folder under ``root`` to return (ADE20K's ``ADEChallengeData2016``).
+        **kwargs: other arguments of the writer (e.g. ``train_per_class=12`` for ``write_imagefolder``).
 
     Returns:
-        The dataset root; for ``ade20k`` its ``ADEChallengeData2016`` folder.
+        The dataset root, or its ``subdir``.
 
     The dataset is written into a temporary sibling folder, marked complete, then renamed into
     place, so a crash never leaves a folder that looks usable. When several processes (e.g.
@@ -1106,9 +1107,7 @@ def ensure_toy_dataset(kind: str, root: str | os.PathLike | None = None, **kwarg
     delete theirs and use the winner's. A folder already at ``root`` is reused only if it carries
     the completion marker of the same arguments.
     """
-    if kind not in TOY_KINDS:
-        raise ValueError(f"unknown toy dataset kind {kind!r}; choose one of {', '.join(TOY_KINDS)}")
-    writer, fixed = TOY_KINDS[kind]
+    fixed = dict(fixed or {})
     clash = sorted(set(fixed) & set(kwargs))
     if clash:
         raise ValueError(f"toy dataset kind {kind!r} fixes {', '.join(clash)}")
@@ -1122,7 +1121,7 @@ def ensure_toy_dataset(kind: str, root: str | os.PathLike | None = None, **kwarg
     final = (Path(root).expanduser() if user_root else toy_cache_dir() / f"{kind}-{digest}").absolute()
 
     def result(folder: Path) -> Path:
-        return folder / "ADEChallengeData2016" if kind == "ade20k" else folder
+        return folder / subdir if subdir else folder
 
     if _is_complete(final, digest):
         log.debug("using the toy %s dataset in %s", kind, final)

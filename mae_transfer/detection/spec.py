@@ -2,7 +2,17 @@
 
 from __future__ import annotations
 
-from mae_transfer.spec import Column, DemoPlan, DenseRules, TaskSpec, TrainedWeights
+from mae_transfer.detection.data_spec import NUM_CLASSES, TOY_DATA
+from mae_transfer.spec import (
+    BadData,
+    Column,
+    DemoPlan,
+    DenseRules,
+    SpeedPlan,
+    SpeedRun,
+    TaskSpec,
+    TrainedWeights,
+)
 
 COCO_HELP = """\
 COCO instance detection and segmentation with Mask R-CNN on a ViT backbone (MAE paper Table 4,
@@ -68,7 +78,10 @@ SPECS: dict[str, TaskSpec] = {
         config="mae_transfer.detection.config:build_config",
         task="mae_transfer.detection.task:DetectionTask",
         report="mae_transfer.detection.task:report",
-        toy_kind="coco",
+        toy_data=TOY_DATA,
+        num_classes=NUM_CLASSES,
+        # --skip-bad leaves out missing and unreadable images and annotations of unknown ids.
+        bad_data=BadData(skip=("skip_bad", True), unreadable="skip"),
         default_preset="vitdet_mask_rcnn_b",
         table="coco",
         dense=_DET,
@@ -90,6 +103,28 @@ SPECS: dict[str, TaskSpec] = {
             full=("model.img_size=64", "model.window_size=8"),
             quick=("model.img_size=64", "model.window_size=8"),
             toy_data={"val_images": 64},
+        ),
+        speed=SpeedPlan(
+            run="mae_transfer.detection.speed:run_detection_speed",
+            options=(
+                "preset",
+                "batch_size",
+                "steps",
+                "warmup",
+                "precision",
+                "device",
+                "grad_checkpointing",
+                "img_size",
+                "json",
+            ),
+            order=2,
+            defaults={"steps": 20, "warmup": 5},
+            cpu_defaults={"batch_size": 1},
+            report="mae_transfer.detection.speed:format_detection_speed",
+            writes_json=True,
+            fp16="ViTDet's AMP with loss scaling",
+            bench=(SpeedRun("ViTDet-B Mask R-CNN", ">= 6.4 img/s", {"preset": "vitdet_mask_rcnn_b", "batch_size": 4}),),
+            tiny=(SpeedRun("Mask R-CNN micro", "-", {"preset": "toy", "batch_size": 2}),),
         ),
         columns=(
             Column("APbox", "APbox", "bbox_AP", keep="always", bar="APbox"),

@@ -34,6 +34,7 @@ from mae_transfer.data.errors import DataError
 from mae_transfer.data.seeded import SeededTransformDataset
 from mae_transfer.detection.coco import CocoDetection, COCOEvaluator, drop_crowd, save_results_json
 from mae_transfer.detection.config import DetectionConfig
+from mae_transfer.detection.data_spec import NUM_CLASSES, TOY_DATA
 from mae_transfer.detection.model import MaskRCNN, build_mask_rcnn, build_pyramid, detection_backbone, pixel_stats
 from mae_transfer.detection.transforms import LargeScaleJitter, ResizeForTest, collate_detection
 from mae_transfer.engine.distributed import convert_sync_batchnorm
@@ -118,7 +119,7 @@ def _resolve_root(cfg: DetectionConfig) -> Path:
         return root
     from mae_transfer.data.toy import ensure_toy_dataset
 
-    return ensure_toy_dataset("coco")
+    return ensure_toy_dataset(**TOY_DATA.arguments())
 
 
 class DetectionTask(TrainTask):
@@ -285,7 +286,9 @@ class DetectionTask(TrainTask):
         cfg = self.cfg
         common = dict(
             task=self.name,  # the registry entry that runs it (front sets it)
-            dataset=dataset_name("coco", cfg.data.path, self.num_classes, "categories"),
+            dataset=dataset_name(
+                TOY_DATA.name, cfg.data.path, self.num_classes, "categories", benchmark_classes=NUM_CLASSES
+            ),
             split=cfg.data.val_split,
             protocol=f"mask_rcnn_{cfg.recipe}",
             step=step,

@@ -127,32 +127,25 @@ def row_identity(cfg: Any, backbone_sha256: str | None, evaluated: dict | None =
     )
 
 
-# The class counts of the benchmarks' datasets (``imagefolder``: ImageNet-1k). Data read in a
-# benchmark's layout with another count is another dataset: its rows say so (:func:`dataset_name`).
-BENCHMARK_CLASSES = {
-    "coco": 80,
-    "ade20k": 150,
-    "inat2017": 5089,
-    "inat2018": 8142,
-    "inat2019": 1010,
-    "places205": 205,
-    "places365": 365,
-    "imagefolder": 1000,
-}
-
-
-def dataset_name(dataset: str, path: str | os.PathLike | None, num_classes: int | None, unit: str = "classes") -> str:
+def dataset_name(
+    dataset: str,
+    path: str | os.PathLike | None,
+    num_classes: int | None,
+    unit: str = "classes",
+    *,
+    benchmark_classes: int | None = None,
+) -> str:
     """The ``dataset`` of a task's result rows: ``"ade20k (toy)"`` on the built-in toy data
     (``path`` None), the benchmark's name on its data (``"ade20k"``), and for other data read in a
-    benchmark's layout (another class count than :data:`BENCHMARK_CLASSES`)
-    ``"ade20k-layout:FOLDER (11 classes)"`` (``"imagefolder:FOLDER (100 classes)"``), FOLDER being
-    the name of ``path``. Such rows are not the benchmark's: the tables print them apart, without
-    the paper's rows (:func:`is_custom_dataset`)."""
+    benchmark's layout (another class count than ``benchmark_classes``, the benchmark's:
+    ``TaskSpec.num_classes``) ``"ade20k-layout:FOLDER (11 classes)"`` (``"imagefolder:FOLDER (100
+    classes)"``), FOLDER being the name of ``path``. Such rows are not the benchmark's: the tables
+    print them apart, without the paper's rows (:func:`is_custom_dataset`)."""
     from mae_transfer.data.toy import is_toy_data
 
     if not path or is_toy_data(path):  # the built-in toy data, also when passed as --data (the demo's larger splits)
         return f"{dataset} (toy)"
-    expected = BENCHMARK_CLASSES.get(dataset)
+    expected = benchmark_classes
     if expected is None or num_classes is None or int(num_classes) == expected:
         return dataset
     layout = dataset if dataset == "imagefolder" else f"{dataset}-layout"
@@ -259,7 +252,6 @@ __all__ = [
     "COLUMNS",
     "RESULTS_FILE",
     "FAILED",
-    "BENCHMARK_CLASSES",
     "dataset_name",
     "is_custom_dataset",
     "row_identity",

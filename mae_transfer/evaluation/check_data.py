@@ -19,6 +19,8 @@ import time
 from typing import Any, Iterator
 
 from mae_transfer.data.errors import DataError
+from mae_transfer.evaluation.options import FLAGS, to_argv, to_overrides
+from mae_transfer.spec import BadData
 
 
 def data_tasks() -> dict[str, str]:
@@ -37,6 +39,27 @@ def data_tasks() -> dict[str, str]:
 
 
 DATA_TASKS = tuple(data_tasks())
+
+
+def _bad_data(task: str) -> BadData:
+    """What a run of ``check-data --task`` ``task`` does with bad data items (its spec's)."""
+    from mae_transfer.evaluation.registry import TASKS
+
+    spec = TASKS.get(data_tasks().get(task, task))
+    return spec.bad_data if spec is not None else BadData()
+
+
+def _skip_flag(bad: BadData) -> str:
+    """The command-line option that leaves bad items out (``--skip-bad``, ``--missing skip``)."""
+    option, value = bad.skip
+    return " ".join(to_argv("", {option: value}, [option], always=(option,))[1:])
+
+
+def _config_value(cfg: Any, key: str) -> Any:
+    """The value at a dotted config ``key`` (``data.skip_bad``), None where there is none."""
+    for part in key.split("."):
+        cfg = getattr(cfg, part, None)
+    return cfg
 
 
 def _files(ds: Any) -> Iterator[tuple[int, list[tuple[str, tuple[int, int] | None]]]]:
@@ -182,11 +205,12 @@ def run_check_data(
     if "dataset" in spec.fixed:
         overrides.setdefault("data", {})["dataset"] = spec.fixed["dataset"]
     preset = preset or spec.default_preset
-    user = spec.load("config")(preset, overrides).data
-    skips = bool(user.skip_bad) if task == "coco" else getattr(user, "missing", "error") == "skip"
+    option, value = spec.bad_data.skip
+    user = spec.load("config")(preset, overrides)
+    skips = _config_value(user, FLAGS[option].key) == value
     # Built leniently, so that everything wrong is counted instead of stopping at the first problem.
-    lenient = {"coco": {"skip_bad": True}}.get(task, {"missing": "skip"})
-    overrides.setdefault("data", {}).update(lenient)
+    for section, values in to_overrides({option: value}, [option]).items():
+        overrides.setdefault(section, {}).update(values)
     cfg = spec.load("config")(preset, overrides)
     release_memory()
     rss0 = _status_kib("VmRSS") or 0
@@ -226,6 +250,8 @@ def run_check_data(
 
 def format_check_data(r: dict[str, Any]) -> tuple[str, bool]:
     """The report as text, and whether a run with the user's settings would stop on this data."""
+    bad = _bad_data(r["task"])
+    skip_flag = _skip_flag(bad)
     lines = [f"check-data {r['task']} on {r['data']}: datasets built in {r['build_seconds']:.1f} s"]
     stops = False
     strict = {"skip": r["run_skips_bad_data"]}
@@ -255,19 +281,18 @@ def format_check_data(r: dict[str, Any]) -> tuple[str, bool]:
             )
             if any(k.startswith("unknown") for k in skipped) and not strict.get("skip"):
                 stops = True
-                lines.append("    (annotations with unknown category/image ids stop a run unless --skip-bad)")
+                lines.append(f"    (annotations with unknown category/image ids stop a run unless {skip_flag})")
         d = s["decode"]
         what = "every image" if d["full"] else f"{d['checked']:,} random images (--full: all {d['of']:,})"
         if d["unreadable"]:
-            # COCO and ADE20K runs stop on such files (COCO's --skip-bad leaves them out); the
-            # classification and pretraining readers replace them (up to a share of the files).
-            skipped = r["task"] not in ("coco", "ade20k") or (r["task"] == "coco" and strict.get("skip"))
-            then = (
-                "skipped" if skipped else "a run stops on them" + (" unless --skip-bad" if r["task"] == "coco" else "")
-            )
+            # What a run does with them is the task's (BadData.unreadable): the classification and
+            # pretraining readers replace them (up to a share of the files), COCO and ADE20K stop
+            # (COCO's --skip-bad leaves them out).
+            skipped = bad.unreadable == "replaced" or (bad.unreadable == "skip" and strict.get("skip"))
+            unless = f" unless {skip_flag}" if bad.unreadable == "skip" else ""
+            then = "skipped" if skipped else "a run stops on them" + unless
             stops = stops or not skipped
-            label = "UNREADABLE OR INVALID" if r["task"] == "ade20k" else "UNREADABLE"
-            lines.append(f"    {label}: {d['unreadable']} of {what} ({d['seconds']:.1f} s; {then}):")
+            lines.append(f"    {bad.label}: {d['unreadable']} of {what} ({d['seconds']:.1f} s; {then}):")
             lines += [f"      {e}" for e in d["examples"]]
         else:
             lines.append(f"    decoded {what}: all readable ({d['seconds']:.1f} s)")

@@ -18,16 +18,20 @@
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 from typing import Any
 
 from torch.utils.data import DataLoader, Dataset
 
-ALIASES = {"inat": "inat2018", "places": "places365"}
-"""Short names ``speed`` accepts for the classification datasets."""
+from mae_transfer.evaluation.speed import data_aliases, data_workloads
+from mae_transfer.spec import resolve
 
-DATA_TASKS = ("coco", "ade20k", "inat2017", "inat2018", "inat2019", "places205", "places365")
+ALIASES = data_aliases()
+"""Short names ``speed`` accepts for the classification datasets (a command -> its default task)."""
+
+DATA_TASKS = data_workloads()
 
 
 def _status_kib(field: str, pid: int | str = "self") -> int | None:
@@ -107,22 +111,42 @@ def _count(batch: list[int]) -> int:
     return len(batch)
 
 
+def write_full_size(
+    kind: str, out: str | os.PathLike, images_from: str | os.PathLike | None = None, scale: float = 1.0, seed: int = 0
+) -> Path:
+    """Write the full-size rehearsal data of the toy dataset ``kind`` (a task's ``ToyData`` with a
+    ``full_size`` writer) into ``out``, its annotations pointing at the images of ``images_from``
+    (default: that toy dataset itself). ``scale`` < 1 shrinks every count (for tests)."""
+    from mae_transfer.data.toy import ensure_toy_dataset
+    from mae_transfer.evaluation.registry import toy_datasets
+
+    toys = toy_datasets()
+    toy = toys.get(kind)
+    if toy is None or toy.full_size is None:
+        have = ", ".join(name for name, t in toys.items() if t.full_size)
+        raise ValueError(f"--full-size writes {have}, not {kind}")
+    if images_from is None:
+        images_from = ensure_toy_dataset(**toy.arguments())
+    return resolve(toy.full_size)(out, images_from=images_from, scale=scale, seed=seed)
+
+
 def full_size_root(kind: str) -> Path:
     """The full-size rehearsal data of ``kind`` in the toolkit's cache, written on first use."""
-    from mae_transfer.data.fullsize import FULL_SIZE_KINDS, write_full_size
     from mae_transfer.data.toy import toy_cache_dir
+    from mae_transfer.evaluation.registry import toy_datasets
 
-    writer_kind = kind
-    if writer_kind not in FULL_SIZE_KINDS:
-        raise ValueError(f"--full-size has data for coco, ade20k, inat (2018) and places (365), not {kind}")
-    root = toy_cache_dir().parent / "fullsize" / writer_kind
+    if kind not in toy_datasets() or toy_datasets()[kind].full_size is None:
+        have = [name for name, t in toy_datasets().items() if t.full_size]
+        named = [next((f"{a} ({k.removeprefix(a)})" for a, k in ALIASES.items() if k == n), n) for n in have]
+        raise ValueError(f"--full-size has data for {', '.join(named[:-1])} and {named[-1]}, not {kind}")
+    root = toy_cache_dir().parent / "fullsize" / kind
     marker = root / ".complete"
     if not marker.exists():
         import shutil
 
         shutil.rmtree(root, ignore_errors=True)
-        print(f"writing the full-size {writer_kind} rehearsal data (official counts) to {root} ...", flush=True)
-        write_full_size(writer_kind, root)
+        print(f"writing the full-size {kind} rehearsal data (official counts) to {root} ...", flush=True)
+        write_full_size(kind, root)
         marker.write_text("ok\n")
     return root
 
@@ -144,7 +168,9 @@ def run_data_speed(
 
     task = ALIASES.get(what, what)
     if task not in DATA_TASKS:
-        raise ValueError(f"--data-only measures the data of {', '.join(DATA_TASKS)} (or inat, places), not {what}")
+        raise ValueError(
+            f"--data-only measures the data of {', '.join(DATA_TASKS)} (or {', '.join(ALIASES)}), not {what}"
+        )
     spec = TASKS[task]
     if full_size and data is None:
         data = str(full_size_root(task))
@@ -293,6 +319,7 @@ __all__ = [
     "format_data_speed",
     "process_memory",
     "full_size_root",
+    "write_full_size",
     "IndexPass",
     "ALIASES",
     "DATA_TASKS",

@@ -53,8 +53,9 @@ def run_demo(output: Path, quick: bool = False, verbose: bool = False, echo=prin
     output = Path(output)
     echo(f"mae-transfer demo{' --quick' if quick else ''}: everything goes to {output}/ (run again to resume)")
 
-    # 1. MAE pretraining on the toy ImageFolder.
-    pre_dir = output / "pretrain"
+    # 1. MAE pretraining on the toy ImageFolder (the registry's pretraining entry).
+    pretrain = next(spec for spec in TASKS.values() if spec.family == "pretrain")
+    pre_dir = output / pretrain.name
     encoder = pre_dir / "encoder.pth"
     if encoder.exists():
         echo(f"[pretrain] done before: {encoder}")
@@ -62,7 +63,6 @@ def run_demo(output: Path, quick: bool = False, verbose: bool = False, echo=prin
         echo(f"[pretrain] a micro MAE on the toy images (log: {pre_dir / 'log.txt'})")
         pre_dir.mkdir(parents=True, exist_ok=True)
         t = time.perf_counter()
-        pretrain = TASKS["pretrain"]
         rc = runner.run_in_process(
             pretrain,
             {"overrides": list(pretrain.demo.quick if quick else pretrain.demo.full), "output": str(pre_dir)},
@@ -86,7 +86,7 @@ def run_demo(output: Path, quick: bool = False, verbose: bool = False, echo=prin
     from mae_transfer.data.toy import ensure_toy_dataset
 
     larger = {t: TASKS[t] for t in tasks if TASKS[t].demo.toy_data and not quick}
-    data = {t: str(ensure_toy_dataset(spec.toy_kind, **spec.demo.toy_data)) for t, spec in larger.items()}
+    data = {t: str(ensure_toy_dataset(**spec.toy_data.arguments(), **spec.demo.toy_data)) for t, spec in larger.items()}
     # A --data folder means real data to the task commands, so name the toy preset explicitly.
     presets = {t: spec.toy_preset for t, spec in larger.items()}
     jobs = runner.plan_jobs(backbones, tasks, results, data=data, presets=presets, overrides=_overrides(tasks, quick))

@@ -13,7 +13,8 @@ Adding a task outside this package (see the README's "Adding a task"): write the
     TASKS["cityscapes"] = TaskSpec(
         name="cityscapes", title="Cityscapes", command="cityscapes", family="dense",
         config="my_tasks.cityscapes.config:build_config", task="my_tasks.cityscapes.task:CityscapesTask",
-        toy_kind="cityscapes", table="cityscapes", columns=(Column("mIoU", "mIoU", "mIoU", bar="mIoU"),))
+        toy_data=ToyData("cityscapes", "my_tasks.cityscapes.toy:write_toy_cityscapes"),
+        table="cityscapes", columns=(Column("mIoU", "mIoU", "mIoU", bar="mIoU"),))
     TABLES["cityscapes"] = TableSpec("Cityscapes semantic segmentation")
 
 and it shows up in ``bench --tasks``, in the tables and in the plots.
@@ -30,7 +31,18 @@ from mae_transfer.classification.spec import SPECS as _CLASSIFICATION
 from mae_transfer.detection.spec import SPECS as _DETECTION
 from mae_transfer.pretrain.spec import SPECS as _PRETRAIN
 from mae_transfer.segmentation.spec import SPECS as _SEGMENTATION
-from mae_transfer.spec import FAMILIES, Column, DemoPlan, DenseRules, TableSpec, TaskSpec, TrainedWeights, resolve
+from mae_transfer.spec import (
+    FAMILIES,
+    BadData,
+    Column,
+    DemoPlan,
+    DenseRules,
+    TableSpec,
+    TaskSpec,
+    ToyData,
+    TrainedWeights,
+    resolve,
+)
 
 # ------------------------------------------------------------------------- tables (paper order)
 TABLES: dict[str, TableSpec] = {
@@ -48,6 +60,20 @@ TASKS: dict[str, TaskSpec] = {**_DETECTION, **_SEGMENTATION, **_CLASSIFICATION, 
 def benchmark_tasks() -> list[str]:
     """The tasks ``bench --tasks all`` runs, in the registry's (the paper's) order."""
     return [name for name, spec in TASKS.items() if spec.benchmark]
+
+
+def toy_datasets() -> dict[str, ToyData]:
+    """Every task's built-in toy dataset by name (``mae-transfer toy-data``'s choices): the
+    pretraining data first, then the benchmarks' in the registry's order. Tasks that share a dataset
+    must declare the same one."""
+    out: dict[str, ToyData] = {}
+    for spec in sorted(TASKS.values(), key=lambda s: s.benchmark):  # stable: registry order within each
+        toy = spec.toy_data
+        if toy is None:
+            continue
+        if out.setdefault(toy.name, toy) != toy:
+            raise ValueError(f"task {spec.name!r} declares another toy dataset {toy.name!r} than {out[toy.name]}")
+    return out
 
 
 def data_keys() -> list[str]:
@@ -124,18 +150,21 @@ def _load_plugins() -> None:
 _load_plugins()
 
 __all__ = [
+    "BadData",
     "Column",
     "DemoPlan",
     "DenseRules",
     "TrainedWeights",
     "TableSpec",
     "TaskSpec",
+    "ToyData",
     "TASKS",
     "TABLES",
     "FAMILIES",
     "resolve",
     "benchmark_tasks",
     "data_keys",
+    "toy_datasets",
     "table_columns",
     "headline_columns",
     "commands",

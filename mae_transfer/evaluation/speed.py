@@ -5,66 +5,87 @@ Workloads (GPU sizes; ``tiny``: the same code paths on micro models, for CPUs an
 MAE pretraining ViT-B/16 (eager and ``torch.compile``) and ViT-L/16, ViT-B fine-tuning at 224,
 ViTDet-B Mask R-CNN at 1024 (training and inference), UperNet ViT-B at 512 (training and
 sliding-window inference). Each line prints its target (README "Speed") beside the measurement.
+
+Every workload is declared by its task (``TaskSpec.speed``, a :class:`~mae_transfer.spec.SpeedPlan`:
+its function, options, defaults and rows here); :func:`workloads`, :func:`data_workloads` and
+:func:`data_aliases` give the ``speed`` command its choices from the registry.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 from mae_transfer.io import atomic_write_json
+
+if TYPE_CHECKING:
+    from mae_transfer.spec import TaskSpec
 
 log = logging.getLogger(__name__)
 
 HOPPER_BF16_TFLOPS = 790.0  # measured dense bf16 matmul peak of an H100/H200 (pretrain/speed.py)
 
 
+def workloads() -> dict[str, TaskSpec]:
+    """The tasks ``mae-transfer speed NAME`` measures (those with a ``SpeedPlan``), in the plans' order."""
+    from mae_transfer.evaluation.registry import TASKS
+
+    specs = [spec for spec in TASKS.values() if spec.speed is not None]
+    return {spec.name: spec for spec in sorted(specs, key=lambda spec: spec.speed.order)}
+
+
+def data_workloads() -> tuple[str, ...]:
+    """The tasks ``speed NAME --data-only`` measures: the benchmark tasks that train on data of their
+    own (``check-data``'s tasks less the shared ``--data`` groups such as ImageNet), in registry order."""
+    from mae_transfer.evaluation.registry import TASKS, benchmark_tasks
+
+    return tuple(
+        name
+        for name in benchmark_tasks()
+        if not TASKS[name].data_group and TASKS[name].family not in ("frozen", "train")
+    )
+
+
+def data_aliases() -> dict[str, str]:
+    """The commands of :func:`data_workloads` named otherwise than their tasks -> the task that
+    command runs by default (``inat`` -> ``inat2018``: the default of ``--year``)."""
+    from mae_transfer.evaluation.options import FLAGS
+    from mae_transfer.evaluation.registry import TASKS, spec_for
+
+    defaults = {name: flag.kwargs.get("default") for name, flag in FLAGS.items()}
+    out: dict[str, str] = {}
+    for task in data_workloads():
+        command = TASKS[task].command
+        if command != task and command not in out:
+            out[command] = spec_for(command, defaults).name
+    return out
+
+
 def _workloads(
     tiny: bool, device: str | None, precision: str = "auto", steps: int | None = None, warmup: int | None = None
 ) -> list[tuple[str, str, Callable[[], dict]]]:
-    """(label, target, run) of every workload, run lazily; ``steps`` / ``warmup`` replace each
-    workload's own counts when given."""
-    from mae_transfer.classification.speed import run_finetune_speed
-    from mae_transfer.detection.speed import run_detection_speed
-    from mae_transfer.pretrain.speed import run_pretrain_speed
-    from mae_transfer.segmentation.speed import run_segmentation_speed
+    """(label, target, run) of every workload (the ``bench`` or ``tiny`` rows of each task's
+    ``SpeedPlan``), run lazily; ``steps`` / ``warmup`` replace each workload's own counts when given."""
+    from mae_transfer.spec import resolve
 
     if tiny:  # micro models, a few steps: the code paths, not the numbers
         kw = dict(steps=steps or 2, warmup=1 if warmup is None else warmup, device=device, precision=precision)
-        return [
-            ("MAE pretrain micro/8", "-", lambda: run_pretrain_speed("mae_vit_micro_patch8", batch_size=8, **kw)),
-            ("fine-tune micro/8", "-", lambda: run_finetune_speed("toy_finetune", batch_size=8, num_classes=10, **kw)),
-            ("Mask R-CNN micro", "-", lambda: run_detection_speed("toy", batch_size=2, **kw)),
-            ("UperNet micro", "-", lambda: run_segmentation_speed("toy", batch_size=2, **kw)),
-        ]
-    kw = dict(
-        device=device,
-        precision=precision,
-        **({} if steps is None else {"steps": steps}),
-        **({} if warmup is None else {"warmup": warmup}),
-    )
-    return [
-        (
-            "MAE pretrain ViT-B/16",
-            ">= 40 % MFU",
-            lambda: run_pretrain_speed("mae_vit_base_patch16", batch_size=256, **kw),
-        ),
-        (
-            "MAE pretrain ViT-B/16 compiled",
-            ">= 40 % MFU",
-            lambda: run_pretrain_speed("mae_vit_base_patch16", batch_size=256, compile=True, **kw),
-        ),
-        (
-            "MAE pretrain ViT-L/16",
-            ">= 40 % MFU",
-            lambda: run_pretrain_speed("mae_vit_large_patch16", batch_size=128, **kw),
-        ),
-        ("fine-tune ViT-B/16", ">= 3000 img/s", lambda: run_finetune_speed("finetune_vit_base", batch_size=128, **kw)),
-        ("ViTDet-B Mask R-CNN", ">= 6.4 img/s", lambda: run_detection_speed("vitdet_mask_rcnn_b", batch_size=4, **kw)),
-        ("UperNet ViT-B", ">= 40 img/s", lambda: run_segmentation_speed("upernet_vit_b", batch_size=8, **kw)),
-    ]
+    else:
+        kw = dict(
+            device=device,
+            precision=precision,
+            **({} if steps is None else {"steps": steps}),
+            **({} if warmup is None else {"warmup": warmup}),
+        )
+    out = []
+    for spec in workloads().values():
+        run = resolve(spec.speed.run)
+        for row in spec.speed.tiny if tiny else spec.speed.bench:
+            out.append((row.label, row.target, functools.partial(run, **row.kwargs, **kw)))
+    return out
 
 
 def _row(label: str, target: str, r: dict) -> dict:
@@ -161,4 +182,4 @@ def format_speed_table(rows: list[dict]) -> str:
     return "\n".join("  ".join(str(c).ljust(w) for c, w in zip(line, widths)).rstrip() for line in lines)
 
 
-__all__ = ["run_speed_all", "format_speed_table"]
+__all__ = ["run_speed_all", "format_speed_table", "workloads", "data_workloads", "data_aliases"]

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from mae_transfer.spec import DemoPlan, TaskSpec
+from mae_transfer.pretrain.data_spec import TOY_DATA
+from mae_transfer.spec import DemoPlan, SpeedPlan, SpeedRun, TaskSpec
 
 PRETRAIN_HELP = """\
 Pretrain a Masked Autoencoder (MAE) ViT.
@@ -50,8 +51,39 @@ SPECS: dict[str, TaskSpec] = {
         family="pretrain",
         config="mae_transfer.pretrain.config:build_config",
         task="mae_transfer.pretrain.task:PretrainTask",
-        toy_kind="imagefolder",
+        toy_data=TOY_DATA,
         benchmark=False,
         demo=DemoPlan(full=("train.epochs=30",), quick=("train.epochs=3",)),
+        speed=SpeedPlan(
+            run="mae_transfer.pretrain.speed:run_pretrain_speed",
+            options=(
+                "model",
+                "batch_size",
+                "steps",
+                "warmup",
+                "precision",
+                "device",
+                "compile",
+                "grad_checkpointing",
+                "img_size",
+                "peak_tflops",
+                "json",
+            ),
+            order=0,
+            cpu_defaults={"batch_size": 8},
+            report="mae_transfer.pretrain.speed:format_speed_report",
+            writes_json=True,
+            # README "Speed": the MAE ViT-B target, 40 % of the measured bf16 peak of an H100/H200.
+            bench=(
+                SpeedRun("MAE pretrain ViT-B/16", ">= 40 % MFU", {"model": "mae_vit_base_patch16", "batch_size": 256}),
+                SpeedRun(
+                    "MAE pretrain ViT-B/16 compiled",
+                    ">= 40 % MFU",
+                    {"model": "mae_vit_base_patch16", "batch_size": 256, "compile": True},
+                ),
+                SpeedRun("MAE pretrain ViT-L/16", ">= 40 % MFU", {"model": "mae_vit_large_patch16", "batch_size": 128}),
+            ),
+            tiny=(SpeedRun("MAE pretrain micro/8", "-", {"model": "mae_vit_micro_patch8", "batch_size": 8}),),
+        ),
     ),
 }

@@ -13,6 +13,7 @@ from torchvision import transforms
 from mae_transfer.engine.optim import param_groups
 from mae_transfer.engine.trainer import OptimConfig, Trainer, TrainTask
 from mae_transfer.pretrain.config import PretrainConfig
+from mae_transfer.pretrain.data_spec import TOY_DATA
 from mae_transfer.pretrain.model import MaskedAutoencoderViT, create_mae
 
 log = logging.getLogger(__name__)
@@ -53,7 +54,7 @@ def resolve_data_root(cfg: PretrainConfig) -> tuple[Path, bool]:
         return Path(cfg.data.path).expanduser(), False
     from mae_transfer.data.toy import ensure_toy_dataset
 
-    root = ensure_toy_dataset("imagefolder", train_per_class=cfg.data.toy_images_per_class)
+    root = ensure_toy_dataset(**TOY_DATA.arguments(), train_per_class=cfg.data.toy_images_per_class)
     return Path(root), True
 
 

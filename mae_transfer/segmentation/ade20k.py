@@ -53,11 +53,9 @@ from mae_transfer.data.errors import DataError
 from mae_transfer.data.folder import load_rgb
 from mae_transfer.data.index import StringPairs
 from mae_transfer.data.stats import IMAGENET_MEAN, IMAGENET_STD
+from mae_transfer.segmentation.data_spec import NUM_CLASSES  # SceneParse150: label maps hold 1..150, 0 = unlabelled
 
 log = logging.getLogger(__name__)
-
-NUM_CLASSES = 150
-"""SceneParse150 classes; the label maps hold 1..150, with 0 = other/unlabelled."""
 
 IGNORE_INDEX = 255
 """Label value of pixels that are neither trained on nor evaluated."""

@@ -2,7 +2,17 @@
 
 from __future__ import annotations
 
-from mae_transfer.spec import Column, DemoPlan, DenseRules, TaskSpec, TrainedWeights
+from mae_transfer.segmentation.data_spec import NUM_CLASSES, TOY_DATA
+from mae_transfer.spec import (
+    BadData,
+    Column,
+    DemoPlan,
+    DenseRules,
+    SpeedPlan,
+    SpeedRun,
+    TaskSpec,
+    TrainedWeights,
+)
 
 ADE20K_HELP = """\
 ADE20K semantic segmentation with UperNet on a ViT (MAE paper Table 5): the same function as
@@ -59,7 +69,10 @@ SPECS: dict[str, TaskSpec] = {
         config="mae_transfer.segmentation.config:build_config",
         task="mae_transfer.segmentation.task:SegmentationTask",
         report="mae_transfer.segmentation.task:report",
-        toy_kind="ade20k",
+        toy_data=TOY_DATA,
+        num_classes=NUM_CLASSES,
+        # A run stops on an undecodable image or label map, and on label values beyond the classes.
+        bad_data=BadData(unreadable="stop", label="UNREADABLE OR INVALID"),
         default_preset="upernet_vit_b",
         table="ade20k",
         dense=_SEG,
@@ -76,6 +89,13 @@ SPECS: dict[str, TaskSpec] = {
         },
         options=("num_classes", "bad_labels", "missing", "flip", "multi_scale"),
         demo=DemoPlan(full=("train.epochs=12",), quick=()),
+        speed=SpeedPlan(
+            run="mae_transfer.segmentation.speed:run_segmentation_speed",
+            options=("preset", "batch_size", "steps", "warmup", "precision", "device", "json"),
+            order=3,
+            bench=(SpeedRun("UperNet ViT-B", ">= 40 img/s", {"preset": "upernet_vit_b", "batch_size": 8}),),
+            tiny=(SpeedRun("UperNet micro", "-", {"preset": "toy", "batch_size": 2}),),
+        ),
         columns=(
             Column("mIoU", "mIoU", "mIoU", r".*_ss", keep="always", bar="mIoU", bar_fallback=True),
             Column("mIoU_msflip", "mIoU (ms+flip)", "mIoU", r".*_ms\+flip", keep="present"),

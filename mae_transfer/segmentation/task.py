@@ -46,6 +46,7 @@ from mae_transfer.segmentation.ade20k import (
     palette,
 )
 from mae_transfer.segmentation.config import SegmentationConfig
+from mae_transfer.segmentation.data_spec import NUM_CLASSES, TOY_DATA
 from mae_transfer.segmentation.metrics import SegmentationEvaluator
 from mae_transfer.segmentation.model import build_upernet, slide_inference
 
@@ -98,7 +99,7 @@ def _resolve_root(cfg: SegmentationConfig) -> Path:
         return root
     from mae_transfer.data.toy import ensure_toy_dataset
 
-    return ensure_toy_dataset("ade20k")
+    return ensure_toy_dataset(**TOY_DATA.arguments())
 
 
 class SegmentationTask(TrainTask):
@@ -267,14 +268,19 @@ class SegmentationTask(TrainTask):
         return F.interpolate(out, size=tuple(out_size), mode="bilinear", align_corners=False)
 
     def predict_logits(self, model: nn.Module, image, out_size, autocast: Callable) -> torch.Tensor:
-        """Class probabilities (C, H, W) at ``out_size`` for one normalised image, or for each image of
-        a list (the test-time scales of :class:`EvalTransform`), with and without flips when
-        ``test.flip``: the soft-maxed :meth:`logits` of every pass, summed (mmsegmentation's
-        ``SegTTAModel`` averages them; the argmax is the same)."""
+        """Class scores (C, H, W) at ``out_size`` whose argmax is the prediction, for one normalised
+        image or for each image of a list (the test-time scales of :class:`EvalTransform`), with and
+        without flips when ``test.flip``. One pass: its :meth:`logits` (mmsegmentation takes the
+        argmax of the logits; a softmax over every class at full resolution would change nothing but
+        the time, and could only tie two nearly equal classes). Several passes: their soft-maxed
+        logits, summed (mmsegmentation's ``SegTTAModel`` averages them; the argmax is the same)."""
         images = image if isinstance(image, (list, tuple)) else [image]
+        flips = [False, True] if self.cfg.test.flip else [False]
+        if len(images) == 1 and len(flips) == 1:
+            return self.logits(model, images[0], out_size, autocast, False)[0]
         probs = None
         for x in images:
-            for flip in [False, True] if self.cfg.test.flip else [False]:
+            for flip in flips:
                 p = self.logits(model, x, out_size, autocast, flip).softmax(1)
                 probs = p if probs is None else probs + p
         return probs[0]
@@ -310,7 +316,7 @@ class SegmentationTask(TrainTask):
         test = "ms" if len(cfg.test.scales) > 1 else "ss"
         common = dict(
             task=self.name,  # the registry entry that runs it (front sets it)
-            dataset=dataset_name("ade20k", cfg.data.path, cfg.data.num_classes),
+            dataset=dataset_name(TOY_DATA.name, cfg.data.path, cfg.data.num_classes, benchmark_classes=NUM_CLASSES),
             split=cfg.data.val_split,
             protocol=f"{cfg.recipe}_{test}{'+flip' if cfg.test.flip else ''}",
             step=step,
