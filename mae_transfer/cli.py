@@ -384,6 +384,15 @@ def _add_bench(sub) -> None:
         metavar="NAME",
         help="architecture of random-init backbones (default: that of the first checkpoint)",
     )
+    p.add_argument(
+        "--seeds",
+        type=int,
+        default=1,
+        metavar="N",
+        help="run every training job N times, with train.seed S, S+1, ..., S+N-1 (S: its config's seed, 0 by "
+        "default; the first is the job of a bench without --seeds); each seed is a job of its own (skipped "
+        "when done) and the tables show mean ± std (n). k-NN trains nothing with a seed: it runs once",
+    )
     _add_flags(p, ["trust_checkpoint"])
     p.add_argument(
         "--launcher",
@@ -460,11 +469,27 @@ def _run_bench(args) -> int:
         )
     results = Path(args.results)
     jobs = bench.plan_jobs(
-        backbones, tasks, results, data, presets, overrides, args.random_model, trust=args.trust_checkpoint
+        backbones,
+        tasks,
+        results,
+        data,
+        presets,
+        overrides,
+        args.random_model,
+        trust=args.trust_checkpoint,
+        seeds=args.seeds,
     )
+    seeds = f", {args.seeds} seeds of each training job" if args.seeds > 1 else ""
     print(
-        f"{len(jobs)} jobs: {len(backbones)} backbone(s) x {len(tasks)} task(s); results: {results / 'results.jsonl'}"
+        f"{len(jobs)} jobs: {len(backbones)} backbone(s) x {len(tasks)} task(s){seeds}; "
+        f"results: {results / 'results.jsonl'}"
     )
+    once = [t for t in tasks if args.seeds > 1 and not any(j.task == t and j.seed is not None for j in jobs)]
+    if once:
+        print(
+            f"--seeds {args.seeds}: {', '.join(once)}: no training seed (frozen features, a fixed evaluation): "
+            "run once, a single number in the tables"
+        )
     if args.launcher == "print":
         bench.print_commands(jobs, results, args.nproc_per_node)
         return 0

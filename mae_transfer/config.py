@@ -257,16 +257,27 @@ IDENTITY_EXCLUDE = frozenset(
 )
 
 
+# Fields added after job keys were first published, with the value that means "as before": left
+# out of the identity while they hold it, so the jobs of earlier stores keep their keys.
+IDENTITY_SINCE = {
+    "label_fraction": None,  # low-label transfer (classification data section)
+    "shots": None,
+}
+
+
 def identity(cfg: Any) -> Any:
     """``cfg`` (a config or a mapping of options) without what changes no number: the keys in
-    :data:`IDENTITY_EXCLUDE` at any depth, and ``data`` when it is a folder rather than a section."""
+    :data:`IDENTITY_EXCLUDE` at any depth, ``data`` when it is a folder rather than a section, and
+    the keys of :data:`IDENTITY_SINCE` at their old value."""
 
     def strip(value: Any) -> Any:
         if isinstance(value, dict):
             return {
                 k: strip(v)
                 for k, v in value.items()
-                if k not in IDENTITY_EXCLUDE and not (k == "data" and (v is None or isinstance(v, str)))
+                if k not in IDENTITY_EXCLUDE
+                and not (k == "data" and (v is None or isinstance(v, str)))
+                and not (k in IDENTITY_SINCE and v == IDENTITY_SINCE[k])
             }
         return value
 

@@ -193,7 +193,7 @@ SMALL = [
 
 def test_coco_command_trains_evaluates_saves_and_reevaluates_the_same_numbers(tmp_path, cache, capsys):
     out = tmp_path / "det"
-    assert main(["coco", "--output", str(out), "--epochs", "2", "--visualize", "2", *SMALL]) == 0
+    assert main(["coco", "--output", str(out), "--epochs", "1", "--visualize", "2", *SMALL]) == 0
     printed = capsys.readouterr().out
     assert "bbox" in printed and "segm" in printed
     r = result_rows(out)
@@ -206,14 +206,14 @@ def test_coco_command_trains_evaluates_saves_and_reevaluates_the_same_numbers(tm
 
     # The same command again: the run is complete, so it only re-evaluates, to the same numbers.
     ckpt_before = (out / "checkpoint-last.pth").stat().st_mtime_ns
-    assert main(["coco", "--output", str(out), "--epochs", "2", *SMALL]) == 0
+    assert main(["coco", "--output", str(out), "--epochs", "1", *SMALL]) == 0
     assert (out / "checkpoint-last.pth").stat().st_mtime_ns == ckpt_before
     assert result_rows(out) == pytest.approx(r, nan_ok=True)
 
     # Training is deterministic on a machine, with or without DataLoader worker processes (the
     # demo's COCO comparison rests on it): a fresh run gives the same losses and the same AP.
     fresh = tmp_path / "fresh"
-    assert main(["coco", "--output", str(fresh), "--epochs", "2", *SMALL, "train.num_workers=1"]) == 0
+    assert main(["coco", "--output", str(fresh), "--epochs", "1", *SMALL, "train.num_workers=1"]) == 0
 
     def losses(lines):  # the loss and lr columns (the others are timings)
         head = lines[0].split(",")

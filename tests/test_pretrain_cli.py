@@ -269,3 +269,29 @@ def test_a_runs_config_yaml_as_preset_reproduces_the_run(tmp_path, cache):
     a = torch.load(first / "encoder.pth", weights_only=True)["model"]
     b = torch.load(again / "encoder.pth", weights_only=True)["model"]
     assert list(a) == list(b) and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_online_knn_logs_its_curve_and_the_plot_shows_it(tmp_path, cache):
+    """`pretrain --knn-data DIR --knn-every 1`: the encoder's k-NN top-1 on DIR's val split after
+    every epoch, in eval.csv next to the training curve, and beside the loss in the pretraining plot;
+    without --knn-data nothing is evaluated (no eval.csv)."""
+    from mae_transfer.cli import main
+    from mae_transfer.data.toy import write_imagefolder
+    from mae_transfer.evaluation.plots import plot_pretraining
+
+    knn_data = write_imagefolder(tmp_path / "knn_images", train_per_class=8, val_per_class=4, image_size=32)
+    out = tmp_path / "run"
+    assert main(["pretrain", "--output", str(out), "--epochs", "2", "--knn-data", str(knn_data), *TINY]) == 0
+    rows = (out / "eval.csv").read_text().splitlines()
+    head = rows[0].split(",")
+    assert {"epoch", "knn_top1", "knn_top5"} <= set(head) and len(rows) == 3  # after epochs 1 and 2
+    for row in rows[1:]:
+        value = dict(zip(head, row.split(",")))
+        assert 0.0 <= float(value["knn_top1"]) <= float(value["knn_top5"]) <= 100.0
+    assert [dict(zip(head, r.split(",")))["epoch"] for r in rows[1:]] == ["1", "2"]
+    assert "online k-NN (k=20): top-1" in (out / "log.txt").read_text()
+    assert plot_pretraining(out, tmp_path / "pre.png").stat().st_size > 1000
+
+    plain = tmp_path / "plain"
+    assert main(["pretrain", "--output", str(plain), "--epochs", "1", *TINY]) == 0
+    assert not (plain / "eval.csv").exists()

@@ -14,7 +14,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from mae_transfer.checkpoint.formats import infer_vit_config, to_vit_state_dict
+from mae_transfer.checkpoint.formats import infer_vit_config
 from mae_transfer.checkpoint.hub import is_named, weights_file
 from mae_transfer.checkpoint.reading import read_checkpoint
 
@@ -46,7 +46,8 @@ def describe_checkpoint(path: str | os.PathLike, trust: bool = False) -> dict[st
             hit = _CACHE.get(key)
         if hit is not None:
             return dict(hit)
-    info = infer_vit_config(to_vit_state_dict(read_checkpoint(path, trust=trust)))
+    # The file as read: its format is named from its own layout (infer_vit_config converts it).
+    info = infer_vit_config(read_checkpoint(path, trust=trust))
     if key is not None:
         with _LOCK:
             _CACHE[key] = dict(info)

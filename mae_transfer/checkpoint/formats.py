@@ -2,7 +2,8 @@
 
 Ours are the official MAE / timm names; :func:`to_vit_state_dict` converts Hugging Face
 (:mod:`.hf`), mmsegmentation / mmpretrain (:mod:`.mmseg`) and detectron2 ViTDet (:mod:`.detectron2`)
-backbones, and :func:`infer_vit_config` reads the architecture off the shapes.
+backbones and the released baselines of the MAE paper's comparisons as they are published (MoCo v3,
+BEiT, DeiT, DINO, DINOv2), and :func:`infer_vit_config` reads the architecture off the shapes.
 """
 
 from __future__ import annotations
@@ -31,6 +32,11 @@ FORMATS = (
     "hf_vitmae_pretraining",
     "detectron2_vitdet",
     "mmseg",
+    "mocov3",
+    "beit",
+    "deit",
+    "dino",
+    "dinov2",
     "unknown",
 )
 
@@ -39,6 +45,8 @@ FORMATS = (
 _CONTAINER_KEYS = ("model", "state_dict", "module")
 # Prefixes that wrappers add to every key: DDP / DataParallel and torch.compile.
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+# A DINO / iBOT training checkpoint holds "student" and "teacher"; DINO's evaluation reads the teacher.
+_SSL_TEACHER_KEY = "teacher"
 
 _OUR_TRAIN_FORMAT = "mae_transfer.train_checkpoint"
 
@@ -87,6 +95,10 @@ def _unwrap(state: Any) -> tuple[dict[str, torch.Tensor], bool]:
             if isinstance(v, Mapping) and (_looks_like_state_dict(v) or any(c in v for c in _CONTAINER_KEYS)):
                 inner = v
                 break
+        if inner is None and not _looks_like_state_dict(state):
+            v = state.get(_SSL_TEACHER_KEY)
+            if isinstance(v, Mapping) and _looks_like_state_dict(v):
+                inner = v
         if inner is None:
             break
         state = inner
@@ -131,6 +143,64 @@ _HF_ENCODER_STARTS = (
 )
 
 
+# ---------------------------------------------------------------------------- released baselines
+# MoCo v3 (github.com/facebookresearch/moco-v3): {"state_dict": MoCo_ViT under DDP}, the ViT in
+# module.base_encoder (its head replaced by the projection MLP), module.momentum_encoder (a copy) and
+# module.predictor. Its main_lincls.py keeps base_encoder without its head: so do we.
+_MOCO_ENCODER = "base_encoder."
+# BEiT's pretraining checkpoints share one relative position table across the blocks.
+_BEIT_SHARED_TABLE = "rel_pos_bias.relative_position_bias_table"
+_LAYER_SCALE = re.compile(r"\.ls([12])\.gamma$")  # timm / DINOv2 names of layer scale
+_DINOV2_CHUNK = re.compile(r"^blocks\.\d+\.(\d+)\.")  # DINOv2's block_chunks: blocks.<chunk>.<block>.
+
+
+def _moco_prefix(keys: Any) -> str | None:
+    """The prefix up to ``base_encoder.`` of a MoCo v3 ViT checkpoint's keys, or None."""
+    for k in keys:
+        if k.endswith(_MOCO_ENCODER + "patch_embed.proj.weight"):
+            return k[: -len("patch_embed.proj.weight")]
+    return None
+
+
+def _is_dino_training(keys: list[str]) -> bool:
+    """A DINO teacher (or student): the ViT under ``backbone.``, DINO's head (``head.last_layer``)."""
+    return any(k.startswith("backbone.") and k.endswith("patch_embed.proj.weight") for k in keys) and any(
+        k.startswith("head.last_layer") for k in keys
+    )
+
+
+def _is_beit(keys: list[str]) -> bool:
+    """BEiT's names: separate ``q_bias`` / ``v_bias``, a shared table, or per-block tables without ``pos_embed``."""
+    if any(k == _BEIT_SHARED_TABLE or k.endswith("." + _BEIT_SHARED_TABLE) for k in keys):
+        return True
+    if any(k.endswith(".attn.q_bias") for k in keys):
+        return True
+    tables = any(k.endswith(".attn.relative_position_bias_table") for k in keys)
+    return tables and not any(k == "pos_embed" or k.endswith(".pos_embed") for k in keys)
+
+
+def _is_dinov2(sd: Mapping[str, Any], keys: list[str]) -> bool:
+    """DINOv2's layer scale (``ls1.gamma``) with its ``mask_token``, registers or 14-pixel patches."""
+    if not any(_LAYER_SCALE.search(k) for k in keys):
+        return False
+    if any(k.split(".")[-1] in ("mask_token", "register_tokens", "reg_token") for k in keys):
+        return True
+    return any(
+        k.endswith("patch_embed.proj.weight") and getattr(sd[k], "dim", lambda: 0)() == 4 and sd[k].shape[-1] == 14
+        for k in keys
+    )
+
+
+def _learned_class_row(sd: Mapping[str, Any]) -> bool:
+    """Whether ``pos_embed`` has a class row that was learned (not the zero row of MAE's and MoCo v3's
+    fixed sin-cos tables). False for tensors without values (the meta device)."""
+    pos = sd.get("pos_embed")
+    if not isinstance(pos, torch.Tensor) or pos.is_meta or pos.dim() != 3 or "cls_token" not in sd:
+        return False
+    found = _grid_from_tokens(int(pos.shape[1]), 1)
+    return bool(found and found[0] == 1 and pos[0, 0].float().abs().max() > 0)
+
+
 def _classify(sd: Mapping[str, Any]) -> str:
     """Format of a bare (unwrapped, prefix-stripped) state dict, from its key names only."""
     keys = list(sd)
@@ -140,6 +210,10 @@ def _classify(sd: Mapping[str, Any]) -> str:
         return "detectron2_vitdet"
     if any(k.startswith(("backbone.layers.", "backbone.patch_embed.projection.")) for k in keys):
         return "mmseg"
+    if _moco_prefix(keys) is not None:
+        return "mocov3"
+    if _is_dino_training(keys):
+        return "dino"
     hf_enc = any(k.startswith(_HF_ENCODER_STARTS) for k in keys)
     hf_dec = any(
         k.startswith(("decoder.decoder_layers.", "decoder.decoder_pred.", "decoder.decoder_embed.")) for k in keys
@@ -150,6 +224,12 @@ def _classify(sd: Mapping[str, Any]) -> str:
         re.match(r"^blocks\.\d+\.", k) for k in keys
     )
     if timm_like:
+        if _is_beit(keys):
+            return "beit"
+        if _is_dinov2(sd, keys):
+            return "dinov2"
+        if any(k == "dist_token" or k.endswith(".dist_token") for k in keys):
+            return "deit"
         if "mask_token" in sd or any(k.startswith("decoder_") for k in keys):
             return "mae_full"
         if any(k.startswith(("head.", "fc_norm.")) for k in keys):
@@ -177,12 +257,36 @@ def detect_format(state: Any) -> str:
     - ``"timm_vit"``: official / timm names with a classifier (``head.*`` or ``fc_norm.*``);
     - ``"mae_encoder"``: official / timm names, no classifier, no decoder (released encoders).
       ``timm_vit`` and ``mae_encoder`` share every name and convert identically;
+    - ``"mocov3"``: a MoCo v3 checkpoint (``base_encoder.``, with ``momentum_encoder.`` and
+      ``predictor.``; usually ``{"state_dict": ...}`` under DDP's ``module.``);
+    - ``"beit"``: BEiT's names (timm's ``beit_*`` and the official release): ``attn.q_bias`` /
+      ``attn.v_bias``, per-block (or a shared ``rel_pos_bias.``) ``relative_position_bias_table``
+      and no ``pos_embed``;
+    - ``"dinov2"``: layer scale as ``ls1.gamma`` / ``ls2.gamma`` with DINOv2's ``mask_token`` or
+      register tokens (``register_tokens``, timm's ``reg_token``) or 14-pixel patches (timm's
+      ``vit_*_patch14_dinov2`` and the official release, also with ``block_chunks``);
+    - ``"deit"``: DeiT's distilled ViT (``dist_token``, ``head_dist``). A plain DeiT or any other
+      supervised timm ViT has exactly timm's names and is ``timm_vit``;
+    - ``"dino"``: a DINO training checkpoint (its ``teacher``: ``backbone.`` and DINO's head
+      ``head.last_layer``), or a bare state dict (no container, as DINO's releases and timm's
+      ``vit_*.dino`` files are) of a headless encoder whose ``pos_embed`` class row was learned.
+      An MAE or MoCo v3 encoder has the zero class row of a fixed sin-cos table, and MAE releases
+      come in ``{"model": ...}``; a headless supervised encoder saved bare would read as ``dino``
+      too (the tensors are converted identically, only the name differs). Meta tensors: ``mae_encoder``;
     - ``"unknown"``: anything else (optimizer-only files, detection heads, other models).
     """
     sd, ours = _unwrap(state)
     if ours:
         return "ours"
-    return _classify_any(sd)
+    fmt = _classify_any(sd)
+    if fmt == "mae_encoder" and _is_bare(state) and _learned_class_row(_strip_generic_prefix(dict(sd))):
+        return "dino"
+    return fmt
+
+
+def _is_bare(state: Any) -> bool:
+    """Whether ``state`` is itself the tensor dict (no ``{"model": ...}``-style container)."""
+    return isinstance(state, Mapping) and _looks_like_state_dict(state)
 
 
 def _classify_any(sd: Mapping[str, Any]) -> str:
@@ -206,6 +310,78 @@ def _merge_split_qkv_bias(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor
     return sd
 
 
+def _rename_layer_scale(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """timm / DINOv2 ``blocks.N.ls1.gamma`` / ``ls2.gamma`` -> our (BEiT's) ``gamma_1`` / ``gamma_2``."""
+    if not any(_LAYER_SCALE.search(k) for k in sd):
+        return sd
+    return {_LAYER_SCALE.sub(r".gamma_\1", k): v for k, v in sd.items()}
+
+
+def _mocov3_to_vit(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The base encoder without its projection head (MoCo v3's main_lincls.py); the momentum
+    encoder, the predictor and the projection head are left out."""
+    prefix = _moco_prefix(sd) or _MOCO_ENCODER
+    return {k[len(prefix) :]: v for k, v in sd.items() if k.startswith(prefix) and not k.startswith(prefix + "head.")}
+
+
+def _dino_to_vit(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A DINO training checkpoint's ViT (``backbone.``, DINO's eval code); its head is left out.
+    A released (bare) file has our names already."""
+    if _is_dino_training(list(sd)):
+        return {k[len("backbone.") :]: v for k, v in sd.items() if k.startswith("backbone.")}
+    return _strip_generic_prefix(dict(sd))
+
+
+def _beit_to_vit(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """timm's / the official BEiT names are ours but for: a shared table (pretraining checkpoints),
+    copied into every block as BEiT's fine-tuning code does; the ``relative_position_index``
+    buffers (rebuilt by our attention) and the pretraining ``mask_token``, left out. ``q_bias`` /
+    ``v_bias`` are merged into ``qkv.bias`` for every format (:func:`_merge_split_qkv_bias`)."""
+    out = _strip_generic_prefix(dict(sd))
+    shared = out.pop(_BEIT_SHARED_TABLE, None)
+    out.pop("rel_pos_bias.relative_position_index", None)
+    out.pop("mask_token", None)
+    for k in [k for k in out if k.endswith(".attn.relative_position_index")]:
+        del out[k]
+    if shared is not None:
+        for i in _block_indices(out, "blocks"):
+            out.setdefault(f"blocks.{i}.attn.relative_position_bias_table", shared.clone())
+    return out
+
+
+def _deit_to_vit(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """DeiT's distillation token becomes one register token: tokens [class, dist, patches] with
+    position rows for the class and dist tokens are [class, register, patches] with the dist row
+    added to the token (a prefix row is never interpolated, so this holds at every input size).
+    ``head_dist`` stays as it is (no place in our ViT: reported unexpected)."""
+    out = _strip_generic_prefix(dict(sd))
+    dist, pos = out.get("dist_token"), out.get("pos_embed")
+    if dist is None or pos is None or pos.dim() != 3 or "cls_token" not in out:
+        return out
+    side = math.isqrt(max(int(pos.shape[1]) - 2, 0))
+    if side * side != int(pos.shape[1]) - 2:
+        return out
+    del out["dist_token"]
+    out["reg_token"] = dist + pos[:, 1:2]
+    out["pos_embed"] = torch.cat([pos[:, :1], pos[:, 2:]], dim=1)
+    return out
+
+
+def _dinov2_to_vit(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """DINOv2 (official and timm): ``block_chunks`` flattened, ``register_tokens`` -> ``reg_token``,
+    ``mask_token`` (pretraining only) left out; ``ls1.gamma`` renamed for every format
+    (:func:`_rename_layer_scale`). The official register models add the class row of ``pos_embed``
+    to the class token as ours do; timm's files hold it in ``cls_token`` and have no class row (a
+    zero row is added when loading)."""
+    out: dict[str, torch.Tensor] = {}
+    for k, v in _strip_generic_prefix(dict(sd)).items():
+        if k == "mask_token":
+            continue
+        k = "reg_token" if k == "register_tokens" else _DINOV2_CHUNK.sub(r"blocks.\1.", k)
+        out[k] = v
+    return out
+
+
 def to_vit_state_dict(state: Any, fmt: str | None = None) -> dict[str, torch.Tensor]:
     """Convert a checkpoint in any supported format to this toolkit's parameter names.
 
@@ -213,7 +389,11 @@ def to_vit_state_dict(state: Any, fmt: str | None = None) -> dict[str, torch.Ten
     ``fmt`` forces a format (one of :data:`FORMATS`) instead of :func:`detect_format`. Keys that
     have no counterpart keep their original names, so loading reports them as unexpected.
     Hugging Face q/k/v projections are fused into ``attn.qkv`` in q, k, v order; BEiT-style
-    separate q/v biases become ``attn.qkv.bias`` with a zero key bias.
+    separate q/v biases become ``attn.qkv.bias`` with a zero key bias; timm's layer scale
+    ``ls1.gamma`` / ``ls2.gamma`` becomes ``gamma_1`` / ``gamma_2``. The released baselines:
+    MoCo v3's base encoder and DINO's teacher without their projection heads, BEiT's shared table
+    in every block, DeiT's distillation token as a register token, DINOv2's registers as
+    ``reg_token`` (see the ``_*_to_vit`` functions).
     """
     sd, ours = _unwrap(state)
     if fmt is None or fmt == "ours":
@@ -222,6 +402,16 @@ def to_vit_state_dict(state: Any, fmt: str | None = None) -> dict[str, torch.Ten
         raise ValueError(f"unknown checkpoint format {fmt!r}; choose one of: {', '.join(FORMATS)}")
     if fmt in ("mae_full", "mae_encoder", "timm_vit"):
         out = _strip_generic_prefix(sd)
+    elif fmt == "mocov3":
+        out = _mocov3_to_vit(sd)
+    elif fmt == "dino":
+        out = _dino_to_vit(sd)
+    elif fmt == "beit":
+        out = _beit_to_vit(sd)
+    elif fmt == "deit":
+        out = _deit_to_vit(sd)
+    elif fmt == "dinov2":
+        out = _dinov2_to_vit(sd)
     elif fmt in ("hf_vitmae_model", "hf_vitmae_pretraining"):
         out = hf_to_vit(sd)
     elif fmt == "detectron2_vitdet":
@@ -230,7 +420,7 @@ def to_vit_state_dict(state: Any, fmt: str | None = None) -> dict[str, torch.Ten
         out = mmseg_backbone_to_vit(sd)
     else:
         out = dict(sd)
-    return _merge_split_qkv_bias(out)
+    return _rename_layer_scale(_merge_split_qkv_bias(out))
 
 
 # ---------------------------------------------------------------------------- inspection
@@ -260,7 +450,11 @@ def infer_vit_config(state_dict: Any) -> dict[str, Any]:
     ``fc_norm``, None without a head), ``use_rel_pos``,
     ``qkv_bias``, ``is_full_mae`` with ``decoder_embed_dim``, ``decoder_depth`` and
     ``decoder_num_heads`` (None), ``format`` and ``name`` (the matching ``VIT_SIZES`` entry or None).
-    Unknown values are None.
+    Unknown values are None. Also what a released baseline's ViT needs beyond its size:
+    ``abs_pos_embed`` (False: no ``pos_embed``, BEiT), ``rel_pos_type`` (``"decomposed"``,
+    ``"table"`` or None; a table also gives ``num_heads`` and, without ``pos_embed``, the grid and
+    image size), ``layer_scale`` (per-block gammas) and ``reg_tokens`` (register tokens, 0 without).
+    MoCo v3's ViT-S has 12 heads (``vit_small_patch16_h12``).
     """
     fmt = detect_format(state_dict)
     sd = to_vit_state_dict(state_dict)
@@ -285,6 +479,7 @@ def infer_vit_config(state_dict: Any) -> dict[str, Any]:
             "decoder_depth",
             "decoder_num_heads",
             "name",
+            "rel_pos_type",
         )
     )
     cfg["format"] = fmt
@@ -309,6 +504,23 @@ def infer_vit_config(state_dict: Any) -> dict[str, Any]:
         if rel is not None and cfg["embed_dim"] and rel.shape[-1]:
             cfg["num_heads"] = cfg["embed_dim"] // int(rel.shape[-1])
     cfg["has_cls_token"] = "cls_token" in sd
+    cfg["abs_pos_embed"] = "pos_embed" in sd
+    cfg["layer_scale"] = bool(blocks) and f"blocks.{blocks[0]}.gamma_1" in sd
+    reg = sd.get("reg_token")
+    cfg["reg_tokens"] = int(reg.shape[1]) if reg is not None and reg.dim() == 3 else 0
+    if cfg["use_rel_pos"]:
+        cfg["rel_pos_type"] = "decomposed"
+    table = sd.get(f"blocks.{blocks[0]}.attn.relative_position_bias_table") if blocks else None
+    if table is not None and table.dim() == 2:
+        cfg["rel_pos_type"] = "table"
+        cfg["num_heads"] = int(table.shape[1])
+        grid = table_grid(int(table.shape[0]))
+        if grid is not None and "pos_embed" not in sd:
+            cfg["grid_size"] = grid
+            if isinstance(cfg["patch_size"], int):
+                cfg["img_size"] = grid[0] * cfg["patch_size"]
+    if fmt == "mocov3" and cfg["embed_dim"] == 384 and cfg["num_heads"] is None:
+        cfg["num_heads"] = 12  # MoCo v3's vit_small (vits.py): 12 heads of 32 channels
     pos = sd.get("pos_embed")
     if pos is not None and pos.dim() >= 2:
         found = _grid_from_tokens(int(pos.shape[-2]), 1 if cfg["has_cls_token"] else 0)
@@ -332,14 +544,25 @@ def infer_vit_config(state_dict: Any) -> dict[str, Any]:
             int(de.shape[0]) if de is not None else (int(sd["mask_token"].shape[-1]) if "mask_token" in sd else None)
         )
         cfg["decoder_depth"] = len(dec)
-    cfg["name"] = _standard_name(cfg["embed_dim"], cfg["depth"], cfg["patch_size"])
+    cfg["name"] = _standard_name(cfg["embed_dim"], cfg["depth"], cfg["patch_size"], cfg["num_heads"])
     return cfg
 
 
-def _standard_name(embed_dim: int | None, depth: int | None, patch_size: Any) -> str | None:
+def table_grid(rows: int) -> tuple[int, int] | None:
+    """The square token grid a BEiT table of ``rows`` = (2W - 1)^2 + 3 rows is made for, or None."""
+    m = rows - 3
+    side = (math.isqrt(max(m, 0)) + 1) // 2
+    return (side, side) if side > 0 and (2 * side - 1) ** 2 == m else None
+
+
+def _standard_name(
+    embed_dim: int | None, depth: int | None, patch_size: Any, num_heads: int | None = None
+) -> str | None:
     from mae_transfer.models.vit import VIT_SIZES
 
     hits = [n for n, s in VIT_SIZES.items() if s.embed_dim == embed_dim and s.depth == depth]
+    if num_heads:  # known (relative position tables, MoCo v3): sizes with these heads first
+        hits = sorted(hits, key=lambda n: VIT_SIZES[n].num_heads != num_heads)
     exact = [n for n in hits if VIT_SIZES[n].patch_size == patch_size]
     return (exact or hits or [None])[0]
 

@@ -20,12 +20,14 @@ from mae_transfer.checkpoint.checks import check_dtypes
 from mae_transfer.checkpoint.checks import compact as _compact
 from mae_transfer.checkpoint.checks import first_names as _first
 from mae_transfer.checkpoint.formats import (
+    _block_indices,
     _describe,
     _grid_from_tokens,
     _suggest,
     _unwrap,
     detect_format,
     infer_vit_config,
+    table_grid,
     to_vit_state_dict,
 )
 from mae_transfer.checkpoint.io import CheckpointError
@@ -76,7 +78,87 @@ EXPECTED_UNEXPECTED: dict[str, tuple[str, ...]] = {
 }
 
 
+# ---------------------------------------------------------------------------- architecture
+def fit_vit_to_checkpoint(model: torch.nn.Module, sd: Mapping[str, torch.Tensor]) -> list[str]:
+    """Give our ViT the parts that a checkpoint's ViT (``sd``, our names) has and ``model`` was built
+    without, so that a released backbone computes what it was trained to compute in every task that
+    builds the ViT from its size alone: layer scale (``gamma_1`` / ``gamma_2``: BEiT, DINOv2), BEiT's
+    per-block relative position tables (for the global-attention blocks without relative
+    positions; made for the checkpoint's grid) and no absolute ``pos_embed`` when the checkpoint
+    has tables and none, register tokens (``reg_token``: DINOv2 with registers, DeiT's
+    distillation token) unless a block attends in windows. Only our plain ViT is fitted (an MAE
+    has its own forward). Returns one note per change (also in :class:`LoadReport`'s ``adapted``).
+    """
+    from mae_transfer.models.vit import VisionTransformer  # the model layer (timm) only when loading a ViT
+
+    if not isinstance(model, VisionTransformer) or type(model).forward is not VisionTransformer.forward:
+        return []
+    blocks = _block_indices(sd, "blocks")
+    if not blocks:
+        return []
+    notes: list[str] = []
+    first = f"blocks.{blocks[0]}."
+    if first + "gamma_1" in sd and any(blk.gamma_1 is None for blk in model.blocks):
+        n = model.add_layer_scale(1.0)
+        notes.append(f"architecture: layer scale (gamma_1, gamma_2) added to {n} blocks, as the checkpoint has")
+    table = sd.get(first + "attn.relative_position_bias_table")
+    if table is not None and table.dim() == 2 and int(table.shape[1]) == model.num_heads:
+        grid = table_grid(int(table.shape[0]))
+        if grid is not None:
+            n = model.add_rel_pos_tables(grid)
+            if n:
+                notes.append(
+                    f"architecture: relative position bias tables ({grid[0]}x{grid[1]} grid) added to {n} "
+                    "blocks, as the checkpoint has"
+                )
+    if (
+        "pos_embed" not in sd
+        and model.pos_embed is not None
+        and not model.fixed_pos_embed
+        and any(k.endswith(".attn.relative_position_bias_table") for k in sd)
+    ):
+        model.remove_abs_pos_embed()
+        notes.append("architecture: no absolute pos_embed (the checkpoint has relative position tables only)")
+    reg = sd.get("reg_token")
+    if (
+        reg is not None
+        and reg.dim() == 3
+        and model.num_reg_tokens == 0
+        and not any(blk.window_size > 0 for blk in model.blocks)
+    ):
+        model.add_reg_tokens(int(reg.shape[1]))
+        notes.append(f"architecture: {int(reg.shape[1])} register tokens added, as the checkpoint has")
+    return notes
+
+
+def fit_vits_to_state_dict(model: torch.nn.Module, state: Mapping[str, torch.Tensor]) -> list[str]:
+    """:func:`fit_vit_to_checkpoint` for every ViT inside a task model (``state``: the whole model's
+    state dict, e.g. a trained classifier or segmenter whose backbone was fitted when it was trained)."""
+    from mae_transfer.models.vit import VisionTransformer
+
+    notes: list[str] = []
+    for name, module in list(model.named_modules()):
+        if isinstance(module, VisionTransformer):
+            prefix = f"{name}." if name else ""
+            sub = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+            notes += [f"{prefix}{n}" if prefix else n for n in fit_vit_to_checkpoint(module, sub)]
+    return notes
+
+
 # ---------------------------------------------------------------------------- adaptation
+def _fit_table(table: torch.Tensor, old: tuple[int, int], new: tuple[int, int]) -> torch.Tensor:
+    """A BEiT table for another grid: the central offsets when the grid is not larger (exactly what
+    the attention reads of the larger table), else resized bicubically (what it does at run time)."""
+    if new[0] <= old[0] and new[1] <= old[1]:
+        heads = table.shape[1]
+        plane = table[: (2 * old[0] - 1) * (2 * old[1] - 1)].view(2 * old[0] - 1, 2 * old[1] - 1, heads)
+        plane = plane[old[0] - new[0] : old[0] + new[0] - 1, old[1] - new[1] : old[1] + new[1] - 1]
+        return torch.cat([plane.reshape(-1, heads), table[(2 * old[0] - 1) * (2 * old[1] - 1) :]], dim=0)
+    from mae_transfer.models.vit import resize_relative_position_table
+
+    return resize_relative_position_table(table, old, new)
+
+
 def _target_prefix_tokens(model: torch.nn.Module, target: Mapping[str, torch.Tensor]) -> int:
     # Rows of prefix tokens in the model's pos_embed (a ViTDet backbone keeps an unused class row).
     n = getattr(model, "pos_embed_prefix", getattr(model, "num_prefix_tokens", None))
@@ -180,6 +262,18 @@ def _adapt(
             )
             sd[name] = new[0].t().to(src.dtype)
             notes.append(f"{name}: {src.shape[0]} -> {want.shape[0]} offsets (linear)")
+    for name in [n for n in sd if n.endswith(".attn.relative_position_bias_table")]:
+        if name not in target:
+            continue
+        src, want = sd[name], target[name]
+        if src.dim() != 2 or want.dim() != 2 or src.shape[1] != want.shape[1] or src.shape[0] == want.shape[0]:
+            continue
+        old, new = table_grid(int(src.shape[0])), table_grid(int(want.shape[0]))
+        if old is None or new is None or ((new[0] > old[0] or new[1] > old[1]) and not interpolate_pos_embed):
+            continue
+        sd[name] = _fit_table(src, old, new)
+        how = "central offsets" if new[0] <= old[0] and new[1] <= old[1] else "bicubic"
+        notes.append(f"{name}: {old[0]}x{old[1]} -> {new[0]}x{new[1]} grid ({how})")
     return sd
 
 
@@ -265,13 +359,17 @@ def load_backbone(
     interpolate_pos_embed: bool = True,
     strict_shapes: bool = True,
     trust: bool = False,
+    fit_architecture: bool = True,
 ) -> LoadReport:
     """Load pretrained weights of any supported format into ``model`` (a ViT or MAE of ours).
 
     Steps: read ``source`` (a path, or an already loaded checkpoint / state dict), detect its
-    format, convert names (:func:`to_vit_state_dict`), adapt shapes to the model (bicubic
+    format, convert names (:func:`to_vit_state_dict`), with ``fit_architecture`` give our ViT the
+    parts the checkpoint's ViT has and the model lacks (:func:`fit_vit_to_checkpoint`: layer scale,
+    BEiT's tables and no ``pos_embed``, register tokens), adapt shapes to the model (bicubic
     ``pos_embed`` / ``decoder_pos_embed`` grid resize and class-row add/drop, bicubic patch-kernel
-    resize when the patch size differs, linear ``rel_pos_h/w`` resize), then
+    resize when the patch size differs, linear ``rel_pos_h/w`` resize, BEiT tables cropped or
+    resized bicubically to the model's grid), then
     ``model.load_state_dict(strict=False)``.
 
     ``expected_missing`` / ``expected_unexpected`` are fnmatch patterns (``"head.*"``,
@@ -299,16 +397,19 @@ def load_backbone(
     else:
         src_name = str(source)
         raw = read_checkpoint(source, trust=trust)
-    target = model.state_dict()
     notes: list[str] = []
     family_filter = getattr(model, "checkpoint_filter_fn", None)
     if family_filter is None:  # the ViT: every format of mae_transfer.checkpoint.formats
         fmt = detect_format(raw)
         sd = to_vit_state_dict(raw)
+        if fit_architecture:
+            notes += fit_vit_to_checkpoint(model, sd)
+        target = model.state_dict()
         # Described before adaptation, so messages give the checkpoint's own grid and patch size.
         sizes = _Sizes.of_vit(infer_vit_config(sd), infer_vit_config(target), model)
         sd = _adapt(sd, model, target, interpolate_pos_embed, notes)
     else:  # another family reads its own checkpoints (models/backbone.py: beside its builder)
+        target = model.state_dict()
         sd, fmt = family_filter(_unwrap(raw)[0])
         sizes = _Sizes.of_family(model.describe_state_dict(sd), model.describe_state_dict(target))
 

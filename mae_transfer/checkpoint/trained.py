@@ -75,6 +75,11 @@ def load_trained_model(
     """``load_state_dict`` of a whole trained model, with one message naming what does not fit: the
     tensors of other shapes, those with no place in the model and the missing ones. ``explain(state,
     target, shape_mismatches)`` may add a sentence (e.g. about the class count)."""
+    from mae_transfer.checkpoint.loading import fit_vits_to_state_dict
+
+    # A backbone fitted to a released checkpoint when it was trained (BEiT's tables, DINOv2's layer
+    # scale and registers) is fitted again: the model built from the saved config has only its size.
+    fit_vits_to_state_dict(model, state)
     target = model.state_dict()
     unexpected = [k for k in state if k not in target]
     missing = [k for k in target if k not in state]

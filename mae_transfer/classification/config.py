@@ -42,6 +42,10 @@ class DataConfig:
     min_scale: float = 0.08
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
+    # Low-label transfer: train on a stratified subset of the training split, drawn with train.seed
+    # (classification.subsets): a fraction of every class's images (at least one), or K per class.
+    label_fraction: float | None = None
+    shots: int | None = None
 
 
 @dataclass
@@ -75,6 +79,13 @@ class ClassificationConfig:
     def validate(self) -> None:
         if self.protocol == "partial" and not self.model.trainable_blocks:
             raise ConfigError("protocol partial needs model.trainable_blocks (the last k blocks to train)")
+        f, k = self.data.label_fraction, self.data.shots
+        if f is not None and k is not None:
+            raise ConfigError("data.label_fraction and data.shots both set: give one (--label-fraction or --shots)")
+        if f is not None and not 0 < f <= 1:
+            raise ConfigError(f"data.label_fraction must be in (0, 1] (0.01 = 1 % of the labels), got {f}")
+        if k is not None and k < 1:
+            raise ConfigError(f"data.shots must be at least 1 (images per class), got {k}")
 
 
 def available_presets() -> list[str]:

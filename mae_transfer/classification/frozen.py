@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import logging
+import time
 from pathlib import Path
+from typing import Any
 
 from mae_transfer.checkpoint.hub import weights_sha256
 from mae_transfer.classification.config import ClassificationConfig, ModelConfig, build_config
@@ -130,3 +132,53 @@ def run_frozen_eval(
         ]
     path = write_run_results(output, rows)
     return "\n".join(lines + [f"results: {path}"])
+
+
+class KnnMonitor:
+    """Online k-NN during pretraining (``pretrain --knn-data DIR``): called by the engine's
+    evaluation hook with the model being pretrained (an MAE, whose encoder is the ViT) and the
+    evaluation's :class:`EvalContext`; extracts the class-token features of ``DIR``'s train and val
+    splits at the model's input size (the ``knn`` task's transform and features, each process its
+    shard under torchrun) and returns the weighted k-NN top-1 / top-5 of val (``knn_top1``,
+    ``knn_top5``), logging what it cost."""
+
+    def __init__(self, data: str, k: int = 20, batch_size: int = 128, img_size: int = 224):
+        from mae_transfer.classification.datasets import build_dataset, num_classes_of
+
+        cfg = ClassificationConfig(model=ModelConfig(img_size=img_size, global_pool="token"))
+        cfg.data.path = data
+        tf = eval_transform(cfg)
+        self.train = build_dataset("imagefolder", data, "train", transform=tf)
+        self.val = build_dataset("imagefolder", data, "val", transform=tf)
+        self.num_classes = max(num_classes_of(self.train), num_classes_of(self.val))
+        self.k, self.batch_size = int(k), int(batch_size)
+
+    def __call__(self, model: Any, ctx: EvalContext) -> dict[str, float]:
+        from mae_transfer.classification.knn import extract_features, knn_evaluate
+
+        t0 = time.perf_counter()
+        main = ctx.dist.is_main
+        feats = [
+            extract_features(
+                model,
+                ctx.loader(ds, self.batch_size),
+                ctx.device,
+                feature_fn=_cls_features,
+                autocast=ctx.autocast,
+                desc=f"k-NN features of {split}" if main else None,
+            )
+            for split, ds in (("train", self.train), ("val", self.val))
+        ]
+        (tr_f, tr_y, _), (va_f, va_y, _) = feats
+        m = knn_evaluate(tr_f, tr_y, va_f, va_y, self.num_classes, ks=(self.k,))[self.k]
+        if main:
+            log.info(
+                "online k-NN (k=%d): top-1 %.2f top-5 %.2f on %d val / %d train images, %.1f s",
+                self.k,
+                m["top1"],
+                m["top5"],
+                len(self.val),
+                len(self.train),
+                time.perf_counter() - t0,
+            )
+        return {"knn_top1": float(m["top1"]), "knn_top5": float(m["top5"])}

@@ -20,6 +20,7 @@ from mae_transfer.checkpoint import (
 )
 from mae_transfer.classification.config import ClassificationConfig
 from mae_transfer.classification.data_spec import NUM_CLASSES
+from mae_transfer.classification.subsets import LabelSubset, subset_label, subset_of, write_subset
 from mae_transfer.config import to_dict
 from mae_transfer.engine.optim import param_groups
 from mae_transfer.engine.results import ResultRow, dataset_name, row_identity, write_run_results
@@ -154,6 +155,16 @@ class ClassificationTask(TrainTask):
             if train
             else None
         )
+        if self.train_set is not None:  # low-label transfer: a stratified subset, drawn with train.seed
+            self.train_set = subset_of(self.train_set, d.label_fraction, d.shots, cfg.train.seed)
+            if isinstance(self.train_set, LabelSubset):
+                log.info(
+                    "training on %s of the labels: %d of %d images (train.seed %d)",
+                    self.train_set.label,
+                    len(self.train_set),
+                    len(self.train_set.dataset),
+                    cfg.train.seed,
+                )
         self.val_set = build_dataset(
             d.dataset, d.path, "val", transform=eval_transform(cfg), seed=None, missing=d.missing
         )
@@ -220,6 +231,13 @@ class ClassificationTask(TrainTask):
 
     def build_train_dataset(self):
         return self.train_set
+
+    def check_data(self, trainer) -> None:
+        if trainer.dist.is_main:  # the subset a low-label run trains on, before its first step
+            d = self.cfg.data
+            write_subset(
+                self.train_set, trainer.output_dir / "label_subset.json", d.label_fraction, d.shots, self.cfg.train.seed
+            )
 
     def param_groups(self, model: nn.Module, optim: OptimConfig) -> list[dict]:
         no_wd = model.no_weight_decay() if hasattr(model, "no_weight_decay") else ()
@@ -330,6 +348,13 @@ def benchmark_task(dataset: str, protocol: str) -> str:
     return "linprobe" if protocol == "linprobe" else "finetune"
 
 
+def row_protocol(cfg: ClassificationConfig) -> str:
+    """The protocol of the run's result rows: ``finetune``, or with the labels of a low-label run
+    (``finetune@10%``, ``linprobe@5shot``), which keeps it out of the full-label columns."""
+    label = subset_label(cfg.data.label_fraction, cfg.data.shots)
+    return cfg.protocol if label is None else f"{cfg.protocol}@{label}"
+
+
 def write_result_rows(
     out_dir: Path,
     cfg: ClassificationConfig,
@@ -348,7 +373,7 @@ def write_result_rows(
             cfg.data.dataset, cfg.data.path, num_classes, benchmark_classes=NUM_CLASSES.get(cfg.data.dataset)
         ),
         split="val",
-        protocol=cfg.protocol,
+        protocol=row_protocol(cfg),
         step=step,
         **row_identity(cfg, backbone_sha, evaluated),
     )
@@ -365,8 +390,8 @@ def report(task: "ClassificationTask", cfg: ClassificationConfig) -> str:
 def format_results(metrics: dict, best_top1: float, cfg: ClassificationConfig) -> str:
     name = cfg.data.dataset + ("" if cfg.data.path else " (toy data)")
     lines = [
-        f"{'dataset':28s} {'protocol':10s} {'top-1':>7s} {'top-5':>7s} {'mean/cls':>9s} {'best top-1':>11s}",
-        f"{name:28s} {cfg.protocol:10s} {metrics['top1']:7.2f} {metrics['top5']:7.2f} "
+        f"{'dataset':28s} {'protocol':14s} {'top-1':>7s} {'top-5':>7s} {'mean/cls':>9s} {'best top-1':>11s}",
+        f"{name:28s} {row_protocol(cfg):14s} {metrics['top1']:7.2f} {metrics['top5']:7.2f} "
         f"{metrics['mean_per_class']:9.2f} {best_top1:11.2f}",
     ]
     return "\n".join(lines)

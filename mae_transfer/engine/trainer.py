@@ -1033,8 +1033,10 @@ class Trainer:
     # A task need not subclass TrainTask: what it leaves out means "no evaluation during training",
     # "nothing to save", "every scalar of the metrics" and "nothing to do" (TrainTask's defaults).
     def _task_evaluates(self) -> bool:
+        """Whether the task has an evaluation of its own (and, where it says so with ``evaluates``,
+        one switched on for this run: pretraining's online k-NN)."""
         evaluate = getattr(type(self.task), "evaluate", None)
-        return evaluate is not None and evaluate is not TrainTask.evaluate
+        return evaluate is not None and evaluate is not TrainTask.evaluate and getattr(self.task, "evaluates", True)
 
     def _task_hook(self, name: str):
         return getattr(self.task, name, None) or getattr(TrainTask(), name)

@@ -369,6 +369,11 @@ def _train_or_evaluate(spec: TaskSpec, prep: Prepared, dist_info: Any, echo: Cal
         else:
             task = task_cls(cfg)
             task.name = spec.name
+            knn = getattr(cfg, "knn", None)
+            if spec.family == "pretrain" and knn is not None and knn.data:  # pretraining's online k-NN
+                from mae_transfer.classification.frozen import KnnMonitor
+
+                task.knn_monitor = KnnMonitor(knn.data, knn.k, knn.batch_size, img_size=task.img_size)
             trainer = Trainer(task, cfg.train, cfg.optim, output, dist_info, config=cfg, resume=resume)
             summary = trainer.fit()
     finally:

@@ -201,6 +201,43 @@ FLAGS: dict[str, Flag] = {
             check=_at_least(1, " (and at most the ViT's depth)"),
         ),
         Flag(
+            "knn_data",
+            ("--knn-data",),
+            "knn.data",
+            dict(
+                metavar="DIR",
+                help="online k-NN while pretraining: an ImageFolder with train/ and val/ whose class-token "
+                "features the encoder's k-NN top-1 is measured on (eval.csv, TensorBoard, the curves plot)",
+            ),
+        ),
+        Flag(
+            "knn_every",
+            ("--knn-every",),
+            "knn.every",
+            dict(type=int, metavar="E", help="online k-NN every E epochs (default 1) and after the last one"),
+            check=_at_least(1),
+        ),
+        Flag(
+            "label_fraction",
+            ("--label-fraction",),
+            "data.label_fraction",
+            dict(
+                type=float,
+                metavar="F",
+                help="low-label transfer: train on this fraction of every class's training images (at least "
+                "one each; 0.01 = 1 %%, 0.1 = 10 %%), a stratified subset drawn with train.seed and written to "
+                "label_subset.json; the rows and tables name it (finetune@10%%)",
+            ),
+            check=lambda v: None if 0 < v <= 1 else "must be in (0, 1], e.g. 0.1 for 10 % of the labels",
+        ),
+        Flag(
+            "shots",
+            ("--shots",),
+            "data.shots",
+            dict(type=int, metavar="K", help="low-label transfer: train on K images per class (k-shot)"),
+            check=_at_least(1, " image per class"),
+        ),
+        Flag(
             "missing",
             ("--missing",),
             "data.missing",
@@ -321,6 +358,8 @@ FAMILY_OPTIONS: dict[str, tuple[str, ...]] = {
         "blr",
         "device",
         "init",
+        "knn_data",
+        "knn_every",
         "max_steps",
         "resume",
         "no_resume",
@@ -338,6 +377,8 @@ FAMILY_OPTIONS: dict[str, tuple[str, ...]] = {
         "batch_size",
         "effective_batch_size",
         "blr",
+        "label_fraction",
+        "shots",
         "missing",
         "device",
         "max_steps",

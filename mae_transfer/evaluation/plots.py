@@ -1,4 +1,5 @@
-"""PNG plots of benchmark runs: fine-tuning loss curves, MAE pretraining loss, headline-metric bars.
+"""PNG plots of benchmark runs: fine-tuning loss curves, MAE pretraining loss, headline-metric bars
+(the mean over the seeds of a ``bench --seeds`` benchmark, with the standard deviation as error bars).
 
 Figures are ``matplotlib.figure.Figure`` objects (Agg canvas, no pyplot global state); PNGs are written atomically."""
 
@@ -158,13 +159,27 @@ def plot_training_curves(
 
 
 def plot_pretraining(run_dir: Path, out: Path) -> Path | None:
-    """MAE pretraining loss vs step, with the learning rate on a twin axis when logged."""
+    """MAE pretraining loss vs step, with the learning rate on a twin axis when logged, and beside it
+    the online k-NN top-1 (``pretrain --knn-data``, eval.csv) when the run measured it."""
     cols = _train_log(run_dir)
     if cols is None:
         return None
     curve = _xy(cols, "loss")
-    fig = Figure(figsize=(7, 4.2), layout="constrained")
-    ax = fig.add_subplot()
+    knn: tuple[list[float], list[float]] = ([], [])
+    if (Path(run_dir) / "eval.csv").exists():
+        try:
+            knn = _xy(read_curve(Path(run_dir) / "eval.csv"), "knn_top1")
+        except (OSError, csv.Error) as e:
+            log.warning("no k-NN curve for %s: %s", run_dir, e)
+    fig = Figure(figsize=(11.5 if knn[0] else 7, 4.2), layout="constrained")
+    if knn[0]:
+        grid = fig.add_gridspec(1, 2, width_ratios=(1.6, 1))
+        ax, kax = fig.add_subplot(grid[0]), fig.add_subplot(grid[1])
+        kax.plot(*knn, color="tab:green", marker="o", linewidth=1.6)
+        kax.set(xlabel="step", ylabel="k-NN top-1 (%)", title="online k-NN (val)")
+        kax.grid(alpha=0.3)
+    else:
+        ax = fig.add_subplot()
     _draw_loss(ax, *curve, "tab:blue", "loss" if len(curve[1]) < 100 else "loss (EMA)")
     _log_if_wide(ax, curve[1])
     ax.set_xlabel("step")
@@ -182,63 +197,79 @@ def plot_pretraining(run_dir: Path, out: Path) -> Path | None:
     return _save(fig, out)
 
 
-def _comparison(rows: list[dict]) -> tuple[list[str], dict[str, list[float | None]], dict[str, list[bool]]]:
+Bars = dict[str, list[float | None]]
+
+
+def _comparison(rows: list[dict]) -> tuple[list[str], Bars, dict[str, list[bool]], Bars]:
     """One bar group per headline column of the registry (``"<task title> <bar label>"``) with a
-    result; per backbone (first-seen order) its value, or None, and whether the task failed."""
+    result; per backbone (first-seen order) its value (the mean over seeds), or None, whether the
+    task failed, and the standard deviation over seeds (None for a single run)."""
     idx = RowIndex(rows)
     labels: list[str] = []
-    values: dict[str, list[float | None]] = {bb: [] for bb in idx.backbones}
+    values: Bars = {bb: [] for bb in idx.backbones}
     fails: dict[str, list[bool]] = {bb: [] for bb in idx.backbones}
+    errors: Bars = {bb: [] for bb in idx.backbones}
     for spec, col in headline_columns():
         col_values = {}
         for bb in idx.backbones:
             hit = idx.hit(bb, spec, col, fallback=True)
-            v = hit.get("value") if hit else None
-            col_values[bb] = float(v) if isinstance(v, (int, float)) and math.isfinite(v) else None
-        if all(v is None for v in col_values.values()):
+            col_values[bb] = idx.summary(hit)[:2] if hit else (None, None)
+        if all(v is None for v, _ in col_values.values()):
             continue
         labels.append(f"{spec.title} {col.bar}")
         for bb in idx.backbones:
-            values[bb].append(col_values[bb])
-            fails[bb].append(col_values[bb] is None and idx.failed(bb, spec.name))
-    return labels, values, fails
+            v, err = col_values[bb]
+            values[bb].append(v)
+            errors[bb].append(err if v is not None else None)
+            fails[bb].append(v is None and idx.failed(bb, spec.name))
+    return labels, values, fails, errors
 
 
-def comparison_data(rows: list[dict]) -> tuple[list[str], dict[str, list[float | None]]]:
-    """The bars of :func:`plot_comparison`: group labels, ``{backbone (first-seen order): value or None per group}``."""
-    labels, values, _ = _comparison(rows)
+def comparison_data(rows: list[dict]) -> tuple[list[str], Bars]:
+    """The bars of :func:`plot_comparison`: group labels, ``{backbone (first-seen order): value or None per group}``
+    (over several seeds, their mean)."""
+    labels, values, _, _ = _comparison(rows)
     return labels, values
 
 
 def plot_comparison(
     rows: list[dict], out: Path, title: str | None = None, colors: dict[str, str] | None = None
 ) -> Path | None:
-    """Grouped bars of each job's headline metric, one bar per backbone; None if nothing to draw."""
-    labels, values, fails = _comparison(rows)
+    """Grouped bars of each job's headline metric, one bar per backbone (over several seeds: the mean,
+    the standard deviation as an error bar); None if nothing to draw."""
+    labels, values, fails, errors = _comparison(rows)
     if not labels:
         return None
     colors = {**backbone_colors([*(colors or {}), *values]), **(colors or {})}
     n, width = len(values), 0.8 / len(values)
     finite = [v for vs in values.values() for v in vs if v is not None]
-    top = max(finite + [1.0])
+    spread = any(e is not None for es in errors.values() for e in es)
+    top = max(
+        finite + [v + (e or 0.0) for bb in values for v, e in zip(values[bb], errors[bb]) if v is not None] + [1.0]
+    )
     rotate = n * len(labels) > 16
     fig = Figure(figsize=(min(18.0, max(6.0, 1.0 + len(labels) * (0.4 + 0.35 * n))), 4.8), layout="constrained")
     ax = fig.add_subplot()
     for i, (bb, vs) in enumerate(values.items()):
         xs = [g + (i - (n - 1) / 2) * width for g in range(len(labels))]
+        errs = [math.nan if e is None else e for v, e in zip(vs, errors[bb]) if v is not None]
         bars = ax.bar(
             [x for x, v in zip(xs, vs) if v is not None],
             [v for v in vs if v is not None],
             width * 0.92,
             color=colors[bb],
             label=bb,
+            **({"yerr": errs, "capsize": 3, "error_kw": {"elinewidth": 1}} if any(e == e for e in errs) else {}),
         )
         ax.bar_label(bars, fmt="%.1f", padding=2, fontsize=8, rotation=90 if rotate else 0)
         for x, f in zip(xs, fails[bb]):
             if f:
                 ax.text(x, top * 0.02, "failed", rotation=90, ha="center", va="bottom", fontsize=8, color="firebrick")
     ax.set_xticks(range(len(labels)), [textwrap.fill(lab, 16, break_on_hyphens=False) for lab in labels], fontsize=9)
-    ax.set(ylabel="score (%)", ylim=(min(0.0, min(finite, default=0.0)), top * (1.2 if rotate else 1.1)))
+    ax.set(
+        ylabel="score (%)" + (", mean ± std over seeds" if spread else ""),
+        ylim=(min(0.0, min(finite, default=0.0)), top * (1.2 if rotate else 1.1)),
+    )
     ax.grid(axis="y", alpha=0.3)
     ax.set_axisbelow(True)
     fig.legend(loc="outside lower center", ncol=min(n, 6), frameon=False)

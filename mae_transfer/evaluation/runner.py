@@ -9,6 +9,13 @@ per-run ``results.jsonl``) holds for every job. The runner adds:
   ``front.prepare``, minus paths of the weights), the data path and the backbone's sha256, so the same
   weights under another file name are the same job, and another preset,
   override or checkpoint is a new one;
+* **seeds**: ``seeds=N`` plans every training job N times, with ``train.seed`` S, S+1, ..., S+N-1
+  (S: the seed of its resolved config, 0 by default). The seed is part of the config, so each
+  seeded run is a job of its own (key, run directory, skip, resume), and the first is the very job
+  planned without seeds: a benchmark run before keeps its run and adds N-1. The rows of a seeded
+  benchmark carry ``seed``, ``seed_group`` (the key of the job's first seed, shared by its seeds) and
+  ``seed_base`` (S), which the tables and plots use to show mean ± std over the seeds. Frozen-feature
+  evaluations (k-NN and its linear-probe sweep) train nothing with a seed of ours: they run once;
 * **skipping**: a job whose rows are already in ``<results>/results.jsonl`` is not run again; a job
   whose run directory already holds its final ``results.jsonl`` (run by hand from the printed
   commands, or killed between finishing and recording) is only recorded;
@@ -84,6 +91,11 @@ class Job:
     model: str | None
     key: str = ""
     run_dir: Path = Path()
+    # A seeded benchmark (plan_jobs(seeds=N > 1)): this run's train.seed, the key of the job's first
+    # seed (the job planned without seeds), shared by all its seeds, and that first seed. None otherwise.
+    seed: int | None = None
+    seed_group: str | None = None
+    seed_base: int | None = None
 
     @property
     def spec(self) -> TaskSpec:
@@ -100,7 +112,7 @@ class Job:
 
     @property
     def label(self) -> str:
-        return f"{self.task} · {self.backbone.name}"
+        return f"{self.task} · {self.backbone.name}" + (f" · seed {self.seed}" if self.seed is not None else "")
 
 
 @dataclass
@@ -205,6 +217,13 @@ def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "-", text).strip("-") or "backbone"
 
 
+def seed_of(cfg: Any) -> int | None:
+    """The training seed of a resolved config (``train.seed``); None for a run without one (a
+    frozen-feature evaluation: nothing of ours to seed)."""
+    seed = getattr(getattr(cfg, "train", None), "seed", None)
+    return seed if isinstance(seed, int) and not isinstance(seed, bool) else None
+
+
 def plan_jobs(
     backbones: list[Backbone],
     tasks: list[str],
@@ -214,12 +233,18 @@ def plan_jobs(
     overrides: dict[str, list[str]] | None = None,
     random_model: str | None = None,
     trust: bool = False,
+    seeds: int = 1,
 ) -> list[Job]:
     """One job per (backbone, task), in backbone-major order, each with its key and run directory.
 
     Random-init backbones get the architecture of the first checkpoint backbone (or
     ``random_model``), so that "MAE vs from scratch" compares the same network. ``trust``: the
-    backbones may need full unpickling (``--trust-checkpoint``, passed on to every job)."""
+    backbones may need full unpickling (``--trust-checkpoint``, passed on to every job).
+    ``seeds`` N > 1: every job that trains with a seed is planned N times, with ``train.seed``
+    S, S+1, ..., S+N-1 (S: its config's seed), right after each other; the first is the job planned
+    without seeds (same key and run directory). A job without a training seed (k-NN) is planned once."""
+    if seeds < 1:
+        raise ConfigError(f"--seeds {seeds}: give at least 1 (the number of runs of every training job)")
     data, presets, overrides = data or {}, presets or {}, overrides or {}
     for option, sep, given in (("--set", ":", overrides), ("--preset", "=", presets)):
         stray = [t for t in given if t != "*" and t not in tasks]
@@ -256,24 +281,38 @@ def plan_jobs(
                 options["overrides"] = overrides.get("*", []) + overrides.get(task, [])
             elif overrides.get(task) or presets.get(task):
                 raise ConfigError(f"--set/--preset {task}:...: the {task} job has no config (it trains nothing)")
-            job = Job(b, task, options, presets.get(task), dpath, model)
-            try:
-                prepared = front.prepare(spec, options)
-            except ConfigError as e:
-                raise ConfigError(f"{task} job of {b.name}: {e}") from None
-            if prepared.cfg is not None:
-                job.model = (
-                    getattr(prepared.cfg, "model", None) and getattr(prepared.cfg.model, "name", None)
-                ) or model
-            blob = json.dumps(
-                {"task": task, "config": prepared.identity(), "data": job.data, "backbone": b.sha256},
-                sort_keys=True,
-                default=str,
-            )
-            job.key = hashlib.sha256(blob.encode()).hexdigest()[:16]
-            job.run_dir = Path(results_dir) / "runs" / _slug(b.name) / f"{task}-{job.key[:8]}"
+            job, cfg = _plan_job(Job(b, task, options, presets.get(task), dpath, model), results_dir)
             jobs.append(job)
+            base = seed_of(cfg)
+            if seeds == 1 or base is None:
+                continue
+            job.seed, job.seed_group, job.seed_base = base, job.key, base
+            for seed in range(base + 1, base + seeds):
+                # In place of a --set train.seed=S (S, the first seed, stays that job's).
+                kept = [o for o in options["overrides"] if o.partition("=")[0].strip() != "train.seed"]
+                opts = {**options, "overrides": [*kept, f"train.seed={seed}"]}
+                other, _ = _plan_job(Job(b, task, opts, presets.get(task), dpath, model), results_dir)
+                other.seed, other.seed_group, other.seed_base = seed, job.key, base
+                jobs.append(other)
     return jobs
+
+
+def _plan_job(job: Job, results_dir: str | os.PathLike) -> tuple[Job, Any]:
+    """``job`` with its model, key and run directory from its resolved options; and its config."""
+    try:
+        prepared = front.prepare(job.spec, job.options)
+    except ConfigError as e:
+        raise ConfigError(f"{job.task} job of {job.backbone.name}: {e}") from None
+    if prepared.cfg is not None:
+        job.model = (getattr(prepared.cfg, "model", None) and getattr(prepared.cfg.model, "name", None)) or job.model
+    blob = json.dumps(
+        {"task": job.task, "config": prepared.identity(), "data": job.data, "backbone": job.backbone.sha256},
+        sort_keys=True,
+        default=str,
+    )
+    job.key = hashlib.sha256(blob.encode()).hexdigest()[:16]
+    job.run_dir = Path(results_dir) / "runs" / _slug(job.backbone.name) / f"{job.task}-{job.key[:8]}"
+    return job, prepared.cfg
 
 
 def _tag_rows(job: Job, rows: list[ResultRow], wall: float | None) -> list[ResultRow]:
@@ -286,6 +325,9 @@ def _tag_rows(job: Job, rows: list[ResultRow], wall: float | None) -> list[Resul
     from mae_transfer.data.toy import is_toy_data
 
     toy = bool(job.data and is_toy_data(job.data))  # toy data passed as --data (e.g. larger toy splits)
+    seeded = {}
+    if job.seed is not None:  # a seeded benchmark: which seed, and the runs it is one of
+        seeded = {"seed": job.seed, "seed_group": job.seed_group, "seed_base": job.seed_base}
     out = []
     for r in rows:
         dataset = r.dataset
@@ -302,6 +344,7 @@ def _tag_rows(job: Job, rows: list[ResultRow], wall: float | None) -> list[Resul
                 job_key=job.key,
                 run_dir=str(job.run_dir),
                 wall_time_s=wall,
+                extra={**r.extra, **seeded},
             )
         )
     return out
@@ -610,6 +653,7 @@ __all__ = [
     "parse_task_map",
     "parse_overrides",
     "plan_jobs",
+    "seed_of",
     "run_jobs",
     "claim_run_dir",
     "elsewhere_note",

@@ -9,6 +9,13 @@ The tables and their columns come from the task registry (``TABLES``, each task'
 Row semantics: for each (backbone, task, protocol, metric) the last row wins; a ``job_failed`` row
 newer than every result of its (backbone, task) turns that task's cells into ``failed``; a task that
 never ran shows ``–``.
+
+Seeds (``bench --seeds N``): rows that carry a ``seed_group`` (the key of a job's first seed) are runs
+of one job with other seeds. When the last row of a cell is one of them, the cell is the mean and
+sample standard deviation (n - 1) over the group's seeds, the last row of each seed
+(``mean ± std (n)``; the CSV lists every run with its seed). A group with one seed, and a store
+without seeds, reads as a single run, exactly as before. A seed that failed leaves the numbers of
+the other seeds in place (n tells how many ran); without them, the rule above holds.
 """
 
 from __future__ import annotations
@@ -39,6 +46,12 @@ CUSTOM_NOTE = (
     "{dataset} is not the benchmark's dataset (another class count in its layout): these rows are "
     "not comparable with the paper's, which are left out."
 )
+LABELS_NOTE = (
+    "Low-label transfer ({labels}): a stratified subset of the training labels, drawn per class with "
+    "train.seed (label_subset.json in each run); not comparable with the paper's full-label rows, which "
+    "are left out."
+)
+SEEDS_NOTE = "mean ± std (n): mean and sample standard deviation over n training seeds (bench --seeds)."
 FORMATS = ("markdown", "latex", "csv")
 
 
@@ -46,10 +59,17 @@ FORMATS = ("markdown", "latex", "csv")
 class Cell:
     """One number: ``value`` (None: show ``status``), bold flag and delta to the baseline."""
 
-    value: float | None = None
+    value: float | None = None  # over several seeds: their mean
     status: str = MISSING
     bold: bool = False
     delta: float | None = None
+    std: float | None = None  # sample standard deviation over the seeds (n > 1 only)
+    runs: list[tuple[int | None, float]] = field(default_factory=list)  # (seed, value) of each seeded run
+
+    @property
+    def n(self) -> int:
+        """How many runs (seeds) the number is the mean of; 1 for a single run."""
+        return max(1, len(self.runs))
 
 
 @dataclass
@@ -106,16 +126,28 @@ def _is_toy(dataset: Any) -> bool:
     return isinstance(dataset, str) and dataset.strip().endswith("(toy)")
 
 
+def _key(r: dict) -> tuple[str, str, str, str]:
+    return str(r["backbone"]), str(r.get("task") or ""), str(r.get("protocol") or ""), str(r.get("metric"))
+
+
 class RowIndex:
     """Result rows indexed for lookup: the last row per (backbone, task, protocol, metric), and which
-    (backbone, task) failed after its last result. Shared by the tables and the plots."""
+    (backbone, task) failed after its last result; the seeded runs of each (``seed_group``, see the
+    module's doc). Shared by the tables and the plots."""
 
     def __init__(self, rows: Iterable[dict]):
+        rows = list(rows)
         self.latest: dict[tuple[str, str, str, str], tuple[int, dict]] = {}
         self.ok: dict[tuple[str, str], int] = {}
         self.fail: dict[tuple[str, str], int] = {}
         self.models: dict[str, str] = {}
         self.backbones: list[str] = []
+        # seed_group -> the first seed; the first seed's job may have run in a benchmark without
+        # seeds (same job key, rows without seed fields): its rows count as that seed.
+        self.groups: dict[str, Any] = {str(r["seed_group"]): r.get("seed_base") for r in rows if r.get("seed_group")}
+        self.seeded: dict[tuple[str, str, str, str, str], dict[Any, tuple[int, dict]]] = {}
+        ok_seeds: dict[tuple[str, str, str], set] = {}
+        seed_fails = []
         for i, r in enumerate(rows):
             if r.get("backbone") is None:
                 continue
@@ -124,11 +156,45 @@ class RowIndex:
                 self.backbones.append(bb)
             if r.get("model") and bb not in self.models:
                 self.models[bb] = r["model"]
+            group, seed = self.seed_of(r)
             if r.get("metric") == FAILED:
-                self.fail[(bb, task)] = i
+                if group is None:
+                    self.fail[(bb, task)] = i
+                else:
+                    seed_fails.append((i, bb, task, group, seed))
             else:
                 self.ok[(bb, task)] = i
-                self.latest[(bb, task, str(r.get("protocol") or ""), str(r.get("metric")))] = (i, r)
+                self.latest[_key(r)] = (i, r)
+                if group is not None:
+                    ok_seeds.setdefault((bb, task, group), set()).add(seed)
+                    self.seeded.setdefault((*_key(r), group), {})[seed] = (i, r)
+        for i, bb, task, group, seed in seed_fails:  # a failed seed leaves the results of the others
+            if not ok_seeds.get((bb, task, group), set()) - {seed}:
+                self.fail[(bb, task)] = max(i, self.fail.get((bb, task), -1))
+
+    def seed_of(self, r: dict) -> tuple[str | None, Any]:
+        """The seed group and seed of a row; (None, None) for a run of no seeded benchmark."""
+        if r.get("seed_group"):
+            return str(r["seed_group"]), r.get("seed")
+        if r.get("job_key") and str(r["job_key"]) in self.groups:
+            return str(r["job_key"]), self.groups[str(r["job_key"])]
+        return None, None
+
+    def summary(self, row: dict) -> tuple[float | None, float | None, list[tuple[Any, float]]]:
+        """The number of a cell whose last row is ``row``: its value, or over the seeds of its group
+        the mean, the sample standard deviation (None below two seeds) and ``[(seed, value)]`` (by
+        seed; empty for a row of no seeded benchmark)."""
+        group, _ = self.seed_of(row)
+        if group is None:
+            return _num(row.get("value")), None, []
+        runs = self.seeded.get((*_key(row), group), {})
+        vals = [(s, v) for s, (_, r) in runs.items() if (v := _num(r.get("value"))) is not None]
+        vals.sort(key=lambda sv: (sv[0] is None, sv[0] if isinstance(sv[0], (int, float)) else str(sv[0])))
+        if len(vals) < 2:
+            return (vals[0][1] if vals else _num(row.get("value"))), None, vals
+        mean = math.fsum(v for _, v in vals) / len(vals)
+        std = math.sqrt(math.fsum((v - mean) ** 2 for _, v in vals) / (len(vals) - 1))
+        return mean, std, vals
 
     def failed(self, bb: str, task: str) -> bool:
         return self.fail.get((bb, task), -1) > self.ok.get((bb, task), -1)
@@ -232,23 +298,56 @@ def build_tables(
     """
     rows = list(rows)
     _resolve_baseline(None if baseline == "auto" else baseline, RowIndex(rows).backbones)  # an unknown name: ValueError
-    groups: dict[str | None, list[dict]] = {}
+    # Groups: (other data, the labels of a low-label run); (None, None) holds the paper's tables. A
+    # low-label row (protocol "finetune@10%") fills the columns of its protocol in tables of its own.
+    groups: dict[tuple[str | None, str | None], list[dict]] = {}
     for r in rows:
-        ds = r.get("dataset")
-        groups.setdefault(ds if is_custom_dataset(ds) else None, []).append(r)
+        ds, protocol = r.get("dataset"), r.get("protocol")
+        labels = protocol.split("@", 1)[1] if isinstance(protocol, str) and "@" in protocol else None
+        if labels is not None:
+            r = {**r, "protocol": protocol.split("@", 1)[0]}
+        groups.setdefault((ds if is_custom_dataset(ds) else None, labels), []).append(r)
 
     def base(grp: list[dict]) -> str | None:  # the baseline, where this group has it
         return baseline if baseline in (None, "auto") or baseline in RowIndex(grp).backbones else None
 
-    main = groups.pop(None, [])
+    main = groups.pop((None, None), [])
     tables = _build_tables(main, base(main), paper, paper_sizes, full)
-    for ds, grp in groups.items():
+    for (ds, labels), grp in sorted(groups.items(), key=lambda kv: (kv[0][0] or "", _labels_order(kv[0][1]))):
         for t in _build_tables(grp, base(grp), False, None, full):
-            t.key = f"{t.key}_{re.sub(r'[^A-Za-z0-9]+', '_', ds).strip('_').lower()}"
-            t.title = f"{re.sub(r'^Table [0-9]+: ', '', t.title)}, on {ds}"
-            t.notes.insert(0, CUSTOM_NOTE.format(dataset=ds))
+            where = [re.sub(r"^Table [0-9]+: ", "", t.title)]
+            if ds is not None:
+                t.key = f"{t.key}_{re.sub(r'[^A-Za-z0-9]+', '_', ds).strip('_').lower()}"
+                where.append(f"on {ds}")
+                t.notes.insert(0, CUSTOM_NOTE.format(dataset=ds))
+            if labels is not None:
+                t.key = f"{t.key}_{re.sub(r'[^A-Za-z0-9]+', '_', labels).strip('_').lower()}"
+                per_class = labels.endswith("shot")
+                where.append(
+                    f"{labels.removesuffix('shot')} labelled images per class"
+                    if per_class
+                    else f"{labels} of the labels"
+                )
+                t.notes.insert(0, LABELS_NOTE.format(labels=labels))
+            t.title = ", ".join(where)
             tables.append(t)
     return tables
+
+
+def _labels_order(labels: str | None) -> tuple[int, float]:
+    """All labels first, then fractions from the smallest, then k-shot from the fewest."""
+    if labels is None:
+        return (0, 0.0)
+    if labels.endswith("shot"):
+        return (2, float(labels[:-4] or 0))
+    return (1, float(labels.rstrip("%") or 0))
+
+
+def _cell(idx: RowIndex, hit: dict | None) -> Cell:
+    if not hit:
+        return Cell(None)
+    value, std, runs = idx.summary(hit)
+    return Cell(value, std=std, runs=runs)
 
 
 def _build_tables(
@@ -282,8 +381,7 @@ def _build_tables(
         for b in bbs:
             found = [hits[b, c.id] for c in cols]
             cells = [
-                Cell(status="failed") if idx.failed(b, t.name) else Cell(_num(h.get("value")) if h else None)
-                for (t, c), h in zip(pairs, found)
+                Cell(status="failed") if idx.failed(b, t.name) else _cell(idx, h) for (t, c), h in zip(pairs, found)
             ]
             model = next((h["model"] for h in found if h and h.get("model")), idx.models.get(b))
             data = []
@@ -318,6 +416,8 @@ def _build_tables(
                 notes.append(f"{c.label}: top-1 of the weighted k-NN classifier, k={idx.knn_protocol(t.name)[3:]}.")
         if protocols:
             notes.append("Our protocols: " + ", ".join(map(str, protocols)) + ".")
+        if any(c.n > 1 for r in ours for c in r.cells):
+            notes.append(SEEDS_NOTE)
         if toy:
             notes.append(TOY_NOTE)
         tables.append(Table(key, title, " ".join(caption), [c.label for c in cols], blocks, notes))
@@ -343,7 +443,9 @@ def _md_escape(s: str) -> str:
 def _md_cell(c: Cell) -> str:
     if c.value is None:
         return c.status
-    s = f"**{_fmt(c.value)}**" if c.bold else _fmt(c.value)
+    s = _fmt(c.value) + (f" ± {_fmt(c.std)}" if c.std is not None else "")
+    s = f"**{s}**" if c.bold else s
+    s += f" ({c.n})" if c.n > 1 else ""
     return s + (f" ({_fmt_delta(c.delta)})" if c.delta is not None else "")
 
 
@@ -392,7 +494,9 @@ def _tex(s: str) -> str:
 def _tex_cell(c: Cell) -> str:
     if c.value is None:
         return _tex(c.status)
-    s = rf"\textbf{{{_fmt(c.value)}}}" if c.bold else _fmt(c.value)
+    s = _fmt(c.value) + (rf" $\pm$ {_fmt(c.std)}" if c.std is not None else "")
+    s = rf"\textbf{{{s}}}" if c.bold else s
+    s += f" ({c.n})" if c.n > 1 else ""
     if c.delta is not None:
         s += r"\,{\scriptsize(" + _fmt_delta(c.delta).replace("-", "$-$") + ")}"
     return s
@@ -429,22 +533,45 @@ def _plain(v: float | None) -> str:
     return "" if v is None else str(round(v, 4))
 
 
+def _csv_value(c: Cell) -> str:
+    return _plain(c.value) if c.value is not None else ("" if c.status == MISSING else c.status)
+
+
 def to_csv(table: Table) -> str:
-    """CSV: ``block,method,size,data,<col>,<col>_delta,...``; plain numbers, ``failed`` as text, empty for none."""
+    """CSV: ``block,method,size,data,<col>,<col>_delta,...``; plain numbers, ``failed`` as text, empty for none.
+
+    A table with numbers over several seeds adds a ``seed`` column and ``<col>_std``, ``<col>_n`` after
+    each ``<col>_delta``: each row is the mean (``seed`` ``mean``; a single run: empty), followed
+    by one line per seed with the number of every run (its seed in ``seed``)."""
+    seeded = any(c.n > 1 for rows in table.blocks.values() for r in rows for c in r.cells)
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
-    w.writerow(["block", "method", "size", "data", *[x for c in table.columns for x in (c, f"{c}_delta")]])
+    stats = ("_delta", "_std", "_n") if seeded else ("_delta",)
+    w.writerow(
+        [
+            "block",
+            "method",
+            "size",
+            "data",
+            *(["seed"] if seeded else []),
+            *[c + x for c in table.columns for x in ("", *stats)],
+        ]
+    )
     for block, rows in table.blocks.items():
         for r in rows:
+            head = [block, r.label, r.size or "", "" if r.data == MISSING else r.data]
+            if not seeded:
+                w.writerow([*head, *[x for c in r.cells for x in (_csv_value(c), _plain(c.delta))]])
+                continue
+            many = [c for c in r.cells if c.n > 1]
             vals = [
-                x
-                for c in r.cells
-                for x in (
-                    _plain(c.value) if c.value is not None else ("" if c.status == MISSING else c.status),
-                    _plain(c.delta),
-                )
+                x for c in r.cells for x in (_csv_value(c), _plain(c.delta), _plain(c.std), str(c.n) if c.n > 1 else "")
             ]
-            w.writerow([block, r.label, r.size or "", "" if r.data == MISSING else r.data, *vals])
+            w.writerow([*head, "mean" if many else "", *vals])
+            seeds = list(dict.fromkeys(s for c in many for s, _ in c.runs))
+            for seed in seeds:
+                runs = [dict(c.runs) if c.n > 1 else {} for c in r.cells]
+                w.writerow([*head, seed, *[x for v in runs for x in (_plain(v.get(seed)), "", "", "")]])
     return buf.getvalue()
 
 
@@ -504,4 +631,5 @@ __all__ = [
     "write_tables",
     "NO_RESULTS",
     "TOY_NOTE",
+    "SEEDS_NOTE",
 ]

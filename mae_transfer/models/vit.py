@@ -187,11 +187,24 @@ class Attention(nn.Module):
                     nn.init.trunc_normal_(self.rel_pos_h, std=0.02)
                     nn.init.trunc_normal_(self.rel_pos_w, std=0.02)
             else:
-                n = (2 * rel_pos_size[0] - 1) * (2 * rel_pos_size[1] - 1) + 3
-                self.relative_position_bias_table = nn.Parameter(torch.zeros(n, num_heads))
-                if not rel_pos_zero_init:  # BEiT; MAE transfer starts from zeros
-                    nn.init.trunc_normal_(self.relative_position_bias_table, std=0.02)
-                self._index_cache: dict = {}
+                self._make_table(self.rel_pos_size, rel_pos_zero_init)
+
+    def _make_table(self, size: tuple[int, int], zero_init: bool, like: torch.Tensor | None = None) -> None:
+        n = (2 * size[0] - 1) * (2 * size[1] - 1) + 3
+        kw = {} if like is None else {"device": like.device, "dtype": like.dtype}
+        self.relative_position_bias_table = nn.Parameter(torch.zeros(n, self.num_heads, **kw))
+        if not zero_init:  # BEiT; MAE transfer starts from zeros
+            nn.init.trunc_normal_(self.relative_position_bias_table, std=0.02)
+        self._index_cache: dict = {}
+
+    def add_rel_pos_table(self, table_grid: tuple[int, int]) -> None:
+        """Switch on the table form of relative positions (zero-initialised), made for ``table_grid``:
+        the attention of a model built without relative positions, fitted to a BEiT checkpoint."""
+        if self.use_rel_pos:
+            raise ValueError("this attention already has relative positions")
+        self.use_rel_pos, self.rel_pos_type = True, "table"
+        self.rel_pos_size = (int(table_grid[0]), int(table_grid[1]))
+        self._make_table(self.rel_pos_size, True, like=self.qkv.weight)
 
     def table_bias(self, hw: tuple[int, int], num_prefix_tokens: int, device: torch.device) -> torch.Tensor:
         """The table form's bias (heads, T, T) for a grid ``hw`` after ``num_prefix_tokens`` tokens."""
@@ -304,6 +317,14 @@ class Block(nn.Module):
         else:
             self.gamma_1 = self.gamma_2 = None
 
+    def add_layer_scale(self, value: float = 1.0) -> None:
+        """Add ``gamma_1`` / ``gamma_2`` (filled with ``value``) to a block built without layer scale."""
+        if self.gamma_1 is not None:
+            return
+        w = self.norm1.weight
+        self.gamma_1 = nn.Parameter(torch.full(w.shape, float(value), device=w.device, dtype=w.dtype))
+        self.gamma_2 = nn.Parameter(torch.full(w.shape, float(value), device=w.device, dtype=w.dtype))
+
     def _attend(self, x: torch.Tensor, hw: tuple[int, int] | None, num_prefix_tokens: int) -> torch.Tensor:
         if self.window_size <= 0:
             return self.attn(x, hw, num_prefix_tokens)
@@ -361,6 +382,10 @@ class VisionTransformer(nn.Module):
             :class:`Attention`.
         layer_scale: initial value of the per-block ``gamma_1`` / ``gamma_2`` scales of the two
             branches (None: no layer scale).
+        reg_tokens: register tokens (``reg_token``, DINOv2 with registers; timm's semantics): learned
+            tokens after the class token that get no position embedding; pooling skips them.
+        abs_pos_embed: whether there is an absolute position table ``pos_embed`` (False: BEiT, whose
+            blocks have relative position tables only).
     """
 
     def __init__(
@@ -389,6 +414,8 @@ class VisionTransformer(nn.Module):
         pos_embed_class_row: bool | None = None,
         rel_pos_type: str = "decomposed",
         layer_scale: float | None = None,
+        reg_tokens: int = 0,
+        abs_pos_embed: bool = True,
     ):
         super().__init__()
         if global_pool not in ("avg", "token", ""):
@@ -402,7 +429,15 @@ class VisionTransformer(nn.Module):
         self.num_heads = num_heads
         self.global_pool = global_pool
         self.num_classes = num_classes
-        self.num_prefix_tokens = 1 if class_token else 0
+        self.num_reg_tokens = int(reg_tokens)
+        if self.num_reg_tokens < 0:
+            raise ValueError(f"reg_tokens must be >= 0, got {reg_tokens}")
+        if self.num_reg_tokens and window_size > 0:
+            raise ValueError("register tokens need global attention (window attention takes no prefix tokens)")
+        if fixed_pos_embed and not abs_pos_embed:
+            raise ValueError("fixed_pos_embed needs an absolute position table (abs_pos_embed=True)")
+        # Prefix tokens: the class token, then the register tokens (only the class token has a pos_embed row).
+        self.num_prefix_tokens = (1 if class_token else 0) + self.num_reg_tokens
         self.grad_checkpointing = grad_checkpointing
         self.grid_size = (self.img_size[0] // patch_size, self.img_size[1] // patch_size)
         self.global_blocks = tuple(sorted(set(int(i) for i in global_blocks)))
@@ -413,15 +448,19 @@ class VisionTransformer(nn.Module):
         pos_size = self.img_size if pos_embed_img_size is None else _pair(pos_embed_img_size)
         self.pos_embed_grid = (pos_size[0] // patch_size, pos_size[1] // patch_size)
         self.pos_embed_prefix = (
-            self.num_prefix_tokens if pos_embed_class_row is None else int(bool(pos_embed_class_row))
+            self._num_class_tokens if pos_embed_class_row is None else int(bool(pos_embed_class_row))
         )
-        if self.pos_embed_prefix < self.num_prefix_tokens:
+        if self.pos_embed_prefix < self._num_class_tokens:
             raise ValueError("a class token needs a class row in pos_embed (pos_embed_class_row=True)")
 
         self.patch_embed = PatchEmbed(patch_size, in_chans, embed_dim)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim)) if class_token else None
+        self.reg_token = nn.Parameter(torch.zeros(1, self.num_reg_tokens, embed_dim)) if self.num_reg_tokens else None
         num_pos = self.pos_embed_prefix + self.pos_embed_grid[0] * self.pos_embed_grid[1]
-        self.pos_embed = nn.Parameter(torch.zeros(1, num_pos, embed_dim), requires_grad=not fixed_pos_embed)
+        if abs_pos_embed:
+            self.pos_embed = nn.Parameter(torch.zeros(1, num_pos, embed_dim), requires_grad=not fixed_pos_embed)
+        else:
+            self.register_parameter("pos_embed", None)
         self.fixed_pos_embed = fixed_pos_embed
 
         # Stochastic depth grows linearly with depth (computed in Python: works under a meta device).
@@ -460,10 +499,12 @@ class VisionTransformer(nn.Module):
         if self.fixed_pos_embed:
             table = sincos_2d(self.embed_dim, self.pos_embed_grid, self.pos_embed_prefix)
             self.pos_embed.data.copy_(table.unsqueeze(0))
-        else:
+        elif self.pos_embed is not None:
             nn.init.trunc_normal_(self.pos_embed, std=0.02)
         if self.cls_token is not None:
             nn.init.normal_(self.cls_token, std=0.02)
+        if self.reg_token is not None:
+            nn.init.normal_(self.reg_token, std=1e-6)  # timm
         w = self.patch_embed.proj.weight.data
         nn.init.xavier_uniform_(w.view(w.shape[0], -1))  # like a Linear on flattened patches
         nn.init.zeros_(self.patch_embed.proj.bias)
@@ -477,7 +518,49 @@ class VisionTransformer(nn.Module):
 
     def no_weight_decay(self) -> set[str]:
         """Parameter names that the official recipes exclude from weight decay."""
-        return {"pos_embed", "cls_token"}
+        return {"pos_embed", "cls_token"} | ({"reg_token"} if self.reg_token is not None else set())
+
+    @property
+    def _num_class_tokens(self) -> int:
+        return self.num_prefix_tokens - self.num_reg_tokens
+
+    # ---------------------------------------------------------------- fitting a released checkpoint
+    # A released backbone may need parts the task's ViT was built without (BEiT's relative position
+    # tables, layer scale and no absolute table, DINOv2's layer scale and registers): these add them
+    # before its weights are loaded (mae_transfer.checkpoint.loading fits the model to the file).
+    def add_layer_scale(self, value: float = 1.0) -> int:
+        """Give every block without layer scale ``gamma_1`` / ``gamma_2`` (filled with ``value``);
+        returns the number of blocks changed."""
+        changed = [blk for blk in self.blocks if blk.gamma_1 is None]
+        for blk in changed:
+            blk.add_layer_scale(value)
+        return len(changed)
+
+    def add_rel_pos_tables(self, table_grid: tuple[int, int]) -> int:
+        """Give every global-attention block without relative positions BEiT's per-head bias table
+        made for ``table_grid`` (zero-initialised); returns the number of blocks changed."""
+        changed = [blk for blk in self.blocks if blk.window_size <= 0 and not blk.attn.use_rel_pos]
+        for blk in changed:
+            blk.attn.add_rel_pos_table(table_grid)
+        return len(changed)
+
+    def remove_abs_pos_embed(self) -> None:
+        """Drop the absolute position table (BEiT: relative position tables only)."""
+        if self.fixed_pos_embed:
+            raise ValueError("a fixed sin-cos position table cannot be removed")
+        self.pos_embed = None
+
+    def add_reg_tokens(self, n: int) -> None:
+        """Add ``n`` register tokens (``reg_token``) to a ViT built without them."""
+        if self.num_reg_tokens:
+            raise ValueError(f"this ViT already has {self.num_reg_tokens} register tokens")
+        if any(blk.window_size > 0 for blk in self.blocks):
+            raise ValueError("register tokens need global attention (window attention takes no prefix tokens)")
+        w = self.patch_embed.proj.weight
+        self.reg_token = nn.Parameter(torch.zeros(1, int(n), self.embed_dim, device=w.device, dtype=w.dtype))
+        nn.init.normal_(self.reg_token, std=1e-6)
+        self.num_reg_tokens = int(n)
+        self.num_prefix_tokens += int(n)
 
     # ---------------------------------------------------------------- the backbone contract
     # What the rest of the toolkit asks of a backbone (timm's idea of ``group_matcher`` and
@@ -486,11 +569,11 @@ class VisionTransformer(nn.Module):
     # inside a task's model by this method, not by parameter-name prefixes).
     def layer_id(self, name: str) -> int:
         """Depth index of the parameter ``name`` (relative to this module) for layer-wise lr decay:
-        the embeddings (``cls_token``, ``pos_embed``, ``mask_token``, ``patch_embed.*``) are layer 0,
+        the embeddings (``cls_token``, ``reg_token``, ``pos_embed``, ``mask_token``, ``patch_embed.*``) are layer 0,
         ``blocks.i.*`` is layer i + 1, everything else (final norm, head, decoder) depth + 1: the rule
         of the official MAE fine-tuning code (util/lr_decay.py), detectron2's
         ``get_vit_lr_decay_rate`` and mmsegmentation's ``LearningRateDecayOptimizerConstructor``."""
-        if name in ("cls_token", "pos_embed", "mask_token") or name.startswith("patch_embed."):
+        if name in ("cls_token", "pos_embed", "mask_token", "reg_token") or name.startswith("patch_embed."):
             return 0
         if name.startswith("blocks."):
             return int(name.split(".")[1]) + 1
@@ -516,37 +599,51 @@ class VisionTransformer(nn.Module):
     def reset_classifier(self, num_classes: int) -> None:
         """Replace the head with a fresh one for ``num_classes`` outputs (0 = no head)."""
         self.num_classes = num_classes
-        device = self.pos_embed.device
+        device = self.patch_embed.proj.weight.device
         self.head = nn.Linear(self.embed_dim, num_classes, device=device) if num_classes > 0 else nn.Identity()
         if isinstance(self.head, nn.Linear):
             nn.init.trunc_normal_(self.head.weight, std=2e-5)
             nn.init.zeros_(self.head.bias)
 
     # ------------------------------------------------------------------ forward pieces
-    def pos_embed_for(self, grid: tuple[int, int]) -> torch.Tensor:
-        """Position embeddings (1, prefix + h*w, D) for a token grid, interpolated when needed.
+    def pos_embed_for(self, grid: tuple[int, int]) -> torch.Tensor | None:
+        """Position embeddings (1, class + h*w, D) for a token grid, interpolated when needed (None
+        without an absolute table). Register tokens have no row.
 
         The table is resized (bicubic, ``align_corners=False``) at every call whose grid differs
         from the table's, which is how ViTDet uses its 14x14 pretraining table at any input size.
         """
-        if tuple(grid) == self.pos_embed_grid and self.pos_embed_prefix == self.num_prefix_tokens:
+        if self.pos_embed is None:
+            return None
+        n_cls = self._num_class_tokens
+        if tuple(grid) == self.pos_embed_grid and self.pos_embed_prefix == n_cls:
             return self.pos_embed
         return resize_pos_embed(
             self.pos_embed,
             grid,
             self.pos_embed_prefix,
             old_grid=self.pos_embed_grid,
-            new_prefix_tokens=self.num_prefix_tokens,
+            new_prefix_tokens=n_cls,
         )
 
     def embed(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
-        """(B, C, H, W) -> tokens (B, prefix + h*w, D) with position embeddings, and the grid."""
+        """(B, C, H, W) -> tokens (B, prefix + h*w, D) with position embeddings, and the grid.
+
+        Token order: class token, register tokens, patches (timm's); the register tokens get no
+        position embedding."""
         x, grid = self.patch_embed(x)
         pos = self.pos_embed_for(grid)
-        x = x + pos[:, self.num_prefix_tokens :]
+        n_cls = self._num_class_tokens
+        if pos is not None:
+            x = x + pos[:, n_cls:]
+        prefix = []
         if self.cls_token is not None:
-            cls = (self.cls_token + pos[:, :1]).expand(x.shape[0], -1, -1)
-            x = torch.cat([cls, x], dim=1)
+            cls = self.cls_token if pos is None else self.cls_token + pos[:, :1]
+            prefix.append(cls.expand(x.shape[0], -1, -1))
+        if self.reg_token is not None:
+            prefix.append(self.reg_token.expand(x.shape[0], -1, -1))
+        if prefix:
+            x = torch.cat([*prefix, x], dim=1)
         return x, grid
 
     def run_block(self, i: int, x: torch.Tensor, grid: tuple[int, int] | None) -> torch.Tensor:
@@ -650,6 +747,13 @@ VIT_SIZES: dict[str, ViTSize] = {
     # Very small models for tests and CPU demos.
     "vit_micro_patch8": ViTSize(96, 4, 4, 8),
     "vit_nano_patch8": ViTSize(64, 2, 4, 8),
+    # Sizes of released baselines: DINOv2 (patch 14), DINO (patch 8), MoCo v3's ViT-S (12 heads, not 6).
+    "vit_small_patch14": ViTSize(384, 12, 6, 14),
+    "vit_base_patch14": ViTSize(768, 12, 12, 14),
+    "vit_large_patch14": ViTSize(1024, 24, 16, 14),
+    "vit_small_patch8": ViTSize(384, 12, 6, 8),
+    "vit_base_patch8": ViTSize(768, 12, 12, 8),
+    "vit_small_patch16_h12": ViTSize(384, 12, 12, 16),
 }
 
 

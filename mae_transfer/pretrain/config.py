@@ -55,6 +55,23 @@ class VisConfig:
 
 
 @dataclass
+class KnnMonitorConfig:
+    """Online k-NN during pretraining (``--knn-data``, ``--knn-every``): the encoder's class-token
+    features of an ImageFolder's train and val splits, weighted k-NN top-1 (the ``knn`` task's
+    protocol) every ``every`` epochs and after the last one, in the run's eval stream (eval.csv,
+    TensorBoard, the training-curves plot)."""
+
+    data: str | None = None  # ImageFolder root with train/ and val/ (None: no monitor)
+    every: int = 1  # epochs
+    k: int = 20
+    batch_size: int = 128
+
+    def validate(self) -> None:
+        if self.every < 1 or self.k < 1 or self.batch_size < 1:
+            raise ConfigError("knn.every, knn.k and knn.batch_size must be at least 1")
+
+
+@dataclass
 class PretrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -69,6 +86,7 @@ class PretrainConfig:
         )
     )
     vis: VisConfig = field(default_factory=VisConfig)
+    knn: KnnMonitorConfig = field(default_factory=KnnMonitorConfig)
     init: str | None = None  # start from these weights (any format mae_transfer.checkpoint reads)
     # Read --backbone / --init / --weights files that need full unpickling (detectron2 .pkl, pickled
     # objects): that can run code stored in the file, so only for sources you trust.

@@ -79,6 +79,23 @@ class PretrainTask(TrainTask):
         }
         self.data_root, self.is_toy = resolve_data_root(cfg)
         self._vis_batch: dict[str, torch.Tensor] | None = None
+        # Online k-NN (--knn-data): ``(encoder, EvalContext) -> metrics``, set by the command's front
+        # (the evaluation layer, which may use the classification package; this one may not).
+        self.knn_monitor = None
+
+    # The engine's evaluation hook, used only by the online k-NN monitor.
+    @property
+    def evaluates(self) -> bool:
+        return self.knn_monitor is not None
+
+    def eval_every(self) -> int:
+        return self.cfg.knn.every
+
+    def eval_precision(self) -> str | None:
+        return "fp32"
+
+    def evaluate(self, model: nn.Module, ctx) -> dict[str, Any]:
+        return self.knn_monitor(model, ctx) if self.knn_monitor is not None else {}
 
     def signature(self) -> dict[str, Any]:
         return dict(self._signature)
