@@ -9,14 +9,29 @@ from mae_transfer.evaluation.demo import MAE_NAME, RANDOM_NAME, demo_tasks
 from mae_transfer.evaluation.plots import comparison_data
 from mae_transfer.evaluation.store import ResultStore
 
-QUICK_TASKS = demo_tasks(quick=True)
+# The demo's run here takes one task of each kind (detection, segmentation, a classification dataset
+# of the official files, k-NN); every other task's quick and full jobs are planned below (their
+# settings resolve to configs), and each one runs in its own command's tests.
+QUICK_TASKS = ["coco", "ade20k", "inat2018", "knn"]
 
 
-def test_quick_demo_runs_every_task_and_resumes_without_work(tmp_path, cache, capsys, monkeypatch):
+def test_the_demo_plans_every_task_with_its_quick_and_full_settings(tmp_path):
+    from mae_transfer.evaluation import demo, runner
+
+    assert set(QUICK_TASKS) <= set(demo_tasks(quick=True)) and len(demo_tasks(quick=True)) >= 7
+    backbones = [runner.Backbone(RANDOM_NAME, None)]
+    for quick in (True, False):
+        tasks = demo_tasks(quick)
+        jobs = runner.plan_jobs(backbones, tasks, tmp_path / "res", overrides=demo._overrides(tasks, quick))
+        assert [j.task for j in jobs] == tasks and len({j.key for j in jobs}) == len(tasks)
+
+
+def test_quick_demo_runs_every_kind_of_task_and_resumes_without_work(tmp_path, cache, capsys, monkeypatch):
     # One epoch per schedule instead of --quick's 2-3: the same code paths at half the CI time.
     from mae_transfer.evaluation import demo
     from mae_transfer.evaluation.registry import TASKS
 
+    monkeypatch.setattr(demo, "demo_tasks", lambda quick=False: list(QUICK_TASKS))
     monkeypatch.setattr(demo, "QUICK_ALL", ["train.epochs=1"])
     pretrain = TASKS["pretrain"]
     monkeypatch.setitem(TASKS, "pretrain", replace(pretrain, demo=replace(pretrain.demo, quick=("train.epochs=1",))))
