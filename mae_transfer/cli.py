@@ -801,9 +801,10 @@ def _run_toy_data(args) -> int:
         root = ensure_toy_dataset(**toy.arguments(), root=Path(out) if out else None)
         print(root)
         return 0
-    if toy.full_size is None:
-        kinds = ", ".join(name for name, t in toys.items() if t.full_size)
-        raise ConfigError(f"--full-size writes {kinds}, not {args.kind}")
+    from mae_transfer.evaluation.data_speed import full_size_kinds, write_full_size
+
+    if args.kind not in full_size_kinds():
+        raise ConfigError(f"--full-size writes {', '.join(full_size_kinds())}, not {args.kind}")
     if not out:
         raise ConfigError("--full-size needs the folder to write: mae-transfer toy-data --full-size KIND DIR")
     if not 0 < args.scale <= 1:
@@ -812,8 +813,6 @@ def _run_toy_data(args) -> int:
     if target.exists() and (not target.is_dir() or any(target.iterdir())):
         raise ConfigError(f"{target} is not an empty folder; choose a new one for the full-size data")
     print(f"writing full-size {args.kind} annotation files into {target} ...", flush=True)
-    from mae_transfer.evaluation.data_speed import write_full_size
-
     root = write_full_size(args.kind, target, images_from=args.images_from, scale=args.scale)
     print(root)
     return 0

@@ -25,6 +25,26 @@ def _cls_features(model, x):
     return model.forward_features(x)[:, 0]
 
 
+def split_features(model, ctx: EvalContext, train, val, batch_size: int, what: str = "features") -> tuple:
+    """``((train features, labels), (val features, labels))``: the class-token features of both splits,
+    extracted in ``ctx`` (its device, workers and autocast; each process its shard, gathered), with
+    the main process's progress bars."""
+    from mae_transfer.classification.knn import extract_features
+
+    out = []
+    for split, ds in (("train", train), ("val", val)):
+        feats, labels, _ = extract_features(
+            model,
+            ctx.loader(ds, batch_size),
+            ctx.device,
+            feature_fn=_cls_features,
+            autocast=ctx.autocast,
+            desc=f"{what} of {split}" if ctx.dist.is_main else None,
+        )
+        out.append((feats, labels))
+    return tuple(out)
+
+
 def frozen_model(inferred: dict, model: str | None, img_size: int | None, toy: bool) -> tuple[str, int]:
     """The ViT (name, image size) whose features are evaluated: ``model`` / ``img_size`` when
     given, else what the backbone checkpoint holds (``inferred``); without either, the paper's
@@ -63,7 +83,7 @@ def run_frozen_eval(
     it, the ``task`` of the result rows."""
     from mae_transfer.checkpoint import describe_checkpoint, init_backbone
     from mae_transfer.classification.datasets import build_dataset, num_classes_of
-    from mae_transfer.classification.knn import extract_features, knn_evaluate
+    from mae_transfer.classification.knn import knn_evaluate
 
     if dist is None:
         dist = DistInfo(device=resolve_device(device))
@@ -89,12 +109,7 @@ def run_frozen_eval(
     )
     vit.to(dev).eval()
     main = dist.is_main
-    tr_f, tr_y, _ = extract_features(
-        vit, ctx.loader(train, batch_size), dev, feature_fn=_cls_features, desc="features of train" if main else None
-    )
-    va_f, va_y, _ = extract_features(
-        vit, ctx.loader(val, batch_size), dev, feature_fn=_cls_features, desc="features of val" if main else None
-    )
+    (tr_f, tr_y), (va_f, va_y) = split_features(vit, ctx, train, val, batch_size)
     results = knn_evaluate(tr_f, tr_y, va_f, va_y, num_classes, ks=ks)  # every process scores its share of queries
     if not main:  # the main process runs the sweep and writes the results
         return ""
@@ -154,22 +169,11 @@ class KnnMonitor:
         self.k, self.batch_size = int(k), int(batch_size)
 
     def __call__(self, model: Any, ctx: EvalContext) -> dict[str, float]:
-        from mae_transfer.classification.knn import extract_features, knn_evaluate
+        from mae_transfer.classification.knn import knn_evaluate
 
         t0 = time.perf_counter()
         main = ctx.dist.is_main
-        feats = [
-            extract_features(
-                model,
-                ctx.loader(ds, self.batch_size),
-                ctx.device,
-                feature_fn=_cls_features,
-                autocast=ctx.autocast,
-                desc=f"k-NN features of {split}" if main else None,
-            )
-            for split, ds in (("train", self.train), ("val", self.val))
-        ]
-        (tr_f, tr_y, _), (va_f, va_y, _) = feats
+        (tr_f, tr_y), (va_f, va_y) = split_features(model, ctx, self.train, self.val, self.batch_size, "k-NN features")
         m = knn_evaluate(tr_f, tr_y, va_f, va_y, self.num_classes, ks=(self.k,))[self.k]
         if main:
             log.info(

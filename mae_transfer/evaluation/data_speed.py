@@ -111,6 +111,14 @@ def _count(batch: list[int]) -> int:
     return len(batch)
 
 
+def full_size_kinds() -> list[str]:
+    """The toy datasets that have full-size rehearsal data (a ``ToyData.full_size`` writer), in
+    ``toy-data``'s order."""
+    from mae_transfer.evaluation.registry import toy_datasets
+
+    return [name for name, toy in toy_datasets().items() if toy.full_size]
+
+
 def write_full_size(
     kind: str, out: str | os.PathLike, images_from: str | os.PathLike | None = None, scale: float = 1.0, seed: int = 0
 ) -> Path:
@@ -120,11 +128,9 @@ def write_full_size(
     from mae_transfer.data.toy import ensure_toy_dataset
     from mae_transfer.evaluation.registry import toy_datasets
 
-    toys = toy_datasets()
-    toy = toys.get(kind)
-    if toy is None or toy.full_size is None:
-        have = ", ".join(name for name, t in toys.items() if t.full_size)
-        raise ValueError(f"--full-size writes {have}, not {kind}")
+    if kind not in full_size_kinds():
+        raise ValueError(f"--full-size writes {', '.join(full_size_kinds())}, not {kind}")
+    toy = toy_datasets()[kind]
     if images_from is None:
         images_from = ensure_toy_dataset(**toy.arguments())
     return resolve(toy.full_size)(out, images_from=images_from, scale=scale, seed=seed)
@@ -133,10 +139,9 @@ def write_full_size(
 def full_size_root(kind: str) -> Path:
     """The full-size rehearsal data of ``kind`` in the toolkit's cache, written on first use."""
     from mae_transfer.data.toy import toy_cache_dir
-    from mae_transfer.evaluation.registry import toy_datasets
 
-    if kind not in toy_datasets() or toy_datasets()[kind].full_size is None:
-        have = [name for name, t in toy_datasets().items() if t.full_size]
+    have = full_size_kinds()
+    if kind not in have:
         named = [next((f"{a} ({k.removeprefix(a)})" for a, k in ALIASES.items() if k == n), n) for n in have]
         raise ValueError(f"--full-size has data for {', '.join(named[:-1])} and {named[-1]}, not {kind}")
     root = toy_cache_dir().parent / "fullsize" / kind
@@ -318,6 +323,7 @@ __all__ = [
     "run_data_speed",
     "format_data_speed",
     "process_memory",
+    "full_size_kinds",
     "full_size_root",
     "write_full_size",
     "IndexPass",
