@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
+import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -38,15 +41,49 @@ def shared() -> Path:
     return root
 
 
+def _session_root(tmp_path_factory) -> Path:
+    """A folder all test workers of this pytest run share (xdist gives each worker its own
+    basetemp, inside one folder of the run)."""
+    base = tmp_path_factory.getbasetemp()
+    return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+
+
+def built_once(tmp_path_factory, name: str, build: Callable[[Path], None]) -> Path:
+    """The folder ``build`` filled, built by the first test worker that asks and read by the others.
+
+    Under ``-n auto --dist worksteal`` the tests of one module run on several workers, so a
+    module-scoped fixture would be computed once per worker (the detectron2 evaluation of all val
+    images, a reference training run: a minute of CPU each time). A build that fails leaves no
+    folder behind, and the next worker that asks builds it again (and fails the same way)."""
+    root = _session_root(tmp_path_factory) / "built_once"
+    root.mkdir(exist_ok=True)
+    out = root / name
+    with open(root / f"{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (root / f"{name}.done").exists():
+            shutil.rmtree(out, ignore_errors=True)
+            out.mkdir()
+            try:
+                build(out)
+            except BaseException:
+                shutil.rmtree(out, ignore_errors=True)
+                raise
+            (root / f"{name}.done").touch()
+    return out
+
+
 @pytest.fixture(scope="session")
 def _worker_cache(tmp_path_factory):
-    return tmp_path_factory.mktemp("cache")
+    # One cache for all workers: the writers are deterministic and locked per dataset.
+    path = _session_root(tmp_path_factory) / "toy-cache"
+    path.mkdir(exist_ok=True)
+    return path
 
 
 @pytest.fixture
 def cache(_worker_cache, monkeypatch):
-    """The toy-data and index cache (``$MAE_TRANSFER_CACHE``) of this test process, shared by its
-    tests: each toy dataset is written once per test worker instead of once per test (the writers
+    """The toy-data and index cache (``$MAE_TRANSFER_CACHE``) of this pytest run, shared by its
+    tests and workers: each toy dataset is written once instead of once per test (the writers
     are deterministic, keyed by their settings and locked; index caches are keyed by their sources),
     and never in the user's own cache. Tests of the cache itself set their own folder."""
     monkeypatch.setenv("MAE_TRANSFER_CACHE", str(_worker_cache))

@@ -160,12 +160,11 @@ def test_knn_under_torchrun_shards_the_features_and_gives_the_same_numbers(tmp_p
     assert values(two) == values(single) and len(values(single)) == 9  # k=5, k=20 and the sweep, 3 metrics each
 
 
-def test_finetuning_resumes_after_a_kill(tmp_path, monkeypatch):
-    env = dict(os.environ, MAE_TRANSFER_CACHE=str(tmp_path / "cache"), PYTHONUNBUFFERED="1")
+def test_finetuning_resumes_after_a_kill(tmp_path, cache):
+    env = dict(os.environ, MAE_TRANSFER_CACHE=str(cache), PYTHONUNBUFFERED="1")
     command = ["finetune", "--epochs", "3", *SMALL, "train.ckpt_every_minutes=0"]
     args = [sys.executable, "-m", "mae_transfer", *command]
     full = tmp_path / "full"  # the uninterrupted run, in this process (one interpreter start less)
-    monkeypatch.setenv("MAE_TRANSFER_CACHE", str(tmp_path / "cache"))
     assert main([*command, "--output", str(full)]) == 0
     run = tmp_path / "killed"
     proc = subprocess.Popen(

@@ -47,19 +47,6 @@ TINY_PRETRAIN = [
 ]
 
 
-@pytest.fixture(scope="module")
-def shared_cache(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("toy-cache")
-
-
-@pytest.fixture
-def cache(shared_cache, monkeypatch) -> Path:
-    """One toy-data cache for the tests of this file (the toy datasets are deterministic and
-    written once), instead of conftest's one per test: each toy dataset costs seconds to write."""
-    monkeypatch.setenv("MAE_TRANSFER_CACHE", str(shared_cache))
-    return shared_cache
-
-
 @pytest.fixture
 def encoder(tmp_path) -> Path:
     torch.manual_seed(0)

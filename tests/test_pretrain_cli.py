@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import built_once
 
 from mae_transfer.cli import main
 
@@ -39,9 +40,14 @@ def cli(tmp_path: Path, *args: str) -> list[str]:
     return [sys.executable, "-m", "mae_transfer", "pretrain", *args]
 
 
+@pytest.fixture(autouse=True)
+def _one_toy_cache(cache):
+    """The commands these tests start read the toy data of the test run's one cache."""
+
+
 def env(tmp_path: Path) -> dict:
     e = dict(os.environ)
-    e["MAE_TRANSFER_CACHE"] = str(tmp_path / "cache")
+    e.setdefault("MAE_TRANSFER_CACHE", str(tmp_path / "cache"))
     e["PYTHONUNBUFFERED"] = "1"
     e.pop("RANK", None)
     e.pop("WORLD_SIZE", None)
@@ -94,11 +100,13 @@ KILLED_ARGS = ["--epochs", "3", *TINY, "train.ckpt_every_minutes=0"]
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory) -> Path:
     """The run every killed-and-resumed run must end as (one for all signals)."""
-    base = tmp_path_factory.mktemp("uninterrupted")
-    subprocess.run(
-        cli(base, "--output", str(base / "full"), *KILLED_ARGS), env=env(base), check=True, capture_output=True
-    )
-    return base / "full"
+
+    def run(base: Path) -> None:
+        subprocess.run(
+            cli(base, "--output", str(base / "full"), *KILLED_ARGS), env=env(base), check=True, capture_output=True
+        )
+
+    return built_once(tmp_path_factory, "uninterrupted_pretraining", run) / "full"
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL])

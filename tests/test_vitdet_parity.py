@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import shared_root
+from conftest import built_once, shared_root
 from pycocotools import mask as mask_utils
 
 from mae_transfer.cli import main
@@ -203,26 +203,15 @@ def test_final_detections_of_every_reference_image_match_detectron2(detector, re
 # ------------------------------------------------------------------------- 5.-6. the command
 
 
+def _evaluate_val(out: Path) -> None:
+    argv = ["coco", "--eval-only", "--weights", str(REF / "model_final.pth"), "--data", str(COCO_TINY)]
+    assert main([*argv, "--output", str(out), "eval_batch_size=4"]) == 0
+
+
 @pytest.fixture(scope="module")
 def val_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("d2_val")
-    assert (
-        main(
-            [
-                "coco",
-                "--eval-only",
-                "--weights",
-                str(REF / "model_final.pth"),
-                "--data",
-                str(COCO_TINY),
-                "--output",
-                str(out),
-                "eval_batch_size=4",
-            ]
-        )
-        == 0
-    )
-    return out
+    """One evaluation of the 80 val images for every test worker that needs it."""
+    return built_once(tmp_path_factory, "d2_val", _evaluate_val)
 
 
 def _reference_metrics(split: str) -> dict:
