@@ -338,6 +338,15 @@ examples:
   mae-transfer bench ... --launcher slurm --slurm-partition learnfair --slurm-time 4320
   mae-transfer bench ... --launcher submitit-local   # the same, as local processes
   mae-transfer table --results results/          # the tables again, in any format
+
+Figure 9 of the MAE paper (partial fine-tuning: top-1 vs the number of last blocks fine-tuned):
+  mae-transfer bench --backbone mae=mae_pretrain_vit_base.pth --data imagenet=/datasets/imagenet \\
+      --trainable-blocks figure9                # ViT-B: 0 (linear probe), 1, 2, 4, 6, 12 (full)
+  mae-transfer bench --backbone mae=runs/pretrain-toy/encoder.pth --backbone scratch=random \\
+      --trainable-blocks 0,1,2,full --set '*:train.epochs=5'   # toy data, micro ViT (4 blocks)
+  k = 0 is the linprobe job, k = all blocks the finetune job (each run once, also when --tasks names
+  it); the others fine-tune the last k blocks. Table "Figure 9: partial fine-tuning" and the plot
+  RESULTS/plots/partial_finetuning.png show one line per backbone.
 """
 
 
@@ -356,7 +365,10 @@ def _add_bench(sub) -> None:
         metavar="NAME=CKPT",
         help="a backbone to evaluate (repeatable); NAME=random for random weights of the same architecture",
     )
-    p.add_argument("--tasks", default="all", help="comma-separated tasks or 'all' (default)")
+    p.add_argument(
+        "--tasks",
+        help="comma-separated tasks or 'all' (default; with --trainable-blocks: finetune, the grid's task)",
+    )
     p.add_argument("--results", default="results", metavar="DIR", help="results directory (default: results/)")
     p.add_argument(
         "--data",
@@ -392,6 +404,15 @@ def _add_bench(sub) -> None:
         help="run every training job N times, with train.seed S, S+1, ..., S+N-1 (S: its config's seed, 0 by "
         "default; the first is the job of a bench without --seeds); each seed is a job of its own (skipped "
         "when done) and the tables show mean ± std (n). k-NN trains nothing with a seed: it runs once",
+    )
+    p.add_argument(
+        "--trainable-blocks",
+        metavar="K,K,...",
+        help="the MAE paper's Figure 9: run the finetune task as a grid over how many of the last blocks are "
+        "fine-tuned (comma-separated; 0: the linear probe, i.e. the linprobe job; full: all blocks, i.e. the "
+        "finetune job; figure9: the paper's 0,1,2,4,6,12,18,24 up to the network's depth, and its depth). "
+        "Each k is a job of its own; the table 'Figure 9: partial fine-tuning' and "
+        "plots/partial_finetuning.png show top-1 against k",
     )
     _add_flags(p, ["trust_checkpoint"])
     p.add_argument(
@@ -455,7 +476,8 @@ def _run_bench(args) -> int:
 
     check_output_path(args.results, "--results")  # before the backbones are read and hashed
     backbones = bench.parse_backbones(args.backbone)
-    tasks = bench.parse_tasks(args.tasks)
+    grid = bench.parse_trainable_blocks(args.trainable_blocks)
+    tasks = bench.parse_tasks(args.tasks or ("finetune" if grid is not None else "all"))
     data = bench.parse_task_map(args.data, "--data", data_keys())
     presets = bench.parse_task_map(args.preset, "--preset", [t for t in benchmark_tasks() if TASKS[t].trains])
     overrides = bench.parse_overrides(args.set)
@@ -478,8 +500,19 @@ def _run_bench(args) -> int:
         args.random_model,
         trust=args.trust_checkpoint,
         seeds=args.seeds,
+        trainable_blocks=grid,
     )
     seeds = f", {args.seeds} seeds of each training job" if args.seeds > 1 else ""
+    if grid is not None:
+        ks: dict[str, set[int]] = {}
+        for j in jobs:
+            if j.trainable_blocks is not None:
+                ks.setdefault(j.backbone.name, set()).add(j.trainable_blocks)
+        shown = {",".join(map(str, sorted(k))) for k in ks.values()}
+        seeds += (
+            f"; finetune as a grid over {' / '.join(sorted(shown))} blocks fine-tuned "
+            "(0: the linprobe job, all blocks: the finetune job; Figure 9)"
+        )
     print(
         f"{len(jobs)} jobs: {len(backbones)} backbone(s) x {len(tasks)} task(s){seeds}; "
         f"results: {results / 'results.jsonl'}"

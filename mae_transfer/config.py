@@ -262,6 +262,11 @@ IDENTITY_EXCLUDE = frozenset(
 IDENTITY_SINCE = {
     "label_fraction": None,  # low-label transfer (classification data section)
     "shots": None,
+    "protocol": "upernet",  # ADE20K: UperNet (the default) or the frozen linear protocols (segmentation)
+    "linear": None,  # ADE20K linear protocols: their section (segmentation config)
+    "attentive_heads": None,  # attentive probe (classification): its heads, lr sweep, per-head clipping
+    "lr_sweep": None,
+    "head_clip_grad": None,
 }
 
 

@@ -268,6 +268,7 @@ def test_one_flag_table():
         "--batch-size",
         "--device",
         "--img-size",
+        "--trainable-blocks",  # bench: a grid of values (Figure 9), not the one value of `finetune`
     }
     spelled = [
         (p, m.group(1))

@@ -1,4 +1,5 @@
-"""Classification transfer configs: end-to-end fine-tuning, linear probing, partial fine-tuning.
+"""Classification transfer configs: end-to-end fine-tuning, linear probing, partial fine-tuning,
+attentive probing.
 
 Defaults are the official MAE fine-tuning of the released ViT-B/16 (MAE-repo FINETUNE.md and
 main_finetune.py; reference/paper_numbers.md section 2.2); the presets hold the other recipes.
@@ -25,6 +26,14 @@ class ModelConfig(BackboneConfig):
     img_size: int = 224
     global_pool: Literal["avg", "token"] = "avg"  # official fine-tuning: mean of patch tokens + fc_norm
     trainable_blocks: int | None = None  # partial fine-tuning: train only the last k blocks (Figure 9)
+    # Attentive probe: heads of its cross-attention (None: the backbone's, as V-JEPA's num_heads=encoder.num_heads).
+    attentive_heads: int | None = None
+    # Attentive probe: a learning-rate sweep in one pass. The model holds one attentive head per factor,
+    # all trained together on one backbone pass per batch; head i's peak lr is factor_i x the run's peak
+    # lr (optim.lr, or optim.blr x batch / 256), so the sweep follows the batch size as the recipe's lr
+    # does. The head with the best val top-1 is reported (chosen on val, as `knn --sweep` and DINO do).
+    # None: one head at the run's lr.
+    lr_sweep: tuple[float, ...] | None = None
 
 
 @dataclass
@@ -50,7 +59,7 @@ class DataConfig:
 
 @dataclass
 class ClassificationConfig:
-    protocol: Literal["finetune", "linprobe", "partial"] = "finetune"
+    protocol: Literal["finetune", "linprobe", "partial", "attentive"] = "finetune"
     backbone: str | None = None  # pretrained weights, any format mae_transfer.checkpoint reads
     # Read --backbone / --init / --weights files that need full unpickling (detectron2 .pkl, pickled
     # objects): that can run code stored in the file, so only for sources you trust.
@@ -75,10 +84,14 @@ class ClassificationConfig:
     )
     eval_every_epochs: int = 1
     eval_batch_size: int = 128
+    # Attentive probe: clip each head's gradient norm to this on its own (V-JEPA: 1.0). Unlike
+    # optim.clip_grad (one norm over everything trained) it keeps the heads of a sweep independent.
+    head_clip_grad: float | None = None
 
     def validate(self) -> None:
         if self.protocol == "partial" and not self.model.trainable_blocks:
             raise ConfigError("protocol partial needs model.trainable_blocks (the last k blocks to train)")
+        self._validate_attentive()
         f, k = self.data.label_fraction, self.data.shots
         if f is not None and k is not None:
             raise ConfigError("data.label_fraction and data.shots both set: give one (--label-fraction or --shots)")
@@ -86,6 +99,49 @@ class ClassificationConfig:
             raise ConfigError(f"data.label_fraction must be in (0, 1] (0.01 = 1 % of the labels), got {f}")
         if k is not None and k < 1:
             raise ConfigError(f"data.shots must be at least 1 (images per class), got {k}")
+
+    def _validate_attentive(self) -> None:
+        attentive = self.protocol == "attentive"
+        for key, value in (
+            ("model.lr_sweep", self.model.lr_sweep),
+            ("head_clip_grad", self.head_clip_grad),
+            ("model.attentive_heads", self.model.attentive_heads),
+        ):
+            if value is not None and not attentive:
+                raise ConfigError(
+                    f"{key} is an option of the attentive probe (--protocol attentive), not of protocol "
+                    f"{self.protocol}; leave it out"
+                    + (
+                        " (the linear probe's lr sweep is `mae-transfer knn --sweep`)"
+                        if key == "model.lr_sweep"
+                        else ""
+                    )
+                )
+        if not attentive:
+            return
+        if self.model.trainable_blocks:
+            raise ConfigError(
+                "--trainable-blocks is for partial fine-tuning; the attentive probe freezes the whole backbone: "
+                "leave it out"
+            )
+        sweep = self.model.lr_sweep
+        if sweep is not None:
+            if not sweep or any(not f > 0 for f in sweep):
+                raise ConfigError(
+                    "model.lr_sweep must be positive lr factors (e.g. model.lr_sweep=[0.25,0.5,1,2,4]), "
+                    f"got {list(sweep)}"
+                )
+            if len(set(sweep)) != len(sweep):
+                raise ConfigError(f"model.lr_sweep has a factor twice: {list(sweep)}; give each once")
+            if len(sweep) > 1 and self.optim.clip_grad is not None:
+                raise ConfigError(
+                    "optim.clip_grad clips the gradients of all the heads of model.lr_sweep together (one norm), "
+                    "which ties them to each other: use head_clip_grad (each head on its own) and optim.clip_grad=null"
+                )
+        if self.head_clip_grad is not None and not self.head_clip_grad > 0:
+            raise ConfigError(f"head_clip_grad must be positive (or null for no clipping), got {self.head_clip_grad}")
+        if self.model.attentive_heads is not None and self.model.attentive_heads < 1:
+            raise ConfigError(f"model.attentive_heads must be at least 1, got {self.model.attentive_heads}")
 
 
 def available_presets() -> list[str]:

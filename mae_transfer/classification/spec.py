@@ -1,4 +1,5 @@
-"""The classification tasks' entries in the registry (fine-tuning, linear probing, iNaturalist, Places, k-NN)."""
+"""The classification tasks' entries in the registry (fine-tuning, linear and attentive probing, iNaturalist,
+Places, k-NN)."""
 
 from __future__ import annotations
 
@@ -11,10 +12,16 @@ protocols (MAE paper section 4 and appendix A):
              cutmix, label smoothing, random erasing, AdamW, cosine with warmup (official scripts)
   linprobe   frozen encoder, class token, BatchNorm (no affine) + linear head, LARS
   partial    fine-tune only the last k blocks (paper Figure 9): --protocol partial --trainable-blocks k
+  attentive  frozen encoder; one cross-attention block whose learned query pools ALL its output tokens
+             (patch and class tokens) + linear head, AdamW, cosine (V-JEPA's attentive probe);
+             model.lr_sweep=[0.25,0.5,1,2,4] trains one head per lr factor in the same pass and
+             reports the best on val (chosen on val, as `knn --sweep` does)
 
 examples:
   mae-transfer finetune --data /datasets/imagenet --backbone mae_pretrain_vit_base.pth
   mae-transfer linprobe --data /datasets/imagenet --backbone runs/pretrain-toy/encoder.pth
+  mae-transfer attentive --data /datasets/imagenet --backbone mae_pretrain_vit_base.pth
+  mae-transfer inat --year 2018 --protocol attentive --data /datasets/inat2018 --backbone ckpt.pth
   mae-transfer inat --year 2018 --data /datasets/inat2018 --backbone ckpt.pth --preset finetune_paper_table9
   mae-transfer places --version 365 --data /datasets/places365 --backbone ckpt.pth
   mae-transfer finetune --backbone runs/pretrain-toy/encoder.pth      # toy data, a few minutes on CPU
@@ -62,7 +69,12 @@ def _transfer(name: str, title: str, command: str, fixed: dict, quick: bool) -> 
         demo=demo,
         help=_TRANSFER_HELP[command],
         description=_TRANSFER_HELP[command] + ".",
-        columns=(Column(name, title, "top1", _FT, bar="top-1"),),
+        columns=(
+            Column(name, title, "top1", _FT, bar="top-1"),
+            # --protocol attentive on this dataset: a column of its own (not the paper's fine-tuning),
+            # shown where such a run exists (the paper's tables have no attentive probe).
+            Column(f"{name}_attentive", f"{title} attentive", "top1", "attentive", keep="present"),
+        ),
         **_CLS,
     )
 
@@ -81,8 +93,9 @@ SPECS: dict[str, TaskSpec] = {
         name="finetune",
         title="ImageNet fine-tune",
         command="finetune",
-        fixed={"protocol": "finetune"},
-        options=("dataset",),
+        # --protocol: finetune (the default), or another protocol on the same data (partial comes with
+        # --trainable-blocks; linprobe and attentive have their own tasks and rows).
+        options=("dataset", "protocol"),
         data_group="imagenet",
         toy_data=TOY_DATA["imagefolder"],
         num_classes=NUM_CLASSES["imagefolder"],
@@ -118,6 +131,26 @@ SPECS: dict[str, TaskSpec] = {
         columns=(Column("linprobe", "linear probe", "top1", "linprobe|", bar="top-1"),),
         **{**_CLS, "toy_preset": "toy_linprobe"},
     ),
+    "attentive": TaskSpec(
+        help="attentive probing of a frozen ViT (learned-query cross-attention pool + linear head, V-JEPA)",
+        description="Attentive probing of a frozen ViT: one cross-attention block whose learned query pools "
+        "every output token, and a linear head, trained with V-JEPA's frozen-evaluation recipe "
+        "(model.lr_sweep=[...] trains several learning rates in one pass).",
+        name="attentive",
+        title="attentive probe",
+        command="attentive",
+        fixed={"protocol": "attentive"},
+        options=("dataset",),
+        data_group="imagenet",
+        toy_data=TOY_DATA["imagefolder"],
+        num_classes=NUM_CLASSES["imagefolder"],
+        default_preset="attentive",
+        table="imagenet",
+        demo=DemoPlan(full=("train.epochs=15",)),
+        # Shown where an attentive run exists (the paper has no attentive probe to print beside it).
+        columns=(Column("attentive", "attentive probe", "top1", "attentive", keep="present", bar="top-1"),),
+        **{**_CLS, "toy_preset": "toy_attentive"},
+    ),
     "knn": TaskSpec(
         help="k-NN and linear-probe-sweep evaluation of frozen features",
         description="Evaluate frozen features: weighted k-NN (cosine, T=0.07) and, with --sweep, "
@@ -149,19 +182,21 @@ def _fixed(key: str) -> list:
 DATASETS = list(TOY_DATA)  # imagefolder: an ImageNet-style folder, any classes; then iNat and Places
 INAT_YEARS = _fixed("year")
 PLACES_VERSIONS = _fixed("version")
-PROTOCOLS = ["finetune", "linprobe", "partial"]  # partial: fine-tuning of the last k blocks (Figure 9)
+# partial: fine-tuning of the last k blocks (Figure 9); attentive: V-JEPA's attentive probe. The first is
+# the default of --protocol.
+PROTOCOLS = ["finetune", "linprobe", "partial", "attentive"]
 
 
 def protocol_and_preset(spec: TaskSpec, opts: dict, toy: bool) -> tuple[str | None, str | None]:
     """The protocol and preset of a classification run: fine-tuning with ``--trainable-blocks`` is
-    partial fine-tuning (the paper's Figure 9); the linear probe has its own recipe whatever the data
-    (the official MAE linprobe script: ``linprobe``, ``toy_linprobe`` on toy data); otherwise the
-    task's presets. ``--preset`` wins."""
+    partial fine-tuning (the paper's Figure 9); the linear and attentive probes have their own recipes
+    whatever the data (the official MAE linprobe script: ``linprobe``, ``toy_linprobe`` on toy data;
+    V-JEPA's probe: ``attentive``, ``toy_attentive``); otherwise the task's presets. ``--preset`` wins."""
     protocol = opts.get("protocol")
     if protocol == "finetune" and opts.get("trainable_blocks"):
         protocol = "partial"
     if opts.get("preset"):
         return protocol, opts["preset"]
-    if protocol == "linprobe":
-        return protocol, "toy_linprobe" if toy else "linprobe"
+    if protocol in ("linprobe", "attentive"):
+        return protocol, f"toy_{protocol}" if toy else protocol
     return protocol, spec.toy_preset if toy else spec.default_preset

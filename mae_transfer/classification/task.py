@@ -1,4 +1,5 @@
-"""Classification transfer as an engine task: fine-tuning, linear probing, partial fine-tuning."""
+"""Classification transfer as an engine task: fine-tuning, linear probing, partial fine-tuning, attentive
+probing (:mod:`mae_transfer.classification.attentive`)."""
 
 from __future__ import annotations
 
@@ -21,12 +22,11 @@ from mae_transfer.checkpoint import (
 from mae_transfer.classification.config import ClassificationConfig
 from mae_transfer.classification.data_spec import NUM_CLASSES
 from mae_transfer.classification.subsets import LabelSubset, subset_label, subset_of, write_subset
-from mae_transfer.config import to_dict
+from mae_transfer.config import ConfigError, to_dict
 from mae_transfer.engine.optim import param_groups
 from mae_transfer.engine.results import ResultRow, dataset_name, row_identity, write_run_results
 from mae_transfer.engine.trainer import EvalContext, OptimConfig, Trainer, TrainTask
 from mae_transfer.models.backbone import create_backbone
-from mae_transfer.models.vit import VisionTransformer
 
 log = logging.getLogger(__name__)
 
@@ -95,9 +95,24 @@ def train_transform(cfg: ClassificationConfig):
     )
 
 
-def build_classifier(cfg: ClassificationConfig, num_classes: int) -> VisionTransformer:
-    """The backbone with its head for the protocol (random weights; the backbone is loaded separately)."""
+def lr_factors(cfg: ClassificationConfig) -> tuple[float, ...]:
+    """The lr factor of each attentive head: ``model.lr_sweep``, or one head at the run's lr."""
+    return tuple(cfg.model.lr_sweep) if cfg.model.lr_sweep else (1.0,)
+
+
+def build_classifier(cfg: ClassificationConfig, num_classes: int) -> nn.Module:
+    """The backbone with its head for the protocol (random weights; the backbone is loaded separately):
+    a VisionTransformer, or for the attentive probe an :class:`AttentiveProbe` around one."""
     m = cfg.model
+    if cfg.protocol == "attentive":
+        from mae_transfer.classification.attentive import AttentiveProbe
+
+        # No pooling and no classifier in the ViT (its final norm kept): the probe reads every token.
+        vit = create_backbone(m, img_size=m.img_size, num_classes=0, global_pool="", drop_path_rate=0.0)
+        try:
+            return AttentiveProbe(vit, num_classes, len(lr_factors(cfg)), m.attentive_heads)
+        except ValueError as e:
+            raise ConfigError(f"model.attentive_heads: {e}; give a divisor of the width") from None
     model = create_backbone(
         m,
         img_size=m.img_size,
@@ -115,10 +130,17 @@ def build_classifier(cfg: ClassificationConfig, num_classes: int) -> VisionTrans
     return model
 
 
-def freeze_for_protocol(model: VisionTransformer, cfg: ClassificationConfig) -> list[str]:
+def freeze_for_protocol(model: nn.Module, cfg: ClassificationConfig) -> list[str]:
     """Switch off gradients where the protocol freezes the backbone; returns the trainable names."""
     if cfg.protocol == "finetune":
         return [n for n, _ in model.named_parameters()]
+    if cfg.protocol == "attentive":  # the whole backbone frozen, the attentive heads train
+        names = []
+        for name, p in model.named_parameters():
+            p.requires_grad_(name.startswith("head."))
+            if p.requires_grad:
+                names.append(name)
+        return names
     k = cfg.model.trainable_blocks if cfg.protocol == "partial" else 0
     depth = len(model.blocks)
     if k is not None and not 0 <= k <= depth:
@@ -185,15 +207,19 @@ class ClassificationTask(TrainTask):
         self.backbone_sha256 = weights_sha256(cfg.backbone) if cfg.backbone else None
         self.last_eval: dict[str, float] = {}
         self.best_top1 = float("-inf")
+        self.peak_lr: float | None = None  # the run's peak lr (the trainer's), for an lr sweep's report
 
     def signature(self) -> dict[str, Any]:
-        return {
+        sig = {
             "model": self.cfg.model.name,
             "img_size": self.cfg.model.img_size,
             "protocol": self.cfg.protocol,
             "num_classes": self.num_classes,
             "global_pool": self.cfg.model.global_pool,
         }
+        if self.cfg.protocol == "attentive":
+            sig.update(lr_factors=list(lr_factors(self.cfg)), attentive_heads=self.cfg.model.attentive_heads)
+        return sig
 
     def build_model(self, load_backbone: bool = True) -> nn.Module:
         torch.manual_seed(self.cfg.train.seed)
@@ -204,8 +230,10 @@ class ClassificationTask(TrainTask):
         # Official main_finetune.py: only the head (and fc_norm when it replaces norm) may be missing.
         missing = ["head.*"] + (["fc_norm.*"] if self.cfg.model.global_pool == "avg" else [])
         unexpected = ["norm.*", "mask_token", "decoder_*", "fc_norm.*", "head.*"]
+        if self.cfg.protocol == "attentive":  # the ViT alone (no head, final norm kept) takes the weights
+            missing, unexpected = [], ["mask_token", "decoder_*", "fc_norm.*", "head.*"]
         init_backbone(
-            model,
+            model.backbone if self.cfg.protocol == "attentive" else model,
             self.cfg.backbone,
             expected_missing=missing,
             expected_unexpected=unexpected,
@@ -233,13 +261,26 @@ class ClassificationTask(TrainTask):
         return self.train_set
 
     def check_data(self, trainer) -> None:
+        if self.cfg.protocol == "attentive":
+            self.peak_lr = trainer.peak_lr
+            if self.cfg.head_clip_grad is not None:  # each head's own gradient norm, before every step
+                from mae_transfer.classification.attentive import clip_each_head
+
+                trainer.optimizer.register_step_pre_hook(clip_each_head(trainer.unwrapped, self.cfg.head_clip_grad))
         if trainer.dist.is_main:  # the subset a low-label run trains on, before its first step
             d = self.cfg.data
             write_subset(
                 self.train_set, trainer.output_dir / "label_subset.json", d.label_fraction, d.shots, self.cfg.train.seed
             )
 
+    def on_train_end(self, trainer) -> None:
+        self.peak_lr = trainer.peak_lr  # also when a finished run is resumed (no check_data then)
+
     def param_groups(self, model: nn.Module, optim: OptimConfig) -> list[dict]:
+        if self.cfg.protocol == "attentive":  # per head: its lr factor (an lr sweep in one pass)
+            from mae_transfer.classification.attentive import head_param_groups
+
+            return head_param_groups(model, lr_factors(self.cfg), optim.weight_decay)
         no_wd = model.no_weight_decay() if hasattr(model, "no_weight_decay") else ()
         return param_groups(model, optim.weight_decay, optim.layer_decay, no_weight_decay=no_wd)
 
@@ -252,15 +293,10 @@ class ClassificationTask(TrainTask):
             core.head.train()
         x = batch["image"].to(device, non_blocking=True)
         y = batch["label"].to(device, non_blocking=True)
+        if self.cfg.protocol == "attentive":
+            return self._attentive_step(model, x, y, batch)
         if self.mixup is not None:
-            if x.shape[0] % 2:
-                raise ValueError("mixup/cutmix needs an even batch size per process")
-            # Mixup draws from numpy's global RNG: seed it from the batch so that a resumed run
-            # mixes the same pairs with the same weights.
-            import numpy as np
-
-            np.random.seed((int(batch["index"].sum()) * 7919 + self.cfg.train.seed) % (2**32))
-            x, soft = self.mixup(x, y)
+            x, soft = self._mix(x, y, batch)
             logits = model(x)
             loss = torch.sum(-soft * torch.log_softmax(logits.float(), dim=-1), dim=-1).mean()
         else:
@@ -268,10 +304,35 @@ class ClassificationTask(TrainTask):
             loss = nn.functional.cross_entropy(logits.float(), y, label_smoothing=self.cfg.data.smoothing)
         return loss, {}
 
+    def _mix(self, x: torch.Tensor, y: torch.Tensor, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mixup / cutmix of a batch (soft targets); the draw is seeded from the batch."""
+        if x.shape[0] % 2:
+            raise ValueError("mixup/cutmix needs an even batch size per process")
+        # Mixup draws from numpy's global RNG: seed it from the batch so that a resumed run
+        # mixes the same pairs with the same weights.
+        import numpy as np
+
+        np.random.seed((int(batch["index"].sum()) * 7919 + self.cfg.train.seed) % (2**32))
+        return self.mixup(x, y)
+
+    def _attentive_step(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch: dict):
+        """One backbone pass, every head on its tokens; each head's own loss (see ``sweep_objective``)."""
+        from mae_transfer.classification.attentive import sweep_losses, sweep_objective
+
+        if self.mixup is not None:
+            x, y = self._mix(x, y, batch)
+        logits = model(x, all_heads=True)  # (N, B, C)
+        losses = sweep_losses(logits, y, self.cfg.data.smoothing)
+        factors = lr_factors(self.cfg)
+        extra = {f"loss_x{f:g}": losses[i].detach() for i, f in enumerate(factors)} if len(factors) > 1 else {}
+        return sweep_objective(losses), extra
+
     # ------------------------------------------------------------------ evaluation
     def evaluate(self, model: nn.Module, ctx: EvalContext) -> dict[str, float]:
         from mae_transfer.classification.metrics import evaluate_classifier
 
+        if self.cfg.protocol == "attentive":
+            return self._evaluate_heads(model, ctx)
         return evaluate_classifier(
             model,
             ctx.loader(self.val_set, self.cfg.eval_batch_size),
@@ -280,9 +341,35 @@ class ClassificationTask(TrainTask):
             autocast=ctx.autocast,
         )
 
+    def _evaluate_heads(self, model: nn.Module, ctx: EvalContext) -> dict[str, Any]:
+        """Every attentive head on val (one backbone pass per batch); the metrics are the best head's
+        (by top-1, chosen on val: a sweep), with each lr's in ``sweep``. ``forward`` then uses that head."""
+        from mae_transfer.classification.attentive import evaluate_heads, pick_best
+
+        results = evaluate_heads(
+            model, ctx.loader(self.val_set, self.cfg.eval_batch_size), ctx.device, self.num_classes, ctx.autocast
+        )
+        best = pick_best(results)
+        getattr(model, "module", model).selected = best
+        factors = lr_factors(self.cfg)
+        peak = self.peak_lr
+        sweep = [{"lr_factor": f, "lr": peak * f if peak is not None else None, **r} for f, r in zip(factors, results)]
+        return {**results[best], "lr_factor": factors[best], "lr": sweep[best]["lr"], "sweep": sweep}
+
     def publish(self, model: nn.Module, ctx: EvalContext, metrics: dict, step: int) -> None:
         # The best top-1 over the run's evaluations, this final one included (--eval-only: its top-1).
         self.best_top1 = max(self.best_top1, metrics["top1"])
+        extra = top1_extra = None
+        if self.cfg.protocol == "attentive":
+            extra = {"lr": metrics["lr"], "lr_factor": metrics["lr_factor"]}
+            if len(metrics["sweep"]) > 1:  # which lr won, on which split, and (top-1 row) every lr's numbers
+                extra["selected_on"] = "val"
+                top1_extra = {
+                    "lr_sweep": [
+                        {k: r[k] for k in ("lr_factor", "lr", "top1", "top5", "mean_per_class")}
+                        for r in metrics["sweep"]
+                    ]
+                }
         write_result_rows(
             ctx.output_dir,
             self.cfg,
@@ -292,6 +379,8 @@ class ClassificationTask(TrainTask):
             step,
             self.evaluated,
             num_classes=self.num_classes,
+            extra=extra,
+            top1_extra=top1_extra,
         )
 
     # The evaluation policy (every eval_every_epochs, the final evaluation, publishing) is the
@@ -303,7 +392,11 @@ class ClassificationTask(TrainTask):
         save_classifier(model, self.cfg, out_dir / "classifier.pth", step)
 
     def eval_record(self, metrics: dict) -> dict:
-        return dict(metrics)
+        record = {k: v for k, v in metrics.items() if k not in ("sweep", "lr")}
+        sweep = metrics.get("sweep") or ()
+        if len(sweep) > 1:  # each lr of a sweep (eval.csv, the curves)
+            record.update({f"top1_x{r['lr_factor']:g}": r["top1"] for r in sweep})
+        return record
 
     def on_eval(self, trainer: Trainer, metrics: dict, epoch: int, final: bool) -> None:
         self.best_top1 = max(self.best_top1, metrics["top1"])
@@ -314,6 +407,16 @@ class ClassificationTask(TrainTask):
             metrics["top5"],
             metrics["mean_per_class"],
         )
+        sweep = metrics.get("sweep") or ()
+        if len(sweep) > 1:
+            log.info("epoch %d lr sweep (val top-1, best chosen on val): %s", epoch, _sweep_text(sweep))
+
+
+def _sweep_text(sweep: list[dict]) -> str:
+    return "  ".join(
+        f"x{r['lr_factor']:g}" + (f" (lr {r['lr']:.3g})" if r.get("lr") is not None else "") + f" {r['top1']:.2f}"
+        for r in sweep
+    )
 
 
 CLASSIFIER_FORMAT = "mae_transfer.classifier"
@@ -326,7 +429,9 @@ def save_classifier(model: nn.Module, cfg: ClassificationConfig, path: Path, ste
 
 def read_classifier_weights(path: str | Path, trust: bool = False) -> tuple[dict[str, torch.Tensor], dict | None]:
     """State dict and config of a ``classifier.pth`` or ``checkpoint-last.pth`` of a classification run."""
-    return read_trained_model(path, "head.", "classifier.pth", "finetune / linprobe / inat / places", trust=trust)
+    return read_trained_model(
+        path, "head.", "classifier.pth", "finetune / linprobe / attentive / inat / places", trust=trust
+    )
 
 
 def load_classifier_weights(model: nn.Module, state: dict[str, torch.Tensor], path: str | Path) -> None:
@@ -334,18 +439,20 @@ def load_classifier_weights(model: nn.Module, state: dict[str, torch.Tensor], pa
         model,
         state,
         path,
-        explain=class_count_hint("head.weight", "head.1.weight", advice="evaluate on data with the same classes"),
+        explain=class_count_hint(
+            "head.weight", "head.1.weight", "head.0.linear.weight", advice="evaluate on data with the same classes"
+        ),
     )
 
 
 def benchmark_task(dataset: str, protocol: str) -> str:
     """The benchmark task a classification run belongs to (the ``task`` of its result rows, the
     runner's and the tables' name for it): the dataset for iNaturalist / Places (``inat2018``), the
-    protocol for ImageNet-style folders (``finetune``, ``linprobe``; partial fine-tuning counts as
-    fine-tuning)."""
+    protocol for ImageNet-style folders (``finetune``, ``linprobe``, ``attentive``; partial fine-tuning
+    counts as fine-tuning)."""
     if dataset != "imagefolder":
         return dataset
-    return "linprobe" if protocol == "linprobe" else "finetune"
+    return protocol if protocol in ("linprobe", "attentive") else "finetune"
 
 
 def row_protocol(cfg: ClassificationConfig) -> str:
@@ -364,9 +471,16 @@ def write_result_rows(
     step: int,
     evaluated: dict | None = None,
     num_classes: int | None = None,
+    extra: dict | None = None,
+    top1_extra: dict | None = None,
 ) -> Path:
     """One row per metric in ``results.jsonl`` (rewritten whole, atomically) for the runner and the tables
-    (``num_classes``: of the data evaluated, which names other data than the benchmark's, :func:`dataset_name`)."""
+    (``num_classes``: of the data evaluated, which names other data than the benchmark's, :func:`dataset_name`;
+    ``extra``: keys every row carries, e.g. the lr an attentive probe's sweep chose; ``top1_extra``: keys of
+    the top-1 row alone, e.g. every lr's numbers)."""
+    identity = row_identity(cfg, backbone_sha, evaluated)
+    if extra:
+        identity["extra"] = {**identity.get("extra", {}), **extra}
     common = dict(
         task=benchmark_task(cfg.data.dataset, cfg.protocol),
         dataset=dataset_name(
@@ -375,16 +489,22 @@ def write_result_rows(
         split="val",
         protocol=row_protocol(cfg),
         step=step,
-        **row_identity(cfg, backbone_sha, evaluated),
+        **identity,
     )
     rows = [ResultRow(metric=metric, value=metrics[metric], **common) for metric in ("top1", "top5", "mean_per_class")]
     rows.append(ResultRow(metric="top1_best_epoch", value=best_top1, **common))
+    if top1_extra:
+        rows[0] = rows[0].replace(extra={**rows[0].extra, **top1_extra})
     return write_run_results(out_dir, rows, to_dict(cfg))
 
 
 def report(task: "ClassificationTask", cfg: ClassificationConfig) -> str:
     """The terminal summary of a finished run (the task registry's ``report``)."""
-    return format_results(task.last_eval, task.best_top1, cfg)
+    text = format_results(task.last_eval, task.best_top1, cfg)
+    sweep = task.last_eval.get("sweep") or ()
+    if len(sweep) > 1:
+        text += f"\nlr sweep, val top-1 per lr (the best, chosen on val, is reported above): {_sweep_text(sweep)}"
+    return text
 
 
 def format_results(metrics: dict, best_top1: float, cfg: ClassificationConfig) -> str:

@@ -190,9 +190,23 @@ def _trained_weights(spec: TaskSpec, opts: dict, overrides: dict) -> tuple[dict 
     return weights, evaluated
 
 
+def task_for_options(spec: TaskSpec, options: dict[str, Any]) -> TaskSpec:
+    """The task of ``spec``'s command that ``options`` select by an option ``spec`` leaves free and
+    another task of the command fixes: ``ade20k --protocol linear`` runs ``ade20k_linear``."""
+    from mae_transfer.evaluation.registry import commands
+
+    for other in commands().get(spec.command, ()):
+        free = [k for k in other.fixed if k not in spec.fixed]
+        if other is not spec and free and all(options.get(k) == other.fixed[k] for k in free):
+            return other
+    return spec
+
+
 def prepare(spec: TaskSpec, options: dict[str, Any]) -> Prepared:
-    """Resolve a run of ``spec`` with ``options`` (nothing is run or written): the options checked,
-    then the family's own resolution (:data:`PREPARE`)."""
+    """Resolve a run of ``spec`` with ``options`` (nothing is run or written): the task the options
+    select (:func:`task_for_options`), the options checked, then the family's own resolution
+    (:data:`PREPARE`)."""
+    spec = task_for_options(spec, options)
     opts = complete(spec, options)
     validate_options(spec, opts)
     return PREPARE[spec.family](spec, opts, not opts.get("data"))
@@ -288,7 +302,7 @@ def run(spec: TaskSpec, options: dict[str, Any], echo: Callable[[str], None] = p
     Raises ``TrainingInterrupted`` after SIGTERM/SIGINT (the state is saved) and ``ConfigError``,
     ``CheckpointError``, ``DataError`` for what the user can fix."""
     prep = prepare(spec, options)
-    opts = prep.options
+    spec, opts = prep.spec, prep.options
     if opts.get("print_config"):
         import yaml
 

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from mae_transfer.classification.spec import DATASETS, INAT_YEARS, PLACES_VERSIONS, PROTOCOLS
+from mae_transfer.segmentation.spec import PROTOCOLS as SEG_PROTOCOLS
 
 # mmsegmentation 1.x's ADE20K test-time scales (configs/_base_/datasets/ade20k.py, ``img_ratios``).
 TTA_SCALES = [0.5, 0.75, 1.0, 1.25, 1.5, 1.75]
@@ -190,7 +191,9 @@ FLAGS: dict[str, Flag] = {
             dict(
                 choices=PROTOCOLS,
                 default=PROTOCOLS[0],
-                help="end-to-end fine-tuning (default), linear probing, or partial fine-tuning",
+                help="end-to-end fine-tuning (default), linear probing, partial fine-tuning (with "
+                "--trainable-blocks), or attentive probing (a learned-query cross-attention pool + linear head on "
+                "the frozen ViT's tokens, V-JEPA's recipe)",
             ),
         ),
         Flag(
@@ -332,6 +335,17 @@ FLAGS: dict[str, Flag] = {
                 "(mmsegmentation 1.x TTA; with --flip: ms+flip)",
             ),
             convert=lambda on: list(TTA_SCALES),
+        ),
+        Flag(
+            "seg_protocol",
+            ("--protocol",),
+            "protocol",
+            dict(
+                choices=SEG_PROTOCOLS,
+                help="upernet (default): the MAE paper's fine-tuned UperNet; linear: DINOv2's frozen linear protocol "
+                "(BatchNorm + 1x1 conv on the last block's patch tokens); linear_ms: DINOv2's +ms (the last 4 blocks, "
+                "640 px, multi-scale test). The linear ones run the tasks ade20k_linear / ade20k_linear_ms",
+            ),
         ),
         # frozen features
         Flag(

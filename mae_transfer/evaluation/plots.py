@@ -1,5 +1,7 @@
 """PNG plots of benchmark runs: fine-tuning loss curves, MAE pretraining loss, headline-metric bars
-(the mean over the seeds of a ``bench --seeds`` benchmark, with the standard deviation as error bars).
+(the mean over the seeds of a ``bench --seeds`` benchmark, with the standard deviation as error bars),
+and top-1 against the number of blocks fine-tuned in the form of the MAE paper's Figure 9
+(``bench --trainable-blocks``).
 
 Figures are ``matplotlib.figure.Figure`` objects (Agg canvas, no pyplot global state); PNGs are written atomically."""
 
@@ -15,9 +17,9 @@ from typing import Any, Iterable
 from matplotlib.figure import Figure
 from matplotlib.ticker import LogFormatter
 
-from mae_transfer.engine.results import FAILED
+from mae_transfer.engine.results import FAILED, is_custom_dataset
 from mae_transfer.evaluation.registry import TASKS, headline_columns
-from mae_transfer.evaluation.tables import RowIndex
+from mae_transfer.evaluation.tables import RowIndex, figure9_points, is_partial
 from mae_transfer.io import atomic_write
 
 log = logging.getLogger(__name__)
@@ -203,8 +205,9 @@ Bars = dict[str, list[float | None]]
 def _comparison(rows: list[dict]) -> tuple[list[str], Bars, dict[str, list[bool]], Bars]:
     """One bar group per headline column of the registry (``"<task title> <bar label>"``) with a
     result; per backbone (first-seen order) its value (the mean over seeds), or None, whether the
-    task failed, and the standard deviation over seeds (None for a single run)."""
-    idx = RowIndex(rows)
+    task failed, and the standard deviation over seeds (None for a single run). Partial fine-tuning
+    rows are not the fine-tune bar (they have a plot of their own, :func:`plot_partial_finetuning`)."""
+    idx = RowIndex(r for r in rows if not is_partial(r))
     labels: list[str] = []
     values: Bars = {bb: [] for bb in idx.backbones}
     fails: dict[str, list[bool]] = {bb: [] for bb in idx.backbones}
@@ -279,8 +282,109 @@ def plot_comparison(
     return _save(fig, out)
 
 
+Series = dict[str, list[tuple[float | None, float | None, bool]]]
+
+
+def partial_finetuning_data(rows: list[dict]) -> tuple[list[int], Series, dict[str, int]]:
+    """The points of :func:`plot_partial_finetuning`: the block counts k (ascending), per backbone
+    (first-seen order) its ``(top-1 or mean over seeds, std or None, failed)`` at each k, and each
+    backbone's depth where known. Only the benchmark's own data with all labels (rows on other data
+    or with a fraction of the labels have tables of their own)."""
+    main = [
+        r
+        for r in rows
+        if not is_custom_dataset(r.get("dataset"))
+        and "@" not in str(r.get("protocol") or "")
+        and r.get("task") in TASKS
+    ]
+    points, depth = figure9_points(main)
+    idx = RowIndex(points)
+    ks = sorted({p["blocks"] for p in points})
+    series: Series = {}
+    for bb in idx.backbones:
+        series[bb] = []
+        for k in ks:
+            hit = idx.latest.get((bb, f"k{k}", "", "top1"))
+            value, std, _ = idx.summary(hit[1]) if hit and not idx.failed(bb, f"k{k}") else (None, None, [])
+            series[bb].append((value, std, value is None and idx.failed(bb, f"k{k}")))
+    return ks, series, depth
+
+
+def plot_partial_finetuning(rows: list[dict], out: Path, colors: dict[str, str] | None = None) -> Path | None:
+    """Top-1 against the number of last blocks fine-tuned, in the form of the MAE paper's Figure 9:
+    the counts as evenly spaced categories (0 = linear probe, ..., the depth = full fine-tuning), one
+    line with markers per backbone, each point labelled with its value, error bars (std over seeds)
+    when several seeds ran. None (nothing written) unless a backbone has partial fine-tuning rows for
+    at least two counts."""
+    ks, series, depth = partial_finetuning_data(rows)
+    if not series:
+        return None
+    colors = {**backbone_colors([*(colors or {}), *series]), **(colors or {})}
+    full = set(depth.values())
+    ticks = [("0\n(linear)" if k == 0 else f"{k}\n(full)" if full == {k} else str(k)) for k in ks]
+    fig = Figure(figsize=(max(5.5, 1.0 + 0.9 * len(ks)), 4.6), layout="constrained")
+    ax = fig.add_subplot()
+    spread, finite = False, []
+    for bb, pts in series.items():
+        xs = [x for x, (v, _, _) in enumerate(pts) if v is not None]
+        ys = [v for v, _, _ in pts if v is not None]
+        errs = [math.nan if e is None else e for v, e, _ in pts if v is not None]
+        spread |= any(e == e for e in errs)
+        finite += [v + (0.0 if e != e else e) for v, e in zip(ys, errs)] + ys
+        ax.errorbar(
+            xs,
+            ys,
+            yerr=errs if any(e == e for e in errs) else None,
+            color=colors[bb],
+            marker="o",
+            markersize=5,
+            linewidth=1.6,
+            capsize=3,
+            label=bb,
+        )
+        for x, y in zip(xs, ys):
+            ax.annotate(
+                f"{y:.1f}",
+                (x, y),
+                textcoords="offset points",
+                xytext=(-4, 4),
+                ha="right",
+                va="bottom",
+                fontsize=8,
+                color=colors[bb],
+            )
+        for x, (v, _, failed) in enumerate(pts):
+            if failed:
+                ax.annotate(  # named, in the backbone's colour, one line up per backbone
+                    f"{bb}: failed",
+                    (x, 0),
+                    textcoords="offset points",
+                    xytext=(0, 4 + 11 * list(series).index(bb)),
+                    ha="center",
+                    fontsize=8,
+                    color=colors[bb],
+                )
+    low, high = min(finite, default=0.0), max(finite, default=1.0)
+    pad = max(2.0, 0.12 * (high - low))
+    ax.set_xticks(range(len(ks)), ticks)
+    ax.set_xlim(-0.4, len(ks) - 0.6)
+    ax.set_ylim(max(0.0, low - pad) if not any(f for pts in series.values() for _, _, f in pts) else 0.0, high + pad)
+    ax.set(
+        xlabel="# blocks fine-tuned",
+        ylabel="top-1 (%)" + (", mean ± std over seeds" if spread else ""),
+    )
+    ax.grid(alpha=0.3)
+    ax.set_axisbelow(True)
+    ax.legend(loc="best", frameon=False)
+    fig.suptitle("Partial fine-tuning (MAE paper, Figure 9)")
+    if any(str(r.get("dataset") or "").endswith(" (toy)") for r in rows if r.get("backbone") in series):
+        ax.set_title(TOY_NOTE, fontsize=9, style="italic", color="dimgray")
+    return _save(fig, out)
+
+
 def plot_all(rows: list[dict], out_dir: Path, pretrain_dir: Path | None = None) -> list[Path]:
-    """Write ``training_curves.png``, ``comparison.png`` and (with ``pretrain_dir``) ``pretraining.png``.
+    """Write ``training_curves.png``, ``comparison.png``, ``partial_finetuning.png`` (when a
+    backbone has partial fine-tuning results: Figure 9) and (with ``pretrain_dir``) ``pretraining.png``.
 
     Run directories come from the rows' ``run_dir`` field (the latest per job and backbone; relative
     paths are taken from the working directory; missing ones are skipped). Returns the written paths.
@@ -291,7 +395,7 @@ def plot_all(rows: list[dict], out_dir: Path, pretrain_dir: Path | None = None) 
     found: dict[tuple[str, str], Path] = {}
     for r in rows:
         spec = TASKS.get(str(r.get("task")))
-        if spec is not None and spec.trains and r.get("run_dir") and r.get("metric") != FAILED:
+        if spec is not None and spec.trains and r.get("run_dir") and r.get("metric") != FAILED and not is_partial(r):
             found[(spec.name, str(r.get("backbone") or "unknown"))] = Path(r["run_dir"])
     runs: dict[str, dict[str, Path]] = {}
     for (job, bb), d in found.items():
@@ -302,6 +406,7 @@ def plot_all(rows: list[dict], out_dir: Path, pretrain_dir: Path | None = None) 
     written = [
         plot_training_curves(runs, out_dir / "training_curves.png", colors=colors),
         plot_comparison(rows, out_dir / "comparison.png", colors=colors),
+        plot_partial_finetuning(rows, out_dir / "partial_finetuning.png", colors=colors),
     ]
     if pretrain_dir is not None:
         written.append(plot_pretraining(Path(pretrain_dir), out_dir / "pretraining.png"))
@@ -313,6 +418,8 @@ __all__ = [
     "comparison_data",
     "plot_all",
     "plot_comparison",
+    "plot_partial_finetuning",
+    "partial_finetuning_data",
     "plot_pretraining",
     "plot_training_curves",
     "read_curve",

@@ -16,6 +16,13 @@ per-run ``results.jsonl``) holds for every job. The runner adds:
   benchmark carry ``seed``, ``seed_group`` (the key of the job's first seed, shared by its seeds) and
   ``seed_base`` (S), which the tables and plots use to show mean ± std over the seeds. Frozen-feature
   evaluations (k-NN and its linear-probe sweep) train nothing with a seed of ours: they run once;
+* **partial fine-tuning** (the MAE paper's Figure 9): ``trainable_blocks=[0, 1, 2, 4, ...]`` turns the
+  ``finetune`` task into a grid over the number of last blocks fine-tuned, per backbone. k = 0 is the
+  ``linprobe`` task's job and k = depth the ``finetune`` task's job, planned exactly as without the
+  grid (same key: a benchmark that ran them keeps them; asked for twice, e.g. with ``linprobe`` in
+  the tasks too, they are one job); 0 < k < depth is a ``finetune --trainable-blocks k`` job
+  (protocol ``partial``, run directory ``finetune-partial<k>-<key>``). The rows of the grid's jobs
+  carry ``trainable_blocks`` (k) and ``model_depth``, from which the tables and plots draw Figure 9;
 * **skipping**: a job whose rows are already in ``<results>/results.jsonl`` is not run again; a job
   whose run directory already holds its final ``results.jsonl`` (run by hand from the printed
   commands, or killed between finishing and recording) is only recorded;
@@ -96,6 +103,15 @@ class Job:
     seed: int | None = None
     seed_group: str | None = None
     seed_base: int | None = None
+    # A job of a partial fine-tuning grid (plan_jobs(trainable_blocks=...)): the number of last blocks
+    # fine-tuned (0: the linear probe, the depth: full fine-tuning); None for a job of no grid.
+    trainable_blocks: int | None = None
+    depth: int | None = None  # the blocks of the backbone's network (grid jobs only)
+
+    @property
+    def partial(self) -> bool:
+        """A partial fine-tuning job (0 < k < depth: only the last k blocks train)."""
+        return self.task == "finetune" and bool(self.options.get("trainable_blocks"))
 
     @property
     def spec(self) -> TaskSpec:
@@ -112,7 +128,9 @@ class Job:
 
     @property
     def label(self) -> str:
-        return f"{self.task} · {self.backbone.name}" + (f" · seed {self.seed}" if self.seed is not None else "")
+        k = self.options.get("trainable_blocks")
+        blocks = f" · last {k} block{'s' if k != 1 else ''}" if self.partial else ""
+        return f"{self.task} · {self.backbone.name}{blocks}" + (f" · seed {self.seed}" if self.seed is not None else "")
 
 
 @dataclass
@@ -224,6 +242,54 @@ def seed_of(cfg: Any) -> int | None:
     return seed if isinstance(seed, int) and not isinstance(seed, bool) else None
 
 
+# The x axis of the MAE paper's Figure 9 (partial fine-tuning of ViT-L, 24 blocks): 0 (linear probe),
+# 1, 2, 4, 6, 12, 18, 24 (full fine-tuning) blocks fine-tuned. ``figure9`` takes those below a
+# network's depth, and the depth: ViT-B (12 blocks) 0,1,2,4,6,12; the toy micro ViT (4) 0,1,2,4.
+FIGURE9_BLOCKS = (0, 1, 2, 4, 6, 12, 18, 24)
+_GRID_WORDS = ("figure9", "full")
+
+
+def parse_trainable_blocks(text: str | None) -> list[int | str] | None:
+    """``--trainable-blocks`` of ``bench``: comma-separated block counts (``0``: the linear probe),
+    ``full`` (all blocks: full fine-tuning) and ``figure9`` (the paper's grid up to the depth); None
+    when not given. The depth each word stands for is the backbone's (:func:`grid_blocks`)."""
+    if text is None:
+        return None
+    items = [t.strip().lower() for t in str(text).split(",") if t.strip()]
+    if not items or any(not (t.isdigit() or t in _GRID_WORDS) for t in items):
+        raise ConfigError(
+            f"--trainable-blocks {text!r}: give how many of the last blocks to fine-tune, comma-separated "
+            "(0: the linear probe, full: all blocks), e.g. 0,1,2,4,6,full; or figure9 for the paper's "
+            "0,1,2,4,6,12,18,24 up to the network's depth"
+        )
+    return list(dict.fromkeys(int(t) if t.isdigit() else t for t in items))
+
+
+def grid_blocks(grid: Iterable[int | str], depth: int) -> list[int]:
+    """The block counts of a ``--trainable-blocks`` grid for a network of ``depth`` blocks, ascending."""
+    ks: set[int] = set()
+    for item in grid:
+        if item == "figure9":
+            ks.update(k for k in FIGURE9_BLOCKS if k < depth)
+        ks.add(depth if item in _GRID_WORDS else int(item))
+    return sorted(ks)
+
+
+def block_count(model: Any) -> int | None:
+    """The blocks of the network a task config's ``model`` section builds (those partial fine-tuning
+    counts from the end); None when its size cannot be told."""
+    try:
+        if getattr(model, "family", "vit") == "vit":
+            return int(model.size()["depth"])
+        if model.family == "convnet":
+            from mae_transfer.models.convnet import convnet_size
+
+            return sum(convnet_size(model.name).depths)
+    except (AttributeError, ValueError, KeyError):
+        pass
+    return None
+
+
 def plan_jobs(
     backbones: list[Backbone],
     tasks: list[str],
@@ -234,6 +300,7 @@ def plan_jobs(
     random_model: str | None = None,
     trust: bool = False,
     seeds: int = 1,
+    trainable_blocks: Iterable[int | str] | None = None,
 ) -> list[Job]:
     """One job per (backbone, task), in backbone-major order, each with its key and run directory.
 
@@ -242,12 +309,36 @@ def plan_jobs(
     backbones may need full unpickling (``--trust-checkpoint``, passed on to every job).
     ``seeds`` N > 1: every job that trains with a seed is planned N times, with ``train.seed``
     S, S+1, ..., S+N-1 (S: its config's seed), right after each other; the first is the job planned
-    without seeds (same key and run directory). A job without a training seed (k-NN) is planned once."""
+    without seeds (same key and run directory). A job without a training seed (k-NN) is planned once.
+    ``trainable_blocks`` (:func:`parse_trainable_blocks`): the ``finetune`` task becomes the
+    partial fine-tuning grid of Figure 9, in place of the one ``finetune`` job: per backbone and block
+    count k (ascending), k = 0 the ``linprobe`` task's job, k = depth the ``finetune`` task's job,
+    others ``finetune --trainable-blocks k``; a job asked for twice (``linprobe`` in ``tasks`` too) is
+    planned once, where it comes first. Without it, the jobs are exactly those planned before the grid."""
     if seeds < 1:
         raise ConfigError(f"--seeds {seeds}: give at least 1 (the number of runs of every training job)")
     data, presets, overrides = data or {}, presets or {}, overrides or {}
+    grid = list(trainable_blocks) if trainable_blocks is not None else None
+    allowed = list(tasks)
+    if grid is not None:
+        if "finetune" not in tasks:
+            raise ConfigError(
+                f"--trainable-blocks: the grid runs the finetune task (partial fine-tuning, the paper's "
+                f"Figure 9), which is not among the tasks run: {','.join(tasks)}; add finetune to --tasks"
+            )
+        if any(
+            o.partition("=")[0].strip() == "model.trainable_blocks"
+            for t in ("*", "finetune")
+            for o in overrides.get(t, [])
+        ):
+            raise ConfigError(
+                "--set ...:model.trainable_blocks=...: --trainable-blocks sets it for each job of the grid; "
+                "leave that --set out"
+            )
+        if "figure9" in grid or 0 in grid:  # k = 0 is the linprobe job: its --set / --preset apply
+            allowed.append("linprobe")
     for option, sep, given in (("--set", ":", overrides), ("--preset", "=", presets)):
-        stray = [t for t in given if t != "*" and t not in tasks]
+        stray = [t for t in given if t != "*" and t not in allowed]
         if stray:  # it would be ignored without a word
             raise ConfigError(
                 f"{option} {stray[0]}{sep}...: {stray[0]} is not among the tasks run: {','.join(tasks)}; "
@@ -263,7 +354,8 @@ def plan_jobs(
     jobs = []
     for b in backbones:
         model, img = models.get(b.name, reference)
-        for task in tasks:
+
+        def plan(task: str, extra: dict[str, Any] | None = None) -> tuple[Job, Any]:
             spec = TASKS[task]
             options: dict[str, Any] = {"trust_checkpoint": True} if trust else {}
             dpath = data.get(task, data.get(spec.data_group or "", None))
@@ -281,7 +373,37 @@ def plan_jobs(
                 options["overrides"] = overrides.get("*", []) + overrides.get(task, [])
             elif overrides.get(task) or presets.get(task):
                 raise ConfigError(f"--set/--preset {task}:...: the {task} job has no config (it trains nothing)")
-            job, cfg = _plan_job(Job(b, task, options, presets.get(task), dpath, model), results_dir)
+            options.update(extra or {})
+            return _plan_job(Job(b, task, options, presets.get(task), dpath, model), results_dir)
+
+        planned: dict[str, tuple[Job, Any]] = {}  # key -> (job, config): a job asked for twice runs once
+        for task in tasks:
+            if task != "finetune" or grid is None:
+                job, cfg = plan(task)
+                planned.setdefault(job.key, (job, cfg))
+                continue
+            full, full_cfg = plan(task)
+            depth = block_count(full_cfg.model)
+            if depth is None:
+                raise ConfigError(
+                    f"--trainable-blocks: the depth of {b.name}'s network ({full.model}) is unknown; "
+                    "give it a size name (--set finetune:model.name=...)"
+                )
+            for k in grid_blocks(grid, depth):
+                if k > depth:
+                    raise ConfigError(
+                        f"--trainable-blocks {k}: {b.name}'s {full.model} has {depth} blocks; give k from 0 "
+                        f"(the linear probe) to {depth} (full fine-tuning), or full / figure9"
+                    )
+                if k == 0:
+                    job, cfg = plan("linprobe")
+                elif k == depth:
+                    job, cfg = full, full_cfg
+                else:
+                    job, cfg = plan("finetune", {"trainable_blocks": k})
+                job, cfg = planned.setdefault(job.key, (job, cfg))
+                job.trainable_blocks, job.depth = k, depth
+        for job, cfg in planned.values():
             jobs.append(job)
             base = seed_of(cfg)
             if seeds == 1 or base is None:
@@ -289,10 +411,11 @@ def plan_jobs(
             job.seed, job.seed_group, job.seed_base = base, job.key, base
             for seed in range(base + 1, base + seeds):
                 # In place of a --set train.seed=S (S, the first seed, stays that job's).
-                kept = [o for o in options["overrides"] if o.partition("=")[0].strip() != "train.seed"]
-                opts = {**options, "overrides": [*kept, f"train.seed={seed}"]}
-                other, _ = _plan_job(Job(b, task, opts, presets.get(task), dpath, model), results_dir)
+                kept = [o for o in job.options["overrides"] if o.partition("=")[0].strip() != "train.seed"]
+                opts = {**job.options, "overrides": [*kept, f"train.seed={seed}"]}
+                other, _ = _plan_job(Job(b, job.task, opts, job.preset, job.data, model), results_dir)
                 other.seed, other.seed_group, other.seed_base = seed, job.key, base
+                other.trainable_blocks, other.depth = job.trainable_blocks, job.depth
                 jobs.append(other)
     return jobs
 
@@ -311,7 +434,8 @@ def _plan_job(job: Job, results_dir: str | os.PathLike) -> tuple[Job, Any]:
         default=str,
     )
     job.key = hashlib.sha256(blob.encode()).hexdigest()[:16]
-    job.run_dir = Path(results_dir) / "runs" / _slug(job.backbone.name) / f"{job.task}-{job.key[:8]}"
+    name = f"{job.task}-partial{job.options['trainable_blocks']}" if job.partial else job.task
+    job.run_dir = Path(results_dir) / "runs" / _slug(job.backbone.name) / f"{name}-{job.key[:8]}"
     return job, prepared.cfg
 
 
@@ -328,6 +452,8 @@ def _tag_rows(job: Job, rows: list[ResultRow], wall: float | None) -> list[Resul
     seeded = {}
     if job.seed is not None:  # a seeded benchmark: which seed, and the runs it is one of
         seeded = {"seed": job.seed, "seed_group": job.seed_group, "seed_base": job.seed_base}
+    if job.trainable_blocks is not None:  # a job of a partial fine-tuning grid: its point on Figure 9's x axis
+        seeded.update(trainable_blocks=job.trainable_blocks, model_depth=job.depth)
     out = []
     for r in rows:
         dataset = r.dataset
@@ -335,6 +461,8 @@ def _tag_rows(job: Job, rows: list[ResultRow], wall: float | None) -> list[Resul
             dataset += " (toy)"
         out.append(
             r.replace(
+                # A failure row of a partial job names its protocol: the tables keep it out of fine-tuning's.
+                protocol=r.protocol or ("partial" if job.partial else None),
                 dataset=dataset,
                 backbone=job.backbone.name,
                 backbone_path=job.backbone.path,
@@ -609,7 +737,14 @@ def headline(rows: list[ResultRow]) -> str:
         return "no metric"
     parts = []
     for col in TASKS[rows[0].task].headline if rows[0].task in TASKS else ():
-        hits = [r for r in rows if r.metric == col.metric and col.matches(r.protocol or "") and r.value is not None]
+        hits = [
+            r
+            for r in rows
+            # A partial fine-tuning (the Figure 9 grid) reports its top-1 under the fine-tuning's heading.
+            if r.metric == col.metric
+            and (col.matches(r.protocol or "") or r.protocol == "partial")
+            and r.value is not None
+        ]
         if col.prefer == "knn":
             want = preferred_knn_protocol(r.protocol for r in hits)
             hits = [r for r in hits if r.protocol == want]
@@ -654,6 +789,10 @@ __all__ = [
     "parse_overrides",
     "plan_jobs",
     "seed_of",
+    "parse_trainable_blocks",
+    "grid_blocks",
+    "block_count",
+    "FIGURE9_BLOCKS",
     "run_jobs",
     "claim_run_dir",
     "elsewhere_note",

@@ -16,6 +16,13 @@ sample standard deviation (n - 1) over the group's seeds, the last row of each s
 (``mean ± std (n)``; the CSV lists every run with its seed). A group with one seed, and a store
 without seeds, reads as a single run, exactly as before. A seed that failed leaves the numbers of
 the other seeds in place (n tells how many ran); without them, the rule above holds.
+
+Partial fine-tuning (``bench --trainable-blocks``, the paper's Figure 9): rows of protocol
+``partial`` stay out of the paper's tables (a fine-tuning of the last k blocks is not the fine-tune
+column) and make the table "Figure 9: partial fine-tuning": one row per backbone that has them, one
+column per number k of last blocks fine-tuned, k = 0 the linear probe's top-1 and k = depth the
+full fine-tuning's (the ``linprobe`` and ``finetune`` rows of the same backbone and data), beside the
+paper's ViT-L numbers at the same k (:func:`figure9_points`).
 """
 
 from __future__ import annotations
@@ -52,6 +59,21 @@ LABELS_NOTE = (
     "are left out."
 )
 SEEDS_NOTE = "mean ± std (n): mean and sample standard deviation over n training seeds (bench --seeds)."
+FIGURE9_TITLE = "Figure 9: partial fine-tuning, top-1 by the number of last blocks fine-tuned"
+FIGURE9_NOTE = (
+    "Columns: how many of the last blocks were fine-tuned (bench --trainable-blocks); 0 is the linear probe "
+    "(the linprobe job), {full} full fine-tuning (the finetune job), the others fine-tune only the last k "
+    "blocks and the head (protocol partial)."
+)
+# The MAE paper's Figure 9 (ViT-L/16, 24 blocks, Table-1 defaults; point labels of the CVPR figure,
+# reference/paper_numbers.md section 1.11): blocks fine-tuned -> ImageNet-1K top-1. 0 is linear
+# probing, 24 full fine-tuning; partial fine-tuning trains the last k blocks with the settings of the
+# paper's Table 9 and 50, 100 or 200 epochs, the best per k.
+FIGURE9_PAPER: dict[str, dict[int, float]] = {
+    "MAE": {0: 73.5, 1: 81.0, 2: 83.1, 4: 84.2, 6: 84.4, 12: 84.6, 18: 84.7, 24: 84.9},
+    "MoCo v3": {0: 77.6, 1: 79.9, 2: 80.8, 4: 81.6, 6: 81.9, 12: 83.2, 18: 83.8, 24: 84.1},
+}
+FIGURE9_SOURCE = "MAE paper Figure 9 (ViT-L/16, 24 blocks: there 24 is full fine-tuning)"
 FORMATS = ("markdown", "latex", "csv")
 
 
@@ -315,7 +337,7 @@ def build_tables(
     tables = _build_tables(main, base(main), paper, paper_sizes, full)
     for (ds, labels), grp in sorted(groups.items(), key=lambda kv: (kv[0][0] or "", _labels_order(kv[0][1]))):
         for t in _build_tables(grp, base(grp), False, None, full):
-            where = [re.sub(r"^Table [0-9]+: ", "", t.title)]
+            where = [re.sub(r"^(?:Table|Figure) [0-9]+: ", "", t.title)]
             if ds is not None:
                 t.key = f"{t.key}_{re.sub(r'[^A-Za-z0-9]+', '_', ds).strip('_').lower()}"
                 where.append(f"on {ds}")
@@ -353,9 +375,10 @@ def _cell(idx: RowIndex, hit: dict | None) -> Cell:
 def _build_tables(
     rows: Iterable[dict], baseline: str | None, paper: bool, paper_sizes: list[str] | None, full: bool
 ) -> list[Table]:
-    idx = RowIndex(rows)
+    rows = list(rows)
+    idx = RowIndex(r for r in rows if not is_partial(r))  # partial fine-tuning: Figure 9's table only
     bbs = idx.backbones
-    base = _resolve_baseline(baseline, bbs)
+    base = _resolve_baseline(baseline if baseline in (None, "auto") or baseline in bbs else None, bbs)
     ref = load_paper() if paper else None
     tables = []
     for key, table_spec in TABLES.items():
@@ -421,7 +444,127 @@ def _build_tables(
         if toy:
             notes.append(TOY_NOTE)
         tables.append(Table(key, title, " ".join(caption), [c.label for c in cols], blocks, notes))
+    figure9 = _figure9_table(rows, baseline, paper)
+    if figure9 is not None:
+        tables.append(figure9)
     return tables
+
+
+def is_partial(row: dict) -> bool:
+    """A row of a partial fine-tuning job (protocol ``partial``, also ``partial@10%``)."""
+    return str(row.get("protocol") or "").split("@", 1)[0] == "partial"
+
+
+def _depth_of_model(model: Any) -> int | None:
+    """The blocks of a ViT named in a row's ``model`` (a size name or ``vit_<width>x<depth>_patch<p>``)."""
+    m = re.fullmatch(r"vit_\d+x(\d+)_patch\d+", str(model or ""))
+    if m:
+        return int(m.group(1))
+    if not model:
+        return None
+    from mae_transfer.models.vit import VIT_SIZES  # only for rows of a grid run before rows carried depth
+
+    size = VIT_SIZES.get(str(model))
+    return size.depth if size else None
+
+
+def figure9_points(rows: Iterable[dict]) -> tuple[list[dict], dict[str, int]]:
+    """The rows of Figure 9 and each backbone's depth. A point is a ``top1`` (or ``job_failed``) row
+    of a linear probe (k = 0), a partial fine-tuning (its ``trainable_blocks``) or a full fine-tuning
+    (k = the depth) of a backbone of a grid (rows of partial fine-tuning or of a ``bench
+    --trainable-blocks`` job) with at least two values of k;
+    it is returned with ``task`` ``k<K>``, ``protocol`` empty and ``blocks`` K, so that
+    :class:`RowIndex` keeps one cell (last row wins, seeds, failures) per backbone and k."""
+    rows = [r for r in rows if r.get("backbone") is not None]
+    # Backbones of a grid: with partial fine-tuning rows, or rows of a grid's job (their k in trainable_blocks).
+    partial = {str(r["backbone"]) for r in rows if is_partial(r) or r.get("trainable_blocks") is not None}
+    depth: dict[str, int] = {}
+    for r in rows:  # the grid's rows carry the depth; a full fine-tuning run before the grid does not
+        bb = str(r["backbone"])
+        if bb in partial and bb not in depth and isinstance(r.get("model_depth"), int):
+            depth[bb] = r["model_depth"]
+    for r in rows:
+        bb = str(r["backbone"])
+        if bb in partial and bb not in depth and r.get("task") == "finetune" and not is_partial(r):
+            d = _depth_of_model(r.get("model"))
+            if d:
+                depth[bb] = d
+    points: list[dict] = []
+    for r in rows:
+        bb, task, protocol = str(r["backbone"]), r.get("task"), str(r.get("protocol") or "")
+        if bb not in partial or r.get("metric") not in ("top1", FAILED):
+            continue
+        if task == "linprobe" and protocol in ("", "linprobe"):
+            k = 0
+        elif task == "finetune" and protocol == "partial":
+            k = r.get("trainable_blocks")
+        elif task == "finetune" and protocol in ("", "finetune"):
+            k = r.get("trainable_blocks", depth.get(bb))
+        else:
+            continue
+        if isinstance(k, int):
+            points.append({**r, "task": f"k{k}", "protocol": "", "blocks": k})
+    ks: dict[str, set[int]] = {}
+    for p in points:
+        if p.get("metric") != FAILED:
+            ks.setdefault(str(p["backbone"]), set()).add(p["blocks"])
+    shown = {bb for bb, k in ks.items() if len(k) >= 2}
+    return [p for p in points if str(p["backbone"]) in shown], {bb: d for bb, d in depth.items() if bb in shown}
+
+
+def _figure9_table(rows: list[dict], baseline: str | None, paper: bool) -> Table | None:
+    """The table "Figure 9: partial fine-tuning" of ``rows`` (one group of the tables), or None."""
+    points, depth = figure9_points(rows)
+    if not points:
+        return None
+    idx = RowIndex(points)
+    bbs = idx.backbones
+    base = _resolve_baseline(baseline if baseline in (None, "auto") or baseline in bbs else None, bbs)
+    ks = sorted({p["blocks"] for p in points})
+    full = {d for bb, d in depth.items()}
+    labels = [
+        "0 (linear)" if k == 0 else f"{k} (full)" if full == {k} else str(k)  # full: the depth of every backbone
+        for k in ks
+    ]
+    ours, toy = [], False
+    for bb in bbs:
+        cells, data = [], []
+        for k in ks:
+            if idx.failed(bb, f"k{k}"):
+                cells.append(Cell(status="failed"))
+                continue
+            hit = idx.latest.get((bb, f"k{k}", "", "top1"))
+            cells.append(_cell(idx, hit[1] if hit else None))
+            if hit and hit[1].get("dataset"):
+                toy |= _is_toy(hit[1]["dataset"])
+                data.append("toy" if _is_toy(hit[1]["dataset"]) else str(hit[1]["dataset"]))
+        ours.append(Row(bb, size_of(idx.models.get(bb)), ", ".join(dict.fromkeys(data)) or MISSING, cells))
+    if base is not None:
+        ref_cells = ours[bbs.index(base)].cells
+        for r in ours:
+            if r.label != base:
+                for c, bc in zip(r.cells, ref_cells):
+                    if c.value is not None and bc.value is not None:
+                        c.delta = c.value - bc.value
+    _mark_best(ours)
+    blocks, caption = {"ours": ours}, []
+    if paper:
+        blocks["paper"] = [
+            Row(f"{method} (paper)", "L", "IN1K", [Cell(values.get(k)) for k in ks])
+            for method, values in FIGURE9_PAPER.items()
+        ]
+        caption.append(f"Paper rows: {FIGURE9_SOURCE}, at the same k.")
+    if base is not None:
+        caption.append(f"(±x.x): difference to {base}.")
+    fulls = (
+        " / ".join(f"{d} ({bb})" for bb, d in depth.items()) if len(full) > 1 else str(next(iter(full), "the depth"))
+    )
+    notes = [FIGURE9_NOTE.format(full=fulls)]
+    if any(c.n > 1 for r in ours for c in r.cells):
+        notes.append(SEEDS_NOTE)
+    if toy:
+        notes.append(TOY_NOTE)
+    return Table("figure9", FIGURE9_TITLE, " ".join(caption), labels, blocks, notes)
 
 
 # ---------------------------------------------------------------- rendering
@@ -504,7 +647,7 @@ def _tex_cell(c: Cell) -> str:
 
 def to_latex(table: Table) -> str:
     """A booktabs ``table`` environment (caption, our block, paper block, notes)."""
-    title = re.sub(r"^Table (\d+): (.*)$", r"\2, as in Table \1 of the MAE paper", table.title)
+    title = re.sub(r"^(Table|Figure) (\d+): (.*)$", r"\3, as in \1 \2 of the MAE paper", table.title)
     caption = _tex(f"{title}. {table.caption}".strip())
     out = [
         r"\begin{table}[htbp]",
@@ -632,4 +775,8 @@ __all__ = [
     "NO_RESULTS",
     "TOY_NOTE",
     "SEEDS_NOTE",
+    "FIGURE9_TITLE",
+    "FIGURE9_PAPER",
+    "figure9_points",
+    "is_partial",
 ]

@@ -530,6 +530,12 @@ class SegmentationFolder(torch.utils.data.Dataset):
                 )
         return codes.astype(np.int64)
 
+    def label(self, index: int) -> torch.Tensor:
+        """The training labels (int64 ``(H, W)``) of item ``index`` alone, its image left unread (the
+        linear protocol's cached features need the label maps only)."""
+        label_path = self.samples[range(len(self.samples))[index]][1]
+        return torch.from_numpy(self._encode(self.read_label(label_path), label_path))
+
     def __getitem__(self, index: int):
         index = range(len(self.samples))[index]  # IndexError for out-of-range, support for negative indices
         image_path, label_path = self.samples[index]

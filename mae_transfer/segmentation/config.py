@@ -1,8 +1,11 @@
-"""ADE20K segmentation configs: UperNet on a ViT, the MAE paper's A.4 setup.
+"""ADE20K segmentation configs: UperNet on a ViT, the MAE paper's A.4 setup, and DINOv2's frozen
+linear protocols.
 
 Defaults are MAE ViT-B + UperNet as in mmsegmentation's MAE config (``configs/mae``: AdamW lr 1e-4,
 wd 0.05, layer decay 0.65, drop path 0.1, 512 crops, batch 16, warmup 1500 iterations from 1e-6,
 poly decay to 0) with the MAE paper's 100 epochs (A.4); reference/paper_numbers.md section 2.6.
+``protocol: linear`` / ``linear_ms`` start from their own presets (``linear_dinov2``,
+``linear_ms_dinov2``) and read the ``linear`` section.
 """
 
 from __future__ import annotations
@@ -72,6 +75,38 @@ class TestConfig:
     scales: tuple[float, ...] = (1.0,)
 
 
+# The frozen linear protocols of DINOv2 (Oquab et al., TMLR 2024, section 7.4): "linear" trains a
+# BatchNorm + 1x1 convolution on the last block's patch tokens; "linear_ms" (the paper's "+ms") on the
+# last 4 blocks' tokens concatenated, at 640 px with multi-scale testing. Their presets.
+LINEAR_PROTOCOLS = {"linear": "linear_dinov2", "linear_ms": "linear_ms_dinov2"}
+
+
+@dataclass
+class LinearConfig:
+    """The frozen linear protocols (``protocol: linear`` / ``linear_ms``): what the head reads, how it
+    trains, and the feature cache."""
+
+    # Blocks whose patch tokens are concatenated: None = 1 (the last) for "linear", 4 (the last four)
+    # for "linear_ms" (DINOv2's BNHead with in_index [3] / [0, 1, 2, 3] of out_indices = the last 4).
+    layers: int | None = None
+    # The backbone's final LayerNorm on each block's tokens: DINOv2's get_intermediate_layers(norm=True).
+    norm: bool = True
+    # "augmented": DINOv2's recipe, the backbone runs on every randomly resized / cropped / flipped /
+    # distorted crop. "fixed": the training images are cut once into the evaluation's sliding windows
+    # (resize to data.scale, model.img_size windows every test.stride px, no augmentation); their
+    # features are computed once and cached on disk, and every later run of a head on this backbone
+    # trains without running it. NOT DINOv2's recipe (no augmentation): a fast sweep of heads.
+    train_input: Literal["augmented", "fixed"] = "augmented"
+    # Several heads trained at once on the same features, one per learning rate (absolute; the
+    # schedule's warmup and decay apply to each); () = one head at optim.lr. Rows of the best head say
+    # "linear_sweep": choosing on the evaluation split makes that number optimistic.
+    lrs: tuple[float, ...] = ()
+    # How cached features are stored (and, so that a run is the same with and without the cache, what
+    # the head always sees): float32, or float16 for half the disk (ViT-B at 512 px: 3 MB a window in
+    # float32, the 2000 ADE20K validation images about 12 GB).
+    cache_dtype: Literal["float32", "float16"] = "float32"
+
+
 @dataclass
 class SegmentationConfig:
     backbone: str | None = None
@@ -79,6 +114,10 @@ class SegmentationConfig:
     # objects): that can run code stored in the file, so only for sources you trust.
     trust_checkpoint: bool = False
     recipe: str = "upernet"
+    # "upernet": the MAE paper's fine-tuned UperNet (Table 5). "linear" / "linear_ms": DINOv2's frozen
+    # linear protocols (LINEAR_PROTOCOLS), whose settings are in ``linear``.
+    protocol: Literal["upernet", "linear", "linear_ms"] = "upernet"
+    linear: LinearConfig | None = None  # None: the linear protocols' defaults (LinearConfig())
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     test: TestConfig = field(default_factory=TestConfig)
@@ -122,6 +161,29 @@ class SegmentationConfig:
             raise ConfigError(
                 f"data.num_classes must be in 1..255 (255 marks ignored pixels), got {self.data.num_classes}"
             )
+        if self.protocol == "upernet":
+            if self.linear is not None:
+                raise ConfigError(
+                    "linear.* settings are for the frozen linear protocols: give --protocol linear (or linear_ms), "
+                    "or leave the linear.* overrides out"
+                )
+            return
+        lin = self.linear_settings()
+        if lin.layers is not None and lin.layers < 1:
+            raise ConfigError(f"linear.layers must be at least 1 (the last block), got {lin.layers}")
+        bad = [lr for lr in lin.lrs if not lr > 0]
+        if bad:
+            raise ConfigError(f"linear.lrs must be positive learning rates, e.g. [1e-4, 1e-3, 1e-2]; got {bad[0]}")
+
+    def linear_settings(self) -> LinearConfig:
+        """The ``linear`` section with its defaults (a run of a linear protocol without one)."""
+        return self.linear if self.linear is not None else LinearConfig()
+
+    def linear_layers(self) -> int:
+        """How many last blocks a linear protocol reads: ``linear.layers``, else 1 for ``linear`` and
+        4 for ``linear_ms``."""
+        layers = self.linear_settings().layers
+        return layers if layers is not None else (4 if self.protocol == "linear_ms" else 1)
 
 
 def available_presets() -> list[str]:
@@ -129,5 +191,9 @@ def available_presets() -> list[str]:
 
 
 def build_config(preset: str | None = None, overrides: dict | None = None) -> SegmentationConfig:
-    """Defaults (MAE ViT-B UperNet) <- preset (name or YAML path) <- overrides."""
+    """Defaults (MAE ViT-B UperNet) <- preset (name or YAML path) <- overrides. Without a preset, a
+    linear protocol in ``overrides`` starts from its own recipe (:data:`LINEAR_PROTOCOLS`), not UperNet's."""
+    protocol = (overrides or {}).get("protocol")
+    if preset is None and protocol in LINEAR_PROTOCOLS:
+        preset = LINEAR_PROTOCOLS[protocol]
     return build_with_preset(SegmentationConfig(), PRESET_DIR, preset, overrides)

@@ -242,26 +242,44 @@ def build_upernet(
     return model
 
 
+def slide_windows(height: int, width: int, crop: int = 512, stride: int = 341) -> list[tuple[int, int, int, int]]:
+    """``(y1, y2, x1, x2)`` of the ``crop x crop`` windows ``stride`` apart that cover a ``height x
+    width`` image, row by row (BEiT / mmsegmentation's ``slide`` mode): windows are shifted back
+    inside the image at the borders, and a side shorter than the window is one window of its length."""
+    rows = max(height - crop + stride - 1, 0) // stride + 1
+    cols = max(width - crop + stride - 1, 0) // stride + 1
+    out = []
+    for r in range(rows):
+        for c in range(cols):
+            y2, x2 = min(r * stride + crop, height), min(c * stride + crop, width)
+            out.append((max(y2 - crop, 0), y2, max(x2 - crop, 0), x2))
+    return out
+
+
 @torch.no_grad()
 def slide_inference(
     model: nn.Module, image: torch.Tensor, num_classes: int, crop: int = 512, stride: int = 341
 ) -> torch.Tensor:
-    """Logits (B, C, H, W) of ``image`` (B, 3, H, W) from ``crop x crop`` windows ``stride`` apart,
-    averaged where they overlap (BEiT / mmsegmentation's ``slide`` mode). Windows are shifted back
-    inside the image at the borders; an image smaller than the window is one window of its own
-    size, so the result equals whole-image inference whenever one window covers the image."""
+    """Logits (B, C, H, W) of ``image`` (B, 3, H, W) from the :func:`slide_windows` of ``crop`` every
+    ``stride`` px, averaged where they overlap (BEiT / mmsegmentation's ``slide`` mode). An image
+    smaller than the window is one window of its own size, so the result equals whole-image
+    inference whenever one window covers the image."""
     b, _, h, w = image.shape
-    rows = max(h - crop + stride - 1, 0) // stride + 1
-    cols = max(w - crop + stride - 1, 0) // stride + 1
     logits = image.new_zeros((b, num_classes, h, w), dtype=torch.float32)
     count = image.new_zeros((1, 1, h, w), dtype=torch.float32)
-    for r in range(rows):
-        for c in range(cols):
-            y2, x2 = min(r * stride + crop, h), min(c * stride + crop, w)
-            y1, x1 = max(y2 - crop, 0), max(x2 - crop, 0)
-            logits[:, :, y1:y2, x1:x2] += model(image[:, :, y1:y2, x1:x2]).float()
-            count[:, :, y1:y2, x1:x2] += 1
+    for y1, y2, x1, x2 in slide_windows(h, w, crop, stride):
+        logits[:, :, y1:y2, x1:x2] += model(image[:, :, y1:y2, x1:x2]).float()
+        count[:, :, y1:y2, x1:x2] += 1
     return logits / count
 
 
-__all__ = ["ConvBNReLU", "FCNHead", "UPerHead", "UperNetViT", "build_upernet", "default_tap_blocks", "slide_inference"]
+__all__ = [
+    "ConvBNReLU",
+    "FCNHead",
+    "UPerHead",
+    "UperNetViT",
+    "build_upernet",
+    "default_tap_blocks",
+    "slide_inference",
+    "slide_windows",
+]

@@ -106,8 +106,14 @@ class SegmentationTask(TrainTask):
     """UperNet on a ViT backbone, trained on random crops and evaluated with sliding windows."""
 
     name = "segmentation"
+    protocols: tuple[str, ...] = ("upernet",)  # the values of cfg.protocol this task runs
 
     def __init__(self, cfg: SegmentationConfig, train: bool = True):
+        if cfg.protocol not in self.protocols:
+            raise ConfigError(
+                f"protocol {cfg.protocol!r} is not {self.name}'s ({', '.join(self.protocols)}): give "
+                f"`mae-transfer ade20k --protocol {cfg.protocol}`, which runs the task of that protocol"
+            )
         self.cfg = cfg
         d = cfg.data
         self.root = _resolve_root(cfg)
@@ -122,9 +128,9 @@ class SegmentationTask(TrainTask):
             self.root, d.val_split, transform=EvalTransform(tuple(d.scale), d.mean, d.std, ratios), **common
         )
         self.class_names = list(self.val_set.class_names)
-        self.train_set = None
+        self.train_set = self.train_base = None
         if train:
-            base = SegmentationFolder(self.root, d.train_split, **common)
+            base = self.train_base = SegmentationFolder(self.root, d.train_split, **common)
             aug = TrainTransform(
                 crop_size=cfg.model.img_size,
                 scale=tuple(d.scale),
@@ -260,7 +266,7 @@ class SegmentationTask(TrainTask):
         x = x.flip(-1) if flip else x
         with autocast():
             out = (
-                slide_inference(model, x, self.cfg.data.num_classes, self.cfg.model.img_size, t.stride)
+                slide_inference(model, x, self.output_channels(), self.cfg.model.img_size, t.stride)
                 if t.mode == "slide"
                 else model(x)
             )
@@ -281,25 +287,53 @@ class SegmentationTask(TrainTask):
         probs = None
         for x in images:
             for flip in flips:
-                p = self.logits(model, x, out_size, autocast, flip).softmax(1)
+                p = self.probabilities(self.logits(model, x, out_size, autocast, flip))
                 probs = p if probs is None else probs + p
         return probs[0]
+
+    def output_channels(self) -> int:
+        """Channels of the model's output: one per class (a model of several heads: theirs side by side)."""
+        return self.cfg.data.num_classes
+
+    def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
+        """Soft-maxed logits (1, C, H, W) of one test-time pass, summed over the passes."""
+        return logits.softmax(1)
+
+    def prediction(self, scores: torch.Tensor) -> torch.Tensor:
+        """The label map (H, W) of :meth:`predict_logits`'s scores (C, H, W): what the evaluator takes."""
+        return scores.argmax(0)
+
+    def picture_prediction(self, scores: torch.Tensor) -> torch.Tensor:
+        """The label map (H, W) the pictures show."""
+        return scores.argmax(0)
+
+    def eval_dataset(self):
+        """The items :meth:`evaluate` goes through: (image(s), target) pairs of the evaluation split."""
+        return self.val_set
+
+    def build_evaluator(self):
+        return SegmentationEvaluator(self.cfg.data.num_classes, self.class_names)
+
+    def predict_batch(self, model: nn.Module, batch, ctx: EvalContext) -> tuple[torch.Tensor, torch.Tensor]:
+        """(prediction, label) of one evaluation item (a batch of one from :func:`collate_eval`)."""
+        images, targets = batch
+        label = targets[0]["label"]
+        image = [im.to(ctx.device) for im in images[0]] if isinstance(images[0], list) else images[0].to(ctx.device)
+        return self.prediction(self.predict_logits(model, image, label.shape[-2:], ctx.autocast)).cpu(), label
 
     def evaluate(self, model: nn.Module, ctx: EvalContext) -> dict[str, Any]:
         """mIoU / mAcc / aAcc over the evaluation split, accumulated over every image and process;
         the main process also writes ``metrics.json`` when the context has a run directory."""
-        ds = self.val_set
+        ds = self.eval_dataset()
         loader = ctx.loader(ds, 1, collate_fn=collate_eval)
-
-        def predict(batch) -> tuple[torch.Tensor, torch.Tensor]:
-            images, targets = batch
-            label = targets[0]["label"]
-            image = [im.to(ctx.device) for im in images[0]] if isinstance(images[0], list) else images[0].to(ctx.device)
-            return self.predict_logits(model, image, label.shape[-2:], ctx.autocast).argmax(0).cpu(), label
-
-        evaluator = SegmentationEvaluator(self.cfg.data.num_classes, self.class_names)
+        evaluator = self.build_evaluator()
         metrics = run_evaluator(
-            evaluator, loader, predict, main=ctx.dist.is_main, desc=f"evaluating {self.cfg.data.val_split}", unit="img"
+            evaluator,
+            loader,
+            lambda batch: self.predict_batch(model, batch, ctx),
+            main=ctx.dist.is_main,
+            desc=f"evaluating {self.cfg.data.val_split}",
+            unit="img",
         )
         if not ctx.dist.is_main:
             return {}
@@ -312,18 +346,9 @@ class SegmentationTask(TrainTask):
 
     def write_results(self, out_dir: Path, metrics: dict, step: int) -> Path:
         """One row per metric in ``results.jsonl`` (rewritten whole, atomically) for the runner."""
-        cfg = self.cfg
-        test = "ms" if len(cfg.test.scales) > 1 else "ss"
-        common = dict(
-            task=self.name,  # the registry entry that runs it (front sets it)
-            dataset=dataset_name(TOY_DATA.name, cfg.data.path, cfg.data.num_classes, benchmark_classes=NUM_CLASSES),
-            split=cfg.data.val_split,
-            protocol=f"{cfg.recipe}_{test}{'+flip' if cfg.test.flip else ''}",
-            step=step,
-            **row_identity(cfg, self.backbone_sha256, self.evaluated),
-        )
+        common = dict(row_fields(self, step), protocol=f"{self.cfg.recipe}_{eval_protocol(self.cfg)}")
         rows = [ResultRow(metric=k, value=v, **common) for k, v in summary(metrics).items()]
-        return write_run_results(out_dir, rows, to_dict(cfg))
+        return write_run_results(out_dir, rows, to_dict(self.cfg))
 
     def visualize(self, model: nn.Module, device: torch.device, autocast: Callable, out_dir: Path) -> list[Path]:
         """Save ``image | ground truth | prediction`` pictures (palette colours, ignored pixels black)."""
@@ -343,7 +368,7 @@ class SegmentationTask(TrainTask):
                 image, target = self.val_set[i]
                 label = target["label"]
                 image = [im.to(device) for im in image] if isinstance(image, list) else image.to(device)
-                pred = self.predict_logits(model, image, label.shape[-2:], autocast).argmax(0).cpu()
+                pred = self.picture_prediction(self.predict_logits(model, image, label.shape[-2:], autocast)).cpu()
                 original = np.asarray(load_rgb(self.val_set.samples[i][0]))
                 panels = [original, lut[label.numpy().clip(0, 255)], lut[pred.numpy()]]
                 k = max(1, math.ceil(256 / max(original.shape[:2])))  # enlarge small images to be seen
@@ -358,6 +383,24 @@ class SegmentationTask(TrainTask):
         model.train(was_training)
         log.info("saved %d pictures (image | ground truth | prediction) to %s", len(paths), out_dir)
         return paths
+
+
+def eval_protocol(cfg: SegmentationConfig) -> str:
+    """How an evaluation tests: ``ss`` / ``ms`` (single- or multi-scale), ``+flip`` with flips."""
+    return f"{'ms' if len(cfg.test.scales) > 1 else 'ss'}{'+flip' if cfg.test.flip else ''}"
+
+
+def row_fields(task, step: int) -> dict[str, Any]:
+    """What every result row of a run of ``task`` (its ``name``, ``cfg``, ``backbone_sha256`` and
+    ``evaluated``) shares but its protocol and metric."""
+    cfg = task.cfg
+    return dict(
+        task=task.name,  # the registry entry that runs it (front sets it)
+        dataset=dataset_name(TOY_DATA.name, cfg.data.path, cfg.data.num_classes, benchmark_classes=NUM_CLASSES),
+        split=cfg.data.val_split,
+        step=step,
+        **row_identity(cfg, task.backbone_sha256, task.evaluated),
+    )
 
 
 def summary(metrics: dict) -> dict[str, float]:
@@ -440,6 +483,12 @@ def segmenter_weights(state: dict, path: str | Path) -> tuple[dict[str, torch.Te
     )
     if ours:
         sd = state["model"]
+        if any(k.startswith("decode_heads.") for k in sd):
+            raise CheckpointError(
+                f"--weights {path} is a linear segmenter (a frozen backbone with linear heads, from `ade20k "
+                "--protocol linear`), not an UperNet: evaluate it with `mae-transfer ade20k --protocol linear "
+                "--eval-only --weights ...` (linear_ms for a 4-block one); it has no mmsegmentation form"
+            )
         if not any(k.startswith("decode_head.") for k in sd):
             raise CheckpointError(
                 f"--weights {path} holds no decode_head.* weights: it looks like a backbone; pass it as --backbone"
@@ -519,6 +568,8 @@ __all__ = [
     "load_segmenter_weights",
     "read_segmenter_file",
     "read_segmenter_weights",
+    "eval_protocol",
+    "row_fields",
     "segmenter_class_names",
     "segmenter_weights",
     "segmentation_loss",
