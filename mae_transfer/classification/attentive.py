@@ -30,6 +30,7 @@ batches), and N learning rates cost one backbone pass per batch.
 from __future__ import annotations
 
 import copy
+import functools
 import logging
 import math
 from typing import Callable, ContextManager, Iterable, Sequence
@@ -40,13 +41,10 @@ import torch.nn.functional as F
 
 from mae_transfer.classification.metrics import (
     ClassificationEvaluator,
-    _autocast_context,
-    _module_modes,
-    _restore_modes,
     distributed_sampler_valid_count,
+    evaluate_in_eval_mode,
 )
-from mae_transfer.engine.distributed import world
-from mae_transfer.engine.evaluator import DatasetEvaluator, run_evaluator
+from mae_transfer.engine.evaluator import DatasetEvaluator
 
 log = logging.getLogger(__name__)
 
@@ -259,19 +257,9 @@ def evaluate_heads(
     backbone pass per batch; every process gets them (sharded loaders as ``evaluate_classifier``)."""
     device = torch.device(device)
     core = getattr(model, "module", model)
-    modes = _module_modes(model)
-    model.eval()
     evaluator = HeadsEvaluator(len(core.head), num_classes, distributed_sampler_valid_count(loader), device)
-
-    def predict(batch: dict) -> torch.Tensor:
-        with _autocast_context(autocast):
-            return core(batch["image"].to(device, non_blocking=True), all_heads=True)
-
-    try:
-        out = run_evaluator(evaluator, loader, predict, main=world()[0] == 0, everywhere=True, desc=desc)
-    finally:
-        _restore_modes(modes)
-    return out["heads"]
+    forward = functools.partial(core, all_heads=True)
+    return evaluate_in_eval_mode(model, forward, evaluator, loader, device, autocast, desc)["heads"]
 
 
 def pick_best(results: Sequence[dict]) -> int:

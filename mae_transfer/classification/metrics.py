@@ -272,13 +272,27 @@ def evaluate_classifier(
         rank). The model's (and each submodule's) train/eval mode is restored afterwards.
     """
     device = torch.device(device)
+    evaluator = ClassificationEvaluator(num_classes, limit=distributed_sampler_valid_count(loader), device=device)
+    return evaluate_in_eval_mode(model, model, evaluator, loader, device, autocast, desc)
+
+
+def evaluate_in_eval_mode(
+    model: nn.Module,
+    forward: Callable[[torch.Tensor], torch.Tensor],
+    evaluator: DatasetEvaluator,
+    loader: Iterable[dict],
+    device: torch.device,
+    autocast: Callable[[], ContextManager] | None,
+    desc: str | None,
+):
+    """``evaluator`` over ``loader`` with ``forward(images)``, ``model`` in eval mode meanwhile (each
+    submodule's mode restored afterwards), autocast around the forward pass."""
     modes = _module_modes(model)
     model.eval()
-    evaluator = ClassificationEvaluator(num_classes, limit=distributed_sampler_valid_count(loader), device=device)
 
     def predict(batch: dict) -> torch.Tensor:
         with _autocast_context(autocast):
-            return model(batch["image"].to(device, non_blocking=True))
+            return forward(batch["image"].to(device, non_blocking=True))
 
     try:
         # Every rank evaluates the summed counts: the result is the same everywhere. The main
