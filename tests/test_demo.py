@@ -27,12 +27,14 @@ def test_the_demo_plans_every_task_with_its_quick_and_full_settings(tmp_path):
 
 
 def test_quick_demo_runs_every_kind_of_task_and_resumes_without_work(tmp_path, cache, capsys, monkeypatch):
-    # One epoch per schedule instead of --quick's 2-3: the same code paths at half the CI time.
+    # One epoch per schedule instead of --quick's 2-3, the transfer jobs cut to 2 steps (train.max_steps ends
+    # with the final evaluation, the results and the pictures): the same code paths at a fraction of
+    # the CI time.
     from mae_transfer.evaluation import demo
     from mae_transfer.evaluation.registry import TASKS
 
     monkeypatch.setattr(demo, "demo_tasks", lambda quick=False: list(QUICK_TASKS))
-    monkeypatch.setattr(demo, "QUICK_ALL", ["train.epochs=1"])
+    monkeypatch.setattr(demo, "QUICK_ALL", ["train.epochs=1", "train.max_steps=2"])
     pretrain = TASKS["pretrain"]
     monkeypatch.setitem(TASKS, "pretrain", replace(pretrain, demo=replace(pretrain.demo, quick=("train.epochs=1",))))
     out_dir = tmp_path / "demo"

@@ -86,3 +86,33 @@ def test_ten_percent_fine_tuning_on_real_images_writes_its_subset_and_names_it(s
     # --shots and --label-fraction together: one clear error before anything runs.
     assert main([*argv, "--shots", "5", *small]) == 2
     assert "give one" in capsys.readouterr().err
+
+
+def test_low_label_knn_searches_only_the_subset_and_names_it(tmp_path, capsys):
+    """`knn --shots K` / `--label-fraction F`: the classification tasks' subset (seed 0), written to
+    label_subset.json; the k-NN and sweep rows carry it in their protocol and get a table of their own."""
+    from mae_transfer.data.toy import write_imagefolder
+    from mae_transfer.evaluation.tables import build_tables
+
+    data = write_imagefolder(tmp_path / "data", num_classes=3, train_per_class=6, val_per_class=2, image_size=32)
+    base = ["knn", "--data", str(data), "--model", "vit_nano_patch8", "--img-size", "32", "--k", "1"]
+    out = tmp_path / "knn2"
+    assert main([*base, "--shots", "2", "--output", str(out)]) == 0
+    subset = json.loads((out / "label_subset.json").read_text())
+    assert (subset["images"], subset["of_images"], subset["classes"], subset["seed"]) == (6, 18, 3, 0)
+    assert subset["indices"] == label_subset(np.repeat([0, 1, 2], 6), shots=2, seed=0).tolist()
+    rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    assert {r["protocol"] for r in rows} == {"knn1@2shot", "linprobe_sweep@2shot"}
+    (table,) = build_tables(rows, paper=True)
+    assert table.title.endswith(", 2 labelled images per class") and "paper" not in table.blocks
+    # Without a subset: all 18 images, the full-label protocols, no subset file.
+    full = tmp_path / "knn"
+    assert main([*base, "--output", str(full)]) == 0
+    assert not (full / "label_subset.json").exists()
+    assert {json.loads(line)["protocol"] for line in (full / "results.jsonl").read_text().splitlines()} == {
+        "knn1",
+        "linprobe_sweep",
+    }
+    capsys.readouterr()
+    assert main([*base, "--shots", "2", "--label-fraction", "0.5", "--output", str(tmp_path / "both")]) == 2
+    assert "give one" in capsys.readouterr().err

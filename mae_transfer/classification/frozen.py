@@ -11,6 +11,7 @@ from mae_transfer.checkpoint.hub import weights_sha256
 from mae_transfer.classification.config import ClassificationConfig, ModelConfig, build_config
 from mae_transfer.classification.data_spec import NUM_CLASSES
 from mae_transfer.classification.task import eval_transform
+from mae_transfer.config import ConfigError
 from mae_transfer.engine.bench import resolve_device
 from mae_transfer.engine.distributed import DistInfo
 from mae_transfer.engine.results import ResultRow, dataset_name, write_run_results
@@ -68,6 +69,8 @@ def run_frozen_eval(
     device: str | None = None,
     batch_size: int = 128,
     trust: bool = False,
+    label_fraction: float | None = None,
+    shots: int | None = None,
     *,
     task: str,
     dist: DistInfo | None = None,
@@ -80,11 +83,19 @@ def run_frozen_eval(
     workers of the engine's rules, each process of a torchrun group (``dist``) extracting its shard
     of each split (the features are gathered, every process holds them all), the backbone from the
     one ``init_backbone`` (its random-weights warning included). ``task``: the registry entry that runs
-    it, the ``task`` of the result rows."""
+    it, the ``task`` of the result rows.
+
+    ``label_fraction`` / ``shots``: low-label k-NN (and sweep): only the stratified subset of the
+    training images is extracted and searched, the subset a fine-tuning run with the default seed
+    (0) trains on; it is written to ``label_subset.json`` and named in the protocols (``knn20@10%``,
+    ``linprobe_sweep@10%``), which keeps the rows out of the full-label columns."""
     from mae_transfer.checkpoint import describe_checkpoint, init_backbone
     from mae_transfer.classification.datasets import build_dataset, num_classes_of
     from mae_transfer.classification.knn import knn_evaluate
+    from mae_transfer.classification.subsets import subset_label, subset_of, write_subset
 
+    if label_fraction is not None and shots is not None:
+        raise ConfigError("--label-fraction and --shots both given: give one")
     if dist is None:
         dist = DistInfo(device=resolve_device(device))
     dev = dist.device
@@ -99,6 +110,14 @@ def run_frozen_eval(
     train = build_dataset(dataset, data, "train", transform=tf)
     val = build_dataset(dataset, data, "val", transform=tf)
     num_classes = max(num_classes_of(train), num_classes_of(val))
+    # Low-label: the subset of the classification tasks' rule with their default seed (k-NN has none).
+    labels = subset_label(label_fraction, shots)
+    train = subset_of(train, label_fraction, shots, seed=0)
+    if labels is not None and dist.is_main:
+        Path(output).mkdir(parents=True, exist_ok=True)
+        write_subset(train, Path(output) / "label_subset.json", label_fraction, shots, seed=0)
+        log.info("low-label k-NN: %d of %d training images (%s)", len(train), len(train.dataset), labels)
+    at = f"@{labels}" if labels else ""
     vit = create_backbone(cfg.model, img_size=size, num_classes=0, global_pool="token", drop_path_rate=0.0)
     init_backbone(
         vit,
@@ -125,7 +144,7 @@ def run_frozen_eval(
     for k, m in results.items():
         lines.append(f"{'k-NN k=' + str(k):22s} {m['top1']:7.2f} {m['top5']:7.2f} {m['mean_per_class']:9.2f}")
         rows += [
-            ResultRow(protocol=f"knn{k}", metric=key, value=m[key], **common)
+            ResultRow(protocol=f"knn{k}{at}", metric=key, value=m[key], **common)
             for key in ("top1", "top5", "mean_per_class")
         ]
     if sweep:
@@ -142,7 +161,7 @@ def run_frozen_eval(
             f"{best['top1']:7.2f} {best['top5']:7.2f} {best['mean_per_class']:9.2f}"
         )
         rows += [
-            ResultRow(protocol="linprobe_sweep", metric=key, value=best[key], extra={"lr": best["lr"]}, **common)
+            ResultRow(protocol=f"linprobe_sweep{at}", metric=key, value=best[key], extra={"lr": best["lr"]}, **common)
             for key in ("top1", "top5", "mean_per_class")
         ]
     path = write_run_results(output, rows)

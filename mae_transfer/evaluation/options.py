@@ -432,6 +432,8 @@ FAMILY_OPTIONS: dict[str, tuple[str, ...]] = {
         "img_size",
         "k",
         "sweep",
+        "label_fraction",
+        "shots",
         "output",
         "device",
         "trust_checkpoint",
