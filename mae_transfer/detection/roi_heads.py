@@ -36,6 +36,13 @@ def _msra_fill(m: nn.Module) -> None:
         nn.init.zeros_(m.bias)
 
 
+def _channels_last(x: torch.Tensor) -> torch.Tensor:
+    """Pooled (R, C, S, S) features in channels-last memory, the layout LayerNorm2d returns: the first
+    convolution then takes oneDNN's channels-last path as the later ones do (faster than NCHW on
+    the CPU), and its norm needs no transposing copy."""
+    return x.contiguous(memory_format=torch.channels_last)
+
+
 class ROIPooler(nn.Module):
     """RoIAlign (``aligned=True``) of boxes from the pyramid level their size selects."""
 
@@ -68,7 +75,9 @@ class ROIPooler(nn.Module):
             rois[:, 1:], self.min_level, self.max_level, self.canonical_box_size, self.canonical_level
         )
         x0 = features[0]
-        out = x0.new_zeros((len(rois), x0.shape[1], *size))
+        # Every RoI has a level (assign_levels clamps; proposals and detections are finite), so each
+        # row is written below: no zero fill.
+        out = x0.new_empty((len(rois), x0.shape[1], *size))
         for lvl, (x, scale) in enumerate(zip(features, self.scales)):
             idx = torch.nonzero(levels == lvl, as_tuple=True)[0]
             if len(idx):
@@ -100,11 +109,22 @@ class BoxHead(nn.Module):
         self.output_dim = dim
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = _channels_last(x) if self.num_convs else x
         for k in range(self.num_convs):
             x = getattr(self, f"conv{k + 1}")(x)
         if self.num_fcs:
-            x = x.flatten(1)
-            for k in range(self.num_fcs):
+            start = 0
+            if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+                # A channels-last map (LayerNorm2d's output) is flattened as it lies, (S, S, C), and fc1's
+                # columns are permuted to match: a copy of the weight instead of one of the (R, C*S*S) map.
+                fc1 = self.fc1
+                n, c, h, w = x.shape
+                weight = fc1.weight.view(-1, c, h, w).permute(0, 2, 3, 1).reshape(fc1.out_features, -1)
+                x = F.relu(F.linear(x.permute(0, 2, 3, 1).reshape(n, -1), weight, fc1.bias))
+                start = 1
+            else:
+                x = x.flatten(1)
+            for k in range(start, self.num_fcs):
                 x = F.relu(getattr(self, f"fc{k + 1}")(x))
         return x
 
@@ -148,6 +168,7 @@ class MaskHead(nn.Module):
         nn.init.zeros_(self.predictor.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = _channels_last(x)
         for k in range(self.num_convs):
             x = getattr(self, f"mask_fcn{k + 1}")(x)
         return self.predictor(F.relu(self.deconv(x)))

@@ -223,8 +223,10 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, hw: tuple[int, int] | None = None, num_prefix_tokens: int = 0) -> torch.Tensor:
         """x: (B, T, D) with T = num_prefix_tokens + H*W. Returns (B, T, D)."""
         b, t, d = x.shape
-        qkv = self.qkv(x).reshape(b, t, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv.unbind(0)
+        # (B, T, 3, heads, C) split on its 3-axis, each (B, heads, T, C) a strided view: the backward
+        # of the split then stacks the three gradients straight into the qkv layer's (B, T, 3D)
+        # output layout (splitting a permuted (3, B, heads, T, C) view needed a second copy).
+        q, k, v = (y.transpose(1, 2) for y in self.qkv(x).reshape(b, t, 3, self.num_heads, self.head_dim).unbind(2))
         bias = None
         if self.use_rel_pos:
             if hw is None:
