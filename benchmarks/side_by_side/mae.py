@@ -13,7 +13,7 @@ generator is seeded identically before each call of either side and ours is hand
 The check compares the masks, the losses and every gradient.
 
 The official code is not a dependency: it is imported from ``--mae-src`` (a source tree of the
-commit, see README_upernet_mae.md). It was written for timm 0.3.2; two shims let it run with
+commit, see README.md). It was written for timm 0.3.2; two shims let it run with
 today's timm and numpy, without changing what it computes:
 
 * timm's ``Block`` no longer takes ``qk_scale`` (the official code passes ``qk_scale=None``, i.e.
@@ -26,7 +26,7 @@ Today's timm ``Attention`` runs ``F.scaled_dot_product_attention`` (``timm.layer
 where timm 0.3.2 multiplied and soft-maxed explicitly: the official side here is the official code
 as it runs with a current timm.
 
-    python benchmarks/side_by_side/mae.py [--ours-src /work/before] [--pairs 3] [--json out.json]
+    python benchmarks/side_by_side/mae.py [--ours-src ../before] [--pairs 3] [--json out.json]
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ from pathlib import Path
 
 from common import Result, alternate, print_table, use_source_tree, write_json
 
-DEFAULT_MAE_SRC = os.environ.get("MAE_OFFICIAL_SRC", "/work/refs/mae")
+DEFAULT_MAE_SRC = os.environ.get("MAE_OFFICIAL_SRC", str(Path(__file__).resolve().parents[3] / "refs" / "mae"))
 OFFICIAL = {"base": "mae_vit_base_patch16_dec512d8b", "large": "mae_vit_large_patch16_dec512d8b"}
 OURS = {"base": "mae_vit_base_patch16", "large": "mae_vit_large_patch16"}
 
@@ -80,7 +80,7 @@ def import_official(src: str):
     """``models_mae`` of the official source tree, with ``qk_scale`` accepted by timm's ``Block``
     while it is imported (the attribute is restored afterwards: nothing else sees the shim)."""
     if not (Path(src) / "models_mae.py").is_file():
-        sys.exit(f"official MAE source not found in --mae-src {src} (see README_upernet_mae.md)")
+        sys.exit(f"official MAE source not found in --mae-src {src} (see README.md)")
     import timm.models.vision_transformer as tvt
 
     original = tvt.Block

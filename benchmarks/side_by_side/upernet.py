@@ -23,10 +23,10 @@ way ``mae-transfer ade20k --eval-only --weights checkpoint.pth`` builds it (``re
   them on, and then the losses and gradients are not compared.
 
 mmsegmentation is not a dependency: it is imported from ``--site`` (a ``pip install --target``
-folder, see README_upernet_mae.md). mmcv-lite has no compiled ops; ``mmcv.ops`` is replaced by a
+folder, see README.md). mmcv-lite has no compiled ops; ``mmcv.ops`` is replaced by a
 stub module whose names raise when used (none is used by this model).
 
-    python benchmarks/side_by_side/upernet.py [--ours-src /work/before] [--pairs 3] [--json out.json]
+    python benchmarks/side_by_side/upernet.py [--ours-src ../before] [--pairs 3] [--json out.json]
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ from pathlib import Path
 
 from common import Result, alternate, print_table, use_source_tree, write_json
 
-DEFAULT_SITE = os.environ.get("MMSEG_SITE", "/work/refs/mmseg_site")
+DEFAULT_SITE = os.environ.get("MMSEG_SITE", str(Path(__file__).resolve().parents[3] / "refs" / "mmseg_site"))
 DEFAULT_SHARED = Path(os.environ.get("MAE_TRANSFER_SHARED", Path(__file__).resolve().parents[3] / "shared"))
 
 
@@ -87,7 +87,7 @@ def stub_mmcv_ops() -> None:
 
 def import_mmseg(site: str):
     if not (Path(site) / "mmseg").is_dir():
-        sys.exit(f"mmsegmentation not found in --site {site} (see README_upernet_mae.md for the install)")
+        sys.exit(f"mmsegmentation not found in --site {site} (see README.md for the install)")
     sys.path.append(str(Path(site).resolve()))  # after the venv: only what the venv lacks comes from there
     stub_mmcv_ops()
     import mmcv

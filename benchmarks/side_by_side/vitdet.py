@@ -19,10 +19,10 @@ Workloads:
 
 detectron2 runs from a source tree without its compiled ``_C`` (RoIAlign and NMS are
 torchvision's; nothing else this model uses needs ``_C``), with its pure-Python dependencies in a
-separate ``--site`` folder; see ``README_vitdet.md`` for the setup.
+separate ``--site`` folder; see ``README.md`` for the setup.
 
     python benchmarks/side_by_side/vitdet.py --images 8 --json vitdet.json
-    python benchmarks/side_by_side/vitdet.py --ours-src /work/before --images 8   # another revision
+    python benchmarks/side_by_side/vitdet.py --ours-src ../before --images 8   # another revision
 """
 
 from __future__ import annotations
@@ -53,7 +53,7 @@ def import_detectron2(d2_dir: str, site: str):
     """Put the detectron2 source tree and its dependency folder first on ``sys.path``."""
     for p in (site, d2_dir):
         if not Path(p).is_dir():
-            raise SystemExit(f"{p} not found: set up detectron2 as README_vitdet.md says (or pass --detectron2/--site)")
+            raise SystemExit(f"{p} not found: set up detectron2 as README.md says (or pass --detectron2/--site)")
         sys.path.insert(0, str(Path(p).resolve()))
     warnings.filterwarnings("ignore", category=FutureWarning)  # torch.jit.script, timm.models.layers
     warnings.filterwarnings("ignore", category=UserWarning)
@@ -542,15 +542,15 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument(
         "--detectron2",
-        default=os.environ.get("DETECTRON2_SRC", "/work/refs/detectron2"),
+        default=os.environ.get("DETECTRON2_SRC", str(REPO.parent / "refs" / "detectron2")),
         help="detectron2 source tree (env DETECTRON2_SRC)",
     )
     p.add_argument(
         "--site",
-        default=os.environ.get("DETECTRON2_SITE", "/work/refs/d2_site"),
+        default=os.environ.get("DETECTRON2_SITE", str(REPO.parent / "refs" / "d2_site")),
         help="folder with detectron2's pure-Python dependencies (env DETECTRON2_SITE)",
     )
-    p.add_argument("--ours-src", default=None, help="import mae_transfer from this checkout (e.g. /work/before)")
+    p.add_argument("--ours-src", default=None, help="import mae_transfer from this checkout (e.g. ../before)")
     p.add_argument("--reference", default=str(SHARED / "reference" / "vitdet"), help="the ViTDet reference folder")
     p.add_argument("--data", default=str(SHARED / "data" / "coco_tiny"), help="the coco_tiny folder")
     p.add_argument("--pairs", type=int, default=3)
