@@ -271,3 +271,18 @@ def test_runs_round_trip_config_resume_and_eval_only(tmp_path, cache, encoder, c
     assert json.loads((more / "results.jsonl").read_text().splitlines()[0])["step"] == steps_done * 3 // 2
     assert main(["finetune", "--output", str(tmp_path / "x"), "--resume", str(tmp_path / "nowhere")]) == 2
     assert "--resume" in capsys.readouterr().err
+
+
+def test_knn_from_random_weights_is_the_same_network_on_every_run(tmp_path):
+    """Without --backbone the k-NN baseline is a seeded random init: two runs (the global generator
+    in another state for the second) give the same numbers."""
+    from mae_transfer.data.toy import write_imagefolder
+
+    data = write_imagefolder(tmp_path / "data", num_classes=3, train_per_class=6, val_per_class=3, image_size=32)
+    values = []
+    for run in ("a", "b"):
+        argv = ["knn", "--data", str(data), "--model", "vit_nano_patch8", "--img-size", "32", "--k", "1,5"]
+        assert main([*argv, "--output", str(tmp_path / run)]) == 0
+        rows = [json.loads(line) for line in (tmp_path / run / "results.jsonl").read_text().splitlines()]
+        values.append([(r["protocol"], r["metric"], r["value"]) for r in rows])
+    assert values[0] == values[1]

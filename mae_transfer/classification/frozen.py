@@ -7,6 +7,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from mae_transfer.checkpoint.hub import weights_sha256
 from mae_transfer.classification.config import ClassificationConfig, ModelConfig, build_config
 from mae_transfer.classification.data_spec import NUM_CLASSES
@@ -118,6 +120,9 @@ def run_frozen_eval(
         write_subset(train, Path(output) / "label_subset.json", label_fraction, shots, seed=0)
         log.info("low-label k-NN: %d of %d training images (%s)", len(train), len(train.dataset), labels)
     at = f"@{labels}" if labels else ""
+    # Seeded like the training tasks' default train.seed: without --backbone the random-init
+    # baseline is the same network on every run (torch seeds its generator from the OS otherwise).
+    torch.manual_seed(0)
     vit = create_backbone(cfg.model, img_size=size, num_classes=0, global_pool="token", drop_path_rate=0.0)
     init_backbone(
         vit,
