@@ -107,12 +107,12 @@ def run_demo(output: Path, quick: bool = False, verbose: bool = False, echo=prin
     # The same headline metrics as the comparison bars (plots.comparison_data).
     labels, values = comparison_data(rows)
     mae_values, rnd_values = values.get(MAE_NAME, [None] * len(labels)), values.get(RANDOM_NAME, [None] * len(labels))
-    wins = 0
+    wins, width = 0, max([26, *map(len, labels)])  # one column for the longest label
     for label, mae, rnd in zip(labels, mae_values, rnd_values):
         ok = mae is not None and rnd is not None and mae > rnd
         wins += ok
         fmt = lambda v: "failed" if v is None else f"{v:6.2f}"  # noqa: E731
-        echo(f"  {label:26s} MAE {fmt(mae)}  random {fmt(rnd)}  {'yes' if ok else 'NO'}")
+        echo(f"  {label:{width}s} MAE {fmt(mae)}  random {fmt(rnd)}  {'yes' if ok else 'NO'}")
     echo(f"  {wins} of {len(labels)} metrics{' (--quick schedules are too short to mean much)' if quick else ''}")
     echo("")
     echo("Pictures:")
