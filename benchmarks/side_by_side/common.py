@@ -82,3 +82,30 @@ def write_json(results: list[Result], path: str | None, extra: dict | None = Non
     payload = {"results": [asdict(r) for r in results], **(extra or {})}
     Path(path).write_text(json.dumps(payload, indent=1))
     print(f"wrote {path}")
+
+
+def top_ops(fn, n: int = 5) -> list[dict]:
+    """The ``n`` operators with the most self CPU time in one call of ``fn`` (torch.profiler)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
+    total = sum(e.self_cpu_time_total for e in events) or 1
+    return [
+        {
+            "op": e.key,
+            "self_cpu_ms": e.self_cpu_time_total / 1000,
+            "share": e.self_cpu_time_total / total,
+            "calls": e.count,
+        }
+        for e in events[:n]
+    ]
+
+
+def print_ops(name: str, ops: list[dict]) -> None:
+    print(f"\nour side, {name}: top {len(ops)} ops by self CPU time")
+    print("| op | self CPU ms | share | calls |")
+    print("| --- | ---: | ---: | ---: |")
+    for o in ops:
+        print(f"| `{o['op']}` | {o['self_cpu_ms']:.1f} | {100 * o['share']:.1f} % | {o['calls']} |")

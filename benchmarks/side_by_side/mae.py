@@ -37,7 +37,7 @@ import os
 import sys
 from pathlib import Path
 
-from common import Result, alternate, print_table, use_source_tree, write_json
+from common import Result, alternate, print_ops, print_table, top_ops, use_source_tree, write_json
 
 DEFAULT_MAE_SRC = os.environ.get("MAE_OFFICIAL_SRC", str(Path(__file__).resolve().parents[3] / "refs" / "mae"))
 OFFICIAL = {"base": "mae_vit_base_patch16_dec512d8b", "large": "mae_vit_large_patch16_dec512d8b"}
@@ -99,33 +99,6 @@ def import_official(src: str):
         sys.path.pop(0)
         tvt.Block = original
     return models_mae
-
-
-def top_ops(fn, n: int = 5) -> list[dict]:
-    """The ``n`` operators with the most self CPU time in one call of ``fn`` (torch.profiler)."""
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
-        fn()
-    events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
-    total = sum(e.self_cpu_time_total for e in events) or 1
-    return [
-        {
-            "op": e.key,
-            "self_cpu_ms": e.self_cpu_time_total / 1000,
-            "share": e.self_cpu_time_total / total,
-            "calls": e.count,
-        }
-        for e in events[:n]
-    ]
-
-
-def print_ops(name: str, ops: list[dict]) -> None:
-    print(f"\nour side, {name}: top {len(ops)} ops by self CPU time")
-    print("| op | self CPU ms | share | calls |")
-    print("| --- | ---: | ---: | ---: |")
-    for o in ops:
-        print(f"| `{o['op']}` | {o['self_cpu_ms']:.1f} | {100 * o['share']:.1f} % | {o['calls']} |")
 
 
 def main(argv=None) -> int:

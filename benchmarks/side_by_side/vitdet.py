@@ -36,7 +36,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from common import Result, alternate, print_table, use_source_tree, write_json
+from common import Result, alternate, print_ops, print_table, top_ops, use_source_tree, write_json
 
 REPO = Path(__file__).resolve().parents[2]
 SHARED = Path(os.environ.get("MAE_TRANSFER_SHARED", REPO.parent / "shared"))
@@ -172,6 +172,19 @@ class DetCheck:
         iou = torch.where(union > 0, inter / union.clamp(min=1), torch.ones_like(union))
         self.mask_iou = min(self.mask_iou, float(iou.min()))
 
+    def add_detections(self, r, o: dict) -> None:
+        """One image's final detections: detectron2's ``Instances`` ``r`` and our dict ``o``."""
+        self.add(
+            r.pred_boxes.tensor,
+            r.scores,
+            r.pred_classes,
+            o["boxes"],
+            o["scores"],
+            o["labels"],
+            r.pred_masks,
+            o["masks"],
+        )
+
     def ok(self) -> bool:
         return (
             self.count_mismatch == 0
@@ -261,16 +274,7 @@ def inference_workloads(ref, ours, images, pairs: int) -> list[Result]:
         r_out, o_out = whole_ref(), whole_ours()
         chk = DetCheck()
         for r, o in zip(r_out, o_out):
-            chk.add(
-                r.pred_boxes.tensor,
-                r.scores,
-                r.pred_classes,
-                o["boxes"],
-                o["scores"],
-                o["labels"],
-                r.pred_masks,
-                o["masks"],
-            )
+            chk.add_detections(r, o)
         res = alternate(f"inference, whole pipeline ({len(images)} images)", whole_ref, whole_ours, pairs)
         res.outputs_equal, res.check = chk.ok(), chk.describe("pasted")
         results.append(res)
@@ -387,16 +391,7 @@ def stage_workloads(ref, ours, images, batches, pairs, GeneralizedRCNN, Boxes, I
     r4, o4 = s4_ref(), s4_ours()
     chk = DetCheck()
     for r, o in zip(r4, o4):
-        chk.add(
-            r.pred_boxes.tensor,
-            r.scores,
-            r.pred_classes,
-            o["boxes"],
-            o["scores"],
-            o["labels"],
-            r.pred_masks,
-            o["masks"],
-        )
+        chk.add_detections(r, o)
     res = alternate("  stage: post-process + mask paste", s4_ref, s4_ours, pairs)
     res.outputs_equal, res.check = chk.ok(), chk.describe("pasted")
     results.append(res)
@@ -511,28 +506,14 @@ def train_workload(ref, ours, images, targets, pairs: int, seed: int) -> Result:
 
 
 def profile_ours(ours, images, top: int) -> list[dict]:
-    from torch.profiler import ProfilerActivity, profile
+    def run():
+        with torch.no_grad():
+            for im, hw in images:
+                ours.inference([im], [hw])
 
-    with torch.no_grad(), profile(activities=[ProfilerActivity.CPU]) as prof:
-        for im, hw in images:
-            ours.inference([im], [hw])
-    events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
-    total = sum(e.self_cpu_time_total for e in events) or 1.0
-    rows = [
-        {
-            "op": e.key,
-            "self_cpu_ms": e.self_cpu_time_total / 1000,
-            "percent": 100 * e.self_cpu_time_total / total,
-            "calls": e.count,
-        }
-        for e in events[:top]
-    ]
-    print(f"\nour inference, top {top} ops by self CPU time ({len(images)} images, profiler on):")
-    print("| op | self CPU ms | % of total | calls |")
-    print("| --- | ---: | ---: | ---: |")
-    for r in rows:
-        print(f"| {r['op']} | {r['self_cpu_ms']:.1f} | {r['percent']:.1f} | {r['calls']} |")
-    return rows
+    ops = top_ops(run, top)
+    print_ops(f"inference ({len(images)} images, profiler on)", ops)
+    return ops
 
 
 # ----------------------------------------------------------------------------- main
