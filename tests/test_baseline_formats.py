@@ -347,3 +347,10 @@ def test_knn_reads_a_mocov3_file_and_names_it(tmp_path, cache, capfd):
     assert rows and {r["model"] for r in rows} == {"vit_nano_patch8"}
     # The rows name the backbone by its path and sha256 (the format is in the load report above).
     assert {r["backbone"] for r in rows} == {str(path)} and all(r["backbone_sha256"] for r in rows)
+    # Through bench, the rows also name the layout the file was read as.
+    res = tmp_path / "res"
+    argv = ["bench", "--backbone", f"moco={path}", "--backbone", "scratch=random", "--tasks", "knn"]
+    assert main([*argv, "--results", str(res), "--in-process"]) == 0
+    rows = [json.loads(line) for line in (res / "results.jsonl").read_text().splitlines()]
+    formats = {r["backbone"]: r.get("backbone_format") for r in rows}
+    assert formats == {"moco": "mocov3", "scratch": None}, formats

@@ -439,8 +439,24 @@ def _plan_job(job: Job, results_dir: str | os.PathLike) -> tuple[Job, Any]:
     return job, prepared.cfg
 
 
+def _backbone_format(job: Job) -> str | None:
+    """The layout the job's backbone file was read as (``mae_encoder``, ``dino``, ``mocov3``...;
+    None for random weights or a file that no longer reads), from the description the planning
+    already made (``describe_checkpoint`` reads a file once per process)."""
+    if job.backbone.path is None:
+        return None
+    from mae_transfer.checkpoint import CheckpointError, describe_checkpoint
+
+    try:
+        info = describe_checkpoint(job.backbone.path, trust=bool(job.options.get("trust_checkpoint")))
+    except (CheckpointError, OSError):
+        return None
+    return info.get("format")
+
+
 def _tag_rows(job: Job, rows: list[ResultRow], wall: float | None) -> list[ResultRow]:
-    """The job's own rows, named after the benchmark's backbone and job."""
+    """The job's own rows, named after the benchmark's backbone and job, with the layout its
+    weights were read as (``backbone_format``)."""
     model = job.model
     cfg_path = job.run_dir / "config_resolved.json"
     if cfg_path.exists():
@@ -454,6 +470,9 @@ def _tag_rows(job: Job, rows: list[ResultRow], wall: float | None) -> list[Resul
         seeded = {"seed": job.seed, "seed_group": job.seed_group, "seed_base": job.seed_base}
     if job.trainable_blocks is not None:  # a job of a partial fine-tuning grid: its point on Figure 9's x axis
         seeded.update(trainable_blocks=job.trainable_blocks, model_depth=job.depth)
+    fmt = _backbone_format(job)
+    if fmt is not None:
+        seeded["backbone_format"] = fmt
     out = []
     for r in rows:
         dataset = r.dataset
