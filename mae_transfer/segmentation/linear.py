@@ -36,7 +36,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
-from mae_transfer.checkpoint import CheckpointError, class_count_hint, init_backbone, load_trained_model
+from mae_transfer.checkpoint import CheckpointError, init_backbone
 from mae_transfer.config import ConfigError, to_dict
 from mae_transfer.engine.distributed import convert_sync_batchnorm
 from mae_transfer.engine.evaluator import DatasetEvaluator, progress
@@ -65,6 +65,7 @@ from mae_transfer.segmentation.task import (
     SegmentationTask,
     eval_protocol,
     format_metrics,
+    load_segmenter_weights,
     read_segmenter_file,
     row_fields,
     save_segmenter,
@@ -709,9 +710,7 @@ def load_linear_weights(model: nn.Module, state: dict[str, torch.Tensor], path: 
             f"--weights {path}: its heads read the last {blocks} blocks, this run {len(core.blocks)}; "
             f"give linear.layers={blocks} (--protocol linear_ms reads 4)"
         )
-    load_trained_model(
-        model, state, path, explain=class_count_hint("decode_heads.0.conv_seg.weight", advice="set --num-classes")
-    )
+    load_segmenter_weights(model, state, path, classifier="decode_heads.0.conv_seg.weight")
 
 
 __all__ = [

@@ -554,11 +554,15 @@ def segmenter_class_names(state: dict) -> tuple[list[str] | None, list | None]:
     return None, None
 
 
-def load_segmenter_weights(model: nn.Module, state: dict[str, torch.Tensor], path: str | Path) -> None:
-    """Load a segmenter state dict, naming every tensor that does not fit (and a class-count mismatch)."""
-    load_trained_model(
-        model, state, path, explain=class_count_hint("decode_head.conv_seg.weight", advice="set --num-classes")
-    )
+def load_segmenter_weights(
+    model: nn.Module,
+    state: dict[str, torch.Tensor],
+    path: str | Path,
+    classifier: str = "decode_head.conv_seg.weight",
+) -> None:
+    """Load a segmenter state dict, naming every tensor that does not fit (and a class-count mismatch
+    of the ``classifier`` weight)."""
+    load_trained_model(model, state, path, explain=class_count_hint(classifier, advice="set --num-classes"))
 
 
 __all__ = [
