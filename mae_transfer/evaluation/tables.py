@@ -257,6 +257,16 @@ def _resolve_baseline(baseline: str | None, backbones: list[str]) -> str | None:
     return baseline
 
 
+def _deltas_to(rows: list[Row], base: str) -> None:
+    """Every other row's cells get their difference to the cells of row ``base`` (both measured)."""
+    ref_cells = next(r for r in rows if r.label == base).cells
+    for r in rows:
+        if r.label != base:
+            for c, bc in zip(r.cells, ref_cells):
+                if c.value is not None and bc.value is not None:
+                    c.delta = c.value - bc.value
+
+
 def _mark_best(rows: list[Row]) -> None:
     """Bold the highest value of each column among ``rows`` (as displayed, one decimal); ties are all
     bold. Called on our rows only: the paper's rows are reference numbers, never bold, and take no
@@ -417,12 +427,7 @@ def _build_tables(
             ours.append(Row(b, size_of(model), ", ".join(dict.fromkeys(data)) or MISSING, cells))
         caption, notes = [], []
         if base is not None:
-            ref_cells = ours[bbs.index(base)].cells
-            for r in ours:
-                if r.label != base:
-                    for c, bc in zip(r.cells, ref_cells):
-                        if c.value is not None and bc.value is not None:
-                            c.delta = c.value - bc.value
+            _deltas_to(ours, base)
         _mark_best(ours)
         blocks = {"ours": ours}
         if ref is not None:
@@ -540,12 +545,7 @@ def _figure9_table(rows: list[dict], baseline: str | None, paper: bool) -> Table
                 data.append("toy" if _is_toy(hit[1]["dataset"]) else str(hit[1]["dataset"]))
         ours.append(Row(bb, size_of(idx.models.get(bb)), ", ".join(dict.fromkeys(data)) or MISSING, cells))
     if base is not None:
-        ref_cells = ours[bbs.index(base)].cells
-        for r in ours:
-            if r.label != base:
-                for c, bc in zip(r.cells, ref_cells):
-                    if c.value is not None and bc.value is not None:
-                        c.delta = c.value - bc.value
+        _deltas_to(ours, base)
     _mark_best(ours)
     blocks, caption = {"ours": ours}, []
     if paper:

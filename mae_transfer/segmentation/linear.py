@@ -42,7 +42,6 @@ from mae_transfer.engine.distributed import convert_sync_batchnorm
 from mae_transfer.engine.evaluator import DatasetEvaluator, progress
 from mae_transfer.engine.results import ResultRow, write_run_results
 from mae_transfer.engine.trainer import EvalContext, OptimConfig
-from mae_transfer.models.backbone import create_backbone
 from mae_transfer.segmentation.ade20k import (
     IGNORE_INDEX,
     EvalTransform,
@@ -63,6 +62,7 @@ from mae_transfer.segmentation.metrics import SegmentationEvaluator
 from mae_transfer.segmentation.model import slide_windows
 from mae_transfer.segmentation.task import (
     SegmentationTask,
+    dense_backbone,
     eval_protocol,
     format_metrics,
     load_segmenter_weights,
@@ -390,16 +390,7 @@ class LinearSegmentationTask(SegmentationTask):
         cfg, m, lin = self.cfg, self.cfg.model, self.lin
         torch.manual_seed(cfg.train.seed)
         try:
-            vit = create_backbone(
-                m,
-                img_size=m.img_size,
-                num_classes=0,
-                global_pool="",
-                use_rel_pos=m.use_rel_pos,
-                rel_pos_type=m.rel_pos_type,
-                layer_scale=m.layer_scale,
-                drop_path_rate=0.0,  # frozen: evaluated as it is
-            )
+            vit = dense_backbone(m, drop_path_rate=0.0)  # frozen: evaluated as it is
         except ValueError as e:
             raise ConfigError(f"cannot build a linear segmenter on {m.vit_label()}: {e}") from None
         if not hasattr(vit, "forward_intermediates") or not hasattr(vit, "blocks"):

@@ -55,20 +55,28 @@ log = logging.getLogger(__name__)
 SEGMENTER_FORMAT = "mae_transfer.segmenter"
 
 
+def dense_backbone(m, **extra) -> nn.Module:
+    """The ViT a segmentation head reads (random weights): ``m``'s size, no pooling or classifier,
+    its relative positions and layer scale; ``extra`` for ``create_backbone`` (e.g. drop path).
+    Raises ``ValueError`` for a size it cannot build."""
+    return create_backbone(
+        m,
+        img_size=m.img_size,
+        num_classes=0,
+        global_pool="",
+        use_rel_pos=m.use_rel_pos,
+        rel_pos_type=m.rel_pos_type,
+        layer_scale=m.layer_scale,
+        **extra,
+    )
+
+
 def build_segmenter(cfg: SegmentationConfig) -> nn.Module:
     """UperNet on the ViT ``cfg.model`` describes (random weights): mmsegmentation's MAE backbone
     (class token, BEiT relative position table, layer scale, no final norm) by default."""
     m = cfg.model
     try:
-        vit = create_backbone(
-            m,
-            img_size=m.img_size,
-            num_classes=0,
-            global_pool="",
-            use_rel_pos=m.use_rel_pos,
-            rel_pos_type=m.rel_pos_type,
-            layer_scale=m.layer_scale,
-        )
+        vit = dense_backbone(m)
         model = build_upernet(
             vit,
             cfg.data.num_classes,
@@ -568,6 +576,7 @@ def load_segmenter_weights(
 __all__ = [
     "SegmentationTask",
     "build_segmenter",
+    "dense_backbone",
     "format_metrics",
     "load_segmenter_weights",
     "read_segmenter_file",
